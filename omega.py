@@ -492,13 +492,12 @@ def post_json(settings: dict, url: str, headers: dict, body: dict) -> tuple[dict
         attempt += 1
         try:
             status, reply_headers, content = send(url, headers, payload, settings)
-            if status < 300:
-                return parse_json(content, status, reply_headers, settings), reply_headers, attempt
+        except ProviderUnavailable as e:          # refused, reset, cut short: try again
+            status, error, wait = None, e, "backoff"
+        if status is not None and status < 300:
+            return parse_json(content, status, reply_headers, settings), reply_headers, attempt
+        if status is not None:
             error, wait = http_error(status, reply_headers, content, settings)
-        except ProviderError as e:
-            if isinstance(e, ProviderTimeout):
-                raise
-            error, wait = e, "backoff"
         if wait == "backoff":
             wait = min(RETRY_CAP_SECS, RETRY_BASE_SECS * 2 ** (attempt - 1))
             wait *= 0.75 + 0.25 * _random()
@@ -1086,9 +1085,10 @@ def claude_code_error(data: dict, settings: dict) -> ProviderError:
     else:
         cls = ProviderError
     code = None if data.get("subtype") == "success" else data.get("subtype")
+    if code and data.get("session_id"):           # so the user can --resume it
+        message += f" (session_id={data['session_id']})"
     error = cls(message, name, status, code)
-    if data.get("session_id"):
-        error.session_id = data["session_id"]
+    error.session_id = data.get("session_id")
     return error
 
 
@@ -1103,17 +1103,17 @@ def claude_code(ctx: Context, settings: dict) -> OutgoingMessage:
         data = claude_code_result(*run_claude(argv, prompt, settings), settings)
         results.append(data)
         session_id = data.get("session_id") or session_id
-        subtype = data.get("subtype")
-        if subtype == "success" and not data.get("is_error"):
-            if data.get("result"):
-                texts.append(data["result"])
+        subtype, done = data.get("subtype"), data.get("subtype") == "success" \
+            and not data.get("is_error")
+        if done or subtype == "error_max_turns":   # older CLIs say something when they stop
+            texts.append(data.get("result") or "")
+        if done:
             break
         can_resume = (subtype == "error_max_turns" and session_id and ctx.max_turns is None
                       and resumes < settings["max_resume_attempts"])
         if not can_resume:
             error = claude_code_error(data, settings)
-            if texts:                 # keep the partial answer: say where to resume
-                error.message += f" (session_id={session_id})"
+            error.partial_text = "\n\n---\n\n".join(t for t in texts if t) or None
             raise error
         resumes += 1
         wait = settings["resume_delay_secs"] * 2 ** (resumes - 1)
@@ -1124,6 +1124,7 @@ def claude_code(ctx: Context, settings: dict) -> OutgoingMessage:
                          f"{settings['max_resume_attempts']})")
         time.sleep(wait)
         prompt = RESUME_PROMPT
+    texts = [t for t in texts if t]
     if not texts:
         raise empty(settings, "the CLI returned an empty result")
     return OutgoingMessage("\n\n---\n\n".join(texts), claude_code_metadata(results, settings,
@@ -1353,6 +1354,9 @@ def parse_args(argv):
                "with both, stdin follows the words after a blank line. Exit codes: "
                "0 ok, 1 provider error, 2 config/usage, 3 auth, 4 rate limit, "
                "5 timeout, 6 empty answer, 7 unavailable, 130 interrupted.")
+    def usage_error(message):                  # one line, like every other error
+        raise ConfigError(f"{message} (see --help)")
+    parser.error = usage_error
     add = parser.add_argument
     add("prompt", nargs="*", help="the prompt words")
     add("-p", "--provider", choices=NAMES, metavar="PROVIDER",
@@ -1417,8 +1421,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
-    except SystemExit as e:                    # argparse: --help, --version, usage errors
-        return e.code if isinstance(e.code, int) else 2
+    except SystemExit as e:                    # --help and --version
+        return e.code if isinstance(e.code, int) else 0
+    except ConfigError as e:
+        print(f"omega: {e}", file=sys.stderr)
+        return e.exit_code
     if args.verbose:
         import logging
         handler = logging.StreamHandler(sys.stderr)

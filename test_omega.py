@@ -723,3 +723,824 @@ def test_request_id_from_headers(api):
         "openai: 400 invalid_request_error: bad (request_id=req_abc)"
     api.reply(anthropic_ok(), headers={"request-id": "req_xyz"})
     assert ask_via("anthropic", api).metadata.request_id == "req_xyz"
+
+
+# =============================================================================
+# 4. claude-code, through a fake `claude` executable
+# =============================================================================
+
+FAKE_CLAUDE = r'''#!PYTHON
+"""A stand-in for the real `claude` CLI (-p --output-format json). State lives in
+$FAKE_CLAUDE_DIR: plan.json (one step per run), calls.jsonl, sessions/."""
+import json, os, subprocess, sys, time, uuid
+state = os.environ["FAKE_CLAUDE_DIR"]
+argv = sys.argv[1:]
+prompt = sys.stdin.read()
+with open(os.path.join(state, "calls.jsonl"), "a") as f:
+    f.write(json.dumps({"argv": argv, "stdin": prompt, "cwd": os.getcwd(), "env": {
+        k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_OAUTH_TOKEN")}}) + "\n")
+    f.flush()
+def flag(name):
+    return argv[argv.index(name) + 1] if name in argv else None
+runs = sum(1 for _ in open(os.path.join(state, "calls.jsonl")))
+plan_file = os.path.join(state, "plan.json")
+plan = json.load(open(plan_file)) if os.path.exists(plan_file) else []
+step = plan[runs - 1] if runs <= len(plan) else {}
+sessions = os.path.join(state, "sessions")
+os.makedirs(sessions, exist_ok=True)
+session = flag("--resume")
+if session and not os.path.exists(os.path.join(sessions, session)):
+    sys.stderr.write(f"No conversation found with session ID: {session}\n")
+    sys.exit(1)
+if step.get("hang"):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    open(os.path.join(state, "pids"), "w").write(f"{os.getpid()} {child.pid}")
+    time.sleep(60)
+session = session or str(uuid.uuid4())
+history = json.load(open(os.path.join(sessions, session))) if os.path.exists(
+    os.path.join(sessions, session)) else []
+json.dump(history + [prompt], open(os.path.join(sessions, session), "w"))
+if step.get("stderr"):
+    sys.stderr.write(step["stderr"])
+if "raw" in step:
+    sys.stdout.write(step["raw"])
+    sys.exit(step.get("exit", 0))
+model = flag("--model") or "claude-sonnet-4-6"
+text = f"echo: {prompt[-60:]}" if not history else f"turn {len(history) + 1}: {prompt[:60]}"
+result = {"type": "result", "subtype": "success", "is_error": False, "duration_ms": 1200,
+          "duration_api_ms": 1100, "num_turns": 1, "result": step.get("result", text),
+          "stop_reason": "end_turn", "session_id": session, "total_cost_usd": 0.0125,
+          "usage": {"input_tokens": 5, "cache_creation_input_tokens": 100,
+                    "cache_read_input_tokens": 1000, "output_tokens": 20,
+                    "server_tool_use": {"web_search_requests": 0}, "service_tier": "standard"},
+          "modelUsage": {model + "[1m]": {"inputTokens": 5, "outputTokens": 20, "costUSD": 0.0125}},
+          "permission_denials": [], "uuid": "u-1", "prompt_length": len(prompt)}
+result.update(step.get("set", {}))
+for key in step.get("drop", []):
+    result.pop(key, None)
+out = json.dumps(result)
+if step.get("array"):
+    out = json.dumps([{"type": "system", "subtype": "init", "session_id": session},
+                      {"type": "assistant", "message": {"content": []}}, result])
+print(out)
+sys.exit(step.get("exit", 1 if result["is_error"] else 0))
+'''
+
+
+class FakeClaude:
+    def __init__(self, root):
+        self.dir = root
+        self.command = str(root / "claude")
+        (root / "claude").write_text(FAKE_CLAUDE.replace("PYTHON", sys.executable))
+        (root / "claude").chmod(0o755)
+
+    def plan(self, *steps):
+        (self.dir / "plan.json").write_text(json.dumps(list(steps)))
+
+    def calls(self):
+        path = self.dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def config(self, **section):
+        return {"provider": {"default": "claude-code", "claude-code": {
+            "command": self.command, "resume_delay_secs": 0, **section}}}
+
+
+@pytest.fixture
+def claude(tmp_path, monkeypatch):
+    root = tmp_path / "fakeclaude"
+    root.mkdir()
+    monkeypatch.setenv("FAKE_CLAUDE_DIR", str(root))
+    return FakeClaude(root)
+
+
+def cc(claude, ctx=None, on_status=None, **section):
+    return omega.complete(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section),
+                          on_status=on_status)
+
+
+def test_claude_code_prompt_on_stdin_and_flags(claude, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDECODE", "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    reply = cc(claude, omega.Context("Fix the bug", system_prompt="Be careful"),
+               allowed_tools=["Read", "Bash(git log:*)"], working_dir=str(work),
+               oauth_token="oauth-SECRET-token-0123456789", skip_permissions=True)
+    call = claude.calls()[0]
+    assert call["stdin"] == "[System]\nBe careful\n\n[User]\nFix the bug"
+    assert call["argv"] == ["-p", "--output-format", "json", "--max-turns", "25", "--model",
+                            "claude-sonnet-4-6", "--dangerously-skip-permissions",
+                            "--allowedTools", "Read,Bash(git log:*)"]
+    assert call["cwd"] == str(work)
+    assert call["env"] == {"CLAUDECODE": None,
+                           "CLAUDE_CODE_OAUTH_TOKEN": "oauth-SECRET-token-0123456789"}
+    assert reply.text == "echo: [System]\nBe careful\n\n[User]\nFix the bug"
+    m = reply.metadata
+    assert (m.provider_used, m.model, m.input_tokens, m.output_tokens, m.tokens_used) == \
+        ("claude-code", "claude-sonnet-4-6", 1105, 20, 1125)
+    assert (m.cost_usd, m.num_turns, m.attempts, m.stop_reason) == (0.0125, 1, 1, "end_turn")
+    assert m.session_id and m.session_id == json.loads(json.dumps(m.session_id))
+
+
+def test_claude_code_defaults_model_override_and_request_max_turns(claude):
+    cc(claude, omega.Context("hi", model="opus", max_turns=3, allowed_tools=[]),
+       allowed_tools=["Read"])
+    argv = claude.calls()[0]["argv"]
+    assert argv == ["-p", "--output-format", "json", "--max-turns", "3", "--model", "opus"]
+
+
+def test_claude_code_resume_session(claude):
+    first = cc(claude, omega.Context("Remember 42"))
+    sid = first.metadata.session_id
+    reply = cc(claude, omega.Context("What did I say?", system_prompt="Be brief", session_id=sid,
+                                     history=[omega.Message("user", "Remember 42")]))
+    call = claude.calls()[1]
+    assert call["argv"][call["argv"].index("--resume") + 1] == sid
+    assert call["stdin"] == "[User]\nBe brief\n\nWhat did I say?"
+    assert reply.text.startswith("turn 2:") and reply.metadata.session_id == sid
+
+
+def test_claude_code_unknown_session_gives_the_cli_message(claude):
+    with pytest.raises(omega.ProviderError, match="No conversation found with session ID: nope"):
+        cc(claude, omega.Context("hi", session_id="nope"))
+
+
+def test_claude_code_array_output_uses_last_result(claude):
+    claude.plan({"array": True, "result": "from the array"})
+    reply = cc(claude)
+    assert reply.text == "from the array" and reply.metadata.num_turns == 1
+
+
+@pytest.mark.parametrize("status, result, error", [
+    (529, "API Error: 529 Overloaded. This is a server-side issue", omega.ProviderError),
+    (429, "API Error: Request rejected (429) · Rate limited", omega.RateLimitError),
+    (401, "Failed to authenticate. API Error: 401 invalid x-api-key", omega.AuthError),
+    (400, "API Error: 400 prompt is too long", omega.ProviderError),
+    (None, "Invalid API key · Please run /login", omega.AuthError),
+    (None, "Credit balance is too low", omega.RateLimitError),
+])
+def test_claude_code_errors_exit_1_with_json(claude, status, result, error):
+    claude.plan({"set": {"is_error": True, "result": result, "api_error_status": status,
+                         "stop_reason": "stop_sequence", "total_cost_usd": 0}})
+    with pytest.raises(error) as err:
+        cc(claude)
+    assert type(err.value) is error and err.value.status == status
+    assert result in str(err.value) and str(err.value).startswith("claude-code: ")
+
+
+def test_claude_code_auto_resume_after_max_turns(claude):
+    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True, "num_turns": 26,
+                           "errors": ["Reached maximum number of turns (25)"],
+                           "terminal_reason": "max_turns"}, "drop": ["result"]}
+    claude.plan(turns_error, turns_error, {"result": "All done."})
+    statuses = []
+    reply = cc(claude, on_status=statuses.append)
+    calls = claude.calls()
+    assert len(calls) == 3 and reply.text == "All done."
+    sid = reply.metadata.session_id
+    assert "--resume" not in calls[0]["argv"]
+    for call in calls[1:]:
+        assert call["argv"][call["argv"].index("--resume") + 1] == sid
+        assert call["stdin"] == omega.RESUME_PROMPT
+    m = reply.metadata
+    assert (m.attempts, m.num_turns, m.output_tokens, m.input_tokens) == (3, 53, 60, 3315)
+    assert m.cost_usd == pytest.approx(0.0375)
+    assert statuses == ["claude-code: reached max turns, resuming (1/5)",
+                        "claude-code: reached max turns, resuming (2/5)"]
+
+
+def test_claude_code_resume_joins_texts_and_waits_with_backoff(claude, monkeypatch):
+    waits = []
+    monkeypatch.setattr(omega.time, "sleep", waits.append)
+    partial = {"set": {"subtype": "error_max_turns", "is_error": True}, "drop": ["result"]}
+    claude.plan(partial, partial, partial, {"result": "final"})
+    cc(claude, resume_delay_secs=2)
+    assert waits == [2, 4, 8]
+    # Whatever text a stopped run did return is kept and joined with the rest.
+    (claude.dir / "calls.jsonl").unlink()
+    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True, "result": "part 1"}},
+                {"result": "part 2"})
+    assert cc(claude).text == "part 1\n\n---\n\npart 2"
+
+
+def test_claude_code_no_auto_resume_when_request_sets_max_turns_or_attempts_run_out(claude):
+    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True,
+                           "errors": ["Reached maximum number of turns (2)"]}, "drop": ["result"]}
+    claude.plan(turns_error)
+    with pytest.raises(omega.ProviderError, match="error_max_turns: Reached maximum number"):
+        cc(claude, omega.Context("hi", max_turns=2))
+    assert len(claude.calls()) == 1
+    claude.plan(*[turns_error] * 5)
+    (claude.dir / "calls.jsonl").unlink()
+    with pytest.raises(omega.ProviderError, match="error_max_turns"):
+        cc(claude, max_resume_attempts=2)
+    assert len(claude.calls()) == 3
+
+
+def test_claude_code_non_json_output(claude, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)        # the child has it: it may echo it
+    claude.plan({"raw": "Plain text answer\n", "exit": 0})
+    assert cc(claude).text == "Plain text answer"
+    claude.plan({"raw": "Traceback-ish garbage", "exit": 2,
+                 "stderr": f"line one\nfatal: token {KEY} rejected\n"})
+    (claude.dir / "calls.jsonl").unlink()
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude)
+    assert "fatal: token" in str(err.value) and KEY not in str(err.value)
+
+
+def test_claude_code_empty_result_is_empty_response(claude):
+    claude.plan({"result": ""})
+    with pytest.raises(omega.EmptyResponse):
+        cc(claude)
+
+
+def test_claude_code_megabyte_prompt(claude):
+    prompt = "x" * (1024 * 1024)
+    reply = cc(claude, omega.Context(prompt))
+    assert claude.calls()[0]["stdin"] == "[User]\n" + prompt
+    assert reply.text.endswith("x" * 20)
+
+
+def test_claude_code_missing_cli(claude, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(omega.ProviderUnavailable, match="'claude' not found on PATH.*npm install"):
+        omega.complete(omega.Context("hi"), "claude-code", {})
+    with pytest.raises(omega.ProviderUnavailable):
+        cc(claude, command=str(tmp_path / "nope" / "claude"))
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:          # a zombie is as good as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_claude_code_hang_kills_the_whole_group_at_the_deadline(claude):
+    claude.plan({"hang": True})
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout, match="within 0.5 s"):
+        cc(claude, timeout_secs=0.5)
+    assert time.monotonic() - started < 5
+    parent, grandchild = map(int, (claude.dir / "pids").read_text().split())
+    deadline = time.monotonic() + 3
+    while (alive(parent) or alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(parent) and not alive(grandchild)
+
+
+def test_claude_code_bad_working_dir_is_config_error(claude, tmp_path):
+    with pytest.raises(omega.ConfigError, match="working_dir"):
+        cc(claude, working_dir=str(tmp_path / "missing"))
+
+
+def test_claude_code_keeps_partial_text_when_it_cannot_resume(claude):
+    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True, "result": "half done"}})
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude, max_resume_attempts=0)
+    assert err.value.partial_text == "half done" and err.value.session_id
+    assert f"session_id={err.value.session_id}" in str(err.value)
+
+
+# =============================================================================
+# 5. Failures: retries, deadlines, typed errors (fault injection)
+# =============================================================================
+
+def openai_error(status, code, message="boom", kind=None):
+    return {"error": {"message": message, "type": kind or code, "param": None, "code": code}}
+
+
+def test_429_with_retry_after_is_retried_and_announced(api):
+    api.reply(openai_error(429, "rate_limit_exceeded", "Rate limit reached for gpt-4o"),
+              status=429, headers={"Retry-After": "0"})
+    api.reply(openai_ok())
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), "openai", cfg("openai", api),
+                           on_status=statuses.append)
+    assert reply.text == "Hello from OpenAI" and reply.metadata.attempts == 2
+    assert statuses == ["openai: 429, retrying in 0.0 s (2/3)"]
+    assert len(api.requests) == 2 and api.requests[0].body == api.requests[1].body
+
+
+@pytest.mark.parametrize("headers", [{"retry-after-ms": "20"}, {"Retry-After": "0.02"},
+                                     {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}])
+def test_retry_after_forms_are_honoured(api, monkeypatch, headers):
+    waits = []
+    monkeypatch.setattr(omega.time, "sleep", waits.append)
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers=headers)
+    api.reply(openai_ok())
+    assert ask_via("openai", api).metadata.attempts == 2
+    assert waits == [0.02] if "Wed" not in str(headers) else waits == [0.0]
+
+
+def test_long_retry_after_is_not_retried(api):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "120"})
+    with pytest.raises(omega.RateLimitError) as err:
+        ask_via("openai", api)
+    assert err.value.retry_after == 120 and len(api.requests) == 1
+
+
+def test_gemini_retry_info_in_the_body(api, monkeypatch):
+    waits = []
+    monkeypatch.setattr(omega.time, "sleep", waits.append)
+    quota = {"error": {"code": 429, "message": "Resource has been exhausted", "status":
+                       "RESOURCE_EXHAUSTED", "details": [
+                           {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                            "violations": [{"quotaMetric": "m", "quotaId": "q"}]},
+                           {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                            "retryDelay": "1.5s"}]}}
+    api.reply(quota, status=429)
+    api.reply(gemini_ok())
+    assert ask_via("gemini", api).metadata.attempts == 2 and waits == [1.5]
+    quota["error"]["details"][1]["retryDelay"] = "61s"
+    api.reply(quota, status=429)
+    with pytest.raises(omega.RateLimitError, match="RESOURCE_EXHAUSTED") as err:
+        ask_via("gemini", api)
+    assert err.value.retry_after == 61 and len(api.requests) == 3
+
+
+def test_backoff_grows_and_is_capped(api, monkeypatch):
+    waits = []
+    monkeypatch.setattr(omega.time, "sleep", waits.append)
+    monkeypatch.setattr(omega, "RETRY_BASE_SECS", 0.5)
+    for _ in range(6):
+        api.reply({"error": "busy"}, status=503)
+    with pytest.raises(omega.ProviderError):
+        ask_via("ollama", api, max_retries=5)
+    assert len(waits) == 5
+    for wait, full in zip(waits, (0.5, 1, 2, 4, 8)):
+        assert 0.75 * full <= wait <= full
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_503_three_times_gives_provider_error_after_retries(api, name):
+    for _ in range(3):
+        api.reply({"error": {"code": 503, "message": "The model is overloaded.",
+                             "status": "UNAVAILABLE"}}, status=503)
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via(name, api)
+    assert type(err.value) is omega.ProviderError and err.value.status == 503
+    assert "The model is overloaded." in str(err.value) and len(api.requests) == 3
+
+
+def test_anthropic_529_overloaded_is_retried(api):
+    api.reply({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
+               "request_id": None}, status=529)
+    api.reply(anthropic_ok())
+    assert ask_via("anthropic", api).metadata.attempts == 2
+
+
+def test_html_502_gives_a_short_clean_message(api):
+    page = b"<html><head><title>502 Bad Gateway</title></head><body>" + b"x" * 5000 + b"</html>"
+    for _ in range(3):
+        api.reply(raw=page, status=502, headers={"Content-Type": "text/html"})
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    assert str(err.value) == "openai: 502: the server sent an HTML page, not JSON"
+    assert len(api.requests) == 3
+
+
+def test_garbage_200_is_provider_error_without_the_body(api):
+    api.reply(raw=b'{"choices": [{"message": {"content": "Hel')
+    with pytest.raises(omega.ProviderError, match="not JSON") as err:
+        ask_via("openai", api)
+    assert "Hel" not in str(err.value) and type(err.value) is omega.ProviderError
+    api.reply({"unexpected": True})
+    with pytest.raises(omega.EmptyResponse):
+        ask_via("openai", api)
+    api.reply({"choices": "nonsense"})
+    with pytest.raises(omega.ProviderError, match="expected shape"):
+        ask_via("openai", api)
+
+
+@pytest.mark.parametrize("name, status, body", [
+    ("openai", 429, openai_error(429, "insufficient_quota", "You exceeded your current quota")),
+    ("openrouter", 402, {"error": {"code": 402, "message": "Insufficient credits"}}),
+    ("anthropic", 400, {"type": "error", "error": {"type": "invalid_request_error", "message":
+                        "Your credit balance is too low to access the Anthropic API."}}),
+    ("anthropic", 402, {"type": "error", "error": {"type": "billing_error", "message": "Pay"}}),
+    ("anthropic", 429, {"type": "error", "error": {"type": "rate_limit_error", "message": "cap",
+                        "details": {"error_code": "enforced_spend_limit_reached"}}}),
+])
+def test_quota_exhaustion_is_rate_limit_error_never_retried(api, name, status, body):
+    api.reply(body, status=status, headers={"Retry-After": "0"})
+    with pytest.raises(omega.RateLimitError):
+        ask_via(name, api)
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("name, status, body", [
+    ("openai", 401, openai_error(401, "invalid_api_key", "Incorrect API key provided: sk-…cdef")),
+    ("anthropic", 401, {"type": "error", "error": {"type": "authentication_error",
+                                                   "message": "invalid x-api-key"}}),
+    ("anthropic", 403, {"type": "error", "error": {"type": "permission_error", "message": "no"}}),
+    ("gemini", 400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid "
+                               "API key.", "status": "INVALID_ARGUMENT", "details": [
+                                   {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                    "reason": "API_KEY_INVALID",
+                                    "domain": "googleapis.com"}]}}),
+    ("openrouter", 401, {"error": {"code": 401, "message": "No auth credentials found"}}),
+])
+def test_rejected_keys_are_auth_errors(api, name, status, body):
+    api.reply(body, status=status)
+    with pytest.raises(omega.AuthError):
+        ask_via(name, api)
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("name, var", [("openai", "OPENAI_API_KEY"),
+                                       ("anthropic", "ANTHROPIC_API_KEY"),
+                                       ("openrouter", "OPENROUTER_API_KEY"),
+                                       ("gemini", "GEMINI_API_KEY")])
+def test_missing_key_is_auth_error_before_any_request(name, var):
+    with pytest.raises(omega.AuthError) as err:
+        omega.complete(omega.Context("hi"), name, {})
+    assert f"provider.{name}.api_key" in str(err.value) and var in str(err.value)
+
+
+def test_x_should_retry_false_is_respected(api):
+    api.reply({"type": "error", "error": {"type": "api_error", "message": "no"}},
+              status=500, headers={"x-should-retry": "false"})
+    with pytest.raises(omega.ProviderError):
+        ask_via("anthropic", api)
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_closed_socket_is_retried(api, name):
+    api.reply(action="close")
+    api.reply(action="truncate", body=OK[name]())
+    api.reply(OK[name]())
+    assert ask_via(name, api).metadata.attempts == 3
+
+
+def test_closed_socket_every_time_is_unavailable(api):
+    for _ in range(3):
+        api.reply(action="close")
+    with pytest.raises(omega.ProviderUnavailable, match="connection closed"):
+        ask_via("openai", api)
+    assert len(api.requests) == 3
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_refused_port_is_unavailable(name):
+    with pytest.raises(omega.ProviderUnavailable, match="connection refused"):
+        ask_via(name, refused_url())
+
+
+def test_unknown_host_is_unavailable():
+    with pytest.raises(omega.ProviderUnavailable, match="host not found"):
+        ask_via("ollama", "http://no-such-host.invalid:11434", max_retries=0)
+
+
+def test_stall_past_the_deadline_is_provider_timeout(api):
+    api.reply(action="stall")
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout, match="within 0.3 s"):
+        ask_via("openai", api, timeout_secs=0.3)
+    assert time.monotonic() - started < 2
+
+
+def test_trickling_server_cannot_stretch_the_deadline(api):
+    api.reply(action="trickle", body=openai_ok("x" * 400))     # 20 s at 50 ms a byte
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("openai", api, timeout_secs=0.4)
+    assert time.monotonic() - started < 2
+
+
+def test_deadline_covers_retries_and_waits(api, monkeypatch):
+    slept = []
+    monkeypatch.setattr(omega.time, "sleep", slept.append)
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "5"})
+    with pytest.raises(omega.RateLimitError):
+        ask_via("openai", api, timeout_secs=1)
+    assert slept == [] and len(api.requests) == 1       # a wait past the deadline is not taken
+
+
+def test_every_error_class_derives_from_provider_and_omega_error():
+    for cls in (omega.AuthError, omega.RateLimitError, omega.ProviderTimeout,
+                omega.EmptyResponse, omega.ProviderUnavailable):
+        assert issubclass(cls, omega.ProviderError) and issubclass(cls, omega.OmegaError)
+    assert issubclass(omega.ConfigError, omega.OmegaError)
+    assert not issubclass(omega.ConfigError, omega.ProviderError)
+    codes = [c.exit_code for c in (omega.ProviderError, omega.ConfigError, omega.AuthError,
+                                   omega.RateLimitError, omega.ProviderTimeout,
+                                   omega.EmptyResponse, omega.ProviderUnavailable)]
+    assert codes == [1, 2, 3, 4, 5, 6, 7]
+
+
+# =============================================================================
+# 6. Secrets never leak
+# =============================================================================
+
+def test_keys_stay_out_of_errors_logs_and_reprs(api, caplog, monkeypatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", ENV_KEY)
+    echo = f"Incorrect API key provided: {KEY}. And {ENV_KEY}."
+    api.reply(openai_error(401, "invalid_api_key", echo), status=401)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(omega.AuthError) as err:
+        ask_via("openai", api)
+    api.reply({"error": {"code": 401, "message": f"Bad key {ENV_KEY}"}}, status=401)
+    with pytest.raises(omega.AuthError) as err2:
+        omega.complete(omega.Context("hi"), "openrouter", {"provider": {"openrouter": {
+            "base_url": api.url + "/v1", "api_key_env": "OPENROUTER_API_KEY"}}})
+    settings = omega.provider_settings(cfg("openai", api), "openai")
+    seen = " ".join([str(err.value), repr(err.value), str(err2.value), repr(err2.value),
+                     caplog.text, repr(settings), str(settings),
+                     repr(omega.load_config(cfg("openai", api))), str(err.value.args)])
+    assert KEY not in seen and ENV_KEY not in seen
+    assert "…cdef" in str(err.value)            # masked, still recognisable
+    assert "POST" in caplog.text                  # the log did record the calls
+
+
+# =============================================================================
+# 7. The status timer
+# =============================================================================
+
+def test_status_timer_reports_then_repeats_then_stops(api):
+    api.reply(openai_ok(), delay=0.35)
+    statuses = []
+    config = cfg("openai", api)
+    config["status"] = {"delay_secs": 0.05, "repeat_secs": 0.1, "message": "slow...",
+                        "repeat_message": "still..."}
+    omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
+    seen = list(statuses)
+    assert seen[0] == "slow..." and set(seen[1:]) == {"still..."} and 2 <= len(seen) <= 5
+    time.sleep(0.25)
+    assert statuses == seen                     # nothing after the call returned
+
+
+def test_status_timer_stops_on_failure_and_makes_no_thread_without_callback(api):
+    stop = omega.start_status_timer(None, omega.STATUS_DEFAULTS)
+    assert threading.active_count() == threading.active_count() and stop() is None
+    before = threading.active_count()
+    api.reply(openai_error(400, "bad"), status=400, delay=0.2)
+    statuses = []
+    config = cfg("openai", api)
+    config["status"] = {"delay_secs": 0.05, "repeat_secs": 0.05}
+    with pytest.raises(omega.ProviderError):
+        omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
+    count = len(statuses)
+    assert count >= 1 and statuses[0] == omega.STATUS_DEFAULTS["message"]
+    time.sleep(0.15)
+    assert len(statuses) == count and threading.active_count() <= before + 1
+
+
+def test_status_timer_works_for_claude_code(claude):
+    claude.plan({"raw": "", "hang": True})
+    statuses = []
+    config = claude.config(timeout_secs=0.4)
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10}
+    with pytest.raises(omega.ProviderTimeout):
+        omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
+    assert statuses == [omega.STATUS_DEFAULTS["message"]]
+
+
+# =============================================================================
+# 8. Concurrency and connection reuse
+# =============================================================================
+
+def echo_default(request):
+    return {"body": openai_ok("echo " + request.body["messages"][-1]["content"])}
+
+
+def test_sixteen_threads_get_their_own_answers(api):
+    api.default = echo_default
+    config = cfg("openai", api)
+    answers, errors = {}, []
+
+    def worker(i):
+        try:
+            for j in range(5):
+                text = omega.complete(omega.Context(f"q{i}-{j}"), "openai", config).text
+                answers[(i, j)] = text
+        except Exception as e:            # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert answers == {(i, j): f"echo q{i}-{j}" for i in range(16) for j in range(5)}
+
+
+def test_connections_are_reused(api):
+    api.default = echo_default
+    for i in range(10):
+        ask_via("openai", api)
+    assert len(api.requests) == 10 and api.connections == 1
+
+
+def test_proxy_environment_is_honoured(api, monkeypatch):
+    """HTTP_PROXY sends the request to the proxy (here: the fake server itself)."""
+    api.reply(ollama_ok("via proxy"))
+    monkeypatch.setenv("HTTP_PROXY", api.url)
+    reply = ask_via("ollama", "http://model-host.example:11434")
+    assert reply.text == "via proxy"
+    assert api.last().path == "http://model-host.example:11434/api/chat"
+    monkeypatch.setenv("NO_PROXY", "model-host.example")
+    omega._local.__dict__.clear()
+    with pytest.raises(omega.ProviderUnavailable):
+        ask_via("ollama", "http://model-host.example:11434", max_retries=0)
+
+
+def test_import_does_no_io_and_starts_no_thread():
+    code = ("import sys, threading, os; before = dict(os.environ); import omega; "
+            "assert threading.active_count() == 1; assert dict(os.environ) == before; "
+            "assert 'requests' not in sys.modules and 'tomllib' not in sys.modules; "
+            "import logging; assert not logging.getLogger().handlers; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+# =============================================================================
+# 9. The command line
+# =============================================================================
+
+def cli_env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+    env.update(HOME=str(tmp_path / "home"), OMEGA_CONFIG=str(tmp_path / "cli.toml"))
+    env.update(extra)
+    if not os.path.exists(env["OMEGA_CONFIG"]):
+        (tmp_path / "cli.toml").write_text("")
+    return env
+
+
+def toml_for(config):
+    """Write a config dict as TOML (enough for the tests' flat sections)."""
+    lines = []
+    for table, section in (("provider", config.get("provider", {})),
+                           ("status", config.get("status", {}))):
+        plain = {k: v for k, v in section.items() if not isinstance(v, dict)}
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in plain.items()]
+        for name, sub in section.items():
+            if isinstance(sub, dict):
+                lines.append(f"[{table}.{name}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in sub.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(tmp_path, *args, config=None, input=None, **env):
+    if config is not None:
+        (tmp_path / "cli.toml").write_text(toml_for(config))
+    return subprocess.run([sys.executable, OMEGA_PY, *args], cwd=tmp_path, capture_output=True,
+                          text=True, input=input, timeout=30, env=cli_env(tmp_path, **env),
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def test_cli_words_print_the_answer_and_nothing_else(api, tmp_path):
+    api.reply(openai_ok())
+    out = run_cli(tmp_path, "hello", "world", config=cfg("openai", api))
+    assert (out.returncode, out.stdout, out.stderr) == (0, "Hello from OpenAI\n", "")
+    assert api.last().body["messages"] == [{"role": "user", "content": "hello world"}]
+
+
+def test_cli_reads_stdin_alone_dash_and_after_the_words(api, tmp_path):
+    config = cfg("ollama", api)
+    api.default = lambda r: {"body": ollama_ok("ok")}
+    run_cli(tmp_path, config=config, input="from stdin\n")
+    assert api.last().body["messages"][-1]["content"] == "from stdin"
+    run_cli(tmp_path, "-", config=config, input="dash stdin")
+    assert api.last().body["messages"][-1]["content"] == "dash stdin"
+    out = run_cli(tmp_path, "review", "this", config=config, input="def f(): pass\n")
+    assert api.last().body["messages"][-1]["content"] == "review this\n\ndef f(): pass"
+    assert out.stdout == "ok\n"
+
+
+def test_cli_without_a_prompt_is_a_usage_error(tmp_path):
+    out = run_cli(tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("omega: no prompt")
+    assert out.stderr.count("\n") == 1
+
+
+def test_cli_help_and_version_touch_nothing(tmp_path):
+    out = run_cli(tmp_path, "--version", OMEGA_CONFIG="/nonexistent.toml")
+    assert (out.returncode, out.stdout.strip()) == (0, f"omega {omega.__version__}")
+    out = run_cli(tmp_path, "--help", OMEGA_CONFIG="/nonexistent.toml")
+    assert out.returncode == 0 and "--max-tokens" in out.stdout and "exit codes" in out.stdout.lower()
+
+
+def test_cli_bad_usage_and_bad_config_are_one_line(tmp_path):
+    out = run_cli(tmp_path, "-p", "nope", "hi")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "nope" in out.stderr
+    (tmp_path / "bad.toml").write_text("[provider\n")
+    out = run_cli(tmp_path, "-c", str(tmp_path / "bad.toml"), "hi")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "malformed TOML" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(tmp_path, "--timeout", "0", "hi")
+    assert out.returncode == 2 and "--timeout" in out.stderr
+
+
+def test_cli_json_output(api, capsys):
+    api.reply(anthropic_ok())
+    code = cli_main(cfg("anthropic", api), "--json", "hi")
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["text"] == "Hello from Claude"
+    assert data["metadata"]["provider_used"] == "anthropic"
+    assert data["metadata"]["tokens_used"] == 14 and data["metadata"]["attempts"] == 1
+
+
+def cli_main(config, *args):
+    """Run omega.main in-process with config written to a temporary TOML file."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(toml_for(config))
+    try:
+        return omega.main(["-c", f.name, *args])
+    finally:
+        os.unlink(f.name)
+
+
+def test_cli_flags_reach_the_wire(api, capsys):
+    api.reply(openai_ok())
+    code = cli_main(cfg("openai", api), "-m", "gpt-4.1", "-s", "Be terse", "--max-tokens", "9",
+                    "--temperature", "0.5", "-q", "hi")
+    assert code == 0 and capsys.readouterr().out == "Hello from OpenAI\n"
+    assert api.last().body == {"model": "gpt-4.1", "max_tokens": 9, "temperature": 0.5,
+                               "messages": [{"role": "system", "content": "Be terse"},
+                                            {"role": "user", "content": "hi"}]}
+    api.reply(gemini_ok())
+    config = cfg("gemini", api)
+    config["provider"]["default"] = "openai"
+    assert cli_main(config, "-p", "gemini", "hi") == 0
+    assert api.last().path.startswith("/v1beta/models/gemini-2.0-flash")
+
+
+def test_cli_complex_flag_picks_model_complex(api, capsys):
+    api.reply(openai_ok())
+    assert cli_main(cfg("openai", api, model_complex="o3"), "--complex", "hi") == 0
+    assert api.last().body["model"] == "o3"
+
+
+@pytest.mark.parametrize("reply, expected", [
+    (dict(body=openai_error(400, "invalid_request_error"), status=400), 1),
+    (dict(body=openai_error(401, "invalid_api_key"), status=401), 3),
+    (dict(body=openai_error(429, "insufficient_quota"), status=429), 4),
+    (dict(action="stall"), 5),
+    (dict(body=openai_ok(choices=[])), 6),
+])
+def test_cli_exit_codes(api, capsys, reply, expected):
+    api.reply(**reply)
+    assert cli_main(cfg("openai", api), "--timeout", "0.3", "hi") == expected
+    err = capsys.readouterr().err
+    assert err.startswith("omega: openai: ") and err.count("\n") == 1
+
+
+def test_cli_exit_code_for_unavailable_and_config(capsys):
+    assert cli_main(cfg("ollama", refused_url(), max_retries=0), "hi") == 7
+    assert "connection refused" in capsys.readouterr().err
+    assert cli_main({"provider": {"openai": {"enabled": False}}}, "-p", "openai", "hi") == 2
+
+
+def test_cli_verbose_shows_debug_and_traceback_but_no_key(api, tmp_path):
+    api.reply(openai_error(401, "invalid_api_key", f"Incorrect API key provided: {KEY}"),
+              status=401)
+    out = run_cli(tmp_path, "-v", "hi", config=cfg("openai", api))
+    assert out.returncode == 3 and "Traceback" in out.stderr and "POST" in out.stderr
+    assert KEY not in out.stderr and KEY not in out.stdout
+
+
+def test_cli_status_lines_on_stderr_and_quiet(api, tmp_path):
+    config = cfg("openai", api)
+    config["status"] = {"delay_secs": 0.05, "repeat_secs": 10, "message": "thinking..."}
+    api.reply(openai_ok(), delay=0.4)
+    out = run_cli(tmp_path, "hi", config=config)
+    assert out.stdout == "Hello from OpenAI\n" and out.stderr == "omega: thinking...\n"
+    api.reply(openai_ok(), delay=0.4)
+    out = run_cli(tmp_path, "-q", "hi", config=config)
+    assert out.stdout == "Hello from OpenAI\n" and out.stderr == ""
+
+
+def test_cli_retry_lines_on_stderr(api, tmp_path):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "0"})
+    api.reply(openai_ok())
+    out = run_cli(tmp_path, "hi", config=cfg("openai", api))
+    assert out.stderr == "omega: openai: 429, retrying in 0.0 s (2/3)\n"
+
+
+def test_cli_ctrl_c_exits_130_and_leaves_no_child(claude, tmp_path):
+    claude.plan({"hang": True})
+    (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
+    child = subprocess.Popen([sys.executable, OMEGA_PY, "-q", "hi"], cwd=tmp_path,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=cli_env(tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
+    pids = claude.dir / "pids"
+    deadline = time.monotonic() + 15
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=15)
+    assert child.returncode == 130 and err == "omega: interrupted\n" and out == ""
+    parent, grandchild = map(int, pids.read_text().split())
+    deadline = time.monotonic() + 3
+    while (alive(parent) or alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(parent) and not alive(grandchild)
