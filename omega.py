@@ -61,6 +61,7 @@ class ProviderError(OmegaError):
         self.provider, self.status, self.code = provider, status, code
         self.message, self.request_id, self.retry_after = message, request_id, retry_after
         self.fallbacks: list[str] = []   # "provider: error" for providers tried after this one
+        self.not_set_up = False          # missing key or CLI: nothing was sent anywhere
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -565,19 +566,24 @@ def connection_error(e: Exception, settings: dict) -> ProviderError:
     """Turn what requests, urllib3 or the socket raised into one of our errors."""
     import requests
     import urllib3
-    text, where = str(e), settings["base_url"]
     if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)) \
             or time.monotonic() >= settings["deadline"]:
         return timed_out(settings)
+    return ProviderUnavailable(f"cannot get an answer from {settings['base_url']} "
+                               f"({connection_trouble(e)})", settings["name"])
+
+
+def connection_trouble(e: Exception) -> str:
+    text = str(e)
     if "refused" in text.lower():
-        why = "connection refused"
-    elif "NameResolution" in text or "Name or service not known" in text:
-        why = "host not found"
-    elif isinstance(e, requests.exceptions.SSLError):
-        why = "TLS error"
-    else:
-        why = "connection closed before a complete answer"
-    return ProviderUnavailable(f"cannot get an answer from {where} ({why})", settings["name"])
+        return "connection refused"
+    if "NameResolution" in text or "Name or service not known" in text:
+        return "host not found"
+    if "SSL" in type(e).__name__ or "CERTIFICATE" in text:
+        return "TLS error"
+    if "timed out" in text.lower() or "Timeout" in type(e).__name__:
+        return "timed out"
+    return "connection closed before a complete answer"
 
 
 def not_json(content: bytes) -> str:
@@ -754,7 +760,9 @@ def require_key(settings: dict, required: bool = True) -> str | None:
                   f"{KEY_ENV[name][0]})")
     else:
         where += " or " + " / ".join(KEY_ENV[name]) + " in the environment"
-    raise AuthError(f"no API key: {where}", name)
+    error = AuthError(f"no API key: {where}", name)
+    error.not_set_up = True
+    raise error
 
 
 def model_of(ctx: Context, settings: dict) -> str:
@@ -1009,10 +1017,11 @@ def run_claude(argv: list[str], prompt: str, settings: dict) -> tuple[int, str, 
                                  stderr=subprocess.PIPE, cwd=cwd,
                                  env=claude_code_env(settings), start_new_session=True)
     except FileNotFoundError:
-        raise ProviderUnavailable(
+        error = ProviderUnavailable(
             f"{argv[0]!r} not found on PATH; install Claude Code "
-            "(npm install -g @anthropic-ai/claude-code) or set provider.claude-code.command",
-            name) from None
+            "(npm install -g @anthropic-ai/claude-code) or set provider.claude-code.command", name)
+        error.not_set_up = True
+        raise error from None
     except PermissionError:
         raise ProviderUnavailable(f"{argv[0]!r} is not executable", name) from None
 
@@ -1279,6 +1288,76 @@ def failure_label(error: ProviderError) -> str:
     return f"{kind} ({why})"
 
 
+def readiness(settings: dict, probe: bool = False) -> tuple[bool | None, str]:
+    """(ready?, why) for one provider, from what this machine has: the claude
+    CLI on PATH, a key, and with probe=True `claude --version` (5 s) and Ollama's
+    GET /api/tags (2 s). Never a paid call. None: cannot tell without probing."""
+    name = settings["name"]
+    if not settings["enabled"]:
+        return False, "disabled in the config"
+    if name == "claude-code":
+        import shlex
+        import shutil
+        command = shlex.split(settings["command"])[0]
+        found = shutil.which(command)
+        if not found:
+            return False, f"{command!r} not found on PATH"
+        return (True, found) if not probe else claude_version(found)
+    if name == "ollama":
+        return (None, "not probed") if not probe else ollama_answers(settings)
+    key, source = settings.get("api_key"), settings["sources"].get("api_key", "none")
+    if key:
+        return True, f"key {mask(key)} from {source.replace('env ', '$')}"
+    if name == "openai" and settings["base_url"] != DEFAULTS["openai"]["base_url"]:
+        return True, f"no key, none needed for {settings['base_url']}"
+    return False, "no API key (" + " or ".join(
+        [f"provider.{name}.api_key", *("$" + v for v in KEY_ENV[name])]) + ")"
+
+
+def claude_version(path: str) -> tuple[bool, str]:
+    import subprocess
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=5,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"{path} --version failed ({type(e).__name__})"
+    version = (out.stdout.strip().splitlines() or [""])[0]
+    return (out.returncode == 0 and bool(version)), f"{version or 'no version'} at {path}"
+
+
+def ollama_answers(settings: dict) -> tuple[bool, str]:
+    session, cache = thread_session()
+    url = settings["base_url"] + "/api/tags"
+    try:
+        reply = session.get(url, timeout=2, **environ_for(settings["base_url"], cache))
+        models = len(reply.json().get("models", [])) if reply.ok else None
+    except Exception as e:                   # any failure just means "not ready"
+        return False, f"{settings['base_url']} not answering ({connection_trouble(e)})"
+    if models is None:
+        return False, f"{url} answered {reply.status_code}"
+    return True, f"{settings['base_url']} answering, {models} models"
+
+
+def ready_elsewhere(raw: dict, path: str | None, failed: str) -> str:
+    """'; ready here: openai ($OPENAI_API_KEY) - use -p openai or set provider.default'
+    from local checks only (no network), for an error on a machine not set up."""
+    ready = []
+    for name in NAMES:
+        if name == failed:
+            continue
+        settings = provider_settings(raw, name, path)
+        ok, why = readiness(settings)
+        if ok:
+            source = settings["sources"].get("api_key", "")
+            ready.append((name, source.replace("env ", "$") if source.startswith("env ")
+                          else "key in config" if source == "file" else "claude on PATH"
+                          if name == "claude-code" else why))
+    if not ready:
+        return "; nothing else is ready here either (see: python omega.py --check)"
+    listed = ", ".join(f"{n} ({why})" for n, why in ready)
+    return f"; ready here: {listed} - use -p {ready[0][0]} or set provider.default"
+
+
 # =============================================================================
 # Public API
 # =============================================================================
@@ -1324,13 +1403,15 @@ def complete(ctx: Context, provider: str | None = None, config=None,
                     raise
                 continue                           # a disabled fallback is skipped
             meta = reply.metadata
-            meta.provider_used, meta.fallbacks = name, [f"{n}: {e}" for n, e in failures]
+            meta.provider_used, meta.fallbacks = name, [str(e) for _, e in failures]
             meta.processing_time_ms = round((time.monotonic() - started) * 1000)
             return reply
     finally:
         stop_status()
     error = failures[0][1]
-    error.fallbacks = [f"{n}: {e}" for n, e in failures[1:]]
+    error.fallbacks = [str(e) for _, e in failures[1:]]
+    if error.not_set_up and len(failures) == 1:
+        error.message += ready_elsewhere(raw, path, first)
     raise error
 
 
@@ -1467,9 +1548,41 @@ def main(argv=None) -> int:
 
 
 def check(config, out) -> int:
-    """--check: placeholder replaced in the routing/doctor change."""
-    out("omega --check is not available yet")
-    return 1
+    """--check: every provider, whether it is ready here and why, and where each
+    value came from. Exit 0 when the default provider is ready, else 1."""
+    loaded = load_config(config)
+    providers, default = loaded["provider"], loaded["provider"]["default"]
+    out(f"config file: {loaded['_file'] or 'none (built-in defaults)'}")
+    out(f"default provider: {default}" + (f", fallback: {', '.join(providers['fallback'])}"
+                                          if providers["fallback"] else ""))
+    out("")
+    rows, verdict = [("provider", "enabled", "model", "model_complex", "ready", "why")], 1
+    for name in NAMES:
+        settings = provider_settings(loaded, name, loaded["_file"])
+        settings["sources"] = providers[name]["_sources"]
+        ok, why = readiness(settings, probe=True)
+        rows.append((name, "yes" if settings["enabled"] else "no", settings["model"],
+                     settings["model_complex"] or "-", "yes" if ok else "no", why))
+        if name == default and ok:
+            verdict = 0
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
+    out("")
+    out("where each value came from (file, env VAR or default):")
+    for name in NAMES:
+        section, sources = providers[name], providers[name]["_sources"]
+        shown = [f"{key}={shown_value(key, section.get(key))} ({sources[key]})"
+                 for key in ("model", "model_complex", "base_url", "api_key", "command",
+                             "timeout_secs") if key in sources]
+        out(f"  {name}: " + ", ".join(shown))
+    return verdict
+
+
+def shown_value(key: str, value) -> str:
+    if value is None:
+        return "-"
+    return mask(value) if key in ("api_key", "oauth_token") else str(value)
 
 
 if __name__ == "__main__":

@@ -735,6 +735,9 @@ $FAKE_CLAUDE_DIR: plan.json (one step per run), calls.jsonl, sessions/."""
 import json, os, subprocess, sys, time, uuid
 state = os.environ["FAKE_CLAUDE_DIR"]
 argv = sys.argv[1:]
+if argv == ["--version"]:
+    print("2.1.197 (Claude Code)")
+    sys.exit(0)
 prompt = sys.stdin.read()
 with open(os.path.join(state, "calls.jsonl"), "a") as f:
     f.write(json.dumps({"argv": argv, "stdin": prompt, "cwd": os.getcwd(), "env": {
@@ -1544,3 +1547,241 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_child(claude, tmp_path):
     while (alive(parent) or alive(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not alive(parent) and not alive(grandchild)
+
+
+# =============================================================================
+# 10. Routing: model_complex, classify, route, --auto-route
+# =============================================================================
+
+def model_sent(name, request):
+    if name == "gemini":
+        return request.path.split("/models/")[1].split(":")[0]
+    return request.body["model"]
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_model_complex_for_every_http_provider(api, name):
+    api.default = lambda r: {"body": OK[name]()}
+    ask_via(name, api, omega.Context("hi", complex=True), model_complex="big-model")
+    assert model_sent(name, api.last()) == "big-model"
+    ask_via(name, api, omega.Context("hi", complex=True, model="chosen"), model_complex="big")
+    assert model_sent(name, api.last()) == "chosen"
+    ask_via(name, api, omega.Context("hi"), model_complex="big-model")
+    assert model_sent(name, api.last()) == omega.DEFAULTS[name]["model"]
+
+
+def test_model_complex_for_claude_code_and_metadata_model(claude):
+    reply = cc(claude, omega.Context("hi", complex=True))
+    argv = claude.calls()[-1]["argv"]
+    assert argv[argv.index("--model") + 1] == "claude-opus-4-6"
+    assert reply.metadata.model == "claude-opus-4-6"
+
+
+def classifier_server(api, answer):
+    """The first request is the classifier's; later ones are answered plainly."""
+    api.default = lambda r: {"body": openai_ok(answer if "DIRECT" in
+                                               r.body["messages"][-1]["content"] else "done")}
+
+
+@pytest.mark.parametrize("answer, verdict", [
+    ("DIRECT", False), ("direct\n", False),
+    ("1. Read the code\n2. Change three files\n3. Run the tests", True),
+    ("Plan:\n  1) design\n  2) build", True),
+    ("9. one\n10. two\n11. three", True),
+    ("1. Just answer it", False),
+    ("I think this is easy enough.", False),
+    ("DIRECT\n1. a\n2. b", True),
+])
+def test_classify_answers(api, answer, verdict):
+    classifier_server(api, answer)
+    ctx = omega.Context("Refactor the whole auth module")
+    assert omega.classify(ctx, cfg("openai", api, model_complex="o3")) is verdict
+    sent = api.last().body
+    assert len(api.requests) == 1 and sent["model"] == "gpt-4o"
+    assert "DIRECT" in sent["messages"][-1]["content"]
+    assert sent["messages"][-1]["content"].endswith("Refactor the whole auth module")
+    assert "tools" not in sent
+
+
+def test_classify_failure_means_not_complex(api):
+    api.reply({"error": {"message": "bad", "type": "invalid_request_error"}}, status=400)
+    assert omega.classify(omega.Context("x"), cfg("openai", api)) is False
+    assert omega.classify(omega.Context("x"), cfg("ollama", refused_url(), max_retries=0)) is False
+
+
+def test_classify_with_claude_code_is_one_turn_without_tools(claude):
+    claude.plan({"result": "1. a\n2. b"})
+    assert omega.classify(omega.Context("Build an app"), claude.config(allowed_tools=["Bash"]))
+    argv = claude.calls()[0]["argv"]
+    assert argv[argv.index("--max-turns") + 1] == "1" and "--allowedTools" not in argv
+    assert argv[argv.index("--model") + 1] == "claude-sonnet-4-6"
+
+
+def test_route_sets_the_model_and_respects_an_explicit_one(api):
+    config = cfg("openai", api, model_complex="o3")
+    classifier_server(api, "1. a\n2. b")
+    ctx = omega.Context("Build a compiler")
+    routed = omega.route(ctx, config)
+    assert routed.model == "o3" and ctx.model is None and routed.current_message == ctx.current_message
+    classifier_server(api, "DIRECT")
+    assert omega.route(ctx, config).model == "gpt-4o"
+    count = len(api.requests)
+    assert omega.route(omega.Context("x", model="mine"), config).model == "mine"
+    assert len(api.requests) == count                  # no call when the model is chosen
+
+
+def test_auto_route_is_opt_in_and_costs_one_call(api, capsys):
+    classifier_server(api, "1. plan\n2. build\n3. test")
+    config = cfg("openai", api, model_complex="o3")
+    reply = omega.complete(omega.Context("Build a compiler"), config=config)
+    assert len(api.requests) == 1 and reply.metadata.model == "gpt-4o-2024-08-06"
+    config["provider"]["auto_route"] = True
+    omega.complete(omega.Context("Build a compiler"), config=config)
+    assert len(api.requests) == 3 and api.last().body["model"] == "o3"
+    del config["provider"]["auto_route"]
+    assert cli_main(config, "--auto-route", "Build a compiler") == 0
+    assert len(api.requests) == 5 and api.last().body["model"] == "o3"
+    assert cli_main(config, "--auto-route", "-m", "pinned", "Build it") == 0
+    assert len(api.requests) == 6 and api.last().body["model"] == "pinned"
+
+
+# =============================================================================
+# 11. Fallback chain
+# =============================================================================
+
+def chain(first, second, fallback=("anthropic",), **first_section):
+    """openai (first) falls back to anthropic (second)."""
+    config = cfg("openai", first, **first_section)
+    config["provider"]["anthropic"] = cfg("anthropic", second)["provider"]["anthropic"]
+    config["provider"]["fallback"] = list(fallback)
+    return config
+
+
+@pytest.fixture
+def api2():
+    server = FakeAPI()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_fallback_past_a_refused_port(api2):
+    api2.reply(anthropic_ok())
+    statuses = []
+    reply = omega.complete(omega.Context("hi", model="gpt-4.1"), config=chain(refused_url(), api2),
+                           on_status=statuses.append)
+    assert reply.text == "Hello from Claude" and reply.metadata.provider_used == "anthropic"
+    assert len(reply.metadata.fallbacks) == 1
+    assert reply.metadata.fallbacks[0].startswith("openai: ") and "refused" in reply.metadata.fallbacks[0]
+    assert statuses[-1] == "openai unavailable (connection refused), trying anthropic"
+    assert api2.last().body["model"] == "claude-sonnet-4-20250514"   # not gpt-4.1
+
+
+def test_fallback_after_503_retries_and_after_a_missing_key(api, api2):
+    for _ in range(3):
+        api.reply({"error": {"message": "down", "type": "server_error"}}, status=503)
+    api2.reply(anthropic_ok())
+    reply = omega.complete(omega.Context("hi"), config=chain(api, api2))
+    assert reply.metadata.provider_used == "anthropic" and len(api.requests) == 3
+    assert "503" in reply.metadata.fallbacks[0]
+    api2.reply(anthropic_ok())
+    config = chain(api, api2)
+    config["provider"]["gemini"] = {}
+    config["provider"]["fallback"] = ["gemini", "anthropic"]
+    reply = omega.complete(omega.Context("hi"), "openai", {**config, "provider": {
+        **config["provider"], "openai": {}}})
+    assert reply.metadata.provider_used == "anthropic"
+    assert [f.split(":")[0] for f in reply.metadata.fallbacks] == ["openai", "gemini"]
+
+
+@pytest.mark.parametrize("reply", [
+    dict(body={"error": {"message": "bad", "type": "invalid_request_error"}}, status=400),
+    dict(body={"error": {"message": "no", "type": "x", "code": "model_not_found"}}, status=404),
+    dict(body=openai_ok(choices=[])),
+])
+def test_no_fallback_after_a_request_error_or_empty_response(api, api2, reply):
+    api.reply(**reply)
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete(omega.Context("hi"), config=chain(api, api2))
+    assert api2.requests == [] and err.value.provider == "openai" and err.value.fallbacks == []
+
+
+def test_all_failing_raises_the_first_error_with_the_others(api2):
+    api2.reply({"type": "error", "error": {"type": "authentication_error",
+                                           "message": "invalid x-api-key"}}, status=401)
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        omega.complete(omega.Context("hi"), config=chain(refused_url(), api2))
+    assert err.value.provider == "openai"
+    assert err.value.fallbacks == ["anthropic: 401 authentication_error: invalid x-api-key"]
+
+
+def test_cli_prints_one_line_per_fallback_step(api2, tmp_path):
+    api2.reply(anthropic_ok())
+    out = run_cli(tmp_path, "hi", config=chain(refused_url(), api2, max_retries=0))
+    assert out.returncode == 0 and out.stdout == "Hello from Claude\n"
+    assert out.stderr == "omega: openai unavailable (connection refused), trying anthropic\n"
+
+
+# =============================================================================
+# 12. --check and the first-run hint
+# =============================================================================
+
+def test_check_reports_readiness_sources_and_masks_keys(api, claude, tmp_path, monkeypatch,
+                                                        capsys):
+    api.default = lambda r: {"body": {"models": [{"name": "llama3"}, {"name": "qwen3"}]}}
+    monkeypatch.setenv("GEMINI_API_KEY", ENV_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")
+    path = write(tmp_path / "c.toml", f"""
+        [provider]
+        default = "ollama"
+        [provider.claude-code]
+        command = "{claude.command}"
+        [provider.ollama]
+        base_url = "{api.url}"
+        model = "qwen3"
+        [provider.anthropic]
+        api_key = "{KEY}"
+        enabled = false
+        """)
+    assert omega.main(["--check", "-c", path]) == 0
+    out = capsys.readouterr().out
+    assert KEY not in out and ENV_KEY not in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert f"config file: {path}" in out and "default provider: ollama" in out
+    assert "2.1.197 (Claude Code)" in lines["claude-code"] and " yes " in lines["claude-code"]
+    assert "answering, 2 models" in lines["ollama"] and api.last().path == "/api/tags"
+    assert api.last().method == "GET" and len(api.requests) == 1      # no chat call, no cost
+    assert "disabled" in lines["anthropic"] and " no " in lines["anthropic"]
+    assert "key …3210 from $GEMINI_API_KEY" in lines["gemini"]
+    assert "no API key" in lines["openrouter"]
+    sources = out.split("where each value came from")[1]
+    assert "model=qwen3 (file)" in sources and "model=gpt-4o (default)" in sources
+    assert f"base_url={api.url}/v1 (env OPENAI_BASE_URL)" in sources
+    assert "api_key=…3210 (env GEMINI_API_KEY)" in sources
+    assert "api_key=…cdef (file)" in sources
+
+
+def test_check_without_any_file_and_exit_1_when_default_is_not_ready(tmp_path):
+    out = run_cli(tmp_path, "--check", PATH=str(tmp_path / "empty"),
+                  OMEGA_CONFIG="", OLLAMA_HOST=refused_url())
+    assert out.returncode == 1, out.stderr
+    assert "default provider: claude-code" in out.stdout
+    assert "'claude' not found on PATH" in out.stdout
+    assert "connection refused" in out.stdout
+
+
+def test_first_run_names_what_is_ready_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        omega.complete(omega.Context("hi"), config={})
+    message = str(err.value)
+    assert message.startswith("claude-code: 'claude' not found on PATH")
+    assert message.endswith("; ready here: openai ($OPENAI_API_KEY) - use -p openai or "
+                            "set provider.default")
+    assert ENV_KEY not in message
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(omega.AuthError, match="nothing else is ready here"):
+        omega.complete(omega.Context("hi"), "anthropic", {})
