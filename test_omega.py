@@ -1785,3 +1785,25 @@ def test_first_run_names_what_is_ready_here(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(omega.AuthError, match="nothing else is ready here"):
         omega.complete(omega.Context("hi"), "anthropic", {})
+
+
+def test_disabled_fallback_is_skipped(api2):
+    api2.reply(anthropic_ok())
+    config = chain(refused_url(), api2, max_retries=0)
+    config["provider"]["gemini"] = {"enabled": False}
+    config["provider"]["fallback"] = ["gemini", "anthropic"]
+    reply = omega.complete(omega.Context("hi"), config=config)
+    assert reply.metadata.provider_used == "anthropic"
+
+
+def test_shipped_config_example_changes_nothing_and_documents_valid_keys():
+    import re
+    import tomllib
+    text = open(os.path.join(HERE, "config.toml")).read()
+    assert omega.load_config(os.path.join(HERE, "config.toml"))["provider"] == \
+        omega.load_config({})["provider"]
+    uncommented = tomllib.loads(re.sub(r"(?m)^# (\w+ = )", r"\1", text))
+    omega.validate(uncommented, "config.toml")         # every documented key is a real key
+    documented = {k for section in uncommented["provider"].values() if isinstance(section, dict)
+                  for k in section}
+    assert documented == {k for schema in omega.SCHEMA.values() for k in schema}
