@@ -1,9 +1,23 @@
-# make test: installs requests and pytest when they are missing, then runs the suite.
+# make test:      installs requests and pytest when missing, then runs the suite.
+# make test-real: also installs the real claude CLI (pinned) into .claude-real/ and
+#                 runs the tests marked real_claude with it (needs the npm registry).
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check
+PYTEST = $(PYTHON) -m pytest -q -rs -p no:cacheprovider -o "markers=real_claude: runs the real claude CLI"
+CLAUDE_CODE_VERSION = 2.1.197
+REAL_CLAUDE = .claude-real/node_modules/.bin/claude
 
-.PHONY: test
-test:
+.PHONY: test test-real deps
+
+test: deps
+	$(PYTEST) test_omega.py
+
+test-real: deps $(REAL_CLAUDE)
+	OMEGA_REAL_CLAUDE="$(CURDIR)/$(REAL_CLAUDE)" $(PYTEST) -m real_claude test_omega.py
+
+deps:
 	@$(PYTHON) -c "import requests, pytest" 2>/dev/null || $(PIP_INSTALL) requests pytest \
 		|| $(PIP_INSTALL) --break-system-packages requests pytest
-	$(PYTHON) -m pytest -q -p no:cacheprovider test_omega.py
+
+$(REAL_CLAUDE):
+	npm install --prefix .claude-real --no-audit --no-fund @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)

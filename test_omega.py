@@ -100,6 +100,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.do_POST()
 
+    def do_HEAD(self):                   # the real claude CLI warms its connection up
+        self.server.requests.append(Recorded("HEAD", self.path, dict(self.headers), b""))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -913,8 +919,10 @@ def test_claude_code_auto_resume_after_max_turns(claude):
 
 
 def test_claude_code_resume_joins_texts_and_waits_with_backoff(claude, monkeypatch):
-    waits = []
-    monkeypatch.setattr(omega.time, "sleep", waits.append)
+    waits, real_sleep = [], time.sleep
+    # subprocess polls with short sleeps of its own: only the resume waits are recorded.
+    monkeypatch.setattr(omega.time, "sleep",
+                        lambda s: waits.append(s) if s >= 1 else real_sleep(s))
     partial = {"set": {"subtype": "error_max_turns", "is_error": True}, "drop": ["result"]}
     claude.plan(partial, partial, partial, {"result": "final"})
     cc(claude, resume_delay_secs=2)
@@ -1807,3 +1815,161 @@ def test_shipped_config_example_changes_nothing_and_documents_valid_keys():
     documented = {k for section in uncommented["provider"].values() if isinstance(section, dict)
                   for k in section}
     assert documented == {k for schema in omega.SCHEMA.values() for k in schema}
+
+
+# =============================================================================
+# 13. The real claude binary (make test-real) against a fake Messages API
+# =============================================================================
+# The real CLI honours ANTHROPIC_BASE_URL, so it can talk to a local fake of the
+# Messages API. It always streams, so the fake answers SSE (and JSON when asked).
+
+def anthropic_sse(*blocks, stop="end_turn"):
+    """An Anthropic streaming reply carrying these content blocks."""
+    def event(kind, **data):
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+    events = [event("message_start", message={
+        "id": "msg_sse", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 1}})]
+    for index, block in enumerate(blocks):
+        if block["type"] == "text":
+            start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        else:
+            start = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        events += [event("content_block_start", index=index, content_block=start),
+                   event("content_block_delta", index=index, delta=delta),
+                   event("content_block_stop", index=index)]
+    events += [event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
+                     usage={"output_tokens": 6}), event("message_stop")]
+    return {"raw": "".join(events).encode(), "headers": {"Content-Type": "text/event-stream"}}
+
+
+def messages_api(api, *answers):
+    """Each POST /v1/messages takes the next answer (a list of content blocks, or
+    (status, error body)); the last answer repeats. SSE or JSON as requested."""
+    queue = list(answers)
+
+    def answer(request):
+        if not request.path.startswith("/v1/messages"):
+            return {"body": {}}
+        item = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(item, tuple):
+            return {"status": item[0], "body": item[1]}
+        stop = "tool_use" if any(b["type"] == "tool_use" for b in item) else "end_turn"
+        if request.body.get("stream"):
+            return anthropic_sse(*item, stop=stop)
+        return {"body": anthropic_ok(*item, stop=stop)}
+    api.default = answer
+
+
+def text(value):
+    return [{"type": "text", "text": value}]
+
+
+def sent_prompts(api):
+    """The text of the last user message of every Messages request, in order."""
+    prompts = []
+    for request in api.requests:
+        if request.method == "POST" and request.path.startswith("/v1/messages"):
+            user = [m for m in request.body["messages"] if m["role"] == "user"][-1]
+            content = user["content"]
+            prompts.append(content if isinstance(content, str) else "\n".join(
+                b.get("text", "") for b in content if b.get("type") == "text"))
+    return prompts
+
+
+@pytest.fixture
+def real_claude(api, tmp_path, monkeypatch):
+    binary = os.environ.get("OMEGA_REAL_CLAUDE")
+    if not binary:
+        pytest.skip("no real claude binary configured: `make test-real` installs one "
+                    "and sets OMEGA_REAL_CLAUDE")
+    for var, value in {"ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": KEY,
+                       "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                       "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}.items():
+        monkeypatch.setenv(var, value)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "work").mkdir()
+    return {"provider": {"default": "claude-code", "claude-code": {
+        "command": binary, "working_dir": str(tmp_path / "work"), "resume_delay_secs": 0,
+        "timeout_secs": 120}}}
+
+
+def real(config, ctx, **section):
+    config["provider"]["claude-code"].update(section)
+    return omega.complete(ctx, config=config)
+
+
+@pytest.mark.real_claude
+def test_real_claude_plain_answer(real_claude, api):
+    messages_api(api, text("Hello from the fake API."))
+    reply = real(real_claude, omega.Context("Say hello."))
+    assert reply.text == "Hello from the fake API."
+    m = reply.metadata
+    assert m.provider_used == "claude-code" and m.session_id and m.attempts == 1
+    assert m.input_tokens >= 10 and m.output_tokens == 6 and m.num_turns == 1
+    assert sent_prompts(api)[-1].endswith("[User]\nSay hello.")
+    posts = [r for r in api.requests if r.method == "POST"]
+    assert posts[0].headers["x-api-key"] == KEY and posts[0].body["stream"] is True
+
+
+@pytest.mark.real_claude
+def test_real_claude_model_and_system_prompt_reach_the_api(real_claude, api):
+    messages_api(api, text("ok"))
+    real(real_claude, omega.Context("Question?", system_prompt="Answer like a pirate."),
+         model="claude-opus-4-6")
+    post = [r for r in api.requests if r.method == "POST"][-1]
+    assert post.body["model"] == "claude-opus-4-6"
+    assert sent_prompts(api)[-1].endswith("[System]\nAnswer like a pirate.\n\n[User]\nQuestion?")
+
+
+@pytest.mark.real_claude
+def test_real_claude_allowed_tools_keep_the_prompt(real_claude, api):
+    messages_api(api, text("ok"))
+    real(real_claude, omega.Context("Read nothing, just answer."), allowed_tools=["Read", "Bash"])
+    assert sent_prompts(api)[-1].endswith("[User]\nRead nothing, just answer.")
+
+
+@pytest.mark.real_claude
+def test_real_claude_300_kb_prompt(real_claude, api):
+    messages_api(api, text("long read"))
+    prompt = "".join(f"line {i}: the quick brown fox\n" for i in range(11000))[:300 * 1024]
+    assert real(real_claude, omega.Context(prompt)).text == "long read"
+    assert sent_prompts(api)[-1].endswith("[User]\n" + prompt)
+
+
+@pytest.mark.real_claude
+def test_real_claude_resume_carries_earlier_turns(real_claude, api):
+    messages_api(api, text("The number is 42."), text("You said 42."))
+    first = real(real_claude, omega.Context("Remember the number 42."))
+    second = real(real_claude, omega.Context("Which number?", session_id=first.metadata.session_id))
+    assert second.text == "You said 42." and second.metadata.session_id == first.metadata.session_id
+    last = [r for r in api.requests if r.method == "POST"][-1].body["messages"]
+    flat = json.dumps(last)
+    assert "Remember the number 42." in flat and "The number is 42." in flat
+    assert sent_prompts(api)[-1].endswith("[User]\nWhich number?")
+
+
+@pytest.mark.real_claude
+def test_real_claude_max_turns_then_auto_resume(real_claude, api):
+    tool = {"type": "tool_use", "id": "toolu_01", "name": "Bash",
+            "input": {"command": "echo hi", "description": "say hi"}}
+    messages_api(api, [tool], text("Final answer."))
+    statuses = []
+    real_claude["provider"]["claude-code"].update(max_turns=1, allowed_tools=["Bash"])
+    reply = omega.complete(omega.Context("Do the task."), config=real_claude,
+                           on_status=statuses.append)
+    assert reply.text == "Final answer." and reply.metadata.attempts == 2
+    assert statuses == ["claude-code: reached max turns, resuming (1/5)"]
+    assert sent_prompts(api)[-1].endswith(omega.RESUME_PROMPT)
+
+
+@pytest.mark.real_claude
+def test_real_claude_api_401_is_auth_error(real_claude, api):
+    messages_api(api, (401, {"type": "error", "error": {"type": "authentication_error",
+                                                        "message": "invalid x-api-key"},
+                             "request_id": "req_401"}))
+    with pytest.raises(omega.AuthError) as err:
+        real(real_claude, omega.Context("hi"))
+    assert err.value.status == 401 and KEY not in str(err.value)
