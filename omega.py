@@ -62,6 +62,7 @@ class ProviderError(OmegaError):
         self.message, self.request_id, self.retry_after = message, request_id, retry_after
         self.fallbacks: list[str] = []   # "provider: error" for providers tried after this one
         self.not_set_up = False          # missing key or CLI: nothing was sent anywhere
+        self.session_id = self.partial_text = None   # claude-code: where to resume, what was said
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -249,15 +250,15 @@ STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
 POSITIVE = {"timeout_secs", "max_tokens", "max_turns", "num_ctx", "delay_secs", "repeat_secs"}
 NOT_NEGATIVE = {"max_retries", "max_resume_attempts", "resume_delay_secs", "temperature"}
 
-_HTTP_DEFAULTS = {"enabled": True, "model_complex": None, "timeout_secs": 600,
-                  "max_retries": 2, "max_tokens": None, "temperature": None}
+_COMMON_DEFAULTS = {"enabled": True, "model_complex": None, "max_tokens": None,
+                    "temperature": None}
+_HTTP_DEFAULTS = {**_COMMON_DEFAULTS, "timeout_secs": 600, "max_retries": 2}
 DEFAULTS = {
-    "claude-code": {"enabled": True, "model": "claude-sonnet-4-6",
+    "claude-code": {**_COMMON_DEFAULTS, "model": "claude-sonnet-4-6",
                     "model_complex": "claude-opus-4-6", "timeout_secs": 3600,
-                    "max_tokens": None, "temperature": None, "command": "claude",
-                    "max_turns": 25, "allowed_tools": [], "skip_permissions": False,
-                    "max_resume_attempts": 5, "resume_delay_secs": 2, "working_dir": None,
-                    "oauth_token": None},
+                    "command": "claude", "max_turns": 25, "allowed_tools": [],
+                    "skip_permissions": False, "max_resume_attempts": 5,
+                    "resume_delay_secs": 2, "working_dir": None, "oauth_token": None},
     "ollama": {**_HTTP_DEFAULTS, "model": "llama3", "base_url": "http://localhost:11434",
                "num_ctx": None, "keep_alive": None},
     "openai": {**_HTTP_DEFAULTS, "model": "gpt-4o", "base_url": "https://api.openai.com/v1"},
@@ -316,16 +317,15 @@ def validate(raw: dict, where: str) -> None:
     for name in NAMES:
         section = providers.get(name, {})
         check_keys(section, SCHEMA[name], where, f"provider.{name}.")
-        for key in ("allowed_tools",):
-            if not all(isinstance(x, str) for x in section.get(key, [])):
-                raise ConfigError(f"{where}: provider.{name}.{key}: expected a list of strings")
+        if not all(isinstance(x, str) for x in section.get("allowed_tools", [])):
+            raise ConfigError(f"{where}: provider.{name}.allowed_tools: expected a list of "
+                              "strings")
         url = section.get("base_url")
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}: provider.{name}.base_url: expected an http:// or "
                               "https:// URL")
-    for key in ("default",):
-        if key in providers:
-            check_provider(providers[key], f"{where}: provider.{key}")
+    if "default" in providers:
+        check_provider(providers["default"], f"{where}: provider.default")
     for name in providers.get("fallback", []):
         check_provider(name, f"{where}: provider.fallback")
     check_keys(raw.get("status", {}), STATUS_KEYS, where, "status.")
@@ -500,8 +500,7 @@ def post_json(settings: dict, url: str, headers: dict, body: dict) -> tuple[dict
         if status is not None:
             error, wait = http_error(status, reply_headers, content, settings)
         if wait == "backoff":
-            wait = min(RETRY_CAP_SECS, RETRY_BASE_SECS * 2 ** (attempt - 1))
-            wait *= 0.75 + 0.25 * _random()
+            wait = min(RETRY_CAP_SECS, RETRY_BASE_SECS * 2 ** (attempt - 1)) * jitter()
         if wait is None or attempt > retries or time.monotonic() + wait >= deadline:
             raise error
         reason = error.status or "connection error"
@@ -510,9 +509,10 @@ def post_json(settings: dict, url: str, headers: dict, body: dict) -> tuple[dict
         time.sleep(wait)
 
 
-def _random() -> float:
+def jitter() -> float:
+    """A factor in 0.75–1, so that many clients do not retry in step."""
     import random
-    return random.random()
+    return random.uniform(0.75, 1.0)
 
 
 def send(url: str, headers: dict, payload: bytes, settings: dict) -> tuple[int, dict, bytes]:
