@@ -1522,9 +1522,8 @@ def main(argv=None) -> int:
         prompt = read_prompt(args.prompt)
         if not prompt.strip():
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
-        for flag, value in (("--max-tokens", args.max_tokens),):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{flag}: expected a number greater than 0")
+        if args.max_tokens is not None and args.max_tokens <= 0:
+            raise ConfigError("--max-tokens: expected a number greater than 0")
         ctx = Context(prompt, system_prompt=args.system, model=args.model,
                       complex=args.complex, max_tokens=args.max_tokens,
                       temperature=args.temperature)
