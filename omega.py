@@ -1045,9 +1045,6 @@ def run_claude(argv: list[str], prompt: str, settings: dict) -> tuple[int, str, 
     except BaseException:                      # Ctrl-C and friends: leave nothing behind
         kill_group()
         raise
-    finally:
-        if child.returncode is None:
-            kill_group()
     return child.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
