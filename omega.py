@@ -1344,11 +1344,10 @@ def ready_elsewhere(raw: dict, path: str | None, failed: str) -> str:
             continue
         settings = provider_settings(raw, name, path)
         ok, why = readiness(settings)
-        if ok:
-            source = settings["sources"].get("api_key", "")
-            ready.append((name, source.replace("env ", "$") if source.startswith("env ")
-                          else "key in config" if source == "file" else "claude on PATH"
-                          if name == "claude-code" else why))
+        source = settings["sources"].get("api_key", "")
+        if ok:          # "$OPENAI_API_KEY", "key in config", or claude's path
+            ready.append((name, "$" + source[4:] if source.startswith("env ")
+                          else "key in config" if source == "file" else why))
     if not ready:
         return "; nothing else is ready here either (see: python omega.py --check)"
     listed = ", ".join(f"{n} ({why})" for n, why in ready)
@@ -1460,11 +1459,13 @@ def parse_args(argv):
 
 
 def read_prompt(words: list[str]) -> str:
+    """The words, stdin, or the words then stdin after a blank line. Piped text
+    loses its surrounding blank lines but keeps its indentation (code)."""
     if words in ([], ["-"]):
-        return sys.stdin.read().strip() if sys.stdin else ""
+        return sys.stdin.read().strip("\r\n").rstrip() if sys.stdin else ""
     prompt = " ".join(words)
     if stdin_is_piped():
-        piped = sys.stdin.read().strip()
+        piped = sys.stdin.read().strip("\r\n").rstrip()
         if piped:
             prompt += "\n\n" + piped
     return prompt
@@ -1538,6 +1539,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("omega: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:                     # a bug of ours: still one line, no traceback
+        if args.verbose:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        print(f"omega: internal error: {type(e).__name__}: {redact(str(e))} "
+              "(run with -v for details)", file=sys.stderr)
+        return 1
     except BrokenPipeError:                    # `omega ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

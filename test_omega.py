@@ -1427,8 +1427,8 @@ def test_cli_reads_stdin_alone_dash_and_after_the_words(api, tmp_path):
     assert api.last().body["messages"][-1]["content"] == "from stdin"
     run_cli(tmp_path, "-", config=config, input="dash stdin")
     assert api.last().body["messages"][-1]["content"] == "dash stdin"
-    out = run_cli(tmp_path, "review", "this", config=config, input="def f(): pass\n")
-    assert api.last().body["messages"][-1]["content"] == "review this\n\ndef f(): pass"
+    out = run_cli(tmp_path, "review", "this", config=config, input="\n    def f(): pass\n\n")
+    assert api.last().body["messages"][-1]["content"] == "review this\n\n    def f(): pass"
     assert out.stdout == "ok\n"
 
 
@@ -1981,3 +1981,14 @@ def test_real_claude_api_401_is_auth_error(real_claude, api):
     with pytest.raises(omega.AuthError) as err:
         real(real_claude, omega.Context("hi"))
     assert err.value.status == 401 and KEY not in str(err.value)
+
+
+def test_cli_unexpected_error_is_one_line(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"kaboom with {ENV_KEY}")
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    monkeypatch.setattr(omega, "complete", broken)
+    assert omega.main(["-p", "openai", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("omega: internal error: RuntimeError: kaboom") and err.count("\n") == 1
+    assert ENV_KEY not in err and "Traceback" not in err
