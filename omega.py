@@ -662,18 +662,22 @@ def error_from_body(data, status: int, settings: dict, headers=None) -> tuple:
             if isinstance(data, dict) else ""
     message = redact(" ".join(message.split())[:500] or f"HTTP {status}", settings)
     rid = request_id_of(headers or {}) or (data.get("request_id") if isinstance(data, dict) else None)
-    low = message.lower()
-    if status == 402 or code in QUOTA_CODES or "credit balance is too low" in low:
-        kind, retryable = RateLimitError, False    # waiting will not bring credit back
-    elif status == 403 and reasons:                 # OpenRouter moderation
+    if status == 403 and reasons:                   # OpenRouter moderation
         kind, retryable = EmptyResponse, False
         message = f"prompt blocked by moderation: {', '.join(map(str, reasons))}"
-    elif status in (401, 403) or code == "API_KEY_INVALID":
-        kind, retryable = AuthError, False
     else:
-        kind = RateLimitError if status == 429 else ProviderError
-        retryable = status in RETRY_STATUS
+        kind, retryable = error_class(status, code, message)
     return kind(message, name, status, code, rid), retryable
+
+
+def error_class(status: int | None, code: str | None, message: str) -> tuple[type, bool]:
+    """(the error class for a failure, whether a retry may help): one policy for
+    HTTP error bodies and for the API errors the claude CLI reports."""
+    if status == 402 or code in QUOTA_CODES or "credit balance is too low" in message.lower():
+        return RateLimitError, False               # waiting will not bring credit back
+    if status in (401, 403) or code == "API_KEY_INVALID":
+        return AuthError, False
+    return (RateLimitError if status == 429 else ProviderError), status in RETRY_STATUS
 
 
 def retry_after(headers, data) -> float | None:
@@ -883,12 +887,19 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
         why = f"stop_reason={stop}" + (f", {details['category']}" if details.get("category") else "")
         raise empty(settings, why)
     usage = data.get("usage") or {}
-    parts = [usage.get(k) for k in ("input_tokens", "cache_creation_input_tokens",
-                                    "cache_read_input_tokens")]
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
-        input_tokens=None if parts[0] is None else sum(p or 0 for p in parts),
-        output_tokens=usage.get("output_tokens"), stop_reason=stop))
+        input_tokens=anthropic_input_tokens(usage), output_tokens=usage.get("output_tokens"),
+        stop_reason=stop))
+
+
+def anthropic_input_tokens(usage: dict) -> int | None:
+    """All input: fresh tokens plus cache writes plus cache reads (the claude CLI
+    reports the same usage object)."""
+    if usage.get("input_tokens") is None:
+        return None
+    return sum(usage.get(k) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
+                                           "cache_read_input_tokens"))
 
 
 # =============================================================================
@@ -974,6 +985,7 @@ def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
 # =============================================================================
 
 RESUME_PROMPT = "Continue where you left off. Complete the remaining work."
+TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
 KILL_GRACE_SECS = 2.0      # between SIGTERM and SIGKILL for a CLI past its deadline
 
 
@@ -1081,16 +1093,10 @@ def claude_code_error(data: dict, settings: dict) -> ProviderError:
     message = data.get("result") or "; ".join(map(str, data.get("errors") or ())) \
         or data.get("subtype") or "error"
     message = redact(" ".join(str(message).split())[:500], settings)
-    low = message.lower()
-    if "credit balance is too low" in low or status == 402:
-        cls = RateLimitError
-    elif status in (401, 403) or looks_like_login_error(message):
-        cls = AuthError
-    elif status == 429:
-        cls = RateLimitError
-    else:
-        cls = ProviderError
     code = None if data.get("subtype") == "success" else data.get("subtype")
+    cls = error_class(status, code, message)[0]
+    if cls is ProviderError and looks_like_login_error(message):
+        cls = AuthError
     if code and data.get("session_id"):           # so the user can --resume it
         message += f" (session_id={data['session_id']})"
     error = cls(message, name, status, code)
@@ -1109,17 +1115,16 @@ def claude_code(ctx: Context, settings: dict) -> OutgoingMessage:
         data = claude_code_result(*run_claude(argv, prompt, settings), settings)
         results.append(data)
         session_id = data.get("session_id") or session_id
-        subtype, done = data.get("subtype"), data.get("subtype") == "success" \
-            and not data.get("is_error")
-        if done or subtype == "error_max_turns":   # older CLIs say something when they stop
-            texts.append(data.get("result") or "")
+        stopped = data.get("subtype") == "error_max_turns"
+        done = data.get("subtype") == "success" and not data.get("is_error")
+        if (done or stopped) and data.get("result"):   # older CLIs say something when they stop
+            texts.append(data["result"])
         if done:
             break
-        can_resume = (subtype == "error_max_turns" and session_id and ctx.max_turns is None
-                      and resumes < settings["max_resume_attempts"])
-        if not can_resume:
+        if not (stopped and session_id and ctx.max_turns is None
+                and resumes < settings["max_resume_attempts"]):
             error = claude_code_error(data, settings)
-            error.partial_text = "\n\n---\n\n".join(t for t in texts if t) or None
+            error.partial_text = TURN_SEPARATOR.join(texts) or None
             raise error
         resumes += 1
         wait = settings["resume_delay_secs"] * 2 ** (resumes - 1)
@@ -1130,11 +1135,10 @@ def claude_code(ctx: Context, settings: dict) -> OutgoingMessage:
                          f"{settings['max_resume_attempts']})")
         time.sleep(wait)
         prompt = RESUME_PROMPT
-    texts = [t for t in texts if t]
     if not texts:
         raise empty(settings, "the CLI returned an empty result")
-    return OutgoingMessage("\n\n---\n\n".join(texts), claude_code_metadata(results, settings,
-                                                                           session_id, ctx))
+    return OutgoingMessage(TURN_SEPARATOR.join(texts),
+                           claude_code_metadata(results, settings, session_id, ctx))
 
 
 def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -> MessageMetadata:
@@ -1142,9 +1146,7 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
         values = [v for v in values if v is not None]
         return sum(values) if values else None
     usages = [r.get("usage") or {} for r in results]
-    inputs = [None if "input_tokens" not in u else u["input_tokens"]
-              + (u.get("cache_creation_input_tokens") or 0) + (u.get("cache_read_input_tokens") or 0)
-              for u in usages]
+    inputs = [anthropic_input_tokens(u) for u in usages]
     model = model_of(ctx, settings)
     used = results[-1].get("modelUsage") or {}
     if used and model not in used:      # the CLI names the model only here
@@ -1240,7 +1242,7 @@ def classify(ctx: Context, config=None, provider: str | None = None) -> bool:
     except OmegaError as e:
         log_debug("classify: %s; treating the request as simple", e)
         return False
-    return answer.strip().upper() != "DIRECT" and count_steps(answer) >= 2
+    return count_steps(answer) >= 2          # "DIRECT" and anything else: simple
 
 
 def route(ctx: Context, config=None, provider: str | None = None) -> Context:
@@ -1250,10 +1252,9 @@ def route(ctx: Context, config=None, provider: str | None = None) -> Context:
         return ctx
     raw, path = read_config(config)
     name = provider or default_provider(raw)
-    settings = provider_settings(raw, name, path)
-    hard = classify(ctx, raw, name)
-    return replace(ctx, model=settings["model_complex"] if hard and settings["model_complex"]
-                   else settings["model"])
+    hard = classify(ctx, {**raw, "_file": path}, name)
+    return replace(ctx, model=model_of(replace(ctx, complex=hard),
+                                       provider_settings(raw, name, path)))
 
 
 # Failures worth trying another provider for; a bad request would fail there too.
@@ -1571,7 +1572,8 @@ def check(config, out) -> int:
             verdict = 0
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
+        out("  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
+            + "  " + row[5])
     out("")
     out("where each value came from (file, env VAR or default):")
     for name in NAMES:

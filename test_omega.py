@@ -663,6 +663,11 @@ def test_ollama_omitted_counts(api):
     assert (m.input_tokens, m.output_tokens) == (None, None)
 
 
+def test_base_url_without_a_host_is_config_error():
+    with pytest.raises(omega.ConfigError, match="invalid base_url"):
+        ask_via("ollama", "http://")
+
+
 def test_trailing_slash_on_base_url_is_ignored(api):
     api.reply(ollama_ok())
     ask_via("ollama", api, base_url=api.url + "/")
@@ -848,7 +853,7 @@ def test_claude_code_prompt_on_stdin_and_flags(claude, tmp_path, monkeypatch):
     assert (m.provider_used, m.model, m.input_tokens, m.output_tokens, m.tokens_used) == \
         ("claude-code", "claude-sonnet-4-6", 1105, 20, 1125)
     assert (m.cost_usd, m.num_turns, m.attempts, m.stop_reason) == (0.0125, 1, 1, "end_turn")
-    assert m.session_id and m.session_id == json.loads(json.dumps(m.session_id))
+    assert (claude.dir / "sessions" / m.session_id).exists()     # the CLI's own session id
 
 
 def test_claude_code_defaults_model_override_and_request_max_turns(claude):
