@@ -12,20 +12,53 @@ Backends: the local `claude` CLI (claude-code), Ollama, OpenAI and every
 OpenAI-compatible server, Anthropic, OpenRouter and Gemini. Needs Python 3.11+
 and `requests`; nothing else. Copy this file into your project and go.
 
-The file reads top to bottom the way a request flows: errors, data types,
-configuration, the HTTP transport, the six backends (each a request builder and
-a response parser side by side), the PROVIDERS table, the status timer,
-routing and fallback, the public API, and the command line.
+Contents (each a banner below; definitions come before their use, so the file
+reads bottom-up: to follow a call, start at 9, `complete()`):
+
+     1. Data types         Message, Context, MessageMetadata, OutgoingMessage, Call
+     2. Errors             OmegaError ... ProviderUnavailable (context given to __init__)
+     3. Secrets            Secret, mask, redact, clean
+     4. Configuration      read -> validate -> provider settings -> keys -> load_config
+     5. HTTP transport     per-thread session, the deadline watchdog, send, body reading,
+                           the retry loop
+     6. Error policy       error bodies of every backend -> typed errors, Retry-After
+     7. Backends           shared helpers, then one banner per backend: its request
+                           builder and response parser side by side
+     8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
+     9. Calling            status timer, routing, the fallback chain, complete(), ask()
+    10. Diagnostics        readiness probes, --check, the first-run hint
+    11. Command line       parse_args, prompt reading, main()
 """
 
+from __future__ import annotations   # annotations stay text: subprocess is imported lazily
+
+import heapq
+import itertools
 import json
+import math
 import os
+import random
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import stat
 import sys
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+from urllib.parse import quote
 
-__version__ = "0.1.0"
+# Imported where first needed instead, because each costs start-up time that most
+# runs never use (`import omega` and `--help` must stay cheap): requests with
+# urllib3 and http.client (tens of ms; the first HTTP call), tomllib (a config
+# file), logging (a debug line or -v), socket (the watchdog), email.utils (an
+# HTTP-date Retry-After), argparse (the CLI), traceback (-v).
+
+__version__ = "0.2.0"
 __all__ = [
     "ask", "complete", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
@@ -37,102 +70,7 @@ USER_AGENT = f"omega/{__version__}"
 
 
 # =============================================================================
-# Errors
-# =============================================================================
-
-class OmegaError(Exception):
-    """Base of every error omega raises. `exit_code` is what the CLI exits with."""
-    exit_code = 1
-
-
-class ConfigError(OmegaError):
-    """Bad configuration or usage: malformed TOML, unknown key or provider, bad value."""
-    exit_code = 2
-
-
-class ProviderError(OmegaError):
-    """A backend failed. Carries what is known: provider, HTTP status, the backend's
-    own error code and message, its request id, and how long it asked us to wait."""
-    exit_code = 1
-
-    def __init__(self, message: str, provider: str = "", status: int | None = None,
-                 code: str | None = None, request_id: str | None = None,
-                 retry_after: float | None = None):
-        self.provider, self.status, self.code = provider, status, code
-        self.message, self.request_id, self.retry_after = message, request_id, retry_after
-        self.fallbacks: list[str] = []   # "provider: error" for providers tried after this one
-        self.not_set_up = False          # missing key or CLI: nothing was sent anywhere
-        self.session_id = self.partial_text = None   # claude-code: where to resume, what was said
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        head = " ".join(str(x) for x in (self.status, self.code) if x not in (None, ""))
-        text = f"{head}: {self.message}" if head else self.message
-        if self.provider:
-            text = f"{self.provider}: {text}"
-        if self.request_id:
-            text += f" (request_id={self.request_id})"
-        return text
-
-
-class AuthError(ProviderError):
-    """Missing or rejected credentials (no key, 401/403, CLI not logged in)."""
-    exit_code = 3
-
-
-class RateLimitError(ProviderError):
-    """429 after retries, or exhausted quota/credit (never retried)."""
-    exit_code = 4
-
-
-class ProviderTimeout(ProviderError):
-    """The call's deadline (`timeout_secs`, retries included) passed."""
-    exit_code = 5
-
-
-class EmptyResponse(ProviderError):
-    """The backend answered without text: blocked prompt, safety stop, bare refusal."""
-    exit_code = 6
-
-
-class ProviderUnavailable(ProviderError):
-    """Nothing to talk to: connection refused, unknown host, `claude` not installed."""
-    exit_code = 7
-
-
-class Secret(str):
-    """A str whose repr shows only its last four characters, so that a key inside
-    a printed dict, a log record or a traceback's locals stays private."""
-
-    def __repr__(self) -> str:
-        return repr(mask(self))
-
-
-def mask(secret: str) -> str:
-    """'…abcd': enough to tell two keys apart, too little to use one."""
-    return "…" + secret[-4:] if len(secret) >= 12 else "…"
-
-
-# Environment variables whose values are credentials: redacted from anything
-# omega shows, even when omega itself did not send them (claude's stderr).
-SECRET_ENV = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENROUTER_API_KEY", "GEMINI_API_KEY",
-              "GOOGLE_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN")
-
-
-def redact(text: str, settings: dict | None = None) -> str:
-    """Replace every credential we know of in text (server messages can echo keys)."""
-    secrets = [os.environ.get(name) for name in SECRET_ENV]
-    if settings:
-        secrets += [settings.get("api_key"), settings.get("oauth_token")]
-        secrets += [os.environ.get(settings["api_key_env"])] if settings.get("api_key_env") else []
-    for secret in secrets:
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, mask(secret))
-    return text
-
-
-# =============================================================================
-# Data types
+# 1. Data types
 # =============================================================================
 
 @dataclass
@@ -161,8 +99,7 @@ class Context:
         history `system` messages folded into the system prompt."""
         system = [self.system_prompt] if self.system_prompt else []
         messages: list[dict] = []
-        turns = [*self.history, Message("user", self.current_message)]
-        for turn in turns:
+        for turn in (*self.history, Message("user", self.current_message)):
             role, content = (turn["role"], turn["content"]) if isinstance(turn, dict) \
                 else (turn.role, turn.content)
             if role not in ("user", "assistant", "system"):
@@ -190,7 +127,9 @@ class Context:
 
 @dataclass
 class MessageMetadata:
-    """What happened. None wherever the backend did not say (never a made-up 0)."""
+    """What happened. None wherever the backend did not say (never a made-up 0).
+    Values a server sent are checked here: a count that is not an integer, a cost
+    that is not a finite number or a name that is not a string becomes None."""
     provider_used: str | None = None
     model: str | None = None
     input_tokens: int | None = None    # all input, cache reads and writes included
@@ -206,6 +145,13 @@ class MessageMetadata:
     fallbacks: list = field(default_factory=list)  # "provider: error" tried before
 
     def __post_init__(self):
+        for name in ("input_tokens", "output_tokens", "tokens_used", "num_turns"):
+            setattr(self, name, count(getattr(self, name)))
+        for name in ("model", "stop_reason", "session_id", "request_id"):
+            value = getattr(self, name)
+            setattr(self, name, clean(value, 200) or None if isinstance(value, str) else None)
+        cost = self.cost_usd
+        self.cost_usd = float(cost) if number(cost) and math.isfinite(cost) else None
         if self.tokens_used is None and None not in (self.input_tokens, self.output_tokens):
             self.tokens_used = self.input_tokens + self.output_tokens
 
@@ -220,62 +166,279 @@ class OutgoingMessage:
         return {"text": self.text, "metadata": asdict(self.metadata)}
 
 
+def number(value) -> bool:
+    """True for an int or float (JSON booleans are ints to Python: not here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def count(value) -> int | None:
+    """A token or turn count as a server sent it, or None when it is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+@dataclass
+class Call:
+    """One call's own state, apart from its configuration: when it must end, who
+    hears about progress, and which provider comes next if this one fails (then a
+    refused connection moves on at once instead of retrying)."""
+    deadline: float                        # time.monotonic() value
+    seconds: float                         # what the deadline stands for, for messages
+    on_status: Callable | None = None
+    next_provider: str | None = None
+
+    @classmethod
+    def starting_now(cls, seconds: float, on_status=None, next_provider=None) -> "Call":
+        return cls(time.monotonic() + seconds, seconds, on_status, next_provider)
+
+    def left(self) -> float:
+        """Seconds until the deadline (negative once it has passed)."""
+        return self.deadline - time.monotonic()
+
+    def notify(self, message: str) -> None:
+        if self.on_status is not None:
+            self.on_status(message)
+
+
 # =============================================================================
-# Configuration
+# 2. Errors
 # =============================================================================
 
-NAMES = ("claude-code", "ollama", "openai", "anthropic", "openrouter", "gemini")
+class OmegaError(Exception):
+    """Base of every error omega raises. `exit_code` is what the CLI exits with."""
+    exit_code = 1
+
+
+class ConfigError(OmegaError):
+    """Bad configuration or usage: malformed TOML, unknown key or provider, bad value."""
+    exit_code = 2
+
+
+class ProviderError(OmegaError):
+    """A backend failed. Like the exceptions of `requests`, it is given all it knows
+    when it is made, and `str(err)` is built from that, so nothing goes stale:
+
+    provider, status (HTTP), code and message (the backend's own), request_id;
+    retry_after (seconds the server asked for), retryable (another try may help),
+    reason (a few words for the fallback story: "connection refused");
+    not_set_up (no key or no CLI: nothing was sent), session_id (claude-code: where
+    to resume), partial_text (what was answered before the failure), fallbacks
+    ("provider: error" for each provider tried after this one).
+
+    Every text a server could have written is redacted of keys, stripped of control
+    characters and capped before it is stored (see clean())."""
+    exit_code = 1
+
+    def __init__(self, message: str, provider: str = "", status: int | None = None,
+                 code: str | None = None, request_id: str | None = None, *,
+                 retry_after: float | None = None, retryable: bool = False,
+                 reason: str | None = None, not_set_up: bool = False,
+                 session_id: str | None = None, partial_text: str | None = None,
+                 fallbacks=()):
+        self.message = clean(message, 1000)
+        self.provider, self.status = provider, status if count(status) is not None else None
+        self.code = clean(code, 100) or None if isinstance(code, str) else None
+        self.request_id = clean(request_id, 200) or None if isinstance(request_id, str) else None
+        self.session_id = clean(session_id, 200) or None if isinstance(session_id, str) else None
+        self.retry_after, self.retryable, self.not_set_up = retry_after, retryable, not_set_up
+        self.reason = clean(reason, 80) if reason else self.short_reason()
+        self.partial_text, self.fallbacks = partial_text, list(fallbacks)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        head = " ".join(str(x) for x in (self.status, self.code) if x not in (None, ""))
+        text = f"{head}: {self.message}" if head else self.message
+        if self.provider:
+            text = f"{self.provider}: {text}"
+        if self.request_id:
+            text += f" (request_id={self.request_id})"
+        if self.fallbacks:
+            text += "; then tried " + "; ".join(self.fallbacks)
+        return text
+
+    def short_reason(self) -> str:
+        """'503 server_error', or the message's first words (never cut mid-word)."""
+        head = " ".join(str(x) for x in (self.status, self.code) if x)
+        return head or shorten(self.message, 60)
+
+    def with_context(self, **changes) -> "ProviderError":
+        """A copy of this error, of the same class, with some context changed."""
+        context = dict(message=self.message, provider=self.provider, status=self.status,
+                       code=self.code, request_id=self.request_id,
+                       retry_after=self.retry_after, retryable=self.retryable,
+                       reason=self.reason, not_set_up=self.not_set_up,
+                       session_id=self.session_id, partial_text=self.partial_text,
+                       fallbacks=self.fallbacks)
+        return type(self)(**{**context, **changes})
+
+
+class AuthError(ProviderError):
+    """Missing or rejected credentials (no key, 401/403, CLI not logged in)."""
+    exit_code = 3
+
+
+class RateLimitError(ProviderError):
+    """429 after retries, or exhausted quota/credit (never retried)."""
+    exit_code = 4
+
+
+class ProviderTimeout(ProviderError):
+    """The call's deadline (`timeout_secs`, retries included) passed."""
+    exit_code = 5
+
+
+class EmptyResponse(ProviderError):
+    """The backend answered without text: blocked prompt, safety stop, bare refusal."""
+    exit_code = 6
+
+
+class ProviderUnavailable(ProviderError):
+    """Nothing to talk to: connection refused, unknown host, `claude` not installed.
+    Safe to retry: nothing reached a model."""
+    exit_code = 7
+
+
+def timed_out(settings: dict, call: Call, detail: str = "", **context) -> ProviderTimeout:
+    return ProviderTimeout(f"no answer within {call.seconds:g} s{detail}", settings["name"],
+                           reason="timed out", **context)
+
+
+def too_large(settings: dict, status: int | None = None, where: str = "") -> ProviderError:
+    limit = settings["max_response_bytes"]
+    where = f" ({where})" if where else ""
+    return ProviderError(f"answer larger than {limit:,} bytes{where}; raise max_response_bytes "
+                         "if it is expected", settings["name"], status,
+                         reason="answer too large")
+
+
+def empty_answer(settings: dict, why: str) -> EmptyResponse:
+    return EmptyResponse(f"no answer text ({why})", settings["name"])
+
+
+# =============================================================================
+# 3. Secrets
+# =============================================================================
+
+class Secret(str):
+    """A str whose repr shows only its last four characters, so that a key inside
+    a printed dict, a log record or a traceback's locals stays private."""
+
+    def __repr__(self) -> str:
+        return repr(mask(self))
+
+
+def mask(secret: str) -> str:
+    """'…abcd': enough to tell two keys apart, too little to use one."""
+    return "…" + secret[-4:] if len(secret) >= 12 else "…"
+
+
+# Every key omega has handled in this process (from a file, the environment or an
+# argument): redacted from whatever omega shows, whoever echoes it back.
+_known_secrets: set[str] = set()
+
+
+def remember_secret(value: str) -> str:
+    if len(value) >= 6:           # shorter "keys" would redact ordinary words
+        _known_secrets.add(str.__str__(value))
+    return value
+
+
+def redact(text: str) -> str:
+    """text with every credential we know of replaced by its mask: the keys omega
+    has used, and the values of the environment variables that hold keys (a server
+    or the claude CLI can echo those even when omega did not send them)."""
+    secrets = [*tuple(_known_secrets), *(os.environ.get(name) for name in SECRET_ENV)]
+    for secret in secrets:
+        if secret and len(secret) >= 6 and secret in text:
+            text = text.replace(secret, mask(secret))
+    return text
+
+
+# Terminal escape sequences (CSI, OSC, and two-character ESC forms), then any
+# other control character: a server must not be able to forge a line, move the
+# cursor or write to the clipboard through an error message.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?"
+                      r"|[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text, limit: int) -> str:
+    """Text fit to show on one line: keys redacted first (so that shortening cannot
+    leave part of one behind), escapes and control characters out, whitespace
+    collapsed, at most `limit` characters."""
+    text = redact(str(text))
+    if not text.isprintable():
+        text = _ESCAPES.sub(" ", text)
+    return shorten(" ".join(text.split()), limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    """text cut to at most limit characters at a word boundary, with '…'."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut) + "…"
+
+
+# =============================================================================
+# 4. Configuration
+# =============================================================================
+# A config is a TOML file (or a dict shaped like one). omega owns three tables:
+# [provider] (with one [provider.<name>] section per backend), [status] and [log];
+# anything else in the file belongs to the application that vendors omega.py and
+# is left alone. Inside omega's tables every key is checked strictly.
 
 NUMBER = (int, float)
-_COMMON = {"enabled": bool, "model": str, "model_complex": str, "timeout_secs": NUMBER,
-           "max_tokens": int, "temperature": NUMBER}
-_HTTP = {**_COMMON, "base_url": str, "max_retries": int}
-_KEYED = {**_HTTP, "api_key": str, "api_key_env": str}
+MAX_RETRIES_CAP = 10
 
-# The keys each [provider.<name>] section may hold, and their types.
-SCHEMA = {
-    "claude-code": {**_COMMON, "command": str, "max_turns": int, "allowed_tools": list,
-                    "skip_permissions": bool, "max_resume_attempts": int,
-                    "resume_delay_secs": NUMBER, "working_dir": str, "oauth_token": str},
-    "ollama": {**_HTTP, "num_ctx": int, "keep_alive": (str, int)},
-    "openai": _KEYED,
-    "anthropic": _KEYED,
-    "openrouter": {**_KEYED, "referer": str, "title": str},
-    "gemini": _KEYED,
+# The type of every key a [provider.<name>] section may hold. Which keys a backend
+# accepts is the set of keys of its defaults (see the backend table).
+KEY_TYPES = {
+    "enabled": bool, "model": str, "model_complex": str, "timeout_secs": NUMBER,
+    "max_tokens": int, "temperature": NUMBER, "max_response_bytes": int,
+    "base_url": str, "max_retries": int, "api_key": str, "api_key_env": str,
+    "command": str, "max_turns": int, "allowed_tools": list, "skip_permissions": bool,
+    "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
+    "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
+    "referer": str, "title": str,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
                "repeat_message": str}
-# Keys whose value must be > 0 (or >= 0), checked after the type.
-POSITIVE = {"timeout_secs", "max_tokens", "max_turns", "num_ctx", "delay_secs", "repeat_secs"}
-NOT_NEGATIVE = {"max_retries", "max_resume_attempts", "resume_delay_secs", "temperature"}
-
-_COMMON_DEFAULTS = {"enabled": True, "model_complex": None, "max_tokens": None,
-                    "temperature": None}
-_HTTP_DEFAULTS = {**_COMMON_DEFAULTS, "timeout_secs": 600, "max_retries": 2}
-DEFAULTS = {
-    "claude-code": {**_COMMON_DEFAULTS, "model": "claude-sonnet-4-6",
-                    "model_complex": "claude-opus-4-6", "timeout_secs": 3600,
-                    "command": "claude", "max_turns": 25, "allowed_tools": [],
-                    "skip_permissions": False, "max_resume_attempts": 5,
-                    "resume_delay_secs": 2, "working_dir": None, "oauth_token": None},
-    "ollama": {**_HTTP_DEFAULTS, "model": "llama3", "base_url": "http://localhost:11434",
-               "num_ctx": None, "keep_alive": None},
-    "openai": {**_HTTP_DEFAULTS, "model": "gpt-4o", "base_url": "https://api.openai.com/v1"},
-    "anthropic": {**_HTTP_DEFAULTS, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
-                  "base_url": "https://api.anthropic.com"},
-    "openrouter": {**_HTTP_DEFAULTS, "model": "anthropic/claude-sonnet-4",
-                   "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None},
-    "gemini": {**_HTTP_DEFAULTS, "model": "gemini-2.0-flash",
-               "base_url": "https://generativelanguage.googleapis.com"},
-}
+LOG_KEYS = {"enabled": bool, "path": str}
 STATUS_DEFAULTS = {"delay_secs": 15, "repeat_secs": 120,
                    "message": "This is taking a moment...",
                    "repeat_message": "Still working on your request..."}
-KEY_ENV = {"openai": ("OPENAI_API_KEY",), "anthropic": ("ANTHROPIC_API_KEY",),
-           "openrouter": ("OPENROUTER_API_KEY",), "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
-BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL",
-                "ollama": "OLLAMA_HOST"}
+
+
+def is_command(value: str) -> bool:
+    try:
+        return bool(shlex.split(value))
+    except ValueError:                     # unbalanced quotes
+        return False
+
+
+def is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+# What a value must be beyond its type: key -> (test, what to say when it fails).
+RULES = {
+    "timeout_secs": (lambda v: v > 0, "a number greater than 0"),
+    "max_tokens": (lambda v: v > 0, "a number greater than 0"),
+    "max_turns": (lambda v: v > 0, "a number greater than 0"),
+    "num_ctx": (lambda v: v > 0, "a number greater than 0"),
+    "max_response_bytes": (lambda v: v > 0, "a number greater than 0"),
+    "max_retries": (lambda v: 0 <= v <= MAX_RETRIES_CAP,
+                    f"a number from 0 to {MAX_RETRIES_CAP}"),
+    "max_resume_attempts": (lambda v: v >= 0, "a number 0 or more"),
+    "resume_delay_secs": (lambda v: v >= 0, "a number 0 or more"),
+    "temperature": (lambda v: v >= 0, "a number 0 or more"),
+    "delay_secs": (lambda v: v >= 0.1, "a number 0.1 or more"),
+    "repeat_secs": (lambda v: v >= 0.1, "a number 0.1 or more"),
+    "base_url": (is_url, "an http:// or https:// URL"),
+    "command": (is_command, "a command, such as \"claude\""),
+    "allowed_tools": (lambda v: all(isinstance(x, str) for x in v), "a list of strings"),
+}
 
 
 def config_paths() -> list[str]:
@@ -298,9 +461,11 @@ def read_config(config=None) -> tuple[dict, str | None]:
     import tomllib
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            raw = tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     except OSError as e:
@@ -310,25 +475,22 @@ def read_config(config=None) -> tuple[dict, str | None]:
 
 
 def validate(raw: dict, where: str) -> None:
-    """Raise a one-line ConfigError naming the file, the key and what is expected."""
-    check_keys(raw, {"provider": dict, "status": dict}, where, "")
+    """Raise a one-line ConfigError naming the file, the key and what is expected.
+    Only omega's own tables are checked; the host application's are not ours."""
+    for table in ("provider", "status", "log"):
+        if table in raw and not isinstance(raw[table], dict):
+            raise ConfigError(f"{where}: {table}: expected a table, got "
+                              f"{type(raw[table]).__name__}")
     providers = raw.get("provider", {})
     check_keys(providers, {**PROVIDER_KEYS, **{n: dict for n in NAMES}}, where, "provider.")
     for name in NAMES:
-        section = providers.get(name, {})
-        check_keys(section, SCHEMA[name], where, f"provider.{name}.")
-        if not all(isinstance(x, str) for x in section.get("allowed_tools", [])):
-            raise ConfigError(f"{where}: provider.{name}.allowed_tools: expected a list of "
-                              "strings")
-        url = section.get("base_url")
-        if url is not None and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}: provider.{name}.base_url: expected an http:// or "
-                              "https:// URL")
+        check_keys(providers.get(name, {}), SCHEMA[name], where, f"provider.{name}.")
     if "default" in providers:
         check_provider(providers["default"], f"{where}: provider.default")
     for name in providers.get("fallback", []):
         check_provider(name, f"{where}: provider.fallback")
     check_keys(raw.get("status", {}), STATUS_KEYS, where, "status.")
+    check_keys(raw.get("log", {}), LOG_KEYS, where, "log.")
 
 
 def check_keys(section: dict, schema: dict, where: str, prefix: str) -> None:
@@ -340,15 +502,17 @@ def check_keys(section: dict, schema: dict, where: str, prefix: str) -> None:
             raise ConfigError(f"{where}: unknown key {prefix}{key} (known: {known})")
         kind = schema[key]
         if value is None or isinstance(value, bool) != (kind is bool) \
-                or not isinstance(value, kind):
+                or not isinstance(value, kind) \
+                or isinstance(value, float) and not math.isfinite(value):
             expected = {bool: "true or false", str: "a string", int: "an integer",
                         list: "a list", dict: "a table", NUMBER: "a number",
                         (str, int): "a string or an integer"}[kind]
-            raise ConfigError(f"{where}: {prefix}{key}: expected {expected}, "
-                              f"got {type(value).__name__}")
-        if key in POSITIVE and value <= 0 or key in NOT_NEGATIVE and value < 0:
-            sign = "greater than 0" if key in POSITIVE else "0 or more"
-            raise ConfigError(f"{where}: {prefix}{key}: expected a number {sign}, got {value}")
+            got = repr(value) if isinstance(value, float) else type(value).__name__
+            raise ConfigError(f"{where}: {prefix}{key}: expected {expected}, got {got}")
+        rule = RULES.get(key) if kind is not dict else None
+        if rule and not rule[0](value):
+            shown = "" if isinstance(value, str) and "key" in key else f", got {value!r}"
+            raise ConfigError(f"{where}: {prefix}{key}: expected {rule[1]}{shown}")
 
 
 def check_provider(name, where: str) -> None:
@@ -356,63 +520,80 @@ def check_provider(name, where: str) -> None:
         raise ConfigError(f"{where}: unknown provider {name!r} (choose from {', '.join(NAMES)})")
 
 
+def header_value(value: str, where: str) -> str:
+    """A key or header value, cleaned: surrounding whitespace goes (a key read from
+    a file often ends in a newline); a control or non-Latin-1 character left inside
+    is an error that names the setting and never shows the value."""
+    value = value.strip()
+    if any(c < " " or "\x7f" <= c < "\xa0" or c > "\xff" for c in value):
+        raise ConfigError(f"{where}: holds a control or non-Latin-1 character, which cannot "
+                          "go in an HTTP header (the value is not shown)")
+    return value
+
+
 def provider_settings(raw: dict, name: str, path: str | None = None) -> dict:
     """Everything one backend needs: defaults, then the file's section, then the
     environment fallbacks, with the API key resolved. `sources` says where each
     value came from ("file", "env NAME" or "default")."""
     check_provider(name, "provider")
+    backend = BACKENDS[name]
     section = {k: v for k, v in raw.get("provider", {}).get(name, {}).items() if k[0] != "_"}
-    settings = {**DEFAULTS[name], **section, "name": name, "config_file": path}
+    settings = {**backend.defaults, **section, "name": name, "config_file": path}
     sources = {k: "file" for k in section}
-    var = BASE_URL_ENV.get(name)
+    var = backend.base_url_env
     if var and "base_url" not in section and os.environ.get(var):
         url = os.environ[var] if name != "ollama" else ollama_host(os.environ[var])
-        if not url.startswith(("http://", "https://")):
+        if not is_url(url):
             raise ConfigError(f"environment variable {var}: expected an http:// or https:// URL")
         settings["base_url"], sources["base_url"] = url, f"env {var}"
     if "base_url" in settings:
         settings["base_url"] = settings["base_url"].rstrip("/")
-    if name in KEY_ENV:
+    for key in ("referer", "title"):
+        if settings.get(key):
+            settings[key] = header_value(settings[key], f"provider.{name}.{key}")
+    if backend.key_env:
         key, sources["api_key"] = find_key(name, section, settings["base_url"])
-        settings["api_key"] = Secret(key) if key else None
+        settings["api_key"] = Secret(remember_secret(key)) if key else None
     if settings.get("oauth_token"):
-        settings["oauth_token"] = Secret(settings["oauth_token"])
-    settings["sources"] = {k: sources.get(k, "default") for k in DEFAULTS[name]}
+        token = header_value(settings["oauth_token"], f"provider.{name}.oauth_token")
+        settings["oauth_token"] = Secret(remember_secret(token)) if token else None
+    settings["sources"] = {k: sources.get(k, "default") for k in backend.defaults}
     if "api_key" in sources:
         settings["sources"]["api_key"] = sources["api_key"]
     return settings
 
 
 def find_key(name: str, section: dict, base_url: str) -> tuple[str | None, str]:
-    """(the API key, where it came from). A base_url written in the config file
-    gets only a key written beside it (or named by api_key_env): the user's key
+    """(the API key, where it came from), cleaned. A base_url written in the config
+    file gets only a key written beside it (or named by api_key_env): the user's key
     for the official service never goes to a server they did not give it to."""
-    if section.get("api_key"):
-        return section["api_key"], "file"
-    if section.get("api_key_env"):
-        var = section["api_key_env"]
-        return os.environ.get(var) or None, f"env {var}"
-    if "base_url" not in section or base_url == DEFAULTS[name]["base_url"]:
-        for var in KEY_ENV[name]:
-            if os.environ.get(var):
-                return os.environ[var], f"env {var}"
-    return None, "none"
+    if section.get("api_key", "").strip():
+        return header_value(section["api_key"], f"provider.{name}.api_key"), "file"
+    official = BACKENDS[name].defaults["base_url"]
+    names = [section["api_key_env"]] if section.get("api_key_env") else \
+        BACKENDS[name].key_env if "base_url" not in section or base_url == official else ()
+    for var in names:
+        value = os.environ.get(var, "").strip()
+        if value:
+            return header_value(value, f"environment variable {var}"), f"env {var}"
+    return None, f"env {names[0]}" if section.get("api_key_env") else "none"
 
 
 def ollama_host(value: str) -> str:
     """OLLAMA_HOST may be 'host', 'host:port' or a URL; make it a URL with a port."""
     url = value if "://" in value else "http://" + value
-    host = url.split("://", 1)[1].split("/", 1)[0]
+    scheme, rest = url.split("://", 1)
+    host, slash, path = rest.partition("/")
     if not host.rsplit("]", 1)[-1].count(":"):    # no port (IPv6 brackets aside)
-        url = url.replace(host, host + ":11434", 1)
-    return url
+        host += ":11434"
+    return f"{scheme}://{host}{slash}{path}"
 
 
 def load_config(path=None) -> dict:
     """The merged, validated configuration: every provider's settings filled in
     from the file, the environment and the defaults, `_sources` saying where each
     value came from. `path`: a file path, a dict shaped like the file, or None
-    for the usual search (SPEC §3). The result is itself a valid `config=`."""
+    for the usual search. The result is itself a valid `config=`."""
     raw, file = read_config(path)
     providers = raw.get("provider", {})
     merged = {"default": default_provider(raw), "fallback": list(providers.get("fallback", [])),
@@ -422,7 +603,7 @@ def load_config(path=None) -> dict:
         merged[name] = {k: v for k, v in settings.items() if k in SCHEMA[name] and v is not None}
         merged[name]["_sources"] = settings["sources"]
     return {"provider": merged, "status": {**STATUS_DEFAULTS, **raw.get("status", {})},
-            "_file": file}
+            "log": dict(raw.get("log", {})), "_file": file}
 
 
 def default_provider(raw: dict) -> str:
@@ -435,14 +616,23 @@ def default_provider(raw: dict) -> str:
 
 
 # =============================================================================
-# HTTP transport: one requests.Session per thread, a real deadline, retries
+# 5. HTTP transport: one requests.Session per thread, a real deadline, retries
 # =============================================================================
+# send() opens a request and returns once the headers are in; read_body() or
+# body_pieces() read the body. While both run, a Watch holds the call's deadline
+# and the socket in use: the watchdog thread shuts that socket when the deadline
+# passes, so no phase of a request (connect, status line, headers, body, a stream)
+# can outlast it, however slowly a server trickles bytes.
 
-_local = threading.local()
-RETRY_BASE_SECS = 0.5      # backoff: RETRY_BASE_SECS × 2ⁿ, capped, times 0.75–1
+_local = threading.local()   # per thread: session, environ (cache per origin), watch
+RETRY_BASE_SECS = 0.5        # backoff: RETRY_BASE_SECS × 2ⁿ, capped, times 0.75–1
 RETRY_CAP_SECS = 8.0
-RETRY_AFTER_MAX_SECS = 60  # a server asking for a longer wait is not retried
+RETRY_MIN_SECS = 0.1         # even a server asking for 0 s gets a breath
+RETRY_AFTER_MAX_SECS = 60    # a server asking for a longer wait is not retried
 RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
+READ_SIZE = 65536
+# Failures that mean "nobody is there": with another provider next, move on at once.
+NOBODY_THERE = ("connection refused", "host not found")
 
 
 def thread_session():
@@ -455,8 +645,127 @@ def thread_session():
         import requests
         session = _local.session = requests.Session()
         session.trust_env = False
+        adapter = watched_adapter_class()
+        session.mount("https://", adapter())
+        session.mount("http://", adapter())
         _local.environ = {}
     return session, _local.environ
+
+
+_adapter_class = None
+
+
+def watched_adapter_class():
+    """requests' HTTPAdapter, with connections that tell the running call's Watch
+    which socket they use (after connecting, and before each request on a reused
+    connection). Works the same with urllib3 1.26 and 2."""
+    global _adapter_class
+    if _adapter_class is None:
+        from requests.adapters import HTTPAdapter
+        from urllib3 import connection, connectionpool
+
+        def watched(base):
+            class Watched(base):
+                def connect(self):
+                    super().connect()
+                    watch_socket(self.sock)
+
+                def request(self, *args, **kwargs):
+                    watch_socket(self.sock)
+                    return super().request(*args, **kwargs)
+            return Watched
+
+        class HTTPPool(connectionpool.HTTPConnectionPool):
+            ConnectionCls = watched(connection.HTTPConnection)
+
+        class HTTPSPool(connectionpool.HTTPSConnectionPool):
+            ConnectionCls = watched(connection.HTTPSConnection)
+
+        pools = {"http": HTTPPool, "https": HTTPSPool}
+
+        class WatchedAdapter(HTTPAdapter):
+            def init_poolmanager(self, *args, **kwargs):
+                super().init_poolmanager(*args, **kwargs)
+                self.poolmanager.pool_classes_by_scheme = pools
+
+            def proxy_manager_for(self, proxy, **kwargs):
+                manager = super().proxy_manager_for(proxy, **kwargs)
+                if not proxy.lower().startswith("socks"):     # SOCKS has pools of its own
+                    manager.pool_classes_by_scheme = pools
+                return manager
+        _adapter_class = WatchedAdapter
+    return _adapter_class
+
+
+@dataclass(eq=False)
+class Watch:
+    """One request's deadline and the socket to shut when it passes."""
+    deadline: float
+    sock: object = None
+    fired: bool = False       # the deadline passed while the request was open
+    ended: bool = False       # the request is over: its socket is not ours to shut
+
+
+_watches: list = []                  # heap of (deadline, order, Watch), earliest first
+_watch_lock = threading.Condition()
+_watch_order = itertools.count()
+_watchdog = None
+
+
+def start_watch(deadline: float) -> Watch:
+    """Guard this thread's next request with deadline (one watchdog thread for
+    all calls, started by the first; ending a watch only flips a flag)."""
+    global _watchdog
+    watch = Watch(deadline)
+    with _watch_lock:
+        while _watches and _watches[0][2].ended:           # keep the heap small
+            heapq.heappop(_watches)
+        heapq.heappush(_watches, (deadline, next(_watch_order), watch))
+        if _watchdog is None:
+            _watchdog = threading.Thread(target=watchdog, name="omega-watchdog", daemon=True)
+            _watchdog.start()
+        elif _watches[0][2] is watch:                      # a new earliest deadline
+            _watch_lock.notify()
+    _local.watch = watch
+    return watch
+
+
+def end_watch(watch: Watch) -> None:
+    with _watch_lock:
+        watch.ended = True
+    _local.watch = None
+
+
+def watch_socket(sock) -> None:
+    watch = getattr(_local, "watch", None)
+    if watch is not None and sock is not None:
+        watch.sock = sock
+        if watch.fired:                   # the deadline passed while it connected
+            shut(sock)
+
+
+def watchdog() -> None:
+    """Shut the socket of every request whose deadline has passed. A per-read
+    timeout cannot do this: a server sending one byte a second never trips it."""
+    with _watch_lock:
+        while True:
+            now = time.monotonic()
+            while _watches and (_watches[0][2].ended or _watches[0][0] <= now):
+                watch = heapq.heappop(_watches)[2]
+                if not watch.ended:
+                    watch.fired = True
+                    shut(watch.sock)
+            _watch_lock.wait(_watches[0][0] - now if _watches else None)
+
+
+def shut(sock) -> None:
+    """Wake whoever is blocked on sock: they see the connection end."""
+    import socket
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, TypeError):
+            pass
 
 
 def environ_for(base_url: str, cache: dict) -> dict:
@@ -466,8 +775,7 @@ def environ_for(base_url: str, cache: dict) -> dict:
     if found is None:
         from requests.utils import get_environ_proxies
         verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-        found = cache[base_url] = {"proxies": get_environ_proxies(base_url),
-                                   "verify": verify}
+        found = cache[base_url] = {"proxies": get_environ_proxies(base_url), "verify": verify}
     return found
 
 
@@ -482,95 +790,122 @@ def prepared_url(url: str, cache: dict) -> str:
     return found
 
 
-def post_json(settings: dict, url: str, headers: dict, body: dict) -> tuple[dict, dict, int]:
-    """POST body as JSON with retries inside the call's deadline.
-    Returns (parsed JSON, response headers, number of requests made)."""
-    name, deadline = settings["name"], settings["deadline"]
-    payload = json.dumps(body).encode()
-    headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json", **headers}
-    attempt, retries = 0, settings.get("max_retries", 0)
-    while True:
-        attempt += 1
-        try:
-            status, reply_headers, content = send(url, headers, payload, settings)
-        except ProviderUnavailable as e:          # refused, reset, cut short: try again
-            status, error, wait = None, e, "backoff"
-        if status is not None and status < 300:
-            return parse_json(content, status, reply_headers, settings), reply_headers, attempt
-        if status is not None:
-            error, wait = http_error(status, reply_headers, content, settings)
-        if wait == "backoff":
-            wait = min(RETRY_CAP_SECS, RETRY_BASE_SECS * 2 ** (attempt - 1)) * jitter()
-        if wait is None or attempt > retries or time.monotonic() + wait >= deadline:
-            raise error
-        reason = error.status or "connection error"
-        notify(settings, f"{name}: {reason}, retrying in {wait:.1f} s ({attempt + 1}/{retries + 1})")
-        log_debug("%s: attempt %d failed (%s); waiting %.2f s", name, attempt, reason, wait)
-        time.sleep(wait)
-
-
-def jitter() -> float:
-    """A factor in 0.75–1, so that many clients do not retry in step."""
-    import random
-    return random.uniform(0.75, 1.0)
-
-
-def send(url: str, headers: dict, payload: bytes, settings: dict) -> tuple[int, dict, bytes]:
-    """One request, straight to the Session's adapter: no per-request merging of
-    session defaults, cookies or environment. The body is read in small pieces
-    with the socket timeout set to the time left, so a server that trickles
-    bytes cannot stretch the call past its deadline."""
+def send(method: str, url: str, headers: dict, payload: bytes | None, settings: dict,
+         call: Call):
+    """Open one request straight on the Session's adapter (no per-request merging of
+    session defaults, cookies or environment) and return (response, watch) once
+    the headers are in; the body is left for read_body() or body_pieces()."""
     import requests
-    import urllib3
-    deadline = settings["deadline"]
+    if call.left() <= 0:
+        raise timed_out(settings, call)
     session, cache = thread_session()
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise timed_out(settings)
-    started = time.monotonic()
+    watch = start_watch(call.deadline)
     try:
         request = requests.PreparedRequest()
-        request.method, request.url, request.body = "POST", prepared_url(url, cache), payload
-        request.headers = {**headers, "Content-Length": str(len(payload))}
+        request.method, request.url, request.body = method, prepared_url(url, cache), payload
+        request.headers = headers if payload is None else \
+            {**headers, "Content-Length": str(len(payload))}
         response = session.get_adapter(request.url).send(
-            request, stream=True, timeout=remaining, **environ_for(settings["base_url"], cache))
-        raw, chunks = response.raw, []
-        sock = getattr(getattr(raw, "connection", None), "sock", None)
+            request, stream=True, timeout=max(call.left(), 0.001),
+            **environ_for(settings["base_url"], cache))
+    except Exception as e:
+        end_watch(watch)
+        raise transport_error(e, settings, call, watch) from None
+    except BaseException:
+        end_watch(watch)
+        raise
+    return response, watch
+
+
+def body_pieces(response, settings: dict):
+    """The body as it arrives, decompressed, in pieces of at most READ_SIZE bytes,
+    at most max_response_bytes in all. It reads http.client's response under
+    requests and urllib3 (the same object on urllib3 1.26 and 2, and the cheapest
+    per read) and decompresses here, so that a gzip bomb stops at the limit
+    instead of being inflated first."""
+    source = response.raw._fp
+    inflate = decompressor(response.headers.get("Content-Encoding"), settings)
+    limit, total = settings["max_response_bytes"], 0
+    while True:
+        data = source.read1(READ_SIZE)
+        if not data:
+            if source.length:              # http.client's read1 does not notice a short body
+                raise ConnectionError(f"body cut short, {source.length} bytes missing")
+            source.close()                 # marks the connection free for the next request
+            return
+        for piece in inflate(data) if inflate else (data,):
+            total += len(piece)
+            if total > limit:
+                raise too_large(settings, response.status_code)
+            yield piece
+
+
+def read_body(response, watch: Watch, settings: dict, call: Call) -> bytes:
+    """The whole body (see body_pieces); the connection goes back to the pool."""
+    try:
+        body = b"".join(body_pieces(response, settings))
+    except BaseException as e:
+        end_watch(watch)
+        response.close()
+        if isinstance(e, Exception) and not isinstance(e, OmegaError):
+            raise transport_error(e, settings, call, watch) from None
+        raise
+    end_watch(watch)
+    if watch.fired:                # shut mid-body: what arrived is not the whole answer
+        response.close()
+        raise timed_out(settings, call)
+    response.raw.release_conn()
+    return body
+
+
+def decompressor(encoding: str | None, settings: dict):
+    """None for a plain body, else a function from compressed bytes to pieces of
+    at most READ_SIZE decompressed bytes (gzip and deflate: what omega asks for)."""
+    encoding = (encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ProviderError(f"the server sent a body in {encoding!r} encoding, which omega "
+                            "does not read (it asks for gzip or deflate)", settings["name"])
+    state = []
+
+    def inflate(data: bytes):
+        if not state:      # deflate is zlib-wrapped by the RFC, raw deflate in practice too
+            zlib_header = len(data) > 1 and data[0] & 0x0F == 8 and (data[0] * 256 + data[1]) % 31 == 0
+            state.append(zlib.decompressobj(31 if encoding != "deflate" else 15 if zlib_header else -15))
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                response.close()
-                raise TimeoutError
-            if sock is not None:
-                sock.settimeout(remaining)
-            chunk = raw.read1(65536, decode_content=True)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        raw.release_conn()
-    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as e:
-        raise ConfigError(f"{settings['name']}: invalid base_url: {e}") from None
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-        raise connection_error(e, settings) from None
-    log_debug("%s: POST %s -> %d in %.0f ms", settings["name"], url, response.status_code,
-              (time.monotonic() - started) * 1000)
-    return response.status_code, response.headers, b"".join(chunks)
+            try:
+                piece = state[0].decompress(data, READ_SIZE)
+            except zlib.error:
+                raise ProviderError(f"the server sent a broken {encoding} body",
+                                    settings["name"]) from None
+            if piece:
+                yield piece
+            data = state[0].unconsumed_tail
+            if not data and len(piece) < READ_SIZE:
+                return
+    return inflate
 
 
-def timed_out(settings: dict, detail: str = "") -> ProviderTimeout:
-    return ProviderTimeout(f"no answer within {settings['timeout_secs']} s{detail}",
-                           settings["name"])
-
-
-def connection_error(e: Exception, settings: dict) -> ProviderError:
-    """Turn what requests, urllib3 or the socket raised into one of our errors."""
+def transport_error(e: Exception, settings: dict, call: Call, watch: Watch) -> OmegaError:
+    """Turn what requests, urllib3, http.client or the socket raised into ours."""
+    import http.client
     import requests
     import urllib3
-    if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)) \
-            or time.monotonic() >= settings["deadline"]:
-        return timed_out(settings)
-    return ProviderUnavailable(f"cannot get an answer from {settings['base_url']} "
-                               f"({connection_trouble(e)})", settings["name"])
+    if isinstance(e, OmegaError):
+        return e
+    if isinstance(e, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                      requests.exceptions.MissingSchema)):
+        return ConfigError(f"{settings['name']}: invalid base_url: {e}")
+    if not isinstance(e, (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                          http.client.HTTPException)):
+        raise e
+    if watch.fired or call.left() <= 0 or isinstance(
+            e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+        return timed_out(settings, call)
+    reason = connection_trouble(e)
+    return ProviderUnavailable(f"cannot get an answer from {settings['base_url']} ({reason})",
+                               settings["name"], retryable=True, reason=reason)
 
 
 def connection_trouble(e: Exception) -> str:
@@ -581,136 +916,91 @@ def connection_trouble(e: Exception) -> str:
         return "host not found"
     if "SSL" in type(e).__name__ or "CERTIFICATE" in text:
         return "TLS error"
-    if "timed out" in text.lower() or "Timeout" in type(e).__name__:
-        return "timed out"
     return "connection closed before a complete answer"
 
 
-def not_json(content: bytes) -> str:
-    """What a body that should have been JSON was instead (never the body itself)."""
-    if not content.strip():
-        return "an empty body"
-    return "an HTML page" if content.lstrip()[:1] == b"<" else "something that is not JSON"
+def request_json(method: str, url: str, headers: dict, body, settings: dict,
+                 call: Call) -> tuple:
+    """Send body as JSON (None: no body) with retries inside the call's deadline.
+    Returns (parsed JSON, response headers, number of requests made)."""
+    payload = None if body is None else json.dumps(body).encode()
+    headers = request_headers(headers, payload)
+    for attempt in itertools.count(1):
+        started = time.monotonic()
+        try:
+            response, watch = send(method, url, headers, payload, settings, call)
+            content = read_body(response, watch, settings, call)
+        except ProviderUnavailable as e:          # refused, reset, cut short: try again
+            error = e
+        else:
+            status, reply_headers = response.status_code, response.headers
+            log_debug("%s: %s %s -> %d in %.0f ms", settings["name"], method, url, status,
+                      (time.monotonic() - started) * 1000)
+            if status < 300:
+                return parse_json(content, status, reply_headers, settings), reply_headers, attempt
+            error = http_error(status, reply_headers, content, settings)
+        pause_before_retry(error, attempt, settings, call)
+
+
+def request_headers(headers: dict, payload: bytes | None) -> dict:
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate", **headers}
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
+def pause_before_retry(error: ProviderError, attempt: int, settings: dict, call: Call) -> None:
+    """Wait before the next attempt and say so, or raise error when another try
+    cannot help or would not end before the deadline."""
+    wait = retry_wait(error, attempt, settings, call)
+    if wait is None:
+        raise error
+    call.notify(f"{settings['name']}: {error.status or error.reason}, retrying in {wait:.1f} s "
+                f"({attempt + 1}/{settings['max_retries'] + 1})")
+    log_debug("%s: attempt %d failed (%s); waiting %.2f s", settings["name"], attempt,
+              error.reason, wait)
+    time.sleep(wait)
+
+
+def retry_wait(error: ProviderError, attempt: int, settings: dict, call: Call) -> float | None:
+    """Seconds to wait before trying again, or None when another try cannot help
+    or would not end before the deadline."""
+    if not error.retryable or attempt > settings["max_retries"]:
+        return None
+    if call.next_provider and error.reason in NOBODY_THERE:
+        return None
+    wait = error.retry_after
+    if wait is None:
+        wait = min(RETRY_CAP_SECS, RETRY_BASE_SECS * 2 ** (attempt - 1)) * random.uniform(0.75, 1)
+    elif wait > RETRY_AFTER_MAX_SECS:
+        return None
+    wait = max(RETRY_MIN_SECS, wait)
+    return wait if wait < call.left() else None
 
 
 def parse_json(content: bytes, status: int, headers, settings: dict):
     try:
         return json.loads(content)
-    except ValueError:
-        raise ProviderError(f"the server sent {not_json(content)} instead of JSON",
-                            settings["name"], status, request_id=request_id_of(headers)) from None
+    except (ValueError, RecursionError) as e:
+        raise ProviderError(not_json(content, e), settings["name"], status,
+                            request_id=request_id_of(headers)) from None
+
+
+def not_json(content: bytes, error: Exception | None = None) -> str:
+    """One wording for a body that should have been JSON (never the body itself)."""
+    if isinstance(error, RecursionError):
+        return "the server sent JSON nested too deeply to read"
+    if not content.strip():
+        what = "an empty body"
+    elif content.lstrip()[:1] == b"<":
+        what = "an HTML page"
+    else:
+        what = "malformed data"
+    return f"the server sent {what}, not JSON"
 
 
 def request_id_of(headers) -> str | None:
     return headers.get("x-request-id") or headers.get("request-id")
-
-
-def http_error(status: int, headers, content: bytes, settings: dict):
-    """(the error for a non-2xx answer, how long to wait before a retry: seconds,
-    "backoff", or None for do-not-retry)."""
-    try:
-        data = json.loads(content)
-    except ValueError:
-        data = None
-        error = ProviderError(f"the server sent {not_json(content)}, not JSON",
-                              settings["name"], status, request_id=request_id_of(headers))
-        retryable = status in RETRY_STATUS
-    else:
-        error, retryable = error_from_body(data, status, settings, headers)
-    asked = error.retry_after = retry_after(headers, data)
-    if not retryable or headers.get("x-should-retry") == "false":
-        return error, None
-    if asked is None:
-        return error, "backoff"
-    return error, (asked if asked <= RETRY_AFTER_MAX_SECS else None)
-
-
-# Markers of exhausted quota or credit: a RateLimitError that waiting will not fix.
-QUOTA_CODES = {"insufficient_quota", "billing_error", "enforced_spend_limit_reached"}
-
-
-def error_from_body(data, status: int, settings: dict, headers=None) -> tuple:
-    """The backend's own code and message, from any of the five error body shapes:
-    OpenAI {error:{message,type,code}}, Anthropic {type,error:{type,message}},
-    Gemini {error:{code,message,status,details}}, Ollama {error:"..."},
-    OpenRouter {error:{code:int,message,metadata}}.
-    Returns (the error, whether a retry may help)."""
-    name = settings["name"]
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        data = data[0]                                   # Gemini sometimes wraps it
-    err = data.get("error") if isinstance(data, dict) else None
-    code, reasons = None, None
-    if isinstance(err, dict):
-        message = str(err.get("message") or "")
-        code = next((c for c in (err.get("code"), err.get("type"), err.get("status"))
-                     if isinstance(c, str) and c), None)
-        details = err.get("details")
-        if isinstance(details, dict) and details.get("error_code"):   # Anthropic spend cap
-            code = details["error_code"]
-        for detail in details if isinstance(details, list) else ():
-            if isinstance(detail, dict) and detail.get("reason"):        # Gemini ErrorInfo
-                code = detail["reason"]
-        meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
-        reasons = meta.get("reasons")
-        if meta.get("raw"):                                             # OpenRouter upstream
-            raw = meta["raw"] if isinstance(meta["raw"], str) else json.dumps(meta["raw"])
-            message += f" ({meta.get('provider_name') or 'upstream'}: {raw[:300]})"
-    elif isinstance(err, str):
-        message = err
-    else:
-        message = str(data.get("message") or data.get("detail") or "") \
-            if isinstance(data, dict) else ""
-    message = redact(" ".join(message.split())[:500] or f"HTTP {status}", settings)
-    rid = request_id_of(headers or {}) or (data.get("request_id") if isinstance(data, dict) else None)
-    if status == 403 and reasons:                   # OpenRouter moderation
-        kind, retryable = EmptyResponse, False
-        message = f"prompt blocked by moderation: {', '.join(map(str, reasons))}"
-    else:
-        kind, retryable = error_class(status, code, message)
-    return kind(message, name, status, code, rid), retryable
-
-
-def error_class(status: int | None, code: str | None, message: str) -> tuple[type, bool]:
-    """(the error class for a failure, whether a retry may help): one policy for
-    HTTP error bodies and for the API errors the claude CLI reports."""
-    if status == 402 or code in QUOTA_CODES or "credit balance is too low" in message.lower():
-        return RateLimitError, False               # waiting will not bring credit back
-    if status in (401, 403) or code == "API_KEY_INVALID":
-        return AuthError, False
-    return (RateLimitError if status == 429 else ProviderError), status in RETRY_STATUS
-
-
-def retry_after(headers, data) -> float | None:
-    """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds
-    or an HTTP date), or Gemini's RetryInfo.retryDelay ("27s") in the body."""
-    value = headers.get("retry-after-ms")
-    try:
-        if value:
-            return max(0.0, float(value) / 1000)
-        value = headers.get("retry-after")
-        if value:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                from email.utils import parsedate_to_datetime
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (ValueError, TypeError, OverflowError):
-        return None
-    err = data.get("error") if isinstance(data, dict) else None
-    for detail in (err or {}).get("details") or () if isinstance(err, dict) else ():
-        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
-        if isinstance(delay, str) and delay.endswith("s"):
-            try:
-                return max(0.0, float(delay[:-1]))
-            except ValueError:
-                return None
-    return None
-
-
-def notify(settings: dict, message: str) -> None:
-    on_status = settings.get("on_status")
-    if on_status is not None:
-        on_status(message)
 
 
 _logger = None
@@ -727,46 +1017,172 @@ def log_debug(message: str, *args) -> None:
         _logger.debug(message, *args)
 
 
-def http_backend(build, parse):
-    """A backend made of a request builder and a response parser: both plain
-    functions, so each can be tested without a network."""
-    def call(ctx: Context, settings: dict) -> OutgoingMessage:
-        settings.setdefault("deadline", time.monotonic() + settings["timeout_secs"])
-        url, headers, body = build(ctx, settings)
-        data, reply_headers, attempts = post_json(settings, url, headers, body)
-        try:
-            reply = parse(data, settings)
-        except ProviderError as e:
-            e.request_id = e.request_id or request_id_of(reply_headers)
-            raise
-        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
-            raise ProviderError("the answer did not have the expected shape",
-                                settings["name"], request_id=request_id_of(reply_headers)) from None
-        reply.metadata.attempts = attempts
-        reply.metadata.request_id = reply.metadata.request_id or request_id_of(reply_headers)
-        return reply
-    call.request, call.response = build, parse
-    return call
+# =============================================================================
+# 6. Error policy: every backend's error bodies, one set of rules
+# =============================================================================
+
+# Markers of exhausted quota or credit: a RateLimitError that waiting will not fix.
+QUOTA_CODES = {"insufficient_quota", "billing_error", "enforced_spend_limit_reached"}
 
 
-def require_key(settings: dict, required: bool = True) -> str | None:
-    """The API key, or an AuthError (before any request) naming where to put one."""
-    key = settings.get("api_key")
-    if key or not required:
-        return key
+def error_for(status: int | None, code: str | None, message: str, provider: str,
+              **context) -> ProviderError:
+    """The error for a failure, by one policy for HTTP error bodies and for the API
+    errors the claude CLI reports: its class, and whether a retry may help."""
+    if status == 402 or code in QUOTA_CODES or "credit balance is too low" in message.lower():
+        cls, retryable = RateLimitError, False          # waiting will not bring credit back
+    elif status in (401, 403) or code == "API_KEY_INVALID":
+        cls, retryable = AuthError, False
+    else:
+        cls, retryable = RateLimitError if status == 429 else ProviderError, status in RETRY_STATUS
+    return cls(message, provider, status, code, **{"retryable": retryable, **context})
+
+
+def http_error(status: int, headers, content: bytes, settings: dict) -> ProviderError:
+    """The error a non-2xx answer stands for, with the wait it asked for."""
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        data = None
+    context = {"retry_after": retry_after(headers, data)}
+    if headers.get("x-should-retry") == "false":
+        context["retryable"] = False
+    if data is None:
+        return error_for(status, None, not_json(content), settings["name"],
+                         request_id=request_id_of(headers), **context)
+    return error_from_body(data, status, settings, headers, **context)
+
+
+def error_from_body(data, status: int, settings: dict, headers=None, **context) -> ProviderError:
+    """The backend's own code and message, from any of the five error body shapes:
+    OpenAI {error:{message,type,code}}, Anthropic {type,error:{type,message}},
+    Gemini {error:{code,message,status,details}}, Ollama {error:"..."},
+    OpenRouter {error:{code:int,message,metadata}}."""
     name = settings["name"]
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]                                   # Gemini sometimes wraps it
+    err = data.get("error") if isinstance(data, dict) else None
+    code, reasons, upstream = None, None, ""
+    if isinstance(err, dict):
+        message = err.get("message")
+        code = next((c for c in (err.get("code"), err.get("type"), err.get("status"))
+                     if isinstance(c, str) and c), None)
+        details = err.get("details")
+        if isinstance(details, dict) and isinstance(details.get("error_code"), str):
+            code = details["error_code"]                               # Anthropic spend cap
+        for detail in details if isinstance(details, list) else ():
+            if isinstance(detail, dict) and isinstance(detail.get("reason"), str):
+                code = detail["reason"]                                # Gemini ErrorInfo
+        meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
+        reasons = meta.get("reasons") if isinstance(meta.get("reasons"), list) else None
+        if meta.get("raw"):                                            # OpenRouter upstream
+            raw = meta["raw"] if isinstance(meta["raw"], str) else json.dumps(meta["raw"])
+            upstream = f" ({clean(meta.get('provider_name') or 'upstream', 40)}: {clean(raw, 300)})"
+    elif isinstance(err, str):
+        message = err
+    else:
+        message = data.get("message") or data.get("detail") if isinstance(data, dict) else None
+    message = (clean(message, 500) if message else "") or f"HTTP {status}"
+    rid = request_id_of(headers or {}) or (data.get("request_id") if isinstance(data, dict)
+                                           else None)
+    if status == 403 and reasons:                      # OpenRouter moderation: prompt blocked
+        blocked = ", ".join(clean(r, 60) for r in reasons)
+        return EmptyResponse(f"prompt blocked by moderation ({blocked}): {message}", name,
+                             status, code, rid, **context)
+    return error_for(status, code, message + upstream, name, request_id=rid, **context)
+
+
+def error_in_answer(data, settings: dict) -> None:
+    """OpenRouter puts some errors inside a 200 body, or inside a choice: raise them."""
+    for holder in (data, *(data.get("choices") or ())[:1]):
+        if isinstance(holder, dict) and isinstance(holder.get("error"), dict):
+            status = holder["error"].get("code")
+            raise error_from_body(holder, status if count(status) else 200, settings)
+
+
+def retry_after(headers, data) -> float | None:
+    """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds
+    or an HTTP date), or Gemini's RetryInfo.retryDelay ("27s") in the body."""
+    try:
+        if headers.get("retry-after-ms"):
+            return finite_wait(float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value:
+            try:
+                return finite_wait(float(value))
+            except ValueError:
+                from email.utils import parsedate_to_datetime
+                return finite_wait(parsedate_to_datetime(value).timestamp() - time.time())
+        err = data.get("error") if isinstance(data, dict) else None
+        for detail in (err.get("details") or ()) if isinstance(err, dict) else ():
+            delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+            if isinstance(delay, str) and delay.endswith("s"):
+                return finite_wait(float(delay[:-1]))
+    except (ValueError, TypeError, OverflowError):
+        pass
+    return None
+
+
+def finite_wait(seconds: float) -> float | None:
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+# =============================================================================
+# 7. Backends
+# =============================================================================
+# An HTTP backend is two plain functions, testable without a network:
+#   <name>_request(ctx, settings) -> (url, headers, body)
+#   <name>_response(data, settings) -> OutgoingMessage
+# call_http() runs them with the transport; the backend table (8) lists them.
+
+def call_http(backend, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
+    """One HTTP backend call: build, send with retries, parse."""
+    url, headers, body = backend.request(ctx, settings)
+    data, reply_headers, attempts = request_json("POST", url, headers, body, settings, call)
+    request_id = request_id_of(reply_headers)
+    try:
+        reply = backend.response(data, settings)
+    except ProviderError as e:
+        raise (e.with_context(request_id=request_id) if request_id and not e.request_id
+               else e) from None
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise shape_error(settings, request_id) from None
+    reply.metadata = replace(reply.metadata, attempts=attempts,
+                             request_id=reply.metadata.request_id or request_id)
+    return reply
+
+
+def shape_error(settings: dict, request_id: str | None = None) -> ProviderError:
+    return ProviderError("the answer did not have the expected shape", settings["name"],
+                         request_id=request_id)
+
+
+def answer_text(value, settings: dict) -> str:
+    """The answer text a server sent, which must be a string (or nothing)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise shape_error(settings)
+
+
+def require_key(settings: dict) -> str | None:
+    """The API key, or an AuthError (before any request) naming where to put one.
+    A backend that serves local OpenAI-compatible servers needs none off its
+    official base_url."""
+    key, name = settings.get("api_key"), settings["name"]
+    backend = BACKENDS[name]
+    if key or backend.keyless_off_official and \
+            settings["base_url"] != backend.defaults["base_url"]:
+        return key
     where = f"set provider.{name}.api_key"
     if settings.get("api_key_env"):
         where += f" or the {settings['api_key_env']} environment variable"
-    elif settings.get("sources", {}).get("base_url") == "file" \
-            and settings["base_url"] != DEFAULTS[name]["base_url"]:
+    elif settings["sources"].get("api_key") == "none" and \
+            settings["base_url"] != backend.defaults["base_url"]:
         where += (f" or api_key_env (a base_url from the config file never gets "
-                  f"{KEY_ENV[name][0]})")
+                  f"{backend.key_env[0]})")
     else:
-        where += " or " + " / ".join(KEY_ENV[name]) + " in the environment"
-    error = AuthError(f"no API key: {where}", name)
-    error.not_set_up = True
-    raise error
+        where += " or " + " / ".join(backend.key_env) + " in the environment"
+    raise AuthError(f"no API key: {where}", name, reason="no API key", not_set_up=True)
 
 
 def model_of(ctx: Context, settings: dict) -> str:
@@ -778,7 +1194,7 @@ def model_of(ctx: Context, settings: dict) -> str:
     return settings["model"]
 
 
-def limit(ctx: Context, settings: dict, key: str):
+def requested(ctx: Context, settings: dict, key: str):
     """max_tokens / temperature: the request's value, else the configured one."""
     value = getattr(ctx, key)
     return settings.get(key) if value is None else value
@@ -790,55 +1206,50 @@ def chat_messages(ctx: Context) -> list[dict]:
     return [{"role": "system", "content": system}, *messages] if system else messages
 
 
-def counts(input_tokens, output_tokens) -> tuple:
+def token_counts(input_tokens, output_tokens) -> tuple:
     """Gemini and Ollama leave a count out when it is 0: next to a present count,
     a missing one is 0; with neither present, both are unknown."""
+    input_tokens, output_tokens = count(input_tokens), count(output_tokens)
     if input_tokens is None and output_tokens is None:
         return None, None
     return input_tokens or 0, output_tokens or 0
 
 
-def empty(settings: dict, why: str) -> EmptyResponse:
-    return EmptyResponse(f"no answer text ({why})", settings["name"])
-
-
-# =============================================================================
-# Backend: openai (and every OpenAI-compatible server)
-# =============================================================================
+# -----------------------------------------------------------------------------
+# openai (and every OpenAI-compatible server)
+# -----------------------------------------------------------------------------
 
 def openai_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
-    official = settings["base_url"] == DEFAULTS["openai"]["base_url"]
-    key = require_key(settings, required=official or settings["name"] != "openai")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    key = require_key(settings)
+    headers = {"Authorization": Secret(f"Bearer {key}")} if key else {}
     body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx)}
-    max_tokens, temperature = limit(ctx, settings, "max_tokens"), limit(ctx, settings, "temperature")
+    max_tokens, temperature = requested(ctx, settings, "max_tokens"), \
+        requested(ctx, settings, "temperature")
     if max_tokens is not None:
         # Official OpenAI rejects max_tokens for o-series/gpt-5; other servers know only it.
-        body["max_completion_tokens" if official and settings["name"] == "openai"
-             else "max_tokens"] = max_tokens
+        official = settings["name"] == "openai" and \
+            settings["base_url"] == BACKENDS["openai"].defaults["base_url"]
+        body["max_completion_tokens" if official else "max_tokens"] = max_tokens
     if temperature is not None:
         body["temperature"] = temperature
     return settings["base_url"] + "/chat/completions", headers, body
 
 
 def openai_response(data: dict, settings: dict) -> OutgoingMessage:
-    if isinstance(data.get("error"), dict):            # OpenRouter: an error in a 200
-        status = data["error"].get("code")
-        raise error_from_body(data, status if isinstance(status, int) else 200, settings)[0]
+    error_in_answer(data, settings)                    # OpenRouter: an error in a 200
     if not data.get("choices"):
-        raise empty(settings, "no choices")
+        raise empty_answer(settings, "no choices")
     choice = data["choices"][0]
-    if isinstance(choice.get("error"), dict):          # OpenRouter: a failed choice
-        status = choice["error"].get("code")
-        raise error_from_body(choice, status if isinstance(status, int) else 200, settings)[0]
     message = choice.get("message") or {}
     text, stop = message.get("content"), choice.get("finish_reason")
     if isinstance(text, list):                         # some compatible servers send parts
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        text = "".join(p["text"] for p in text if isinstance(p, dict)
+                       and isinstance(p.get("text"), str))
+    text = answer_text(text, settings)
     if not text and message.get("refusal"):
-        text, stop = message["refusal"], "refusal"
+        text, stop = answer_text(message["refusal"], settings), "refusal"
     if not text:
-        raise empty(settings, f"finish_reason={stop}")
+        raise empty_answer(settings, f"finish_reason={stop}")
     usage = data.get("usage") or {}
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
@@ -846,9 +1257,9 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
         stop_reason=stop, cost_usd=usage.get("cost")))
 
 
-# =============================================================================
-# Backend: openrouter (the OpenAI format, plus attribution and cost)
-# =============================================================================
+# -----------------------------------------------------------------------------
+# openrouter (the OpenAI format, plus attribution headers and cost)
+# -----------------------------------------------------------------------------
 
 def openrouter_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
     url, headers, body = openai_request(ctx, settings)
@@ -862,30 +1273,30 @@ def openrouter_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
 openrouter_response = openai_response   # usage.cost and errors-in-200 are handled there
 
 
-# =============================================================================
-# Backend: anthropic
-# =============================================================================
+# -----------------------------------------------------------------------------
+# anthropic
+# -----------------------------------------------------------------------------
 
 def anthropic_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
     headers = {"x-api-key": require_key(settings), "anthropic-version": "2023-06-01"}
     system, messages = ctx.to_api_messages()
-    body = {"model": model_of(ctx, settings), "max_tokens": limit(ctx, settings, "max_tokens"),
-            "messages": messages}
+    body = {"model": model_of(ctx, settings),
+            "max_tokens": requested(ctx, settings, "max_tokens"), "messages": messages}
     if system:
         body["system"] = system
-    if limit(ctx, settings, "temperature") is not None:
-        body["temperature"] = limit(ctx, settings, "temperature")
+    if requested(ctx, settings, "temperature") is not None:
+        body["temperature"] = requested(ctx, settings, "temperature")
     return settings["base_url"] + "/v1/messages", headers, body
 
 
 def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
-    text = "".join(b.get("text", "") for b in data.get("content") or ()
+    text = "".join(answer_text(b.get("text"), settings) for b in data.get("content") or ()
                    if isinstance(b, dict) and b.get("type") == "text")
     stop = data.get("stop_reason")
     if not text:
         details = data.get("stop_details") or {}
         why = f"stop_reason={stop}" + (f", {details['category']}" if details.get("category") else "")
-        raise empty(settings, why)
+        raise empty_answer(settings, why)
     usage = data.get("usage") or {}
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
@@ -896,18 +1307,17 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
 def anthropic_input_tokens(usage: dict) -> int | None:
     """All input: fresh tokens plus cache writes plus cache reads (the claude CLI
     reports the same usage object)."""
-    if usage.get("input_tokens") is None:
+    if count(usage.get("input_tokens")) is None:
         return None
-    return sum(usage.get(k) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
-                                           "cache_read_input_tokens"))
+    return sum(count(usage.get(k)) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
+                                                  "cache_read_input_tokens"))
 
 
-# =============================================================================
-# Backend: gemini
-# =============================================================================
+# -----------------------------------------------------------------------------
+# gemini
+# -----------------------------------------------------------------------------
 
 def gemini_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
-    from urllib.parse import quote
     # The key travels in a header: URLs end up in proxy logs and tracebacks.
     headers = {"x-goog-api-key": require_key(settings)}
     system, messages = ctx.to_api_messages()
@@ -916,10 +1326,10 @@ def gemini_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
     if system:
         body["systemInstruction"] = {"parts": [{"text": system}]}
     config = {}
-    if limit(ctx, settings, "max_tokens") is not None:
-        config["maxOutputTokens"] = limit(ctx, settings, "max_tokens")
-    if limit(ctx, settings, "temperature") is not None:
-        config["temperature"] = limit(ctx, settings, "temperature")
+    if requested(ctx, settings, "max_tokens") is not None:
+        config["maxOutputTokens"] = requested(ctx, settings, "max_tokens")
+    if requested(ctx, settings, "temperature") is not None:
+        config["temperature"] = requested(ctx, settings, "temperature")
     if config:
         body["generationConfig"] = config
     model = quote(model_of(ctx, settings).removeprefix("models/"), safe="")
@@ -932,35 +1342,41 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
         why = f"prompt blocked: {feedback.get('blockReason', 'no candidates')}"
         if feedback.get("blockReasonMessage"):
             why += f": {feedback['blockReasonMessage']}"
-        raise empty(settings, why)
+        raise empty_answer(settings, why)
     candidate = data["candidates"][0]
     parts = (candidate.get("content") or {}).get("parts") or ()
-    text = "".join(p.get("text", "") for p in parts if not p.get("thought"))
+    text = "".join(answer_text(p.get("text"), settings) for p in parts if not p.get("thought"))
     stop = candidate.get("finishReason")
     if not text:
         why = f"finishReason={stop}"
         if candidate.get("finishMessage"):
             why += f": {candidate['finishMessage']}"
-        raise empty(settings, why)
-    usage = data.get("usageMetadata")
-    tokens_in, tokens_out = counts(*(None, None) if usage is None else (
-        usage.get("promptTokenCount"),
-        None if "candidatesTokenCount" not in usage and "thoughtsTokenCount" not in usage
-        else usage.get("candidatesTokenCount", 0) + usage.get("thoughtsTokenCount", 0)))
+        raise empty_answer(settings, why)
+    tokens_in, tokens_out = gemini_token_counts(data.get("usageMetadata"))
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("modelVersion") or settings["model"],
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=stop,
         request_id=data.get("responseId")))
 
 
-# =============================================================================
-# Backend: ollama
-# =============================================================================
+def gemini_token_counts(usage) -> tuple:
+    """(input, output): output counts thinking too; zero counts are left out."""
+    if not isinstance(usage, dict):
+        return None, None
+    answer, thoughts = count(usage.get("candidatesTokenCount")), \
+        count(usage.get("thoughtsTokenCount"))
+    output = None if answer is None and thoughts is None else (answer or 0) + (thoughts or 0)
+    return token_counts(usage.get("promptTokenCount"), output)
+
+
+# -----------------------------------------------------------------------------
+# ollama
+# -----------------------------------------------------------------------------
 
 def ollama_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
     body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx), "stream": False}
-    options = {"num_predict": limit(ctx, settings, "max_tokens"),
-               "temperature": limit(ctx, settings, "temperature"),
+    options = {"num_predict": requested(ctx, settings, "max_tokens"),
+               "temperature": requested(ctx, settings, "temperature"),
                "num_ctx": settings.get("num_ctx")}
     options = {k: v for k, v in options.items() if v is not None}
     if options:
@@ -971,26 +1387,25 @@ def ollama_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
 
 
 def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
-    text = (data.get("message") or {}).get("content")   # `thinking` is not the answer
+    text = answer_text((data.get("message") or {}).get("content"), settings)  # not `thinking`
     if not text:
-        raise empty(settings, f"done_reason={data.get('done_reason')}")
-    tokens_in, tokens_out = counts(data.get("prompt_eval_count"), data.get("eval_count"))
+        raise empty_answer(settings, f"done_reason={data.get('done_reason')}")
+    tokens_in, tokens_out = token_counts(data.get("prompt_eval_count"), data.get("eval_count"))
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")))
 
 
-# =============================================================================
-# Backend: claude-code (the local `claude` CLI, run as a subprocess)
-# =============================================================================
+# -----------------------------------------------------------------------------
+# claude-code (the local `claude` CLI, run as a subprocess)
+# -----------------------------------------------------------------------------
 
 RESUME_PROMPT = "Continue where you left off. Complete the remaining work."
 TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
-KILL_GRACE_SECS = 2.0      # between SIGTERM and SIGKILL for a CLI past its deadline
+KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
 
 
 def claude_code_argv(ctx: Context, settings: dict, session_id: str | None) -> list[str]:
-    import shlex
     argv = [*shlex.split(settings["command"]), "-p", "--output-format", "json",
             "--max-turns", str(ctx.max_turns or settings["max_turns"]),
             "--model", model_of(ctx, settings)]
@@ -1012,52 +1427,148 @@ def claude_code_env(settings: dict) -> dict:
     return env
 
 
-def run_claude(argv: list[str], prompt: str, settings: dict) -> tuple[int, str, str]:
-    """Run the CLI once in its own process group; (exit code, stdout, stderr).
-    At the deadline or on Ctrl-C the whole group goes: no orphaned grandchildren."""
-    import signal
-    import subprocess
+def run_claude(argv: list[str], prompt: str, settings: dict, call: Call) -> tuple[int, str, str]:
+    """Run the CLI once in its own process group; (exit code, stdout, stderr). The
+    run ends when the CLI exits, even if a grandchild still holds its output open;
+    then, or at the deadline, or on Ctrl-C, whatever is left of the group is stopped."""
+    child = start_claude(argv, settings, call)
+    errors: list[bytes] = []
+    try:
+        out = b"".join(child_output(child, prompt.encode(), settings, call, errors))
+    finally:
+        stop_group(child)
+    return child.returncode, out.decode(errors="replace"), b"".join(errors).decode(errors="replace")
+
+
+def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Popen:
+    import subprocess      # only claude-code needs it: 0.5 MB and a few ms spared elsewhere
     name = settings["name"]
-    remaining = settings["deadline"] - time.monotonic()
-    if remaining <= 0:
-        raise timed_out(settings)
+    if call.left() <= 0:
+        raise timed_out(settings, call)
     cwd = settings.get("working_dir")
     if cwd and not os.path.isdir(cwd):
         raise ConfigError(f"provider.claude-code.working_dir: {cwd!r} is not a directory")
     try:
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, cwd=cwd,
-                                 env=claude_code_env(settings), start_new_session=True)
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=cwd, env=claude_code_env(settings),
+                                start_new_session=True)
     except FileNotFoundError:
-        error = ProviderUnavailable(
+        raise ProviderUnavailable(
             f"{argv[0]!r} not found on PATH; install Claude Code "
-            "(npm install -g @anthropic-ai/claude-code) or set provider.claude-code.command", name)
-        error.not_set_up = True
-        raise error from None
-    except PermissionError:
-        raise ProviderUnavailable(f"{argv[0]!r} is not executable", name) from None
+            "(npm install -g @anthropic-ai/claude-code) or set provider.claude-code.command",
+            name, reason="claude not found", not_set_up=True) from None
+    except OSError as e:
+        what = "is not executable" if isinstance(e, PermissionError) else f"cannot run: {e.strerror}"
+        raise ProviderUnavailable(f"{argv[0]!r} {what}", name, reason="claude cannot run") from None
 
-    def kill_group():
-        for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECS), (signal.SIGKILL, None)):
-            try:
-                os.killpg(child.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                return child.communicate(timeout=wait or 5)
-            except subprocess.TimeoutExpired:
-                continue
-        return b"", b""
 
+def child_output(child: subprocess.Popen, stdin_data: bytes, settings: dict, call: Call,
+                 errors: list):
+    """Feed the child stdin_data; yield its stdout as it comes and collect its
+    stderr into errors, each at most max_response_bytes; until the child exits
+    (not until its pipes close: a grandchild may hold them open) or the deadline."""
+    limit, sizes, sent = settings["max_response_bytes"], {}, 0
+    with selectors.DefaultSelector() as selector:
+        for pipe in (child.stdout, child.stderr):
+            os.set_blocking(pipe.fileno(), False)
+            selector.register(pipe, selectors.EVENT_READ)
+            sizes[pipe] = 0
+        if stdin_data:
+            os.set_blocking(child.stdin.fileno(), False)
+            selector.register(child.stdin, selectors.EVENT_WRITE)
+        else:
+            child.stdin.close()
+        while True:
+            exited = child.poll() is not None       # then read what is left, and stop
+            for key, _ in selector.select(0 if exited else max(0, min(call.left(), 0.1))):
+                pipe = key.fileobj
+                if pipe is child.stdin:
+                    try:
+                        sent += os.write(pipe.fileno(), stdin_data[sent:sent + READ_SIZE])
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:             # it stopped reading: fine
+                        sent = len(stdin_data)
+                    if sent >= len(stdin_data):
+                        selector.unregister(pipe)
+                        pipe.close()
+                    continue
+                while True:
+                    try:
+                        data = os.read(pipe.fileno(), READ_SIZE)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        selector.unregister(pipe)
+                        break
+                    sizes[pipe] += len(data)
+                    if sizes[pipe] > limit:
+                        raise too_large(settings, where="claude output")
+                    if pipe is child.stdout:
+                        yield data
+                    else:
+                        errors.append(data)
+                    if not exited:
+                        break
+            readers = [k for k in selector.get_map().values() if k.fileobj is not child.stdin]
+            if exited or not readers:
+                break
+            if call.left() <= 0:
+                raise timed_out(settings, call, " (the claude process group was stopped)")
+    import subprocess      # already loaded by start_claude
     try:
-        out, err = child.communicate(prompt.encode(), timeout=remaining)
+        child.wait(timeout=max(call.left(), 0))
     except subprocess.TimeoutExpired:
-        kill_group()
-        raise timed_out(settings, " (the claude process group was stopped)") from None
-    except BaseException:                      # Ctrl-C and friends: leave nothing behind
-        kill_group()
-        raise
-    return child.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        raise timed_out(settings, call, " (the claude process group was stopped)") from None
+
+
+def stop_group(child: subprocess.Popen) -> None:
+    """Stop the child's whole process group: SIGTERM, up to KILL_GRACE_SECS for it to
+    go, then SIGKILL for whatever is left. The SIGKILL is sent even when Ctrl-C is
+    pressed again meanwhile: nothing survives, whatever the number of Ctrl-Cs."""
+    try:
+        if signal_group(child, signal.SIGTERM):
+            end = time.monotonic() + KILL_GRACE_SECS
+            while group_alive(child) and time.monotonic() < end:
+                time.sleep(0.01)
+    finally:
+        signal_group(child, signal.SIGKILL)
+        for pipe in (child.stdin, child.stdout, child.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        child.wait()
+
+
+def signal_group(child: subprocess.Popen, sig: int) -> bool:
+    try:
+        os.killpg(child.pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def group_alive(child: subprocess.Popen) -> bool:
+    child.poll()                       # reap the leader, so that only the living count
+    if not signal_group(child, 0):
+        return False
+    # A dead grandchild stays a zombie until its new parent reaps it, and a
+    # container's PID 1 often never does: on Linux only members still running count.
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == child.pid and fields[0] != b"Z":
+                return True
+    return False
 
 
 def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
@@ -1066,7 +1577,7 @@ def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
     name = settings["name"]
     try:
         data = json.loads(out) if out.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):
         if code == 0:                          # not JSON but a clean exit: the answer itself
             return {"subtype": "success", "is_error": False, "result": out.strip()}
         data = None
@@ -1074,7 +1585,7 @@ def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
         data = next((e for e in reversed(data) if isinstance(e, dict)
                      and e.get("type") == "result"), None)
     if not isinstance(data, dict):
-        tail = redact(" ".join(err.strip().splitlines()[-3:])[-400:], settings)
+        tail = clean(" ".join(err.strip().splitlines()[-3:])[-2000:], 400)
         message = tail or f"exited with code {code} and no result"
         cls = AuthError if looks_like_login_error(message) else ProviderError
         raise cls(message, name)
@@ -1087,95 +1598,217 @@ def looks_like_login_error(text: str) -> bool:
                                   "failed to authenticate", "oauth token"))
 
 
-def claude_code_error(data: dict, settings: dict) -> ProviderError:
+def claude_code_error(data: dict, settings: dict, **context) -> ProviderError:
     """The error an is_error result stands for, by api_error_status and text."""
-    name, status = settings["name"], data.get("api_error_status")
-    message = data.get("result") or "; ".join(map(str, data.get("errors") or ())) \
-        or data.get("subtype") or "error"
-    message = redact(" ".join(str(message).split())[:500], settings)
-    code = None if data.get("subtype") == "success" else data.get("subtype")
-    cls = error_class(status, code, message)[0]
-    if cls is ProviderError and looks_like_login_error(message):
-        cls = AuthError
-    if code and data.get("session_id"):           # so the user can --resume it
-        message += f" (session_id={data['session_id']})"
-    error = cls(message, name, status, code)
-    error.session_id = data.get("session_id")
+    name, subtype, session_id = settings["name"], data.get("subtype"), data.get("session_id")
+    errors = data.get("errors") if isinstance(data.get("errors"), list) else ()
+    message = clean(data.get("result") or "; ".join(map(str, errors)) or subtype or "error", 500)
+    code = subtype if isinstance(subtype, str) and subtype != "success" else None
+    if code and isinstance(session_id, str):      # so the user can --resume it
+        message += f" (session_id={session_id})"
+    error = error_for(count(data.get("api_error_status")), code, message, name,
+                      session_id=session_id, **context)
+    if type(error) is ProviderError and looks_like_login_error(message):
+        error = AuthError(message, name, error.status, code, session_id=session_id, **context)
     return error
 
 
-def claude_code(ctx: Context, settings: dict) -> OutgoingMessage:
+def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
     """Run `claude -p` with the prompt on stdin; resume on error_max_turns."""
-    settings.setdefault("deadline", time.monotonic() + settings["timeout_secs"])
     prompt, session_id = ctx.to_prompt_string(), ctx.session_id
     texts, results, resumes = [], [], 0
     while True:
         argv = claude_code_argv(ctx, settings, session_id)
         log_debug("claude-code: running %s", argv[:4] + ["…"])
-        data = claude_code_result(*run_claude(argv, prompt, settings), settings)
+        data = claude_code_result(*run_claude(argv, prompt, settings, call), settings)
         results.append(data)
-        session_id = data.get("session_id") or session_id
+        if isinstance(data.get("session_id"), str):
+            session_id = data["session_id"]
         stopped = data.get("subtype") == "error_max_turns"
         done = data.get("subtype") == "success" and not data.get("is_error")
-        if (done or stopped) and data.get("result"):   # older CLIs say something when they stop
-            texts.append(data["result"])
+        text = answer_text(data.get("result"), settings) if done or stopped else ""
+        if text:                                   # older CLIs say something when they stop
+            texts.append(text)
         if done:
             break
         if not (stopped and session_id and ctx.max_turns is None
                 and resumes < settings["max_resume_attempts"]):
-            error = claude_code_error(data, settings)
-            error.partial_text = TURN_SEPARATOR.join(texts) or None
-            raise error
+            raise claude_code_error(data, settings,
+                                    partial_text=TURN_SEPARATOR.join(texts) or None)
         resumes += 1
         wait = settings["resume_delay_secs"] * 2 ** (resumes - 1)
-        if time.monotonic() + wait >= settings["deadline"]:
-            raise timed_out(settings, f" (resume {resumes} would pass the deadline; "
-                                      f"session_id={session_id})")
-        notify(settings, f"claude-code: reached max turns, resuming ({resumes}/"
-                         f"{settings['max_resume_attempts']})")
+        if wait >= call.left():
+            raise timed_out(settings, call, f" (resume {resumes} would pass the deadline; "
+                                            f"session_id={session_id})", session_id=session_id)
+        call.notify(f"claude-code: reached max turns, resuming ({resumes}/"
+                    f"{settings['max_resume_attempts']})")
         time.sleep(wait)
         prompt = RESUME_PROMPT
     if not texts:
-        raise empty(settings, "the CLI returned an empty result")
+        raise empty_answer(settings, "the CLI returned an empty result")
     return OutgoingMessage(TURN_SEPARATOR.join(texts),
                            claude_code_metadata(results, settings, session_id, ctx))
 
 
 def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -> MessageMetadata:
     def total(values):
-        values = [v for v in values if v is not None]
+        values = [v for v in values if number(v)]
         return sum(values) if values else None
-    usages = [r.get("usage") or {} for r in results]
-    inputs = [anthropic_input_tokens(u) for u in usages]
+    usages = [r.get("usage") if isinstance(r.get("usage"), dict) else {} for r in results]
     model = model_of(ctx, settings)
-    used = results[-1].get("modelUsage") or {}
-    if used and model not in used:      # the CLI names the model only here
-        model = max(used, key=lambda m: (used[m] or {}).get("outputTokens", 0)).split("[")[0]
+    used = results[-1].get("modelUsage")
+    if isinstance(used, dict) and used and model not in used:   # the CLI names it only here
+        def output(name):
+            return count((used[name] if isinstance(used[name], dict) else {}).get("outputTokens"))
+        model = str(max(used, key=lambda m: output(m) or 0)).split("[")[0]
     return MessageMetadata(
-        provider_used=settings["name"], model=model, input_tokens=total(inputs),
-        output_tokens=total(u.get("output_tokens") for u in usages),
+        provider_used=settings["name"], model=model,
+        input_tokens=total(anthropic_input_tokens(u) for u in usages),
+        output_tokens=total(count(u.get("output_tokens")) for u in usages),
         stop_reason=results[-1].get("stop_reason") or results[-1].get("subtype"),
         session_id=session_id,
         cost_usd=total(r.get("total_cost_usd", r.get("cost_usd")) for r in results),
-        num_turns=total(r.get("num_turns") for r in results), attempts=len(results))
+        num_turns=total(count(r.get("num_turns")) for r in results), attempts=len(results))
 
 
 # =============================================================================
-# PROVIDERS: name -> fn(ctx, settings) -> OutgoingMessage
+# 8. The backend table
 # =============================================================================
+# Everything omega knows about a backend is its entry here: how it is called,
+# every config key it accepts (with its default), where its key and base URL may
+# come from in the environment, and how --check finds out whether it is ready.
+# A new backend is its functions above plus one entry below.
 
-PROVIDERS = {
-    "claude-code": claude_code,
-    "ollama": http_backend(ollama_request, ollama_response),
-    "openai": http_backend(openai_request, openai_response),
-    "anthropic": http_backend(anthropic_request, anthropic_response),
-    "openrouter": http_backend(openrouter_request, openrouter_response),
-    "gemini": http_backend(gemini_request, gemini_response),
+@dataclass(frozen=True)
+class Backend:
+    defaults: dict                   # every key its config section accepts -> its default
+    probe: Callable                  # (settings, deep: bool) -> (ready: bool | None, why)
+    request: Callable | None = None  # HTTP: (ctx, settings) -> (url, headers, body)
+    response: Callable | None = None  # HTTP: (data, settings) -> OutgoingMessage
+    run: Callable | None = None      # not HTTP: (ctx, settings, call) -> OutgoingMessage
+    key_env: tuple = ()              # environment variables that may hold its API key
+    secret_env: tuple = ()           # other variables holding its credentials (redacted)
+    base_url_env: str | None = None  # environment variable that may hold its base_url
+    keyless_off_official: bool = False  # no key needed off the official base_url
+
+    def call(self, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
+        return self.run(ctx, settings, call) if self.run else call_http(self, ctx, settings, call)
+
+
+_COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
+           "max_response_bytes": 32 * 1024 * 1024}
+_HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2}
+_KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
+
+
+def key_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
+    """Ready when a key is there (or none is needed): no request is made."""
+    key, source = settings.get("api_key"), settings["sources"].get("api_key", "none")
+    if key:
+        return True, f"key {mask(key)} from {source.replace('env ', '$')}"
+    try:
+        require_key(settings)
+    except AuthError:
+        name = settings["name"]
+        return False, "no API key (" + " or ".join(
+            [f"provider.{name}.api_key", *("$" + v for v in BACKENDS[name].key_env)]) + ")"
+    return True, f"no key, none needed for {settings['base_url']}"
+
+
+def ollama_ready(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
+    """GET /api/tags, 2 s in all and a small body at most: never a model call."""
+    if not deep:
+        return None, "not probed"
+    settings = {**settings, "max_retries": 0, "max_response_bytes": 1024 * 1024}
+    try:
+        data, _, _ = request_json("GET", settings["base_url"] + "/api/tags", {}, None, settings,
+                                  Call.starting_now(2.0))
+    except ProviderError as e:
+        return False, f"{settings['base_url']} not answering ({e.reason})"
+    except ConfigError as e:
+        return False, str(e)
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        return False, f"{settings['base_url']}/api/tags did not list models"
+    return True, f"{settings['base_url']} answering, {len(models)} models"
+
+
+def claude_code_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
+    """The CLI on PATH, and with deep=True its --version (5 s, small output)."""
+    command = shlex.split(settings["command"])[0]
+    found = shutil.which(command)
+    if not found:
+        return False, f"{command!r} not found on PATH"
+    if not deep:
+        return True, found
+    try:
+        code, out, _ = run_claude([found, "--version"], "", {
+            **settings, "max_response_bytes": 65536}, Call.starting_now(5.0))
+    except OmegaError as e:
+        return False, f"{found} --version failed ({getattr(e, 'reason', e)})"
+    version = clean((out.strip().splitlines() or [""])[0], 80)
+    return code == 0 and bool(version), f"{version or 'no version'} at {found}"
+
+
+BACKENDS = {
+    "claude-code": Backend(
+        run=claude_code, probe=claude_code_ready,
+        secret_env=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"),
+        defaults={**_COMMON, "model": "claude-sonnet-4-6", "model_complex": "claude-opus-4-6",
+                  "timeout_secs": 3600, "command": "claude", "max_turns": 25,
+                  "allowed_tools": [], "skip_permissions": False, "max_resume_attempts": 5,
+                  "resume_delay_secs": 2, "working_dir": None, "oauth_token": None}),
+    "ollama": Backend(
+        request=ollama_request, response=ollama_response, probe=ollama_ready,
+        base_url_env="OLLAMA_HOST",
+        defaults={**_HTTP, "model": "llama3", "base_url": "http://localhost:11434",
+                  "num_ctx": None, "keep_alive": None}),
+    "openai": Backend(
+        request=openai_request, response=openai_response, probe=key_ready,
+        key_env=("OPENAI_API_KEY",), base_url_env="OPENAI_BASE_URL", keyless_off_official=True,
+        defaults={**_KEYED, "model": "gpt-4o", "base_url": "https://api.openai.com/v1"}),
+    "anthropic": Backend(
+        request=anthropic_request, response=anthropic_response, probe=key_ready,
+        key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
+        defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
+                  "base_url": "https://api.anthropic.com"}),
+    "openrouter": Backend(
+        request=openrouter_request, response=openrouter_response, probe=key_ready,
+        key_env=("OPENROUTER_API_KEY",),
+        defaults={**_KEYED, "model": "anthropic/claude-sonnet-4",
+                  "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None}),
+    "gemini": Backend(
+        request=gemini_request, response=gemini_response, probe=key_ready,
+        key_env=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+        defaults={**_KEYED, "model": "gemini-2.0-flash",
+                  "base_url": "https://generativelanguage.googleapis.com"}),
 }
 
+NAMES = tuple(BACKENDS)
+DEFAULTS = {name: backend.defaults for name, backend in BACKENDS.items()}
+SCHEMA = {name: {key: KEY_TYPES[key] for key in backend.defaults}
+          for name, backend in BACKENDS.items()}
+SECRET_ENV = tuple(dict.fromkeys(var for backend in BACKENDS.values()
+                                 for var in (*backend.key_env, *backend.secret_env)))
+
+
+def provider_function(name: str) -> Callable:
+    """PROVIDERS[name]: fn(ctx, settings) -> OutgoingMessage, with settings from
+    provider_settings(); the deadline starts when it is called."""
+    backend = BACKENDS[name]
+
+    def call(ctx: Context, settings: dict) -> OutgoingMessage:
+        return backend.call(ctx, settings, Call.starting_now(settings["timeout_secs"]))
+    call.__name__ = call.__qualname__ = name.replace("-", "_")
+    call.request, call.response = backend.request, backend.response
+    return call
+
+
+PROVIDERS = {name: provider_function(name) for name in NAMES}
+
 
 # =============================================================================
-# Status timer: tell a waiting human that work is still going on
+# 9. Calling: the status timer, routing, the fallback chain, the public API
 # =============================================================================
 
 def start_status_timer(on_status, status: dict):
@@ -1208,10 +1841,6 @@ def start_status_timer(on_status, status: dict):
     return stop
 
 
-# =============================================================================
-# Routing and fallback
-# =============================================================================
-
 CLASSIFIER_PROMPT = """Decide how much work the request below needs.
 Answer with the single word DIRECT if it is a simple question, a greeting, a \
 lookup or a routine action that one reply can handle.
@@ -1225,7 +1854,6 @@ Request:
 
 def count_steps(answer: str) -> int:
     """Numbered lines ("1." or "1)", any number of digits) in a classifier answer."""
-    import re
     return len(re.findall(r"(?m)^\s*\d{1,3}[.)]\s+\S", answer))
 
 
@@ -1233,12 +1861,16 @@ def classify(ctx: Context, config=None, provider: str | None = None) -> bool:
     """True when the provider's fast model calls this request genuinely complex
     (two or more steps). One extra call, no tools, one turn; any failure: False."""
     raw, path = read_config(config)
-    name = provider or default_provider(raw)
+    return is_complex(ctx, raw, path, provider or default_provider(raw))
+
+
+def is_complex(ctx: Context, raw: dict, path: str | None, name: str,
+               call: Call | None = None) -> bool:
     question = Context(CLASSIFIER_PROMPT + ctx.current_message, max_turns=1, allowed_tools=[])
     try:
-        settings = usable_settings(raw, name, path)
-        settings["max_resume_attempts"] = 0
-        answer = PROVIDERS[name](question, settings).text
+        settings = {**usable_settings(raw, name, path), "max_resume_attempts": 0}
+        call = call or Call.starting_now(settings["timeout_secs"])
+        answer = BACKENDS[name].call(question, settings, call).text
     except OmegaError as e:
         log_debug("classify: %s; treating the request as simple", e)
         return False
@@ -1251,8 +1883,12 @@ def route(ctx: Context, config=None, provider: str | None = None) -> Context:
     if ctx.model:
         return ctx
     raw, path = read_config(config)
-    name = provider or default_provider(raw)
-    hard = classify(ctx, {**raw, "_file": path}, name)
+    return routed(ctx, raw, path, provider or default_provider(raw))
+
+
+def routed(ctx: Context, raw: dict, path: str | None, name: str,
+           call: Call | None = None) -> Context:
+    hard = ctx.complex or is_complex(ctx, raw, path, name, call)
     return replace(ctx, model=model_of(replace(ctx, complex=hard),
                                        provider_settings(raw, name, path)))
 
@@ -1261,79 +1897,136 @@ def route(ctx: Context, config=None, provider: str | None = None) -> Context:
 FALLBACK_ERRORS = (ProviderUnavailable, ProviderTimeout, RateLimitError, AuthError)
 
 
-def worth_falling_back(error: ProviderError) -> bool:
-    return isinstance(error, FALLBACK_ERRORS) or (error.status or 0) >= 500
+def worth_falling_back(error: OmegaError) -> bool:
+    return isinstance(error, FALLBACK_ERRORS) or (getattr(error, "status", 0) or 0) >= 500
 
 
 def usable_settings(raw: dict, name: str, path: str | None) -> dict:
-    """provider_settings plus a fresh deadline; a disabled provider is a ConfigError."""
+    """provider_settings; a disabled provider is a ConfigError naming the file."""
     settings = provider_settings(raw, name, path)
     if not settings["enabled"]:
         raise ConfigError(f"{path or 'config'}: provider {name} is disabled "
                           f"(provider.{name}.enabled = false)")
-    settings["deadline"] = time.monotonic() + settings["timeout_secs"]
     return settings
 
 
-def failure_label(error: ProviderError) -> str:
+def failure_label(error: OmegaError) -> str:
     """'unavailable (connection refused)': one step of the fallback story."""
     kind = {ProviderUnavailable: "unavailable", ProviderTimeout: "timed out",
-            RateLimitError: "rate-limited", AuthError: "not authorized"}.get(type(error), "failed")
-    if error.message.endswith(")") and "(" in error.message:
-        why = error.message.rsplit("(", 1)[1][:-1]
+            RateLimitError: "rate-limited", AuthError: "not authorized",
+            ConfigError: "misconfigured"}.get(type(error), "failed")
+    return f"{kind} ({getattr(error, 'reason', None) or shorten(str(error), 60)})"
+
+
+def provider_chain(raw: dict, provider: str | None, fallback) -> list[str]:
+    """The providers to try, in order. An explicitly chosen provider is not fallen
+    back from unless a chain is given explicitly too: a prompt meant for a local
+    model must never travel elsewhere unasked."""
+    if provider is None:
+        first = default_provider(raw)
+        rest = raw.get("provider", {}).get("fallback", ()) if fallback is None else fallback
     else:
-        why = " ".join(str(x) for x in (error.status, error.code) if x) or error.message[:60]
-    return f"{kind} ({why})"
+        first, rest = provider, fallback or ()
+    check_provider(first, "provider")
+    for name in rest:
+        check_provider(name, "fallback")
+    return list(dict.fromkeys([first, *rest]))
 
 
-def readiness(settings: dict, probe: bool = False) -> tuple[bool | None, str]:
-    """(ready?, why) for one provider, from what this machine has: the claude
-    CLI on PATH, a key, and with probe=True `claude --version` (5 s) and Ollama's
-    GET /api/tags (2 s). Never a paid call. None: cannot tell without probing."""
-    name = settings["name"]
+def complete(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
+             fallback=None, timeout: float | None = None) -> OutgoingMessage:
+    """Send ctx to a backend and return its answer with metadata.
+
+    provider: one of PROVIDERS (default: provider.default, $OMEGA_PROVIDER,
+    "claude-code"); config: a TOML path, a dict shaped like the file, or None for
+    the usual search; on_status: called with short progress messages (slow call,
+    retries, fallbacks), from the calling thread or the status timer's thread;
+    fallback: providers to try, in order, when this one fails (default: the
+    configured provider.fallback, unless `provider` was given); timeout: seconds
+    for the whole call, fallbacks included (each provider's own timeout_secs
+    bounds its part). Raises a ProviderError subclass (or ConfigError) with a
+    one-line message; when fallbacks were tried too, the first provider's error,
+    with err.fallbacks."""
+    started = time.monotonic()
+    if isinstance(ctx, str):
+        ctx = Context(ctx)
+    if timeout is not None and not (number(timeout) and 0 < timeout < math.inf):
+        raise ConfigError(f"timeout: expected a number of seconds greater than 0, got {timeout!r}")
+    raw, path = read_config(config)
+    chain = provider_chain(raw, provider, fallback)
+    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **raw.get("status", {})})
+    try:
+        reply = run_chain(ctx, chain, raw, path, on_status,
+                          started + timeout if timeout else math.inf)
+    finally:
+        stop_status()
+    reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
+    return reply
+
+
+def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_status,
+              deadline: float) -> OutgoingMessage:
+    """Try each provider in turn until one answers; the first one's error otherwise."""
+    failures: list[tuple[str, OmegaError]] = []
+    for index, name in enumerate(chain):
+        next_name = chain[index + 1] if index + 1 < len(chain) else None
+        try:
+            settings = provider_settings(raw, name, path)
+            if not settings["enabled"]:
+                if index == 0:
+                    usable_settings(raw, name, path)       # the error that says so
+                continue                                   # a disabled fallback is skipped
+            seconds = min(settings["timeout_secs"], deadline - time.monotonic())
+            call = Call.starting_now(max(seconds, 0), on_status, next_name)
+            if index == 0 and raw.get("provider", {}).get("auto_route") \
+                    and not ctx.model and not ctx.complex:
+                ctx = routed(ctx, raw, path, name, call)
+            reply = BACKENDS[name].call(ctx if index == 0 else replace(ctx, model=None),
+                                        settings, call)
+        except ProviderError as e:
+            failures.append((name, e))
+            if not worth_falling_back(e) or next_name is None:
+                break
+            if on_status is not None:
+                on_status(f"{name} {failure_label(e)}, trying {next_name}")
+            continue
+        except ConfigError as e:
+            if index == 0:
+                raise
+            failures.append((name, e))         # a broken fallback is reported, not skipped
+            continue
+        reply.metadata.provider_used = name
+        reply.metadata.fallbacks = [f"{n}: {e}" if isinstance(e, ConfigError) else str(e)
+                                    for n, e in failures]
+        return reply
+    first = failures[0][1]
+    others = [f"{n}: {e}" if isinstance(e, ConfigError) else str(e) for n, e in failures[1:]]
+    hint = ready_elsewhere(raw, path, chain[0]) if first.not_set_up and not others else ""
+    raise first.with_context(message=first.message + hint, fallbacks=others)
+
+
+def ask(prompt: str, provider: str | None = None, model: str | None = None,
+        system: str = "", config=None, **options) -> str:
+    """Send one prompt and return the answer text.
+    options: fallback=, timeout=, on_status= (as for complete()), or any other
+    Context field (history, complex, max_tokens, temperature …)."""
+    call_options = {k: options.pop(k) for k in ("fallback", "timeout", "on_status")
+                    if k in options}
+    ctx = Context(prompt, system_prompt=system, model=model, **options)
+    return complete(ctx, provider=provider, config=config, **call_options).text
+
+
+# =============================================================================
+# 10. Diagnostics: --check and the first-run hint
+# =============================================================================
+
+def readiness(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
+    """(ready?, why) for one provider, from what this machine has. deep=True also
+    asks the CLI for its version and Ollama for its models; never a paid call.
+    None: cannot tell without probing."""
     if not settings["enabled"]:
         return False, "disabled in the config"
-    if name == "claude-code":
-        import shlex
-        import shutil
-        command = shlex.split(settings["command"])[0]
-        found = shutil.which(command)
-        if not found:
-            return False, f"{command!r} not found on PATH"
-        return (True, found) if not probe else claude_version(found)
-    if name == "ollama":
-        return (None, "not probed") if not probe else ollama_answers(settings)
-    key, source = settings.get("api_key"), settings["sources"].get("api_key", "none")
-    if key:
-        return True, f"key {mask(key)} from {source.replace('env ', '$')}"
-    if name == "openai" and settings["base_url"] != DEFAULTS["openai"]["base_url"]:
-        return True, f"no key, none needed for {settings['base_url']}"
-    return False, "no API key (" + " or ".join(
-        [f"provider.{name}.api_key", *("$" + v for v in KEY_ENV[name])]) + ")"
-
-
-def claude_version(path: str) -> tuple[bool, str]:
-    import subprocess
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=5,
-                             stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError) as e:
-        return False, f"{path} --version failed ({type(e).__name__})"
-    version = (out.stdout.strip().splitlines() or [""])[0]
-    return (out.returncode == 0 and bool(version)), f"{version or 'no version'} at {path}"
-
-
-def ollama_answers(settings: dict) -> tuple[bool, str]:
-    session, cache = thread_session()
-    url = settings["base_url"] + "/api/tags"
-    try:
-        reply = session.get(url, timeout=2, **environ_for(settings["base_url"], cache))
-        models = len(reply.json().get("models", [])) if reply.ok else None
-    except Exception as e:                   # any failure just means "not ready"
-        return False, f"{settings['base_url']} not answering ({connection_trouble(e)})"
-    if models is None:
-        return False, f"{url} answered {reply.status_code}"
-    return True, f"{settings['base_url']} answering, {models} models"
+    return BACKENDS[settings["name"]].probe(settings, deep)
 
 
 def ready_elsewhere(raw: dict, path: str | None, failed: str) -> str:
@@ -1343,7 +2036,10 @@ def ready_elsewhere(raw: dict, path: str | None, failed: str) -> str:
     for name in NAMES:
         if name == failed:
             continue
-        settings = provider_settings(raw, name, path)
+        try:
+            settings = provider_settings(raw, name, path)
+        except ConfigError:
+            continue
         ok, why = readiness(settings)
         source = settings["sources"].get("api_key", "")
         if ok:          # "$OPENAI_API_KEY", "key in config", or claude's path
@@ -1353,203 +2049,6 @@ def ready_elsewhere(raw: dict, path: str | None, failed: str) -> str:
         return "; nothing else is ready here either (see: python omega.py --check)"
     listed = ", ".join(f"{n} ({why})" for n, why in ready)
     return f"; ready here: {listed} - use -p {ready[0][0]} or set provider.default"
-
-
-# =============================================================================
-# Public API
-# =============================================================================
-
-def complete(ctx: Context, provider: str | None = None, config=None,
-             on_status=None) -> OutgoingMessage:
-    """Send ctx to a backend and return its answer with metadata.
-
-    provider: one of PROVIDERS (default: provider.default, $OMEGA_PROVIDER,
-    "claude-code"); config: a TOML path, a dict shaped like the file, or None for
-    the usual search; on_status: called with short progress messages (slow call,
-    retries, fallbacks), from the calling thread or the status timer's thread.
-    Raises a ProviderError subclass (or ConfigError) with a one-line message;
-    when fallbacks were tried too, the first provider's error, with err.fallbacks."""
-    started = time.monotonic()
-    if isinstance(ctx, str):
-        ctx = Context(ctx)
-    raw, path = read_config(config)
-    first = provider or default_provider(raw)
-    check_provider(first, "provider")
-    options = raw.get("provider", {})
-    chain = [first] + [name for name in options.get("fallback", ()) if name != first]
-    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **raw.get("status", {})})
-    failures = []                                  # (provider, error), in order
-    try:
-        for index, name in enumerate(chain):
-            if index > 0:
-                ctx = replace(ctx, model=None)     # a chosen model means nothing elsewhere
-            try:
-                settings = usable_settings(raw, name, path)
-                settings["on_status"] = on_status
-                if index == 0 and options.get("auto_route") and not ctx.model and not ctx.complex:
-                    ctx = route(ctx, {**raw, "_file": path}, name)
-                reply = PROVIDERS[name](ctx, settings)
-            except ProviderError as e:
-                failures.append((name, e))
-                if not worth_falling_back(e) or index == len(chain) - 1:
-                    break
-                notify(settings, f"{name} {failure_label(e)}, trying {chain[index + 1]}")
-                continue
-            except ConfigError:
-                if index == 0:
-                    raise
-                continue                           # a disabled fallback is skipped
-            meta = reply.metadata
-            meta.provider_used, meta.fallbacks = name, [str(e) for _, e in failures]
-            meta.processing_time_ms = round((time.monotonic() - started) * 1000)
-            return reply
-    finally:
-        stop_status()
-    error = failures[0][1]
-    error.fallbacks = [str(e) for _, e in failures[1:]]
-    if error.not_set_up and len(failures) == 1:
-        error.message += ready_elsewhere(raw, path, first)
-    raise error
-
-
-def ask(prompt: str, provider: str | None = None, model: str | None = None,
-        system: str = "", config=None, **options) -> str:
-    """Send one prompt and return the answer text.
-    options: any other Context field (history, complex, max_tokens, temperature …)."""
-    ctx = Context(prompt, system_prompt=system, model=model, **options)
-    return complete(ctx, provider=provider, config=config).text
-
-
-# =============================================================================
-# Command line
-# =============================================================================
-
-def parse_args(argv):
-    import argparse
-    parser = argparse.ArgumentParser(
-        prog="omega", description="Send a prompt to an AI backend and print the answer.",
-        epilog="The prompt is the words given; with none (or -) it is read from stdin; "
-               "with both, stdin follows the words after a blank line. Exit codes: "
-               "0 ok, 1 provider error, 2 config/usage, 3 auth, 4 rate limit, "
-               "5 timeout, 6 empty answer, 7 unavailable, 130 interrupted.")
-    def usage_error(message):                  # one line, like every other error
-        raise ConfigError(f"{message} (see --help)")
-    parser.error = usage_error
-    add = parser.add_argument
-    add("prompt", nargs="*", help="the prompt words")
-    add("-p", "--provider", choices=NAMES, metavar="PROVIDER",
-        help="one of: " + ", ".join(NAMES))
-    add("-m", "--model", help="the model for this request")
-    add("-s", "--system", default="", help="system prompt")
-    add("-c", "--config", help="config file (default: $OMEGA_CONFIG, ./config.toml beside "
-                               "omega.py, ~/.omega/config.toml)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--complex", action="store_true", help="use the provider's model_complex")
-    group.add_argument("--auto-route", action="store_true",
-                       help="ask the fast model first whether the request is complex "
-                            "(one extra call)")
-    add("--max-tokens", type=int, metavar="N", help="maximum answer tokens")
-    add("--temperature", type=float, metavar="T", help="sampling temperature")
-    add("--timeout", type=float, metavar="SECS", help="whole-call deadline in seconds")
-    add("--json", action="store_true", help="print {\"text\", \"metadata\"} as JSON")
-    add("-q", "--quiet", action="store_true", help="no status lines on stderr")
-    add("-v", "--verbose", action="store_true", help="debug log and tracebacks on stderr")
-    add("--check", action="store_true", help="show which providers are ready here, and why")
-    add("--version", action="version", version=f"omega {__version__}")
-    return parser.parse_args(argv)
-
-
-def read_prompt(words: list[str]) -> str:
-    """The words, stdin, or the words then stdin after a blank line. Piped text
-    loses its surrounding blank lines but keeps its indentation (code)."""
-    if words in ([], ["-"]):
-        return sys.stdin.read().strip("\r\n").rstrip() if sys.stdin else ""
-    prompt = " ".join(words)
-    if stdin_is_piped():
-        piped = sys.stdin.read().strip("\r\n").rstrip()
-        if piped:
-            prompt += "\n\n" + piped
-    return prompt
-
-
-def stdin_is_piped() -> bool:
-    """True for a pipe or a redirected file; a terminal or nothing is not."""
-    import stat
-    try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode
-    except (AttributeError, OSError, ValueError):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
-
-
-def cli_config(args) -> dict:
-    """The config with the command line's overrides applied (flags beat the file)."""
-    raw, path = read_config(args.config)
-    raw = {**raw, "provider": dict(raw.get("provider", {})), "_file": path}
-    if args.timeout is not None:
-        if args.timeout <= 0:
-            raise ConfigError("--timeout: expected a number greater than 0")
-        for name in NAMES:
-            raw["provider"][name] = {**raw["provider"].get(name, {}), "timeout_secs": args.timeout}
-    if args.auto_route:
-        raw["provider"]["auto_route"] = True
-    return raw
-
-
-def main(argv=None) -> int:
-    """The command line; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:                    # --help and --version
-        return e.code if isinstance(e.code, int) else 0
-    except ConfigError as e:
-        print(f"omega: {e}", file=sys.stderr)
-        return e.exit_code
-    if args.verbose:
-        import logging
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("omega: %(levelname)s %(message)s"))
-        logger = logging.getLogger("omega")
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-    say = None if args.quiet else (lambda m: print(f"omega: {m}", file=sys.stderr, flush=True))
-    try:
-        if args.check:
-            return check(args.config, print)
-        config = cli_config(args)
-        prompt = read_prompt(args.prompt)
-        if not prompt.strip():
-            raise ConfigError("no prompt: give it as words or on stdin (see --help)")
-        if args.max_tokens is not None and args.max_tokens <= 0:
-            raise ConfigError("--max-tokens: expected a number greater than 0")
-        ctx = Context(prompt, system_prompt=args.system, model=args.model,
-                      complex=args.complex, max_tokens=args.max_tokens,
-                      temperature=args.temperature)
-        reply = complete(ctx, provider=args.provider, config=config, on_status=say)
-        out = json.dumps(reply.to_dict(), ensure_ascii=False) if args.json else reply.text
-        sys.stdout.write(out + "\n")
-        sys.stdout.flush()
-        return 0
-    except OmegaError as e:
-        if args.verbose:
-            import traceback
-            traceback.print_exc(file=sys.stderr)
-        print(f"omega: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("omega: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:                     # a bug of ours: still one line, no traceback
-        if args.verbose:
-            import traceback
-            traceback.print_exc(file=sys.stderr)
-        print(f"omega: internal error: {type(e).__name__}: {redact(str(e))} "
-              "(run with -v for details)", file=sys.stderr)
-        return 1
-    except BrokenPipeError:                    # `omega ... | head`: the reader left
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def check(config, out) -> int:
@@ -1565,7 +2064,7 @@ def check(config, out) -> int:
     for name in NAMES:
         settings = provider_settings(loaded, name, loaded["_file"])
         settings["sources"] = providers[name]["_sources"]
-        ok, why = readiness(settings, probe=True)
+        ok, why = readiness(settings, deep=True)
         rows.append((name, "yes" if settings["enabled"] else "no", settings["model"],
                      settings["model_complex"] or "-", "yes" if ok else "no", why))
         if name == default and ok:
@@ -1589,6 +2088,184 @@ def shown_value(key: str, value) -> str:
     if value is None:
         return "-"
     return mask(value) if key in ("api_key", "oauth_token") else str(value)
+
+
+# =============================================================================
+# 11. Command line
+# =============================================================================
+
+def parse_args(argv):
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="omega", description="Send a prompt to an AI backend and print the answer.",
+        epilog="The prompt is the words given; with none (or -) it is read from stdin; "
+               "with both, stdin follows the words after a blank line. Exit codes: "
+               "0 ok, 1 provider error, 2 config/usage, 3 auth, 4 rate limit, "
+               "5 timeout, 6 empty answer, 7 unavailable, 130 interrupted "
+               "(129 SIGHUP, 143 SIGTERM).")
+
+    def usage_error(message):                  # one line, like every other error
+        raise ConfigError(f"{message} (see --help)")
+    parser.error = usage_error
+    add = parser.add_argument
+    add("prompt", nargs="*", help="the prompt words")
+    add("-p", "--provider", choices=NAMES, metavar="PROVIDER",
+        help="one of: " + ", ".join(NAMES))
+    add("-m", "--model", help="the model for this request")
+    add("-s", "--system", default="", help="system prompt")
+    add("-c", "--config", help="config file (default: $OMEGA_CONFIG, ./config.toml beside "
+                               "omega.py, ~/.omega/config.toml)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--complex", action="store_true", help="use the provider's model_complex")
+    group.add_argument("--auto-route", action="store_true",
+                       help="ask the fast model first whether the request is complex "
+                            "(one extra call)")
+    add("--max-tokens", type=int, metavar="N", help="maximum answer tokens")
+    add("--temperature", type=float, metavar="T", help="sampling temperature")
+    add("--timeout", type=float, metavar="SECS",
+        help="deadline for the whole call in seconds, fallbacks included")
+    add("--fallback", metavar="P,P", type=provider_list,
+        help="providers to try in order if the first fails (with -p, only these)")
+    add("--json", action="store_true", help="print {\"text\", \"metadata\"} as JSON")
+    add("-q", "--quiet", action="store_true", help="no status lines on stderr")
+    add("-v", "--verbose", action="store_true", help="debug log and tracebacks on stderr")
+    add("--check", action="store_true", help="show which providers are ready here, and why")
+    add("--version", action="version", version=f"omega {__version__}")
+    return parser.parse_args(argv)
+
+
+def provider_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        check_provider(name, "--fallback")
+    return names
+
+
+def read_prompt(words: list[str]) -> str:
+    """The words, stdin, or the words then stdin after a blank line. Piped text
+    loses its surrounding blank lines but keeps its indentation (code)."""
+    if words in ([], ["-"]):
+        return read_stdin()
+    prompt = " ".join(words)
+    if stdin_is_piped():
+        piped = read_stdin()
+        if piped:
+            prompt += "\n\n" + piped
+    return prompt
+
+
+def read_stdin() -> str:
+    if sys.stdin is None:
+        return ""
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("stdin is not UTF-8 text (binary data cannot be a prompt)") from None
+    return text.strip("\r\n").rstrip()
+
+
+def stdin_is_piped() -> bool:
+    """True for a pipe or a redirected file; a terminal or nothing is not."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def tell(line: str) -> None:
+    """One line on stderr, if there is a stderr: never on stdout instead."""
+    if sys.stderr is not None:
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+
+def stopped_by_signal(signum, frame):
+    """SIGTERM and SIGHUP (`timeout`, CI runners, a closed terminal) end the call
+    as Ctrl-C does: the claude process group is stopped, nothing is left behind."""
+    raise KeyboardInterrupt(signum)
+
+
+def main(argv=None) -> int:
+    """The command line; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            handlers[sig] = signal.signal(sig, stopped_by_signal)
+    try:
+        return run_cli(argv)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def run_cli(argv) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:                    # --help and --version
+        return e.code if isinstance(e.code, int) else 0
+    except ConfigError as e:
+        tell(f"omega: {e}")
+        return e.exit_code
+    if args.verbose:
+        import logging
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("omega: %(levelname)s %(message)s"))
+        logger = logging.getLogger("omega")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    say = None if args.quiet else (lambda m: tell(f"omega: {m}"))
+    try:
+        if sys.stdout is None:
+            raise ConfigError("stdout is closed: there is nowhere to write the answer")
+        if args.check:
+            return check(args.config, print)
+        prompt = read_prompt(args.prompt)
+        if not prompt.strip():
+            raise ConfigError("no prompt: give it as words or on stdin (see --help)")
+        if args.max_tokens is not None and args.max_tokens <= 0:
+            raise ConfigError("--max-tokens: expected a number greater than 0")
+        if args.timeout is not None and not 0 < args.timeout < math.inf:
+            raise ConfigError("--timeout: expected a number greater than 0")
+        config = read_config(args.config)
+        config = {**config[0], "_file": config[1]}
+        if args.auto_route:
+            config["provider"] = {**config.get("provider", {}), "auto_route": True}
+        ctx = Context(prompt, system_prompt=args.system, model=args.model,
+                      complex=args.complex, max_tokens=args.max_tokens,
+                      temperature=args.temperature)
+        reply = complete(ctx, provider=args.provider, config=config, on_status=say,
+                         fallback=args.fallback, timeout=args.timeout)
+        out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False) if args.json \
+            else reply.text
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+        return 0
+    except BrokenPipeError:                    # `omega ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OmegaError as e:
+        if args.verbose:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        tell(f"omega: {e}")
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        tell("omega: interrupted" if signum == signal.SIGINT else
+             f"omega: stopped by {signal.Signals(signum).name}")
+        return 128 + signum
+    except Exception as e:                     # a bug of ours: still one line, no traceback
+        if args.verbose:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        tell(f"omega: internal error: {type(e).__name__}: {clean(e, 300)} "
+             "(run with -v for details)")
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,12 +75,16 @@ class FakeAPI(http.server.ThreadingHTTPServer):
     def url(self):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def reply(self, body=None, status=200, headers=None, action=None, raw=None, delay=0):
+    def reply(self, body=None, status=200, headers=None, action=None, raw=None, delay=0,
+              **extra):
         """Queue one answer. action: "close" (hang up before answering),
         "stall" (wait for release or 10 s), "trickle" (body a byte at a time),
-        "truncate" (send half the promised body, then hang up)."""
+        "truncate" (send half the promised body, then hang up), and the hostile ones
+        (see Handler.hostile): "endless", "endless_close", "gzip_bomb", "trickle_head",
+        "pieces". echo=True: "@KEY@" in the body and headers becomes the key the
+        request carried (a server that echoes credentials back)."""
         self.replies.append(dict(body=body, status=status, headers=headers or {},
-                                 action=action, raw=raw, delay=delay))
+                                 action=action, raw=raw, delay=delay, **extra))
         return self
 
     def last(self):
@@ -88,6 +93,7 @@ class FakeAPI(http.server.ThreadingHTTPServer):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True       # a trickled byte leaves at once
 
     def log_message(self, *args):
         pass
@@ -117,7 +123,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if spec is None:
             spec = self.server.default(request) if self.server.default else dict(
                 body={"error": "no reply queued"}, status=500)
-            spec = {"headers": {}, "action": None, "raw": None, "delay": 0, "status": 200, **spec}
+            spec = {"body": None, "headers": {}, "action": None, "raw": None, "delay": 0,
+                    "status": 200, **spec}
         if spec["delay"]:
             time.sleep(spec["delay"])
         if spec["action"] == "close":
@@ -129,8 +136,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         data = spec["raw"] if spec["raw"] is not None else json.dumps(spec["body"]).encode()
-        self.send_response(spec["status"])
         headers = {"Content-Type": "application/json", **spec["headers"]}
+        if spec.get("echo"):
+            key = sent_key(request.headers)
+            data = data.replace(b"@KEY@", key.encode())
+            headers = {k: v.replace("@KEY@", key) for k, v in headers.items()}
+        if spec["action"] in HOSTILE:
+            self.close_connection = True
+            try:
+                self.hostile(spec, headers, data)
+            except OSError:                  # the client hung up: what we wanted
+                pass
+            return
+        self.send_response(spec["status"])
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
@@ -148,6 +166,89 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         else:
             self.wfile.write(data)
+
+    def hostile(self, spec, headers, data):
+        """Replies that attack the client. Every loop ends when the client hangs up
+        (OSError) or the test ends (release).
+        endless / endless_close: a body that never ends, `chunk` bytes every `every`
+        s, chunked or close-delimited (no Content-Length, Connection: close);
+        gzip_bomb: 1 GiB of zeros as ~1 MB of Content-Encoding: gzip;
+        trickle_head: the status line and headers one byte every 50 ms;
+        pieces: `pieces` = [(at_secs, bytes), ...] of a close-delimited (or, with
+        framing="chunked", chunked) body, then a stall."""
+        action, release, write = spec["action"], self.server.release, self.wfile.write
+        chunked = action == "endless" or spec.get("framing") == "chunked"
+        if action == "trickle_head":
+            head = f"HTTP/1.1 {spec['status']} OK\r\n" + "".join(
+                f"{k}: {v}\r\n" for k, v in {**headers, "X-Padding": "p" * 200,
+                                              "Content-Length": len(data)}.items()) + "\r\n"
+            for i in range(len(head)):
+                if release.wait(0.05):
+                    return
+                write(head[i].encode())
+            write(data)
+            return
+        if action == "gzip_bomb":
+            bomb = gzip_bomb()
+            self.send_head(spec["status"], {**headers, "Content-Encoding": "gzip",
+                                            "Content-Length": str(len(bomb))})
+            write(bomb)
+            return
+        self.send_head(spec["status"], {**headers, **({"Transfer-Encoding": "chunked"} if chunked
+                                                      else {"Connection": "close"})})
+
+        def send(piece):
+            write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if action == "pieces":
+            started = time.monotonic()
+            for at, piece in spec["pieces"]:
+                if release.wait(max(0.0, started + at - time.monotonic())):
+                    return
+                send(piece)
+            release.wait(10)
+            return
+        piece, every = b"x" * spec.get("chunk", 1 << 20), spec.get("every", 0)
+        send(b'{"models": ["')                            # endless / endless_close
+        while not release.wait(every):
+            send(piece)
+
+    def send_head(self, status, headers):
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+
+HOSTILE = ("endless", "endless_close", "gzip_bomb", "trickle_head", "pieces")
+
+
+def sent_key(headers):
+    """The credential a request carried, whichever header each API uses."""
+    auth = headers.get("authorization", "")
+    return auth.removeprefix("Bearer ") or headers.get("x-api-key") or \
+        headers.get("x-goog-api-key") or ""
+
+
+_GZIP_BOMB = []
+
+
+def gzip_bomb():
+    """1 GiB of zeros, gzip level 9, about 1 MB: built once. A full flush after each
+    1 MiB block makes every block compress to the same bytes, so one is repeated."""
+    if not _GZIP_BOMB:
+        import struct
+        import zlib
+        block, blocks = bytes(1 << 20), 1024
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        first = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+        repeat = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+        crc = 0
+        for _ in range(blocks):
+            crc = zlib.crc32(block, crc)
+        _GZIP_BOMB.append(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + first
+                          + repeat * (blocks - 1) + deflate.flush()
+                          + struct.pack("<II", crc, (len(block) * blocks) & 0xFFFFFFFF))
+    return _GZIP_BOMB[0]
 
 
 @pytest.fixture
@@ -400,7 +501,7 @@ def test_empty_api_key_counts_as_unset(monkeypatch):
     ('[provider.ollama]\nbase_url = "localhost:11434"', "base_url: expected an http"),
     ('[provider]\nfallback = ["openai", "nope"]', "provider.fallback: unknown provider"),
     ('[status]\ndelay_secs = "soon"', "status.delay_secs: expected a number"),
-    ('colour = 1', "unknown key colour"),
+    ('[provider]\ncolour = 1', "unknown key provider.colour"),
 ])
 def test_bad_config_is_one_line_config_error(tmp_path, text, fragment):
     path = write(tmp_path / "bad.toml", text)
@@ -743,7 +844,7 @@ def test_request_id_from_headers(api):
 FAKE_CLAUDE = r'''#!PYTHON
 """A stand-in for the real `claude` CLI (-p --output-format json). State lives in
 $FAKE_CLAUDE_DIR: plan.json (one step per run), calls.jsonl, sessions/."""
-import json, os, subprocess, sys, time, uuid
+import json, os, signal, subprocess, sys, time, uuid
 state = os.environ["FAKE_CLAUDE_DIR"]
 argv = sys.argv[1:]
 if argv == ["--version"]:
@@ -767,9 +868,19 @@ if session and not os.path.exists(os.path.join(sessions, session)):
     sys.stderr.write(f"No conversation found with session ID: {session}\n")
     sys.exit(1)
 if step.get("hang"):
+    if step.get("ignore_term"):              # inherited by the grandchild too
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     open(os.path.join(state, "pids"), "w").write(f"{os.getpid()} {child.pid}")
     time.sleep(60)
+if step.get("flood"):                        # a huge stdout or stderr
+    stream = sys.stdout if step.get("to") == "stdout" else sys.stderr
+    try:
+        for _ in range(step["flood"] // 65536):
+            stream.write("x" * 65536)
+            stream.flush()
+    except BrokenPipeError:
+        sys.exit(1)
 session = session or str(uuid.uuid4())
 history = json.load(open(os.path.join(sessions, session))) if os.path.exists(
     os.path.join(sessions, session)) else []
@@ -796,6 +907,9 @@ out = json.dumps(result)
 if step.get("array"):
     out = json.dumps([{"type": "system", "subtype": "init", "session_id": session},
                       {"type": "assistant", "message": {"content": []}}, result])
+if step.get("linger"):                       # a grandchild keeps our stdout open
+    keeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    open(os.path.join(state, "pids"), "w").write(f"{os.getpid()} {keeper.pid}")
 print(out)
 sys.exit(step.get("exit", 1 if result["is_error"] else 0))
 '''
@@ -1044,11 +1158,11 @@ def test_429_with_retry_after_is_retried_and_announced(api):
     reply = omega.complete(omega.Context("hi"), "openai", cfg("openai", api),
                            on_status=statuses.append)
     assert reply.text == "Hello from OpenAI" and reply.metadata.attempts == 2
-    assert statuses == ["openai: 429, retrying in 0.0 s (2/3)"]
+    assert statuses == ["openai: 429, retrying in 0.1 s (2/3)"]     # at least 0.1 s
     assert len(api.requests) == 2 and api.requests[0].body == api.requests[1].body
 
 
-@pytest.mark.parametrize("headers", [{"retry-after-ms": "20"}, {"Retry-After": "0.02"},
+@pytest.mark.parametrize("headers", [{"retry-after-ms": "200"}, {"Retry-After": "0.2"},
                                      {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}])
 def test_retry_after_forms_are_honoured(api, monkeypatch, headers):
     waits = []
@@ -1057,7 +1171,7 @@ def test_retry_after_forms_are_honoured(api, monkeypatch, headers):
     api.reply(openai_ok())
     assert ask_via("openai", api).metadata.attempts == 2
     in_the_past = "GMT" in str(headers)
-    assert waits == ([0.0] if in_the_past else [0.02])
+    assert waits == ([0.1] if in_the_past else [0.2])       # never less than 0.1 s
 
 
 def test_long_retry_after_is_not_retried(api):
@@ -1286,10 +1400,10 @@ def test_keys_stay_out_of_errors_logs_and_reprs(api, caplog, monkeypatch):
 # =============================================================================
 
 def test_status_timer_reports_then_repeats_then_stops(api):
-    api.reply(openai_ok(), delay=0.35)
+    api.reply(openai_ok(), delay=0.45)
     statuses = []
     config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.05, "repeat_secs": 0.1, "message": "slow...",
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1, "message": "slow...",
                         "repeat_message": "still..."}
     omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
     seen = list(statuses)
@@ -1302,15 +1416,15 @@ def test_status_timer_stops_on_failure_and_makes_no_thread_without_callback(api)
     before = threading.active_count()
     stop = omega.start_status_timer(None, omega.STATUS_DEFAULTS)
     assert threading.active_count() == before and stop() is None
-    api.reply(openai_error(400, "bad"), status=400, delay=0.2)
+    api.reply(openai_error(400, "bad"), status=400, delay=0.3)
     statuses = []
     config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.05, "repeat_secs": 0.05}
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1}
     with pytest.raises(omega.ProviderError):
         omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
     count = len(statuses)
     assert count >= 1 and statuses[0] == omega.STATUS_DEFAULTS["message"]
-    time.sleep(0.15)
+    time.sleep(0.25)
     assert len(statuses) == count and threading.active_count() <= before + 1
 
 
@@ -1410,11 +1524,11 @@ def toml_for(config):
     return "\n".join(lines) + "\n"
 
 
-def run_cli(tmp_path, *args, config=None, input=None, **env):
+def run_cli(tmp_path, *args, config=None, input=None, timeout=30, **env):
     if config is not None:
         (tmp_path / "cli.toml").write_text(toml_for(config))
     return subprocess.run([sys.executable, OMEGA_PY, *args], cwd=tmp_path, capture_output=True,
-                          text=True, input=input, timeout=30, env=cli_env(tmp_path, **env),
+                          text=True, input=input, timeout=timeout, env=cli_env(tmp_path, **env),
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
@@ -1532,7 +1646,7 @@ def test_cli_verbose_shows_debug_and_traceback_but_no_key(api, tmp_path):
 
 def test_cli_status_lines_on_stderr_and_quiet(api, tmp_path):
     config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.05, "repeat_secs": 10, "message": "thinking..."}
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10, "message": "thinking..."}
     api.reply(openai_ok(), delay=0.4)
     out = run_cli(tmp_path, "hi", config=config)
     assert out.stdout == "Hello from OpenAI\n" and out.stderr == "omega: thinking...\n"
@@ -1545,7 +1659,7 @@ def test_cli_retry_lines_on_stderr(api, tmp_path):
     api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "0"})
     api.reply(openai_ok())
     out = run_cli(tmp_path, "hi", config=cfg("openai", api))
-    assert out.stderr == "omega: openai: 429, retrying in 0.0 s (2/3)\n"
+    assert out.stderr == "omega: openai: 429, retrying in 0.1 s (2/3)\n"
 
 
 def test_cli_ctrl_c_exits_130_and_leaves_no_child(claude, tmp_path):
@@ -1712,7 +1826,7 @@ def test_fallback_after_503_retries_and_after_a_missing_key(api, api2):
     config["provider"]["gemini"] = {}
     config["provider"]["fallback"] = ["gemini", "anthropic"]
     reply = omega.complete(omega.Context("hi"), "openai", {**config, "provider": {
-        **config["provider"], "openai": {}}})
+        **config["provider"], "openai": {}}}, fallback=["gemini", "anthropic"])
     assert reply.metadata.provider_used == "anthropic"
     assert [f.split(":")[0] for f in reply.metadata.fallbacks] == ["openai", "gemini"]
 
@@ -1726,7 +1840,8 @@ def test_no_fallback_after_a_request_error_or_empty_response(api, api2, reply):
     api.reply(**reply)
     with pytest.raises(omega.ProviderError) as err:
         omega.complete(omega.Context("hi"), config=chain(api, api2))
-    assert api2.requests == [] and err.value.provider == "openai" and err.value.fallbacks == []
+    assert api2.requests == [] and err.value.provider == "openai"
+    assert list(err.value.fallbacks) == []
 
 
 def test_all_failing_raises_the_first_error_with_the_others(api2):
@@ -1735,7 +1850,7 @@ def test_all_failing_raises_the_first_error_with_the_others(api2):
     with pytest.raises(omega.ProviderUnavailable) as err:
         omega.complete(omega.Context("hi"), config=chain(refused_url(), api2))
     assert err.value.provider == "openai"
-    assert err.value.fallbacks == ["anthropic: 401 authentication_error: invalid x-api-key"]
+    assert list(err.value.fallbacks) == ["anthropic: 401 authentication_error: invalid x-api-key"]
 
 
 def test_cli_prints_one_line_per_fallback_step(api2, tmp_path):
@@ -1997,3 +2112,666 @@ def test_cli_unexpected_error_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("omega: internal error: RuntimeError: kaboom") and err.count("\n") == 1
     assert ENV_KEY not in err and "Traceback" not in err
+
+
+# =============================================================================
+# 14. Promises under attack (hostile servers, keys, signals, host configs)
+# =============================================================================
+# Issue 8: "never hangs, never leaks a key, never prints a traceback", tried as an
+# attacker would. Every test here failed on the omega.py that came before it.
+
+def leaks(text, key=KEY):
+    """True when text holds 12 or more consecutive characters of key."""
+    text = "" if text is None else str(text)
+    return any(key[i:i + 12] in text for i in range(len(key) - 11))
+
+
+def read_pids(path, within=15):
+    """The two pids a fake claude wrote (itself and its grandchild)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            parent, grandchild = map(int, path.read_text().split())
+            return parent, grandchild
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    raise AssertionError(f"the fake claude never wrote {path}")
+
+
+def gone(*pids, within=3):
+    deadline = time.monotonic() + within
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not any(alive(p) for p in pids)
+
+
+def kill_leftovers(*pids):
+    """After a failing run: no process of ours outlives the test."""
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def start_cli_with_claude(claude, tmp_path, *args):
+    """python omega.py ARGS against the fake claude; (the process, its claude pids)."""
+    (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
+    child = subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=cli_env(tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
+    try:
+        pids = read_pids(claude.dir / "pids")
+    except AssertionError:
+        child.kill()
+        child.communicate()
+        raise
+    time.sleep(0.05)                     # let omega settle into its wait
+    return child, pids
+
+
+def run_with_closed(tmp_path, redirect, *args, config=None):
+    """python omega.py ARGS with stdout (">&-") or stderr ("2>&-") closed."""
+    if config is not None:
+        (tmp_path / "cli.toml").write_text(toml_for(config))
+    return subprocess.run(["/bin/sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable,
+                           OMEGA_PY, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL, env=cli_env(tmp_path))
+
+
+# --- memory and time ----------------------------------------------------------
+
+# omega in a child whose address space is capped at 1 GiB: a client that reads
+# without limit dies of MemoryError there instead of eating the machine.
+CAPPED_CHILD = r"""
+import json, resource, sys
+limit = 1 << 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.path.insert(0, sys.argv[1])
+import omega
+try:
+    omega.complete(omega.Context("hi"), "openai", json.loads(sys.argv[2]))
+    outcome = {"error": None}
+except Exception as e:                   # MemoryError included: reported, not raised
+    outcome = {"error": type(e).__name__, "message": str(e)[:300],
+               "status": getattr(e, "status", None)}
+outcome["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.parametrize("action", ["endless", "endless_close", "gzip_bomb"])
+def test_endless_body_or_gzip_bomb_stops_at_the_default_cap(api, tmp_path, action):
+    api.reply(action=action)
+    out = subprocess.run([sys.executable, "-c", CAPPED_CHILD, HERE,
+                          json.dumps(cfg("openai", api, timeout_secs=20))],
+                         capture_output=True, text=True, timeout=60, env=cli_env(tmp_path))
+    assert out.stdout, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["error"] == "ProviderError", result
+    assert "answer larger than" in result["message"] and result["status"] == 200
+    assert len(api.requests) == 1                     # not retried
+    assert result["peak_mb"] < 400, result            # about 32 MiB, not the whole body
+
+
+@pytest.mark.parametrize("reply", [dict(body=openai_ok("x" * 5000)), dict(action="endless"),
+                                   dict(action="endless_close")],
+                         ids=["content-length", "chunked-endless", "close-delimited-endless"])
+def test_body_over_max_response_bytes_is_a_provider_error_not_retried(api, reply):
+    api.reply(**reply)
+    with pytest.raises(omega.ProviderError, match="answer larger than") as err:
+        ask_via("openai", api, max_response_bytes=1000)
+    assert type(err.value) is omega.ProviderError and err.value.status == 200
+    assert len(api.requests) == 1
+
+
+def test_max_response_bytes_is_a_setting_of_every_provider(tmp_path):
+    assert all(omega.load_config({})["provider"][n]["max_response_bytes"] == 32 * 1024 * 1024
+               for n in omega.NAMES)
+    text = "".join(f"[provider.{n}]\nmax_response_bytes = 65536\n" for n in omega.NAMES)
+    config = omega.load_config(write(tmp_path / "ok.toml", text))
+    assert all(config["provider"][n]["max_response_bytes"] == 65536 for n in omega.NAMES)
+    for bad in ("0", "-1", '"big"', "1.5"):
+        path = write(tmp_path / "bad.toml", f"[provider.openai]\nmax_response_bytes = {bad}\n")
+        with pytest.raises(omega.ConfigError, match="max_response_bytes"):
+            omega.load_config(path)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_claude_output_over_max_response_bytes_is_a_provider_error(claude, stream):
+    claude.plan({"flood": 4 << 20, "to": stream})
+    with pytest.raises(omega.ProviderError, match="answer larger than"):
+        cc(claude, max_response_bytes=65536, timeout_secs=20)
+
+
+def test_trickled_status_line_and_headers_cannot_stretch_the_deadline(api):
+    api.reply(action="trickle_head", body=openai_ok())      # ~15 s at 50 ms a byte
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("openai", api, timeout_secs=1)
+    assert time.monotonic() - started < 2.5
+
+
+def test_close_delimited_body_that_stalls_cannot_stretch_the_deadline(api):
+    # No Content-Length, not chunked, Connection: close; bytes at 0 s and 2 s, then
+    # nothing. (A Content-Length body: test_trickling_server_cannot_stretch_the_deadline.)
+    api.reply(action="pieces", pieces=[(0, b'{"choices": '), (2.0, b"[")])
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("openai", api, timeout_secs=2.5)
+    assert time.monotonic() - started < 4.0
+
+
+@pytest.mark.parametrize("reply", [dict(action="trickle_head", body={"models": []}),
+                                   dict(action="endless", chunk=1024, every=0.02)],
+                         ids=["trickled-headers", "endless-body"])
+def test_check_gives_ollama_two_seconds_in_all(api, tmp_path, reply):
+    api.default = lambda request: dict(reply)
+    (tmp_path / "cli.toml").write_text(
+        f'[provider]\ndefault = "ollama"\n[provider.ollama]\nbase_url = "{api.url}"\n')
+    started = time.monotonic()
+    out = run_cli(tmp_path, "--check", PATH=str(tmp_path / "empty"), timeout=15)
+    elapsed = time.monotonic() - started
+    row = next(line for line in out.stdout.splitlines() if line.startswith("ollama "))
+    assert out.returncode == 1 and row.split()[4] == "no", out.stdout
+    assert elapsed < 5 and api.last().path == "/api/tags"
+
+
+# --- keys -----------------------------------------------------------------------
+
+def test_keys_are_stripped_of_surrounding_whitespace(api, monkeypatch):
+    api.default = lambda r: {"body": anthropic_ok() if r.path == "/v1/messages" else openai_ok()}
+    ask_via("openai", api, api_key=KEY + "\n")               # a key read from a file
+    assert api.last().headers["authorization"] == f"Bearer {KEY}"
+    ask_via("anthropic", api, api_key=f"\t{KEY} \r\n")
+    assert api.last().headers["x-api-key"] == KEY
+    monkeypatch.setenv("OPENAI_API_KEY", f" {ENV_KEY}\n")
+    monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")
+    omega.complete(omega.Context("hi"), "openai", {})
+    assert api.last().headers["authorization"] == f"Bearer {ENV_KEY}"
+
+
+@pytest.mark.parametrize("name, section, env, setting", [
+    ("openai", {"api_key": "sk-\x01" + KEY}, {}, "provider.openai.api_key"),
+    ("openai", {}, {"OPENAI_API_KEY": ENV_KEY[:10] + "\n" + ENV_KEY[10:]}, "OPENAI_API_KEY"),
+    ("anthropic", {"api_key": "sk-ключ-" + KEY}, {}, "provider.anthropic.api_key"),
+    ("openrouter", {"title": "My ☕ App"}, {}, "provider.openrouter.title"),
+    ("openrouter", {"referer": "https://a.example\r\nX-Evil: 1"}, {},
+     "provider.openrouter.referer"),
+    ("claude-code", {"oauth_token": "oauth-" + KEY + "\x1b"}, {},
+     "provider.claude-code.oauth_token"),
+], ids=["control-char-in-file-key", "newline-inside-env-key", "non-latin1-key", "title-emoji",
+        "referer-crlf", "oauth-token-escape"])
+def test_bad_character_in_a_key_or_header_is_config_error_naming_the_setting(
+        api, claude, monkeypatch, name, section, env, setting):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")   # nothing can go far
+    config = claude.config(**section) if name == "claude-code" else \
+        {"provider": {name: {}}} if env else cfg(name, api, **section)
+    with pytest.raises(omega.ConfigError) as err:
+        omega.complete(omega.Context("hi"), name, config)
+    message = str(err.value)
+    assert setting in message and "\n" not in message
+    assert not leaks(message) and not leaks(message, ENV_KEY) and not leaks(repr(err.value))
+    assert api.requests == [] and claude.calls() == []
+
+
+ECHOES = {   # "@KEY@" becomes the key the request carried
+    "error.code": ("openai", dict(status=400, body={"error": {
+        "message": "bad key", "type": "invalid_request_error", "param": None, "code": "@KEY@"}})),
+    "x-request-id": ("openai", dict(status=400, body=openai_error(400, "invalid_request_error"),
+                                    headers={"x-request-id": "@KEY@"})),
+    "body-request_id": ("anthropic", dict(status=400, body={"type": "error", "error": {
+        "type": "invalid_request_error", "message": "bad"}, "request_id": "@KEY@"})),
+    "openrouter-metadata.raw": ("openrouter", dict(body={"error": {
+        "code": 502, "message": "Provider returned error", "metadata": {
+            "provider_name": "DeepInfra", "raw": "upstream: " + "u" * 275 + " @KEY@ rejected"}}})),
+    "across-char-500": ("openai", dict(status=400, body=openai_error(
+        400, "invalid_request_error", "x" * 485 + "@KEY@ is not a valid key"))),
+}
+
+
+@pytest.mark.parametrize("where", list(ECHOES))
+def test_a_key_echoed_back_never_shows(api, capsys, where):
+    name, reply = ECHOES[where]
+    api.default = lambda request: {**reply, "echo": True}
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via(name, api, max_retries=0)
+    e = err.value
+    for shown in (str(e), repr(e), e.code, e.request_id, e.message):
+        assert not leaks(shown), shown
+    assert "\n" not in str(e) and len(e.message) <= 500
+    assert cli_main(cfg(name, api, max_retries=0), "hi") == e.exit_code
+    stderr = capsys.readouterr().err
+    assert not leaks(stderr) and stderr.count("\n") == 1
+
+
+FORGED = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nomega: all good\x1b[0m\x9b1m"
+
+
+def control_chars(text):
+    return [c for c in text or "" if ord(c) < 32 or 127 <= ord(c) < 160]
+
+
+def test_server_text_cannot_forge_lines_or_send_terminal_escapes(api, capsys):
+    api.default = lambda request: {
+        "status": 400, "headers": {"x-request-id": "req\x1b]52;c;eA==\x07"},
+        "body": {"error": {"message": "bad " + FORGED, "type": "x", "param": None,
+                           "code": "c" + FORGED}}}
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    e = err.value
+    for shown in (str(e), e.message, e.code, e.request_id):
+        assert control_chars(shown) == [], repr(shown)
+    assert cli_main(cfg("openai", api), "hi") == 1
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and control_chars(stderr) == ["\n"]
+
+
+def test_claude_session_id_cannot_forge_lines_or_send_terminal_escapes(claude):
+    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True,
+                         "session_id": "s-1" + FORGED}, "drop": ["result"]})
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude, max_resume_attempts=0)
+    for shown in (str(err.value), err.value.message, err.value.session_id):
+        assert control_chars(shown) == [], repr(shown)
+
+
+def test_request_headers_mask_the_key_in_repr():
+    for name in ("openai", "openrouter", "anthropic", "gemini"):
+        settings = omega.provider_settings({"provider": {name: {"api_key": KEY}}}, name)
+        url, headers, body = omega.PROVIDERS[name].request(omega.Context("hi"), settings)
+        assert not leaks(repr(headers)) and not leaks(str(headers)), name
+        assert any(KEY in value for value in headers.values())      # still sent in full
+    settings = omega.provider_settings({"provider": {"openai": {"api_key": KEY}}}, "openai")
+    assert omega.openai_request(omega.Context("hi"), settings)[1]["Authorization"] == \
+        f"Bearer {KEY}"
+
+
+def test_openrouter_moderation_keeps_the_providers_own_message(api):
+    own = 'openai/gpt-4o requires moderation on OpenAI. Your input was flagged for "violence"'
+    api.reply({"error": {"code": 403, "message": own, "metadata": {
+        "reasons": ["violence", "harassment"], "flagged_input": "...", "provider_name": "OpenAI",
+        "model_slug": "openai/gpt-4o"}}}, status=403)
+    with pytest.raises(omega.EmptyResponse) as err:
+        ask_via("openrouter", api)
+    assert own in err.value.message and "harassment" in err.value.message
+
+
+def test_provider_error_takes_all_its_context_in_the_constructor():
+    e = omega.ProviderError("boom", "openai", 503, "server_error", "req_1", retry_after=1.5,
+                            retryable=True, reason="connection refused", not_set_up=True,
+                            session_id="s-1", partial_text="half", fallbacks=("anthropic: 401 no",))
+    assert (e.message, e.provider, e.status, e.code, e.request_id) == \
+        ("boom", "openai", 503, "server_error", "req_1")
+    assert (e.retry_after, e.retryable, e.reason, e.not_set_up, e.session_id, e.partial_text) == \
+        (1.5, True, "connection refused", True, "s-1", "half")
+    assert list(e.fallbacks) == ["anthropic: 401 no"]
+    assert str(e).startswith("openai: 503 server_error: boom") and "\n" not in str(e)
+    plain = omega.ProviderError("x")
+    assert list(plain.fallbacks) == [] and plain.not_set_up is False and plain.retryable is False
+
+
+# --- processes and signals ------------------------------------------------------
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGHUP"])
+def test_cli_sigterm_and_sighup_stop_the_claude_group(claude, tmp_path, sig, code):
+    claude.plan({"hang": True})
+    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
+    try:
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=15)
+        assert child.returncode == code and out == ""
+        assert err.startswith("omega: ") and err.count("\n") == 1, err
+        assert gone(*pids)
+    finally:
+        child.kill()
+        child.communicate()
+        kill_leftovers(*pids)
+
+
+def test_cli_repeated_ctrl_c_still_kills_a_child_that_ignores_sigterm(claude, tmp_path):
+    claude.plan({"hang": True, "ignore_term": True})
+    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
+    try:
+        child.send_signal(signal.SIGINT)
+        for _ in range(3):                   # more Ctrl-Cs during the grace period
+            time.sleep(0.2)
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+        assert child.returncode == 130 and out == ""
+        assert err.startswith("omega: ") and "Traceback" not in err, err
+        assert gone(*pids)
+    finally:
+        child.kill()
+        child.communicate()
+        kill_leftovers(*pids)
+
+
+def test_claude_child_that_exits_while_a_grandchild_holds_stdout(claude):
+    claude.plan({"linger": True, "result": "the answer"})
+    started = time.monotonic()
+    try:
+        reply = cc(claude, timeout_secs=8)
+        assert reply.text == "the answer" and time.monotonic() - started < 5
+        assert gone(*read_pids(claude.dir / "pids"))
+    finally:
+        kill_leftovers(*read_pids(claude.dir / "pids"))
+
+
+# --- command line ---------------------------------------------------------------
+
+def test_cli_reader_that_leaves_is_not_an_error(api, tmp_path):
+    """python omega.py "hi" | true"""
+    api.reply(openai_ok())
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, OMEGA_PY, "hi"], cwd=tmp_path, stdout=write_end,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                             timeout=30, env=cli_env(tmp_path))
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (0, "")
+
+
+def test_cli_with_stdout_closed_sends_nothing(api, tmp_path):
+    api.default = lambda request: {"body": openai_ok()}
+    out = run_with_closed(tmp_path, ">&-", "hi", config=cfg("openai", api))
+    assert out.returncode == 2 and out.stderr.startswith("omega: stdout is closed"), out.stderr
+    assert out.stderr.count("\n") == 1 and api.requests == []
+
+
+@pytest.mark.parametrize("args, code", [(("-p", "nope", "hi"), 2), (("hi",), 7)],
+                         ids=["usage-error", "provider-error"])
+def test_cli_with_stderr_closed_writes_no_error_to_stdout(tmp_path, args, code):
+    out = run_with_closed(tmp_path, "2>&-", *args,
+                          config=cfg("ollama", refused_url(), max_retries=0))
+    assert (out.returncode, out.stdout) == (code, "")
+
+
+@pytest.mark.parametrize("words", [(), ("what", "is", "this")], ids=["stdin-alone", "after-words"])
+def test_cli_binary_stdin_is_a_one_line_config_error(api, tmp_path, words):
+    api.default = lambda request: {"body": openai_ok()}
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    binary = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8
+    out = subprocess.run([sys.executable, OMEGA_PY, *words], cwd=tmp_path, input=binary,
+                         capture_output=True, timeout=30, env=cli_env(tmp_path))
+    stderr = out.stderr.decode(errors="replace")
+    assert out.returncode == 2 and "not UTF-8 text" in stderr, stderr
+    assert stderr.startswith("omega: ") and stderr.count("\n") == 1 and api.requests == []
+
+
+NAN, INF = float("nan"), float("inf")
+JUNK_USAGE = {   # the server sends NaN / Infinity / strings where counts belong
+    "openai": openai_ok(usage={"prompt_tokens": NAN, "completion_tokens": INF,
+                               "total_tokens": "53"}),
+    "openrouter": openai_ok(usage={"prompt_tokens": "12", "completion_tokens": -INF,
+                                   "cost": NAN}),
+    "anthropic": anthropic_ok(usage={"input_tokens": "10", "cache_read_input_tokens": NAN,
+                                     "output_tokens": INF}),
+    "gemini": gemini_ok(usage={"promptTokenCount": INF, "candidatesTokenCount": "3",
+                               "thoughtsTokenCount": NAN}),
+    "ollama": ollama_ok(prompt_eval_count=NAN, eval_count="3"),
+}
+
+
+def no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_cli_json_stays_valid_when_usage_is_junk(api, capsys, name):
+    api.reply(JUNK_USAGE[name])
+    assert cli_main(cfg(name, api), "--json", "hi") == 0
+    data = json.loads(capsys.readouterr().out, parse_constant=no_constants)
+    m = data["metadata"]
+    assert (m["input_tokens"], m["output_tokens"], m["tokens_used"]) == (None, None, None)
+
+
+def test_answer_text_that_is_not_a_string_is_a_provider_error(api):
+    bodies = {"openai": openai_ok(choices=[{"index": 0, "finish_reason": "stop", "message": {
+                  "role": "assistant", "content": 42}}]),
+              "anthropic": anthropic_ok({"type": "text", "text": ["a"]}),
+              "gemini": gemini_ok({"text": {"a": 1}}),
+              "ollama": ollama_ok(message={"role": "assistant", "content": {"a": 1}})}
+    for name, body in bodies.items():
+        api.reply(body)
+        with pytest.raises(omega.ProviderError):
+            ask_via(name, api)
+
+
+@pytest.mark.parametrize("status", [200, 400])
+def test_deeply_nested_json_is_a_provider_error(api, capsys, status):
+    api.default = lambda request: {"raw": b"[" * 100000, "status": status}
+    with pytest.raises(omega.ProviderError):
+        ask_via("openai", api, max_retries=0)
+    assert cli_main(cfg("openai", api, max_retries=0), "hi") == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("omega: openai: ") and "internal error" not in stderr
+
+
+# --- configuration and fallback -------------------------------------------------
+
+@pytest.mark.parametrize("text, key", [
+    ("[provider.openai]\nmax_retries = 11", "max_retries"),
+    ("[provider.openai]\ntimeout_secs = nan", "timeout_secs"),
+    ("[provider.claude-code]\ntimeout_secs = inf", "timeout_secs"),
+    ("[provider.anthropic]\ntemperature = nan", "temperature"),
+    ("[provider.claude-code]\nresume_delay_secs = inf", "resume_delay_secs"),
+    ("[status]\ndelay_secs = inf", "delay_secs"),
+    ("[status]\nrepeat_secs = 1e-9", "repeat_secs"),
+    ("[status]\ndelay_secs = 0.05", "delay_secs"),
+])
+def test_numbers_out_of_range_or_not_finite_are_config_errors(tmp_path, text, key):
+    path = write(tmp_path / "c.toml", text + "\n")
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(path)
+    message = str(err.value)
+    assert key in message and path in message and "\n" not in message
+
+
+def test_toml_that_is_not_utf8_is_a_one_line_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[provider.openai]\nmodel = "caf\xe9"\n')
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_empty_claude_command_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    path = write(tmp_path / "c.toml", '[provider.claude-code]\ncommand = ""\n')
+    with pytest.raises(omega.ConfigError, match="command"):
+        omega.complete(omega.Context("hi"), "claude-code", path)
+
+
+def test_ollama_host_that_is_a_short_bare_name(monkeypatch):
+    for value, url in [("h", "http://h:11434"), ("h:1234", "http://h:1234"),
+                       ("p", "http://p:11434"), ("t:80", "http://t:80")]:
+        monkeypatch.setenv("OLLAMA_HOST", value)
+        assert omega.provider_settings({}, "ollama")["base_url"] == url
+
+
+def test_a_retry_waits_at_least_a_tenth_of_a_second(api):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429,
+              headers={"retry-after-ms": "0"})
+    api.reply(openai_ok())
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), "openai", cfg("openai", api),
+                           on_status=statuses.append)
+    assert reply.metadata.attempts == 2
+    assert len(statuses) == 1 and "retrying in 0.1 s" in statuses[0]
+
+
+HOST_TABLES = """baseURL = "https://host.example/api"
+name = "the host app"
+
+[omega]
+enabled = true
+
+[channel.telegram]
+token = "123:abc"
+"""
+
+
+def test_a_host_applications_config_keeps_its_own_tables(api, tmp_path, monkeypatch):
+    path = write(tmp_path / "config.toml", HOST_TABLES + f"""
+[provider]
+default = "ollama"
+
+[provider.ollama]
+base_url = "{api.url}"
+max_retries = 10
+
+[status]
+delay_secs = 0.1
+repeat_secs = 0.1
+
+[log]
+enabled = false
+path = "omega-log.db"
+""")
+    assert omega.load_config(path)["provider"]["default"] == "ollama"
+    api.reply(ollama_ok())
+    assert omega.complete(omega.Context("hi"), config=path).text == "Hello from Ollama"
+    monkeypatch.setattr(omega, "config_paths", lambda: [path])     # beside omega.py
+    assert omega.load_config()["provider"]["default"] == "ollama"
+    for extra, fragment in [("[provider]\ncolour = 1", "colour"),
+                            ("[provider.openai]\ncolour = 1", "colour"),
+                            ("[status]\ncolour = 1", "colour"), ("[log]\ncolour = 1", "colour"),
+                            ('[log]\nenabled = "yes"', "enabled"), ("[log]\npath = 1", "path")]:
+        bad = write(tmp_path / "bad.toml", HOST_TABLES + extra + "\n")
+        with pytest.raises(omega.ConfigError, match=fragment):
+            omega.load_config(bad)
+
+
+def test_an_explicit_provider_is_not_fallen_back_from_without_an_explicit_chain(
+        api2, monkeypatch):
+    api2.default = lambda request: {"body": anthropic_ok()}
+    config = chain(refused_url(), api2)          # openai, then the configured anthropic
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        omega.complete(omega.Context("hi"), "openai", config)
+    assert api2.requests == [] and list(err.value.fallbacks) == []
+    reply = omega.complete(omega.Context("hi"), "openai", config, fallback=["anthropic"])
+    assert reply.metadata.provider_used == "anthropic"
+    del config["provider"]["default"]
+    monkeypatch.setenv("OMEGA_PROVIDER", "openai")     # from the environment: chain applies
+    assert omega.complete(omega.Context("hi"), config=config).metadata.provider_used == \
+        "anthropic"
+
+
+def test_cli_p_stays_put_and_fallback_flag_moves_on(api2, tmp_path):
+    api2.default = lambda request: {"body": anthropic_ok()}
+    config = {"provider": {"default": "openai", "fallback": ["anthropic"],
+                           "ollama": {"base_url": refused_url(), "max_retries": 0},
+                           "openrouter": {"base_url": refused_url(), "api_key": KEY},
+                           "anthropic": {"base_url": api2.url, "api_key": KEY}}}
+    out = run_cli(tmp_path, "-q", "-p", "ollama", "hi", config=config)
+    assert (out.returncode, out.stdout) == (7, "") and api2.requests == []
+    assert "connection refused" in out.stderr and out.stderr.count("\n") == 1
+    out = run_cli(tmp_path, "-p", "ollama", "--fallback", "openrouter,anthropic", "hi",
+                  config=config)
+    assert (out.returncode, out.stdout) == (0, "Hello from Claude\n"), out.stderr
+    assert out.stderr == ("omega: ollama unavailable (connection refused), trying openrouter\n"
+                          "omega: openrouter unavailable (connection refused), trying anthropic\n")
+    assert len(api2.requests) == 1
+
+
+@pytest.mark.parametrize("failure", ["refused", "unknown-host"])
+def test_refused_or_unknown_host_moves_to_the_next_provider_at_once(api2, monkeypatch, failure):
+    first = refused_url() if failure == "refused" else "http://no-such-host.invalid:11434"
+    host, port = first.split("//")[1].split(":")
+    real_getaddrinfo, attempts = socket.getaddrinfo, []
+
+    def getaddrinfo(name, service, *args, **kwargs):      # counts connection attempts
+        if (name, str(service)) == (host, port):
+            attempts.append(name)
+            if failure == "unknown-host":                   # no real resolver is asked
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(name, service, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    api2.reply(anthropic_ok())
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), config=chain(first, api2),
+                           on_status=statuses.append)
+    assert reply.metadata.provider_used == "anthropic" and len(attempts) == 1
+    assert not any("retrying" in s for s in statuses)
+    assert len(statuses) == 1 and statuses[0].startswith("openai unavailable (")
+    assert statuses[0].endswith(", trying anthropic")
+
+
+def test_one_deadline_for_the_whole_chain(api, tmp_path):
+    api.default = lambda request: {"action": "stall"}
+    names = ["openai", "anthropic", "openrouter", "gemini", "ollama"]
+    config = {"provider": {"default": names[0], "fallback": names[1:]}}
+    for name in names:
+        config["provider"][name] = cfg(name, api)["provider"][name]
+    started = time.monotonic()
+    out = run_cli(tmp_path, "--timeout", "3", "hi", config=config)
+    assert out.returncode == 5 and time.monotonic() - started < 5
+
+
+def test_the_final_error_names_every_provider_tried(api2, tmp_path):
+    api2.default = lambda request: {"status": 401, "body": {"type": "error", "error": {
+        "type": "authentication_error", "message": "invalid x-api-key"}}}
+    config = chain(refused_url(), api2, fallback=("anthropic", "gemini"))
+    config["provider"]["gemini"] = {}                        # no key: not set up
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        omega.complete(omega.Context("hi"), config=config)
+    e = err.value
+    assert e.provider == "openai"
+    assert [f.split(":")[0] for f in e.fallbacks] == ["anthropic", "gemini"]
+    assert all(name in str(e) for name in ("openai", "anthropic", "gemini")), str(e)
+    out = run_cli(tmp_path, "-q", "hi", config=config)
+    last = out.stderr.splitlines()[-1]
+    assert out.returncode == 7 and all(n in last for n in ("openai", "anthropic", "gemini"))
+
+
+def cut_words(line, text):
+    """Words of line that are only a piece of a longer word of text (cut mid-word)."""
+    whole = set(re.findall(r"[\w$]+", text))
+    return [w for w in re.findall(r"[\w$]+", line) if w not in whole and w in text]
+
+
+def test_fallback_status_lines_are_never_cut_mid_word(api):
+    api.reply(openai_ok())
+    config = cfg("openai", api)
+    config["provider"].update(default="anthropic", fallback=["openai"], anthropic={})
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
+    assert reply.metadata.provider_used == "openai" and len(statuses) == 1
+    line, story = statuses[0], reply.metadata.fallbacks[0]     # "anthropic: no API key: ..."
+    assert line.startswith("anthropic ") and line.endswith(", trying openai")
+    reason = line[line.find("(") + 1:line.rfind(")")] if "(" in line else line
+    assert cut_words(reason, story) == [], line
+
+
+def test_a_fallback_with_a_config_error_is_reported_not_skipped(api2, claude, tmp_path):
+    api2.reply(anthropic_ok())
+    config = chain(refused_url(), api2, fallback=("claude-code", "anthropic"))
+    config["provider"]["claude-code"] = {"command": claude.command,
+                                         "working_dir": str(tmp_path / "missing")}
+    reply = omega.complete(omega.Context("hi"), config=config)
+    assert reply.metadata.provider_used == "anthropic"
+    fallbacks = reply.metadata.fallbacks
+    assert [f.split(":")[0] for f in fallbacks] == ["openai", "claude-code"]
+    assert "working_dir" in fallbacks[1] and claude.calls() == []
+
+
+# --- repository -----------------------------------------------------------------
+
+def test_readme_stands_alone_and_names_the_limits():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "../shared" not in text and "SPEC" not in text
+    assert "max_response_bytes" in text
+
+
+def test_omega_py_is_executable():
+    assert os.access(OMEGA_PY, os.X_OK)
+    with open(OMEGA_PY) as f:
+        assert f.readline().startswith("#!")
