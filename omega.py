@@ -60,7 +60,7 @@ from urllib.parse import quote
 
 __version__ = "0.2.0"
 __all__ = [
-    "ask", "complete", "classify", "route", "load_config", "Message", "Context",
+    "ask", "complete", "stream", "Stream", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
     "ProviderUnavailable",
@@ -399,7 +399,7 @@ KEY_TYPES = {
     "command": str, "max_turns": int, "allowed_tools": list, "skip_permissions": bool,
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
-    "referer": str, "title": str,
+    "referer": str, "title": str, "stream_usage": bool,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -942,8 +942,10 @@ def request_json(method: str, url: str, headers: dict, body, settings: dict,
         pause_before_retry(error, attempt, settings, call)
 
 
-def request_headers(headers: dict, payload: bytes | None) -> dict:
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate", **headers}
+def request_headers(headers: dict, payload: bytes | None, streaming: bool = False) -> dict:
+    # A compressed stream may be held back by the server until a block fills.
+    encoding = "identity" if streaming else "gzip, deflate"
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": encoding, **headers}
     if payload is not None:
         headers["Content-Type"] = "application/json"
     return headers
@@ -1001,6 +1003,84 @@ def not_json(content: bytes, error: Exception | None = None) -> str:
 
 def request_id_of(headers) -> str | None:
     return headers.get("x-request-id") or headers.get("request-id")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def sse_events(chunks):
+    """(event name or None, data) for each Server-Sent Event in a body that arrives
+    in pieces of any size. Lines end at CR, LF or CRLF, also when the CRLF is split
+    across reads; comments and unknown fields are skipped; data lines are joined by
+    LF; an event with empty data is dropped; a last event without its blank line
+    still counts. All in bytes, split before decoding: a UTF-8 character cut between
+    reads is whole again in its line, and U+2028 inside JSON is not a line end.
+    Two shapes outside the standard come back as events too: the old llama.cpp
+    `error:` field as (b"error", data), and lines that are no field at all (Gemini's
+    pretty-printed error object) as (b"raw", those lines)."""
+    held, skip_lf, first = [], False, True
+    name, data, raw = None, [], []
+    for chunk in itertools.chain(chunks, (b"\n\n",)):    # the end of the body ends all
+        if skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        skip_lf = False
+        if b"\n" not in chunk and b"\r" not in chunk:
+            held.append(chunk)             # no line ends yet: joined once one comes
+            continue
+        if held:
+            chunk = b"".join(held) + chunk
+            held = []
+        lines = chunk.splitlines()
+        if chunk[-1] in b"\r\n":
+            skip_lf = chunk[-1:] == b"\r"   # its LF may open the next read
+        else:
+            held.append(lines.pop())
+        if first:
+            lines[0], first = lines[0].removeprefix(BOM), False
+        for line in lines:
+            if not line:
+                if data:
+                    joined = b"\n".join(data)
+                    if joined:
+                        yield name, joined
+                elif raw:
+                    yield b"raw", b"\n".join(raw)
+                name, data, raw = None, [], []
+                continue
+            if line[0] == 58:              # ":" a comment (OpenRouter's keep-alives)
+                continue
+            field, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if field == b"data":
+                data.append(value)
+            elif field == b"event":
+                name = value
+            elif field == b"error":
+                name = b"error"
+                data.append(value)
+            elif raw or not field.isalpha():
+                raw.append(line)
+
+
+def ndjson_lines(chunks):
+    """Each non-blank line of a newline-delimited JSON body arriving in pieces."""
+    held = []
+    for chunk in chunks:
+        if b"\n" not in chunk:
+            held.append(chunk)
+            continue
+        if held:
+            chunk = b"".join(held) + chunk
+            held = []
+        lines = chunk.split(b"\n")
+        held.append(lines.pop())
+        for line in lines:
+            if line.strip():
+                yield line
+    line = b"".join(held)
+    if line.strip():
+        yield line
 
 
 _logger = None
@@ -1130,16 +1210,25 @@ def finite_wait(seconds: float) -> float | None:
 # =============================================================================
 # 7. Backends
 # =============================================================================
-# An HTTP backend is two plain functions, testable without a network:
-#   <name>_request(ctx, settings) -> (url, headers, body)
+# An HTTP backend is three plain functions, testable without a network:
+#   <name>_request(ctx, settings, streaming=False) -> (url, headers, body)
 #   <name>_response(data, settings) -> OutgoingMessage
-# call_http() runs them with the transport; the backend table (8) lists them.
+#   <name>_events(chunks, settings): a generator that reads a streamed body (bytes
+#       as they arrive), yields the answer's text pieces and returns the body the
+#       same answer would have had unstreamed, for <name>_response to read.
+# call_http() and stream_http() run them with the transport; the backend table
+# (8) lists them.
 
 def call_http(backend, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
     """One HTTP backend call: build, send with retries, parse."""
     url, headers, body = backend.request(ctx, settings)
     data, reply_headers, attempts = request_json("POST", url, headers, body, settings, call)
-    request_id = request_id_of(reply_headers)
+    return parsed(backend, data, reply_headers, attempts, settings)
+
+
+def parsed(backend, data, headers, attempts: int, settings: dict) -> OutgoingMessage:
+    """The backend's reading of a body, with the request id and attempts added."""
+    request_id = request_id_of(headers)
     try:
         reply = backend.response(data, settings)
     except ProviderError as e:
@@ -1150,6 +1239,122 @@ def call_http(backend, ctx: Context, settings: dict, call: Call) -> OutgoingMess
     reply.metadata = replace(reply.metadata, attempts=attempts,
                              request_id=reply.metadata.request_id or request_id)
     return reply
+
+
+def stream_http(backend, ctx: Context, settings: dict, call: Call):
+    """One streamed HTTP backend call: yields text pieces as they arrive and returns
+    the OutgoingMessage. Failures before the first piece (a status, an error event,
+    a cut connection, an early end) are retried as in call_http; after it they are
+    raised, since the text is already on the caller's screen."""
+    url, headers, body = backend.request(ctx, settings, streaming=True)
+    payload = json.dumps(body).encode()
+    headers = request_headers(headers, payload, streaming=True)
+    for attempt in itertools.count(1):
+        shown = finished = False
+        try:
+            response, watch = send("POST", url, headers, payload, settings, call)
+        except ProviderUnavailable as e:          # refused, reset: try again
+            pause_before_retry(e, attempt, settings, call)
+            continue
+        try:
+            status, reply_headers = response.status_code, response.headers
+            log_debug("%s: POST %s -> %d, streaming", settings["name"], url, status)
+            media = reply_headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if status >= 300 or media == "application/json":
+                content = read_body(response, watch, settings, call)
+                if status >= 300:
+                    raise http_error(status, reply_headers, content, settings)
+                # Some gateways answer a stream request with one plain body.
+                reply = parsed(backend, parse_json(content, status, reply_headers, settings),
+                               reply_headers, attempt, settings)
+                shown = True
+                yield reply.text
+                return reply
+            pieces = backend.events(body_pieces(response, settings), settings)
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as end:
+                    data = end.value
+                    break
+                shown = True
+                yield piece
+            for _ in body_pieces(response, settings):   # what follows the end marker
+                pass
+            end_watch(watch)
+            if watch.fired:
+                raise timed_out(settings, call)
+            response.raw.release_conn()
+            finished = True
+            reply = parsed(backend, data, reply_headers, attempt, settings)
+            if not shown:               # an OpenAI refusal: its text comes whole, at the end
+                yield reply.text
+            return reply
+        except ProviderError as e:
+            error = timed_out(settings, call) if watch.fired else e
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            error = timed_out(settings, call) if watch.fired else \
+                shape_error(settings, request_id_of(response.headers))
+        except Exception as e:
+            if isinstance(e, OmegaError):
+                raise
+            error = transport_error(e, settings, call, watch)
+        finally:                     # also when the caller closes the stream
+            end_watch(watch)
+            if not finished:
+                response.close()
+        if shown:
+            raise error
+        pause_before_retry(error, attempt, settings, call)
+
+
+def stream_json(data: bytes, settings: dict):
+    """One event's JSON (a dict or a list), or the error for malformed data."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ProviderError(not_json(data, e) + " (in the stream)", settings["name"]) from None
+    if not isinstance(value, (dict, list)):
+        raise shape_error(settings)
+    return value
+
+
+# Error types sent inside a 200 stream, as the HTTP status they stand for
+# (OpenAI/Anthropic `type`, Gemini `status`, OpenRouter `metadata.error_type`).
+STREAM_ERROR_STATUS = {
+    "invalid_request_error": 400, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
+    "authentication_error": 401, "UNAUTHENTICATED": 401, "permission_error": 403,
+    "PERMISSION_DENIED": 403, "not_found_error": 404, "NOT_FOUND": 404,
+    "request_too_large": 413, "rate_limit_error": 429, "rate_limit_exceeded": 429,
+    "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "api_error": 500, "server_error": 500,
+    "server": 500, "INTERNAL": 500, "provider_unavailable": 503, "UNAVAILABLE": 503,
+    "timeout": 504, "DEADLINE_EXCEEDED": 504, "overloaded_error": 529,
+    "provider_overloaded": 529,
+}
+
+
+def stream_error(data, settings: dict) -> ProviderError:
+    """An error sent inside a stream, classified as the HTTP error it stands for
+    (overloaded_error is a retryable 529, OpenRouter's code is its status …);
+    one with no known type counts as a server error (500)."""
+    holder = data[0] if isinstance(data, list) and data else data
+    err = holder.get("error") if isinstance(holder, dict) else None
+    status = None
+    if isinstance(err, dict):
+        meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
+        code = err.get("code")
+        if count(code) and 400 <= code <= 599:
+            status = code
+        else:
+            status = next((STREAM_ERROR_STATUS[k] for k in (err.get("type"), err.get("status"),
+                           code, meta.get("error_type"))
+                           if isinstance(k, str) and k in STREAM_ERROR_STATUS), None)
+    return error_from_body(holder, status or 500, settings)
+
+
+def ended_early(settings: dict) -> ProviderUnavailable:
+    return ProviderUnavailable("the stream ended early (no end marker)", settings["name"],
+                               retryable=True, reason="stream ended early")
 
 
 def shape_error(settings: dict, request_id: str | None = None) -> ProviderError:
@@ -1219,7 +1424,7 @@ def token_counts(input_tokens, output_tokens) -> tuple:
 # openai (and every OpenAI-compatible server)
 # -----------------------------------------------------------------------------
 
-def openai_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
+def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tuple[str, dict, dict]:
     key = require_key(settings)
     headers = {"Authorization": Secret(f"Bearer {key}")} if key else {}
     body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx)}
@@ -1232,6 +1437,10 @@ def openai_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
         body["max_completion_tokens" if official else "max_tokens"] = max_tokens
     if temperature is not None:
         body["temperature"] = temperature
+    if streaming:
+        body["stream"] = True
+        if settings.get("stream_usage", True):      # a server that rejects it: stream_usage = false
+            body["stream_options"] = {"include_usage": True}
     return settings["base_url"] + "/chat/completions", headers, body
 
 
@@ -1257,12 +1466,44 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
         stop_reason=stop, cost_usd=usage.get("cost")))
 
 
+def openai_events(chunks, settings: dict):
+    """SSE `data:` chunks: content deltas are the pieces; a refusal, the finish
+    reason and the usage chunk (after it, choices empty) go into the body; it ends
+    at `data: [DONE]` after a finish reason. An `error` in any chunk is raised, even
+    with the finish reason "error" (OpenRouter) or a [DONE] after it (vLLM)."""
+    text, refusal, finish, usage, model = [], [], None, None, None
+    for name, data in sse_events(chunks):
+        if data == b"[DONE]":
+            if finish is None:
+                break
+            return {"model": model, "usage": usage, "choices": [{"finish_reason": finish,
+                    "message": {"content": "".join(text), "refusal": "".join(refusal)}}]}
+        chunk = stream_json(data, settings)
+        if name == b"error":                  # old llama.cpp: the error object alone
+            raise stream_error({"error": chunk}, settings)
+        if not isinstance(chunk, dict) or chunk.get("error") or chunk.get("object") == "error":
+            raise stream_error(chunk, settings)
+        for choice in (chunk.get("choices") or ())[:1]:
+            delta = choice.get("delta") or {}
+            piece = delta.get("content")
+            if piece and isinstance(piece, str):
+                text.append(piece)
+                yield piece
+            if isinstance(delta.get("refusal"), str):
+                refusal.append(delta["refusal"])
+            finish = choice.get("finish_reason") or finish
+        usage = chunk.get("usage") or usage
+        model = chunk.get("model") or model
+    raise ended_early(settings)
+
+
 # -----------------------------------------------------------------------------
 # openrouter (the OpenAI format, plus attribution headers and cost)
 # -----------------------------------------------------------------------------
 
-def openrouter_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
-    url, headers, body = openai_request(ctx, settings)
+def openrouter_request(ctx: Context, settings: dict,
+                       streaming: bool = False) -> tuple[str, dict, dict]:
+    url, headers, body = openai_request(ctx, settings, streaming)
     if settings.get("referer"):
         headers["HTTP-Referer"] = settings["referer"]
     if settings.get("title"):
@@ -1271,13 +1512,15 @@ def openrouter_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
 
 
 openrouter_response = openai_response   # usage.cost and errors-in-200 are handled there
+openrouter_events = openai_events       # its `: OPENROUTER PROCESSING` comments are skipped
 
 
 # -----------------------------------------------------------------------------
 # anthropic
 # -----------------------------------------------------------------------------
 
-def anthropic_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
+def anthropic_request(ctx: Context, settings: dict,
+                      streaming: bool = False) -> tuple[str, dict, dict]:
     headers = {"x-api-key": require_key(settings), "anthropic-version": "2023-06-01"}
     system, messages = ctx.to_api_messages()
     body = {"model": model_of(ctx, settings),
@@ -1286,6 +1529,8 @@ def anthropic_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
         body["system"] = system
     if requested(ctx, settings, "temperature") is not None:
         body["temperature"] = requested(ctx, settings, "temperature")
+    if streaming:
+        body["stream"] = True
     return settings["base_url"] + "/v1/messages", headers, body
 
 
@@ -1304,6 +1549,37 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
         stop_reason=stop))
 
 
+def anthropic_events(chunks, settings: dict):
+    """`event:` + `data:` pairs: text_delta pieces (thinking, signatures and tool
+    input are not answer text); the message from message_start, its stop reason
+    and usage from message_delta (cumulative: replaced, never added); it ends at
+    message_stop. `event: error` (overloaded_error …) is raised."""
+    message, usage, text = {}, {}, []
+    for name, data in sse_events(chunks):
+        if name == b"ping":
+            continue
+        event = stream_json(data, settings)
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            piece = delta.get("text") if delta.get("type") == "text_delta" else None
+            if piece and isinstance(piece, str):
+                text.append(piece)
+                yield piece
+        elif kind == "error" or name == b"error":
+            raise stream_error(event, settings)
+        elif kind == "message_start":
+            message = dict(event.get("message") or {})
+            usage = dict(message.get("usage") or {})
+        elif kind == "message_delta":
+            delta = event.get("delta") or {}
+            message.update((k, delta[k]) for k in ("stop_reason", "stop_details") if k in delta)
+            usage.update(event.get("usage") or {})
+        elif kind == "message_stop":
+            return {**message, "usage": usage, "content": [{"type": "text", "text": "".join(text)}]}
+    raise ended_early(settings)
+
+
 def anthropic_input_tokens(usage: dict) -> int | None:
     """All input: fresh tokens plus cache writes plus cache reads (the claude CLI
     reports the same usage object)."""
@@ -1317,7 +1593,8 @@ def anthropic_input_tokens(usage: dict) -> int | None:
 # gemini
 # -----------------------------------------------------------------------------
 
-def gemini_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
+def gemini_request(ctx: Context, settings: dict,
+                   streaming: bool = False) -> tuple[str, dict, dict]:
     # The key travels in a header: URLs end up in proxy logs and tracebacks.
     headers = {"x-goog-api-key": require_key(settings)}
     system, messages = ctx.to_api_messages()
@@ -1333,7 +1610,8 @@ def gemini_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
     if config:
         body["generationConfig"] = config
     model = quote(model_of(ctx, settings).removeprefix("models/"), safe="")
-    return f"{settings['base_url']}/v1beta/models/{model}:generateContent", headers, body
+    method = "streamGenerateContent?alt=sse" if streaming else "generateContent"
+    return f"{settings['base_url']}/v1beta/models/{model}:{method}", headers, body
 
 
 def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
@@ -1359,6 +1637,34 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
         request_id=data.get("responseId")))
 
 
+def gemini_events(chunks, settings: dict):
+    """`data:` events (CRLF), each a whole GenerateContentResponse holding only new
+    parts: non-thought text parts are the pieces; usage is the last snapshot seen.
+    No end marker but a finishReason (or a blocked prompt) before the body ends.
+    An error arrives as a bare JSON object outside any `data:` field."""
+    text, last, candidate, feedback = [], {}, None, None
+    for name, data in sse_events(chunks):
+        chunk = stream_json(data, settings)
+        if name == b"raw" or not isinstance(chunk, dict) or "error" in chunk:
+            raise stream_error(chunk, settings)
+        for found in (chunk.get("candidates") or ())[:1]:
+            candidate = {**(candidate or {}), **found}
+            for part in (found.get("content") or {}).get("parts") or ():
+                piece = part.get("text")
+                if piece and isinstance(piece, str) and not part.get("thought"):
+                    text.append(piece)
+                    yield piece
+        feedback = chunk.get("promptFeedback") or feedback
+        last.update((k, chunk[k]) for k in ("usageMetadata", "modelVersion", "responseId")
+                    if chunk.get(k))
+    if not (candidate or {}).get("finishReason") and not (feedback or {}).get("blockReason"):
+        raise ended_early(settings)
+    if candidate is None:
+        return {**last, "promptFeedback": feedback}
+    candidate["content"] = {"parts": [{"text": "".join(text)}]}
+    return {**last, "candidates": [candidate]}
+
+
 def gemini_token_counts(usage) -> tuple:
     """(input, output): output counts thinking too; zero counts are left out."""
     if not isinstance(usage, dict):
@@ -1373,8 +1679,9 @@ def gemini_token_counts(usage) -> tuple:
 # ollama
 # -----------------------------------------------------------------------------
 
-def ollama_request(ctx: Context, settings: dict) -> tuple[str, dict, dict]:
-    body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx), "stream": False}
+def ollama_request(ctx: Context, settings: dict, streaming: bool = False) -> tuple[str, dict, dict]:
+    body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx),
+            "stream": streaming}      # Ollama streams unless told not to
     options = {"num_predict": requested(ctx, settings, "max_tokens"),
                "temperature": requested(ctx, settings, "temperature"),
                "num_ctx": settings.get("num_ctx")}
@@ -1396,6 +1703,23 @@ def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")))
 
 
+def ollama_events(chunks, settings: dict):
+    """NDJSON lines: message.content pieces (never `thinking`); the last line has
+    `done: true`, the stop reason and the counts. An `{"error"}` line is raised."""
+    text = []
+    for line in ndjson_lines(chunks):
+        data = stream_json(line, settings)
+        if not isinstance(data, dict) or data.get("error"):
+            raise stream_error(data, settings)
+        piece = (data.get("message") or {}).get("content")
+        if piece and isinstance(piece, str):
+            text.append(piece)
+            yield piece
+        if data.get("done"):
+            return {**data, "message": {"role": "assistant", "content": "".join(text)}}
+    raise ended_early(settings)
+
+
 # -----------------------------------------------------------------------------
 # claude-code (the local `claude` CLI, run as a subprocess)
 # -----------------------------------------------------------------------------
@@ -1405,8 +1729,10 @@ TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
 KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
 
 
-def claude_code_argv(ctx: Context, settings: dict, session_id: str | None) -> list[str]:
-    argv = [*shlex.split(settings["command"]), "-p", "--output-format", "json",
+def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
+                     streaming: bool = False) -> list[str]:
+    output = ["stream-json", "--verbose", "--include-partial-messages"] if streaming else ["json"]
+    argv = [*shlex.split(settings["command"]), "-p", "--output-format", *output,
             "--max-turns", str(ctx.max_turns or settings["max_turns"]),
             "--model", model_of(ctx, settings)]
     if session_id:
@@ -1615,12 +1941,24 @@ def claude_code_error(data: dict, settings: dict, **context) -> ProviderError:
 
 def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
     """Run `claude -p` with the prompt on stdin; resume on error_max_turns."""
+    return drain(claude_code_run(ctx, settings, call))
+
+
+def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = False):
+    """claude_code() as a generator: with streaming, the CLI's text as it is
+    written (see claude_code_events), and a TURN_SEPARATOR piece before each
+    auto-resumed run's text; returns the OutgoingMessage either way."""
     prompt, session_id = ctx.to_prompt_string(), ctx.session_id
-    texts, results, resumes = [], [], 0
+    texts, results, resumes, shown = [], [], 0, False
     while True:
-        argv = claude_code_argv(ctx, settings, session_id)
+        argv = claude_code_argv(ctx, settings, session_id, streaming)
         log_debug("claude-code: running %s", argv[:4] + ["…"])
-        data = claude_code_result(*run_claude(argv, prompt, settings, call), settings)
+        if streaming:
+            data = yield from claude_code_events(argv, prompt, settings, call,
+                                                 TURN_SEPARATOR if shown else "")
+            shown = shown or data.pop("_shown")
+        else:
+            data = claude_code_result(*run_claude(argv, prompt, settings, call), settings)
         results.append(data)
         if isinstance(data.get("session_id"), str):
             session_id = data["session_id"]
@@ -1648,6 +1986,67 @@ def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
         raise empty_answer(settings, "the CLI returned an empty result")
     return OutgoingMessage(TURN_SEPARATOR.join(texts),
                            claude_code_metadata(results, settings, session_id, ctx))
+
+
+def claude_code_events(argv: list[str], prompt: str, settings: dict, call: Call,
+                       before: str):
+    """Run the CLI once with stream-json output; yield the main agent's text as it
+    is written (before: a piece to send ahead of the first one) and return the
+    result object (with "_shown": whether anything was yielded). Only
+    `text_delta`s of the main agent are text: never tool input, thinking, or the
+    CLI's synthetic error messages. A new message's text after earlier text starts
+    with a blank line. When the CLI abandons a partly streamed message and sends it
+    again whole (it retries without streaming after a mid-stream overload), only
+    what extends the text already shown is yielded."""
+    child = start_claude(argv, settings, call)
+    errors: list[bytes] = []
+    result, shown, partial, streamed, new_message = None, False, "", set(), False
+    try:
+        for line in ndjson_lines(child_output(child, prompt.encode(), settings, call, errors)):
+            try:
+                event = json.loads(line)
+            except (ValueError, RecursionError):
+                continue                         # some builds print debug lines on stdout
+            if not isinstance(event, dict) or event.get("parent_tool_use_id"):
+                continue                         # a subagent's work is not the answer
+            kind, piece = event.get("type"), ""
+            if kind == "stream_event":
+                inner = event.get("event") if isinstance(event.get("event"), dict) else {}
+                delta = inner.get("delta") if isinstance(inner.get("delta"), dict) else {}
+                if inner.get("type") == "message_start":
+                    streamed.add((inner.get("message") or {}).get("id"))
+                    partial, new_message = "", True
+                elif delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                    piece = ("\n\n" if new_message and shown else "") + delta["text"]
+                    partial += delta["text"]
+                    new_message = False
+            elif kind == "assistant" and not event.get("error"):
+                message = event.get("message") if isinstance(event.get("message"), dict) else {}
+                if message.get("id") not in streamed and message.get("model") != "<synthetic>":
+                    whole = "".join(b.get("text") or "" for b in message.get("content") or ()
+                                    if isinstance(b, dict) and b.get("type") == "text"
+                                    and isinstance(b.get("text"), str))
+                    streamed.add(message.get("id"))
+                    if partial and whole.startswith(partial):
+                        piece = whole[len(partial):]
+                    elif whole:
+                        piece = ("\n\n" if shown else "") + whole
+                    partial, new_message = whole, False
+            elif kind == "result":
+                result = event
+            if piece:
+                if not shown and before:
+                    yield before
+                shown = True
+                yield piece
+    finally:
+        stop_group(child)
+    if result is None:
+        err = b"".join(errors).decode(errors="replace")
+        if not err.strip():
+            raise ended_early(settings)
+        result = claude_code_result(child.returncode, "", err, settings)
+    return {**result, "_shown": shown}
 
 
 def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -> MessageMetadata:
@@ -1683,16 +2082,33 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
 class Backend:
     defaults: dict                   # every key its config section accepts -> its default
     probe: Callable                  # (settings, deep: bool) -> (ready: bool | None, why)
-    request: Callable | None = None  # HTTP: (ctx, settings) -> (url, headers, body)
+    request: Callable | None = None  # HTTP: (ctx, settings, streaming) -> (url, headers, body)
     response: Callable | None = None  # HTTP: (data, settings) -> OutgoingMessage
-    run: Callable | None = None      # not HTTP: (ctx, settings, call) -> OutgoingMessage
+    events: Callable | None = None   # HTTP: (chunks, settings) -> pieces, returns data
+    run: Callable | None = None      # not HTTP: (ctx, settings, call, streaming) -> pieces,
+                                     #   returns OutgoingMessage
     key_env: tuple = ()              # environment variables that may hold its API key
     secret_env: tuple = ()           # other variables holding its credentials (redacted)
     base_url_env: str | None = None  # environment variable that may hold its base_url
     keyless_off_official: bool = False  # no key needed off the official base_url
 
     def call(self, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
-        return self.run(ctx, settings, call) if self.run else call_http(self, ctx, settings, call)
+        return drain(self.run(ctx, settings, call)) if self.run \
+            else call_http(self, ctx, settings, call)
+
+    def stream(self, ctx: Context, settings: dict, call: Call):
+        """A generator of text pieces that returns the OutgoingMessage."""
+        return self.run(ctx, settings, call, streaming=True) if self.run \
+            else stream_http(self, ctx, settings, call)
+
+
+def drain(pieces) -> OutgoingMessage:
+    """Run a generator of pieces to its end; what it returns."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as end:
+            return end.value
 
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
@@ -1752,33 +2168,39 @@ def claude_code_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
 
 BACKENDS = {
     "claude-code": Backend(
-        run=claude_code, probe=claude_code_ready,
+        run=claude_code_run, probe=claude_code_ready,
         secret_env=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"),
         defaults={**_COMMON, "model": "claude-sonnet-4-6", "model_complex": "claude-opus-4-6",
                   "timeout_secs": 3600, "command": "claude", "max_turns": 25,
                   "allowed_tools": [], "skip_permissions": False, "max_resume_attempts": 5,
                   "resume_delay_secs": 2, "working_dir": None, "oauth_token": None}),
     "ollama": Backend(
-        request=ollama_request, response=ollama_response, probe=ollama_ready,
+        request=ollama_request, response=ollama_response, events=ollama_events,
+        probe=ollama_ready,
         base_url_env="OLLAMA_HOST",
         defaults={**_HTTP, "model": "llama3", "base_url": "http://localhost:11434",
                   "num_ctx": None, "keep_alive": None}),
     "openai": Backend(
-        request=openai_request, response=openai_response, probe=key_ready,
-        key_env=("OPENAI_API_KEY",), base_url_env="OPENAI_BASE_URL", keyless_off_official=True,
-        defaults={**_KEYED, "model": "gpt-4o", "base_url": "https://api.openai.com/v1"}),
+        request=openai_request, response=openai_response, events=openai_events,
+        probe=key_ready, key_env=("OPENAI_API_KEY",), base_url_env="OPENAI_BASE_URL",
+        keyless_off_official=True,
+        defaults={**_KEYED, "model": "gpt-4o", "base_url": "https://api.openai.com/v1",
+                  "stream_usage": True}),
     "anthropic": Backend(
-        request=anthropic_request, response=anthropic_response, probe=key_ready,
+        request=anthropic_request, response=anthropic_response, events=anthropic_events,
+        probe=key_ready,
         key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
         defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
                   "base_url": "https://api.anthropic.com"}),
     "openrouter": Backend(
-        request=openrouter_request, response=openrouter_response, probe=key_ready,
-        key_env=("OPENROUTER_API_KEY",),
+        request=openrouter_request, response=openrouter_response, events=openrouter_events,
+        probe=key_ready, key_env=("OPENROUTER_API_KEY",),
         defaults={**_KEYED, "model": "anthropic/claude-sonnet-4",
-                  "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None}),
+                  "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None,
+                  "stream_usage": True}),
     "gemini": Backend(
-        request=gemini_request, response=gemini_response, probe=key_ready,
+        request=gemini_request, response=gemini_response, events=gemini_events,
+        probe=key_ready,
         key_env=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
         defaults={**_KEYED, "model": "gemini-2.0-flash",
                   "base_url": "https://generativelanguage.googleapis.com"}),
@@ -1947,62 +2369,143 @@ def complete(ctx: Context, provider: str | None = None, config=None, on_status=N
     bounds its part). Raises a ProviderError subclass (or ConfigError) with a
     one-line message; when fallbacks were tried too, the first provider's error,
     with err.fallbacks."""
-    started = time.monotonic()
+    return drain(answer(ctx, provider, config, on_status, fallback, timeout, streaming=False))
+
+
+def stream(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
+           fallback=None, timeout: float | None = None) -> "Stream":
+    """The answer as it is written: iterate for its text pieces (non-empty str),
+    then read .reply, the OutgoingMessage complete() would have returned. Same
+    arguments as complete(); the configuration is checked now, nothing is sent
+    before the first piece is asked for. Retries and fallback happen only before
+    the first piece; an error after it carries err.partial_text. close() (or
+    leaving a `with` block) stops the download or the claude process at once."""
+    return Stream(answer(ctx, provider, config, on_status, fallback, timeout, streaming=True))
+
+
+class Stream:
+    """Text pieces as they arrive (see stream()). `text` is the text so far;
+    `reply` is the OutgoingMessage once the answer ended well, else None."""
+
+    def __init__(self, pieces):
+        self._pieces, self._parts, self.reply = pieces, [], None
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        if self.reply is not None:
+            raise StopIteration
+        try:
+            piece = next(self._pieces)
+        except StopIteration as end:
+            self.reply = end.value
+            raise StopIteration from None
+        self._parts.append(piece)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def close(self) -> None:
+        """Stop now: the connection is closed, the claude process group stopped."""
+        self._pieces.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def answer(ctx, provider, config, on_status, fallback, timeout, streaming: bool):
+    """The arguments of complete() and stream() checked; the generator that does
+    the call (it starts when first asked for a piece)."""
     if isinstance(ctx, str):
         ctx = Context(ctx)
     if timeout is not None and not (number(timeout) and 0 < timeout < math.inf):
         raise ConfigError(f"timeout: expected a number of seconds greater than 0, got {timeout!r}")
     raw, path = read_config(config)
     chain = provider_chain(raw, provider, fallback)
-    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **raw.get("status", {})})
-    try:
-        reply = run_chain(ctx, chain, raw, path, on_status,
-                          started + timeout if timeout else math.inf)
-    finally:
-        stop_status()
-    reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
-    return reply
+    return run_chain(ctx, chain, raw, path, on_status, timeout, streaming)
 
 
 def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_status,
-              deadline: float) -> OutgoingMessage:
-    """Try each provider in turn until one answers; the first one's error otherwise."""
+              timeout: float | None, streaming: bool):
+    """Try each provider in turn until one answers; the first one's error otherwise.
+    Streaming, the pieces pass through: once one has, there is no going elsewhere."""
+    started = time.monotonic()
+    deadline = started + timeout if timeout else math.inf
+    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **raw.get("status", {})})
     failures: list[tuple[str, OmegaError]] = []
-    for index, name in enumerate(chain):
-        next_name = chain[index + 1] if index + 1 < len(chain) else None
-        try:
-            settings = provider_settings(raw, name, path)
-            if not settings["enabled"]:
+    try:
+        for index, name in enumerate(chain):
+            next_name = chain[index + 1] if index + 1 < len(chain) else None
+            shown: list[str] = []
+            try:
+                settings = provider_settings(raw, name, path)
+                if not settings["enabled"]:
+                    if index == 0:
+                        usable_settings(raw, name, path)       # the error that says so
+                    continue                                   # a disabled fallback is skipped
+                seconds = min(settings["timeout_secs"], deadline - time.monotonic())
+                call = Call.starting_now(max(seconds, 0), on_status, next_name)
+                if index == 0 and raw.get("provider", {}).get("auto_route") \
+                        and not ctx.model and not ctx.complex:
+                    ctx = routed(ctx, raw, path, name, call)
+                target = ctx if index == 0 else replace(ctx, model=None)
+                if streaming:
+                    reply = yield from relay(BACKENDS[name].stream(target, settings, call),
+                                             shown, stop_status)
+                else:
+                    reply = BACKENDS[name].call(target, settings, call)
+            except ProviderError as e:
+                if shown:                      # the text is on the user's screen already
+                    raise e.with_context(partial_text="".join(shown), fallbacks=[
+                        failure_text(n, f) for n, f in failures]) from None
+                failures.append((name, e))
+                if not worth_falling_back(e) or next_name is None:
+                    break
+                if on_status is not None:
+                    on_status(f"{name} {failure_label(e)}, trying {next_name}")
+                continue
+            except ConfigError as e:
                 if index == 0:
-                    usable_settings(raw, name, path)       # the error that says so
-                continue                                   # a disabled fallback is skipped
-            seconds = min(settings["timeout_secs"], deadline - time.monotonic())
-            call = Call.starting_now(max(seconds, 0), on_status, next_name)
-            if index == 0 and raw.get("provider", {}).get("auto_route") \
-                    and not ctx.model and not ctx.complex:
-                ctx = routed(ctx, raw, path, name, call)
-            reply = BACKENDS[name].call(ctx if index == 0 else replace(ctx, model=None),
-                                        settings, call)
-        except ProviderError as e:
-            failures.append((name, e))
-            if not worth_falling_back(e) or next_name is None:
-                break
-            if on_status is not None:
-                on_status(f"{name} {failure_label(e)}, trying {next_name}")
-            continue
-        except ConfigError as e:
-            if index == 0:
-                raise
-            failures.append((name, e))         # a broken fallback is reported, not skipped
-            continue
-        reply.metadata.provider_used = name
-        reply.metadata.fallbacks = [f"{n}: {e}" if isinstance(e, ConfigError) else str(e)
-                                    for n, e in failures]
-        return reply
+                    raise
+                failures.append((name, e))         # a broken fallback is reported, not skipped
+                continue
+            reply.metadata.provider_used = name
+            reply.metadata.fallbacks = [failure_text(n, e) for n, e in failures]
+            reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
+            return reply
+    finally:
+        stop_status()
     first = failures[0][1]
-    others = [f"{n}: {e}" if isinstance(e, ConfigError) else str(e) for n, e in failures[1:]]
+    others = [failure_text(n, e) for n, e in failures[1:]]
     hint = ready_elsewhere(raw, path, chain[0]) if first.not_set_up and not others else ""
     raise first.with_context(message=first.message + hint, fallbacks=others)
+
+
+def failure_text(name: str, error: OmegaError) -> str:
+    return f"{name}: {error}" if isinstance(error, ConfigError) else str(error)
+
+
+def relay(pieces, shown: list, on_first):
+    """Pass pieces on, keeping them in shown and calling on_first() (which stops the
+    status timer) at the first; returns what pieces returns. Closing this closes it."""
+    try:
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                return end.value
+            if not shown:
+                on_first()
+            shown.append(piece)
+            yield piece
+    finally:
+        pieces.close()
 
 
 def ask(prompt: str, provider: str | None = None, model: str | None = None,
@@ -2126,7 +2629,9 @@ def parse_args(argv):
         help="deadline for the whole call in seconds, fallbacks included")
     add("--fallback", metavar="P,P", type=provider_list,
         help="providers to try in order if the first fails (with -p, only these)")
-    add("--json", action="store_true", help="print {\"text\", \"metadata\"} as JSON")
+    add("--json", action="store_true", help="print {\"text\", \"metadata\"} as JSON (never streamed)")
+    add("--no-stream", action="store_true", help="print the answer when it is complete "
+                                                 "(default: as it is written)")
     add("-q", "--quiet", action="store_true", help="no status lines on stderr")
     add("-v", "--verbose", action="store_true", help="debug log and tracebacks on stderr")
     add("--check", action="store_true", help="show which providers are ready here, and why")
@@ -2181,6 +2686,26 @@ def tell(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
+
+
+def print_stream(answer: Stream) -> None:
+    """Write each piece as it arrives, then a newline. When the answer breaks off
+    (an error, Ctrl-C), the line is ended and the error says how much arrived; the
+    stream is closed whatever happens (the connection, the claude process group)."""
+    with answer:
+        try:
+            for piece in answer:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except (OmegaError, KeyboardInterrupt) as e:
+            if answer.text:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                if isinstance(e, ProviderError):
+                    raise e.with_context(message=f"{e.message} (the answer broke off after "
+                                                 f"{len(answer.text):,} characters)") from None
+            raise
+    sys.stdout.write("\n")
 
 
 def stopped_by_signal(signum, frame):
@@ -2238,11 +2763,15 @@ def run_cli(argv) -> int:
         ctx = Context(prompt, system_prompt=args.system, model=args.model,
                       complex=args.complex, max_tokens=args.max_tokens,
                       temperature=args.temperature)
-        reply = complete(ctx, provider=args.provider, config=config, on_status=say,
-                         fallback=args.fallback, timeout=args.timeout)
-        out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False) if args.json \
-            else reply.text
-        sys.stdout.write(out + "\n")
+        options = dict(provider=args.provider, config=config, on_status=say,
+                       fallback=args.fallback, timeout=args.timeout)
+        if args.json or args.no_stream:
+            reply = complete(ctx, **options)
+            out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False) \
+                if args.json else reply.text
+            sys.stdout.write(out + "\n")
+        else:
+            print_stream(stream(ctx, **options))
         sys.stdout.flush()
         return 0
     except BrokenPipeError:                    # `omega ... | head`: the reader left

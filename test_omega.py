@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -70,6 +71,7 @@ class FakeAPI(http.server.ThreadingHTTPServer):
         self.release = threading.Event()     # ends a stalled reply early
         self.lock = threading.Lock()
         self.connections = 0
+        self.hangups = 0                     # streams the client left before their end
 
     @property
     def url(self):
@@ -146,7 +148,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             try:
                 self.hostile(spec, headers, data)
             except OSError:                  # the client hung up: what we wanted
-                pass
+                with self.server.lock:
+                    self.server.hangups += 1
             return
         self.send_response(spec["status"])
         for k, v in headers.items():
@@ -194,11 +197,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                             "Content-Length": str(len(bomb))})
             write(bomb)
             return
-        self.send_head(spec["status"], {**headers, **({"Transfer-Encoding": "chunked"} if chunked
-                                                      else {"Connection": "close"})})
+        self.send_head(spec["status"], {**headers, "Connection": "close",
+                                        **({"Transfer-Encoding": "chunked"} if chunked else {})})
 
         def send(piece):
             write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if action == "stream":           # data in random slices of 1 to `most` bytes
+            rnd, i = random.Random(spec.get("seed", 0)), 0
+            while i < len(data):
+                n = rnd.randint(1, spec.get("most", 4096))
+                send(data[i:i + n])
+                i += n
+                if spec.get("hold_at") is not None and i > spec["hold_at"]:
+                    spec["hold_at"] = None           # wait once, then finish
+                    if spec.get("then") == "cut":
+                        return
+                    release.wait(10)
+            if chunked:
+                write(b"0\r\n\r\n")
+            if spec.get("linger"):                   # keep the connection after the end
+                release.wait(10)
+            return
         if action == "pieces":
             started = time.monotonic()
             for at, piece in spec["pieces"]:
@@ -207,8 +226,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 send(piece)
             release.wait(10)
             return
-        piece, every = b"x" * spec.get("chunk", 1 << 20), spec.get("every", 0)
-        send(b'{"models": ["')                            # endless / endless_close
+        piece, every = spec.get("piece") or b"x" * spec.get("chunk", 1 << 20), spec.get("every", 0)
+        send(spec.get("first", b'{"models": ["'))        # endless / endless_close
         while not release.wait(every):
             send(piece)
 
@@ -219,7 +238,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
 
-HOSTILE = ("endless", "endless_close", "gzip_bomb", "trickle_head", "pieces")
+HOSTILE = ("endless", "endless_close", "gzip_bomb", "trickle_head", "pieces", "stream")
 
 
 def sent_key(headers):
@@ -1602,7 +1621,8 @@ def test_cli_flags_reach_the_wire(api, capsys):
     assert code == 0 and capsys.readouterr().out == "Hello from OpenAI\n"
     assert api.last().body == {"model": "gpt-4.1", "max_tokens": 9, "temperature": 0.5,
                                "messages": [{"role": "system", "content": "Be terse"},
-                                            {"role": "user", "content": "hi"}]}
+                                            {"role": "user", "content": "hi"}],
+                               "stream": True, "stream_options": {"include_usage": True}}
     api.reply(gemini_ok())
     config = cfg("gemini", api)
     config["provider"]["default"] = "openai"
@@ -2108,6 +2128,7 @@ def test_cli_unexpected_error_is_one_line(monkeypatch, capsys):
         raise RuntimeError(f"kaboom with {ENV_KEY}")
     monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
     monkeypatch.setattr(omega, "complete", broken)
+    monkeypatch.setattr(omega, "stream", broken)
     assert omega.main(["-p", "openai", "hi"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("omega: internal error: RuntimeError: kaboom") and err.count("\n") == 1
@@ -2775,3 +2796,573 @@ def test_omega_py_is_executable():
     assert os.access(OMEGA_PY, os.X_OK)
     with open(OMEGA_PY) as f:
         assert f.readline().startswith("#!")
+
+
+# =============================================================================
+# 15. Streaming
+# =============================================================================
+
+# Real-shaped stream bodies, byte for byte (Gemini's keep their CRLF line ends):
+# OpenAI, OpenRouter and Ollama built from the documented shapes, Anthropic from the
+# docs' examples, Gemini recorded by Google for its SDKs' tests.
+STREAM_BODIES = {
+    'anthropic/error_midstream_overloaded.sse': (
+        b'event: message_start\n'
+        b'data: {"type":"message_start","message":{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":472,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":2,"service_tier":"standard"}}}\n'
+        b'\n'
+        b'event: content_block_start\n'
+        b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"The answer"}}\n'
+        b'\n'
+        b'event: error\n'
+        b'data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n'
+        b'\n'
+    ),
+    'anthropic/normal_docs_example.sse': (
+        b'event: message_start\n'
+        b'data: {"type": "message_start", "message": {"id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY", "type": "message", "role": "assistant", "content": [], "model": "claude-opus-5", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "output_tokens": 1}}}\n'
+        b'\n'
+        b'event: content_block_start\n'
+        b'data: {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}\n'
+        b'\n'
+        b'event: ping\n'
+        b'data: {"type": "ping"}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "!"}}\n'
+        b'\n'
+        b'event: content_block_stop\n'
+        b'data: {"type": "content_block_stop", "index": 0}\n'
+        b'\n'
+        b'event: message_delta\n'
+        b'data: {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence":null}, "usage": {"output_tokens": 15}}\n'
+        b'\n'
+        b'event: message_stop\n'
+        b'data: {"type": "message_stop"}\n'
+        b'\n'
+    ),
+    'anthropic/refusal.sse': (
+        b'event: message_start\n'
+        b'data: {"type":"message_start","message":{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":472,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":2,"service_tier":"standard"}}}\n'
+        b'\n'
+        b'event: content_block_start\n'
+        b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello.."}}\n'
+        b'\n'
+        b'event: content_block_stop\n'
+        b'data: {"type":"content_block_stop","index":0}\n'
+        b'\n'
+        b'event: message_delta\n'
+        b'data: {"type":"message_delta","delta":{"stop_reason":"refusal","stop_sequence":null,"stop_details":{"type":"refusal","category":"cyber","explanation":null}},"usage":{"output_tokens":4}}\n'
+        b'\n'
+        b'event: message_stop\n'
+        b'data: {"type":"message_stop"}\n'
+        b'\n'
+    ),
+    'anthropic/thinking_docs_example.sse': (
+        b'event: message_start\n'
+        b'data: {"type": "message_start", "message": {"id": "msg_01...", "type": "message", "role": "assistant", "content": [], "model": "claude-opus-5", "stop_reason": null, "stop_sequence": null}}\n'
+        b'\n'
+        b'event: content_block_start\n'
+        b'data: {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "I need to find the GCD of 1071 and 462 using the Euclidean algorithm.\\n\\n1071 = 2 \xc3\x97 462 + 147"}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "\\n462 = 3 \xc3\x97 147 + 21"}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "\\n147 = 7 \xc3\x97 21 + 0"}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "\\nThe remainder is 0, so GCD(1071, 462) = 21."}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds..."}}\n'
+        b'\n'
+        b'event: content_block_stop\n'
+        b'data: {"type": "content_block_stop", "index": 0}\n'
+        b'\n'
+        b'event: content_block_start\n'
+        b'data: {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}\n'
+        b'\n'
+        b'event: content_block_delta\n'
+        b'data: {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "The greatest common divisor of 1071 and 462 is **21**."}}\n'
+        b'\n'
+        b'event: content_block_stop\n'
+        b'data: {"type": "content_block_stop", "index": 1}\n'
+        b'\n'
+        b'event: message_delta\n'
+        b'data: {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}}\n'
+        b'\n'
+        b'event: message_stop\n'
+        b'data: {"type": "message_stop"}\n'
+        b'\n'
+    ),
+    'gemini/blocked_prompt.GE-FIX.sse': (
+        b'data: {"promptFeedback": {"blockReason": "SAFETY","safetyRatings": [{"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_HATE_SPEECH","probability": "HIGH"},{"category": "HARM_CATEGORY_HARASSMENT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_DANGEROUS_CONTENT","probability": "NEGLIGIBLE"}]}}\r\n'
+    ),
+    'gemini/error_midstream.GE-FIX.sse': (
+        b'data: {"candidates": [{"content": {"parts": [{"text": "First "}]},"finishReason": "STOP","index": 0,"safetyRatings": [{"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_HATE_SPEECH","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_HARASSMENT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_DANGEROUS_CONTENT","probability": "NEGLIGIBLE"}]}],"promptFeedback": {"safetyRatings": [{"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_HATE_SPEECH","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_HARASSMENT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_DANGEROUS_CONTENT","probability": "NEGLIGIBLE"}]}}\n'
+        b'\n'
+        b'data: {"candidates": [{"content": {"parts": [{"text": "Second "}]},"finishReason": "STOP","index": 0,"safetyRatings": [{"category": "HARM_CATEGORY_SEXUALLY_EXPLICIT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_HATE_SPEECH","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_HARASSMENT","probability": "NEGLIGIBLE"},{"category": "HARM_CATEGORY_DANGEROUS_CONTENT","probability": "NEGLIGIBLE"}]}]}\n'
+        b'\n'
+        b'{\n'
+        b'  "error": {\n'
+        b'    "code": 499,\n'
+        b'    "message": "The operation was cancelled.",\n'
+        b'    "status": "CANCELLED",\n'
+        b'    "details": [\n'
+        b'      {\n'
+        b'        "@type": "type.googleapis.com/google.rpc.DebugInfo",\n'
+        b'        "detail": "[ORIGINAL ERROR] generic::cancelled: "\n'
+        b'      }\n'
+        b'    ]\n'
+        b'  }\n'
+        b'}\n'
+    ),
+    'gemini/normal_with_usage.GE-FIX.sse': (
+        b'data: {"candidates": [{"content": {"parts": [{"text": "The"}],"role": "model"}}],"usageMetadata": {"promptTokenCount": 7,"totalTokenCount": 7,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 7}]},"modelVersion": "gemini-2.0-flash"}\r\n'
+        b'\r\n'
+        b'data: {"candidates": [{"content": {"parts": [{"text": " capital of Wyoming"}],"role": "model"}}],"usageMetadata": {"promptTokenCount": 7,"totalTokenCount": 7,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 7}]},"modelVersion": "gemini-2.0-flash"}\r\n'
+        b'\r\n'
+        b'data: {"candidates": [{"content": {"parts": [{"text": " is **Cheyenne**.\\n"}],"role": "model"},"finishReason": "STOP"}],"usageMetadata": {"promptTokenCount": 7,"candidatesTokenCount": 10,"totalTokenCount": 17,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 7}],"candidatesTokensDetails": [{"modality": "TEXT","tokenCount": 10}]},"modelVersion": "gemini-2.0-flash"}\r\n'
+        b'\r\n'
+    ),
+    'gemini/thinking_thought_parts.GE-FIX.sse': (
+        b'data: {"candidates": [{"content": {"parts": [{"text": "**Exploring Sky Color**\\n\\nI\'ve zeroed in on the core question: why does the sky appear blue? My thought process has taken shape, highlighting sunlight\'s composition, the atmospheric role, and the significance of scattering. Specifically, I\'m focusing on Rayleigh scattering and how the wavelengths of light interact. My next step will be to explain this.\\n\\n\\n","thought": true}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 10,"totalTokenCount": 80,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 10}],"thoughtsTokenCount": 70},"modelVersion": "gemini-2.5-flash","responseId": "0J-HaJetAqv0jrEPwu-tsQ0"}\r\n'
+        b'\r\n'
+        b'data: {"candidates": [{"content": {"parts": [{"text": "**Refining the Explanation**\\n\\nI\'m now in the process of formulating a clear and concise explanation. The initial draft is complete and it explains why the sky appears blue by referencing how sunlight is scattered by Earth\'s atmosphere. I\'m focusing on the significance of the shorter wavelengths of blue light, ensuring a comprehensive understanding is conveyed. The current plan is to finalize the explanation.\\n\\n\\n","thought": true}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 10,"totalTokenCount": 328,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 10}],"thoughtsTokenCount": 318},"modelVersion": "gemini-2.5-flash","responseId": "0J-HaJetAqv0jrEPwu-tsQ0"}\r\n'
+        b'\r\n'
+        b'data: {"candidates": [{"content": {"parts": [{"text": "**Constructing a Concise Answer**\\n\\nI\'ve formulated a succinct explanation for why the sky is blue. Sunlight contains all colors. Tiny gas molecules in the atmosphere scatter sunlight. Blue light has shorter wavelengths, scattering more efficiently. This dispersed blue light fills the sky, making it appear blue to us. I\'m satisfied with this concise response.\\n\\n\\n","thought": true}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 10,"totalTokenCount": 550,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 10}],"thoughtsTokenCount": 540},"modelVersion": "gemini-2.5-flash","responseId": "0J-HaJetAqv0jrEPwu-tsQ0"}\r\n'
+        b'\r\n'
+        b'data: {"candidates": [{"content": {"parts": [{"text": "The sky is blue because tiny gas molecules in Earth\'s atmosphere scatter blue light from the sun more efficiently than other colors."}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 10,"candidatesTokenCount": 22,"totalTokenCount": 572,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 10}],"thoughtsTokenCount": 540},"modelVersion": "gemini-2.5-flash","responseId": "0J-HaJetAqv0jrEPwu-tsQ0"}\r\n'
+        b'\r\n'
+        b'data: {"candidates": [{"content": {"parts": [{"text": " Blue light has shorter, smaller wavelengths, causing it to be scattered in all directions, making the sky appear blue to our eyes."}],"role": "model"},"finishReason": "STOP","index": 0}],"usageMetadata": {"promptTokenCount": 10,"candidatesTokenCount": 48,"totalTokenCount": 598,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 10}],"thoughtsTokenCount": 540},"modelVersion": "gemini-2.5-flash","responseId": "0J-HaJetAqv0jrEPwu-tsQ0"}\r\n'
+        b'\r\n'
+    ),
+    'ollama/error_midstream.ndjson': (
+        b'{"model":"llama3.2","created_at":"2025-10-26T17:21:21.196249Z","message":{"role":"assistant","content":" Yes"},"done":false}\n'
+        b'{"model":"llama3.2","created_at":"2025-10-26T17:21:21.207235Z","message":{"role":"assistant","content":"."},"done":false}\n'
+        b'{"error":"an error was encountered while running the model"}\n'
+    ),
+    'ollama/normal_with_usage.ndjson': (
+        b'{"model":"llama3.2","created_at":"2025-10-26T17:15:24.097767Z","message":{"role":"assistant","content":"The"},"done":false}\n'
+        b'{"model":"llama3.2","created_at":"2025-10-26T17:15:24.109172Z","message":{"role":"assistant","content":" sky"},"done":false}\n'
+        b'{"model":"llama3.2","created_at":"2025-10-26T17:15:24.121485Z","message":{"role":"assistant","content":" is blue."},"done":false}\n'
+        b'{"model":"llama3.2","created_at":"2025-10-26T17:15:24.132802Z","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","total_duration":4883583458,"load_duration":1334875,"prompt_eval_count":26,"prompt_eval_duration":342546000,"eval_count":282,"eval_duration":4535599000}\n'
+    ),
+    'openai/error_midstream.sse': (
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":"The answer"},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":" is"},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"error":{"message":"The server had an error while processing your request. Sorry about that!","type":"server_error","param":null,"code":null}}\n'
+        b'\n'
+        b'data: [DONE]\n'
+        b'\n'
+    ),
+    'openai/normal.sse': (
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":"Hello"},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":"!"},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":" How can I help?"},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"obfuscation":""}\n'
+        b'\n'
+        b'data: [DONE]\n'
+        b'\n'
+    ),
+    'openai/refusal.sse': (
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"role":"assistant","content":null,"refusal":""},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"refusal":"I\'m sorry,"},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"refusal":" I can\'t help with that."},"logprobs":null,"finish_reason":null}],"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"obfuscation":""}\n'
+        b'\n'
+        b'data: [DONE]\n'
+        b'\n'
+    ),
+    'openai/usage.sse': (
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":"Hello"},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":"!"},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{"content":" How can I help?"},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"Xy3k"}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null,"obfuscation":""}\n'
+        b'\n'
+        b'data: {"id":"chatcmpl-C9xYzAbCdEfGhIjKlMnOpQrStUv","object":"chat.completion.chunk","created":1764636000,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_560af6e559","choices":[],"usage":{"prompt_tokens":19,"completion_tokens":9,"total_tokens":28,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"obfuscation":"pQ"}\n'
+        b'\n'
+        b'data: [DONE]\n'
+        b'\n'
+    ),
+    'openrouter/error_midstream.sse': (
+        b': OPENROUTER PROCESSING\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"role":"assistant","content":"The answer"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}]}\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"role":"assistant","content":" is"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}]}\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error","native_finish_reason":null,"logprobs":null}],"error":{"code":502,"message":"Provider disconnected unexpectedly","metadata":{"error_type":"provider_unavailable"}}}\n'
+        b'\n'
+    ),
+    'openrouter/normal_usage_cost.sse': (
+        b': OPENROUTER PROCESSING\n'
+        b'\n'
+        b': OPENROUTER PROCESSING\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fp_560af6e559"}\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}]}\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"role":"assistant","content":"!"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}]}\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"role":"assistant","content":" How can I help?"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}]}\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"stop","native_finish_reason":"stop","logprobs":null}]}\n'
+        b'\n'
+        b'data: {"id":"gen-1764636000-AbCdEfGhIjKlMnOpQrSt","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1764636000,"choices":[],"usage":{"prompt_tokens":13,"completion_tokens":9,"total_tokens":22,"cost":7.35e-06,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"cost_details":{"upstream_inference_cost":null,"upstream_inference_prompt_cost":1.95e-06,"upstream_inference_completions_cost":5.4e-06},"completion_tokens_details":{"reasoning_tokens":0,"image_tokens":0}}}\n'
+        b'\n'
+        b'data: [DONE]\n'
+        b'\n'
+    ),
+}
+
+# What each body must give: (pieces, text or None, (input, output, stop, cost) or the
+# error class, its status and whether it may be retried).
+STREAM_EXPECTED = {
+    "openai/normal.sse": (["Hello", "!", " How can I help?"], "Hello! How can I help?",
+                          (None, None, "stop", None)),
+    "openai/usage.sse": (["Hello", "!", " How can I help?"], "Hello! How can I help?",
+                         (19, 9, "stop", None)),
+    "openai/refusal.sse": (["I'm sorry, I can't help with that."],
+                           "I'm sorry, I can't help with that.", (None, None, "refusal", None)),
+    "openai/error_midstream.sse": (["The answer", " is"], None, (omega.ProviderError, 500, True)),
+    "openrouter/normal_usage_cost.sse": (["Hello", "!", " How can I help?"],
+                                         "Hello! How can I help?", (13, 9, "stop", 7.35e-06)),
+    "openrouter/error_midstream.sse": (["The answer", " is"], None,
+                                       (omega.ProviderError, 502, True)),
+    "anthropic/normal_docs_example.sse": (["Hello", "!"], "Hello!", (25, 15, "end_turn", None)),
+    "anthropic/thinking_docs_example.sse": (
+        ["The greatest common divisor of 1071 and 462 is **21**."],
+        "The greatest common divisor of 1071 and 462 is **21**.", (None, None, "end_turn", None)),
+    "anthropic/refusal.sse": (["Hello.."], "Hello..", (472, 4, "refusal", None)),
+    "anthropic/error_midstream_overloaded.sse": (["The answer"], None,
+                                                 (omega.ProviderError, 529, True)),
+    "gemini/normal_with_usage.GE-FIX.sse": (
+        ["The", " capital of Wyoming", " is **Cheyenne**.\n"],
+        "The capital of Wyoming is **Cheyenne**.\n", (7, 10, "STOP", None)),
+    "gemini/thinking_thought_parts.GE-FIX.sse": (
+        ["The sky is blue because tiny gas molecules in Earth's atmosphere scatter blue light "
+         "from the sun more efficiently than other colors.",
+         " Blue light has shorter, smaller wavelengths, causing it to be scattered in all "
+         "directions, making the sky appear blue to our eyes."], None, (10, 588, "STOP", None)),
+    "gemini/blocked_prompt.GE-FIX.sse": ([], None, (omega.EmptyResponse, None, False)),
+    "gemini/error_midstream.GE-FIX.sse": (["First ", "Second "], None,
+                                          (omega.ProviderError, 499, False)),
+    "ollama/normal_with_usage.ndjson": (["The", " sky", " is blue."], "The sky is blue.",
+                                        (26, 282, "stop", None)),
+    "ollama/error_midstream.ndjson": ([" Yes", "."], None, (omega.ProviderError, 500, True)),
+}
+STREAM_TYPES = {"sse": "text/event-stream", "ndjson": "application/x-ndjson"}
+
+
+def serve_stream(api, body, framing="chunked", seed=0, most=4096, status=200, headers=None,
+                 **extra):
+    kind = "ndjson" if body.startswith(b"{") and b"\ndata:" not in body else "sse"
+    return api.reply(raw=body, status=status, action="stream", framing=framing, seed=seed,
+                     most=most, headers={"Content-Type": STREAM_TYPES[kind], **(headers or {})},
+                     **extra)
+
+
+def sse(*events, done=True):
+    """An OpenAI-style SSE body from chunk dicts (and the [DONE] line)."""
+    lines = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+    return b"".join(lines) + (b"data: [DONE]\n\n" if done else b"")
+
+
+def oa_chunk(content=None, finish=None, **extra):
+    delta = {} if content is None else {"content": content}
+    return {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+
+def stream_via(name, api, ctx=None, **section):
+    s = omega.stream(ctx or omega.Context("hi"), name, cfg(name, api, **section))
+    pieces = []
+    with s:
+        for piece in s:
+            pieces.append(piece)
+    return pieces, s
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+@pytest.mark.parametrize("fixture", sorted(STREAM_EXPECTED))
+def test_stream_bodies_in_random_slices(api, fixture, framing):
+    name = fixture.split("/")[0]
+    pieces, text, outcome = STREAM_EXPECTED[fixture]
+    text = text or "".join(pieces)
+    body = STREAM_BODIES[fixture]
+    for seed, most in ((1, 1), (2, 7), (3, 4096)):          # byte by byte, small, whole
+        serve_stream(api, body, framing, seed, most)
+        got = []
+        s = omega.stream("hi", name, cfg(name, api, max_retries=0))
+        if isinstance(outcome[0], type):
+            with pytest.raises(outcome[0]) as err:
+                for piece in s:
+                    got.append(piece)
+            assert type(err.value) is outcome[0]
+            assert (err.value.status, err.value.retryable) == outcome[1:]
+            assert err.value.partial_text == ("".join(pieces) or None)
+            assert s.reply is None
+        else:
+            got = list(s)
+            m = s.reply.metadata
+            assert s.reply.text == text == s.text
+            assert (m.input_tokens, m.output_tokens, m.stop_reason, m.cost_usd) == outcome
+            assert (m.provider_used, m.attempts) == (name, 1)
+        assert got == pieces
+
+
+def test_stream_requests_say_stream_in_each_apis_way(api):
+    bodies = {"openai": sse(oa_chunk("a"), oa_chunk(finish="stop")),
+              "openrouter": sse(oa_chunk("a"), oa_chunk(finish="stop")),
+              "anthropic": STREAM_BODIES["anthropic/normal_docs_example.sse"],
+              "gemini": STREAM_BODIES["gemini/normal_with_usage.GE-FIX.sse"],
+              "ollama": STREAM_BODIES["ollama/normal_with_usage.ndjson"]}
+    for name, body in bodies.items():
+        serve_stream(api, body)
+        stream_via(name, api)
+        sent = api.last()
+        assert sent.headers["accept-encoding"] == "identity"
+        if name == "gemini":
+            assert sent.path == "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+            assert "stream" not in sent.body
+        else:
+            assert sent.body["stream"] is True
+        if name in ("openai", "openrouter"):
+            assert sent.body["stream_options"] == {"include_usage": True}
+    serve_stream(api, bodies["openai"])
+    stream_via("openai", api, stream_usage=False)             # a server that rejects it
+    assert "stream_options" not in api.last().body and api.last().body["stream"] is True
+
+
+def test_stream_reply_equals_what_complete_returns(api):
+    serve_stream(api, STREAM_BODIES["anthropic/normal_docs_example.sse"],
+                 headers={"Content-Type": "text/event-stream", "request-id": "req_9"})
+    _, s = stream_via("anthropic", api)
+    api.reply(anthropic_ok({"type": "text", "text": "Hello!"}, stop="end_turn",
+                           usage={"input_tokens": 25, "output_tokens": 15}),
+              headers={"request-id": "req_9"})
+    whole = omega.complete("hi", "anthropic", cfg("anthropic", api))
+    same = ("text", "provider_used", "input_tokens", "output_tokens", "tokens_used",
+            "stop_reason", "request_id", "attempts", "fallbacks")
+    streamed = {**s.reply.to_dict()["metadata"], "text": s.reply.text}
+    complete = {**whole.to_dict()["metadata"], "text": whole.text}
+    assert {k: streamed[k] for k in same} == {k: complete[k] for k in same}
+    assert s.reply.metadata.model == "claude-opus-5"           # from message_start
+    assert s.reply.metadata.processing_time_ms is not None
+
+
+def test_stream_of_a_plain_json_answer_is_one_piece(api):
+    api.reply(openai_ok("all at once"))                         # a gateway that does not stream
+    pieces, s = stream_via("openai", api)
+    assert pieces == ["all at once"] and s.reply.metadata.output_tokens == 5
+
+
+def test_nothing_is_sent_before_the_first_piece_is_asked_for(api):
+    serve_stream(api, sse(oa_chunk("a"), oa_chunk(finish="stop")))
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    time.sleep(0.05)
+    assert api.requests == [] and s.reply is None and s.text == ""
+    assert next(s) == "a" and len(api.requests) == 1
+    with pytest.raises(omega.ConfigError):                       # checked when called
+        omega.stream("hi", "nope")
+
+
+# The framing traps: each body, cut at every possible place into two reads.
+SSE_CASES = {
+    "crlf": (b"data: a\r\n\r\ndata: b\r\n\r\n", [b"a", b"b"]),
+    "cr-only": (b"data: a\r\rdata: b\r\r", [b"a", b"b"]),
+    "comments-and-unknown-fields": (b": keep-alive\n\nid: 7\nretry: 5\ndata: a\n\nid: 8\n\n",
+                                    [b"a"]),
+    "multi-line-data": (b"data: {\"a\":\ndata: 1}\n\n", [b"{\"a\":\n1}"]),
+    "no-space-after-colon": (b"data:a\n\n", [b"a"]),
+    "no-final-blank-line": (b"data: a\n\ndata: [DONE]", [b"a", b"[DONE]"]),
+    "utf8-and-u2028": ("data: \"é – \u2028 ✓\"\n\n".encode(), ["\"é – \u2028 ✓\"".encode()]),
+    "bom": (b"\xef\xbb\xbfdata: a\n\n", [b"a"]),
+    "event-names": (b"event: ping\ndata: {}\n\nevent: message_stop\ndata: x\n\n",
+                    [b"{}", b"x"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SSE_CASES))
+def test_sse_framing_survives_every_split(case):
+    body, expected = SSE_CASES[case]
+    for cut in range(len(body) + 1):
+        events = list(omega.sse_events(iter([body[:cut], body[cut:]])))
+        assert [data for _, data in events] == expected, cut
+    singles = list(omega.sse_events(iter([body[i:i + 1] for i in range(len(body))])))
+    assert [data for _, data in singles] == expected
+
+
+def test_ndjson_lines_survive_every_split():
+    body = b'{"a": 1}\r\n\n{"b": "\xc3\xa9"}\n{"c": 3}'
+    for cut in range(len(body) + 1):
+        lines = [json.loads(x) for x in omega.ndjson_lines(iter([body[:cut], body[cut:]]))]
+        assert lines == [{"a": 1}, {"b": "é"}, {"c": 3}]
+
+
+@pytest.mark.parametrize("body, status, retryable", [
+    # vLLM: the error, then [DONE] anyway; its code is the HTTP status
+    (sse(oa_chunk("x"), {"error": {"message": "bad", "type": "BadRequestError", "code": 400}}),
+     400, False),
+    # old llama.cpp: an `error:` field that a standard parser would drop
+    (sse(oa_chunk("x"), done=False) + b'error: {"code":400,"message":"the request exceeds the '
+     b'available context size","type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n', 400, False),
+    # current llama.cpp: data with an error, then the end
+    (sse(oa_chunk("x"), {"error": {"code": 500, "message": "oops", "type": "server_error"}},
+         done=False), 500, True),
+    # old vLLM: the error object unwrapped
+    (sse(oa_chunk("x"), {"object": "error", "message": "engine dead", "code": 503}, done=False),
+     500, True),
+    # [DONE] without a finish reason, or no end at all: ended early
+    (sse(oa_chunk("x")), None, True),
+    (sse(oa_chunk("x"), done=False), None, True),
+], ids=["vllm", "llamacpp-legacy", "llamacpp-current", "vllm-old", "done-unfinished", "eof"])
+def test_in_stream_errors_of_compatible_servers(api, body, status, retryable):
+    serve_stream(api, body)
+    with pytest.raises(omega.ProviderError) as err:
+        stream_via("openai", api, max_retries=0)
+    assert (err.value.status, err.value.retryable, err.value.partial_text) == \
+        (status, retryable, "x")
+    if status is None:
+        assert isinstance(err.value, omega.ProviderUnavailable)
+        assert "ended early" in str(err.value)
+
+
+@pytest.mark.parametrize("first", [
+    b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\","
+    b"\"message\":\"Overloaded\"}}\n\n",
+    b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}\n\n",
+], ids=["overloaded-first-event", "ended-before-text"])
+def test_failures_before_the_first_piece_are_retried(api, first):
+    serve_stream(api, first)
+    serve_stream(api, STREAM_BODIES["anthropic/normal_docs_example.sse"])
+    statuses = []
+    s = omega.stream("hi", "anthropic", cfg("anthropic", api), on_status=statuses.append)
+    assert list(s) == ["Hello", "!"] and s.reply.metadata.attempts == 2
+    assert len(api.requests) == 2 and "retrying" in statuses[0]
+
+
+def test_failures_after_the_first_piece_are_not_retried_nor_sent_elsewhere(api):
+    other = FakeAPI()
+    threading.Thread(target=other.serve_forever, args=(0.02,), daemon=True).start()
+    try:
+        serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"])
+        config = cfg("anthropic", api)
+        config["provider"]["openai"] = {"base_url": other.url + "/v1", "api_key": KEY}
+        s = omega.stream("hi", "anthropic", config, fallback=["openai"])
+        with pytest.raises(omega.ProviderError) as err:
+            list(s)
+        assert err.value.partial_text == "The answer" and err.value.status == 529
+        assert len(api.requests) == 1 and other.requests == []
+        # Before any piece, the same failure goes on to the fallback.
+        serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"]
+                     .split(b"event: content_block_delta")[0] + b"event: error\ndata: "
+                     b"{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n")
+        serve_stream(other, sse(oa_chunk("from the fallback"), oa_chunk(finish="stop")))
+        config["provider"]["anthropic"]["max_retries"] = 0
+        s = omega.stream("hi", "anthropic", config, fallback=["openai"])
+        assert list(s) == ["from the fallback"]
+        assert s.reply.metadata.provider_used == "openai"
+        assert "overloaded" in s.reply.metadata.fallbacks[0]
+    finally:
+        other.release.set()
+        other.shutdown()
+        other.server_close()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_the_deadline_holds_mid_stream(api, framing):
+    first = sse(oa_chunk("early"), done=False)
+    api.reply(action="pieces", framing=framing, pieces=[(0, first)],
+              headers={"Content-Type": "text/event-stream"})
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout) as err:
+        stream_via("openai", api, timeout_secs=0.5)
+    assert time.monotonic() - started < 1.5
+    assert err.value.partial_text == "early"
+
+
+def test_close_hangs_up_at_once_and_leaves_nothing_behind(api):
+    api.reply(action="endless", framing="chunked", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    threads = threading.active_count()
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    assert next(s) == "first"
+    s.close()
+    s.close()                                                     # twice is harmless
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1 and s.reply is None
+    assert threading.active_count() <= threads + 1               # at most the watchdog
+    with pytest.raises(StopIteration):
+        next(s)
+
+
+def test_leaving_a_with_block_closes_the_stream(api):
+    api.reply(action="endless", framing="close", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    with omega.stream("hi", "openai", cfg("openai", api)) as s:
+        for piece in s:
+            break
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1
+
+
+def test_the_status_timer_stops_at_the_first_piece(api):
+    body = sse(oa_chunk("a"), done=False)
+    rest = sse(oa_chunk("b"), oa_chunk(finish="stop"))
+    config = {**cfg("openai", api), "status": {"delay_secs": 0.2, "repeat_secs": 5}}
+    api.reply(action="pieces", pieces=[(0, body), (0.5, rest)], release_after=True,
+              headers={"Content-Type": "text/event-stream"})
+    said = []
+    s = omega.stream("hi", "openai", config, on_status=said.append)
+    assert next(s) == "a"
+    time.sleep(0.3)                       # past delay_secs after the first piece: no message
+    assert said == []
+    s.close()
+    api.reply(action="pieces", pieces=[(0.5, body + rest)],
+              headers={"Content-Type": "text/event-stream"})
+    s = omega.stream("hi", "openai", config, on_status=said.append)
+    assert next(s) == "a" and said == ["This is taking a moment..."]
+    s.close()
+
+
+def test_stream_is_public_and_documented():
+    assert "stream" in omega.__all__ and "Stream" in omega.__all__
+    assert omega.stream.__doc__ and omega.Stream.__doc__
