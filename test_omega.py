@@ -929,6 +929,54 @@ if step.get("array"):
 if step.get("linger"):                       # a grandchild keeps our stdout open
     keeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     open(os.path.join(state, "pids"), "w").write(f"{os.getpid()} {keeper.pid}")
+if flag("--output-format") == "stream-json":  # one JSON object per line, as written
+    def emit(obj):
+        print(obj if isinstance(obj, str) else json.dumps(obj), flush=True)
+    def event(inner, parent=None):
+        return {"type": "stream_event", "event": inner, "session_id": session,
+                "parent_tool_use_id": parent, "uuid": str(uuid.uuid4())}
+    def wait():                              # until the test creates the file `go`
+        for _ in range(1000):
+            if os.path.exists(os.path.join(state, "go")):
+                return
+            time.sleep(0.01)
+    emit({"type": "system", "subtype": "init", "session_id": session, "model": model})
+    text = result.get("result") if not result["is_error"] else None
+    lines = step.get("lines")
+    if lines is None and isinstance(text, str):
+        half, mid = len(text) // 2, "msg_" + session[:8]
+        lines = [event({"type": "message_start", "message": {"id": mid, "content": []}}),
+                 event({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}),
+                 event({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": text[:half]}}),
+                 *(["WAIT"] if step.get("wait") else []),
+                 event({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": text[half:]}}),
+                 {"type": "assistant", "session_id": session, "parent_tool_use_id": None,
+                  "message": {"id": mid, "model": model, "content": [{"type": "text",
+                                                                     "text": text}]}},
+                 event({"type": "content_block_stop", "index": 0}),
+                 event({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                        "usage": {"output_tokens": 20}}),
+                 event({"type": "message_stop"})]
+    for line in lines or ():
+        if line == "WAIT":
+            wait()
+        elif line == "HANG":
+            keeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            open(os.path.join(state, "pids"), "w").write(f"{os.getpid()} {keeper.pid}")
+            time.sleep(60)
+        elif isinstance(line, dict) and "delta" in line:     # shorthand for a text delta
+            emit(event({"type": "content_block_delta", "index": 0, "delta": {
+                "type": "text_delta", "text": line["delta"]}}, line.get("parent")))
+        elif isinstance(line, dict) and "start" in line:     # shorthand for message_start
+            emit(event({"type": "message_start", "message": {"id": line["start"]}}))
+        else:
+            emit(line)
+    if not step.get("no_result"):
+        emit(result)
+    sys.exit(step.get("exit", 1 if result["is_error"] else 0))
 print(out)
 sys.exit(step.get("exit", 1 if result["is_error"] else 0))
 '''
@@ -3366,3 +3414,190 @@ def test_the_status_timer_stops_at_the_first_piece(api):
 def test_stream_is_public_and_documented():
     assert "stream" in omega.__all__ and "Stream" in omega.__all__
     assert omega.stream.__doc__ and omega.Stream.__doc__
+
+
+def cc_stream(claude, ctx=None, **section):
+    s = omega.stream(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section))
+    with s:
+        pieces = list(s)
+    return pieces, s
+
+
+def test_claude_code_streams_with_stream_json_and_replies_as_complete(claude):
+    claude.plan({"result": "Hello from the fake."}, {"result": "Hello from the fake."})
+    pieces, s = cc_stream(claude)
+    assert pieces == ["Hello from", " the fake."] and s.reply.text == "Hello from the fake."
+    assert claude.calls()[0]["argv"][:6] == ["-p", "--output-format", "stream-json", "--verbose",
+                                            "--include-partial-messages", "--max-turns"]
+    whole = cc(claude)
+    streamed, complete = s.reply.to_dict()["metadata"], whole.to_dict()["metadata"]
+    for key in ("model", "input_tokens", "output_tokens", "cost_usd", "num_turns", "stop_reason"):
+        assert streamed[key] == complete[key], key
+
+
+def assistant(mid, text, model="claude-opus-4-8", **extra):
+    return {"type": "assistant", "parent_tool_use_id": None, **extra,
+            "message": {"id": mid, "model": model, "content": [{"type": "text", "text": text}]}}
+
+
+@pytest.mark.parametrize("lines, result, pieces", [
+    # The CLI abandons a streamed message after an overload and sends it again whole.
+    ([{"start": "A"}, {"delta": "Hello from"},
+      {"type": "system", "subtype": "api_retry", "attempt": 1, "error": "overloaded"},
+      assistant("B", "Hello from the fake.")],
+     "Hello from the fake.", ["Hello from", " the fake."]),
+    # ... and when the new text does not extend what was shown: a blank line, then all of it.
+    ([{"start": "A"}, {"delta": "Hi th"}, assistant("B", "Hello there.")],
+     "Hello there.", ["Hi th", "\n\nHello there."]),
+    # An earlier turn's text (before a tool call), then the next turn's, after a blank line.
+    ([{"start": "A"}, {"delta": "Let me run a tool."}, assistant("A", "Let me run a tool."),
+      {"type": "user", "message": {"content": [{"type": "tool_result"}]}},
+      {"start": "B"}, {"delta": "Done."}, assistant("B", "Done.")],
+     "Done.", ["Let me run a tool.", "\n\nDone."]),
+    # A subagent's text, debug lines and tool input are not the answer.
+    ([{"start": "A"}, {"delta": "sub", "parent": "toolu_1"}, "[SandboxDebug] hello",
+      {"type": "stream_event", "parent_tool_use_id": None, "event": {
+          "type": "content_block_delta", "delta": {"type": "input_json_delta",
+                                                   "partial_json": "{}"}}},
+      {"delta": "main"}],
+     "main", ["main"]),
+], ids=["resent-whole", "resent-different", "tool-turns", "only-main-text"])
+def test_claude_code_stream_shows_each_text_once(claude, lines, result, pieces):
+    claude.plan({"lines": lines, "result": result})
+    got, s = cc_stream(claude)
+    assert got == pieces and s.reply.text == result
+
+
+def test_claude_code_stream_errors_are_typed_and_synthetic_text_is_not_shown(claude):
+    claude.plan({"lines": [assistant("x", "Failed to authenticate. API Error: 401", "<synthetic>",
+                                     error="authentication_failed")],
+                 "set": {"is_error": True, "api_error_status": 401,
+                         "result": "Failed to authenticate. API Error: 401"}})
+    s = omega.stream("hi", "claude-code", claude.config())
+    with pytest.raises(omega.AuthError):
+        list(s)
+    assert s.text == ""
+
+
+def test_claude_code_stream_auto_resumes_after_a_separator(claude):
+    claude.plan({"lines": [{"start": "A"}, {"delta": "Let me run a tool."}],
+                 "set": {"subtype": "error_max_turns", "is_error": True, "result": None}},
+                {"result": "All done."})
+    pieces, s = cc_stream(claude)
+    assert pieces == ["Let me run a tool.", "\n\n---\n\n", "All ", "done."]
+    assert s.reply.text == "All done." and s.reply.metadata.attempts == 2
+    assert "--resume" in claude.calls()[1]["argv"]
+
+
+@pytest.mark.parametrize("step, error, message", [
+    ({"lines": [{"start": "A"}], "no_result": True, "exit": 1, "stderr": "Error: not logged in"},
+     omega.AuthError, "not logged in"),
+    ({"lines": [{"start": "A"}], "no_result": True, "exit": 0}, omega.ProviderUnavailable,
+     "ended early"),
+], ids=["stderr", "nothing"])
+def test_claude_code_stream_without_a_result_line(claude, step, error, message):
+    claude.plan(step)
+    with pytest.raises(error, match=message):
+        cc_stream(claude)
+
+
+def test_claude_code_stream_error_after_text_keeps_the_partial_text(claude):
+    claude.plan({"lines": [{"start": "A"}, {"delta": "Hello from"}],
+                 "set": {"is_error": True, "api_error_status": 529, "result": "API Error: 529"}})
+    with pytest.raises(omega.ProviderError) as err:
+        cc_stream(claude)
+    assert err.value.partial_text == "Hello from" and err.value.status == 529
+
+
+def test_closing_a_claude_stream_stops_the_process_group(claude):
+    claude.plan({"lines": [{"start": "A"}, {"delta": "first"}, "HANG"]})
+    s = omega.stream("hi", "claude-code", claude.config())
+    assert next(s) == "first"
+    deadline = time.monotonic() + 5
+    while not (claude.dir / "pids").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pids = [int(p) for p in (claude.dir / "pids").read_text().split()]
+    s.close()
+    for pid in pids:
+        assert not alive(pid)
+
+
+def start_cli(tmp_path, *args, config=None):
+    if config is not None:
+        (tmp_path / "cli.toml").write_text(toml_for(config))
+    return subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(tmp_path))
+
+
+def read_until(pipe, wanted: bytes, seconds=10) -> bytes:
+    """What a child wrote on pipe, read as it comes, up to and including wanted."""
+    import select
+    got, deadline = b"", time.monotonic() + seconds
+    while wanted not in got and time.monotonic() < deadline:
+        if select.select([pipe], [], [], 0.05)[0]:
+            data = os.read(pipe.fileno(), 65536)
+            if not data:
+                break
+            got += data
+    return got
+
+
+def test_cli_streams_the_first_piece_before_the_server_is_done(api, tmp_path):
+    body = sse(oa_chunk("first piece"), oa_chunk(" and the rest"), oa_chunk(finish="stop"))
+    serve_stream(api, body, hold_at=body.index(b"\n\n") + 2, most=1 << 20)
+    child = start_cli(tmp_path, "hi", config=cfg("openai", api))
+    try:
+        assert read_until(child.stdout, b"first piece") == b"first piece"   # server still held
+        api.release.set()
+        out, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert (child.returncode, out, err) == (0, b" and the rest\n", b"")
+
+
+def test_cli_no_stream_and_json_ask_for_one_answer(api, tmp_path):
+    for flag in ("--no-stream", "--json"):
+        api.reply(openai_ok("whole"))
+        out = run_cli(tmp_path, flag, "hi", config=cfg("openai", api))
+        assert out.returncode == 0 and "stream" not in api.last().body
+        assert out.stdout == "whole\n" if flag == "--no-stream" else \
+            json.loads(out.stdout)["text"] == "whole"
+
+
+def test_cli_error_after_some_text_ends_the_line_and_says_how_much_came(api, tmp_path):
+    serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"])
+    out = run_cli(tmp_path, "hi", config=cfg("anthropic", api))
+    assert out.returncode == 1 and out.stdout == "The answer\n"
+    assert out.stderr.count("\n") == 1 and "Overloaded" in out.stderr
+    assert "broke off after 10 characters" in out.stderr
+
+
+def test_cli_ctrl_c_mid_stream_exits_130_and_hangs_up(api, tmp_path):
+    api.reply(action="endless", framing="chunked", every=0.02,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("."), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    child = start_cli(tmp_path, "hi", config=cfg("openai", api))
+    try:
+        assert read_until(child.stdout, b"first").startswith(b"first")
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and out.endswith(b"\n") and err == b"omega: interrupted\n"
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1
+
+
+def test_cli_streams_claude_code_as_the_cli_writes(claude, tmp_path):
+    claude.plan({"result": "Hello from the fake.", "wait": True})
+    child = start_cli(tmp_path, "hi", config=claude.config())
+    try:
+        assert read_until(child.stdout, b"Hello from") == b"Hello from"   # the CLI still runs
+        (claude.dir / "go").write_text("")
+        out, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert (child.returncode, out) == (0, b" the fake.\n")
