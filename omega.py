@@ -826,18 +826,67 @@ def body_pieces(response, settings: dict):
     source = response.raw._fp
     inflate = decompressor(response.headers.get("Content-Encoding"), settings)
     limit, total = settings["max_response_bytes"], 0
-    while True:
-        data = source.read1(READ_SIZE)
-        if not data:
-            if source.length:              # http.client's read1 does not notice a short body
-                raise ConnectionError(f"body cut short, {source.length} bytes missing")
-            source.close()                 # marks the connection free for the next request
-            return
+    for data in dechunked(source.fp) if source.chunked else plain_body(source):
         for piece in inflate(data) if inflate else (data,):
             total += len(piece)
             if total > limit:
                 raise too_large(settings, response.status_code)
             yield piece
+    source.close()                     # marks the connection free for the next request
+
+
+def plain_body(source):
+    """A body with a Content-Length, or one that ends when the connection does."""
+    while True:
+        data = source.read1(READ_SIZE)
+        if not data:
+            if source.length:              # http.client's read1 does not notice a short body
+                raise ConnectionError(f"body cut short, {source.length} bytes missing")
+            return
+        yield data
+
+
+def dechunked(fp):
+    """The data of a chunked body, as it arrives. http.client returns at most one
+    chunk per read, and a stream is one chunk per event; reading what the socket
+    has and taking the chunks apart here costs a fraction of that."""
+    left, line, trailers = 0, b"", False      # left: bytes of the current chunk to come
+    while True:
+        data = fp.read1(READ_SIZE)
+        if not data:
+            raise ConnectionError("chunked body cut short")
+        pos, end, out = 0, len(data), []
+        while pos < end:
+            if left:
+                take = data[pos:pos + left]
+                out.append(take)
+                pos += len(take)
+                left -= len(take)
+                continue
+            stop = data.find(b"\n", pos)
+            if stop < 0:
+                line += data[pos:]
+                if len(line) > READ_SIZE:
+                    raise ConnectionError("chunk size line too long")
+                break
+            line, pos = (line + data[pos:stop]).strip(), stop + 1
+            if trailers:
+                if not line:                  # the blank line after the last chunk
+                    if out:
+                        yield b"".join(out)
+                    return
+            elif line:                        # else the CRLF that ends a chunk's data
+                size = line.split(b";")[0]
+                if not size.isalnum():            # int() would take "-5" or " 5"
+                    raise ConnectionError("malformed chunk size")
+                try:
+                    left = int(size, 16)
+                except ValueError:
+                    raise ConnectionError("malformed chunk size") from None
+                trailers = left == 0
+            line = b""
+        if out:
+            yield b"".join(out)
 
 
 def read_body(response, watch: Watch, settings: dict, call: Call) -> bytes:
@@ -1270,7 +1319,8 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 shown = True
                 yield reply.text
                 return reply
-            pieces = backend.events(body_pieces(response, settings), settings)
+            body = body_pieces(response, settings)
+            pieces = backend.events(body, settings)
             while True:
                 try:
                     piece = next(pieces)
@@ -1279,7 +1329,7 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                     break
                 shown = True
                 yield piece
-            for _ in body_pieces(response, settings):   # what follows the end marker
+            for _ in body:                  # what follows the end marker, if anything
                 pass
             end_watch(watch)
             if watch.fired:
@@ -1311,7 +1361,7 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
 def stream_json(data: bytes, settings: dict):
     """One event's JSON (a dict or a list), or the error for malformed data."""
     try:
-        value = json.loads(data)
+        value = json.loads(data.decode())    # str: json.loads skips guessing the encoding
     except (ValueError, RecursionError) as e:
         raise ProviderError(not_json(data, e) + " (in the stream)", settings["name"]) from None
     if not isinstance(value, (dict, list)):
@@ -1483,15 +1533,16 @@ def openai_events(chunks, settings: dict):
             raise stream_error({"error": chunk}, settings)
         if not isinstance(chunk, dict) or chunk.get("error") or chunk.get("object") == "error":
             raise stream_error(chunk, settings)
-        for choice in (chunk.get("choices") or ())[:1]:
-            delta = choice.get("delta") or {}
+        choices = chunk.get("choices")          # empty in the usage chunk
+        if choices:
+            delta = choices[0].get("delta") or {}
             piece = delta.get("content")
             if piece and isinstance(piece, str):
                 text.append(piece)
                 yield piece
             if isinstance(delta.get("refusal"), str):
                 refusal.append(delta["refusal"])
-            finish = choice.get("finish_reason") or finish
+            finish = choices[0].get("finish_reason") or finish
         usage = chunk.get("usage") or usage
         model = chunk.get("model") or model
     raise ended_early(settings)
@@ -1642,27 +1693,30 @@ def gemini_events(chunks, settings: dict):
     parts: non-thought text parts are the pieces; usage is the last snapshot seen.
     No end marker but a finishReason (or a blocked prompt) before the body ends.
     An error arrives as a bare JSON object outside any `data:` field."""
-    text, last, candidate, feedback = [], {}, None, None
+    text, candidate, feedback, usage, model, response_id = [], {}, {}, None, None, None
     for name, data in sse_events(chunks):
         chunk = stream_json(data, settings)
         if name == b"raw" or not isinstance(chunk, dict) or "error" in chunk:
             raise stream_error(chunk, settings)
-        for found in (chunk.get("candidates") or ())[:1]:
-            candidate = {**(candidate or {}), **found}
-            for part in (found.get("content") or {}).get("parts") or ():
+        candidates = chunk.get("candidates")
+        if candidates:
+            candidate = candidates[0]            # the last one holds the finish reason
+            for part in (candidate.get("content") or {}).get("parts") or ():
                 piece = part.get("text")
                 if piece and isinstance(piece, str) and not part.get("thought"):
                     text.append(piece)
                     yield piece
         feedback = chunk.get("promptFeedback") or feedback
-        last.update((k, chunk[k]) for k in ("usageMetadata", "modelVersion", "responseId")
-                    if chunk.get(k))
-    if not (candidate or {}).get("finishReason") and not (feedback or {}).get("blockReason"):
+        usage = chunk.get("usageMetadata") or usage
+        model = chunk.get("modelVersion") or model
+        response_id = chunk.get("responseId") or response_id
+    if not candidate.get("finishReason") and not feedback.get("blockReason"):
         raise ended_early(settings)
-    if candidate is None:
-        return {**last, "promptFeedback": feedback}
-    candidate["content"] = {"parts": [{"text": "".join(text)}]}
-    return {**last, "candidates": [candidate]}
+    body = {"usageMetadata": usage, "modelVersion": model, "responseId": response_id,
+            "promptFeedback": feedback}
+    if candidate:
+        body["candidates"] = [{**candidate, "content": {"parts": [{"text": "".join(text)}]}}]
+    return body
 
 
 def gemini_token_counts(usage) -> tuple:
@@ -2369,7 +2423,7 @@ def complete(ctx: Context, provider: str | None = None, config=None, on_status=N
     bounds its part). Raises a ProviderError subclass (or ConfigError) with a
     one-line message; when fallbacks were tried too, the first provider's error,
     with err.fallbacks."""
-    return drain(answer(ctx, provider, config, on_status, fallback, timeout, streaming=False))
+    return drain(answer(ctx, provider, config, on_status, fallback, timeout, streaming=None))
 
 
 def stream(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
@@ -2380,33 +2434,28 @@ def stream(ctx: Context, provider: str | None = None, config=None, on_status=Non
     before the first piece is asked for. Retries and fallback happen only before
     the first piece; an error after it carries err.partial_text. close() (or
     leaving a `with` block) stops the download or the claude process at once."""
-    return Stream(answer(ctx, provider, config, on_status, fallback, timeout, streaming=True))
+    answer_stream = Stream()
+    answer_stream._pieces = answer(ctx, provider, config, on_status, fallback, timeout,
+                                   streaming=answer_stream)
+    return answer_stream
 
 
 class Stream:
     """Text pieces as they arrive (see stream()). `text` is the text so far;
     `reply` is the OutgoingMessage once the answer ended well, else None."""
 
-    def __init__(self, pieces):
-        self._pieces, self._parts, self.reply = pieces, [], None
+    def __init__(self):
+        self._pieces, self._shown, self.reply = iter(()), [], None
 
-    def __iter__(self) -> "Stream":
-        return self
+    def __iter__(self):
+        return self._pieces            # the generator itself: nothing between it and the loop
 
     def __next__(self) -> str:
-        if self.reply is not None:
-            raise StopIteration
-        try:
-            piece = next(self._pieces)
-        except StopIteration as end:
-            self.reply = end.value
-            raise StopIteration from None
-        self._parts.append(piece)
-        return piece
+        return next(self._pieces)
 
     @property
     def text(self) -> str:
-        return "".join(self._parts)
+        return "".join(self._shown)
 
     def close(self) -> None:
         """Stop now: the connection is closed, the claude process group stopped."""
@@ -2419,9 +2468,10 @@ class Stream:
         self.close()
 
 
-def answer(ctx, provider, config, on_status, fallback, timeout, streaming: bool):
+def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stream | None"):
     """The arguments of complete() and stream() checked; the generator that does
-    the call (it starts when first asked for a piece)."""
+    the call (it starts when first asked for a piece). streaming: the Stream that
+    gets the pieces' record and the reply, or None for one whole answer."""
     if isinstance(ctx, str):
         ctx = Context(ctx)
     if timeout is not None and not (number(timeout) and 0 < timeout < math.inf):
@@ -2432,17 +2482,18 @@ def answer(ctx, provider, config, on_status, fallback, timeout, streaming: bool)
 
 
 def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_status,
-              timeout: float | None, streaming: bool):
+              timeout: float | None, streaming: "Stream | None"):
     """Try each provider in turn until one answers; the first one's error otherwise.
-    Streaming, the pieces pass through: once one has, there is no going elsewhere."""
+    Streaming, the pieces pass through (kept in streaming's record, the status timer
+    stopped at the first): once one has, there is no going elsewhere."""
     started = time.monotonic()
     deadline = started + timeout if timeout else math.inf
     stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **raw.get("status", {})})
     failures: list[tuple[str, OmegaError]] = []
+    shown: list[str] = streaming._shown if streaming else []
     try:
         for index, name in enumerate(chain):
             next_name = chain[index + 1] if index + 1 < len(chain) else None
-            shown: list[str] = []
             try:
                 settings = provider_settings(raw, name, path)
                 if not settings["enabled"]:
@@ -2456,8 +2507,20 @@ def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_st
                     ctx = routed(ctx, raw, path, name, call)
                 target = ctx if index == 0 else replace(ctx, model=None)
                 if streaming:
-                    reply = yield from relay(BACKENDS[name].stream(target, settings, call),
-                                             shown, stop_status)
+                    pieces = BACKENDS[name].stream(target, settings, call)
+                    try:
+                        while True:
+                            try:
+                                piece = next(pieces)
+                            except StopIteration as end:
+                                reply = end.value
+                                break
+                            if not shown:
+                                stop_status()
+                            shown.append(piece)
+                            yield piece
+                    finally:
+                        pieces.close()
                 else:
                     reply = BACKENDS[name].call(target, settings, call)
             except ProviderError as e:
@@ -2478,6 +2541,8 @@ def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_st
             reply.metadata.provider_used = name
             reply.metadata.fallbacks = [failure_text(n, e) for n, e in failures]
             reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
+            if streaming:
+                streaming.reply = reply
             return reply
     finally:
         stop_status()
@@ -2489,23 +2554,6 @@ def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_st
 
 def failure_text(name: str, error: OmegaError) -> str:
     return f"{name}: {error}" if isinstance(error, ConfigError) else str(error)
-
-
-def relay(pieces, shown: list, on_first):
-    """Pass pieces on, keeping them in shown and calling on_first() (which stops the
-    status timer) at the first; returns what pieces returns. Closing this closes it."""
-    try:
-        while True:
-            try:
-                piece = next(pieces)
-            except StopIteration as end:
-                return end.value
-            if not shown:
-                on_first()
-            shown.append(piece)
-            yield piece
-    finally:
-        pieces.close()
 
 
 def ask(prompt: str, provider: str | None = None, model: str | None = None,

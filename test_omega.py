@@ -206,9 +206,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             rnd, i = random.Random(spec.get("seed", 0)), 0
             while i < len(data):
                 n = rnd.randint(1, spec.get("most", 4096))
+                if spec.get("hold_at") is not None:
+                    n = min(n, spec["hold_at"] - i)          # stop right at hold_at
                 send(data[i:i + n])
                 i += n
-                if spec.get("hold_at") is not None and i > spec["hold_at"]:
+                if spec.get("hold_at") is not None and i >= spec["hold_at"]:
                     spec["hold_at"] = None           # wait once, then finish
                     if spec.get("then") == "cut":
                         return
@@ -2169,6 +2171,62 @@ def test_real_claude_api_401_is_auth_error(real_claude, api):
     with pytest.raises(omega.AuthError) as err:
         real(real_claude, omega.Context("hi"))
     assert err.value.status == 401 and KEY not in str(err.value)
+
+
+def real_stream(config, ctx):
+    s = omega.stream(ctx, config=config)
+    got = []
+    with s:
+        for piece in s:
+            got.append((piece, time.monotonic()))
+    return s, got
+
+
+@pytest.mark.real_claude
+def test_real_claude_streams_pieces_before_the_answer_is_done(real_claude, api):
+    body = anthropic_sse(*text("Hello from the streaming fake."))["raw"]
+    cut = body.index(b"content_block_delta")
+    cut = body.index(b"\n\n", cut) + 2               # right after the first text delta
+    first = body[:cut].replace(b"Hello from the streaming fake.", b"Hello from")
+    rest = b"event: content_block_delta\ndata: " + json.dumps({
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": " the streaming fake."}}).encode() + b"\n\n" + \
+        body[cut:]
+
+    def answer(request):
+        if not request.path.startswith("/v1/messages"):
+            return {"body": {}}
+        return {"raw": first + rest, "action": "pieces", "framing": "chunked",
+                "pieces": [(0, first), (1.0, rest), (1.0, b"")],
+                "headers": {"Content-Type": "text/event-stream"}}
+    api.default = answer
+    started = time.monotonic()
+    s, got = real_stream(real_claude, omega.Context("Say hello."))
+    assert [p for p, _ in got] == ["Hello from", " the streaming fake."]
+    assert got[1][1] - got[0][1] > 0.5             # the first came while the API still wrote
+    assert s.reply.text == "Hello from the streaming fake." == "".join(p for p, _ in got)
+    assert s.reply.metadata.output_tokens == 6 and s.reply.metadata.session_id
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.real_claude
+def test_real_claude_api_error_mid_stream_is_typed(real_claude, api):
+    body = anthropic_sse(*text("Hello from"))["raw"]
+    cut = body.index(b"\n\n", body.index(b"content_block_delta")) + 2
+    broken = body[:cut] + b'event: error\ndata: {"type":"error","error":{"type":' \
+        b'"overloaded_error","message":"Overloaded"}}\n\n'
+
+    def answer(request):
+        if not request.path.startswith("/v1/messages"):
+            return {"body": {}}
+        if request.body.get("stream"):
+            return {"raw": broken, "headers": {"Content-Type": "text/event-stream"}}
+        return {"status": 529, "body": {"type": "error", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}}}
+    api.default = answer
+    with pytest.raises(omega.ProviderError) as err:
+        real_stream(real_claude, omega.Context("Say hello."))
+    assert err.value.status == 529 and err.value.partial_text == "Hello from"
 
 
 def test_cli_unexpected_error_is_one_line(monkeypatch, capsys):
