@@ -16,7 +16,8 @@ Contents (each a banner below; definitions come before their use, so the file
 reads bottom-up: to follow a call, start at 9, `complete()`):
 
      1. Data types         Message, Context, MessageMetadata, OutgoingMessage, Call
-     2. Errors             OmegaError ... ProviderUnavailable (context given to __init__)
+     2. Errors             OmegaError ... ProviderUnavailable (context given to __init__),
+                           LogError
      3. Secrets            Secret, mask, redact, clean
      4. Configuration      read -> validate -> provider settings -> keys -> load_config
      5. HTTP transport     per-thread session, the deadline watchdog, send, body reading,
@@ -27,7 +28,9 @@ reads bottom-up: to follow a call, start at 9, `complete()`):
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
      9. Calling            status timer, routing, the fallback chain, complete(), ask()
     10. Diagnostics        readiness probes, --check, the first-run hint
-    11. Command line       parse_args, prompt reading, main()
+    11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
+                           (SQLite, WAL, schema version)
+    12. Command line       parse_args, prompt reading, main()
 """
 
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
@@ -56,7 +59,8 @@ from urllib.parse import quote
 # runs never use (`import omega` and `--help` must stay cheap): requests with
 # urllib3 and http.client (tens of ms; the first HTTP call), tomllib (a config
 # file), logging (a debug line or -v), socket (the watchdog), email.utils (an
-# HTTP-date Retry-After), argparse (the CLI), traceback (-v).
+# HTTP-date Retry-After), argparse (the CLI), traceback (-v), sqlite3 (the
+# conversation log).
 
 __version__ = "0.2.0"
 __all__ = [
@@ -212,6 +216,12 @@ class OmegaError(Exception):
 class ConfigError(OmegaError):
     """Bad configuration or usage: malformed TOML, unknown key or provider, bad value."""
     exit_code = 2
+
+
+class LogError(OmegaError):
+    """The conversation log could not be read or written: one line naming the file
+    and what went wrong, meant to be shown as a warning (the answer is not lost)."""
+    exit_code = 1
 
 
 class ProviderError(OmegaError):
@@ -2642,7 +2652,295 @@ def shown_value(key: str, value) -> str:
 
 
 # =============================================================================
-# 11. Command line
+# 11. Conversation log: every exchange in SQLite, so a conversation can go on
+# =============================================================================
+# One table, one row per exchange (a prompt and its answer, or its error); the rows
+# of a conversation share its id. Only LOG_FIELDS are ever written, so no key can
+# reach the file, and known keys are redacted from the text on its way in.
+# Several CLI runs may write at once: WAL lets readers and a writer work side by
+# side, the busy timeout makes writers queue, and each row is one transaction.
+
+LOG_SCHEMA_VERSION = 1       # PRAGMA user_version: what a later release migrates from
+LOG_BUSY_SECS = 5.0          # how long a run waits for another one's write, in all
+LOG_OFF = ("0", "false", "no", "off")           # OMEGA_LOG values that turn the log off
+LOG_FIELDS = ("provider", "model", "system_prompt", "prompt", "answer", "input_tokens",
+              "output_tokens", "cost_usd", "duration_ms", "stop_reason", "session_id",
+              "error")
+LOG_COLUMNS = ("conversation", "time", *LOG_FIELDS)
+LOG_SCHEMA = """CREATE TABLE exchanges (
+    id INTEGER PRIMARY KEY,          -- the order rows were written in
+    conversation TEXT NOT NULL,      -- 8 lowercase hex characters
+    time TEXT NOT NULL,              -- UTC, ISO 8601: 2026-12-02T09:50:23.123Z
+    provider TEXT,
+    model TEXT,
+    system_prompt TEXT,
+    prompt TEXT,
+    answer TEXT,                     -- NULL when the exchange failed
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cost_usd REAL,
+    duration_ms INTEGER,
+    stop_reason TEXT,
+    session_id TEXT,
+    error TEXT                       -- one line when the exchange failed, else NULL
+)"""
+LOG_INDEX = "CREATE INDEX exchanges_by_conversation ON exchanges (conversation, id)"
+
+# SQLite's primary result codes that the messages below put in plain words.
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_CORRUPT, SQLITE_FULL, \
+    SQLITE_CANTOPEN, SQLITE_NOTADB = 5, 6, 8, 11, 13, 14, 26
+
+
+def log_path(raw: dict, for_cli: bool) -> str | None:
+    """The conversation log's file, or None when the log is off. On for the CLI
+    unless `[log] enabled = false` or OMEGA_LOG=0; off for library calls unless
+    `[log] enabled = true`. The file is `[log] path`, else $OMEGA_LOG_PATH, else
+    ~/.omega/log.db (an empty value counts as unset). raw: the config dict, as
+    read_config() or load_config() return it."""
+    section = raw.get("log", {})
+    enabled = section.get("enabled")
+    if enabled is None:
+        # The variable can only turn the log off: a library call is logged only
+        # when its own config asks for it, whatever the environment says.
+        enabled = for_cli and os.environ.get("OMEGA_LOG", "").strip().lower() not in LOG_OFF
+    if not enabled:
+        return None
+    path = section.get("path") or os.environ.get("OMEGA_LOG_PATH") \
+        or os.path.join("~", ".omega", "log.db")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def log_exchange(path: str, entry: dict) -> str:
+    """Append one exchange to the log at path (made when missing) and return the
+    conversation id: entry["conversation"] to continue one, or None for a new id.
+    entry holds LOG_FIELDS (one left out is NULL) and may hold "time" (seconds
+    since the epoch; default: now). Any other field is refused rather than
+    dropped, so that a wiring mistake shows and nothing else reaches the file."""
+    import sqlite3
+    unknown = sorted(str(k) for k in entry if k not in ("conversation", "time", *LOG_FIELDS))
+    if unknown:
+        raise log_error(path, f"cannot log the field(s) {', '.join(unknown)} "
+                              f"(known: conversation, time, {', '.join(LOG_FIELDS)})")
+    conversation = entry.get("conversation")
+    if conversation is not None:
+        conversation = conversation_id(path, conversation)
+    when = entry.get("time")
+    row = (utc_iso(when if number(when) and 0 <= when < 1e11 else time.time()),
+           *log_row(entry))
+    try:
+        conn = open_log(path, create=True)
+        try:
+            return with_retries(conn, lambda c: append(c, path, conversation, row))
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as e:
+        raise log_failure(path, e) from None
+
+
+def logged_conversation(path: str, conversation: str | None) -> tuple[str, list[dict]]:
+    """(id, rows) of a conversation, oldest first, or of the most recent one when
+    conversation is None. Each row is a dict of LOG_COLUMNS; a failed exchange
+    has its `error` set and no `answer`. Never creates the file."""
+    if conversation is None:
+        rows = read_log(path, "WHERE conversation = (SELECT conversation FROM exchanges "
+                              "ORDER BY id DESC LIMIT 1) ORDER BY id", ())
+    else:
+        conversation = conversation_id(path, conversation)
+        rows = read_log(path, "WHERE conversation = ? ORDER BY id", (conversation,))
+        if rows:
+            return conversation, rows
+        if rows is not None and recent_exchanges(path, 1):
+            raise LogError(clean(f"no conversation {conversation} in {path}", 1000))
+    if not rows:
+        raise log_error(path, "nothing to continue: no exchange has been logged there yet")
+    return rows[0]["conversation"], rows
+
+
+def recent_exchanges(path: str, n: int) -> list[dict]:
+    """The last n exchanges, of whichever conversations, newest last, each a dict
+    of LOG_COLUMNS. No log file yet: [] (and still no file)."""
+    if n <= 0:
+        return []
+    return (read_log(path, "ORDER BY id DESC LIMIT ?", (n,)) or [])[::-1]
+
+
+def new_conversation_id() -> str:
+    """8 random lowercase hex characters: short enough to type, and 4 billion of
+    them, so that the check for one already taken almost never has to try again."""
+    return os.urandom(4).hex()
+
+
+def conversation_id(path: str, value) -> str:
+    """value as a conversation id (case and surrounding spaces forgiven)."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if not re.fullmatch(r"[0-9a-f]{8}", text):
+        raise LogError(clean(f"no conversation {value!r} in {path} (an id is 8 hex "
+                             "characters, such as 3f9a0c12)", 1000))
+    return text
+
+
+def utc_iso(seconds: float) -> str:
+    """2026-12-02T09:50:23.123Z: UTC, ISO 8601, which sorts as text sorts in time."""
+    millis = int(seconds * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) \
+        + f".{millis % 1000:03d}Z"
+
+
+def log_row(entry: dict) -> tuple:
+    """entry's LOG_FIELDS as the columns take them: text as text with the keys
+    omega knows redacted, counts as whole numbers, None for anything else. A failed
+    exchange keeps its error, on one line, and no answer."""
+    error = entry.get("error")
+    error = clean(error, 1000) or None if error is not None else None
+    values = []
+    for name in LOG_FIELDS:
+        value = entry.get(name)
+        if name == "error":
+            value = error
+        elif name == "answer" and error:
+            value = None
+        elif name in ("input_tokens", "output_tokens", "duration_ms"):
+            value = round(value) if number(value) and math.isfinite(value) and value >= 0 \
+                else None
+        elif name == "cost_usd":
+            value = float(value) if number(value) and math.isfinite(value) else None
+        else:
+            value = redact(value) if isinstance(value, str) else None
+        values.append(value)
+    return tuple(values)
+
+
+def open_log(path: str, create: bool):
+    """A connection to the log, or None when there is no file and create is False:
+    reading opens the file read-only, so it never makes one."""
+    import sqlite3
+    if os.path.isdir(path):
+        raise log_error(path, "is a directory, not a file")
+    if not create:
+        if not os.path.exists(path):
+            return None
+        return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True,
+                               timeout=LOG_BUSY_SECS, isolation_level=None)
+    # Prompts and answers are private: the folder and the file are the owner's
+    # alone (SQLite would make the file 0644; its -wal and -shm copy its mode).
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))   # an empty file is a new db
+    return sqlite3.connect(path, timeout=LOG_BUSY_SECS, isolation_level=None)
+
+
+def with_retries(conn, work):
+    """work(conn), tried again while SQLite says the database is busy, for up to
+    LOG_BUSY_SECS in all. The busy timeout covers most waits but not every one:
+    switching a new file to WAL while another process sets it up fails with
+    "database is locked" at once, without the busy handler being asked."""
+    import sqlite3
+    deadline = time.monotonic() + LOG_BUSY_SECS
+    while True:
+        try:
+            return work(conn)
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.rollback()        # nothing of a failed try stays: a retry never writes twice
+            left = deadline - time.monotonic()
+            if sqlite_code(e) not in (SQLITE_BUSY, SQLITE_LOCKED) or left < 0.05:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))     # apart, so as not to collide again
+            conn.execute(f"PRAGMA busy_timeout = {int((left - 0.05) * 1000)}")
+
+
+def append(conn, path: str, conversation: str | None, row: tuple) -> str:
+    """One attempt at writing row: set the file up if it is new, pick an id if
+    none is given, insert; one transaction. Returns the conversation id."""
+    schema_version(conn, path)           # refuse a newer or foreign file before changing it
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")     # stays with the file: once per log
+    conn.execute("PRAGMA synchronous = NORMAL")   # WAL's advice: only a power cut loses a row
+    conn.execute("BEGIN IMMEDIATE")      # the write lock first: id check and insert are one step
+    if schema_version(conn, path) == 0:  # asked again: another run may just have set it up
+        conn.execute(LOG_SCHEMA)
+        conn.execute(LOG_INDEX)
+        conn.execute(f"PRAGMA user_version = {LOG_SCHEMA_VERSION}")
+    while conversation is None:
+        candidate = new_conversation_id()
+        if not conn.execute("SELECT 1 FROM exchanges WHERE conversation = ? LIMIT 1",
+                            (candidate,)).fetchone():
+            conversation = candidate
+    conn.execute(f"INSERT INTO exchanges ({', '.join(LOG_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(LOG_COLUMNS))})", (conversation, *row))
+    conn.execute("COMMIT")
+    return conversation
+
+
+def read_log(path: str, query: str, params: tuple) -> list[dict] | None:
+    """The rows `SELECT <LOG_COLUMNS> FROM exchanges <query>` gives, as dicts;
+    [] for a log with nothing in it yet, None when there is no file."""
+    import sqlite3
+
+    def select(conn):
+        if schema_version(conn, path) == 0:
+            return []
+        found = conn.execute(f"SELECT {', '.join(LOG_COLUMNS)} FROM exchanges {query}", params)
+        return [dict(zip(LOG_COLUMNS, row, strict=True)) for row in found.fetchall()]
+    try:
+        conn = open_log(path, create=False)
+        if conn is None:
+            return None
+        try:
+            return with_retries(conn, select)
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as e:
+        raise log_failure(path, e) from None
+
+
+def schema_version(conn, path: str) -> int:
+    """The file's schema version: 0 for a new, empty file. A file from a newer
+    release, or another program's database, is refused: it is not ours to change."""
+    # One statement, so one snapshot: read apart, another run could set the file
+    # up in between, and its table would show without its version number.
+    version, tables = conn.execute("SELECT user_version, EXISTS (SELECT 1 FROM sqlite_master)"
+                                   " FROM pragma_user_version").fetchone()
+    if version > LOG_SCHEMA_VERSION:
+        raise log_error(path, f"written by a newer omega (log schema {version}, this one "
+                              f"knows {LOG_SCHEMA_VERSION}): upgrade omega.py or set [log] path")
+    if version < 0 or version == 0 and tables:
+        raise log_error(path, "is another program's database, not an omega log: "
+                              "set [log] path to another file")
+    return version
+
+
+def sqlite_code(e: Exception) -> int | None:
+    """SQLite's primary result code of an sqlite3 error (Python 3.11 names it)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def log_failure(path: str, e: Exception) -> LogError:
+    """An OSError or sqlite3.Error from the log, as one line a user can act on."""
+    if isinstance(e, OSError):       # from making the file or its folder
+        where = os.fspath(e.filename) if e.filename is not None else None
+        what = e.strerror or str(e)
+        return log_error(path, what if where is None else f"cannot create it: {what}"
+                         if where == path else f"cannot create its folder {where}: {what}")
+    plain = {SQLITE_BUSY: f"locked by another process for more than {LOG_BUSY_SECS:g} s",
+             SQLITE_LOCKED: f"locked by another process for more than {LOG_BUSY_SECS:g} s",
+             SQLITE_READONLY: "cannot write to it or beside it (read-only file or folder)",
+             SQLITE_CORRUPT: "corrupt (move it aside and a new log starts)",
+             SQLITE_NOTADB: "not an SQLite database (move it aside and a new log starts)",
+             SQLITE_FULL: "the disk is full",
+             SQLITE_CANTOPEN: "cannot open it (are the file and its folder writable?)",
+             }.get(sqlite_code(e))
+    return log_error(path, plain or f"{type(e).__name__}: {e}")
+
+
+def log_error(path: str, what: str) -> LogError:
+    return LogError(clean(f"conversation log {path}: {what}", 1000))
+
+
+# =============================================================================
+# 12. Command line
 # =============================================================================
 
 def parse_args(argv):

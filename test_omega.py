@@ -33,7 +33,8 @@ KEY_VARS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENROUTER_API_KEY", "GEMINI
             "GOOGLE_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "OLLAMA_HOST",
             "OMEGA_CONFIG", "OMEGA_PROVIDER", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN",
             "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy",
-            "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "CLAUDECODE")
+            "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "CLAUDECODE",
+            "OMEGA_LOG", "OMEGA_LOG_PATH")
 
 
 @pytest.fixture(autouse=True)
@@ -3659,3 +3660,293 @@ def test_cli_streams_claude_code_as_the_cli_writes(claude, tmp_path):
     finally:
         child.kill()
     assert (child.returncode, out) == (0, b" the fake.\n")
+
+
+# =============================================================================
+# 16. The conversation log: SQLite storage
+# =============================================================================
+# Real files under tmp_path, real SQLite, real processes racing; HOME is tmp_path/home
+# (clean_env), so the default ~/.omega/log.db lands there too.
+
+LOG_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def exchange(**fields):
+    return {"conversation": None, "provider": "openai", "model": "gpt-x", "system_prompt": "",
+            "prompt": "hi", "answer": "hello", "input_tokens": 3, "output_tokens": 5,
+            "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop", "session_id": None,
+            "error": None, **fields}
+
+
+def sql(path, query):
+    import sqlite3
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(query).fetchall()
+    finally:
+        db.close()
+
+
+def one_line_log_error(call, path):
+    with pytest.raises(omega.LogError) as caught:
+        call()
+    text = str(caught.value)
+    assert "\n" not in text and str(path) in text, text
+    error = caught.value                                   # nothing chained to print with it
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    return text
+
+
+def test_import_omega_does_not_import_sqlite3():
+    code = "import sys, omega; print('sqlite3' in sys.modules, '_sqlite3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_log_round_trip(tmp_path):
+    path = str(tmp_path / "logs" / "log.db")
+    first = omega.log_exchange(path, exchange(system_prompt="Be brief", duration_ms=812.4))
+    same = omega.log_exchange(path, exchange(conversation=first.upper(), prompt="and?",
+                                             answer="partial", error="openai: 500\nboom"))
+    other = omega.log_exchange(path, exchange(prompt="new topic", time=0))
+    assert same == first != other
+
+    conversation, rows = omega.logged_conversation(path, first)
+    assert conversation == first and [r["prompt"] for r in rows] == ["hi", "and?"]
+    assert set(rows[0]) == set(omega.LOG_COLUMNS)
+    assert rows[0] == {"conversation": first, "time": rows[0]["time"], "provider": "openai",
+                       "model": "gpt-x", "system_prompt": "Be brief", "prompt": "hi",
+                       "answer": "hello", "input_tokens": 3, "output_tokens": 5,
+                       "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
+                       "session_id": None, "error": None}
+    assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
+    assert rows[1]["answer"] is None and rows[1]["error"] == "openai: 500 boom"   # failed
+
+    assert omega.logged_conversation(path, None)[0] == other          # the most recent
+    assert omega.logged_conversation(path, None)[1][0]["time"] == "1970-01-01T00:00:00.000Z"
+    recent = omega.recent_exchanges(path, 2)
+    assert [(r["conversation"], r["prompt"]) for r in recent] == [(first, "and?"),
+                                                                  (other, "new topic")]
+    assert len(omega.recent_exchanges(path, 100)) == 3 and omega.recent_exchanges(path, 0) == []
+
+
+def test_log_is_wal_versioned_and_private(tmp_path):
+    path = tmp_path / "new" / "log.db"
+    omega.log_exchange(str(path), exchange())
+    assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+    assert sql(path, "PRAGMA user_version") == [(omega.LOG_SCHEMA_VERSION,)] == [(1,)]
+    assert os.stat(path.parent).st_mode & 0o777 == 0o700
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("setup, says", [
+    ("PRAGMA user_version = 2; CREATE TABLE exchanges (future)", "newer omega (log schema 2"),
+    ("CREATE TABLE notes (text)", "another program's database"),
+])
+def test_a_log_that_is_not_ours_to_change_is_refused_untouched(tmp_path, setup, says):
+    import sqlite3
+    path = tmp_path / "log.db"
+    db = sqlite3.connect(path)
+    db.executescript(setup)
+    db.close()
+    before = path.read_bytes()
+    for call in (lambda: omega.log_exchange(str(path), exchange()),
+                 lambda: omega.logged_conversation(str(path), None),
+                 lambda: omega.recent_exchanges(str(path), 5)):
+        assert says in one_line_log_error(call, path)
+    assert path.read_bytes() == before and sql(path, "PRAGMA journal_mode") == [("delete",)]
+
+
+def test_log_path_resolution(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    default = str(home / ".omega" / "log.db")
+    assert omega.log_path({}, for_cli=True) == default                 # on for the CLI
+    assert omega.log_path({}, for_cli=False) is None                   # off for the library
+    assert omega.log_path({"log": {"enabled": True}}, for_cli=False) == default
+    assert omega.log_path({"log": {"enabled": False}}, for_cli=True) is None
+    monkeypatch.setenv("OMEGA_LOG", "0")
+    assert omega.log_path({}, for_cli=True) is None
+    assert omega.log_path({"log": {"enabled": True}}, for_cli=True) == default   # file over env
+    monkeypatch.setenv("OMEGA_LOG", "1")               # the variable cannot turn the library on
+    assert omega.log_path({}, for_cli=False) is None
+    monkeypatch.setenv("OMEGA_LOG_PATH", "~/from-env.db")
+    assert omega.log_path({}, for_cli=True) == str(home / "from-env.db")
+    config = {"log": {"path": "~/from-file.db"}}
+    assert omega.log_path(config, for_cli=True) == str(home / "from-file.db")   # file over env
+    assert omega.log_path({"log": {"path": ""}}, for_cli=True) == str(home / "from-env.db")
+    monkeypatch.chdir(tmp_path)
+    assert omega.log_path({"log": {"path": "rel.db"}}, True) == str(tmp_path / "rel.db")
+    loaded = omega.load_config({"log": {"enabled": True, "path": "~/x.db"}})
+    assert omega.log_path(loaded, for_cli=False) == str(home / "x.db")
+
+
+def test_conversation_ids_are_short_random_and_unique(tmp_path, monkeypatch):
+    path = str(tmp_path / "log.db")
+    ids = [omega.log_exchange(path, exchange()) for _ in range(20)]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids) and len(set(ids)) == 20
+    drawn = iter(["aaaaaaaa", "aaaaaaaa", "bbbbbbbb"])                 # a collision
+    monkeypatch.setattr(omega, "new_conversation_id", lambda: next(drawn))
+    assert omega.log_exchange(path, exchange()) == "aaaaaaaa"
+    assert omega.log_exchange(path, exchange()) == "bbbbbbbb"
+
+
+def test_continuing_an_unknown_or_empty_log_says_why(tmp_path):
+    missing, empty, path = tmp_path / "missing.db", tmp_path / "empty.db", tmp_path / "log.db"
+    empty.write_bytes(b"")
+    for log in (missing, empty):
+        for conversation in (None, "0123abcd"):
+            text = one_line_log_error(lambda: omega.logged_conversation(str(log), conversation),
+                                      log)
+            assert "nothing to continue" in text
+    omega.log_exchange(str(path), exchange())
+    text = one_line_log_error(lambda: omega.logged_conversation(str(path), "0123abcd"), path)
+    assert text == f"no conversation 0123abcd in {path}"
+    text = one_line_log_error(lambda: omega.logged_conversation(str(path), "hello"), path)
+    assert text.startswith(f"no conversation 'hello' in {path}")
+    one_line_log_error(lambda: omega.log_exchange(str(path), exchange(conversation="x; --")), path)
+    assert len(omega.recent_exchanges(str(path), 10)) == 1
+
+
+def test_the_log_holds_no_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    path = tmp_path / "log.db"
+    text = one_line_log_error(lambda: omega.log_exchange(str(path), exchange(api_key=KEY)), path)
+    assert "api_key" in text and KEY not in text and not path.exists()   # refused, not dropped
+    omega.log_exchange(str(path), exchange(prompt=f"is {ENV_KEY} mine?",
+                                           answer=f"yes, {ENV_KEY}"))
+    row = omega.recent_exchanges(str(path), 1)[0]
+    assert ENV_KEY not in row["prompt"] + row["answer"] and omega.mask(ENV_KEY) in row["answer"]
+    assert not any(ENV_KEY.encode() in f.read_bytes() for f in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["corrupt file", "directory"])
+def test_a_broken_log_is_one_line_log_error(tmp_path, kind):
+    path = tmp_path / "log.db"
+    garbage = b"not a database\x00" + bytes(range(256)) * 16
+    path.mkdir() if kind == "directory" else path.write_bytes(garbage)
+    texts = [one_line_log_error(call, path) for call in (
+        lambda: omega.log_exchange(str(path), exchange()),
+        lambda: omega.logged_conversation(str(path), None),
+        lambda: omega.recent_exchanges(str(path), 3))]
+    assert all(("not an SQLite database" if kind == "corrupt file" else "is a directory") in t
+               for t in texts), texts
+    assert path.is_dir() if kind == "directory" else path.read_bytes() == garbage
+
+
+def without_root_powers():
+    """preexec_fn for a child that must meet permission bits: root passes them all,
+    unless it drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set
+    first (then the program it runs does not have them)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    return lambda: [libc.prctl(24, cap, 0, 0, 0) for cap in (1, 2)]    # PR_CAPBSET_DROP
+
+
+def test_a_read_only_folder_is_one_line_log_error(tmp_path):
+    folder = tmp_path / "ro"
+    omega.log_exchange(str(folder / "old.db"), exchange())
+    folder.chmod(0o555)
+    code = textwrap.dedent("""
+        import os, sys, omega
+        folder = sys.argv[1]
+        try:
+            open(os.path.join(folder, "probe"), "w")
+            sys.exit("writable")
+        except PermissionError:
+            pass
+        for name in ("log.db", "sub/log.db", "old.db"):
+            try:
+                omega.log_exchange(os.path.join(folder, name), {"prompt": "hi"})
+                print("written")
+            except omega.LogError as e:
+                print(e)
+        print(omega.recent_exchanges(os.path.join(folder, "log.db"), 5))
+        """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=HERE, text=True,
+                             capture_output=True, timeout=30,
+                             preexec_fn=without_root_powers() if os.geteuid() == 0 else None)
+    finally:
+        folder.chmod(0o755)
+    if out.stderr.strip() == "writable":
+        pytest.skip("cannot make a folder read-only for this user")
+    lines = out.stdout.splitlines()
+    assert out.stderr == "" and len(lines) == 4, out
+    assert lines[0] == f"conversation log {folder}/log.db: cannot create it: Permission denied"
+    assert lines[1] == (f"conversation log {folder}/sub/log.db: cannot create its folder "
+                        f"{folder}/sub: Permission denied")
+    assert lines[2].startswith(f"conversation log {folder}/old.db: cannot write")
+    assert lines[3] == "[]" and sorted(os.listdir(folder)) == ["old.db"]
+
+
+def test_a_writer_waits_for_another_then_gives_up_in_one_line(tmp_path, monkeypatch):
+    import sqlite3
+    path = str(tmp_path / "log.db")
+    omega.log_exchange(path, exchange(prompt="before"))
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO exchanges (conversation, time) VALUES ('00000000', 'now')")
+    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 0.3)
+    started = time.monotonic()
+    text = one_line_log_error(lambda: omega.log_exchange(path, exchange()), path)
+    assert "locked by another process for more than 0.3 s" in text
+    assert time.monotonic() - started < 2
+    assert [r["prompt"] for r in omega.recent_exchanges(path, 5)] == ["before"]  # WAL: reads go on
+    threading.Timer(0.1, holder.rollback).start()                      # released in time
+    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 5.0)
+    omega.log_exchange(path, exchange(prompt="after"))
+    holder.close()
+    assert [r["prompt"] for r in omega.recent_exchanges(path, 5)] == ["before", "after"]
+
+
+def test_a_busy_set_up_is_tried_again():
+    # SQLite can say "database is locked" at once, without waiting (two runs making
+    # a new log switch it to WAL together): such a failure is tried again.
+    import sqlite3
+    tries = []
+
+    def work(conn):
+        tries.append(1)
+        if len(tries) < 3:
+            error = sqlite3.OperationalError("database is locked")
+            error.sqlite_errorcode = 5
+            raise error
+        return "done"
+    conn = sqlite3.connect(":memory:")
+    assert omega.with_retries(conn, work) == "done" and len(tries) == 3
+    with pytest.raises(sqlite3.OperationalError):               # anything else: at once
+        omega.with_retries(conn, lambda c: c.execute("SELECT nonsense FROM nowhere"))
+
+
+def test_eight_processes_writing_a_fresh_log_at_once_lose_nothing(tmp_path):
+    path = str(tmp_path / "fresh" / "log.db")
+    code = textwrap.dedent("""
+        import sys, time, omega
+        path, me, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+        while time.time() < start:          # all at once: the race to create the file
+            pass
+        conversation = None
+        for i in range(20):
+            conversation = omega.log_exchange(path, {"conversation": conversation,
+                                                     "prompt": f"{me}-{i}", "answer": "ok"})
+        """)
+    start = time.time() + 0.4
+    children = [subprocess.Popen([sys.executable, "-c", code, path, str(k), str(start)],
+                                 cwd=HERE, stderr=subprocess.PIPE, text=True) for k in range(8)]
+    errors = [child.communicate(timeout=30)[1] for child in children]
+    assert [child.returncode for child in children] == [0] * 8, errors
+    rows = omega.recent_exchanges(path, 1000)
+    assert len(rows) == 160
+    by_conversation = {}
+    for row in rows:
+        by_conversation.setdefault(row["conversation"], []).append(row["prompt"])
+    assert sorted(by_conversation.values()) == [[f"{k}-{i}" for i in range(20)] for k in range(8)]
+
+
+def test_reading_never_creates_the_log(tmp_path):
+    path = tmp_path / "nowhere" / "log.db"
+    assert omega.recent_exchanges(str(path), 10) == []
+    one_line_log_error(lambda: omega.logged_conversation(str(path), None), path)
+    one_line_log_error(lambda: omega.logged_conversation(str(path), "0123abcd"), path)
+    assert not (tmp_path / "nowhere").exists()
+
