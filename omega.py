@@ -64,7 +64,7 @@ from urllib.parse import quote
 
 __version__ = "0.2.0"
 __all__ = [
-    "ask", "complete", "stream", "Stream", "classify", "route", "load_config", "Message", "Context",
+    "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
     "ProviderUnavailable",
@@ -2420,7 +2420,8 @@ def provider_chain(raw: dict, provider: str | None, fallback) -> list[str]:
 
 
 def complete(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
-             fallback=None, timeout: float | None = None) -> OutgoingMessage:
+             fallback=None, timeout: float | None = None, base_url: str | None = None,
+             api_key: str | None = None, max_retries: int | None = None) -> OutgoingMessage:
     """Send ctx to a backend and return its answer with metadata.
 
     provider: one of PROVIDERS (default: provider.default, $OMEGA_PROVIDER,
@@ -2430,14 +2431,18 @@ def complete(ctx: Context, provider: str | None = None, config=None, on_status=N
     fallback: providers to try, in order, when this one fails (default: the
     configured provider.fallback, unless `provider` was given); timeout: seconds
     for the whole call, fallbacks included (each provider's own timeout_secs
-    bounds its part). Raises a ProviderError subclass (or ConfigError) with a
-    one-line message; when fallbacks were tried too, the first provider's error,
-    with err.fallbacks."""
-    return drain(answer(ctx, provider, config, on_status, fallback, timeout, streaming=None))
+    bounds its part); base_url, api_key, max_retries: for the chosen provider in
+    this call only, over the config file and the environment (the key goes to
+    that provider's base URL only, never to a fallback). Raises a ProviderError
+    subclass (or ConfigError) with a one-line message; when fallbacks were tried
+    too, the first provider's error, with err.fallbacks."""
+    return drain(answer(ctx, provider, config, on_status, fallback, timeout, None,
+                        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries)))
 
 
 def stream(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
-           fallback=None, timeout: float | None = None) -> "Stream":
+           fallback=None, timeout: float | None = None, base_url: str | None = None,
+           api_key: str | None = None, max_retries: int | None = None) -> "Stream":
     """The answer as it is written: iterate for its text pieces (non-empty str),
     then read .reply, the OutgoingMessage complete() would have returned. Same
     arguments as complete(); the configuration is checked now, nothing is sent
@@ -2445,8 +2450,9 @@ def stream(ctx: Context, provider: str | None = None, config=None, on_status=Non
     the first piece; an error after it carries err.partial_text. close() (or
     leaving a `with` block) stops the download or the claude process at once."""
     answer_stream = Stream()
-    answer_stream._pieces = answer(ctx, provider, config, on_status, fallback, timeout,
-                                   streaming=answer_stream)
+    answer_stream._pieces = answer(
+        ctx, provider, config, on_status, fallback, timeout, answer_stream,
+        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries))
     return answer_stream
 
 
@@ -2478,17 +2484,77 @@ class Stream:
         self.close()
 
 
-def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stream | None"):
+def overrides(**settings) -> dict:
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stream | None",
+           settings: dict, conversation: dict | None = None):
     """The arguments of complete() and stream() checked; the generator that does
     the call (it starts when first asked for a piece). streaming: the Stream that
-    gets the pieces' record and the reply, or None for one whole answer."""
+    gets the pieces' record and the reply, or None for one whole answer. settings:
+    per-call settings for the first provider. conversation: {"id": …} of the log's
+    conversation this call continues (a Chat's), updated when the log starts one."""
     if isinstance(ctx, str):
         ctx = Context(ctx)
     if timeout is not None and not (number(timeout) and 0 < timeout < math.inf):
         raise ConfigError(f"timeout: expected a number of seconds greater than 0, got {timeout!r}")
     raw, path = read_config(config)
     chain = provider_chain(raw, provider, fallback)
-    return run_chain(ctx, chain, raw, path, on_status, timeout, streaming)
+    if settings:
+        raw = with_call_settings(raw, chain[0], settings)
+    calls = run_chain(ctx, chain, raw, path, on_status, timeout, streaming)
+    log = log_path(raw, for_cli=False)
+    return logged(calls, log, ctx, conversation, on_status) if log else calls
+
+
+def with_call_settings(raw: dict, name: str, settings: dict) -> dict:
+    """raw with settings given to one call placed in the provider's section, where
+    they win over the file's and the environment's; checked like the file."""
+    providers = raw.get("provider", {})
+    section = {**providers.get(name, {}), **settings}
+    if "base_url" in settings and "api_key" not in settings:
+        section.pop("api_key", None)         # the file's key was meant for its base_url
+    raw = {**raw, "provider": {**providers, name: section}}
+    validate(raw, "arguments")
+    return raw
+
+
+def logged(calls, log: str, ctx: Context, conversation: dict | None, on_status):
+    """calls, with the exchange written to the log at its end (config [log]
+    enabled = true). A log that cannot be written never fails the call."""
+    started = time.time()
+    try:
+        reply = yield from calls
+    except OmegaError as e:
+        record(log, ctx, None, e, started, conversation, on_status)
+        raise
+    record(log, ctx, reply, None, started, conversation, on_status)
+    return reply
+
+
+def record(log: str, ctx: Context, reply, error, started: float, conversation: dict | None,
+           on_status) -> None:
+    """Write one exchange to the log; a failure to do so is said, not raised."""
+    meta = reply.metadata if reply else MessageMetadata()
+    entry = {"conversation": (conversation or {}).get("id"), "time": started,
+             "provider": meta.provider_used or getattr(error, "provider", None),
+             "model": meta.model or ctx.model, "system_prompt": ctx.system_prompt,
+             "prompt": ctx.current_message, "answer": reply.text if reply else None,
+             "input_tokens": meta.input_tokens, "output_tokens": meta.output_tokens,
+             "cost_usd": meta.cost_usd, "duration_ms": round((time.time() - started) * 1000),
+             "stop_reason": meta.stop_reason,
+             "session_id": meta.session_id or getattr(error, "session_id", None),
+             "error": str(error) if error else None}
+    try:
+        written = log_exchange(log, entry)
+    except OmegaError as e:
+        if on_status is not None:
+            on_status(f"warning: {e}")
+        log_debug("log: %s", e)
+        return
+    if conversation is not None:
+        conversation["id"] = written
 
 
 def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_status,
@@ -2566,15 +2632,73 @@ def failure_text(name: str, error: OmegaError) -> str:
     return f"{name}: {error}" if isinstance(error, ConfigError) else str(error)
 
 
+CALL_OPTIONS = ("fallback", "timeout", "on_status", "base_url", "api_key", "max_retries")
+
+
 def ask(prompt: str, provider: str | None = None, model: str | None = None,
         system: str = "", config=None, **options) -> str:
     """Send one prompt and return the answer text.
-    options: fallback=, timeout=, on_status= (as for complete()), or any other
-    Context field (history, complex, max_tokens, temperature …)."""
-    call_options = {k: options.pop(k) for k in ("fallback", "timeout", "on_status")
-                    if k in options}
+    options: fallback=, timeout=, on_status=, base_url=, api_key=, max_retries=
+    (as for complete()), or any other Context field (history, complex, max_tokens,
+    temperature …)."""
+    call_options = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
     ctx = Context(prompt, system_prompt=system, model=model, **options)
     return complete(ctx, provider=provider, config=config, **call_options).text
+
+
+class Chat:
+    """A conversation: each ask() or stream() sends the earlier turns along.
+
+    chat = omega.Chat(provider="anthropic", system="Be brief")
+    chat.ask("Name a colour")                # "Blue."
+    chat.ask("Another one")                  # the first exchange goes along
+    for piece in chat.stream("One more"): ...
+
+    `history` holds the Messages so far (start from earlier ones with history=),
+    `replies` the OutgoingMessages. A failed turn adds nothing. With claude-code
+    the CLI session of the last reply is resumed and only the new message sent.
+    Other keyword arguments (timeout=, base_url=, api_key=, max_retries=,
+    fallback=) apply to every call; ask() and stream() take Context fields and
+    call options too, for that turn."""
+
+    def __init__(self, provider: str | None = None, system: str = "", config=None,
+                 model: str | None = None, on_status=None, history=(), **options):
+        unknown = sorted(set(options) - set(CALL_OPTIONS))
+        if unknown:
+            raise TypeError(f"Chat() got unexpected keyword arguments: {', '.join(unknown)}")
+        self.provider, self.system, self.config, self.model = provider, system, config, model
+        self.options = {"on_status": on_status, **options}
+        self.history = [m if isinstance(m, Message) else Message(m["role"], m["content"])
+                        for m in history]
+        self.replies: list[OutgoingMessage] = []
+        self._conversation = {"id": None}           # its id in the log, when logged
+
+    def ask(self, prompt: str, **options) -> str:
+        """Send prompt with the conversation so far; the answer text."""
+        return drain(self._turn(prompt, None, options)).text
+
+    def stream(self, prompt: str, **options) -> Stream:
+        """As ask(), streamed (see stream()); the turn counts once the stream ends well."""
+        turn = Stream()
+        turn._pieces = self._turn(prompt, turn, options)
+        return turn
+
+    def _turn(self, prompt: str, streaming: Stream | None, options: dict):
+        options = {**self.options, **options}
+        call = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
+        last = self.replies[-1].metadata if self.replies else None
+        session = last.session_id if last and last.provider_used == "claude-code" else None
+        ctx = Context(prompt, system_prompt=self.system, history=tuple(self.history),
+                      model=self.model, session_id=session, **options)
+        calls = answer(ctx, self.provider, self.config, call.get("on_status"),
+                       call.get("fallback"), call.get("timeout"), streaming,
+                       overrides(**{k: call.get(k) for k in ("base_url", "api_key",
+                                                              "max_retries")}),
+                       self._conversation)
+        reply = yield from calls
+        self.history += [Message("user", prompt), Message("assistant", reply.text)]
+        self.replies.append(reply)
+        return reply
 
 
 # =============================================================================
@@ -2978,6 +3102,15 @@ def parse_args(argv):
     add("--json", action="store_true", help="print {\"text\", \"metadata\"} as JSON (never streamed)")
     add("--no-stream", action="store_true", help="print the answer when it is complete "
                                                  "(default: as it is written)")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("--continue", dest="go_on", action="store_true",
+                      help="continue the most recent conversation in the log")
+    talk.add_argument("--chat", metavar="ID", help="continue the logged conversation ID")
+    talk.add_argument("--logs", nargs="?", const=3, type=int, metavar="N",
+                      help="print the last N logged exchanges (default 3), newest last; "
+                           "with --json as JSON lines")
+    add("--no-log", action="store_true", help="do not write this exchange to the log "
+                                              "(~/.omega/log.db)")
     add("-q", "--quiet", action="store_true", help="no status lines on stderr")
     add("-v", "--verbose", action="store_true", help="debug log and tracebacks on stderr")
     add("--check", action="store_true", help="show which providers are ready here, and why")
@@ -3032,6 +3165,40 @@ def tell(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
+
+
+def continued(log: str, conversation: str | None, ctx: Context, provider: str | None):
+    """(id, ctx with the logged turns as history, provider) to go on with a logged
+    conversation: its provider and model unless -p / -m say otherwise; claude-code
+    resumes its CLI session instead of resending the turns."""
+    conversation, rows = logged_conversation(log, conversation)
+    done = [r for r in rows if r["answer"] is not None]
+    history = tuple(Message(role, text) for r in done
+                    for role, text in (("user", r["prompt"]), ("assistant", r["answer"])))
+    last = done[-1] if done else rows[-1]
+    chosen = provider or last["provider"]
+    if chosen not in NAMES:
+        chosen = provider
+    same = chosen == last["provider"]
+    session = next((r["session_id"] for r in reversed(done) if r["session_id"]), None)
+    ctx = replace(ctx, history=history,
+                  system_prompt=ctx.system_prompt or last["system_prompt"] or "",
+                  model=ctx.model or (last["model"] if same else None),
+                  session_id=session if same and chosen == "claude-code" else None)
+    return conversation, ctx, chosen
+
+
+def print_logs(log: str, n: int, as_json: bool) -> int:
+    """--logs: the last n exchanges, newest last, each with its conversation id."""
+    for row in recent_exchanges(log, n):
+        if as_json:
+            print(json.dumps(row, ensure_ascii=False))
+            continue
+        what = f"error: {row['error']}" if row["error"] else row["answer"]
+        print(f"[{row['conversation']}] {row['time']} {row['provider']} {row['model'] or ''}"
+              .rstrip())
+        print(f"> {row['prompt']}\n{what}\n")
+    return 0
 
 
 def print_stream(answer: Stream) -> None:
@@ -3095,6 +3262,12 @@ def run_cli(argv) -> int:
             raise ConfigError("stdout is closed: there is nowhere to write the answer")
         if args.check:
             return check(args.config, print)
+        raw, path = read_config(args.config)
+        log = None if args.no_log else log_path(raw, for_cli=True)
+        if args.logs is not None:
+            return print_logs(log or log_path({**raw, "log": {**raw.get("log", {}),
+                                                              "enabled": True}}, True),
+                              args.logs, args.json)
         prompt = read_prompt(args.prompt)
         if not prompt.strip():
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
@@ -3102,23 +3275,41 @@ def run_cli(argv) -> int:
             raise ConfigError("--max-tokens: expected a number greater than 0")
         if args.timeout is not None and not 0 < args.timeout < math.inf:
             raise ConfigError("--timeout: expected a number greater than 0")
-        config = read_config(args.config)
-        config = {**config[0], "_file": config[1]}
+        # The CLI writes the log itself, after the answer is out.
+        config = {**raw, "_file": path, "log": {"enabled": False}}
         if args.auto_route:
             config["provider"] = {**config.get("provider", {}), "auto_route": True}
         ctx = Context(prompt, system_prompt=args.system, model=args.model,
                       complex=args.complex, max_tokens=args.max_tokens,
                       temperature=args.temperature)
-        options = dict(provider=args.provider, config=config, on_status=say,
+        provider, conversation = args.provider, None
+        if args.go_on or args.chat:
+            if not log:
+                raise ConfigError(f"--{'continue' if args.go_on else 'chat'} needs the log, "
+                                  "which is off (--no-log, OMEGA_LOG=0 or [log] enabled = false)")
+            conversation, ctx, provider = continued(log, args.chat, ctx, provider)
+        options = dict(provider=provider, config=config, on_status=say,
                        fallback=args.fallback, timeout=args.timeout)
-        if args.json or args.no_stream:
-            reply = complete(ctx, **options)
-            out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False) \
-                if args.json else reply.text
-            sys.stdout.write(out + "\n")
-        else:
-            print_stream(stream(ctx, **options))
-        sys.stdout.flush()
+        started, reply = time.time(), None
+        try:
+            if args.json or args.no_stream:
+                reply = complete(ctx, **options)
+                out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False) \
+                    if args.json else reply.text
+                sys.stdout.write(out + "\n")
+            else:
+                answer_stream = stream(ctx, **options)
+                print_stream(answer_stream)
+                reply = answer_stream.reply
+            sys.stdout.flush()
+        except OmegaError as e:
+            if log and not isinstance(e, ConfigError):
+                record(log, ctx, None, e, started, {"id": conversation},
+                       lambda m: tell(f"omega: {m}"))
+            raise
+        if log:
+            record(log, ctx, reply, None, started, {"id": conversation},
+                   lambda m: tell(f"omega: {m}"))
         return 0
     except BrokenPipeError:                    # `omega ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

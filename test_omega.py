@@ -3950,3 +3950,187 @@ def test_reading_never_creates_the_log(tmp_path):
     one_line_log_error(lambda: omega.logged_conversation(str(path), "0123abcd"), path)
     assert not (tmp_path / "nowhere").exists()
 
+
+
+# =============================================================================
+# 17. Conversations: Chat, per-call settings, the CLI's log
+# =============================================================================
+
+def first_exchange_as_sent(name, body):
+    """The earlier turns of a request body, in that API's own shape, as (role, text)."""
+    if name == "gemini":
+        return [(c["role"], c["parts"][0]["text"]) for c in body["contents"]]
+    return [(m["role"], m["content"]) for m in body["messages"] if m["role"] != "system"]
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_chat_sends_the_earlier_turns_in_each_apis_shape(api, name):
+    api.reply(OK[name]())
+    api.reply(OK[name]())
+    chat = omega.Chat(provider=name, system="Be brief", config=cfg(name, api))
+    first = chat.ask("Name a colour")
+    assert chat.ask("Another one") == first
+    assistant_role = "model" if name == "gemini" else "assistant"
+    assert first_exchange_as_sent(name, api.last().body) == [
+        ("user", "Name a colour"), (assistant_role, first), ("user", "Another one")]
+    assert [m.role for m in chat.history] == ["user", "assistant"] * 2
+    assert len(chat.replies) == 2 and chat.replies[0].text == first
+
+
+def test_a_failed_chat_turn_adds_nothing_and_stream_turns_count(api):
+    chat = omega.Chat(provider="openai", config=cfg("openai", api, max_retries=0),
+                      history=[{"role": "user", "content": "earlier"},
+                               {"role": "assistant", "content": "noted"}])
+    api.reply(openai_error(400, "invalid_request_error"), status=400)
+    with pytest.raises(omega.ProviderError):
+        chat.ask("this fails")
+    assert len(chat.history) == 2 and chat.replies == []
+    serve_stream(api, sse(oa_chunk("streamed"), oa_chunk(finish="stop")))
+    assert "".join(chat.stream("go on")) == "streamed"
+    assert [m.content for m in chat.history] == ["earlier", "noted", "go on", "streamed"]
+    assert first_exchange_as_sent("openai", api.last().body)[:2] == [
+        ("user", "earlier"), ("assistant", "noted")]
+
+
+def test_chat_with_claude_code_resumes_the_session_and_sends_only_the_new_message(claude):
+    chat = omega.Chat(provider="claude-code", config=claude.config())
+    chat.ask("Remember 42")
+    chat.ask("What did I say?")
+    first, second = claude.calls()
+    session = chat.replies[0].metadata.session_id
+    assert "--resume" not in first["argv"]
+    assert second["argv"][second["argv"].index("--resume") + 1] == session
+    assert second["stdin"] == "[User]\nWhat did I say?"
+
+
+def test_per_call_settings_win_and_the_key_stays_with_its_call(api, api2):
+    config = cfg("openai", refused_url(), api_key="sk-file-key-000000000000")
+    config["provider"]["anthropic"] = cfg("anthropic", api2)["provider"]["anthropic"]
+    api.reply(openai_error(500, "server_error"), status=500)
+    api2.reply(anthropic_ok())
+    call_key = "sk-call-SECRET-4242424242424242"
+    reply = omega.complete("hi", "openai", config, fallback=["anthropic"], timeout=5,
+                           base_url=api.url + "/v1", api_key=call_key, max_retries=0)
+    assert reply.metadata.provider_used == "anthropic" and len(api.requests) == 1
+    assert api.last().headers["authorization"] == "Bearer " + call_key
+    assert call_key not in json.dumps(api2.last().headers) and api2.last().headers[
+        "x-api-key"] == KEY
+    api.reply(openai_ok("ok"))
+    assert omega.ask("hi", provider="openai", config=config, base_url=api.url + "/v1",
+                     timeout=5) == "ok"                  # no TypeError, and no file key sent
+    assert "authorization" not in api.last().headers
+    with pytest.raises(omega.ConfigError, match="max_retries"):
+        omega.complete("hi", "openai", config, max_retries=99)
+
+
+def log_rows(tmp_path):
+    import sqlite3
+    path = tmp_path / "home" / ".omega" / "log.db"
+    with sqlite3.connect(path) as db:
+        return [dict(zip(("conversation", "provider", "model", "prompt", "answer", "error"), r))
+                for r in db.execute("SELECT conversation, provider, model, prompt, answer, "
+                                    "error FROM exchanges ORDER BY id")]
+
+
+def test_cli_logs_each_exchange_and_never_the_key(api, tmp_path):
+    api.reply(openai_ok("Four."))
+    out = run_cli(tmp_path, "What is 2+2?", config=cfg("openai", api))
+    assert (out.returncode, out.stdout, out.stderr) == (0, "Four.\n", "")
+    rows = log_rows(tmp_path)
+    assert [(r["provider"], r["prompt"], r["answer"]) for r in rows] == [
+        ("openai", "What is 2+2?", "Four.")]
+    folder = tmp_path / "home" / ".omega"
+    for file in folder.iterdir():
+        assert KEY.encode() not in file.read_bytes() and not leaks(file.read_bytes().decode(
+            "latin-1"))
+    api.reply(openai_error(401, "invalid_api_key", f"bad key {KEY}"), status=401)
+    out = run_cli(tmp_path, "again", config=cfg("openai", api))
+    assert out.returncode == 3 and "invalid_api_key" in log_rows(tmp_path)[-1]["error"]
+    assert not leaks(log_rows(tmp_path)[-1]["error"])
+
+
+def test_cli_continue_and_chat_send_the_logged_turns(api, tmp_path):
+    config = cfg("openai", api)
+    api.reply(openai_ok("Four."))
+    run_cli(tmp_path, "What is 2+2?", config=config)
+    api.reply(openai_ok("Twelve."))
+    out = run_cli(tmp_path, "--continue", "and times 3?", config=config)
+    assert out.returncode == 0 and out.stdout == "Twelve.\n"
+    assert [(m["role"], m["content"]) for m in api.last().body["messages"]] == [
+        ("user", "What is 2+2?"), ("assistant", "Four."), ("user", "and times 3?")]
+    rows = log_rows(tmp_path)
+    assert rows[0]["conversation"] == rows[1]["conversation"]
+    api.reply(openai_ok("Hi."))
+    run_cli(tmp_path, "a new one", config=config)
+    api.reply(openai_ok("Thirty-six."))
+    run_cli(tmp_path, "--chat", rows[0]["conversation"], "times 3 again?", config=config)
+    sent = [m["content"] for m in api.last().body["messages"]]
+    assert sent == ["What is 2+2?", "Four.", "and times 3?", "Twelve.", "times 3 again?"]
+    out = run_cli(tmp_path, "--chat", "ffffffff", "hi", config=config)
+    assert out.returncode != 0 and "no conversation ffffffff" in out.stderr
+    out = run_cli(tmp_path, "--logs", "2", config=config)
+    assert out.returncode == 0 and f"[{rows[0]['conversation']}]" in out.stdout
+    assert "> times 3 again?\nThirty-six." in out.stdout and "What is 2+2" not in out.stdout
+    out = run_cli(tmp_path, "--logs", "--json", config=config)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["answer"] for r in lines] == ["Twelve.", "Hi.", "Thirty-six."]
+
+
+def test_cli_continue_with_claude_code_resumes_the_logged_session(claude, tmp_path):
+    run_cli(tmp_path, "Remember 42", config=claude.config())
+    run_cli(tmp_path, "--continue", "What did I say?", config=claude.config())
+    first, second = claude.calls()
+    assert "--resume" in second["argv"] and second["stdin"] == "[User]\nWhat did I say?"
+
+
+@pytest.mark.parametrize("how", ["--no-log", "OMEGA_LOG=0"])
+def test_cli_without_the_log_writes_nothing(api, tmp_path, how):
+    api.reply(openai_ok())
+    args = ("--no-log", "hi") if how == "--no-log" else ("hi",)
+    env = {"OMEGA_LOG": "0"} if how != "--no-log" else {}
+    assert run_cli(tmp_path, *args, config=cfg("openai", api), **env).returncode == 0
+    assert not (tmp_path / "home" / ".omega").exists()
+    out = run_cli(tmp_path, *args[:-1], "--continue", "hi", config=cfg("openai", api), **env)
+    assert out.returncode == 2 and "needs the log" in out.stderr
+
+
+@pytest.mark.parametrize("damage", ["directory", "corrupt", "read-only"])
+def test_cli_answer_comes_first_when_the_log_cannot_be_written(api, tmp_path, damage):
+    log = tmp_path / "bad" / "log.db"
+    log.parent.mkdir()
+    if damage == "directory":
+        log.mkdir()
+    elif damage == "corrupt":
+        log.write_bytes(b"this is not SQLite" * 100)
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        log.parent.chmod(0o500)
+    api.reply(openai_ok("still here"))
+    out = run_cli(tmp_path, "hi", config=cfg("openai", api), OMEGA_LOG_PATH=str(log))
+    assert out.returncode == 0 and out.stdout == "still here\n"
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("omega: warning: ")
+
+
+def test_eight_cli_processes_at_once_lose_no_row(api, tmp_path):
+    api.default = lambda r: {"body": openai_ok("ok")}
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    children = [subprocess.Popen([sys.executable, OMEGA_PY, f"question {i}"], cwd=tmp_path,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=cli_env(tmp_path))
+                for i in range(8)]
+    results = [child.communicate(timeout=30) for child in children]
+    assert all(c.returncode == 0 for c in children) and all(err == b"" for _, err in results)
+    assert sorted(r["prompt"] for r in log_rows(tmp_path)) == [f"question {i}" for i in range(8)]
+
+
+def test_library_calls_log_only_when_the_config_says_so(api, tmp_path):
+    api.default = lambda r: {"body": openai_ok("ok")}
+    omega.complete("not logged", "openai", cfg("openai", api))
+    assert not (tmp_path / "home" / ".omega").exists()
+    config = {**cfg("openai", api), "log": {"enabled": True, "path": str(tmp_path / "lib.db")}}
+    chat = omega.Chat(provider="openai", config=config)
+    chat.ask("one")
+    chat.ask("two")
+    _, rows = omega.logged_conversation(str(tmp_path / "lib.db"), None)
+    assert [r["prompt"] for r in rows] == ["one", "two"]
