@@ -3438,6 +3438,22 @@ def test_close_hangs_up_at_once_and_leaves_nothing_behind(api):
         next(s)
 
 
+def test_break_then_garbage_collection_closes_the_stream(api):
+    import gc
+    api.reply(action="endless", framing="chunked", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    for piece in s:
+        break
+    del s, piece
+    gc.collect()
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1
+
+
 def test_leaving_a_with_block_closes_the_stream(api):
     api.reply(action="endless", framing="close", every=0.01,
               first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
