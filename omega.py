@@ -1975,7 +1975,10 @@ def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
         data = next((e for e in reversed(data) if isinstance(e, dict)
                      and e.get("type") == "result"), None)
     if not isinstance(data, dict):
-        tail = clean(" ".join(err.strip().splitlines()[-3:])[-2000:], 400)
+        # The last lines of stderr, else of a stdout that is not JSON (a wrapper or an
+        # older CLI may print "Invalid API key · Please run /login" there).
+        said = err.strip() or (out.strip() if data is None else "")
+        tail = clean(" ".join(said.splitlines()[-3:])[-2000:], 400)
         message = tail or f"exited with code {code} and no result"
         cls = AuthError if looks_like_login_error(message) else ProviderError
         raise cls(message, name)
@@ -2576,8 +2579,10 @@ def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_st
                     if index == 0:
                         usable_settings(raw, name, path)       # the error that says so
                     continue                                   # a disabled fallback is skipped
-                seconds = min(settings["timeout_secs"], deadline - time.monotonic())
-                call = Call.starting_now(max(seconds, 0), on_status, next_name)
+                if settings["timeout_secs"] <= deadline - time.monotonic():
+                    call = Call.starting_now(settings["timeout_secs"], on_status, next_name)
+                else:                        # the caller's timeout ends this call first
+                    call = Call(deadline, timeout, on_status, next_name)
                 if index == 0 and raw.get("provider", {}).get("auto_route") \
                         and not ctx.model and not ctx.complex:
                     ctx = routed(ctx, raw, path, name, call)
