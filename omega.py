@@ -2198,6 +2198,9 @@ def key_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
     return True, f"no key, none needed for {settings['base_url']}"
 
 
+OLLAMA_PROBE_SECS = 2.0      # --check's look at a local Ollama, body included
+
+
 def ollama_ready(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
     """GET /api/tags, 2 s in all and a small body at most: never a model call."""
     if not deep:
@@ -2205,7 +2208,7 @@ def ollama_ready(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
     settings = {**settings, "max_retries": 0, "max_response_bytes": 1024 * 1024}
     try:
         data, _, _ = request_json("GET", settings["base_url"] + "/api/tags", {}, None, settings,
-                                  Call.starting_now(2.0))
+                                  Call.starting_now(OLLAMA_PROBE_SECS))
     except ProviderError as e:
         return False, f"{settings['base_url']} not answering ({e.reason})"
     except ConfigError as e:
