@@ -282,8 +282,13 @@ def prepared_attachment(item, number: int, limit: int, who: str) -> Attachment:
     else:
         raise ConfigError(f"attachment {number}: expected a file path, bytes or an Attachment, "
                           f"got {type(item).__name__}")
-    if not isinstance(data, bytes):
+    if isinstance(data, str):                # Attachment("some text"): a text file
+        data = data.encode("utf-8", "surrogatepass")
+    elif isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
+    elif not isinstance(data, bytes):
+        raise ConfigError(f"attachment {number}: its data must be bytes, got "
+                          f"{type(data).__name__}")
     name = name if isinstance(name, str) and name else f"attachment-{number}"
     if len(data) > limit:
         raise too_big(who, name, len(data), limit)
@@ -3358,9 +3363,10 @@ def attachment_arg(text: str) -> str | Attachment:
     bytes, read now, before anything could take stdin for a prompt."""
     if text != "-":
         return text
-    if sys.stdin is None:
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:
         raise ConfigError("-a -: there is no stdin to read the attachment from")
-    return Attachment(sys.stdin.buffer.read(), name="stdin")
+    return Attachment(stdin.read(), name="stdin")
 
 
 def schema_arg(text: str) -> dict:

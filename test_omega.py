@@ -4272,7 +4272,7 @@ def test_the_kind_comes_from_the_bytes_not_the_name(tmp_path):
     (tmp_path / "notes.md").write_bytes(b"\xef\xbb\xbf# Title\n")
     items = [str(tmp_path / "scan.png"), b"GIF89a" + bytes(10), b"\xff\xd8\xff\xe0" + bytes(10),
              omega.Attachment(b"RIFF\x10\x00\x00\x00WEBPVP8 ", mime="image/png"),
-             tmp_path / "notes.md", omega.Attachment(b"a,b\n", mime="text/csv", name="t.csv"),
+             tmp_path / "notes.md", omega.Attachment("a,b\n", mime="text/csv", name="t.csv"),
              bytearray(PNG)]
     settings = omega.provider_settings(cfg("openai", "http://h"), "openai")
     got = omega.attachments_of(omega.Context("x", attachments=items), settings)
@@ -4299,7 +4299,8 @@ def test_what_cannot_be_sent_is_a_one_line_config_error_naming_the_file(api, tmp
               "fake.png: said to be image/png, but its bytes are not"),
              ([str(tmp_path / "none.png")], f"attachment {tmp_path / 'none.png'}: no such file"),
              ([str(tmp_path)], f"attachment {tmp_path}: cannot read it"),
-             ([42], "attachment 1: expected a file path, bytes or an Attachment, got int")]
+             ([42], "attachment 1: expected a file path, bytes or an Attachment, got int"),
+             ([omega.Attachment(None)], "attachment 1: its data must be bytes, got NoneType")]
     for items, message in cases:
         with pytest.raises(omega.ConfigError) as err:
             omega.complete(omega.Context("x", attachments=items), "openai", cfg("openai", api))
@@ -4308,6 +4309,13 @@ def test_what_cannot_be_sent_is_a_one_line_config_error_naming_the_file(api, tmp
 
 
 def test_documented_limits_fail_before_any_request(api, monkeypatch):
+    for name, size, limit in (("anthropic", 4 * 1024 * 1024, "an image as base64 may be at "
+                                                              "most 5,242,880 bytes"),
+                              ("openai", 21 * 1024 * 1024, "an image may be at most "
+                                                           "20,971,520 bytes")):
+        with pytest.raises(omega.ConfigError, match=f"{name}: cannot send photo.png: {limit}"):
+            omega.complete(omega.Context("x", attachments=[omega.Attachment(
+                PNG + bytes(size), name="photo.png")]), name, cfg(name, api))
     monkeypatch.setattr(omega, "MIB", 64)        # "megabytes" of 64 bytes: tiny files suffice
     gif = omega.Attachment(b"GIF89a" + bytes(10), name="anim.gif")
     big = omega.Attachment(PNG + bytes(400), name="big.png")
