@@ -5,6 +5,9 @@
     omega.ask("Say hi")                                  # -> "Hi!"
     omega.ask("Say hi", provider="ollama", model="qwen3", system="Be brief")
     reply = omega.complete(omega.Context("Say hi"))      # -> OutgoingMessage
+    omega.ask("What is in it?", attachments=["cat.png"])  # images, PDFs, text files
+    omega.ask("Three colours", schema={"type": "array"}) # -> the parsed JSON value
+    omega.models("openai")                               # -> ["gpt-4o", ...]
 
     python omega.py "Say hi"                             # the same from a shell
 
@@ -15,7 +18,8 @@ and `requests`; nothing else. Copy this file into your project and go.
 Contents (each a banner below; definitions come before their use, so the file
 reads bottom-up: to follow a call, start at 9, `complete()`):
 
-     1. Data types         Message, Context, MessageMetadata, OutgoingMessage, Call
+     1. Data types         Message, Context, Attachment, MessageMetadata, OutgoingMessage,
+                           Call; attachments: kind from the bytes, read once, base64 once
      2. Errors             OmegaError ... ProviderUnavailable (context given to __init__),
                            LogError
      3. Secrets            Secret, mask, redact, clean
@@ -23,10 +27,12 @@ reads bottom-up: to follow a call, start at 9, `complete()`):
      5. HTTP transport     per-thread session, the deadline watchdog, send, body reading,
                            the retry loop
      6. Error policy       error bodies of every backend -> typed errors, Retry-After
-     7. Backends           shared helpers, then one banner per backend: its request
-                           builder and response parser side by side
+     7. Backends           shared helpers, JSON answers (a schema in each API's form,
+                           the answer parsed), then one banner per backend: its request
+                           builder, response parser, stream reader, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
-     9. Calling            status timer, routing, the fallback chain, complete(), ask()
+     9. Calling            status timer, routing, the fallback chain, complete(), ask(),
+                           models()
     10. Diagnostics        readiness probes, --check, the first-run hint
     11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
                            (SQLite, WAL, schema version)
@@ -35,6 +41,7 @@ reads bottom-up: to follow a call, start at 9, `complete()`):
 
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
 
+import binascii
 import heapq
 import itertools
 import json
@@ -53,7 +60,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 # Imported where first needed instead, because each costs start-up time that most
 # runs never use (`import omega` and `--help` must stay cheap): requests with
@@ -67,7 +74,7 @@ __all__ = [
     "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
-    "ProviderUnavailable",
+    "ProviderUnavailable", "Attachment", "models",
 ]
 
 USER_AGENT = f"omega/{__version__}"
@@ -96,6 +103,8 @@ class Context:
     allowed_tools: list | None = None  # claude-code: overrides the configured list
     max_tokens: int | None = None
     temperature: float | None = None
+    attachments: tuple = ()          # paths, bytes or Attachment, sent with current_message
+    schema: dict | None = None       # a JSON Schema the answer must follow: see reply.data
 
     def to_api_messages(self) -> tuple[str, list[dict]]:
         """(system prompt, [{"role", "content"}, ...]) ready for a chat API: history
@@ -127,6 +136,20 @@ class Context:
         blocks = [f"[System]\n{system}"] if system else []
         blocks += [f"[{m['role'].title()}]\n{m['content']}" for m in messages]
         return "\n\n".join(blocks)
+
+
+@dataclass
+class Attachment:
+    """A file sent with the message: an image (PNG, JPEG, GIF, WebP), a PDF or UTF-8
+    text. Its kind comes from the bytes, never from `mime` or a file name (a .png
+    that holds a PDF goes as a PDF); `mime` only names a text file's own type
+    ("text/markdown"); `name` is what the model is told (default: the file name)."""
+    data: bytes
+    mime: str | None = None
+    name: str | None = None
+
+    def __repr__(self) -> str:          # never megabytes of bytes in a log or traceback
+        return f"Attachment({len(self.data):,} bytes, mime={self.mime!r}, name={self.name!r})"
 
 
 @dataclass
@@ -164,10 +187,15 @@ class MessageMetadata:
 class OutgoingMessage:
     text: str
     metadata: MessageMetadata
+    data: object = None     # with Context.schema: the answer parsed (text is the raw JSON)
 
     def to_dict(self) -> dict:
-        """Plain JSON-able data: {"text": ..., "metadata": {...}}."""
-        return {"text": self.text, "metadata": asdict(self.metadata)}
+        """Plain JSON-able data: {"text": ..., "metadata": {...}}, and "data" when the
+        answer was asked for as JSON."""
+        out = {"text": self.text, "metadata": asdict(self.metadata)}
+        if self.data is not None:
+            out["data"] = self.data
+        return out
 
 
 def number(value) -> bool:
@@ -202,6 +230,188 @@ class Call:
     def notify(self, message: str) -> None:
         if self.on_status is not None:
             self.on_status(message)
+
+
+# -----------------------------------------------------------------------------
+# attachments: the kind from the bytes, each file read once, base64 written once
+# -----------------------------------------------------------------------------
+# complete() prepares Context.attachments once (files read, kinds found), and each
+# backend's request builder (7) puts them in its API's own shape. The bytes go into
+# the body as Inline values, whose base64 json_payload (5) writes straight into the
+# bytes sent: a call holds the file and one encoded copy, never a JSON string of it,
+# and retries send the same bytes again.
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+PDF = "application/pdf"
+MIB = 1024 * 1024
+
+
+def sniff(data: bytes) -> str | None:
+    """The type the first bytes announce (PNG, JPEG, GIF, WebP, PDF), else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"%PDF-"):
+        return PDF
+    return None
+
+
+def attachments_of(ctx: Context, settings: dict) -> list[Attachment]:
+    """ctx.attachments ready for this backend: Attachments with a name and the type
+    their bytes say, none over max_attachment_bytes. Files are read here unless
+    complete() did it already (it passes Attachments on)."""
+    items = ctx.attachments
+    if isinstance(items, (str, bytes, bytearray, memoryview, os.PathLike, Attachment)):
+        items = (items,)                     # one given alone, not a list of one
+    return [prepared_attachment(item, number, settings["max_attachment_bytes"],
+                                settings["name"]) for number, item in enumerate(items or (), 1)]
+
+
+def prepared_attachment(item, number: int, limit: int, who: str) -> Attachment:
+    """item (a path, bytes or an Attachment) as an Attachment with the type its bytes
+    say and a name; a ConfigError naming the file for anything omega cannot send."""
+    if isinstance(item, Attachment):
+        data, mime, name = item.data, item.mime, item.name
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        data, mime, name = item, None, None
+    elif isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        data, mime = read_attachment(path, limit, who), None
+        name = os.path.basename(path.rstrip(os.sep)) or path
+    else:
+        raise ConfigError(f"attachment {number}: expected a file path, bytes or an Attachment, "
+                          f"got {type(item).__name__}")
+    if isinstance(data, str):                # Attachment("some text"): a text file
+        data = data.encode("utf-8", "surrogatepass")
+    elif isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    elif not isinstance(data, bytes):
+        raise ConfigError(f"attachment {number}: its data must be bytes, got "
+                          f"{type(data).__name__}")
+    name = name if isinstance(name, str) and name else f"attachment-{number}"
+    if len(data) > limit:
+        raise too_big(who, name, len(data), limit)
+    kind = sniff(data)
+    if kind is None:
+        if isinstance(mime, str) and (mime.startswith("image/") or mime == PDF):
+            raise ConfigError(f"{name}: said to be {mime}, but its bytes are not a PNG, JPEG, "
+                              "GIF, WebP or PDF")
+        if b"\0" in data or not is_utf8(data):
+            raise ConfigError(f"{name}: not an image (PNG, JPEG, GIF, WebP), a PDF or UTF-8 "
+                              "text, so omega cannot send it")
+        kind = mime if isinstance(mime, str) and mime.startswith("text/") else "text/plain"
+    if isinstance(item, Attachment) and item.data is data and item.mime == kind \
+            and item.name == name:
+        return item
+    return Attachment(data, kind, name)
+
+
+def read_attachment(path: str, limit: int, who: str) -> bytes:
+    """The file's bytes, read once. One over the limit is refused before it is read
+    (a pipe or device is read up to the limit)."""
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            regular = stat.S_ISREG(info.st_mode)
+            if regular and info.st_size > limit:
+                raise too_big(who, path, info.st_size, limit)
+            return f.read() if regular else f.read(limit + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"attachment {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"attachment {path}: cannot read it ({e.strerror})") from None
+
+
+def too_big(who: str, name: str, size: int, limit: int) -> ConfigError:
+    return ConfigError(f"{who}: {name} is {size:,} bytes, more than max_attachment_bytes "
+                       f"({limit:,}); raise provider.{who}.max_attachment_bytes if it is expected")
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def is_image(attachment: Attachment) -> bool:
+    return attachment.mime in IMAGE_TYPES
+
+
+def is_text(attachment: Attachment) -> bool:
+    return attachment.mime != PDF and not is_image(attachment)
+
+
+def attachment_text(attachment: Attachment) -> str:
+    return attachment.data.decode("utf-8").removeprefix("\ufeff")
+
+
+def file_block(attachment: Attachment) -> str:
+    """A text file as the model sees it where an API has no file part of its own:
+    <file name="notes.md">, the text, </file>."""
+    text = attachment_text(attachment)
+    end = "" if text.endswith("\n") else "\n"
+    name = attachment.name
+    for char, entity in (("&", "&amp;"), ('"', "&quot;"), ("<", "&lt;"), (">", "&gt;")):
+        name = name.replace(char, entity)
+    return f'<file name="{clean(name, 200)}">\n{text}{end}</file>'
+
+
+def base64_size(size: int) -> int:
+    return (size + 2) // 3 * 4
+
+
+def wire_size(attachment: Attachment) -> int:
+    """Bytes it adds to a request: base64 for an image or PDF, the text itself else."""
+    return len(attachment.data) if is_text(attachment) else base64_size(len(attachment.data))
+
+
+class Inline:
+    """Attachment bytes that go into a request body as base64 text after `prefix`
+    (such as "data:image/png;base64,"): json_payload writes them straight into the
+    bytes sent (json.dumps alone does not know them)."""
+    __slots__ = ("data", "prefix")
+
+    def __init__(self, data: bytes, prefix: str = ""):
+        self.data, self.prefix = data, prefix
+
+    def __repr__(self) -> str:
+        return f"Inline({self.prefix}<{len(self.data):,} bytes as base64>)"
+
+
+def refuse(settings: dict, attachment: Attachment, why: str) -> ConfigError:
+    """What a backend cannot take, said before anything is sent to it."""
+    return ConfigError(f"{settings['name']}: cannot send {attachment.name}: {why}")
+
+
+def raw_size(attachment: Attachment) -> int:
+    return len(attachment.data)
+
+
+def limit_each(settings: dict, files: list, kinds, most: int, what: str,
+               size=raw_size) -> None:
+    """Refuse the first file of these kinds whose size(file) is over most."""
+    for attachment in files:
+        if attachment.mime in kinds and size(attachment) > most:
+            raise refuse(settings, attachment, f"{what} may be at most {most:,} bytes, this is "
+                                               f"{size(attachment):,}")
+
+
+def limit_total(settings: dict, files: list, kinds, most: int, what: str,
+                size=raw_size) -> None:
+    """Refuse files of these kinds whose sizes add up to more than most."""
+    chosen = [a for a in files if kinds is None or a.mime in kinds]
+    total = sum(size(a) for a in chosen)
+    if total > most:
+        names = ", ".join(a.name for a in chosen[:3]) + (" …" if len(chosen) > 3 else "")
+        raise ConfigError(f"{settings['name']}: cannot send {names}: {what} may be at most "
+                          f"{most:,} bytes in one request, these are {total:,}")
 
 
 # =============================================================================
@@ -409,7 +619,7 @@ KEY_TYPES = {
     "command": str, "max_turns": int, "allowed_tools": list, "skip_permissions": bool,
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
-    "referer": str, "title": str, "stream_usage": bool,
+    "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -438,6 +648,7 @@ RULES = {
     "max_turns": (lambda v: v > 0, "a number greater than 0"),
     "num_ctx": (lambda v: v > 0, "a number greater than 0"),
     "max_response_bytes": (lambda v: v > 0, "a number greater than 0"),
+    "max_attachment_bytes": (lambda v: v > 0, "a number greater than 0"),
     "max_retries": (lambda v: 0 <= v <= MAX_RETRIES_CAP,
                     f"a number from 0 to {MAX_RETRIES_CAP}"),
     "max_resume_attempts": (lambda v: v >= 0, "a number 0 or more"),
@@ -814,7 +1025,7 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
         request = requests.PreparedRequest()
         request.method, request.url, request.body = method, prepared_url(url, cache), payload
         request.headers = headers if payload is None else \
-            {**headers, "Content-Length": str(len(payload))}
+            {**headers, "Content-Length": str(payload_size(payload))}
         response = session.get_adapter(request.url).send(
             request, stream=True, timeout=max(call.left(), 0.001),
             **environ_for(settings["base_url"], cache))
@@ -982,7 +1193,7 @@ def request_json(method: str, url: str, headers: dict, body, settings: dict,
                  call: Call) -> tuple:
     """Send body as JSON (None: no body) with retries inside the call's deadline.
     Returns (parsed JSON, response headers, number of requests made)."""
-    payload = None if body is None else json.dumps(body).encode()
+    payload = None if body is None else json_payload(body)
     headers = request_headers(headers, payload)
     for attempt in itertools.count(1):
         started = time.monotonic()
@@ -999,6 +1210,38 @@ def request_json(method: str, url: str, headers: dict, body, settings: dict,
                 return parse_json(content, status, reply_headers, settings), reply_headers, attempt
             error = http_error(status, reply_headers, content, settings)
         pause_before_retry(error, attempt, settings, call)
+
+
+def json_payload(body) -> bytes | list[bytes]:
+    """body as the JSON bytes to send. Attachment bytes in it (Inline values) are
+    written as base64 straight into the result, which is then a list of pieces sent
+    one after the other: a 20 MB image costs one encoded copy, not three (a JSON
+    string, its bytes, and their concatenation). A body without any is plain bytes."""
+    try:
+        return json.dumps(body).encode()       # the usual case, at full speed
+    except TypeError:
+        pass
+    inlines, token = [], []
+
+    def hold(value):
+        if not isinstance(value, Inline):
+            raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+        if not token:                          # unguessable: no prompt text can forge it
+            token.append(os.urandom(12).hex())
+        inlines.append(value)
+        return f"{token[0]}:{len(inlines) - 1}"
+    text = json.dumps(body, default=hold)
+    pieces = []
+    for number, inline in enumerate(inlines):     # in the order they were written
+        before, _, text = text.partition(f'"{token[0]}:{number}"')
+        pieces += [before.encode(), b'"' + inline.prefix.encode(),
+                   binascii.b2a_base64(inline.data, newline=False), b'"']
+    pieces.append(text.encode())
+    return pieces
+
+
+def payload_size(payload: bytes | list[bytes]) -> int:
+    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
 
 
 def request_headers(headers: dict, payload: bytes | None, streaming: bool = False) -> dict:
@@ -1162,6 +1405,13 @@ def log_debug(message: str, *args) -> None:
 
 # Markers of exhausted quota or credit: a RateLimitError that waiting will not fix.
 QUOTA_CODES = {"insufficient_quota", "billing_error", "enforced_spend_limit_reached"}
+# How a model that cannot see images says so (OpenAI 400, OpenRouter 404, Ollama
+# 500, llama.cpp, vLLM): the same request fails the same way however often it is
+# tried, so it is neither retried nor sent to a fallback.
+NO_IMAGES = "model takes no images"
+NO_IMAGES_SAID = ("only supported by certain models", "support image input",
+                  "required for image input", "image input is not supported",
+                  "is not a multimodal model")
 
 
 def error_for(status: int | None, code: str | None, message: str, provider: str,
@@ -1172,6 +1422,8 @@ def error_for(status: int | None, code: str | None, message: str, provider: str,
         cls, retryable = RateLimitError, False          # waiting will not bring credit back
     elif status in (401, 403) or code == "API_KEY_INVALID":
         cls, retryable = AuthError, False
+    elif any(said in message.lower() for said in NO_IMAGES_SAID):
+        cls, retryable, context = ProviderError, False, {"reason": NO_IMAGES, **context}
     else:
         cls, retryable = RateLimitError if status == 429 else ProviderError, status in RETRY_STATUS
     return cls(message, provider, status, code, **{"retryable": retryable, **context})
@@ -1282,14 +1534,18 @@ def call_http(backend, ctx: Context, settings: dict, call: Call) -> OutgoingMess
     """One HTTP backend call: build, send with retries, parse."""
     url, headers, body = backend.request(ctx, settings)
     data, reply_headers, attempts = request_json("POST", url, headers, body, settings, call)
-    return parsed(backend, data, reply_headers, attempts, settings)
+    return parsed(backend, data, reply_headers, attempts, settings, ctx.schema)
 
 
-def parsed(backend, data, headers, attempts: int, settings: dict) -> OutgoingMessage:
-    """The backend's reading of a body, with the request id and attempts added."""
+def parsed(backend, data, headers, attempts: int, settings: dict,
+           schema: dict | None = None) -> OutgoingMessage:
+    """The backend's reading of a body, with the request id and attempts added, and
+    with a schema, the answer's JSON in reply.data."""
     request_id = request_id_of(headers)
     try:
         reply = backend.response(data, settings)
+        if schema is not None:
+            reply.data = json_answer(reply.text, reply.metadata.stop_reason, schema, settings)
     except ProviderError as e:
         raise (e.with_context(request_id=request_id) if request_id and not e.request_id
                else e) from None
@@ -1306,7 +1562,7 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
     a cut connection, an early end) are retried as in call_http; after it they are
     raised, since the text is already on the caller's screen."""
     url, headers, body = backend.request(ctx, settings, streaming=True)
-    payload = json.dumps(body).encode()
+    payload = json_payload(body)
     headers = request_headers(headers, payload, streaming=True)
     for attempt in itertools.count(1):
         shown = finished = False
@@ -1325,7 +1581,7 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                     raise http_error(status, reply_headers, content, settings)
                 # Some gateways answer a stream request with one plain body.
                 reply = parsed(backend, parse_json(content, status, reply_headers, settings),
-                               reply_headers, attempt, settings)
+                               reply_headers, attempt, settings, ctx.schema)
                 shown = True
                 yield reply.text
                 return reply
@@ -1346,7 +1602,7 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 raise timed_out(settings, call)
             response.raw.release_conn()
             finished = True
-            reply = parsed(backend, data, reply_headers, attempt, settings)
+            reply = parsed(backend, data, reply_headers, attempt, settings, ctx.schema)
             if not shown:               # an OpenAI refusal: its text comes whole, at the end
                 yield reply.text
             return reply
@@ -1480,6 +1736,164 @@ def token_counts(input_tokens, output_tokens) -> tuple:
     return input_tokens or 0, output_tokens or 0
 
 
+MAX_PAGES = 100      # of a model list: a server that never stops paging is an error
+
+
+def too_many_pages(settings: dict) -> ProviderError:
+    return ProviderError(f"the model list did not end after {MAX_PAGES} pages", settings["name"])
+
+
+def user_turn(messages: list[dict]) -> dict:
+    """The message attachments go with: the current user turn, last in messages
+    (added empty when the current message is empty and the history ends otherwise)."""
+    if not messages or messages[-1]["role"] != "user":
+        messages.append({"role": "user", "content": ""})
+    return messages[-1]
+
+
+# -----------------------------------------------------------------------------
+# JSON answers: one JSON Schema, each backend's native form, the answer parsed
+# -----------------------------------------------------------------------------
+# No schema library: omega checks that a schema is JSON with known type names
+# (the claude CLI silently ignores one it cannot read), puts it where each API
+# wants it, and checks only the top-level type of the answer.
+
+SCHEMA_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_HOLDERS = ("items", "prefixItems", "additionalProperties", "anyOf", "oneOf", "allOf",
+                  "not", "if", "then", "else", "contains", "propertyNames", "additionalItems",
+                  "unevaluatedItems", "unevaluatedProperties")
+CUT_OFF = ("length", "max_tokens", "MAX_TOKENS")           # stop reasons of a cut answer
+REFUSED = ("refusal", "content_filter", "SAFETY", "RECITATION", "BLOCKLIST",
+           "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY")
+
+
+def subschemas(schema):
+    """schema and every schema inside it, through the keywords that hold schemas."""
+    stack, seen = [schema], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        for key in SCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in SCHEMA_HOLDERS:
+            value = node.get(key)
+            stack.extend(value if isinstance(value, list) else [value])
+
+
+def schema_types(schema: dict) -> list:
+    kinds = schema.get("type")
+    return [] if kinds is None else kinds if isinstance(kinds, list) else [kinds]
+
+
+def is_object_schema(schema: dict) -> bool:
+    return "object" in schema_types(schema) or "type" not in schema and "properties" in schema
+
+
+def check_schema(schema) -> None:
+    """A ConfigError unless schema is a JSON object whose `type`s are all known."""
+    if not isinstance(schema, dict):
+        raise ConfigError(f"schema: expected a JSON Schema object, got {type(schema).__name__}")
+    try:
+        json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"schema: not JSON data ({e})") from None
+    for node in subschemas(schema):
+        for kind in schema_types(node):
+            if not isinstance(kind, str) or kind not in SCHEMA_TYPES:
+                raise ConfigError(f"schema: unknown type {kind!r} (known: "
+                                  f"{', '.join(SCHEMA_TYPES)})")
+
+
+def strict_ready(schema: dict) -> bool:
+    """True when OpenAI's strict mode takes the schema as it is: an object at the
+    top, every object closed (additionalProperties false), all its properties required."""
+    if not is_object_schema(schema):
+        return False
+    for node in subschemas(schema):
+        if is_object_schema(node):
+            required = node.get("required") or []
+            properties = node.get("properties") or {}
+            if node.get("additionalProperties") is not False or not isinstance(required, list) \
+                    or sorted(map(str, required)) != sorted(map(str, properties)):
+                return False
+    return True
+
+
+def closed(schema):
+    """A copy of schema with every object closed (additionalProperties: false), as
+    Anthropic's structured output requires; the caller's dict is left alone."""
+    if not isinstance(schema, dict):
+        return [closed(s) for s in schema] if isinstance(schema, list) else schema
+    out = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in SCHEMA_HOLDERS:
+        if key in out:
+            out[key] = closed(out[key])
+    if is_object_schema(out):
+        out["additionalProperties"] = False
+    return out
+
+
+def schema_name(schema: dict) -> str:
+    """OpenAI's json_schema.name: the schema's title when it fits, else "answer"."""
+    title = schema.get("title")
+    return title if isinstance(title, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", title) \
+        else "answer"
+
+
+def json_answer(text: str, stop, schema: dict, settings: dict):
+    """The answer's JSON value. A refusal is an EmptyResponse; an answer cut off,
+    not JSON, or of another type than the schema's is a ProviderError with code
+    invalid_json (the raw text in partial_text): never retried, never sent elsewhere."""
+    name = settings["name"]
+    if stop in REFUSED:
+        raise EmptyResponse(f"no JSON answer: the model refused (stop_reason={stop}): {text}",
+                            name, reason="refused")
+    if stop in CUT_OFF:
+        raise invalid_json(settings, f"the JSON answer was cut off (stop_reason={stop}); "
+                                     "raise max_tokens", text)
+    try:
+        value = json.loads(text, parse_constant=not_a_number)
+    except (ValueError, RecursionError):
+        raise invalid_json(settings, f"the answer is not JSON: {shorten(text, 80)!r}",
+                           text) from None
+    return of_schema_type(value, schema, settings, text)
+
+
+def of_schema_type(value, schema: dict, settings: dict, text: str):
+    """value, when its JSON type is one the schema's top-level `type` allows."""
+    kinds, kind = schema_types(schema), json_type(value)
+    if kinds and kind not in kinds and not (
+            kind == "integer" and "number" in kinds or
+            kind == "number" and value.is_integer() and "integer" in kinds):
+        raise invalid_json(settings, f"the JSON answer is {'an' if kind[0] in 'aeiou' else 'a'} "
+                                     f"{kind}, the schema asks for {' or '.join(kinds)}", text)
+    return value
+
+
+def not_a_number(name: str):
+    raise ValueError(f"{name} is not JSON")   # Python's json takes NaN and Infinity; JSON not
+
+
+def json_type(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "integer", float: "number",
+            type(None): "null"}.get(type(value), "unknown")
+
+
+def invalid_json(settings: dict, message: str, text: str | None) -> ProviderError:
+    return ProviderError(message, settings["name"], code="invalid_json", reason="invalid JSON",
+                         partial_text=text or None)
+
+
 # -----------------------------------------------------------------------------
 # openai (and every OpenAI-compatible server)
 # -----------------------------------------------------------------------------
@@ -1497,11 +1911,35 @@ def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
         body["max_completion_tokens" if official else "max_tokens"] = max_tokens
     if temperature is not None:
         body["temperature"] = temperature
+    files = attachments_of(ctx, settings)
+    if files:
+        if settings["name"] == "openai":        # OpenAI's own limits; OpenRouter has none
+            limit_each(settings, files, IMAGE_TYPES, 20 * MIB, "an image")
+            limit_total(settings, files, IMAGE_TYPES, 50 * MIB, "images")
+        turn = user_turn(body["messages"])      # the question first, then the files
+        turn["content"] = [{"type": "text", "text": turn["content"]}] * bool(turn["content"]) \
+            + [openai_part(a) for a in files]
+    if ctx.schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": schema_name(ctx.schema), "schema": ctx.schema,
+            "strict": strict_ready(ctx.schema)}}
     if streaming:
         body["stream"] = True
         if settings.get("stream_usage", True):      # a server that rejects it: stream_usage = false
             body["stream_options"] = {"include_usage": True}
     return settings["base_url"] + "/chat/completions", headers, body
+
+
+def openai_part(attachment: Attachment) -> dict:
+    """An image as a data URL, a PDF as a file part (the only file type Chat
+    Completions takes), a text file as text."""
+    if is_image(attachment):
+        return {"type": "image_url", "image_url": {
+            "url": Inline(attachment.data, f"data:{attachment.mime};base64,")}}
+    if attachment.mime == PDF:
+        return {"type": "file", "file": {"filename": attachment.name, "file_data": Inline(
+            attachment.data, f"data:{PDF};base64,")}}
+    return {"type": "text", "text": file_block(attachment)}
 
 
 def openai_response(data: dict, settings: dict) -> OutgoingMessage:
@@ -1565,6 +2003,8 @@ def openai_events(chunks, settings: dict):
 def openrouter_request(ctx: Context, settings: dict,
                        streaming: bool = False) -> tuple[str, dict, dict]:
     url, headers, body = openai_request(ctx, settings, streaming)
+    if ctx.schema is not None:       # else a provider that cannot follow it may be chosen
+        body["provider"] = {"require_parameters": True}
     if settings.get("referer"):
         headers["HTTP-Referer"] = settings["referer"]
     if settings.get("title"):
@@ -1572,8 +2012,29 @@ def openrouter_request(ctx: Context, settings: dict,
     return url, headers, body
 
 
+def openai_models(settings: dict, call: Call) -> list[str]:
+    """GET {base_url}/models: the ids. OpenRouter's list needs no key and may come
+    in pages (links.next), which are followed on the same server only: a next link
+    elsewhere would take the key with it."""
+    key = settings.get("api_key") if settings["name"] == "openrouter" else require_key(settings)
+    headers = {"Authorization": Secret(f"Bearer {key}")} if key else {}
+    url, names = settings["base_url"] + "/models", []
+    for _ in range(MAX_PAGES):
+        data = request_json("GET", url, headers, None, settings, call)[0]
+        names += [m.get("id") for m in data["data"]]
+        link = (data.get("links") or {}).get("next")
+        if not link:
+            return names
+        url = urljoin(url, link)
+        if urlsplit(url)[:2] != urlsplit(settings["base_url"])[:2]:
+            raise ProviderError("the model list's next page is on another server; not "
+                                "following it", settings["name"])
+    raise too_many_pages(settings)
+
+
 openrouter_response = openai_response   # usage.cost and errors-in-200 are handled there
 openrouter_events = openai_events       # its `: OPENROUTER PROCESSING` comments are skipped
+openrouter_models = openai_models
 
 
 # -----------------------------------------------------------------------------
@@ -1590,9 +2051,32 @@ def anthropic_request(ctx: Context, settings: dict,
         body["system"] = system
     if requested(ctx, settings, "temperature") is not None:
         body["temperature"] = requested(ctx, settings, "temperature")
+    files = attachments_of(ctx, settings)
+    if files:
+        limit_each(settings, files, IMAGE_TYPES, 5 * MIB, "an image as base64",
+                   size=wire_size)
+        limit_total(settings, files, None, 32 * MIB, "attachments as base64", size=wire_size)
+        turn = user_turn(messages)              # files first, as Anthropic advises
+        turn["content"] = [anthropic_block(a) for a in files] \
+            + [{"type": "text", "text": turn["content"]}] * bool(turn["content"])
+    if ctx.schema is not None:
+        body["output_config"] = {"format": {"type": "json_schema", "schema": closed(ctx.schema)}}
     if streaming:
         body["stream"] = True
     return settings["base_url"] + "/v1/messages", headers, body
+
+
+def anthropic_block(attachment: Attachment) -> dict:
+    """A Messages API content block (the claude CLI forwards the same ones): an
+    image, a PDF document, or a text document, each with its name as title."""
+    if is_image(attachment):
+        return {"type": "image", "source": {"type": "base64", "media_type": attachment.mime,
+                                            "data": Inline(attachment.data)}}
+    if attachment.mime == PDF:
+        source = {"type": "base64", "media_type": PDF, "data": Inline(attachment.data)}
+    else:
+        source = {"type": "text", "media_type": "text/plain", "data": attachment_text(attachment)}
+    return {"type": "document", "source": source, "title": attachment.name}
 
 
 def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
@@ -1641,6 +2125,22 @@ def anthropic_events(chunks, settings: dict):
     raise ended_early(settings)
 
 
+def anthropic_models(settings: dict, call: Call) -> list[str]:
+    """GET /v1/models, 1,000 a page, after_id = the last page's last_id while has_more."""
+    headers = {"x-api-key": require_key(settings), "anthropic-version": "2023-06-01"}
+    names, after = [], None
+    for _ in range(MAX_PAGES):
+        url = settings["base_url"] + "/v1/models?limit=1000" + \
+            (f"&after_id={quote(after, safe='')}" if after else "")
+        data = request_json("GET", url, headers, None, settings, call)[0]
+        names += [m.get("id") for m in data["data"]]
+        last = data.get("last_id")
+        if not data.get("has_more") or not isinstance(last, str) or last == after:
+            return names
+        after = last
+    raise too_many_pages(settings)
+
+
 def anthropic_input_tokens(usage: dict) -> int | None:
     """All input: fresh tokens plus cache writes plus cache reads (the claude CLI
     reports the same usage object)."""
@@ -1659,8 +2159,20 @@ def gemini_request(ctx: Context, settings: dict,
     # The key travels in a header: URLs end up in proxy logs and tracebacks.
     headers = {"x-goog-api-key": require_key(settings)}
     system, messages = ctx.to_api_messages()
+    files = attachments_of(ctx, settings)
+    if files:
+        for attachment in files:
+            if attachment.mime == "image/gif":
+                raise refuse(settings, attachment, "Gemini takes PNG, JPEG and WebP images, "
+                                                   "not GIF")
+        limit_each(settings, files, (PDF,), 50 * MIB, "a PDF sent inline")
+        limit_total(settings, files, None, 100 * MIB, "inline data as base64", size=wire_size)
+        user_turn(messages)
     body = {"contents": [{"role": "model" if m["role"] == "assistant" else "user",
-                          "parts": [{"text": m["content"]}]} for m in messages]}
+                          "parts": [{"text": m["content"]}] * bool(m["content"])}
+                         for m in messages]}
+    if files:                                   # the files, then the question
+        body["contents"][-1]["parts"][:0] = [gemini_part(a) for a in files]
     if system:
         body["systemInstruction"] = {"parts": [{"text": system}]}
     config = {}
@@ -1668,11 +2180,20 @@ def gemini_request(ctx: Context, settings: dict,
         config["maxOutputTokens"] = requested(ctx, settings, "max_tokens")
     if requested(ctx, settings, "temperature") is not None:
         config["temperature"] = requested(ctx, settings, "temperature")
+    if ctx.schema is not None:
+        config["responseMimeType"] = "application/json"
+        config["responseJsonSchema"] = {k: v for k, v in ctx.schema.items() if k != "$schema"}
     if config:
         body["generationConfig"] = config
     model = quote(model_of(ctx, settings).removeprefix("models/"), safe="")
     method = "streamGenerateContent?alt=sse" if streaming else "generateContent"
     return f"{settings['base_url']}/v1beta/models/{model}:{method}", headers, body
+
+
+def gemini_part(attachment: Attachment) -> dict:
+    if is_text(attachment):
+        return {"text": file_block(attachment)}
+    return {"inlineData": {"mimeType": attachment.mime, "data": Inline(attachment.data)}}
 
 
 def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
@@ -1729,6 +2250,23 @@ def gemini_events(chunks, settings: dict):
     return body
 
 
+def gemini_models(settings: dict, call: Call) -> list[str]:
+    """GET /v1beta/models, 1,000 a page, while there is a nextPageToken: the models
+    that can generateContent (the list holds embedding and image models too)."""
+    headers = {"x-goog-api-key": require_key(settings)}
+    names, token = [], None
+    for _ in range(MAX_PAGES):
+        url = settings["base_url"] + "/v1beta/models?pageSize=1000" + \
+            (f"&pageToken={quote(token, safe='')}" if token else "")
+        data = request_json("GET", url, headers, None, settings, call)[0]
+        names += [m.get("name", "").removeprefix("models/") for m in data.get("models") or ()
+                  if "generateContent" in (m.get("supportedGenerationMethods") or ())]
+        last, token = token, data.get("nextPageToken")
+        if not token or not isinstance(token, str) or token == last:
+            return names
+    raise too_many_pages(settings)
+
+
 def gemini_token_counts(usage) -> tuple:
     """(input, output): output counts thinking too; zero counts are left out."""
     if not isinstance(usage, dict):
@@ -1746,6 +2284,20 @@ def gemini_token_counts(usage) -> tuple:
 def ollama_request(ctx: Context, settings: dict, streaming: bool = False) -> tuple[str, dict, dict]:
     body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx),
             "stream": streaming}      # Ollama streams unless told not to
+    files = attachments_of(ctx, settings)
+    if files:
+        for attachment in files:
+            if attachment.mime == PDF:
+                raise refuse(settings, attachment, "Ollama's /api/chat takes images and text "
+                                                   "files, not PDFs")
+        turn = user_turn(body["messages"])      # text files after the question
+        turn["content"] = "\n\n".join([turn["content"]] * bool(turn["content"])
+                                       + [file_block(a) for a in files if is_text(a)])
+        images = [Inline(a.data) for a in files if is_image(a)]     # raw base64, no data: URL
+        if images:
+            turn["images"] = images
+    if ctx.schema is not None:
+        body["format"] = ctx.schema
     options = {"num_predict": requested(ctx, settings, "max_tokens"),
                "temperature": requested(ctx, settings, "temperature"),
                "num_ctx": settings.get("num_ctx")}
@@ -1765,6 +2317,12 @@ def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")))
+
+
+def ollama_models(settings: dict, call: Call) -> list[str]:
+    """GET /api/tags: the models pulled on this server."""
+    data = request_json("GET", settings["base_url"] + "/api/tags", {}, None, settings, call)[0]
+    return [m.get("name") or m.get("model") for m in data["models"]]
 
 
 def ollama_events(chunks, settings: dict):
@@ -1789,25 +2347,50 @@ def ollama_events(chunks, settings: dict):
 # -----------------------------------------------------------------------------
 
 RESUME_PROMPT = "Continue where you left off. Complete the remaining work."
+MODEL_ALIASES = ("sonnet", "opus", "haiku")   # what `claude --model` takes besides full names
 TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
 KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
 
 
 def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
-                     streaming: bool = False) -> list[str]:
-    output = ["stream-json", "--verbose", "--include-partial-messages"] if streaming else ["json"]
-    argv = [*shlex.split(settings["command"]), "-p", "--output-format", *output,
+                     streaming: bool = False, files: bool = False) -> list[str]:
+    """files: the prompt comes as a stream-json message (claude_code_stdin), which the
+    CLI reads only with stream-json output, and that only with --verbose."""
+    output = ["stream-json", "--verbose", "--include-partial-messages"] if streaming else \
+        ["stream-json", "--verbose"] if files else ["json"]
+    argv = [*shlex.split(settings["command"]), "-p",
+            *(["--input-format", "stream-json"] if files else []), "--output-format", *output,
             "--max-turns", str(ctx.max_turns or settings["max_turns"]),
             "--model", model_of(ctx, settings)]
     if session_id:
         argv += ["--resume", session_id]
     if settings["skip_permissions"]:
         argv.append("--dangerously-skip-permissions")
+    if ctx.schema is not None:
+        argv += ["--json-schema", json.dumps(ctx.schema)]
     tools = settings["allowed_tools"] if ctx.allowed_tools is None else ctx.allowed_tools
     if tools:
         # Last and as one word: list flags swallow every following word.
         argv += ["--allowedTools", ",".join(tools)]
     return argv
+
+
+def claude_code_stdin(prompt: str, files: list) -> bytes | list[bytes]:
+    """What the CLI reads on stdin: the prompt, or with files one stream-json user
+    message (the files as Messages API blocks, then the prompt), which the CLI
+    forwards to the API as it is. It must come through a pipe: 2.1.197 reads nothing
+    from a redirected regular file."""
+    if not files:
+        return prompt.encode()
+    payload = json_payload({"type": "user", "message": {"role": "user", "content": [
+        *map(anthropic_block, files), {"type": "text", "text": prompt}]},
+        "parent_tool_use_id": None, "session_id": ""})
+    return [*payload, b"\n"] if isinstance(payload, list) else payload + b"\n"
+
+
+def claude_code_models(settings: dict, call: Call) -> list[str]:
+    """The CLI lists no models: its aliases, then the configured ones."""
+    return [*MODEL_ALIASES, settings["model"], *filter(None, [settings.get("model_complex")])]
 
 
 def claude_code_env(settings: dict) -> dict:
@@ -1817,14 +2400,17 @@ def claude_code_env(settings: dict) -> dict:
     return env
 
 
-def run_claude(argv: list[str], prompt: str, settings: dict, call: Call) -> tuple[int, str, str]:
-    """Run the CLI once in its own process group; (exit code, stdout, stderr). The
-    run ends when the CLI exits, even if a grandchild still holds its output open;
-    then, or at the deadline, or on Ctrl-C, whatever is left of the group is stopped."""
+def run_claude(argv: list[str], stdin: str | bytes | list, settings: dict,
+               call: Call) -> tuple[int, str, str]:
+    """Run the CLI once in its own process group, stdin (text, bytes or pieces of
+    bytes) on its stdin; (exit code, stdout, stderr). The run ends when the CLI
+    exits, even if a grandchild still holds its output open; then, or at the
+    deadline, or on Ctrl-C, whatever is left of the group is stopped."""
     child = start_claude(argv, settings, call)
     errors: list[bytes] = []
     try:
-        out = b"".join(child_output(child, prompt.encode(), settings, call, errors))
+        out = b"".join(child_output(child, stdin.encode() if isinstance(stdin, str) else stdin,
+                                    settings, call, errors))
     finally:
         stop_group(child)
     return child.returncode, out.decode(errors="replace"), b"".join(errors).decode(errors="replace")
@@ -1852,18 +2438,21 @@ def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Pope
         raise ProviderUnavailable(f"{argv[0]!r} {what}", name, reason="claude cannot run") from None
 
 
-def child_output(child: subprocess.Popen, stdin_data: bytes, settings: dict, call: Call,
-                 errors: list):
-    """Feed the child stdin_data; yield its stdout as it comes and collect its
-    stderr into errors, each at most max_response_bytes; until the child exits
-    (not until its pipes close: a grandchild may hold them open) or the deadline."""
-    limit, sizes, sent = settings["max_response_bytes"], {}, 0
+def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], settings: dict,
+                 call: Call, errors: list):
+    """Feed the child stdin_data (bytes, or pieces of bytes written one after the
+    other, never joined); yield its stdout as it comes and collect its stderr into
+    errors, each at most max_response_bytes; until the child exits (not until its
+    pipes close: a grandchild may hold them open) or the deadline."""
+    limit, sizes = settings["max_response_bytes"], {}
+    pieces = [memoryview(p) for p in ([stdin_data] if isinstance(stdin_data, bytes)
+                                      else stdin_data) if p]
     with selectors.DefaultSelector() as selector:
         for pipe in (child.stdout, child.stderr):
             os.set_blocking(pipe.fileno(), False)
             selector.register(pipe, selectors.EVENT_READ)
             sizes[pipe] = 0
-        if stdin_data:
+        if pieces:
             os.set_blocking(child.stdin.fileno(), False)
             selector.register(child.stdin, selectors.EVENT_WRITE)
         else:
@@ -1874,12 +2463,16 @@ def child_output(child: subprocess.Popen, stdin_data: bytes, settings: dict, cal
                 pipe = key.fileobj
                 if pipe is child.stdin:
                     try:
-                        sent += os.write(pipe.fileno(), stdin_data[sent:sent + READ_SIZE])
+                        written = os.write(pipe.fileno(), pieces[0][:READ_SIZE])
                     except BlockingIOError:
                         continue
                     except BrokenPipeError:             # it stopped reading: fine
-                        sent = len(stdin_data)
-                    if sent >= len(stdin_data):
+                        pieces = []
+                    else:
+                        pieces[0] = pieces[0][written:]     # a view: no copy
+                        if not pieces[0]:
+                            pieces.pop(0)
+                    if not pieces:
                         selector.unregister(pipe)
                         pipe.close()
                     continue
@@ -1961,16 +2554,21 @@ def group_alive(child: subprocess.Popen) -> bool:
     return False
 
 
-def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
+def claude_code_result(code: int, out: str, err: str, settings: dict,
+                       lines: bool = False) -> dict:
     """The CLI's result object, or the error it stands for. stdout is parsed
-    whatever the exit code: the CLI exits 1 with valid JSON on errors."""
+    whatever the exit code: the CLI exits 1 with valid JSON on errors. lines: the
+    output is stream-json, one event a line, the result among them."""
     name = settings["name"]
-    try:
-        data = json.loads(out) if out.strip() else None
-    except (ValueError, RecursionError):
-        if code == 0:                          # not JSON but a clean exit: the answer itself
-            return {"subtype": "success", "is_error": False, "result": out.strip()}
-        data = None
+    if lines:
+        data = [event for event in map(json_or_none, out.splitlines()) if event is not None]
+    else:
+        try:
+            data = json.loads(out) if out.strip() else None
+        except (ValueError, RecursionError):
+            if code == 0:                      # not JSON but a clean exit: the answer itself
+                return {"subtype": "success", "is_error": False, "result": out.strip()}
+            data = None
     if isinstance(data, list):                 # --verbose turns the output into events
         data = next((e for e in reversed(data) if isinstance(e, dict)
                      and e.get("type") == "result"), None)
@@ -1985,6 +2583,13 @@ def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
     return data
 
 
+def json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None                            # some builds print debug lines on stdout
+
+
 def looks_like_login_error(text: str) -> bool:
     low = text.lower()
     return any(s in low for s in ("not logged in", "/login", "invalid api key",
@@ -1997,6 +2602,8 @@ def claude_code_error(data: dict, settings: dict, **context) -> ProviderError:
     errors = data.get("errors") if isinstance(data.get("errors"), list) else ()
     message = clean(data.get("result") or "; ".join(map(str, errors)) or subtype or "error", 500)
     code = subtype if isinstance(subtype, str) and subtype != "success" else None
+    if code == "error_max_structured_output_retries":     # as every other JSON failure
+        code = "invalid_json"
     if code and isinstance(session_id, str):      # so the user can --resume it
         message += f" (session_id={session_id})"
     error = error_for(count(data.get("api_error_status")), code, message, name,
@@ -2014,18 +2621,25 @@ def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
 def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = False):
     """claude_code() as a generator: with streaming, the CLI's text as it is
     written (see claude_code_events), and a TURN_SEPARATOR piece before each
-    auto-resumed run's text; returns the OutgoingMessage either way."""
+    auto-resumed run's text; returns the OutgoingMessage either way. Attachments
+    go with the first run only: a resumed run continues the session that has them.
+    With a schema the answer is the CLI's structured_output, not the model's prose
+    around it: streamed, its JSON text comes whole at the end."""
     prompt, session_id = ctx.to_prompt_string(), ctx.session_id
+    files = attachments_of(ctx, settings)
+    live = streaming and ctx.schema is None
     texts, results, resumes, shown = [], [], 0, False
     while True:
-        argv = claude_code_argv(ctx, settings, session_id, streaming)
+        argv = claude_code_argv(ctx, settings, session_id, live, bool(files))
         log_debug("claude-code: running %s", argv[:4] + ["…"])
-        if streaming:
-            data = yield from claude_code_events(argv, prompt, settings, call,
+        stdin = claude_code_stdin(prompt, files)
+        if live:
+            data = yield from claude_code_events(argv, stdin, settings, call,
                                                  TURN_SEPARATOR if shown else "")
             shown = shown or data.pop("_shown")
         else:
-            data = claude_code_result(*run_claude(argv, prompt, settings, call), settings)
+            data = claude_code_result(*run_claude(argv, stdin, settings, call), settings,
+                                      lines=bool(files))
         results.append(data)
         if isinstance(data.get("session_id"), str):
             session_id = data["session_id"]
@@ -2048,15 +2662,33 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
         call.notify(f"claude-code: reached max turns, resuming ({resumes}/"
                     f"{settings['max_resume_attempts']})")
         time.sleep(wait)
-        prompt = RESUME_PROMPT
+        prompt, files = RESUME_PROMPT, []
+    metadata = claude_code_metadata(results, settings, session_id, ctx)
+    if ctx.schema is not None:
+        text, value = claude_code_json(results[-1], ctx.schema, settings)
+        if streaming:
+            yield text
+        return OutgoingMessage(text, metadata, value)
     if not texts:
         raise empty_answer(settings, "the CLI returned an empty result")
-    return OutgoingMessage(TURN_SEPARATOR.join(texts),
-                           claude_code_metadata(results, settings, session_id, ctx))
+    return OutgoingMessage(TURN_SEPARATOR.join(texts), metadata)
 
 
-def claude_code_events(argv: list[str], prompt: str, settings: dict, call: Call,
-                       before: str):
+def claude_code_json(result: dict, schema: dict, settings: dict) -> tuple[str, object]:
+    """(JSON text, value) of a --json-schema run. The CLI ends with success even
+    when the model never gave structured output (it answered in text, or gave up
+    after a schema error): then there is no structured_output, which is checked here."""
+    text = result.get("result") if isinstance(result.get("result"), str) else ""
+    if "structured_output" not in result:
+        raise invalid_json(settings, "the CLI returned no structured_output (the model "
+                                     f"answered in text: {shorten(text, 80)!r})", text)
+    value = result["structured_output"]
+    text = text or json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text, of_schema_type(value, schema, settings, text)
+
+
+def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: dict,
+                       call: Call, before: str):
     """Run the CLI once with stream-json output; yield the main agent's text as it
     is written (before: a piece to send ahead of the first one) and return the
     result object (with "_shown": whether anything was yielded). Only
@@ -2069,7 +2701,7 @@ def claude_code_events(argv: list[str], prompt: str, settings: dict, call: Call,
     errors: list[bytes] = []
     result, shown, partial, streamed, new_message = None, False, "", set(), False
     try:
-        for line in ndjson_lines(child_output(child, prompt.encode(), settings, call, errors)):
+        for line in ndjson_lines(child_output(child, stdin, settings, call, errors)):
             try:
                 event = json.loads(line)
             except (ValueError, RecursionError):
@@ -2154,6 +2786,7 @@ class Backend:
     events: Callable | None = None   # HTTP: (chunks, settings) -> pieces, returns data
     run: Callable | None = None      # not HTTP: (ctx, settings, call, streaming) -> pieces,
                                      #   returns OutgoingMessage
+    models: Callable | None = None   # (settings, call) -> the model names it offers
     key_env: tuple = ()              # environment variables that may hold its API key
     secret_env: tuple = ()           # other variables holding its credentials (redacted)
     base_url_env: str | None = None  # environment variable that may hold its base_url
@@ -2179,7 +2812,7 @@ def drain(pieces) -> OutgoingMessage:
 
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
-           "max_response_bytes": 32 * 1024 * 1024}
+           "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024}
 _HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2}
 _KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
 
@@ -2238,7 +2871,7 @@ def claude_code_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
 
 BACKENDS = {
     "claude-code": Backend(
-        run=claude_code_run, probe=claude_code_ready,
+        run=claude_code_run, probe=claude_code_ready, models=claude_code_models,
         secret_env=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"),
         defaults={**_COMMON, "model": "claude-sonnet-4-6", "model_complex": "claude-opus-4-6",
                   "timeout_secs": 3600, "command": "claude", "max_turns": 25,
@@ -2246,31 +2879,32 @@ BACKENDS = {
                   "resume_delay_secs": 2, "working_dir": None, "oauth_token": None}),
     "ollama": Backend(
         request=ollama_request, response=ollama_response, events=ollama_events,
-        probe=ollama_ready,
+        probe=ollama_ready, models=ollama_models,
         base_url_env="OLLAMA_HOST",
         defaults={**_HTTP, "model": "llama3", "base_url": "http://localhost:11434",
                   "num_ctx": None, "keep_alive": None}),
     "openai": Backend(
         request=openai_request, response=openai_response, events=openai_events,
-        probe=key_ready, key_env=("OPENAI_API_KEY",), base_url_env="OPENAI_BASE_URL",
+        probe=key_ready, models=openai_models, key_env=("OPENAI_API_KEY",),
+        base_url_env="OPENAI_BASE_URL",
         keyless_off_official=True,
         defaults={**_KEYED, "model": "gpt-4o", "base_url": "https://api.openai.com/v1",
                   "stream_usage": True}),
     "anthropic": Backend(
         request=anthropic_request, response=anthropic_response, events=anthropic_events,
-        probe=key_ready,
+        probe=key_ready, models=anthropic_models,
         key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
         defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
                   "base_url": "https://api.anthropic.com"}),
     "openrouter": Backend(
         request=openrouter_request, response=openrouter_response, events=openrouter_events,
-        probe=key_ready, key_env=("OPENROUTER_API_KEY",),
+        probe=key_ready, models=openrouter_models, key_env=("OPENROUTER_API_KEY",),
         defaults={**_KEYED, "model": "anthropic/claude-sonnet-4",
                   "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None,
                   "stream_usage": True}),
     "gemini": Backend(
         request=gemini_request, response=gemini_response, events=gemini_events,
-        probe=key_ready,
+        probe=key_ready, models=gemini_models,
         key_env=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
         defaults={**_KEYED, "model": "gemini-2.0-flash",
                   "base_url": "https://generativelanguage.googleapis.com"}),
@@ -2390,7 +3024,8 @@ FALLBACK_ERRORS = (ProviderUnavailable, ProviderTimeout, RateLimitError, AuthErr
 
 
 def worth_falling_back(error: OmegaError) -> bool:
-    return isinstance(error, FALLBACK_ERRORS) or (getattr(error, "status", 0) or 0) >= 500
+    return isinstance(error, FALLBACK_ERRORS) or (getattr(error, "status", 0) or 0) >= 500 \
+        and getattr(error, "reason", None) != NO_IMAGES
 
 
 def usable_settings(raw: dict, name: str, path: str | None) -> dict:
@@ -2509,6 +3144,11 @@ def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stre
     chain = provider_chain(raw, provider, fallback)
     if settings:
         raw = with_call_settings(raw, chain[0], settings)
+    if ctx.schema is not None:
+        check_schema(ctx.schema)
+    if ctx.attachments:          # read once for the whole chain, under the first one's limit
+        ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
+            raw, chain[0], path))))
     calls = run_chain(ctx, chain, raw, path, on_status, timeout, streaming)
     log = log_path(raw, for_cli=False)
     return logged(calls, log, ctx, conversation, on_status) if log else calls
@@ -2644,14 +3284,34 @@ CALL_OPTIONS = ("fallback", "timeout", "on_status", "base_url", "api_key", "max_
 
 
 def ask(prompt: str, provider: str | None = None, model: str | None = None,
-        system: str = "", config=None, **options) -> str:
-    """Send one prompt and return the answer text.
+        system: str = "", config=None, **options) -> str | dict | list | float | bool | None:
+    """Send one prompt and return the answer text; with schema=, the answer's
+    parsed JSON value instead.
     options: fallback=, timeout=, on_status=, base_url=, api_key=, max_retries=
-    (as for complete()), or any other Context field (history, complex, max_tokens,
-    temperature …)."""
+    (as for complete()), or any other Context field (attachments, schema, history,
+    complex, max_tokens, temperature …)."""
     call_options = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
     ctx = Context(prompt, system_prompt=system, model=model, **options)
-    return complete(ctx, provider=provider, config=config, **call_options).text
+    reply = complete(ctx, provider=provider, config=config, **call_options)
+    return reply.text if ctx.schema is None else reply.data
+
+
+def models(provider: str | None = None, config=None) -> list[str]:
+    """The names of the models a provider offers (default: the configured provider),
+    as its API lists them, every page: OpenAI-compatible and OpenRouter GET /models,
+    Anthropic GET /v1/models, Gemini GET /v1beta/models (those that generate text),
+    Ollama GET /api/tags; claude-code: the CLI's aliases and the configured models.
+    The same deadline, retries, size limit and typed errors as a call."""
+    raw, path = read_config(config)
+    name = provider or default_provider(raw)
+    check_provider(name, "provider")
+    settings = usable_settings(raw, name, path)
+    call = Call.starting_now(settings["timeout_secs"])
+    try:
+        found = BACKENDS[name].models(settings, call)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise shape_error(settings) from None
+    return list(dict.fromkeys(clean(m, 200) for m in found if isinstance(m, str) and m))
 
 
 class Chat:
@@ -3126,7 +3786,59 @@ def parse_args(argv):
     add("-v", "--verbose", action="store_true", help="debug log and tracebacks on stderr")
     add("--check", action="store_true", help="show which providers are ready here, and why")
     add("--version", action="version", version=f"omega {__version__}")
-    return parser.parse_args(argv)
+    # Attachments, JSON answers, model listing
+    add("-a", "--attach", action="append", metavar="FILE", type=attachment_arg,
+        help="send FILE with the prompt: an image (PNG, JPEG, GIF, WebP), a PDF or a text "
+             "file; repeatable; - reads one from stdin (the prompt is then the words)")
+    add("--schema", metavar="FILE|JSON", type=schema_arg,
+        help="answer as JSON following this JSON Schema (a file, or the JSON itself); "
+             "prints the JSON alone, compact")
+    add("--models", action="store_true", help="list the provider's models, one a line")
+    args = parser.parse_args(argv)
+    if any(isinstance(a, Attachment) for a in args.attach or ()) and args.prompt in ([], ["-"]):
+        usage_error("-a - reads the attachment from stdin: give the prompt as words")
+    return args
+
+
+def attachment_arg(text: str) -> str | Attachment:
+    """-a FILE: the path (read later, once, under the provider's limit); -a -: stdin's
+    bytes, read now, before anything could take stdin for a prompt."""
+    if text != "-":
+        return text
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:
+        raise ConfigError("-a -: there is no stdin to read the attachment from")
+    return Attachment(stdin.read(), name="stdin")
+
+
+def schema_arg(text: str) -> dict:
+    """--schema: JSON text when it looks like JSON, else a file holding it."""
+    where = "--schema"
+    if not text.lstrip().startswith(("{", "[")):
+        where = f"--schema {text}"
+        try:
+            with open(text, "rb") as f:
+                text = f.read().decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such file (give a file or the schema as JSON)") \
+                from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}: cannot read it as UTF-8 text "
+                              f"({getattr(e, 'strerror', None) or e.reason})") from None
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: not valid JSON ({e})") from None
+    check_schema(schema)
+    return schema
+
+
+def print_models(args) -> int:
+    """--models: the provider's models, one a line (with --json, a JSON list)."""
+    names = models(args.provider, args.config)
+    sys.stdout.write(json.dumps(names) + "\n" if args.json else "".join(n + "\n" for n in names))
+    sys.stdout.flush()
+    return 0
 
 
 def provider_list(text: str) -> list[str]:
@@ -3279,6 +3991,8 @@ def run_cli(argv) -> int:
             return print_logs(log or log_path({**raw, "log": {**raw.get("log", {}),
                                                               "enabled": True}}, True),
                               args.logs, args.json)
+        if args.models:
+            return print_models(args)
         prompt = read_prompt(args.prompt)
         if not prompt.strip():
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
@@ -3301,9 +4015,17 @@ def run_cli(argv) -> int:
             conversation, ctx, provider = continued(log, args.chat, ctx, provider)
         options = dict(provider=provider, config=config, on_status=say,
                        fallback=args.fallback, timeout=args.timeout)
+        if args.attach or args.schema is not None:
+            ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)
         started, reply = time.time(), None
         try:
-            if args.json or args.no_stream:
+            if args.schema is not None and not args.json:
+                # With a schema stdout gets the JSON answer alone, compact, once it is
+                # whole (nothing streamed), so that it pipes into jq.
+                reply = complete(ctx, **options)
+                sys.stdout.write(json.dumps(reply.data, ensure_ascii=False,
+                                            separators=(",", ":"), allow_nan=False) + "\n")
+            elif args.json or args.no_stream:
                 reply = complete(ctx, **options)
                 out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False) \
                     if args.json else reply.text

@@ -6,11 +6,13 @@ below) and records what it was sent. The claude-code backend runs a fake
 `claude` executable that the tests write: JSON on stdout, exit 1 on errors,
 sessions for --resume, the prompt read from stdin.
 """
+import base64
 import gzip
 import http.server
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -1007,7 +1009,10 @@ def test_request_id_from_headers(api):
 FAKE_CLAUDE = r'''#!PYTHON
 """A stand-in for the real `claude` CLI (-p --output-format json). State lives in
 $FAKE_CLAUDE_DIR: plan.json (one step per run), calls.jsonl, sessions/. "@TOKEN@" in
-what it prints becomes its $CLAUDE_CODE_OAUTH_TOKEN (a CLI that echoes its credential)."""
+what it prints becomes its $CLAUDE_CODE_OAUTH_TOKEN (a CLI that echoes its credential).
+--input-format stream-json: stdin is user messages, one a line (as the real CLI
+reads them); the prompt is their text blocks, the other blocks are recorded.
+--json-schema: the result carries structured_output, as the real CLI's does."""
 import json, os, signal, subprocess, sys, time, uuid
 state = os.environ["FAKE_CLAUDE_DIR"]
 token = os.environ.get("CLAUDE_CODE_OAUTH_TOKEN") or ""
@@ -1015,13 +1020,25 @@ argv = sys.argv[1:]
 if argv == ["--version"]:
     print("2.1.197 (Claude Code)")
     sys.exit(0)
-prompt = sys.stdin.read()
-with open(os.path.join(state, "calls.jsonl"), "a") as f:
-    f.write(json.dumps({"argv": argv, "stdin": prompt, "cwd": os.getcwd(), "env": {
-        k: os.environ.get(k) for k in ("CLAUDECODE", "CLAUDE_CODE_OAUTH_TOKEN")}}) + "\n")
-    f.flush()
 def flag(name):
     return argv[argv.index(name) + 1] if name in argv else None
+prompt, raw, blocks = sys.stdin.read(), None, []
+if flag("--input-format") == "stream-json":
+    if flag("--output-format") != "stream-json" or "--verbose" not in argv:
+        sys.stderr.write("Error: --input-format=stream-json requires output-format=stream-json "
+                         "and --verbose\n")
+        sys.exit(1)
+    raw = prompt
+    for line in raw.splitlines():
+        message = json.loads(line)
+        assert message["type"] == "user" and message["message"]["role"] == "user", message
+        blocks += message["message"]["content"]
+    prompt = "\n".join(b["text"] for b in blocks if b["type"] == "text")
+with open(os.path.join(state, "calls.jsonl"), "a") as f:
+    f.write(json.dumps({"argv": argv, "stdin": prompt, "raw": raw, "blocks": blocks,
+                        "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in (
+                            "CLAUDECODE", "CLAUDE_CODE_OAUTH_TOKEN")}}) + "\n")
+    f.flush()
 runs = sum(1 for _ in open(os.path.join(state, "calls.jsonl")))
 plan_file = os.path.join(state, "plan.json")
 plan = json.load(open(plan_file)) if os.path.exists(plan_file) else []
@@ -1071,6 +1088,11 @@ result = {"type": "result", "subtype": "success", "is_error": False, "duration_m
                     "server_tool_use": {"web_search_requests": 0}, "service_tier": "standard"},
           "modelUsage": {model + "[1m]": {"inputTokens": 5, "outputTokens": 20, "costUSD": 0.0125}},
           "permission_denials": [], "uuid": "u-1", "prompt_length": len(prompt)}
+if flag("--json-schema") is not None and not step.get("no_structured"):
+    json.loads(flag("--json-schema"))        # the real CLI exits 1 on a schema that is not JSON
+    value = step.get("structured", {"colour": "red"})
+    result.update(structured_output=value, result=json.dumps(value, separators=(",", ":")),
+                  stop_reason="tool_use")
 result.update(step.get("set", {}))
 for key in step.get("drop", []):
     result.pop(key, None)
@@ -4720,3 +4742,1015 @@ def test_library_calls_log_only_when_the_config_says_so(api, tmp_path):
     chat.ask("two")
     _, rows = omega.logged_conversation(str(tmp_path / "lib.db"), None)
     assert [r["prompt"] for r in rows] == ["one", "two"]
+
+
+# =============================================================================
+# 18. Attachments, JSON answers, model listing
+# =============================================================================
+# The shapes below are the attachment fixtures' request bodies (built from each
+# API's own types) and the stdin lines the real claude 2.1.197 read, cut to what
+# omega sends: a real 2x2 red PNG, a real 387-byte one-page PDF, a text file and
+# one schema (strict-compatible for OpenAI, Anthropic and Gemini alike).
+
+PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAEElEQVR4nGP4z8AARAwQCgAf7gP9i18U1AAAAABJRU5ErkJggg=="
+PDF_B64 = (
+    "JVBERi0xLjQKMSAwIG9iajw8L1R5cGUvQ2F0YWxvZy9QYWdlcyAyIDAgUj4+ZW5kb2JqCjIgMCBvYmo8PC9UeXBl"
+    "L1BhZ2VzL0tpZHNbMyAwIFJdL0NvdW50IDE+PmVuZG9iagozIDAgb2JqPDwvVHlwZS9QYWdlL1BhcmVudCAyIDAg"
+    "Ui9NZWRpYUJveFswIDAgMjAwIDIwMF0vQ29udGVudHMgNCAwIFIvUmVzb3VyY2VzPDwvRm9udDw8L0YxIDUgMCBS"
+    "Pj4+Pj4+ZW5kb2JqCjQgMCBvYmo8PC9MZW5ndGggNDQ+PnN0cmVhbQpCVCAvRjEgMjQgVGYgMjAgMTAwIFRkIChI"
+    "ZWxsbyBQREYpIFRqIEVUCmVuZHN0cmVhbQplbmRvYmoKNSAwIG9iajw8L1R5cGUvRm9udC9TdWJ0eXBlL1R5cGUx"
+    "L0Jhc2VGb250L0hlbHZldGljYT4+ZW5kb2JqCnRyYWlsZXI8PC9Sb290IDEgMCBSPj4KJSVFT0YK")
+PNG, PDF, NOTES = base64.b64decode(PNG_B64), base64.b64decode(PDF_B64), b"alpha\nbeta\n"
+SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"},
+                                           "confidence": {"type": "number"}},
+          "required": ["colour", "confidence"], "additionalProperties": False}
+ANSWER = '{"colour":"red","confidence":0.97}'
+QUESTION = "Describe the image, summarise the PDF, and use notes.txt."
+NOTES_BLOCK = '<file name="notes.txt">\nalpha\nbeta\n</file>'
+
+
+def files(*names):
+    known = {"red.png": PNG, "hello.pdf": PDF, "notes.txt": NOTES}
+    return [omega.Attachment(known[name], name=name) for name in names or known]
+
+
+# openai/request_attachments.json (less "detail": "auto", the default, which vLLM
+# rejects) and request_json_schema.json; OpenRouter's are the same parts.
+OPENAI_PARTS = [
+    {"type": "text", "text": QUESTION},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}},
+    {"type": "file", "file": {"filename": "hello.pdf",
+                              "file_data": "data:application/pdf;base64," + PDF_B64}},
+    {"type": "text", "text": NOTES_BLOCK}]
+OPENAI_RESPONSE_FORMAT = {"type": "json_schema",
+                          "json_schema": {"name": "answer", "strict": True, "schema": SCHEMA}}
+# anthropic/request_attachments.json (less its image by URL) and
+# request_output_config_json_schema.json; claude-code/stdin_image, stdin_pdf and
+# stdin_text_document.stream-json.jsonl carry the same three blocks.
+ANTHROPIC_BLOCKS = [
+    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64}},
+    {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                    "data": PDF_B64}, "title": "hello.pdf"},
+    {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                    "data": "alpha\nbeta\n"}, "title": "notes.txt"}]
+# gemini/request_attachments.json and request_response_json_schema.json
+GEMINI_PARTS = [{"inlineData": {"mimeType": "image/png", "data": PNG_B64}},
+                {"inlineData": {"mimeType": "application/pdf", "data": PDF_B64}},
+                {"text": NOTES_BLOCK}, {"text": QUESTION}]
+# ollama/request_image_and_schema.json and request_text_file_inline.json
+OLLAMA_MESSAGE = {"role": "user", "content": QUESTION + "\n\n" + NOTES_BLOCK, "images": [PNG_B64]}
+
+
+def answer_of(name, text, stop=None):
+    """A body of backend `name` whose answer text is `text` (stop: its stop reason)."""
+    if name in ("openai", "openrouter"):
+        body = openai_ok(text)
+        body["choices"][0]["finish_reason"] = stop or "stop"
+        return body
+    if name == "anthropic":
+        return anthropic_ok({"type": "text", "text": text}, stop=stop or "end_turn")
+    if name == "gemini":
+        return gemini_ok({"text": text}, finish=stop or "STOP")
+    return ollama_ok(text, done_reason=stop or "stop")
+
+
+def wire(body):
+    """A request body as the server reads it (attachments written as base64)."""
+    payload = omega.json_payload(body)
+    return json.loads(payload if isinstance(payload, bytes) else b"".join(payload))
+
+
+def test_each_backend_sends_files_and_schema_in_its_own_shape(api):
+    sent = {}
+    for name in HTTP_NAMES:
+        api.reply(answer_of(name, ANSWER))
+        names = ("red.png", "notes.txt") if name == "ollama" else ()
+        reply = omega.complete(omega.Context(QUESTION, attachments=files(*names), schema=SCHEMA),
+                               name, cfg(name, api))
+        assert reply.data == {"colour": "red", "confidence": 0.97} and reply.text.strip()
+        sent[name] = api.last().body
+    for name in ("openai", "openrouter"):
+        assert sent[name]["messages"] == [{"role": "user", "content": OPENAI_PARTS}]
+        assert sent[name]["response_format"] == OPENAI_RESPONSE_FORMAT
+    assert sent["openrouter"]["provider"] == {"require_parameters": True}
+    assert "provider" not in sent["openai"] and "plugins" not in sent["openrouter"]
+    assert sent["anthropic"]["messages"] == [
+        {"role": "user", "content": [*ANTHROPIC_BLOCKS, {"type": "text", "text": QUESTION}]}]
+    assert sent["anthropic"]["output_config"] == {"format": {"type": "json_schema",
+                                                             "schema": SCHEMA}}
+    assert sent["gemini"]["contents"] == [{"role": "user", "parts": GEMINI_PARTS}]
+    assert sent["gemini"]["generationConfig"] == {"responseMimeType": "application/json",
+                                                  "responseJsonSchema": SCHEMA}
+    assert sent["ollama"]["messages"] == [OLLAMA_MESSAGE] and sent["ollama"]["format"] == SCHEMA
+    assert sent["ollama"]["stream"] is False
+
+
+def test_schemas_are_fitted_to_each_api_without_touching_the_callers():
+    loose = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Colours",
+             "type": "object", "properties": {"items": {"type": "array", "items": {
+                 "type": "object", "properties": {"name": {"type": "string"}}}}}}
+    before = json.dumps(loose)
+    ctx = omega.Context("x", schema=loose)
+    openai = omega.openai_request(ctx, omega.provider_settings(cfg("openai", "http://h"), "openai"))
+    assert openai[2]["response_format"]["json_schema"] == {"name": "Colours", "schema": loose,
+                                                           "strict": False}   # not strict-ready
+    anthropic = omega.anthropic_request(ctx, omega.provider_settings(cfg("anthropic", "http://h"),
+                                                                     "anthropic"))[2]
+    fitted = anthropic["output_config"]["format"]["schema"]
+    assert fitted["additionalProperties"] is False        # every object closed, as it requires
+    assert fitted["properties"]["items"]["items"]["additionalProperties"] is False
+    gemini = omega.gemini_request(ctx, omega.provider_settings(cfg("gemini", "http://h"),
+                                                               "gemini"))[2]
+    assert "$schema" not in gemini["generationConfig"]["responseJsonSchema"]
+    assert json.dumps(loose) == before
+    assert omega.strict_ready(SCHEMA) and not omega.strict_ready({"type": "array"})
+    argv = omega.claude_code_argv(ctx, omega.provider_settings({}, "claude-code"), None)
+    assert json.loads(argv[argv.index("--json-schema") + 1]) == loose
+
+
+# --- the official OpenAPI specs ------------------------------------------------
+# Fragments copied from openai-openapi.yaml (openai/openai-openapi f85dbe22),
+# openrouter-openapi.yaml (OpenRouterTeam/typescript-sdk .speakeasy/in.openapi.yaml)
+# and ollama-openapi.yaml (ollama/ollama docs/openapi.yaml): the schemas of the
+# request parts omega sends, descriptions dropped, alternatives omega never sends
+# (audio, tool and developer messages, cache controls) left out. The validator is
+# stricter than the specs in one way: a key a fragment does not list is an error,
+# so a misspelt field cannot pass.
+
+
+OPENAI_SPEC = {
+    "CreateChatCompletionRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": {"type": "string"},
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/components/schemas/ChatCompletionRequestMessage"},
+            },
+            "temperature": {
+                "anyOf": [{"type": "number", "minimum": 0, "maximum": 2}, {"type": "null"}],
+            },
+            "max_tokens": {"type": "integer", "nullable": True},
+            "max_completion_tokens": {"type": "integer", "nullable": True},
+            "stream": {"type": "boolean", "nullable": True},
+            "stream_options": {"$ref": "#/components/schemas/ChatCompletionStreamOptions"},
+            "response_format": {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/ResponseFormatText"},
+                    {"$ref": "#/components/schemas/ResponseFormatJsonSchema"},
+                    {"$ref": "#/components/schemas/ResponseFormatJsonObject"},
+                ],
+            },
+        },
+    },
+    "ChatCompletionRequestMessage": {
+        "oneOf": [
+            {"$ref": "#/components/schemas/ChatCompletionRequestSystemMessage"},
+            {"$ref": "#/components/schemas/ChatCompletionRequestUserMessage"},
+            {"$ref": "#/components/schemas/ChatCompletionRequestAssistantMessage"},
+        ],
+    },
+    "ChatCompletionRequestSystemMessage": {
+        "type": "object",
+        "properties": {
+            "content": {
+                "oneOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "$ref": "#/components/schemas/ChatCompletionRequestSystemMessageContentPart",
+                        },
+                        "minItems": 1,
+                    },
+                ],
+            },
+            "role": {"type": "string", "enum": ["system"]},
+        },
+        "required": ["content", "role"],
+    },
+    "ChatCompletionRequestSystemMessageContentPart": {
+        "oneOf": [{"$ref": "#/components/schemas/ChatCompletionRequestMessageContentPartText"}],
+    },
+    "ChatCompletionRequestUserMessage": {
+        "type": "object",
+        "properties": {
+            "content": {
+                "oneOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "$ref": "#/components/schemas/ChatCompletionRequestUserMessageContentPart",
+                        },
+                        "minItems": 1,
+                    },
+                ],
+            },
+            "role": {"type": "string", "enum": ["user"]},
+        },
+        "required": ["content", "role"],
+    },
+    "ChatCompletionRequestUserMessageContentPart": {
+        "oneOf": [
+            {"$ref": "#/components/schemas/ChatCompletionRequestMessageContentPartText"},
+            {"$ref": "#/components/schemas/ChatCompletionRequestMessageContentPartImage"},
+            {"$ref": "#/components/schemas/ChatCompletionRequestMessageContentPartFile"},
+        ],
+    },
+    "ChatCompletionRequestMessageContentPartText": {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+        "required": ["type", "text"],
+    },
+    "ChatCompletionRequestMessageContentPartImage": {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": ["image_url"]},
+            "image_url": {
+                "type": "object",
+                "properties": {
+                    "url": {"type": "string"},
+                    "detail": {"type": "string", "enum": ["auto", "low", "high"]},
+                },
+                "required": ["url"],
+            },
+        },
+        "required": ["type", "image_url"],
+    },
+    "ChatCompletionRequestMessageContentPartFile": {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": ["file"]},
+            "file": {
+                "type": "object",
+                "properties": {
+                    "filename": {"type": "string"},
+                    "file_data": {"type": "string"},
+                    "file_id": {"type": "string"},
+                },
+            },
+        },
+        "required": ["type", "file"],
+    },
+    "ChatCompletionRequestAssistantMessage": {
+        "type": "object",
+        "properties": {
+            "content": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "role": {"type": "string", "enum": ["assistant"]},
+        },
+        "required": ["role"],
+    },
+    "ResponseFormatText": {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": ["text"]}},
+        "required": ["type"],
+    },
+    "ResponseFormatJsonSchema": {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": ["json_schema"]},
+            "json_schema": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "schema": {"$ref": "#/components/schemas/ResponseFormatJsonSchemaSchema"},
+                    "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                },
+                "required": ["name"],
+            },
+        },
+        "required": ["type", "json_schema"],
+    },
+    "ResponseFormatJsonSchemaSchema": {"type": "object", "additionalProperties": True},
+    "ResponseFormatJsonObject": {
+        "type": "object",
+        "properties": {"type": {"type": "string", "enum": ["json_object"]}},
+        "required": ["type"],
+    },
+    "ChatCompletionStreamOptions": {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "include_usage": {"type": "boolean"},
+                    "include_obfuscation": {"type": "boolean"},
+                },
+            },
+            {"type": "null"},
+        ],
+    },
+}
+OPENROUTER_SPEC = {
+    "ChatRequest": {
+        "properties": {
+            "max_completion_tokens": {"type": ["integer", "null"]},
+            "max_tokens": {"type": ["integer", "null"]},
+            "messages": {
+                "items": {"$ref": "#/components/schemas/ChatMessages"},
+                "minItems": 1,
+                "type": "array",
+            },
+            "model": {"$ref": "#/components/schemas/ModelName"},
+            "provider": {"$ref": "#/components/schemas/ProviderPreferences"},
+            "response_format": {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/ChatFormatTextConfig"},
+                    {"$ref": "#/components/schemas/ChatFormatJsonObjectConfig"},
+                    {"$ref": "#/components/schemas/ChatFormatJsonSchemaConfig"},
+                ],
+            },
+            "stream": {"type": "boolean"},
+            "stream_options": {"$ref": "#/components/schemas/ChatStreamOptions"},
+            "temperature": {"type": ["number", "null"]},
+        },
+        "required": ["messages"],
+        "type": "object",
+    },
+    "ChatMessages": {
+        "oneOf": [
+            {"$ref": "#/components/schemas/ChatSystemMessage"},
+            {"$ref": "#/components/schemas/ChatUserMessage"},
+            {"$ref": "#/components/schemas/ChatAssistantMessage"},
+        ],
+    },
+    "ChatSystemMessage": {
+        "properties": {
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"items": {"$ref": "#/components/schemas/ChatContentText"}, "type": "array"},
+                ],
+            },
+            "role": {"enum": ["system"], "type": "string"},
+        },
+        "required": ["role", "content"],
+        "type": "object",
+    },
+    "ChatUserMessage": {
+        "properties": {
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"items": {"$ref": "#/components/schemas/ChatContentItems"}, "type": "array"},
+                ],
+            },
+            "role": {"enum": ["user"], "type": "string"},
+        },
+        "required": ["role", "content"],
+        "type": "object",
+    },
+    "ChatAssistantMessage": {
+        "properties": {
+            "content": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "role": {"enum": ["assistant"], "type": "string"},
+        },
+        "required": ["role"],
+        "type": "object",
+    },
+    "ChatContentItems": {
+        "oneOf": [
+            {"$ref": "#/components/schemas/ChatContentText"},
+            {"$ref": "#/components/schemas/ChatContentImage"},
+            {"$ref": "#/components/schemas/ChatContentFile"},
+        ],
+    },
+    "ChatContentText": {
+        "properties": {"text": {"type": "string"}, "type": {"enum": ["text"], "type": "string"}},
+        "required": ["type", "text"],
+        "type": "object",
+    },
+    "ChatContentImage": {
+        "properties": {
+            "image_url": {
+                "properties": {
+                    "detail": {"enum": ["auto", "low", "high", "original"], "type": "string"},
+                    "url": {"type": "string"},
+                },
+                "required": ["url"],
+                "type": "object",
+            },
+            "type": {"enum": ["image_url"], "type": "string"},
+        },
+        "required": ["type", "image_url"],
+        "type": "object",
+    },
+    "ChatContentFile": {
+        "properties": {
+            "file": {
+                "properties": {
+                    "file_data": {"type": "string"},
+                    "file_id": {"type": "string"},
+                    "filename": {"type": "string"},
+                },
+                "type": "object",
+            },
+            "type": {"enum": ["file"], "type": "string"},
+        },
+        "required": ["type", "file"],
+        "type": "object",
+    },
+    "ChatFormatTextConfig": {
+        "properties": {"type": {"enum": ["text"], "type": "string"}},
+        "required": ["type"],
+        "type": "object",
+    },
+    "ChatFormatJsonObjectConfig": {
+        "properties": {"type": {"enum": ["json_object"], "type": "string"}},
+        "required": ["type"],
+        "type": "object",
+    },
+    "ChatFormatJsonSchemaConfig": {
+        "properties": {
+            "json_schema": {"$ref": "#/components/schemas/ChatJsonSchemaConfig"},
+            "type": {"enum": ["json_schema"], "type": "string"},
+        },
+        "required": ["type", "json_schema"],
+        "type": "object",
+    },
+    "ChatJsonSchemaConfig": {
+        "properties": {
+            "name": {"maxLength": 64, "type": "string"},
+            "schema": {"additionalProperties": {}, "type": "object"},
+            "strict": {"type": ["boolean", "null"]},
+        },
+        "required": ["name"],
+        "type": "object",
+    },
+    "ChatStreamOptions": {
+        "properties": {"include_usage": {"type": "boolean"}},
+        "type": ["object", "null"],
+    },
+    "ModelName": {"type": "string"},
+    "ProviderPreferences": {
+        "additionalProperties": False,
+        "properties": {"require_parameters": {"type": ["boolean", "null"]}},
+        "type": ["object", "null"],
+    },
+}
+OLLAMA_SPEC = {
+    "ChatRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "items": {"$ref": "#/components/schemas/ChatMessage"}},
+            "format": {"oneOf": [{"type": "string", "enum": ["json"]}, {"type": "object"}]},
+            "options": {"$ref": "#/components/schemas/ModelOptions"},
+            "stream": {"type": "boolean"},
+            "keep_alive": {"oneOf": [{"type": "string"}, {"type": "number"}]},
+        },
+    },
+    "ChatMessage": {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
+            "content": {"type": "string"},
+            "images": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "ModelOptions": {
+        "type": "object",
+        "properties": {
+            "seed": {"type": "integer"},
+            "temperature": {"type": "number"},
+            "top_k": {"type": "integer"},
+            "top_p": {"type": "number"},
+            "min_p": {"type": "number"},
+            "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "num_ctx": {"type": "integer"},
+            "num_predict": {"type": "integer"},
+        },
+        "additionalProperties": True,
+    },
+}
+
+
+def spec_errors(value, schema, spec, path="$"):
+    """What is wrong with value against an OpenAPI schema fragment: $ref, type (one
+    or a list; nullable), enum, minimum, maximum, maxLength, required, properties,
+    additionalProperties, items, minItems, oneOf (exactly one), anyOf, allOf."""
+    if "$ref" in schema:
+        return spec_errors(value, spec[schema["$ref"].rsplit("/", 1)[1]], spec, path)
+    if value is None and schema.get("nullable"):
+        return []
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not any(of_json_type(value, kind) for kind in kinds):
+            return [f"{path}: expected {'/'.join(kinds)}, got {type(value).__name__}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < schema.get("minimum", -math.inf) or value > schema.get("maximum", math.inf):
+            errors.append(f"{path}: {value} out of range")
+    if isinstance(value, str) and len(value) > schema.get("maxLength", math.inf):
+        errors.append(f"{path}: longer than {schema['maxLength']}")
+    if isinstance(value, dict):
+        errors += [f"{path}: {key} missing" for key in schema.get("required", ())
+                   if key not in value]
+        listed, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, item in value.items():
+            if listed and key in listed:
+                errors += spec_errors(item, listed[key], spec, f"{path}.{key}")
+            elif isinstance(extra, dict):
+                errors += spec_errors(item, extra, spec, f"{path}.{key}")
+            elif extra is False or extra is None and listed is not None:
+                errors.append(f"{path}.{key}: not in the spec")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than {schema['minItems']} items")
+        for index, item in enumerate(value if "items" in schema else ()):
+            errors += spec_errors(item, schema["items"], spec, f"{path}[{index}]")
+    if "oneOf" in schema:
+        fits = [s for s in schema["oneOf"] if not spec_errors(value, s, spec, path)]
+        if len(fits) != 1:
+            errors.append(f"{path}: fits {len(fits)} of the oneOf alternatives, not 1")
+    if "anyOf" in schema and all(spec_errors(value, s, spec, path) for s in schema["anyOf"]):
+        errors.append(f"{path}: fits none of the anyOf alternatives")
+    for part in schema.get("allOf", ()):
+        errors += spec_errors(value, part, spec, path)
+    return errors
+
+
+def of_json_type(value, kind):
+    if kind in ("integer", "number"):
+        return isinstance(value, int if kind == "integer" else (int, float)) \
+            and not isinstance(value, bool)
+    return isinstance(value, {"string": str, "boolean": bool, "object": dict, "array": list,
+                              "null": type(None)}[kind])
+
+
+SPECS = {"openai": (OPENAI_SPEC, "CreateChatCompletionRequest"),
+         "openrouter": (OPENROUTER_SPEC, "ChatRequest"), "ollama": (OLLAMA_SPEC, "ChatRequest")}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_bodies_with_files_and_schema_conform_to_the_official_openapi_spec(api, name):
+    spec, root = SPECS[name]
+    names = ("red.png", "notes.txt") if name == "ollama" else ()
+    ctx = omega.Context(QUESTION, system_prompt="Be brief", attachments=files(*names),
+                        history=[{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello"}],
+                        schema=SCHEMA, max_tokens=100, temperature=0.2)
+    api.reply(answer_of(name, ANSWER))
+    omega.complete(ctx, name, cfg(name, api, num_ctx=4096) if name == "ollama" else
+                   cfg(name, api))
+    assert spec_errors(api.last().body, spec[root], spec) == []
+    # earlier turns stay plain text: only the current message carries the files
+    assert all(isinstance(m["content"], str) for m in api.last().body["messages"][:-1])
+    settings = omega.provider_settings(cfg(name, api), name)
+    streamed = wire(omega.BACKENDS[name].request(ctx, settings, streaming=True)[2])
+    assert streamed["stream"] is True and spec_errors(streamed, spec[root], spec) == []
+
+
+def test_the_spec_check_catches_wrong_shapes():
+    good = wire(omega.openai_request(omega.Context("x", attachments=files("red.png")),
+                                     omega.provider_settings(cfg("openai", "http://h"),
+                                                             "openai"))[2])
+    spec, root = SPECS["openai"]
+    assert spec_errors(good, spec[root], spec) == []
+    bad = json.loads(json.dumps(good))
+    bad["messages"][0]["content"][1]["image_url"] = bad["messages"][0]["content"][1][
+        "image_url"]["url"]                               # Ollama's OpenAI-compatible form
+    bad["response_fromat"] = {"type": "json_object"}
+    errors = spec_errors(bad, spec[root], spec)
+    assert any("fits 0 of the oneOf" in e for e in errors)
+    assert "$.response_fromat: not in the spec" in errors
+    spec, root = SPECS["ollama"]
+    assert spec_errors({"model": "m", "messages": [{"role": "user", "content": ["x"]}],
+                        "format": "yaml"}, spec[root], spec) != []
+
+
+# --- kinds, limits, reading once --------------------------------------------------
+
+def test_the_kind_comes_from_the_bytes_not_the_name(tmp_path):
+    (tmp_path / "scan.png").write_bytes(PDF)              # a .png that is a PDF
+    (tmp_path / "notes.md").write_bytes(b"\xef\xbb\xbf# Title\n")
+    items = [str(tmp_path / "scan.png"), b"GIF89a" + bytes(10), b"\xff\xd8\xff\xe0" + bytes(10),
+             omega.Attachment(b"RIFF\x10\x00\x00\x00WEBPVP8 ", mime="image/png"),
+             tmp_path / "notes.md", omega.Attachment("a,b\n", mime="text/csv", name="t.csv"),
+             bytearray(PNG)]
+    settings = omega.provider_settings(cfg("openai", "http://h"), "openai")
+    got = omega.attachments_of(omega.Context("x", attachments=items), settings)
+    assert [(a.mime, a.name) for a in got] == [
+        ("application/pdf", "scan.png"), ("image/gif", "attachment-2"),
+        ("image/jpeg", "attachment-3"), ("image/webp", "attachment-4"),
+        ("text/plain", "notes.md"), ("text/csv", "t.csv"), ("image/png", "attachment-7")]
+    assert "bytes" in repr(got[0]) and "%PDF" not in repr(got[0])
+    one = omega.Context("x", attachments=str(tmp_path / "scan.png"))      # one, not a list
+    assert len(omega.attachments_of(one, settings)) == 1
+    body = wire(omega.openai_request(omega.Context("x", attachments=got[:1] + got[4:5]),
+                                     settings)[2])
+    assert body["messages"][0]["content"][1]["file"] == {
+        "filename": "scan.png", "file_data": "data:application/pdf;base64," + PDF_B64}
+    assert body["messages"][0]["content"][2]["text"] == '<file name="notes.md">\n# Title\n</file>'
+
+
+def test_what_cannot_be_sent_is_a_one_line_config_error_naming_the_file(api, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    cases = [([tmp_path / "latin1.txt"], "latin1.txt: not an image (PNG, JPEG, GIF, WebP), a "
+                                         "PDF or UTF-8 text, so omega cannot send it"),
+             ([omega.Attachment(b"\x00\x01\x02", name="blob.bin")], "blob.bin: not an image"),
+             ([omega.Attachment(b"hello", mime="image/png", name="fake.png")],
+              "fake.png: said to be image/png, but its bytes are not"),
+             ([str(tmp_path / "none.png")], f"attachment {tmp_path / 'none.png'}: no such file"),
+             ([str(tmp_path)], f"attachment {tmp_path}: cannot read it"),
+             ([42], "attachment 1: expected a file path, bytes or an Attachment, got int"),
+             ([omega.Attachment(None)], "attachment 1: its data must be bytes, got NoneType")]
+    for items, message in cases:
+        with pytest.raises(omega.ConfigError) as err:
+            omega.complete(omega.Context("x", attachments=items), "openai", cfg("openai", api))
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert api.requests == []
+
+
+def test_documented_limits_fail_before_any_request(api, monkeypatch):
+    for name, size, limit in (("anthropic", 4 * 1024 * 1024, "an image as base64 may be at "
+                                                              "most 5,242,880 bytes"),
+                              ("openai", 21 * 1024 * 1024, "an image may be at most "
+                                                           "20,971,520 bytes")):
+        with pytest.raises(omega.ConfigError, match=f"{name}: cannot send photo.png: {limit}"):
+            omega.complete(omega.Context("x", attachments=[omega.Attachment(
+                PNG + bytes(size), name="photo.png")]), name, cfg(name, api))
+    monkeypatch.setattr(omega, "MIB", 64)        # "megabytes" of 64 bytes: tiny files suffice
+    gif = omega.Attachment(b"GIF89a" + bytes(10), name="anim.gif")
+    big = omega.Attachment(PNG + bytes(400), name="big.png")
+    cases = [
+        ("anthropic", [big], "anthropic: cannot send big.png: an image as base64 may be at most "
+                             "320 bytes, this is 632"),
+        ("openai", [omega.Attachment(PNG + bytes(1300), name="huge.png")],
+         "openai: cannot send huge.png: an image may be at most 1,280 bytes, this is 1,373"),
+        ("openai", [big] * 8, "openai: cannot send big.png, big.png, big.png …: images may be "
+                              "at most 3,200 bytes in one request, these are 3,784"),
+        ("gemini", [gif], "gemini: cannot send anim.gif: Gemini takes PNG, JPEG and WebP "
+                          "images, not GIF"),
+        ("gemini", [omega.Attachment(PDF + bytes(3000), name="long.pdf")],
+         "gemini: cannot send long.pdf: a PDF sent inline may be at most 3,200 bytes"),
+        ("ollama", files("hello.pdf"), "ollama: cannot send hello.pdf: Ollama's /api/chat "
+                                       "takes images and text files, not PDFs")]
+    for name, items, message in cases:
+        with pytest.raises(omega.ConfigError) as err:
+            omega.complete(omega.Context("x", attachments=items), name, cfg(name, api))
+        assert str(err.value).startswith(message), str(err.value)
+    assert api.requests == []
+    assert omega.complete(omega.Context("x", attachments=[big]), "openrouter",  # no limits there
+                          cfg("openrouter", api.reply(openai_ok()))).text == "Hello from OpenAI"
+
+
+def test_a_file_over_max_attachment_bytes_is_refused_before_it_is_read(api, tmp_path):
+    huge = tmp_path / "huge.pdf"
+    with open(huge, "wb") as f:
+        f.truncate(20 * 1024 ** 3)          # 20 GB, sparse: reading it would take minutes
+    started = time.monotonic()
+    with pytest.raises(omega.ConfigError) as err:
+        omega.complete(omega.Context("x", attachments=[huge]), "gemini", cfg("gemini", api))
+    assert str(err.value).startswith(f"gemini: {huge} is 21,474,836,480 bytes, more than "
+                                     "max_attachment_bytes (33,554,432)")
+    assert time.monotonic() - started < 2
+    with pytest.raises(omega.ConfigError, match=r"openai: hello.pdf is 387 bytes, more than "
+                                                r"max_attachment_bytes \(100\)"):
+        omega.complete(omega.Context("x", attachments=files("hello.pdf")), "openai",
+                       cfg("openai", api, max_attachment_bytes=100))
+    assert api.requests == []
+
+
+def test_files_are_read_once_and_base64_written_once_per_request(api, api2, tmp_path,
+                                                                monkeypatch):
+    path = tmp_path / "red.png"
+    path.write_bytes(PNG)
+    reads, encodes = [], []
+    real_read, real_b64 = omega.read_attachment, omega.binascii.b2a_base64
+    monkeypatch.setattr(omega, "read_attachment", lambda *a: reads.append(a) or real_read(*a))
+    monkeypatch.setattr(omega.binascii, "b2a_base64",
+                        lambda *a, **k: encodes.append(1) or real_b64(*a, **k))
+    for _ in range(3):
+        api.reply(openai_error(503, "server_error"), status=503)
+    api2.reply(anthropic_ok())
+    config = cfg("openai", api)
+    config["provider"].update(fallback=["anthropic"], anthropic={"base_url": api2.url,
+                                                                 "api_key": KEY})
+    reply = omega.complete(omega.Context('"x:0"', attachments=[path]), config=config)
+    assert reply.metadata.provider_used == "anthropic"
+    assert len(reads) == 1 and len(encodes) == 2          # three tries to openai, one encoding
+    assert len({r.raw for r in api.requests}) == 1
+    assert api.requests[0].body["messages"][0]["content"][0]["text"] == '"x:0"'
+    assert api2.last().body["messages"][0]["content"][0]["source"]["data"] == PNG_B64
+    # the payload holds the encoded bytes once, as bytes: never a JSON string of them
+    pieces = omega.json_payload(omega.openai_request(
+        omega.Context("x", attachments=[path]), omega.provider_settings(config, "openai"))[2])
+    assert [p for p in pieces if PNG_B64.encode() in p] == [PNG_B64.encode()]
+
+
+def test_a_model_without_vision_gives_its_own_message_not_retried_not_fallen_back(api, api2):
+    cases = [("ollama", 500, {"error": "Failed to create new sequence: failed to process "
+                                       "inputs: this model is missing data required for image "
+                                       "input"}),
+             ("openai", 400, {"error": {"message": "Invalid content type. image_url is only "
+                                                   "supported by certain models.",
+                                        "type": "invalid_request_error",
+                                        "param": "messages.[0].content.[1].type", "code": None}}),
+             ("openrouter", 404, {"error": {"message": "No endpoints found that support image "
+                                                       "input", "code": 404}})]
+    for name, status, body in cases:
+        api.requests.clear()
+        api.reply(body, status=status)
+        config = cfg(name, api)
+        config["provider"].update(fallback=["anthropic"], anthropic={"base_url": api2.url,
+                                                                     "api_key": KEY})
+        with pytest.raises(omega.ProviderError) as err:
+            omega.complete(omega.Context("What is it?", attachments=files("red.png")),
+                           config=config)
+        assert type(err.value) is omega.ProviderError and err.value.status == status
+        assert "image" in err.value.message and not err.value.retryable
+        assert len(api.requests) == 1 and api2.requests == []
+
+
+# --- JSON answers: every failure, provoked for real ---------------------------------
+
+def refused_openai():
+    body = openai_ok(None)
+    body["choices"][0]["message"]["refusal"] = "I'm sorry, I can't help with that request."
+    return body
+
+
+JSON_FAILURES = [
+    ("openai", openai_ok("Sure! It is red."), omega.ProviderError, "the answer is not JSON"),
+    ("openai", answer_of("openai", '{"colour": "re', "length"), omega.ProviderError,
+     "the JSON answer was cut off (stop_reason=length)"),
+    ("openai", openai_ok('["red"]'), omega.ProviderError,
+     "the JSON answer is an array, the schema asks for object"),
+    ("openai", refused_openai(), omega.EmptyResponse, "the model refused (stop_reason=refusal): "
+                                                      "I'm sorry, I can't help"),
+    ("openrouter", openai_ok("```json\n{}\n```"), omega.ProviderError, "the answer is not JSON"),
+    ("anthropic", answer_of("anthropic", '{"colour":', "max_tokens"), omega.ProviderError,
+     "cut off (stop_reason=max_tokens)"),
+    ("anthropic", answer_of("anthropic", "I can't.", "refusal"), omega.EmptyResponse,
+     "the model refused"),
+    ("gemini", answer_of("gemini", '{"col', "MAX_TOKENS"), omega.ProviderError,
+     "cut off (stop_reason=MAX_TOKENS)"),
+    ("gemini", answer_of("gemini", "No.", "SAFETY"), omega.EmptyResponse, "the model refused"),
+    ("ollama", answer_of("ollama", '{"colour"', "length"), omega.ProviderError,
+     "cut off (stop_reason=length)"),
+    ("ollama", answer_of("ollama", "NaN"), omega.ProviderError, "the answer is not JSON"),
+]
+
+
+def test_json_answer_failures_are_typed_and_never_retried(api):
+    for name, body, error, words in JSON_FAILURES:
+        api.requests.clear()
+        api.reply(body)
+        with pytest.raises(omega.ProviderError) as err:
+            omega.complete(omega.Context("Colour?", schema=SCHEMA), name, cfg(name, api))
+        assert type(err.value) is error and words in str(err.value), (name, str(err.value))
+        assert str(err.value).startswith(f"{name}: ") and len(api.requests) == 1
+        if error is omega.ProviderError:
+            assert err.value.code == "invalid_json" and err.value.partial_text
+
+
+def test_bad_schemas_are_config_errors_before_anything_is_sent(api):
+    for schema, words in [([{"type": "object"}], "expected a JSON Schema object, got list"),
+                          ({"type": "nonsense"}, "unknown type 'nonsense'"),
+                          ({"properties": {"a": {"type": "text"}}}, "unknown type 'text'"),
+                          ({"type": "number", "maximum": math.inf}, "not JSON data")]:
+        with pytest.raises(omega.ConfigError, match=re.escape(words)):
+            omega.complete(omega.Context("x", schema=schema), "openai", cfg("openai", api))
+    assert api.requests == []
+
+
+def test_streamed_json_answer_with_a_file(api):
+    pieces = ['{"colour":', ' "red", "confidence": 1}']
+    serve_stream(api, sse(oa_chunk(pieces[0]), oa_chunk(pieces[1]), oa_chunk(finish="stop")))
+    got, s = stream_via("openai", api, omega.Context("Colour?", attachments=files("red.png"),
+                                                     schema=SCHEMA))
+    assert got == pieces and s.reply.text == "".join(pieces)
+    assert s.reply.data == {"colour": "red", "confidence": 1}
+    assert api.last().body["stream"] is True
+    assert api.last().body["messages"][0]["content"][1]["image_url"]["url"].endswith(PNG_B64)
+    serve_stream(api, sse(oa_chunk('{"colour": "re'), oa_chunk(finish="length")))
+    with pytest.raises(omega.ProviderError) as err:
+        stream_via("openai", api, omega.Context("Colour?", schema=SCHEMA))
+    assert err.value.code == "invalid_json" and err.value.partial_text == '{"colour": "re'
+
+
+def test_ask_returns_the_parsed_value_and_to_dict_carries_it(api, tmp_path):
+    (tmp_path / "notes.txt").write_bytes(NOTES)
+    api.reply(answer_of("gemini", '["red", "green"]'))
+    colours = omega.ask("Two colours", "gemini", config=cfg("gemini", api),
+                        schema={"type": "array", "items": {"type": "string"}},
+                        attachments=[str(tmp_path / "notes.txt")])
+    assert colours == ["red", "green"]
+    assert api.last().body["contents"][0]["parts"][0] == {"text": NOTES_BLOCK}
+    api.reply(answer_of("gemini", "7"))
+    reply = omega.complete(omega.Context("A number", schema={"type": "integer"}), "gemini",
+                           cfg("gemini", api))
+    assert reply.to_dict()["data"] == 7 and "data" not in omega.OutgoingMessage(
+        "hi", omega.MessageMetadata()).to_dict()
+
+
+# --- claude-code: files through stream-json, --json-schema ------------------------------
+
+def test_claude_code_sends_files_as_one_stream_json_message(claude):
+    claude.plan({"result": "A red square, a PDF and notes."})
+    reply = cc(claude, omega.Context("What are these?", attachments=files()))
+    assert reply.text == "A red square, a PDF and notes."
+    call = claude.calls()[-1]
+    assert call["argv"][:7] == ["-p", "--input-format", "stream-json", "--output-format",
+                                "stream-json", "--verbose", "--max-turns"]
+    assert call["raw"].endswith("\n") and call["raw"].count("\n") == 1
+    assert json.loads(call["raw"]) == {
+        "type": "user", "parent_tool_use_id": None, "session_id": "",
+        "message": {"role": "user", "content": [
+            *ANTHROPIC_BLOCKS, {"type": "text", "text": "[User]\nWhat are these?"}]}}
+
+
+def test_claude_code_files_stream_and_go_only_with_the_first_run(claude):
+    claude.plan({"result": "Streamed answer."})
+    got, s = [], omega.stream(omega.Context("Look", attachments=files("red.png")),
+                              "claude-code", claude.config())
+    with s:
+        got = list(s)
+    assert "".join(got) == s.reply.text == "Streamed answer."
+    argv = claude.calls()[-1]["argv"]
+    assert "--include-partial-messages" in argv and "--input-format" in argv
+    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True,
+                           "errors": ["Reached maximum number of turns (25)"]}, "drop": ["result"]}
+    claude.plan({}, turns_error, {"result": "Done."})
+    reply = cc(claude, omega.Context("Do it", attachments=files("hello.pdf")))
+    first, resumed = claude.calls()[1:]
+    assert reply.text == "Done." and first["blocks"][0]["title"] == "hello.pdf"
+    assert "--input-format" not in resumed["argv"] and resumed["raw"] is None   # the session
+    assert resumed["stdin"] == omega.RESUME_PROMPT                              # has the file
+
+
+def test_claude_code_json_schema_gives_structured_output(claude):
+    claude.plan({"structured": {"colour": "red", "confidence": 0.97}},
+                {"structured": {"colour": "red", "confidence": 1}})
+    reply = cc(claude, omega.Context("Colour?", schema=SCHEMA))
+    argv = claude.calls()[-1]["argv"]
+    assert json.loads(argv[argv.index("--json-schema") + 1]) == SCHEMA
+    assert argv[argv.index("--output-format") + 1] == "json"
+    assert reply.data == {"colour": "red", "confidence": 0.97} and json.loads(reply.text) == \
+        reply.data
+    s = omega.stream(omega.Context("Colour?", schema=SCHEMA, attachments=files("red.png")),
+                     "claude-code", claude.config())         # streamed: whole, at the end
+    with s:
+        assert list(s) == ['{"colour":"red","confidence":1}']
+    assert s.reply.data == {"colour": "red", "confidence": 1}
+    assert "--include-partial-messages" not in claude.calls()[-1]["argv"]
+
+
+@pytest.mark.parametrize("step, words", [
+    ({"no_structured": True, "result": "It is red."},
+     "no structured_output (the model answered in text: 'It is red.')"),
+    ({"set": {"subtype": "error_max_structured_output_retries", "is_error": True,
+              "errors": ["Failed to provide valid structured output after 5 attempts"]},
+      "drop": ["result", "structured_output"]},
+     "invalid_json: Failed to provide valid structured output after 5 attempts"),
+    ({"structured": "red"}, "the JSON answer is a string, the schema asks for object"),
+])
+def test_claude_code_json_schema_failures_are_typed(claude, step, words):
+    claude.plan(step)
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude, omega.Context("Colour?", schema=SCHEMA))
+    assert type(err.value) is omega.ProviderError and err.value.code == "invalid_json"
+    assert words in str(err.value) and len(claude.calls()) == 1
+
+
+# --- models ---------------------------------------------------------------------------
+
+def test_models_lists_every_page_of_every_api(api, claude):
+    def listed(name, *pages, **section):
+        api.requests.clear()
+        for page in pages:
+            api.reply(page)
+        return omega.models(name, cfg(name, api, **section)), [r.path for r in api.requests]
+    assert listed("openai", {"object": "list", "data": [
+        {"id": "gpt-4o", "object": "model", "created": 1, "owned_by": "openai"},
+        {"id": "o3", "object": "model", "created": 2, "owned_by": "openai"}]}) == (
+        ["gpt-4o", "o3"], ["/v1/models"])
+    assert api.last().headers["authorization"] == f"Bearer {KEY}"
+    assert listed("openrouter", {"data": [{"id": "openai/gpt-4o"}], "links": {
+        "next": "/v1/models?offset=1"}}, {"data": [{"id": "x-ai/grok"}], "links": {
+            "next": None}}) == (["openai/gpt-4o", "x-ai/grok"], ["/v1/models",
+                                                                 "/v1/models?offset=1"])
+    assert listed("anthropic", {"data": [{"id": "claude-a"}], "has_more": True,
+                                "first_id": "claude-a", "last_id": "claude-a"},
+                  {"data": [{"id": "claude-b"}], "has_more": False, "first_id": "claude-b",
+                   "last_id": "claude-b"}) == (["claude-a", "claude-b"], [
+                       "/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-a"])
+    assert listed("gemini", {"models": [
+        {"name": "models/gemini-2.5-flash", "supportedGenerationMethods": ["generateContent"]},
+        {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]}],
+        "nextPageToken": "Ch5tb2Rl"}, {"models": [
+            {"name": "models/gemini-2.5-pro", "supportedGenerationMethods": [
+                "generateContent", "countTokens"]}]}) == (
+        ["gemini-2.5-flash", "gemini-2.5-pro"],
+        ["/v1beta/models?pageSize=1000", "/v1beta/models?pageSize=1000&pageToken=Ch5tb2Rl"])
+    assert listed("ollama", {"models": [{"name": "gemma3:4b", "capabilities": ["vision"]},
+                                        {"name": "llama3.2:latest"}]}) == (
+        ["gemma3:4b", "llama3.2:latest"], ["/api/tags"])
+    assert omega.models("claude-code", claude.config(model="claude-x")) == [
+        "sonnet", "opus", "haiku", "claude-x", "claude-opus-4-6"]
+
+
+def test_models_failures_are_typed_and_the_key_stays_home(api, api2):
+    api.reply({"data": [{"id": "a"}], "links": {"next": api2.url + "/v1/models?offset=1"}})
+    with pytest.raises(omega.ProviderError, match="next page is on another server"):
+        omega.models("openrouter", cfg("openrouter", api))
+    assert api2.requests == []
+    api.reply(openai_error(401, "invalid_api_key"), status=401)
+    with pytest.raises(omega.AuthError):
+        omega.models("openai", cfg("openai", api))
+    api.reply({"models": "none"})
+    with pytest.raises(omega.ProviderError, match="expected shape"):
+        omega.models("ollama", cfg("ollama", api))
+    with pytest.raises(omega.AuthError, match="no API key"):
+        omega.models("gemini", {"provider": {"gemini": {"base_url": api.url}}})
+
+
+# --- command line -----------------------------------------------------------------------
+
+def test_cli_attach_and_schema_print_the_json_alone(api, capsys, tmp_path, monkeypatch, cli_main):
+    (tmp_path / "red.png").write_bytes(PNG)
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    api.reply(openai_ok('{"colour": "red",\n "confidence": 0.97}'))
+    assert cli_main(cfg("openai", api), "-a", str(tmp_path / "red.png"), "--schema",
+                    str(tmp_path / "schema.json"), "What colour?") == 0
+    assert capsys.readouterr().out == ANSWER + "\n"
+    body = api.last().body
+    assert body["messages"][0]["content"][:2] == [
+        {"type": "text", "text": "What colour?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}}]
+    assert "stream" not in body and body["response_format"] == OPENAI_RESPONSE_FORMAT
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PDF)))   # -a - : stdin
+    api.reply(openai_ok('["red"]'))
+    assert cli_main(cfg("openai", api), "-a", "-", "-a", str(tmp_path / "red.png"), "--schema",
+                    '{"type": "array"}', "--json", "Colours?") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["data"] == ["red"] and out["text"] == '["red"]'
+    assert api.last().body["messages"][0]["content"][1] == {"type": "file", "file": {
+        "filename": "stdin", "file_data": "data:application/pdf;base64," + PDF_B64}}
+    api.reply({"models": [{"name": "gemma3:4b"}, {"name": "llama3.2:latest"}]})
+    assert cli_main(cfg("ollama", api), "--models") == 0
+    assert capsys.readouterr().out == "gemma3:4b\nllama3.2:latest\n"
+
+
+def test_cli_attach_and_schema_mistakes_are_one_line_usage_errors(capsys, tmp_path, monkeypatch,
+                                                                   cli_main):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x89PNG")))
+    for args, words in [(("-a", "-"), "-a - reads the attachment from stdin: give the prompt"),
+                        (("--schema", "{not json", "hi"), "--schema: not valid JSON"),
+                        (("--schema", str(tmp_path / "none.json"), "hi"), "no such file"),
+                        (("--schema", '{"type": "nonsense"}', "hi"), "unknown type 'nonsense'"),
+                        (("-a", str(tmp_path / "none.png"), "hi"), "none.png: no such file")]:
+        assert cli_main({}, *args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("omega: ") and words in err and err.count("\n") == 1, err
+
+
+# --- the real claude binary (make test-real) -----------------------------------------------
+
+def sent_blocks(api):
+    """The content blocks of the last user message of the last Messages request."""
+    post = [r for r in api.requests if r.method == "POST" and r.path.startswith("/v1/messages")]
+    user = [m for m in post[-1].body["messages"] if m["role"] == "user"][-1]
+    return user["content"] if isinstance(user["content"], list) else []
+
+
+@pytest.mark.real_claude
+def test_real_claude_reads_an_image_and_a_pdf_through_stream_json(real_claude, api):
+    messages_api(api, text("A red square, a PDF that says Hello PDF, and notes."))
+    reply = real(real_claude, omega.Context("What are these?", attachments=files()))
+    assert reply.text == "A red square, a PDF that says Hello PDF, and notes."
+    assert reply.metadata.session_id and reply.metadata.attempts == 1
+    blocks = [{k: v for k, v in b.items() if k != "cache_control"} for b in sent_blocks(api)]
+    at = blocks.index(ANTHROPIC_BLOCKS[0])                 # the CLI's reminders come first
+    assert blocks[at:] == [*ANTHROPIC_BLOCKS, {"type": "text", "text": "[User]\nWhat are these?"}]
+
+
+@pytest.mark.real_claude
+def test_real_claude_json_schema_returns_structured_output(real_claude, api):
+    tool = {"type": "tool_use", "id": "toolu_01", "name": "StructuredOutput",
+            "input": {"colour": "red", "confidence": 0.97}}
+    messages_api(api, [tool], text("Done."))
+    reply = real(real_claude, omega.Context("What colour is this image?", schema=SCHEMA,
+                                            attachments=files("red.png")))
+    assert reply.data == {"colour": "red", "confidence": 0.97}
+    assert json.loads(reply.text) == reply.data
+    first = [r for r in api.requests if r.method == "POST"][0].body
+    offered = {t["name"]: t for t in first.get("tools", [])}
+    assert offered["StructuredOutput"]["input_schema"]["properties"] == SCHEMA["properties"]
+    assert ANTHROPIC_BLOCKS[0] in sent_blocks(api)
+
+
+@pytest.mark.real_claude
+def test_real_claude_without_structured_output_is_invalid_json(real_claude, api):
+    messages_api(api, text("It is red, I think."))      # the model never calls the tool
+    with pytest.raises(omega.ProviderError) as err:
+        real(real_claude, omega.Context("What colour?", schema=SCHEMA))
+    assert err.value.code == "invalid_json"
