@@ -1174,8 +1174,9 @@ class FakeClaude:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def config(self, **section):
+        """A config for it, with a 20 s deadline: a run that hangs fails, not the suite."""
         return {"provider": {"default": "claude-code", "claude-code": {
-            "command": self.command, "resume_delay_secs": 0, **section}}}
+            "command": self.command, "resume_delay_secs": 0, "timeout_secs": 20, **section}}}
 
 
 @pytest.fixture
@@ -1358,6 +1359,27 @@ def test_claude_code_megabyte_prompt(claude):
     reply = cc(claude, omega.Context(prompt))
     assert claude.calls()[0]["stdin"] == "[User]\n" + prompt
     assert reply.text.endswith("x" * 20)
+
+
+CLOSES_STDIN = r'''#!PYTHON
+import json, os, sys, time
+os.close(0)                                 # reads none of the prompt
+time.sleep(0.5)
+print(json.dumps({"type": "result", "subtype": "success", "is_error": False,
+                  "result": "answered without reading", "session_id": "s-1"}))
+'''
+
+
+def test_claude_that_stops_reading_its_prompt_costs_no_cpu(claude, tmp_path):
+    """omega stops writing at the first EPIPE; it does not spin on a dead pipe while
+    the CLI works (0.5 s here)."""
+    script = tmp_path / "closes-stdin"
+    script.write_text(CLOSES_STDIN.replace("PYTHON", sys.executable))
+    script.chmod(0o755)
+    cpu = time.process_time()
+    reply = cc(claude, omega.Context("x" * (1024 * 1024)), command=str(script))
+    assert reply.text == "answered without reading"
+    assert time.process_time() - cpu < 0.25
 
 
 def test_claude_code_missing_cli(claude, tmp_path, monkeypatch):
@@ -1971,6 +1993,16 @@ def test_connections_are_reused(api):
     assert len(api.requests) == 10 and api.connections == 1
 
 
+def test_finished_requests_do_not_pile_up_in_the_watchdog(api):
+    """Each call's deadline (600 s here) stays queued until it passes, unless the next
+    call clears the finished ones: many calls must not grow the queue."""
+    api.default = echo_default
+    for i in range(20):
+        ask_via("openai", api)
+    with omega._watch_lock:
+        assert len(omega._watches) <= 2
+
+
 @pytest.mark.parametrize("var", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
 def test_https_with_the_ca_bundle_from_the_environment(tls_api, tls_cert, monkeypatch, var):
     monkeypatch.setenv(var, tls_cert[0])
@@ -2006,6 +2038,17 @@ def test_proxy_environment_is_honoured(api, monkeypatch):
     omega._local.__dict__.clear()
     with pytest.raises(omega.ProviderUnavailable):
         ask_via("ollama", "http://model-host.example:11434", max_retries=0)
+
+
+def test_proxy_cannot_stretch_the_deadline_either(api, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", api.url)
+    api.reply(action="pieces", framing="length", length=1000,
+              pieces=[(0.2 * i, b" ") for i in range(50)])
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("ollama", "http://model-host.example:11434", timeout_secs=0.5)
+    assert time.monotonic() - started < 1.5
+    assert api.last().path == "http://model-host.example:11434/api/chat"
 
 
 def test_import_does_no_io_and_starts_no_thread():
