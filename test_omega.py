@@ -287,7 +287,7 @@ def gzip_bomb():
 @pytest.fixture
 def api():
     server = FakeAPI()
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True)
     thread.start()
     yield server
     server.release.set()
@@ -318,7 +318,7 @@ def tls_api(tls_cert):
     context.load_cert_chain(*tls_cert)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     server.scheme = "https"
-    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True).start()
     yield server
     server.release.set()
     server.shutdown()
@@ -2369,7 +2369,7 @@ def chain(first, second, fallback=("anthropic",), **first_section):
 @pytest.fixture
 def api2():
     server = FakeAPI()
-    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True).start()
     yield server
     server.release.set()
     server.shutdown()
@@ -4014,7 +4014,7 @@ def test_failures_before_the_first_piece_are_retried(api, first):
 
 def test_failures_after_the_first_piece_are_not_retried_nor_sent_elsewhere(api):
     other = FakeAPI()
-    threading.Thread(target=other.serve_forever, args=(0.02,), daemon=True).start()
+    threading.Thread(target=other.serve_forever, args=(0.005,), daemon=True).start()
     try:
         serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"])
         config = cfg("anthropic", api)
