@@ -8,6 +8,8 @@
     omega.ask("What is in it?", attachments=["cat.png"])  # images, PDFs, text files
     omega.ask("Three colours", schema={"type": "array"}) # -> the parsed JSON value
     omega.models("openai")                               # -> ["gpt-4o", ...]
+    for piece in omega.stream("Tell me a story"): ...    # the answer as it is written
+    chat = omega.Chat(provider="anthropic"); chat.ask("Hi"); chat.ask("And?")
 
     python omega.py "Say hi"                             # the same from a shell
 
@@ -31,8 +33,8 @@ reads bottom-up: to follow a call, start at 9, `complete()`):
                            the answer parsed), then one banner per backend: its request
                            builder, response parser, stream reader, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
-     9. Calling            status timer, routing, the fallback chain, complete(), ask(),
-                           models()
+     9. Calling            status timer, routing, the fallback chain (also for streams),
+                           complete(), stream() and Stream, ask(), Chat, models()
     10. Diagnostics        readiness probes, --check, the first-run hint
     11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
                            (SQLite, WAL, schema version)
