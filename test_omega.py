@@ -3881,6 +3881,22 @@ def test_stream_bodies_in_random_slices(api, fixture, framing):
         assert got == pieces
 
 
+@pytest.mark.parametrize("name, status, body, error", [
+    ("openai", 429, {"error": {"message": "Rate limit reached for gpt-4o in organization "
+                               "org-xxxx on tokens per min (TPM): Limit 30000, Used 29123, "
+                               "Requested 1243. Please try again in 2.502s.", "type": "tokens",
+                               "param": None, "code": "rate_limit_exceeded"}},
+     omega.RateLimitError),
+    ("ollama", 404, {"error": "model 'llama9' not found"}, omega.ProviderError),
+], ids=["openai-429", "ollama-404"])
+def test_errors_before_the_stream_are_http_errors(api, name, status, body, error):
+    api.reply(body, status=status)
+    with pytest.raises(error) as err:
+        stream_via(name, api, max_retries=0)
+    assert err.value.status == status and err.value.partial_text is None
+    assert (body["error"] if name == "ollama" else "Rate limit reached") in str(err.value)
+
+
 def test_stream_requests_say_stream_in_each_apis_way(api):
     bodies = {"openai": sse(oa_chunk("a"), oa_chunk(finish="stop")),
               "openrouter": sse(oa_chunk("a"), oa_chunk(finish="stop")),
