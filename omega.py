@@ -1900,9 +1900,13 @@ def invalid_json(settings: dict, message: str, text: str | None) -> ProviderErro
 # openai (and every OpenAI-compatible server)
 # -----------------------------------------------------------------------------
 
+def bearer(key: str | None) -> dict:
+    """OpenAI's (and OpenRouter's) credential header; none without a key."""
+    return {"Authorization": Secret(f"Bearer {key}")} if key else {}
+
+
 def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tuple[str, dict, dict]:
-    key = require_key(settings)
-    headers = {"Authorization": Secret(f"Bearer {key}")} if key else {}
+    headers = bearer(require_key(settings))
     body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx)}
     max_tokens, temperature = requested(ctx, settings, "max_tokens"), \
         requested(ctx, settings, "temperature")
@@ -2018,8 +2022,8 @@ def openai_models(settings: dict, call: Call) -> list[str]:
     """GET {base_url}/models: the ids. OpenRouter's list needs no key and may come
     in pages (links.next), which are followed on the same server only: a next link
     elsewhere would take the key with it."""
-    key = settings.get("api_key") if settings["name"] == "openrouter" else require_key(settings)
-    headers = {"Authorization": Secret(f"Bearer {key}")} if key else {}
+    headers = bearer(settings.get("api_key") if settings["name"] == "openrouter"
+                     else require_key(settings))
     url, names = settings["base_url"] + "/models", []
     for _ in range(MAX_PAGES):
         data = request_json("GET", url, headers, None, settings, call)[0]
@@ -2043,9 +2047,13 @@ openrouter_models = openai_models
 # anthropic
 # -----------------------------------------------------------------------------
 
+def anthropic_headers(settings: dict) -> dict:
+    return {"x-api-key": require_key(settings), "anthropic-version": "2023-06-01"}
+
+
 def anthropic_request(ctx: Context, settings: dict,
                       streaming: bool = False) -> tuple[str, dict, dict]:
-    headers = {"x-api-key": require_key(settings), "anthropic-version": "2023-06-01"}
+    headers = anthropic_headers(settings)
     system, messages = ctx.to_api_messages()
     body = {"model": model_of(ctx, settings),
             "max_tokens": requested(ctx, settings, "max_tokens"), "messages": messages}
@@ -2129,7 +2137,7 @@ def anthropic_events(chunks, settings: dict):
 
 def anthropic_models(settings: dict, call: Call) -> list[str]:
     """GET /v1/models, 1,000 a page, after_id = the last page's last_id while has_more."""
-    headers = {"x-api-key": require_key(settings), "anthropic-version": "2023-06-01"}
+    headers = anthropic_headers(settings)
     names, after = [], None
     for _ in range(MAX_PAGES):
         url = settings["base_url"] + "/v1/models?limit=1000" + \
@@ -2156,10 +2164,14 @@ def anthropic_input_tokens(usage: dict) -> int | None:
 # gemini
 # -----------------------------------------------------------------------------
 
+def gemini_headers(settings: dict) -> dict:
+    # The key travels in a header: URLs end up in proxy logs and tracebacks.
+    return {"x-goog-api-key": require_key(settings)}
+
+
 def gemini_request(ctx: Context, settings: dict,
                    streaming: bool = False) -> tuple[str, dict, dict]:
-    # The key travels in a header: URLs end up in proxy logs and tracebacks.
-    headers = {"x-goog-api-key": require_key(settings)}
+    headers = gemini_headers(settings)
     system, messages = ctx.to_api_messages()
     files = attachments_of(ctx, settings)
     if files:
@@ -2255,7 +2267,7 @@ def gemini_events(chunks, settings: dict):
 def gemini_models(settings: dict, call: Call) -> list[str]:
     """GET /v1beta/models, 1,000 a page, while there is a nextPageToken: the models
     that can generateContent (the list holds embedding and image models too)."""
-    headers = {"x-goog-api-key": require_key(settings)}
+    headers = gemini_headers(settings)
     names, token = [], None
     for _ in range(MAX_PAGES):
         url = settings["base_url"] + "/v1beta/models?pageSize=1000" + \
@@ -2842,14 +2854,12 @@ def ollama_ready(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
         return None, "not probed"
     settings = {**settings, "max_retries": 0, "max_response_bytes": 1024 * 1024}
     try:
-        data, _, _ = request_json("GET", settings["base_url"] + "/api/tags", {}, None, settings,
-                                  Call.starting_now(OLLAMA_PROBE_SECS))
+        models = ollama_models(settings, Call.starting_now(OLLAMA_PROBE_SECS))
     except ProviderError as e:
         return False, f"{settings['base_url']} not answering ({e.reason})"
     except ConfigError as e:
         return False, str(e)
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, list):
+    except (KeyError, IndexError, TypeError, AttributeError):
         return False, f"{settings['base_url']}/api/tags did not list models"
     return True, f"{settings['base_url']} answering, {len(models)} models"
 
@@ -3497,9 +3507,13 @@ def log_path(raw: dict, for_cli: bool) -> str | None:
         # The variable can only turn the log off: a library call is logged only
         # when its own config asks for it, whatever the environment says.
         enabled = for_cli and os.environ.get("OMEGA_LOG", "").strip().lower() not in LOG_OFF
-    if not enabled:
-        return None
-    path = section.get("path") or os.environ.get("OMEGA_LOG_PATH") \
+    return log_file(raw) if enabled else None
+
+
+def log_file(raw: dict) -> str:
+    """Where the log is (or would be), whether or not it is on: `[log] path`, else
+    $OMEGA_LOG_PATH, else ~/.omega/log.db."""
+    path = raw.get("log", {}).get("path") or os.environ.get("OMEGA_LOG_PATH") \
         or os.path.join("~", ".omega", "log.db")
     return os.path.abspath(os.path.expanduser(path))
 
@@ -3990,9 +4004,7 @@ def run_cli(argv) -> int:
         raw, path = read_config(args.config)
         log = None if args.no_log else log_path(raw, for_cli=True)
         if args.logs is not None:
-            return print_logs(log or log_path({**raw, "log": {**raw.get("log", {}),
-                                                              "enabled": True}}, True),
-                              args.logs, args.json)
+            return print_logs(log_file(raw), args.logs, args.json)   # also with the log off
         if args.models:
             return print_models(args)
         prompt = read_prompt(args.prompt)
@@ -4019,7 +4031,7 @@ def run_cli(argv) -> int:
                        fallback=args.fallback, timeout=args.timeout)
         if args.attach or args.schema is not None:
             ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)
-        started, reply = time.time(), None
+        started, reply, warn = time.time(), None, lambda m: tell(f"omega: {m}")
         try:
             if args.schema is not None and not args.json:
                 # With a schema stdout gets the JSON answer alone, compact, once it is
@@ -4039,12 +4051,10 @@ def run_cli(argv) -> int:
             sys.stdout.flush()
         except OmegaError as e:
             if log and not isinstance(e, ConfigError):
-                record(log, ctx, None, e, started, {"id": conversation},
-                       lambda m: tell(f"omega: {m}"))
+                record(log, ctx, None, e, started, {"id": conversation}, warn)
             raise
         if log:
-            record(log, ctx, reply, None, started, {"id": conversation},
-                   lambda m: tell(f"omega: {m}"))
+            record(log, ctx, reply, None, started, {"id": conversation}, warn)
         return 0
     except BrokenPipeError:                    # `omega ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

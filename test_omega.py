@@ -4056,6 +4056,28 @@ def test_failures_after_the_first_piece_are_not_retried_nor_sent_elsewhere(api):
         other.server_close()
 
 
+def test_a_chunked_stream_cut_short_is_retried_before_the_first_piece_only(api):
+    def cut(body):                       # chunks sent, then the connection closed, no last chunk
+        serve_stream(api, body, hold_at=len(body), then="cut")
+    cut(b": nothing yet\n\n")
+    serve_stream(api, sse(oa_chunk("whole"), oa_chunk(finish="stop")))
+    pieces, s = stream_via("openai", api)
+    assert pieces == ["whole"] and s.reply.metadata.attempts == 2
+    cut(sse(oa_chunk("half"), done=False))
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        stream_via("openai", api)
+    assert err.value.partial_text == "half" and len(api.requests) == 3
+
+
+@pytest.mark.parametrize("raw", [b"zz\r\ndata: x\r\n", b"-5\r\nhello\r\n"],
+                         ids=["not-hex", "negative"])
+def test_a_malformed_chunk_size_is_a_broken_connection(api, raw):
+    serve_stream(api, raw, framing="raw", hold_at=len(raw), then="cut",
+                 headers={"Transfer-Encoding": "chunked"})
+    with pytest.raises(omega.ProviderUnavailable, match="connection closed"):
+        stream_via("openai", api, max_retries=0)
+
+
 @pytest.mark.parametrize("framing", ["chunked", "close"])
 def test_the_deadline_holds_mid_stream(api, framing):
     first = sse(oa_chunk("early"), done=False)
@@ -4802,7 +4824,7 @@ def test_cli_continue_and_chat_send_the_logged_turns(api, tmp_path, cli_main, ca
     sent = [m["content"] for m in api.last().body["messages"]]
     assert sent == ["What is 2+2?", "Four.", "and times 3?", "Twelve.", "times 3 again?"]
     capsys.readouterr()
-    assert cli_main(config, "--chat", "ffffffff", "hi") != 0
+    assert cli_main(config, "--chat", "ffffffff", "hi") == 1
     assert "no conversation ffffffff" in capsys.readouterr().err
     assert cli_main(config, "--logs", "2") == 0
     out = capsys.readouterr().out
