@@ -17,27 +17,30 @@ Backends: the local `claude` CLI (claude-code), Ollama, OpenAI and every
 OpenAI-compatible server, Anthropic, OpenRouter and Gemini. Needs Python 3.11+
 and `requests`; nothing else. Copy this file into your project and go.
 
-Contents (each a banner below; definitions come before their use, so the file
-reads bottom-up: to follow a call, start at 9, `complete()`):
+Contents (each a banner below). To follow a call, start reading at 9, Calling:
+everything above it serves it, bottom-up where the backend table forces it.
 
-     1. Data types         Message, Context, Attachment, MessageMetadata, OutgoingMessage,
-                           Call; attachments: kind from the bytes, read once, base64 once
-     2. Errors             OmegaError ... ProviderUnavailable (context given to __init__),
-                           LogError
+     1. Data               Message, Context, Attachment, MessageMetadata,
+                           OutgoingMessage, Call
+     2. Errors             OmegaError ... ProviderUnavailable (context given to
+                           __init__), LogError; the failure policy: every backend's
+                           error bodies -> typed errors, Retry-After
      3. Secrets            Secret, mask, redact, clean
      4. Configuration      read -> validate -> provider settings -> keys -> load_config
-     5. HTTP transport     per-thread session, the deadline watchdog, send, body reading,
-                           the retry loop
-     6. Error policy       error bodies of every backend -> typed errors, Retry-After
+     5. Attachments        the kind from the bytes, read once, base64 written once
+     6. Transports         HTTP (per-thread session, the deadline watchdog, send, body
+                           reading, the retry loop, SSE and NDJSON framing), then
+                           processes (the claude CLI's process group)
      7. Backends           shared helpers, JSON answers (a schema in each API's form,
                            the answer parsed), then one banner per backend: its request
                            builder, response parser, stream reader, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
-     9. Calling            status timer, routing, the fallback chain (also for streams),
-                           complete(), stream() and Stream, ask(), Chat, models()
+     9. Calling            status timer, routing, the provider chain (also for
+                           streams), complete(), stream() and Stream, ask(), Chat,
+                           models()                                 <- start here
     10. Diagnostics        readiness probes, --check, the first-run hint
     11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
-                           (SQLite, WAL, schema version)
+                           (SQLite, WAL, schema version); record() writes an exchange
     12. Command line       parse_args, prompt reading, main()
 """
 
@@ -83,8 +86,12 @@ USER_AGENT = f"omega/{__version__}"
 
 
 # =============================================================================
-# 1. Data types
+# 1. Data
 # =============================================================================
+# What goes in and what comes out, as plain dataclasses: a request (Context, its
+# Messages and Attachments), an answer (OutgoingMessage and its MessageMetadata)
+# and Call, one call's deadline and listener. First, because every section below
+# passes them around; nothing here does I/O.
 
 @dataclass
 class Message:
@@ -154,6 +161,17 @@ class Attachment:
         return f"Attachment({len(self.data):,} bytes, mime={self.mime!r}, name={self.name!r})"
 
 
+def number(value) -> bool:
+    """True for an int or float (JSON booleans are ints to Python: not here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def count(value) -> int | None:
+    """A token or turn count as a server sent it, or None when it is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
 @dataclass
 class MessageMetadata:
     """What happened. None wherever the backend did not say (never a made-up 0).
@@ -200,17 +218,6 @@ class OutgoingMessage:
         return out
 
 
-def number(value) -> bool:
-    """True for an int or float (JSON booleans are ints to Python: not here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def count(value) -> int | None:
-    """A token or turn count as a server sent it, or None when it is not one."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
-        else None
-
-
 @dataclass
 class Call:
     """One call's own state, apart from its configuration: when it must end, who
@@ -234,191 +241,13 @@ class Call:
             self.on_status(message)
 
 
-# -----------------------------------------------------------------------------
-# attachments: the kind from the bytes, each file read once, base64 written once
-# -----------------------------------------------------------------------------
-# complete() prepares Context.attachments once (files read, kinds found), and each
-# backend's request builder (7) puts them in its API's own shape. The bytes go into
-# the body as Inline values, whose base64 json_payload (5) writes straight into the
-# bytes sent: a call holds the file and one encoded copy, never a JSON string of it,
-# and retries send the same bytes again.
-
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
-PDF = "application/pdf"
-MIB = 1024 * 1024
-
-
-def sniff(data: bytes) -> str | None:
-    """The type the first bytes announce (PNG, JPEG, GIF, WebP, PDF), else None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data.startswith(b"%PDF-"):
-        return PDF
-    return None
-
-
-def attachments_of(ctx: Context, settings: dict) -> list[Attachment]:
-    """ctx.attachments ready for this backend: Attachments with a name and the type
-    their bytes say, none over max_attachment_bytes. Files are read here unless
-    complete() did it already (it passes Attachments on)."""
-    items = ctx.attachments
-    if isinstance(items, (str, bytes, bytearray, memoryview, os.PathLike, Attachment)):
-        items = (items,)                     # one given alone, not a list of one
-    return [prepared_attachment(item, number, settings["max_attachment_bytes"],
-                                settings["name"]) for number, item in enumerate(items or (), 1)]
-
-
-def prepared_attachment(item, number: int, limit: int, who: str) -> Attachment:
-    """item (a path, bytes or an Attachment) as an Attachment with the type its bytes
-    say and a name; a ConfigError naming the file for anything omega cannot send."""
-    if isinstance(item, Attachment):
-        data, mime, name = item.data, item.mime, item.name
-    elif isinstance(item, (bytes, bytearray, memoryview)):
-        data, mime, name = item, None, None
-    elif isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        data, mime = read_attachment(path, limit, who), None
-        name = os.path.basename(path.rstrip(os.sep)) or path
-    else:
-        raise ConfigError(f"attachment {number}: expected a file path, bytes or an Attachment, "
-                          f"got {type(item).__name__}")
-    if isinstance(data, str):                # Attachment("some text"): a text file
-        data = data.encode("utf-8", "surrogatepass")
-    elif isinstance(data, (bytearray, memoryview)):
-        data = bytes(data)
-    elif not isinstance(data, bytes):
-        raise ConfigError(f"attachment {number}: its data must be bytes, got "
-                          f"{type(data).__name__}")
-    name = name if isinstance(name, str) and name else f"attachment-{number}"
-    if len(data) > limit:
-        raise too_big(who, name, len(data), limit)
-    kind = sniff(data)
-    if kind is None:
-        if isinstance(mime, str) and (mime.startswith("image/") or mime == PDF):
-            raise ConfigError(f"{name}: said to be {mime}, but its bytes are not a PNG, JPEG, "
-                              "GIF, WebP or PDF")
-        if b"\0" in data or not is_utf8(data):
-            raise ConfigError(f"{name}: not an image (PNG, JPEG, GIF, WebP), a PDF or UTF-8 "
-                              "text, so omega cannot send it")
-        kind = mime if isinstance(mime, str) and mime.startswith("text/") else "text/plain"
-    if isinstance(item, Attachment) and item.data is data and item.mime == kind \
-            and item.name == name:
-        return item
-    return Attachment(data, kind, name)
-
-
-def read_attachment(path: str, limit: int, who: str) -> bytes:
-    """The file's bytes, read once. One over the limit is refused before it is read
-    (a pipe or device is read up to the limit)."""
-    try:
-        with open(path, "rb") as f:
-            info = os.fstat(f.fileno())
-            regular = stat.S_ISREG(info.st_mode)
-            if regular and info.st_size > limit:
-                raise too_big(who, path, info.st_size, limit)
-            return f.read() if regular else f.read(limit + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"attachment {path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"attachment {path}: cannot read it ({e.strerror})") from None
-
-
-def too_big(who: str, name: str, size: int, limit: int) -> ConfigError:
-    return ConfigError(f"{who}: {name} is {size:,} bytes, more than max_attachment_bytes "
-                       f"({limit:,}); raise provider.{who}.max_attachment_bytes if it is expected")
-
-
-def is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def is_image(attachment: Attachment) -> bool:
-    return attachment.mime in IMAGE_TYPES
-
-
-def is_text(attachment: Attachment) -> bool:
-    return attachment.mime != PDF and not is_image(attachment)
-
-
-def attachment_text(attachment: Attachment) -> str:
-    return attachment.data.decode("utf-8").removeprefix("\ufeff")
-
-
-def file_block(attachment: Attachment) -> str:
-    """A text file as the model sees it where an API has no file part of its own:
-    <file name="notes.md">, the text, </file>."""
-    text = attachment_text(attachment)
-    end = "" if text.endswith("\n") else "\n"
-    name = attachment.name
-    for char, entity in (("&", "&amp;"), ('"', "&quot;"), ("<", "&lt;"), (">", "&gt;")):
-        name = name.replace(char, entity)
-    return f'<file name="{clean(name, 200)}">\n{text}{end}</file>'
-
-
-def base64_size(size: int) -> int:
-    return (size + 2) // 3 * 4
-
-
-def wire_size(attachment: Attachment) -> int:
-    """Bytes it adds to a request: base64 for an image or PDF, the text itself else."""
-    return len(attachment.data) if is_text(attachment) else base64_size(len(attachment.data))
-
-
-class Inline:
-    """Attachment bytes that go into a request body as base64 text after `prefix`
-    (such as "data:image/png;base64,"): json_payload writes them straight into the
-    bytes sent (json.dumps alone does not know them)."""
-    __slots__ = ("data", "prefix")
-
-    def __init__(self, data: bytes, prefix: str = ""):
-        self.data, self.prefix = data, prefix
-
-    def __repr__(self) -> str:
-        return f"Inline({self.prefix}<{len(self.data):,} bytes as base64>)"
-
-
-def refuse(settings: dict, attachment: Attachment, why: str) -> ConfigError:
-    """What a backend cannot take, said before anything is sent to it."""
-    return ConfigError(f"{settings['name']}: cannot send {attachment.name}: {why}")
-
-
-def raw_size(attachment: Attachment) -> int:
-    return len(attachment.data)
-
-
-def limit_each(settings: dict, files: list, kinds, most: int, what: str,
-               size=raw_size) -> None:
-    """Refuse the first file of these kinds whose size(file) is over most."""
-    for attachment in files:
-        if attachment.mime in kinds and size(attachment) > most:
-            raise refuse(settings, attachment, f"{what} may be at most {most:,} bytes, this is "
-                                               f"{size(attachment):,}")
-
-
-def limit_total(settings: dict, files: list, kinds, most: int, what: str,
-                size=raw_size) -> None:
-    """Refuse files of these kinds whose sizes add up to more than most."""
-    chosen = [a for a in files if kinds is None or a.mime in kinds]
-    total = sum(size(a) for a in chosen)
-    if total > most:
-        names = ", ".join(a.name for a in chosen[:3]) + (" …" if len(chosen) > 3 else "")
-        raise ConfigError(f"{settings['name']}: cannot send {names}: {what} may be at most "
-                          f"{most:,} bytes in one request, these are {total:,}")
-
-
 # =============================================================================
 # 2. Errors
 # =============================================================================
+# The exceptions, each given all it knows when it is made (as in requests), and
+# their constructors; then the failure policy that turns every backend's error
+# bodies, stream errors and waits into them. Early, because everything below
+# raises them, and one policy serves HTTP, streams and the claude CLI alike.
 
 class OmegaError(Exception):
     """Base of every error omega raises. `exit_code` is what the CLI exits with."""
@@ -537,9 +366,198 @@ def empty_answer(settings: dict, why: str) -> EmptyResponse:
     return EmptyResponse(f"no answer text ({why})", settings["name"])
 
 
+def ended_early(settings: dict) -> ProviderUnavailable:
+    return ProviderUnavailable("the stream ended early (no end marker)", settings["name"],
+                               retryable=True, reason="stream ended early")
+
+
+def shape_error(settings: dict, request_id: str | None = None) -> ProviderError:
+    return ProviderError("the answer did not have the expected shape", settings["name"],
+                         request_id=request_id)
+
+
+# -----------------------------------------------------------------------------
+# failure policy: every backend's error bodies, one set of rules
+# -----------------------------------------------------------------------------
+
+# HTTP statuses that another try may fix; any other fails the same way again.
+RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
+# Markers of exhausted quota or credit: a RateLimitError that waiting will not fix.
+QUOTA_CODES = {"insufficient_quota", "billing_error", "enforced_spend_limit_reached"}
+# How a model that cannot see images says so (OpenAI 400, OpenRouter 404, Ollama
+# 500, llama.cpp, vLLM): the same request fails the same way however often it is
+# tried, so it is neither retried nor sent to a fallback.
+NO_IMAGES = "model takes no images"
+NO_IMAGES_SAID = ("only supported by certain models", "support image input",
+                  "required for image input", "image input is not supported",
+                  "is not a multimodal model")
+
+
+def error_for(status: int | None, code: str | None, message: str, provider: str,
+              **context) -> ProviderError:
+    """The error for a failure, by one policy for HTTP error bodies and for the API
+    errors the claude CLI reports: its class, and whether a retry may help."""
+    if status == 402 or code in QUOTA_CODES or "credit balance is too low" in message.lower():
+        cls, retryable = RateLimitError, False          # waiting will not bring credit back
+    elif status in (401, 403) or code == "API_KEY_INVALID":
+        cls, retryable = AuthError, False
+    elif any(said in message.lower() for said in NO_IMAGES_SAID):
+        cls, retryable, context = ProviderError, False, {"reason": NO_IMAGES, **context}
+    else:
+        cls, retryable = RateLimitError if status == 429 else ProviderError, status in RETRY_STATUS
+    return cls(message, provider, status, code, **{"retryable": retryable, **context})
+
+
+def http_error(status: int, headers, content: bytes, settings: dict) -> ProviderError:
+    """The error a non-2xx answer stands for, with the wait it asked for."""
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        data = None
+    context = {"retry_after": retry_after(headers, data)}
+    if headers.get("x-should-retry") == "false":
+        context["retryable"] = False
+    if data is None:
+        return error_for(status, None, not_json(content), settings["name"],
+                         request_id=request_id_of(headers), **context)
+    return error_from_body(data, status, settings, headers, **context)
+
+
+def error_from_body(data, status: int, settings: dict, headers=None, **context) -> ProviderError:
+    """The backend's own code and message, from any of the five error body shapes:
+    OpenAI {error:{message,type,code}}, Anthropic {type,error:{type,message}},
+    Gemini {error:{code,message,status,details}}, Ollama {error:"..."},
+    OpenRouter {error:{code:int,message,metadata}}."""
+    name = settings["name"]
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]                                   # Gemini sometimes wraps it
+    err = data.get("error") if isinstance(data, dict) else None
+    code, reasons, upstream = None, None, ""
+    if isinstance(err, dict):
+        message = err.get("message")
+        code = next((c for c in (err.get("code"), err.get("type"), err.get("status"))
+                     if isinstance(c, str) and c), None)
+        details = err.get("details")
+        if isinstance(details, dict) and isinstance(details.get("error_code"), str):
+            code = details["error_code"]                               # Anthropic spend cap
+        for detail in details if isinstance(details, list) else ():
+            if isinstance(detail, dict) and isinstance(detail.get("reason"), str):
+                code = detail["reason"]                                # Gemini ErrorInfo
+        meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
+        reasons = meta.get("reasons") if isinstance(meta.get("reasons"), list) else None
+        if meta.get("raw"):                                            # OpenRouter upstream
+            raw = meta["raw"] if isinstance(meta["raw"], str) else json.dumps(meta["raw"])
+            upstream = f" ({clean(meta.get('provider_name') or 'upstream', 40)}: {clean(raw, 300)})"
+    elif isinstance(err, str):
+        message = err
+    else:
+        message = data.get("message") or data.get("detail") if isinstance(data, dict) else None
+    message = (clean(message, 500) if message else "") or f"HTTP {status}"
+    rid = request_id_of(headers or {}) or (data.get("request_id") if isinstance(data, dict)
+                                           else None)
+    if status == 403 and reasons:                      # OpenRouter moderation: prompt blocked
+        blocked = ", ".join(clean(r, 60) for r in reasons)
+        return EmptyResponse(f"prompt blocked by moderation ({blocked}): {message}", name,
+                             status, code, rid, **context)
+    return error_for(status, code, message + upstream, name, request_id=rid, **context)
+
+
+def error_in_answer(data, settings: dict) -> None:
+    """OpenRouter puts some errors inside a 200 body, or inside a choice: raise them."""
+    for holder in (data, *(data.get("choices") or ())[:1]):
+        if isinstance(holder, dict) and isinstance(holder.get("error"), dict):
+            status = holder["error"].get("code")
+            raise error_from_body(holder, status if count(status) else 200, settings)
+
+
+# Error types sent inside a 200 stream, as the HTTP status they stand for
+# (OpenAI/Anthropic `type`, Gemini `status`, OpenRouter `metadata.error_type`).
+STREAM_ERROR_STATUS = {
+    "invalid_request_error": 400, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
+    "authentication_error": 401, "UNAUTHENTICATED": 401, "permission_error": 403,
+    "PERMISSION_DENIED": 403, "not_found_error": 404, "NOT_FOUND": 404,
+    "request_too_large": 413, "rate_limit_error": 429, "rate_limit_exceeded": 429,
+    "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "api_error": 500, "server_error": 500,
+    "server": 500, "INTERNAL": 500, "provider_unavailable": 503, "UNAVAILABLE": 503,
+    "timeout": 504, "DEADLINE_EXCEEDED": 504, "overloaded_error": 529,
+    "provider_overloaded": 529,
+}
+
+
+def stream_error(data, settings: dict) -> ProviderError:
+    """An error sent inside a stream, classified as the HTTP error it stands for
+    (overloaded_error is a retryable 529, OpenRouter's code is its status …);
+    one with no known type counts as a server error (500)."""
+    holder = data[0] if isinstance(data, list) and data else data
+    err = holder.get("error") if isinstance(holder, dict) else None
+    status = None
+    if isinstance(err, dict):
+        meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
+        code = err.get("code")
+        if count(code) and 400 <= code <= 599:
+            status = code
+        else:
+            status = next((STREAM_ERROR_STATUS[k] for k in (err.get("type"), err.get("status"),
+                           code, meta.get("error_type"))
+                           if isinstance(k, str) and k in STREAM_ERROR_STATUS), None)
+    return error_from_body(holder, status or 500, settings)
+
+
+def retry_after(headers, data) -> float | None:
+    """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds
+    or an HTTP date), or Gemini's RetryInfo.retryDelay ("27s") in the body."""
+    try:
+        if headers.get("retry-after-ms"):
+            return finite_wait(float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value:
+            try:
+                return finite_wait(float(value))
+            except ValueError:
+                from email.utils import parsedate_to_datetime
+                return finite_wait(parsedate_to_datetime(value).timestamp() - time.time())
+        err = data.get("error") if isinstance(data, dict) else None
+        for detail in (err.get("details") or ()) if isinstance(err, dict) else ():
+            delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+            if isinstance(delay, str) and delay.endswith("s"):
+                return finite_wait(float(delay[:-1]))
+    except (ValueError, TypeError, OverflowError):
+        pass
+    return None
+
+
+def finite_wait(seconds: float) -> float | None:
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def not_json(content: bytes, error: Exception | None = None) -> str:
+    """One wording for a body that should have been JSON (never the body itself)."""
+    if isinstance(error, RecursionError):
+        return "the server sent JSON nested too deeply to read"
+    if not content.strip():
+        what = "an empty body"
+    elif content.lstrip()[:1] == b"<":
+        what = "an HTML page"
+    else:
+        what = "malformed data"
+    return f"the server sent {what}, not JSON"
+
+
+def request_id_of(headers) -> str | None:
+    return headers.get("x-request-id") or headers.get("request-id")
+
+
 # =============================================================================
 # 3. Secrets
 # =============================================================================
+# A key never shows: Secret keeps it out of reprs, and clean(), which every text a
+# server wrote goes through before omega shows or stores it, redacts every key
+# omega knows (the variables that hold keys come from the backend table, 8).
+
+def mask(secret: str) -> str:
+    """'…abcd': enough to tell two keys apart, too little to use one."""
+    return "…" + secret[-4:] if len(secret) >= 12 else "…"
+
 
 class Secret(str):
     """A str whose repr shows only its last four characters, so that a key inside
@@ -547,11 +565,6 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return repr(mask(self))
-
-
-def mask(secret: str) -> str:
-    """'…abcd': enough to tell two keys apart, too little to use one."""
-    return "…" + secret[-4:] if len(secret) >= 12 else "…"
 
 
 # Every key omega has handled in this process (from a file, the environment or an
@@ -583,6 +596,14 @@ _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\
                       r"|[\x00-\x1f\x7f-\x9f]")
 
 
+def shorten(text: str, limit: int) -> str:
+    """text cut to at most limit characters at a word boundary, with '…'."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut) + "…"
+
+
 def clean(text, limit: int) -> str:
     """Text fit to show on one line: keys redacted first (so that shortening cannot
     leave part of one behind), escapes and control characters out, whitespace
@@ -593,21 +614,15 @@ def clean(text, limit: int) -> str:
     return shorten(" ".join(text.split()), limit)
 
 
-def shorten(text: str, limit: int) -> str:
-    """text cut to at most limit characters at a word boundary, with '…'."""
-    if len(text) <= limit:
-        return text
-    cut = text[:limit - 1]
-    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut) + "…"
-
-
 # =============================================================================
 # 4. Configuration
 # =============================================================================
 # A config is a TOML file (or a dict shaped like one). omega owns three tables:
 # [provider] (with one [provider.<name>] section per backend), [status] and [log];
 # anything else in the file belongs to the application that vendors omega.py and
-# is left alone. Inside omega's tables every key is checked strictly.
+# is left alone. Inside omega's tables every key is checked strictly. In the order
+# a value travels: read -> validate -> provider settings -> keys -> load_config;
+# which keys a section takes, and their defaults, come from the backend table (8).
 
 NUMBER = (int, float)
 MAX_RETRIES_CAP = 10
@@ -802,16 +817,6 @@ def find_key(name: str, section: dict, base_url: str) -> tuple[str | None, str]:
     return None, f"env {names[0]}" if section.get("api_key_env") else "none"
 
 
-def ollama_host(value: str) -> str:
-    """OLLAMA_HOST may be 'host', 'host:port' or a URL; make it a URL with a port."""
-    url = value if "://" in value else "http://" + value
-    scheme, rest = url.split("://", 1)
-    host, slash, path = rest.partition("/")
-    if not host.rsplit("]", 1)[-1].count(":"):    # no port (IPv6 brackets aside)
-        host += ":11434"
-    return f"{scheme}://{host}{slash}{path}"
-
-
 def load_config(path=None) -> dict:
     """The merged, validated configuration: every provider's settings filled in
     from the file, the environment and the defaults, `_sources` saying where each
@@ -839,8 +844,199 @@ def default_provider(raw: dict) -> str:
 
 
 # =============================================================================
-# 5. HTTP transport: one requests.Session per thread, a real deadline, retries
+# 5. Attachments: the kind from the bytes, read once, base64 written once
 # =============================================================================
+# complete() prepares Context.attachments once (files read, kinds found), and each
+# backend's request builder (7) puts them in its API's own shape. The bytes go into
+# the body as Inline values, whose base64 json_payload (6) writes straight into the
+# bytes sent: a call holds the file and one encoded copy, never a JSON string of it,
+# and retries send the same bytes again. File I/O and limits live here, apart from
+# any backend; what each API takes (its parts, its own limits) stays with it (7).
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+PDF = "application/pdf"
+MIB = 1024 * 1024
+
+
+def sniff(data: bytes) -> str | None:
+    """The type the first bytes announce (PNG, JPEG, GIF, WebP, PDF), else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"%PDF-"):
+        return PDF
+    return None
+
+
+def attachments_of(ctx: Context, settings: dict) -> list[Attachment]:
+    """ctx.attachments ready for this backend: Attachments with a name and the type
+    their bytes say, none over max_attachment_bytes. Files are read here unless
+    complete() did it already (it passes Attachments on)."""
+    items = ctx.attachments
+    if isinstance(items, (str, bytes, bytearray, memoryview, os.PathLike, Attachment)):
+        items = (items,)                     # one given alone, not a list of one
+    return [prepared_attachment(item, number, settings["max_attachment_bytes"],
+                                settings["name"]) for number, item in enumerate(items or (), 1)]
+
+
+def prepared_attachment(item, number: int, limit: int, who: str) -> Attachment:
+    """item (a path, bytes or an Attachment) as an Attachment with the type its bytes
+    say and a name; a ConfigError naming the file for anything omega cannot send."""
+    if isinstance(item, Attachment):
+        data, mime, name = item.data, item.mime, item.name
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        data, mime, name = item, None, None
+    elif isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        data, mime = read_attachment(path, limit, who), None
+        name = os.path.basename(path.rstrip(os.sep)) or path
+    else:
+        raise ConfigError(f"attachment {number}: expected a file path, bytes or an Attachment, "
+                          f"got {type(item).__name__}")
+    if isinstance(data, str):                # Attachment("some text"): a text file
+        data = data.encode("utf-8", "surrogatepass")
+    elif isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    elif not isinstance(data, bytes):
+        raise ConfigError(f"attachment {number}: its data must be bytes, got "
+                          f"{type(data).__name__}")
+    name = name if isinstance(name, str) and name else f"attachment-{number}"
+    if len(data) > limit:
+        raise too_big(who, name, len(data), limit)
+    kind = sniff(data)
+    if kind is None:
+        if isinstance(mime, str) and (mime.startswith("image/") or mime == PDF):
+            raise ConfigError(f"{name}: said to be {mime}, but its bytes are not a PNG, JPEG, "
+                              "GIF, WebP or PDF")
+        if b"\0" in data or not is_utf8(data):
+            raise ConfigError(f"{name}: not an image (PNG, JPEG, GIF, WebP), a PDF or UTF-8 "
+                              "text, so omega cannot send it")
+        kind = mime if isinstance(mime, str) and mime.startswith("text/") else "text/plain"
+    if isinstance(item, Attachment) and item.data is data and item.mime == kind \
+            and item.name == name:
+        return item
+    return Attachment(data, kind, name)
+
+
+def read_attachment(path: str, limit: int, who: str) -> bytes:
+    """The file's bytes, read once. One over the limit is refused before it is read
+    (a pipe or device is read up to the limit)."""
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            regular = stat.S_ISREG(info.st_mode)
+            if regular and info.st_size > limit:
+                raise too_big(who, path, info.st_size, limit)
+            return f.read() if regular else f.read(limit + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"attachment {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"attachment {path}: cannot read it ({e.strerror})") from None
+
+
+def too_big(who: str, name: str, size: int, limit: int) -> ConfigError:
+    return ConfigError(f"{who}: {name} is {size:,} bytes, more than max_attachment_bytes "
+                       f"({limit:,}); raise provider.{who}.max_attachment_bytes if it is expected")
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def is_image(attachment: Attachment) -> bool:
+    return attachment.mime in IMAGE_TYPES
+
+
+def is_text(attachment: Attachment) -> bool:
+    return attachment.mime != PDF and not is_image(attachment)
+
+
+def attachment_text(attachment: Attachment) -> str:
+    return attachment.data.decode("utf-8").removeprefix("\ufeff")
+
+
+def file_block(attachment: Attachment) -> str:
+    """A text file as the model sees it where an API has no file part of its own:
+    <file name="notes.md">, the text, </file>."""
+    text = attachment_text(attachment)
+    end = "" if text.endswith("\n") else "\n"
+    name = attachment.name
+    for char, entity in (("&", "&amp;"), ('"', "&quot;"), ("<", "&lt;"), (">", "&gt;")):
+        name = name.replace(char, entity)
+    return f'<file name="{clean(name, 200)}">\n{text}{end}</file>'
+
+
+def base64_size(size: int) -> int:
+    return (size + 2) // 3 * 4
+
+
+def wire_size(attachment: Attachment) -> int:
+    """Bytes it adds to a request: base64 for an image or PDF, the text itself else."""
+    return len(attachment.data) if is_text(attachment) else base64_size(len(attachment.data))
+
+
+class Inline:
+    """Attachment bytes that go into a request body as base64 text after `prefix`
+    (such as "data:image/png;base64,"): json_payload writes them straight into the
+    bytes sent (json.dumps alone does not know them)."""
+    __slots__ = ("data", "prefix")
+
+    def __init__(self, data: bytes, prefix: str = ""):
+        self.data, self.prefix = data, prefix
+
+    def __repr__(self) -> str:
+        return f"Inline({self.prefix}<{len(self.data):,} bytes as base64>)"
+
+
+def refuse(settings: dict, attachment: Attachment, why: str) -> ConfigError:
+    """What a backend cannot take, said before anything is sent to it."""
+    return ConfigError(f"{settings['name']}: cannot send {attachment.name}: {why}")
+
+
+def raw_size(attachment: Attachment) -> int:
+    return len(attachment.data)
+
+
+def limit_each(settings: dict, files: list, kinds, most: int, what: str,
+               size=raw_size) -> None:
+    """Refuse the first file of these kinds whose size(file) is over most."""
+    for attachment in files:
+        if attachment.mime in kinds and size(attachment) > most:
+            raise refuse(settings, attachment, f"{what} may be at most {most:,} bytes, this is "
+                                               f"{size(attachment):,}")
+
+
+def limit_total(settings: dict, files: list, kinds, most: int, what: str,
+                size=raw_size) -> None:
+    """Refuse files of these kinds whose sizes add up to more than most."""
+    chosen = [a for a in files if kinds is None or a.mime in kinds]
+    total = sum(size(a) for a in chosen)
+    if total > most:
+        names = ", ".join(a.name for a in chosen[:3]) + (" …" if len(chosen) > 3 else "")
+        raise ConfigError(f"{settings['name']}: cannot send {names}: {what} may be at most "
+                          f"{most:,} bytes in one request, these are {total:,}")
+
+
+# =============================================================================
+# 6. Transports: HTTP, then processes
+# =============================================================================
+# How bytes travel: HTTP for five backends, a child process for the claude CLI.
+# Both hold the call's deadline and max_response_bytes; what the bytes mean (a
+# request's body, an answer's JSON) is each backend's business, in 7.
+
+
+# -----------------------------------------------------------------------------
+# HTTP: one requests.Session per thread, a real deadline, retries
+# -----------------------------------------------------------------------------
 # send() opens a request and returns once the headers are in; read_body() or
 # body_pieces() read the body. While both run, a Watch holds the call's deadline
 # and the socket in use: the watchdog thread shuts that socket when the deadline
@@ -852,7 +1048,7 @@ RETRY_BASE_SECS = 0.5        # backoff: RETRY_BASE_SECS × 2ⁿ, capped, times 0
 RETRY_CAP_SECS = 8.0
 RETRY_MIN_SECS = 0.1         # even a server asking for 0 s gets a breath
 RETRY_AFTER_MAX_SECS = 60    # a server asking for a longer wait is not retried
-RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
+
 READ_SIZE = 65536
 # Failures that mean "nobody is there": with another provider next, move on at once.
 NOBODY_THERE = ("connection refused", "host not found")
@@ -1191,29 +1387,6 @@ def connection_trouble(e: Exception) -> str:
     return "connection closed before a complete answer"
 
 
-def request_json(method: str, url: str, headers: dict, body, settings: dict,
-                 call: Call) -> tuple:
-    """Send body as JSON (None: no body) with retries inside the call's deadline.
-    Returns (parsed JSON, response headers, number of requests made)."""
-    payload = None if body is None else json_payload(body)
-    headers = request_headers(headers, payload)
-    for attempt in itertools.count(1):
-        started = time.monotonic()
-        try:
-            response, watch = send(method, url, headers, payload, settings, call)
-            content = read_body(response, watch, settings, call)
-        except ProviderUnavailable as e:          # refused, reset, cut short: try again
-            error = e
-        else:
-            status, reply_headers = response.status_code, response.headers
-            log_debug("%s: %s %s -> %d in %.0f ms", settings["name"], method, url, status,
-                      (time.monotonic() - started) * 1000)
-            if status < 300:
-                return parse_json(content, status, reply_headers, settings), reply_headers, attempt
-            error = http_error(status, reply_headers, content, settings)
-        pause_before_retry(error, attempt, settings, call)
-
-
 def json_payload(body) -> bytes | list[bytes]:
     """body as the JSON bytes to send. Attachment bytes in it (Inline values) are
     written as base64 straight into the result, which is then a list of pieces sent
@@ -1255,6 +1428,29 @@ def request_headers(headers: dict, payload: bytes | None, streaming: bool = Fals
     return headers
 
 
+def request_json(method: str, url: str, headers: dict, body, settings: dict,
+                 call: Call) -> tuple:
+    """Send body as JSON (None: no body) with retries inside the call's deadline.
+    Returns (parsed JSON, response headers, number of requests made)."""
+    payload = None if body is None else json_payload(body)
+    headers = request_headers(headers, payload)
+    for attempt in itertools.count(1):
+        started = time.monotonic()
+        try:
+            response, watch = send(method, url, headers, payload, settings, call)
+            content = read_body(response, watch, settings, call)
+        except ProviderUnavailable as e:          # refused, reset, cut short: try again
+            error = e
+        else:
+            status, reply_headers = response.status_code, response.headers
+            log_debug("%s: %s %s -> %d in %.0f ms", settings["name"], method, url, status,
+                      (time.monotonic() - started) * 1000)
+            if status < 300:
+                return parse_json(content, status, reply_headers, settings), reply_headers, attempt
+            error = http_error(status, reply_headers, content, settings)
+        pause_before_retry(error, attempt, settings, call)
+
+
 def pause_before_retry(error: ProviderError, attempt: int, settings: dict, call: Call) -> None:
     """Wait before the next attempt and say so, or raise error when another try
     cannot help or would not end before the deadline."""
@@ -1290,23 +1486,6 @@ def parse_json(content: bytes, status: int, headers, settings: dict):
     except (ValueError, RecursionError) as e:
         raise ProviderError(not_json(content, e), settings["name"], status,
                             request_id=request_id_of(headers)) from None
-
-
-def not_json(content: bytes, error: Exception | None = None) -> str:
-    """One wording for a body that should have been JSON (never the body itself)."""
-    if isinstance(error, RecursionError):
-        return "the server sent JSON nested too deeply to read"
-    if not content.strip():
-        what = "an empty body"
-    elif content.lstrip()[:1] == b"<":
-        what = "an HTML page"
-    else:
-        what = "malformed data"
-    return f"the server sent {what}, not JSON"
-
-
-def request_id_of(headers) -> str | None:
-    return headers.get("x-request-id") or headers.get("request-id")
 
 
 BOM = b"\xef\xbb\xbf"
@@ -1401,123 +1580,175 @@ def log_debug(message: str, *args) -> None:
         _logger.debug(message, *args)
 
 
-# =============================================================================
-# 6. Error policy: every backend's error bodies, one set of rules
-# =============================================================================
+# -----------------------------------------------------------------------------
+# processes: the claude CLI in its own process group
+# -----------------------------------------------------------------------------
+# run_claude() and start_claude() + child_output() run the CLI with its stdin fed
+# and its output read without blocking, until it exits or the deadline passes;
+# stop_group() then stops whatever is left of its process group.
 
-# Markers of exhausted quota or credit: a RateLimitError that waiting will not fix.
-QUOTA_CODES = {"insufficient_quota", "billing_error", "enforced_spend_limit_reached"}
-# How a model that cannot see images says so (OpenAI 400, OpenRouter 404, Ollama
-# 500, llama.cpp, vLLM): the same request fails the same way however often it is
-# tried, so it is neither retried nor sent to a fallback.
-NO_IMAGES = "model takes no images"
-NO_IMAGES_SAID = ("only supported by certain models", "support image input",
-                  "required for image input", "image input is not supported",
-                  "is not a multimodal model")
+KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
 
 
-def error_for(status: int | None, code: str | None, message: str, provider: str,
-              **context) -> ProviderError:
-    """The error for a failure, by one policy for HTTP error bodies and for the API
-    errors the claude CLI reports: its class, and whether a retry may help."""
-    if status == 402 or code in QUOTA_CODES or "credit balance is too low" in message.lower():
-        cls, retryable = RateLimitError, False          # waiting will not bring credit back
-    elif status in (401, 403) or code == "API_KEY_INVALID":
-        cls, retryable = AuthError, False
-    elif any(said in message.lower() for said in NO_IMAGES_SAID):
-        cls, retryable, context = ProviderError, False, {"reason": NO_IMAGES, **context}
-    else:
-        cls, retryable = RateLimitError if status == 429 else ProviderError, status in RETRY_STATUS
-    return cls(message, provider, status, code, **{"retryable": retryable, **context})
-
-
-def http_error(status: int, headers, content: bytes, settings: dict) -> ProviderError:
-    """The error a non-2xx answer stands for, with the wait it asked for."""
-    try:
-        data = json.loads(content)
-    except (ValueError, RecursionError):
-        data = None
-    context = {"retry_after": retry_after(headers, data)}
-    if headers.get("x-should-retry") == "false":
-        context["retryable"] = False
-    if data is None:
-        return error_for(status, None, not_json(content), settings["name"],
-                         request_id=request_id_of(headers), **context)
-    return error_from_body(data, status, settings, headers, **context)
-
-
-def error_from_body(data, status: int, settings: dict, headers=None, **context) -> ProviderError:
-    """The backend's own code and message, from any of the five error body shapes:
-    OpenAI {error:{message,type,code}}, Anthropic {type,error:{type,message}},
-    Gemini {error:{code,message,status,details}}, Ollama {error:"..."},
-    OpenRouter {error:{code:int,message,metadata}}."""
+def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Popen:
+    import subprocess      # only claude-code needs it: 0.5 MB and a few ms spared elsewhere
     name = settings["name"]
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        data = data[0]                                   # Gemini sometimes wraps it
-    err = data.get("error") if isinstance(data, dict) else None
-    code, reasons, upstream = None, None, ""
-    if isinstance(err, dict):
-        message = err.get("message")
-        code = next((c for c in (err.get("code"), err.get("type"), err.get("status"))
-                     if isinstance(c, str) and c), None)
-        details = err.get("details")
-        if isinstance(details, dict) and isinstance(details.get("error_code"), str):
-            code = details["error_code"]                               # Anthropic spend cap
-        for detail in details if isinstance(details, list) else ():
-            if isinstance(detail, dict) and isinstance(detail.get("reason"), str):
-                code = detail["reason"]                                # Gemini ErrorInfo
-        meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
-        reasons = meta.get("reasons") if isinstance(meta.get("reasons"), list) else None
-        if meta.get("raw"):                                            # OpenRouter upstream
-            raw = meta["raw"] if isinstance(meta["raw"], str) else json.dumps(meta["raw"])
-            upstream = f" ({clean(meta.get('provider_name') or 'upstream', 40)}: {clean(raw, 300)})"
-    elif isinstance(err, str):
-        message = err
-    else:
-        message = data.get("message") or data.get("detail") if isinstance(data, dict) else None
-    message = (clean(message, 500) if message else "") or f"HTTP {status}"
-    rid = request_id_of(headers or {}) or (data.get("request_id") if isinstance(data, dict)
-                                           else None)
-    if status == 403 and reasons:                      # OpenRouter moderation: prompt blocked
-        blocked = ", ".join(clean(r, 60) for r in reasons)
-        return EmptyResponse(f"prompt blocked by moderation ({blocked}): {message}", name,
-                             status, code, rid, **context)
-    return error_for(status, code, message + upstream, name, request_id=rid, **context)
-
-
-def error_in_answer(data, settings: dict) -> None:
-    """OpenRouter puts some errors inside a 200 body, or inside a choice: raise them."""
-    for holder in (data, *(data.get("choices") or ())[:1]):
-        if isinstance(holder, dict) and isinstance(holder.get("error"), dict):
-            status = holder["error"].get("code")
-            raise error_from_body(holder, status if count(status) else 200, settings)
-
-
-def retry_after(headers, data) -> float | None:
-    """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds
-    or an HTTP date), or Gemini's RetryInfo.retryDelay ("27s") in the body."""
+    if call.left() <= 0:
+        raise timed_out(settings, call)
+    cwd = settings.get("working_dir")
+    if cwd and not os.path.isdir(cwd):
+        raise ConfigError(f"provider.claude-code.working_dir: {cwd!r} is not a directory")
     try:
-        if headers.get("retry-after-ms"):
-            return finite_wait(float(headers["retry-after-ms"]) / 1000)
-        value = headers.get("retry-after")
-        if value:
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=cwd, env=claude_code_env(settings),
+                                start_new_session=True)
+    except FileNotFoundError:
+        raise ProviderUnavailable(
+            f"{argv[0]!r} not found on PATH; install Claude Code "
+            "(npm install -g @anthropic-ai/claude-code) or set provider.claude-code.command",
+            name, reason="claude not found", not_set_up=True) from None
+    except OSError as e:
+        what = "is not executable" if isinstance(e, PermissionError) else f"cannot run: {e.strerror}"
+        raise ProviderUnavailable(f"{argv[0]!r} {what}", name, reason="claude cannot run") from None
+
+
+def claude_code_env(settings: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}  # nested-session guard
+    if settings.get("oauth_token"):
+        env["CLAUDE_CODE_OAUTH_TOKEN"] = str.__str__(settings["oauth_token"])
+    return env
+
+
+def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], settings: dict,
+                 call: Call, errors: list):
+    """Feed the child stdin_data (bytes, or pieces of bytes written one after the
+    other, never joined); yield its stdout as it comes and collect its stderr into
+    errors, each at most max_response_bytes; until the child exits (not until its
+    pipes close: a grandchild may hold them open) or the deadline."""
+    limit, sizes = settings["max_response_bytes"], {}
+    pieces = [memoryview(p) for p in ([stdin_data] if isinstance(stdin_data, bytes)
+                                      else stdin_data) if p]
+    with selectors.DefaultSelector() as selector:
+        for pipe in (child.stdout, child.stderr):
+            os.set_blocking(pipe.fileno(), False)
+            selector.register(pipe, selectors.EVENT_READ)
+            sizes[pipe] = 0
+        if pieces:
+            os.set_blocking(child.stdin.fileno(), False)
+            selector.register(child.stdin, selectors.EVENT_WRITE)
+        else:
+            child.stdin.close()
+        while True:
+            exited = child.poll() is not None       # then read what is left, and stop
+            for key, _ in selector.select(0 if exited else max(0, min(call.left(), 0.1))):
+                pipe = key.fileobj
+                if pipe is child.stdin:
+                    try:
+                        written = os.write(pipe.fileno(), pieces[0][:READ_SIZE])
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:             # it stopped reading: fine
+                        pieces = []
+                    else:
+                        pieces[0] = pieces[0][written:]     # a view: no copy
+                        if not pieces[0]:
+                            pieces.pop(0)
+                    if not pieces:
+                        selector.unregister(pipe)
+                        pipe.close()
+                    continue
+                while True:
+                    try:
+                        data = os.read(pipe.fileno(), READ_SIZE)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        selector.unregister(pipe)
+                        break
+                    sizes[pipe] += len(data)
+                    if sizes[pipe] > limit:
+                        raise too_large(settings, where="claude output")
+                    if pipe is child.stdout:
+                        yield data
+                    else:
+                        errors.append(data)
+                    if not exited:
+                        break
+            readers = [k for k in selector.get_map().values() if k.fileobj is not child.stdin]
+            if exited or not readers:
+                break
+            if call.left() <= 0:
+                raise timed_out(settings, call, " (the claude process group was stopped)")
+    import subprocess      # already loaded by start_claude
+    try:
+        child.wait(timeout=max(call.left(), 0))
+    except subprocess.TimeoutExpired:
+        raise timed_out(settings, call, " (the claude process group was stopped)") from None
+
+
+def run_claude(argv: list[str], stdin: str | bytes | list, settings: dict,
+               call: Call) -> tuple[int, str, str]:
+    """Run the CLI once in its own process group, stdin (text, bytes or pieces of
+    bytes) on its stdin; (exit code, stdout, stderr). The run ends when the CLI
+    exits, even if a grandchild still holds its output open; then, or at the
+    deadline, or on Ctrl-C, whatever is left of the group is stopped."""
+    child = start_claude(argv, settings, call)
+    errors: list[bytes] = []
+    try:
+        out = b"".join(child_output(child, stdin.encode() if isinstance(stdin, str) else stdin,
+                                    settings, call, errors))
+    finally:
+        stop_group(child)
+    return child.returncode, out.decode(errors="replace"), b"".join(errors).decode(errors="replace")
+
+
+def stop_group(child: subprocess.Popen) -> None:
+    """Stop the child's whole process group: SIGTERM, up to KILL_GRACE_SECS for it to
+    go, then SIGKILL for whatever is left. The SIGKILL is sent even when Ctrl-C is
+    pressed again meanwhile: nothing survives, whatever the number of Ctrl-Cs."""
+    try:
+        if signal_group(child, signal.SIGTERM):
+            end = time.monotonic() + KILL_GRACE_SECS
+            while group_alive(child) and time.monotonic() < end:
+                time.sleep(0.01)
+    finally:
+        signal_group(child, signal.SIGKILL)
+        for pipe in (child.stdin, child.stdout, child.stderr):
             try:
-                return finite_wait(float(value))
-            except ValueError:
-                from email.utils import parsedate_to_datetime
-                return finite_wait(parsedate_to_datetime(value).timestamp() - time.time())
-        err = data.get("error") if isinstance(data, dict) else None
-        for detail in (err.get("details") or ()) if isinstance(err, dict) else ():
-            delay = detail.get("retryDelay") if isinstance(detail, dict) else None
-            if isinstance(delay, str) and delay.endswith("s"):
-                return finite_wait(float(delay[:-1]))
-    except (ValueError, TypeError, OverflowError):
-        pass
-    return None
+                pipe.close()
+            except OSError:
+                pass
+        child.wait()
 
 
-def finite_wait(seconds: float) -> float | None:
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+def signal_group(child: subprocess.Popen, sig: int) -> bool:
+    try:
+        os.killpg(child.pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def group_alive(child: subprocess.Popen) -> bool:
+    child.poll()                       # reap the leader, so that only the living count
+    if not signal_group(child, 0):
+        return False
+    # A dead grandchild stays a zombie until its new parent reaps it, and a
+    # container's PID 1 often never does: on Linux only members still running count.
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == child.pid and fields[0] != b"Z":
+                return True
+    return False
 
 
 # =============================================================================
@@ -1530,7 +1761,18 @@ def finite_wait(seconds: float) -> float | None:
 #       as they arrive), yields the answer's text pieces and returns the body the
 #       same answer would have had unstreamed, for <name>_response to read.
 # call_http() and stream_http() run them with the transport; the backend table
-# (8) lists them.
+# (8) lists them. First the helpers they share and JSON answers, then one
+# sub-banner per backend: request builder, response parser, stream reader and
+# model list side by side.
+
+def drain(pieces) -> OutgoingMessage:
+    """Run a generator of pieces to its end; what it returns."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as end:
+            return end.value
+
 
 def call_http(backend, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
     """One HTTP backend call: build, send with retries, parse."""
@@ -1635,49 +1877,6 @@ def stream_json(data: bytes, settings: dict):
     if not isinstance(value, (dict, list)):
         raise shape_error(settings)
     return value
-
-
-# Error types sent inside a 200 stream, as the HTTP status they stand for
-# (OpenAI/Anthropic `type`, Gemini `status`, OpenRouter `metadata.error_type`).
-STREAM_ERROR_STATUS = {
-    "invalid_request_error": 400, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
-    "authentication_error": 401, "UNAUTHENTICATED": 401, "permission_error": 403,
-    "PERMISSION_DENIED": 403, "not_found_error": 404, "NOT_FOUND": 404,
-    "request_too_large": 413, "rate_limit_error": 429, "rate_limit_exceeded": 429,
-    "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "api_error": 500, "server_error": 500,
-    "server": 500, "INTERNAL": 500, "provider_unavailable": 503, "UNAVAILABLE": 503,
-    "timeout": 504, "DEADLINE_EXCEEDED": 504, "overloaded_error": 529,
-    "provider_overloaded": 529,
-}
-
-
-def stream_error(data, settings: dict) -> ProviderError:
-    """An error sent inside a stream, classified as the HTTP error it stands for
-    (overloaded_error is a retryable 529, OpenRouter's code is its status …);
-    one with no known type counts as a server error (500)."""
-    holder = data[0] if isinstance(data, list) and data else data
-    err = holder.get("error") if isinstance(holder, dict) else None
-    status = None
-    if isinstance(err, dict):
-        meta = err.get("metadata") if isinstance(err.get("metadata"), dict) else {}
-        code = err.get("code")
-        if count(code) and 400 <= code <= 599:
-            status = code
-        else:
-            status = next((STREAM_ERROR_STATUS[k] for k in (err.get("type"), err.get("status"),
-                           code, meta.get("error_type"))
-                           if isinstance(k, str) and k in STREAM_ERROR_STATUS), None)
-    return error_from_body(holder, status or 500, settings)
-
-
-def ended_early(settings: dict) -> ProviderUnavailable:
-    return ProviderUnavailable("the stream ended early (no end marker)", settings["name"],
-                               retryable=True, reason="stream ended early")
-
-
-def shape_error(settings: dict, request_id: str | None = None) -> ProviderError:
-    return ProviderError("the answer did not have the expected shape", settings["name"],
-                         request_id=request_id)
 
 
 def answer_text(value, settings: dict) -> str:
@@ -2002,22 +2201,6 @@ def openai_events(chunks, settings: dict):
     raise ended_early(settings)
 
 
-# -----------------------------------------------------------------------------
-# openrouter (the OpenAI format, plus attribution headers and cost)
-# -----------------------------------------------------------------------------
-
-def openrouter_request(ctx: Context, settings: dict,
-                       streaming: bool = False) -> tuple[str, dict, dict]:
-    url, headers, body = openai_request(ctx, settings, streaming)
-    if ctx.schema is not None:       # else a provider that cannot follow it may be chosen
-        body["provider"] = {"require_parameters": True}
-    if settings.get("referer"):
-        headers["HTTP-Referer"] = settings["referer"]
-    if settings.get("title"):
-        headers["X-OpenRouter-Title"] = settings["title"]
-    return url, headers, body
-
-
 def openai_models(settings: dict, call: Call) -> list[str]:
     """GET {base_url}/models: the ids. OpenRouter's list needs no key and may come
     in pages (links.next), which are followed on the same server only: a next link
@@ -2036,6 +2219,22 @@ def openai_models(settings: dict, call: Call) -> list[str]:
             raise ProviderError("the model list's next page is on another server; not "
                                 "following it", settings["name"])
     raise too_many_pages(settings)
+
+
+# -----------------------------------------------------------------------------
+# openrouter (the OpenAI format, plus attribution headers and cost)
+# -----------------------------------------------------------------------------
+
+def openrouter_request(ctx: Context, settings: dict,
+                       streaming: bool = False) -> tuple[str, dict, dict]:
+    url, headers, body = openai_request(ctx, settings, streaming)
+    if ctx.schema is not None:       # else a provider that cannot follow it may be chosen
+        body["provider"] = {"require_parameters": True}
+    if settings.get("referer"):
+        headers["HTTP-Referer"] = settings["referer"]
+    if settings.get("title"):
+        headers["X-OpenRouter-Title"] = settings["title"]
+    return url, headers, body
 
 
 openrouter_response = openai_response   # usage.cost and errors-in-200 are handled there
@@ -2333,12 +2532,6 @@ def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")))
 
 
-def ollama_models(settings: dict, call: Call) -> list[str]:
-    """GET /api/tags: the models pulled on this server."""
-    data = request_json("GET", settings["base_url"] + "/api/tags", {}, None, settings, call)[0]
-    return [m.get("name") or m.get("model") for m in data["models"]]
-
-
 def ollama_events(chunks, settings: dict):
     """NDJSON lines: message.content pieces (never `thinking`); the last line has
     `done: true`, the stop reason and the counts. An `{"error"}` line is raised."""
@@ -2356,14 +2549,29 @@ def ollama_events(chunks, settings: dict):
     raise ended_early(settings)
 
 
+def ollama_models(settings: dict, call: Call) -> list[str]:
+    """GET /api/tags: the models pulled on this server."""
+    data = request_json("GET", settings["base_url"] + "/api/tags", {}, None, settings, call)[0]
+    return [m.get("name") or m.get("model") for m in data["models"]]
+
+
+def ollama_host(value: str) -> str:
+    """OLLAMA_HOST may be 'host', 'host:port' or a URL; make it a URL with a port."""
+    url = value if "://" in value else "http://" + value
+    scheme, rest = url.split("://", 1)
+    host, slash, path = rest.partition("/")
+    if not host.rsplit("]", 1)[-1].count(":"):    # no port (IPv6 brackets aside)
+        host += ":11434"
+    return f"{scheme}://{host}{slash}{path}"
+
+
 # -----------------------------------------------------------------------------
-# claude-code (the local `claude` CLI, run as a subprocess)
+# claude-code (the local `claude` CLI, run as a subprocess: see 6)
 # -----------------------------------------------------------------------------
 
 RESUME_PROMPT = "Continue where you left off. Complete the remaining work."
 MODEL_ALIASES = ("sonnet", "opus", "haiku")   # what `claude --model` takes besides full names
 TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
-KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
 
 
 def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
@@ -2400,172 +2608,6 @@ def claude_code_stdin(prompt: str, files: list) -> bytes | list[bytes]:
         *map(anthropic_block, files), {"type": "text", "text": prompt}]},
         "parent_tool_use_id": None, "session_id": ""})
     return [*payload, b"\n"] if isinstance(payload, list) else payload + b"\n"
-
-
-def claude_code_models(settings: dict, call: Call) -> list[str]:
-    """The CLI lists no models: its aliases, then the configured ones."""
-    return [*MODEL_ALIASES, settings["model"], *filter(None, [settings.get("model_complex")])]
-
-
-def claude_code_env(settings: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "CLAUDECODE"}  # nested-session guard
-    if settings.get("oauth_token"):
-        env["CLAUDE_CODE_OAUTH_TOKEN"] = str.__str__(settings["oauth_token"])
-    return env
-
-
-def run_claude(argv: list[str], stdin: str | bytes | list, settings: dict,
-               call: Call) -> tuple[int, str, str]:
-    """Run the CLI once in its own process group, stdin (text, bytes or pieces of
-    bytes) on its stdin; (exit code, stdout, stderr). The run ends when the CLI
-    exits, even if a grandchild still holds its output open; then, or at the
-    deadline, or on Ctrl-C, whatever is left of the group is stopped."""
-    child = start_claude(argv, settings, call)
-    errors: list[bytes] = []
-    try:
-        out = b"".join(child_output(child, stdin.encode() if isinstance(stdin, str) else stdin,
-                                    settings, call, errors))
-    finally:
-        stop_group(child)
-    return child.returncode, out.decode(errors="replace"), b"".join(errors).decode(errors="replace")
-
-
-def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Popen:
-    import subprocess      # only claude-code needs it: 0.5 MB and a few ms spared elsewhere
-    name = settings["name"]
-    if call.left() <= 0:
-        raise timed_out(settings, call)
-    cwd = settings.get("working_dir")
-    if cwd and not os.path.isdir(cwd):
-        raise ConfigError(f"provider.claude-code.working_dir: {cwd!r} is not a directory")
-    try:
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=cwd, env=claude_code_env(settings),
-                                start_new_session=True)
-    except FileNotFoundError:
-        raise ProviderUnavailable(
-            f"{argv[0]!r} not found on PATH; install Claude Code "
-            "(npm install -g @anthropic-ai/claude-code) or set provider.claude-code.command",
-            name, reason="claude not found", not_set_up=True) from None
-    except OSError as e:
-        what = "is not executable" if isinstance(e, PermissionError) else f"cannot run: {e.strerror}"
-        raise ProviderUnavailable(f"{argv[0]!r} {what}", name, reason="claude cannot run") from None
-
-
-def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], settings: dict,
-                 call: Call, errors: list):
-    """Feed the child stdin_data (bytes, or pieces of bytes written one after the
-    other, never joined); yield its stdout as it comes and collect its stderr into
-    errors, each at most max_response_bytes; until the child exits (not until its
-    pipes close: a grandchild may hold them open) or the deadline."""
-    limit, sizes = settings["max_response_bytes"], {}
-    pieces = [memoryview(p) for p in ([stdin_data] if isinstance(stdin_data, bytes)
-                                      else stdin_data) if p]
-    with selectors.DefaultSelector() as selector:
-        for pipe in (child.stdout, child.stderr):
-            os.set_blocking(pipe.fileno(), False)
-            selector.register(pipe, selectors.EVENT_READ)
-            sizes[pipe] = 0
-        if pieces:
-            os.set_blocking(child.stdin.fileno(), False)
-            selector.register(child.stdin, selectors.EVENT_WRITE)
-        else:
-            child.stdin.close()
-        while True:
-            exited = child.poll() is not None       # then read what is left, and stop
-            for key, _ in selector.select(0 if exited else max(0, min(call.left(), 0.1))):
-                pipe = key.fileobj
-                if pipe is child.stdin:
-                    try:
-                        written = os.write(pipe.fileno(), pieces[0][:READ_SIZE])
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:             # it stopped reading: fine
-                        pieces = []
-                    else:
-                        pieces[0] = pieces[0][written:]     # a view: no copy
-                        if not pieces[0]:
-                            pieces.pop(0)
-                    if not pieces:
-                        selector.unregister(pipe)
-                        pipe.close()
-                    continue
-                while True:
-                    try:
-                        data = os.read(pipe.fileno(), READ_SIZE)
-                    except BlockingIOError:
-                        break
-                    if not data:
-                        selector.unregister(pipe)
-                        break
-                    sizes[pipe] += len(data)
-                    if sizes[pipe] > limit:
-                        raise too_large(settings, where="claude output")
-                    if pipe is child.stdout:
-                        yield data
-                    else:
-                        errors.append(data)
-                    if not exited:
-                        break
-            readers = [k for k in selector.get_map().values() if k.fileobj is not child.stdin]
-            if exited or not readers:
-                break
-            if call.left() <= 0:
-                raise timed_out(settings, call, " (the claude process group was stopped)")
-    import subprocess      # already loaded by start_claude
-    try:
-        child.wait(timeout=max(call.left(), 0))
-    except subprocess.TimeoutExpired:
-        raise timed_out(settings, call, " (the claude process group was stopped)") from None
-
-
-def stop_group(child: subprocess.Popen) -> None:
-    """Stop the child's whole process group: SIGTERM, up to KILL_GRACE_SECS for it to
-    go, then SIGKILL for whatever is left. The SIGKILL is sent even when Ctrl-C is
-    pressed again meanwhile: nothing survives, whatever the number of Ctrl-Cs."""
-    try:
-        if signal_group(child, signal.SIGTERM):
-            end = time.monotonic() + KILL_GRACE_SECS
-            while group_alive(child) and time.monotonic() < end:
-                time.sleep(0.01)
-    finally:
-        signal_group(child, signal.SIGKILL)
-        for pipe in (child.stdin, child.stdout, child.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        child.wait()
-
-
-def signal_group(child: subprocess.Popen, sig: int) -> bool:
-    try:
-        os.killpg(child.pid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def group_alive(child: subprocess.Popen) -> bool:
-    child.poll()                       # reap the leader, so that only the living count
-    if not signal_group(child, 0):
-        return False
-    # A dead grandchild stays a zombie until its new parent reaps it, and a
-    # container's PID 1 often never does: on Linux only members still running count.
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == child.pid and fields[0] != b"Z":
-                return True
-    return False
 
 
 def claude_code_result(code: int, out: str, err: str, settings: dict,
@@ -2627,67 +2669,6 @@ def claude_code_error(data: dict, settings: dict, **context) -> ProviderError:
     return error
 
 
-def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
-    """Run `claude -p` with the prompt on stdin; resume on error_max_turns."""
-    return drain(claude_code_run(ctx, settings, call))
-
-
-def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = False):
-    """claude_code() as a generator: with streaming, the CLI's text as it is
-    written (see claude_code_events), and a TURN_SEPARATOR piece before each
-    auto-resumed run's text; returns the OutgoingMessage either way. Attachments
-    go with the first run only: a resumed run continues the session that has them.
-    With a schema the answer is the CLI's structured_output, not the model's prose
-    around it: streamed, its JSON text comes whole at the end."""
-    prompt, session_id = ctx.to_prompt_string(), ctx.session_id
-    files = attachments_of(ctx, settings)
-    live = streaming and ctx.schema is None
-    texts, results, resumes, shown = [], [], 0, False
-    while True:
-        argv = claude_code_argv(ctx, settings, session_id, live, bool(files))
-        log_debug("claude-code: running %s", argv[:4] + ["…"])
-        stdin = claude_code_stdin(prompt, files)
-        if live:
-            data = yield from claude_code_events(argv, stdin, settings, call,
-                                                 TURN_SEPARATOR if shown else "")
-            shown = shown or data.pop("_shown")
-        else:
-            data = claude_code_result(*run_claude(argv, stdin, settings, call), settings,
-                                      lines=bool(files))
-        results.append(data)
-        if isinstance(data.get("session_id"), str):
-            session_id = data["session_id"]
-        stopped = data.get("subtype") == "error_max_turns"
-        done = data.get("subtype") == "success" and not data.get("is_error")
-        text = answer_text(data.get("result"), settings) if done or stopped else ""
-        if text:                                   # older CLIs say something when they stop
-            texts.append(text)
-        if done:
-            break
-        if not (stopped and session_id and ctx.max_turns is None
-                and resumes < settings["max_resume_attempts"]):
-            raise claude_code_error(data, settings,
-                                    partial_text=TURN_SEPARATOR.join(texts) or None)
-        resumes += 1
-        wait = settings["resume_delay_secs"] * 2 ** (resumes - 1)
-        if wait >= call.left():
-            raise timed_out(settings, call, f" (resume {resumes} would pass the deadline; "
-                                            f"session_id={session_id})", session_id=session_id)
-        call.notify(f"claude-code: reached max turns, resuming ({resumes}/"
-                    f"{settings['max_resume_attempts']})")
-        time.sleep(wait)
-        prompt, files = RESUME_PROMPT, []
-    metadata = claude_code_metadata(results, settings, session_id, ctx)
-    if ctx.schema is not None:
-        text, value = claude_code_json(results[-1], ctx.schema, settings)
-        if streaming:
-            yield text
-        return OutgoingMessage(text, metadata, value)
-    if not texts:
-        raise empty_answer(settings, "the CLI returned an empty result")
-    return OutgoingMessage(TURN_SEPARATOR.join(texts), metadata)
-
-
 def claude_code_json(result: dict, schema: dict, settings: dict) -> tuple[str, object]:
     """(JSON text, value) of a --json-schema run. The CLI ends with success even
     when the model never gave structured output (it answered in text, or gave up
@@ -2699,6 +2680,27 @@ def claude_code_json(result: dict, schema: dict, settings: dict) -> tuple[str, o
     value = result["structured_output"]
     text = text or json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return text, of_schema_type(value, schema, settings, text)
+
+
+def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -> MessageMetadata:
+    def total(values):
+        values = [v for v in values if number(v)]
+        return sum(values) if values else None
+    usages = [r.get("usage") if isinstance(r.get("usage"), dict) else {} for r in results]
+    model = model_of(ctx, settings)
+    used = results[-1].get("modelUsage")
+    if isinstance(used, dict) and used and model not in used:   # the CLI names it only here
+        def output(name):
+            return count((used[name] if isinstance(used[name], dict) else {}).get("outputTokens"))
+        model = str(max(used, key=lambda m: output(m) or 0)).split("[")[0]
+    return MessageMetadata(
+        provider_used=settings["name"], model=model,
+        input_tokens=total(anthropic_input_tokens(u) for u in usages),
+        output_tokens=total(count(u.get("output_tokens")) for u in usages),
+        stop_reason=results[-1].get("stop_reason") or results[-1].get("subtype"),
+        session_id=session_id,
+        cost_usd=total(r.get("total_cost_usd", r.get("cost_usd")) for r in results),
+        num_turns=total(count(r.get("num_turns")) for r in results), attempts=len(results))
 
 
 def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: dict,
@@ -2762,25 +2764,70 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
     return {**result, "_shown": shown}
 
 
-def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -> MessageMetadata:
-    def total(values):
-        values = [v for v in values if number(v)]
-        return sum(values) if values else None
-    usages = [r.get("usage") if isinstance(r.get("usage"), dict) else {} for r in results]
-    model = model_of(ctx, settings)
-    used = results[-1].get("modelUsage")
-    if isinstance(used, dict) and used and model not in used:   # the CLI names it only here
-        def output(name):
-            return count((used[name] if isinstance(used[name], dict) else {}).get("outputTokens"))
-        model = str(max(used, key=lambda m: output(m) or 0)).split("[")[0]
-    return MessageMetadata(
-        provider_used=settings["name"], model=model,
-        input_tokens=total(anthropic_input_tokens(u) for u in usages),
-        output_tokens=total(count(u.get("output_tokens")) for u in usages),
-        stop_reason=results[-1].get("stop_reason") or results[-1].get("subtype"),
-        session_id=session_id,
-        cost_usd=total(r.get("total_cost_usd", r.get("cost_usd")) for r in results),
-        num_turns=total(count(r.get("num_turns")) for r in results), attempts=len(results))
+def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = False):
+    """claude_code() as a generator: with streaming, the CLI's text as it is
+    written (see claude_code_events), and a TURN_SEPARATOR piece before each
+    auto-resumed run's text; returns the OutgoingMessage either way. Attachments
+    go with the first run only: a resumed run continues the session that has them.
+    With a schema the answer is the CLI's structured_output, not the model's prose
+    around it: streamed, its JSON text comes whole at the end."""
+    prompt, session_id = ctx.to_prompt_string(), ctx.session_id
+    files = attachments_of(ctx, settings)
+    live = streaming and ctx.schema is None
+    texts, results, resumes, shown = [], [], 0, False
+    while True:
+        argv = claude_code_argv(ctx, settings, session_id, live, bool(files))
+        log_debug("claude-code: running %s", argv[:4] + ["…"])
+        stdin = claude_code_stdin(prompt, files)
+        if live:
+            data = yield from claude_code_events(argv, stdin, settings, call,
+                                                 TURN_SEPARATOR if shown else "")
+            shown = shown or data.pop("_shown")
+        else:
+            data = claude_code_result(*run_claude(argv, stdin, settings, call), settings,
+                                      lines=bool(files))
+        results.append(data)
+        if isinstance(data.get("session_id"), str):
+            session_id = data["session_id"]
+        stopped = data.get("subtype") == "error_max_turns"
+        done = data.get("subtype") == "success" and not data.get("is_error")
+        text = answer_text(data.get("result"), settings) if done or stopped else ""
+        if text:                                   # older CLIs say something when they stop
+            texts.append(text)
+        if done:
+            break
+        if not (stopped and session_id and ctx.max_turns is None
+                and resumes < settings["max_resume_attempts"]):
+            raise claude_code_error(data, settings,
+                                    partial_text=TURN_SEPARATOR.join(texts) or None)
+        resumes += 1
+        wait = settings["resume_delay_secs"] * 2 ** (resumes - 1)
+        if wait >= call.left():
+            raise timed_out(settings, call, f" (resume {resumes} would pass the deadline; "
+                                            f"session_id={session_id})", session_id=session_id)
+        call.notify(f"claude-code: reached max turns, resuming ({resumes}/"
+                    f"{settings['max_resume_attempts']})")
+        time.sleep(wait)
+        prompt, files = RESUME_PROMPT, []
+    metadata = claude_code_metadata(results, settings, session_id, ctx)
+    if ctx.schema is not None:
+        text, value = claude_code_json(results[-1], ctx.schema, settings)
+        if streaming:
+            yield text
+        return OutgoingMessage(text, metadata, value)
+    if not texts:
+        raise empty_answer(settings, "the CLI returned an empty result")
+    return OutgoingMessage(TURN_SEPARATOR.join(texts), metadata)
+
+
+def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
+    """Run `claude -p` with the prompt on stdin; resume on error_max_turns."""
+    return drain(claude_code_run(ctx, settings, call))
+
+
+def claude_code_models(settings: dict, call: Call) -> list[str]:
+    """The CLI lists no models: its aliases, then the configured ones."""
+    return [*MODEL_ALIASES, settings["model"], *filter(None, [settings.get("model_complex")])]
 
 
 # =============================================================================
@@ -2814,15 +2861,6 @@ class Backend:
         """A generator of text pieces that returns the OutgoingMessage."""
         return self.run(ctx, settings, call, streaming=True) if self.run \
             else stream_http(self, ctx, settings, call)
-
-
-def drain(pieces) -> OutgoingMessage:
-    """Run a generator of pieces to its end; what it returns."""
-    while True:
-        try:
-            next(pieces)
-        except StopIteration as end:
-            return end.value
 
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
@@ -2946,8 +2984,11 @@ PROVIDERS = {name: provider_function(name) for name in NAMES}
 
 
 # =============================================================================
-# 9. Calling: the status timer, routing, the fallback chain, the public API
+# 9. Calling: the status timer, routing, the provider chain, the public API
 # =============================================================================
+# complete(), stream(), ask(), Chat and models(): what a user calls, and what they
+# share (the status timer, auto_route, the chain of providers tried in turn).
+# Everything above serves this section: to follow a call, start reading here.
 
 def start_status_timer(on_status, status: dict):
     """Call on_status(message) after delay_secs, then on_status(repeat_message)
@@ -3057,6 +3098,10 @@ def failure_label(error: OmegaError) -> str:
     return f"{kind} ({getattr(error, 'reason', None) or shorten(str(error), 60)})"
 
 
+def failure_text(name: str, error: OmegaError) -> str:
+    return f"{name}: {error}" if isinstance(error, ConfigError) else str(error)
+
+
 def provider_chain(raw: dict, provider: str | None, fallback) -> list[str]:
     """The providers to try, in order. An explicitly chosen provider is not fallen
     back from unless a chain is given explicitly too: a prompt meant for a local
@@ -3070,149 +3115,6 @@ def provider_chain(raw: dict, provider: str | None, fallback) -> list[str]:
     for name in rest:
         check_provider(name, "fallback")
     return list(dict.fromkeys([first, *rest]))
-
-
-def complete(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
-             fallback=None, timeout: float | None = None, base_url: str | None = None,
-             api_key: str | None = None, max_retries: int | None = None) -> OutgoingMessage:
-    """Send ctx to a backend and return its answer with metadata.
-
-    provider: one of PROVIDERS (default: provider.default, $OMEGA_PROVIDER,
-    "claude-code"); config: a TOML path, a dict shaped like the file, or None for
-    the usual search; on_status: called with short progress messages (slow call,
-    retries, fallbacks), from the calling thread or the status timer's thread;
-    fallback: providers to try, in order, when this one fails (default: the
-    configured provider.fallback, unless `provider` was given); timeout: seconds
-    for the whole call, fallbacks included (each provider's own timeout_secs
-    bounds its part); base_url, api_key, max_retries: for the chosen provider in
-    this call only, over the config file and the environment (the key goes to
-    that provider's base URL only, never to a fallback). Raises a ProviderError
-    subclass (or ConfigError) with a one-line message; when fallbacks were tried
-    too, the first provider's error, with err.fallbacks."""
-    return drain(answer(ctx, provider, config, on_status, fallback, timeout, None,
-                        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries)))
-
-
-def stream(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
-           fallback=None, timeout: float | None = None, base_url: str | None = None,
-           api_key: str | None = None, max_retries: int | None = None) -> "Stream":
-    """The answer as it is written: iterate for its text pieces (non-empty str),
-    then read .reply, the OutgoingMessage complete() would have returned. Same
-    arguments as complete(); the configuration is checked now, nothing is sent
-    before the first piece is asked for. Retries and fallback happen only before
-    the first piece; an error after it carries err.partial_text. close() (or
-    leaving a `with` block) stops the download or the claude process at once."""
-    answer_stream = Stream()
-    answer_stream._pieces = answer(
-        ctx, provider, config, on_status, fallback, timeout, answer_stream,
-        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries))
-    return answer_stream
-
-
-class Stream:
-    """Text pieces as they arrive (see stream()). `text` is the text so far;
-    `reply` is the OutgoingMessage once the answer ended well, else None."""
-
-    def __init__(self):
-        self._pieces, self._shown, self.reply = iter(()), [], None
-
-    def __iter__(self):
-        return self._pieces            # the generator itself: nothing between it and the loop
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    @property
-    def text(self) -> str:
-        return "".join(self._shown)
-
-    def close(self) -> None:
-        """Stop now: the connection is closed, the claude process group stopped."""
-        self._pieces.close()
-
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def overrides(**settings) -> dict:
-    return {k: v for k, v in settings.items() if v is not None}
-
-
-def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stream | None",
-           settings: dict, conversation: dict | None = None):
-    """The arguments of complete() and stream() checked; the generator that does
-    the call (it starts when first asked for a piece). streaming: the Stream that
-    gets the pieces' record and the reply, or None for one whole answer. settings:
-    per-call settings for the first provider. conversation: {"id": …} of the log's
-    conversation this call continues (a Chat's), updated when the log starts one."""
-    if isinstance(ctx, str):
-        ctx = Context(ctx)
-    if timeout is not None and not (number(timeout) and 0 < timeout < math.inf):
-        raise ConfigError(f"timeout: expected a number of seconds greater than 0, got {timeout!r}")
-    raw, path = read_config(config)
-    chain = provider_chain(raw, provider, fallback)
-    if settings:
-        raw = with_call_settings(raw, chain[0], settings)
-    if ctx.schema is not None:
-        check_schema(ctx.schema)
-    if ctx.attachments:          # read once for the whole chain, under the first one's limit
-        ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
-            raw, chain[0], path))))
-    calls = run_chain(ctx, chain, raw, path, on_status, timeout, streaming)
-    log = log_path(raw, for_cli=False)
-    return logged(calls, log, ctx, conversation, on_status) if log else calls
-
-
-def with_call_settings(raw: dict, name: str, settings: dict) -> dict:
-    """raw with settings given to one call placed in the provider's section, where
-    they win over the file's and the environment's; checked like the file."""
-    providers = raw.get("provider", {})
-    section = {**providers.get(name, {}), **settings}
-    if "base_url" in settings and "api_key" not in settings:
-        section.pop("api_key", None)         # the file's key was meant for its base_url
-    raw = {**raw, "provider": {**providers, name: section}}
-    validate(raw, "arguments")
-    return raw
-
-
-def logged(calls, log: str, ctx: Context, conversation: dict | None, on_status):
-    """calls, with the exchange written to the log at its end (config [log]
-    enabled = true). A log that cannot be written never fails the call."""
-    started = time.time()
-    try:
-        reply = yield from calls
-    except OmegaError as e:
-        record(log, ctx, None, e, started, conversation, on_status)
-        raise
-    record(log, ctx, reply, None, started, conversation, on_status)
-    return reply
-
-
-def record(log: str, ctx: Context, reply, error, started: float, conversation: dict | None,
-           on_status) -> None:
-    """Write one exchange to the log; a failure to do so is said, not raised."""
-    meta = reply.metadata if reply else MessageMetadata()
-    entry = {"conversation": (conversation or {}).get("id"), "time": started,
-             "provider": meta.provider_used or getattr(error, "provider", None),
-             "model": meta.model or ctx.model, "system_prompt": ctx.system_prompt,
-             "prompt": ctx.current_message, "answer": reply.text if reply else None,
-             "input_tokens": meta.input_tokens, "output_tokens": meta.output_tokens,
-             "cost_usd": meta.cost_usd, "duration_ms": round((time.time() - started) * 1000),
-             "stop_reason": meta.stop_reason,
-             "session_id": meta.session_id or getattr(error, "session_id", None),
-             "error": str(error) if error else None}
-    try:
-        written = log_exchange(log, entry)
-    except OmegaError as e:
-        if on_status is not None:
-            on_status(f"warning: {e}")
-        log_debug("log: %s", e)
-        return
-    if conversation is not None:
-        conversation["id"] = written
 
 
 def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_status,
@@ -3288,8 +3190,110 @@ def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_st
     raise first.with_context(message=first.message + hint, fallbacks=others)
 
 
-def failure_text(name: str, error: OmegaError) -> str:
-    return f"{name}: {error}" if isinstance(error, ConfigError) else str(error)
+def overrides(**settings) -> dict:
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def with_call_settings(raw: dict, name: str, settings: dict) -> dict:
+    """raw with settings given to one call placed in the provider's section, where
+    they win over the file's and the environment's; checked like the file."""
+    providers = raw.get("provider", {})
+    section = {**providers.get(name, {}), **settings}
+    if "base_url" in settings and "api_key" not in settings:
+        section.pop("api_key", None)         # the file's key was meant for its base_url
+    raw = {**raw, "provider": {**providers, name: section}}
+    validate(raw, "arguments")
+    return raw
+
+
+def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stream | None",
+           settings: dict, conversation: dict | None = None):
+    """The arguments of complete() and stream() checked; the generator that does
+    the call (it starts when first asked for a piece). streaming: the Stream that
+    gets the pieces' record and the reply, or None for one whole answer. settings:
+    per-call settings for the first provider. conversation: {"id": …} of the log's
+    conversation this call continues (a Chat's), updated when the log starts one."""
+    if isinstance(ctx, str):
+        ctx = Context(ctx)
+    if timeout is not None and not (number(timeout) and 0 < timeout < math.inf):
+        raise ConfigError(f"timeout: expected a number of seconds greater than 0, got {timeout!r}")
+    raw, path = read_config(config)
+    chain = provider_chain(raw, provider, fallback)
+    if settings:
+        raw = with_call_settings(raw, chain[0], settings)
+    if ctx.schema is not None:
+        check_schema(ctx.schema)
+    if ctx.attachments:          # read once for the whole chain, under the first one's limit
+        ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
+            raw, chain[0], path))))
+    calls = run_chain(ctx, chain, raw, path, on_status, timeout, streaming)
+    log = log_path(raw, for_cli=False)
+    return logged(calls, log, ctx, conversation, on_status) if log else calls
+
+
+def complete(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
+             fallback=None, timeout: float | None = None, base_url: str | None = None,
+             api_key: str | None = None, max_retries: int | None = None) -> OutgoingMessage:
+    """Send ctx to a backend and return its answer with metadata.
+
+    provider: one of PROVIDERS (default: provider.default, $OMEGA_PROVIDER,
+    "claude-code"); config: a TOML path, a dict shaped like the file, or None for
+    the usual search; on_status: called with short progress messages (slow call,
+    retries, fallbacks), from the calling thread or the status timer's thread;
+    fallback: providers to try, in order, when this one fails (default: the
+    configured provider.fallback, unless `provider` was given); timeout: seconds
+    for the whole call, fallbacks included (each provider's own timeout_secs
+    bounds its part); base_url, api_key, max_retries: for the chosen provider in
+    this call only, over the config file and the environment (the key goes to
+    that provider's base URL only, never to a fallback). Raises a ProviderError
+    subclass (or ConfigError) with a one-line message; when fallbacks were tried
+    too, the first provider's error, with err.fallbacks."""
+    return drain(answer(ctx, provider, config, on_status, fallback, timeout, None,
+                        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries)))
+
+
+def stream(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
+           fallback=None, timeout: float | None = None, base_url: str | None = None,
+           api_key: str | None = None, max_retries: int | None = None) -> "Stream":
+    """The answer as it is written: iterate for its text pieces (non-empty str),
+    then read .reply, the OutgoingMessage complete() would have returned. Same
+    arguments as complete(); the configuration is checked now, nothing is sent
+    before the first piece is asked for. Retries and fallback happen only before
+    the first piece; an error after it carries err.partial_text. close() (or
+    leaving a `with` block) stops the download or the claude process at once."""
+    answer_stream = Stream()
+    answer_stream._pieces = answer(
+        ctx, provider, config, on_status, fallback, timeout, answer_stream,
+        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries))
+    return answer_stream
+
+
+class Stream:
+    """Text pieces as they arrive (see stream()). `text` is the text so far;
+    `reply` is the OutgoingMessage once the answer ended well, else None."""
+
+    def __init__(self):
+        self._pieces, self._shown, self.reply = iter(()), [], None
+
+    def __iter__(self):
+        return self._pieces            # the generator itself: nothing between it and the loop
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._shown)
+
+    def close(self) -> None:
+        """Stop now: the connection is closed, the claude process group stopped."""
+        self._pieces.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 CALL_OPTIONS = ("fallback", "timeout", "on_status", "base_url", "api_key", "max_retries")
@@ -3306,24 +3310,6 @@ def ask(prompt: str, provider: str | None = None, model: str | None = None,
     ctx = Context(prompt, system_prompt=system, model=model, **options)
     reply = complete(ctx, provider=provider, config=config, **call_options)
     return reply.text if ctx.schema is None else reply.data
-
-
-def models(provider: str | None = None, config=None) -> list[str]:
-    """The names of the models a provider offers (default: the configured provider),
-    as its API lists them, every page: OpenAI-compatible and OpenRouter GET /models,
-    Anthropic GET /v1/models, Gemini GET /v1beta/models (those that generate text),
-    Ollama GET /api/tags; claude-code: the CLI's aliases and the configured models.
-    The same deadline, retries, size limit and typed errors as a call."""
-    raw, path = read_config(config)
-    name = provider or default_provider(raw)
-    check_provider(name, "provider")
-    settings = usable_settings(raw, name, path)
-    call = Call.starting_now(settings["timeout_secs"])
-    try:
-        found = BACKENDS[name].models(settings, call)
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
-        raise shape_error(settings) from None
-    return list(dict.fromkeys(clean(m, 200) for m in found if isinstance(m, str) and m))
 
 
 class Chat:
@@ -3381,9 +3367,29 @@ class Chat:
         return reply
 
 
+def models(provider: str | None = None, config=None) -> list[str]:
+    """The names of the models a provider offers (default: the configured provider),
+    as its API lists them, every page: OpenAI-compatible and OpenRouter GET /models,
+    Anthropic GET /v1/models, Gemini GET /v1beta/models (those that generate text),
+    Ollama GET /api/tags; claude-code: the CLI's aliases and the configured models.
+    The same deadline, retries, size limit and typed errors as a call."""
+    raw, path = read_config(config)
+    name = provider or default_provider(raw)
+    check_provider(name, "provider")
+    settings = usable_settings(raw, name, path)
+    call = Call.starting_now(settings["timeout_secs"])
+    try:
+        found = BACKENDS[name].models(settings, call)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise shape_error(settings) from None
+    return list(dict.fromkeys(clean(m, 200) for m in found if isinstance(m, str) and m))
+
+
 # =============================================================================
 # 10. Diagnostics: --check and the first-run hint
 # =============================================================================
+# What this machine has, found without a paid call: each provider's readiness
+# for --check, and for an error on a machine not set up, which others are ready.
 
 def readiness(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
     """(ready?, why) for one provider, from what this machine has. deep=True also
@@ -3463,6 +3469,7 @@ def shown_value(key: str, value) -> str:
 # reach the file, and known keys are redacted from the text on its way in.
 # Several CLI runs may write at once: WAL lets readers and a writer work side by
 # side, the busy timeout makes writers queue, and each row is one transaction.
+# logged() and record() at the end are how a call and the CLI write to it.
 
 LOG_SCHEMA_VERSION = 1       # PRAGMA user_version: what a later release migrates from
 LOG_BUSY_SECS = 5.0          # how long a run waits for another one's write, in all
@@ -3750,9 +3757,48 @@ def log_error(path: str, what: str) -> LogError:
     return LogError(clean(f"conversation log {path}: {what}", 1000))
 
 
+def logged(calls, log: str, ctx: Context, conversation: dict | None, on_status):
+    """calls, with the exchange written to the log at its end (config [log]
+    enabled = true). A log that cannot be written never fails the call."""
+    started = time.time()
+    try:
+        reply = yield from calls
+    except OmegaError as e:
+        record(log, ctx, None, e, started, conversation, on_status)
+        raise
+    record(log, ctx, reply, None, started, conversation, on_status)
+    return reply
+
+
+def record(log: str, ctx: Context, reply, error, started: float, conversation: dict | None,
+           on_status) -> None:
+    """Write one exchange to the log; a failure to do so is said, not raised."""
+    meta = reply.metadata if reply else MessageMetadata()
+    entry = {"conversation": (conversation or {}).get("id"), "time": started,
+             "provider": meta.provider_used or getattr(error, "provider", None),
+             "model": meta.model or ctx.model, "system_prompt": ctx.system_prompt,
+             "prompt": ctx.current_message, "answer": reply.text if reply else None,
+             "input_tokens": meta.input_tokens, "output_tokens": meta.output_tokens,
+             "cost_usd": meta.cost_usd, "duration_ms": round((time.time() - started) * 1000),
+             "stop_reason": meta.stop_reason,
+             "session_id": meta.session_id or getattr(error, "session_id", None),
+             "error": str(error) if error else None}
+    try:
+        written = log_exchange(log, entry)
+    except OmegaError as e:
+        if on_status is not None:
+            on_status(f"warning: {e}")
+        log_debug("log: %s", e)
+        return
+    if conversation is not None:
+        conversation["id"] = written
+
+
 # =============================================================================
 # 12. Command line
 # =============================================================================
+# parse_args, prompt reading, main(): a thin layer over the public API (9) and the
+# log (11), with one line per error and an exit code per error class.
 
 def parse_args(argv):
     import argparse
