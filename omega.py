@@ -17,8 +17,17 @@ Backends: the local `claude` CLI (claude-code), Ollama, OpenAI and every
 OpenAI-compatible server, Anthropic, OpenRouter and Gemini. Needs Python 3.11+
 and `requests`; nothing else. Copy this file into your project and go.
 
-Contents (each a banner below). To follow a call, start reading at 9, Calling:
-everything above it serves it, bottom-up where the backend table forces it.
+Contents (each a banner below). Every name is defined above the top-level code
+that uses it at import time. Function bodies look forward only in these ways:
+the backend table (8) is built from the backends' functions, so the code that
+reads it comes first: Secrets' redact() (SECRET_ENV), Configuration (BACKENDS,
+NAMES, SCHEMA), and require_key() and openai_request() in 7 (their own entry);
+clean() and shorten() (3), which every text a server wrote goes through, serve
+Data (1) and Errors (2) too; Calling hands each exchange to the Conversation log
+and, when nothing is set up, asks Diagnostics which providers are ready (both
+below it, so that the public API comes right after what it is built on); and
+inside a section a function may come before the helpers it calls. To follow a
+call, start reading at 9, Calling.
 
      1. Data               Message, Context, Attachment, MessageMetadata,
                            OutgoingMessage, Call
@@ -38,7 +47,7 @@ everything above it serves it, bottom-up where the backend table forces it.
      9. Calling            status timer, routing, the provider chain (also for
                            streams), complete(), stream() and Stream, ask(), Chat,
                            models()                                 <- start here
-    10. Diagnostics        readiness probes, --check, the first-run hint
+    10. Diagnostics        readiness probes (PROBES), --check, the first-run hint
     11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
                            (SQLite, WAL, schema version); record() writes an exchange
     12. Command line       parse_args, prompt reading, main()
@@ -780,7 +789,9 @@ def provider_settings(raw: dict, name: str, path: str | None = None) -> dict:
     sources = {k: "file" for k in section}
     var = backend.base_url_env
     if var and "base_url" not in section and os.environ.get(var):
-        url = os.environ[var] if name != "ollama" else ollama_host(os.environ[var])
+        url = os.environ[var]
+        if backend.base_url_from_env:
+            url = backend.base_url_from_env(url)
         if not is_url(url):
             raise ConfigError(f"environment variable {var}: expected an http:// or https:// URL")
         settings["base_url"], sources["base_url"] = url, f"env {var}"
@@ -2104,23 +2115,24 @@ def bearer(key: str | None) -> dict:
     return {"Authorization": Secret(f"Bearer {key}")} if key else {}
 
 
-def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tuple[str, dict, dict]:
+def openai_compatible_request(ctx: Context, settings: dict, streaming: bool = False,
+                              tokens_key: str = "max_tokens",
+                              image_limits: tuple | None = None) -> tuple[str, dict, dict]:
+    """A Chat Completions request for any OpenAI-compatible server. tokens_key: the
+    field max_tokens goes in; image_limits: (bytes per image, bytes of all images)."""
     headers = bearer(require_key(settings))
     body = {"model": model_of(ctx, settings), "messages": chat_messages(ctx)}
     max_tokens, temperature = requested(ctx, settings, "max_tokens"), \
         requested(ctx, settings, "temperature")
     if max_tokens is not None:
-        # Official OpenAI rejects max_tokens for o-series/gpt-5; other servers know only it.
-        official = settings["name"] == "openai" and \
-            settings["base_url"] == BACKENDS["openai"].defaults["base_url"]
-        body["max_completion_tokens" if official else "max_tokens"] = max_tokens
+        body[tokens_key] = max_tokens
     if temperature is not None:
         body["temperature"] = temperature
     files = attachments_of(ctx, settings)
     if files:
-        if settings["name"] == "openai":        # OpenAI's own limits; OpenRouter has none
-            limit_each(settings, files, IMAGE_TYPES, 20 * MIB, "an image")
-            limit_total(settings, files, IMAGE_TYPES, 50 * MIB, "images")
+        if image_limits:
+            limit_each(settings, files, IMAGE_TYPES, image_limits[0], "an image")
+            limit_total(settings, files, IMAGE_TYPES, image_limits[1], "images")
         turn = user_turn(body["messages"])      # the question first, then the files
         turn["content"] = [{"type": "text", "text": turn["content"]}] * bool(turn["content"]) \
             + [openai_part(a) for a in files]
@@ -2133,6 +2145,15 @@ def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
         if settings.get("stream_usage", True):      # a server that rejects it: stream_usage = false
             body["stream_options"] = {"include_usage": True}
     return settings["base_url"] + "/chat/completions", headers, body
+
+
+def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tuple[str, dict, dict]:
+    """What only OpenAI asks: its official endpoint rejects max_tokens for o-series
+    and gpt-5 models (other servers know only max_tokens), and it has image limits."""
+    official = settings["base_url"] == BACKENDS["openai"].defaults["base_url"]
+    return openai_compatible_request(
+        ctx, settings, streaming, "max_completion_tokens" if official else "max_tokens",
+        image_limits=(20 * MIB, 50 * MIB))
 
 
 def openai_part(attachment: Attachment) -> dict:
@@ -2201,12 +2222,11 @@ def openai_events(chunks, settings: dict):
     raise ended_early(settings)
 
 
-def openai_models(settings: dict, call: Call) -> list[str]:
-    """GET {base_url}/models: the ids. OpenRouter's list needs no key and may come
+def openai_compatible_models(settings: dict, call: Call, key: str | None) -> list[str]:
+    """GET {base_url}/models with key, if any: the ids. OpenRouter's list may come
     in pages (links.next), which are followed on the same server only: a next link
     elsewhere would take the key with it."""
-    headers = bearer(settings.get("api_key") if settings["name"] == "openrouter"
-                     else require_key(settings))
+    headers = bearer(key)
     url, names = settings["base_url"] + "/models", []
     for _ in range(MAX_PAGES):
         data = request_json("GET", url, headers, None, settings, call)[0]
@@ -2221,13 +2241,18 @@ def openai_models(settings: dict, call: Call) -> list[str]:
     raise too_many_pages(settings)
 
 
+def openai_models(settings: dict, call: Call) -> list[str]:
+    """GET {base_url}/models with the key require_key() asks for."""
+    return openai_compatible_models(settings, call, require_key(settings))
+
+
 # -----------------------------------------------------------------------------
 # openrouter (the OpenAI format, plus attribution headers and cost)
 # -----------------------------------------------------------------------------
 
 def openrouter_request(ctx: Context, settings: dict,
                        streaming: bool = False) -> tuple[str, dict, dict]:
-    url, headers, body = openai_request(ctx, settings, streaming)
+    url, headers, body = openai_compatible_request(ctx, settings, streaming)
     if ctx.schema is not None:       # else a provider that cannot follow it may be chosen
         body["provider"] = {"require_parameters": True}
     if settings.get("referer"):
@@ -2237,9 +2262,13 @@ def openrouter_request(ctx: Context, settings: dict,
     return url, headers, body
 
 
+def openrouter_models(settings: dict, call: Call) -> list[str]:
+    """OpenRouter lists its models without a key."""
+    return openai_compatible_models(settings, call, settings.get("api_key"))
+
+
 openrouter_response = openai_response   # usage.cost and errors-in-200 are handled there
 openrouter_events = openai_events       # its `: OPENROUTER PROCESSING` comments are skipped
-openrouter_models = openai_models
 
 
 # -----------------------------------------------------------------------------
@@ -2835,13 +2864,16 @@ def claude_code_models(settings: dict, call: Call) -> list[str]:
 # =============================================================================
 # Everything omega knows about a backend is its entry here: how it is called,
 # every config key it accepts (with its default), where its key and base URL may
-# come from in the environment, and how --check finds out whether it is ready.
-# A new backend is its functions above plus one entry below.
+# come from in the environment, whether it keeps the conversation itself, and
+# which readiness check --check runs. Code outside a backend's own functions asks
+# the entry, never the name. A new backend is its functions above plus one entry
+# below. Its readiness check is named, not referenced (`probe`): the probes call
+# the transports and backends, and sit with the diagnostics, below. A backend
+# whose key says whether it is ready uses "key"; any other adds its probe to PROBES.
 
 @dataclass(frozen=True)
 class Backend:
     defaults: dict                   # every key its config section accepts -> its default
-    probe: Callable                  # (settings, deep: bool) -> (ready: bool | None, why)
     request: Callable | None = None  # HTTP: (ctx, settings, streaming) -> (url, headers, body)
     response: Callable | None = None  # HTTP: (data, settings) -> OutgoingMessage
     events: Callable | None = None   # HTTP: (chunks, settings) -> pieces, returns data
@@ -2851,7 +2883,12 @@ class Backend:
     key_env: tuple = ()              # environment variables that may hold its API key
     secret_env: tuple = ()           # other variables holding its credentials (redacted)
     base_url_env: str | None = None  # environment variable that may hold its base_url
+    base_url_from_env: Callable | None = None  # that variable's value -> a URL (else as is)
     keyless_off_official: bool = False  # no key needed off the official base_url
+    sessions: bool = False           # it keeps the conversation: a reply's session_id is
+                                     #   resumed instead of the turns being sent again
+    probe: str = "key"               # its readiness check, a name in PROBES (Diagnostics):
+                                     #   "key" is a key there or none needed, no request
 
     def call(self, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
         return drain(self.run(ctx, settings, call)) if self.run \
@@ -2868,60 +2905,9 @@ _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperat
 _HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2}
 _KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
 
-
-def key_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
-    """Ready when a key is there (or none is needed): no request is made."""
-    key, source = settings.get("api_key"), settings["sources"].get("api_key", "none")
-    if key:
-        return True, f"key {mask(key)} from {source.replace('env ', '$')}"
-    try:
-        require_key(settings)
-    except AuthError:
-        name = settings["name"]
-        return False, "no API key (" + " or ".join(
-            [f"provider.{name}.api_key", *("$" + v for v in BACKENDS[name].key_env)]) + ")"
-    return True, f"no key, none needed for {settings['base_url']}"
-
-
-OLLAMA_PROBE_SECS = 2.0      # --check's look at a local Ollama, body included
-
-
-def ollama_ready(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
-    """GET /api/tags, 2 s in all and a small body at most: never a model call."""
-    if not deep:
-        return None, "not probed"
-    settings = {**settings, "max_retries": 0, "max_response_bytes": 1024 * 1024}
-    try:
-        models = ollama_models(settings, Call.starting_now(OLLAMA_PROBE_SECS))
-    except ProviderError as e:
-        return False, f"{settings['base_url']} not answering ({e.reason})"
-    except ConfigError as e:
-        return False, str(e)
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return False, f"{settings['base_url']}/api/tags did not list models"
-    return True, f"{settings['base_url']} answering, {len(models)} models"
-
-
-def claude_code_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
-    """The CLI on PATH, and with deep=True its --version (5 s, small output)."""
-    command = shlex.split(settings["command"])[0]
-    found = shutil.which(command)
-    if not found:
-        return False, f"{command!r} not found on PATH"
-    if not deep:
-        return True, found
-    try:
-        code, out, _ = run_claude([found, "--version"], "", {
-            **settings, "max_response_bytes": 65536}, Call.starting_now(5.0))
-    except OmegaError as e:
-        return False, f"{found} --version failed ({getattr(e, 'reason', e)})"
-    version = clean((out.strip().splitlines() or [""])[0], 80)
-    return code == 0 and bool(version), f"{version or 'no version'} at {found}"
-
-
 BACKENDS = {
     "claude-code": Backend(
-        run=claude_code_run, probe=claude_code_ready, models=claude_code_models,
+        run=claude_code_run, models=claude_code_models, sessions=True, probe="claude-code",
         secret_env=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"),
         defaults={**_COMMON, "model": "claude-sonnet-4-6", "model_complex": "claude-opus-4-6",
                   "timeout_secs": 3600, "command": "claude", "max_turns": 25,
@@ -2929,32 +2915,32 @@ BACKENDS = {
                   "resume_delay_secs": 2, "working_dir": None, "oauth_token": None}),
     "ollama": Backend(
         request=ollama_request, response=ollama_response, events=ollama_events,
-        probe=ollama_ready, models=ollama_models,
-        base_url_env="OLLAMA_HOST",
+        models=ollama_models, probe="ollama",
+        base_url_env="OLLAMA_HOST", base_url_from_env=ollama_host,
         defaults={**_HTTP, "model": "llama3", "base_url": "http://localhost:11434",
                   "num_ctx": None, "keep_alive": None}),
     "openai": Backend(
         request=openai_request, response=openai_response, events=openai_events,
-        probe=key_ready, models=openai_models, key_env=("OPENAI_API_KEY",),
+        models=openai_models, key_env=("OPENAI_API_KEY",),
         base_url_env="OPENAI_BASE_URL",
         keyless_off_official=True,
         defaults={**_KEYED, "model": "gpt-4o", "base_url": "https://api.openai.com/v1",
                   "stream_usage": True}),
     "anthropic": Backend(
         request=anthropic_request, response=anthropic_response, events=anthropic_events,
-        probe=key_ready, models=anthropic_models,
+        models=anthropic_models,
         key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
         defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
                   "base_url": "https://api.anthropic.com"}),
     "openrouter": Backend(
         request=openrouter_request, response=openrouter_response, events=openrouter_events,
-        probe=key_ready, models=openrouter_models, key_env=("OPENROUTER_API_KEY",),
+        models=openrouter_models, key_env=("OPENROUTER_API_KEY",),
         defaults={**_KEYED, "model": "anthropic/claude-sonnet-4",
                   "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None,
                   "stream_usage": True}),
     "gemini": Backend(
         request=gemini_request, response=gemini_response, events=gemini_events,
-        probe=key_ready, models=gemini_models,
+        models=gemini_models,
         key_env=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
         defaults={**_KEYED, "model": "gemini-2.0-flash",
                   "base_url": "https://generativelanguage.googleapis.com"}),
@@ -2981,6 +2967,13 @@ def provider_function(name: str) -> Callable:
 
 
 PROVIDERS = {name: provider_function(name) for name in NAMES}
+
+
+def keeps_sessions(name: str | None) -> bool:
+    """True for a backend that keeps the conversation itself (the claude CLI's
+    sessions): a reply's session_id is resumed, instead of sending the turns again."""
+    backend = BACKENDS.get(name)
+    return backend is not None and backend.sessions
 
 
 # =============================================================================
@@ -3353,7 +3346,7 @@ class Chat:
         options = {**self.options, **options}
         call = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
         last = self.replies[-1].metadata if self.replies else None
-        session = last.session_id if last and last.provider_used == "claude-code" else None
+        session = last.session_id if last and keeps_sessions(last.provider_used) else None
         ctx = Context(prompt, system_prompt=self.system, history=tuple(self.history),
                       model=self.model, session_id=session, **options)
         calls = answer(ctx, self.provider, self.config, call.get("on_status"),
@@ -3388,8 +3381,63 @@ def models(provider: str | None = None, config=None) -> list[str]:
 # =============================================================================
 # 10. Diagnostics: --check and the first-run hint
 # =============================================================================
-# What this machine has, found without a paid call: each provider's readiness
-# for --check, and for an error on a machine not set up, which others are ready.
+# What this machine has, found without a paid call: the readiness probes that
+# the backend table names (PROBES), each provider's readiness for --check, and for
+# an error on a machine not set up, which other providers are ready.
+
+def key_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
+    """Ready when a key is there (or none is needed): no request is made."""
+    key, source = settings.get("api_key"), settings["sources"].get("api_key", "none")
+    if key:
+        return True, f"key {mask(key)} from {source.replace('env ', '$')}"
+    try:
+        require_key(settings)
+    except AuthError:
+        name = settings["name"]
+        return False, "no API key (" + " or ".join(
+            [f"provider.{name}.api_key", *("$" + v for v in BACKENDS[name].key_env)]) + ")"
+    return True, f"no key, none needed for {settings['base_url']}"
+
+
+OLLAMA_PROBE_SECS = 2.0      # --check's look at a local Ollama, body included
+
+
+def ollama_ready(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
+    """GET /api/tags, 2 s in all and a small body at most: never a model call."""
+    if not deep:
+        return None, "not probed"
+    settings = {**settings, "max_retries": 0, "max_response_bytes": 1024 * 1024}
+    try:
+        models = ollama_models(settings, Call.starting_now(OLLAMA_PROBE_SECS))
+    except ProviderError as e:
+        return False, f"{settings['base_url']} not answering ({e.reason})"
+    except ConfigError as e:
+        return False, str(e)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return False, f"{settings['base_url']}/api/tags did not list models"
+    return True, f"{settings['base_url']} answering, {len(models)} models"
+
+
+def claude_code_ready(settings: dict, deep: bool = False) -> tuple[bool, str]:
+    """The CLI on PATH, and with deep=True its --version (5 s, small output)."""
+    command = shlex.split(settings["command"])[0]
+    found = shutil.which(command)
+    if not found:
+        return False, f"{command!r} not found on PATH"
+    if not deep:
+        return True, found
+    try:
+        code, out, _ = run_claude([found, "--version"], "", {
+            **settings, "max_response_bytes": 65536}, Call.starting_now(5.0))
+    except OmegaError as e:
+        return False, f"{found} --version failed ({getattr(e, 'reason', e)})"
+    version = clean((out.strip().splitlines() or [""])[0], 80)
+    return code == 0 and bool(version), f"{version or 'no version'} at {found}"
+
+
+# The readiness checks a backend's `probe` names: (settings, deep) -> (ready, why).
+PROBES = {"key": key_ready, "ollama": ollama_ready, "claude-code": claude_code_ready}
+
 
 def readiness(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
     """(ready?, why) for one provider, from what this machine has. deep=True also
@@ -3397,7 +3445,7 @@ def readiness(settings: dict, deep: bool = False) -> tuple[bool | None, str]:
     None: cannot tell without probing."""
     if not settings["enabled"]:
         return False, "disabled in the config"
-    return BACKENDS[settings["name"]].probe(settings, deep)
+    return PROBES[BACKENDS[settings["name"]].probe](settings, deep)
 
 
 def ready_elsewhere(raw: dict, path: str | None, failed: str) -> str:
@@ -3469,7 +3517,7 @@ def shown_value(key: str, value) -> str:
 # reach the file, and known keys are redacted from the text on its way in.
 # Several CLI runs may write at once: WAL lets readers and a writer work side by
 # side, the busy timeout makes writers queue, and each row is one transaction.
-# logged() and record() at the end are how a call and the CLI write to it.
+# record() and logged() at the end are how the CLI and a call write to it.
 
 LOG_SCHEMA_VERSION = 1       # PRAGMA user_version: what a later release migrates from
 LOG_BUSY_SECS = 5.0          # how long a run waits for another one's write, in all
@@ -3757,19 +3805,6 @@ def log_error(path: str, what: str) -> LogError:
     return LogError(clean(f"conversation log {path}: {what}", 1000))
 
 
-def logged(calls, log: str, ctx: Context, conversation: dict | None, on_status):
-    """calls, with the exchange written to the log at its end (config [log]
-    enabled = true). A log that cannot be written never fails the call."""
-    started = time.time()
-    try:
-        reply = yield from calls
-    except OmegaError as e:
-        record(log, ctx, None, e, started, conversation, on_status)
-        raise
-    record(log, ctx, reply, None, started, conversation, on_status)
-    return reply
-
-
 def record(log: str, ctx: Context, reply, error, started: float, conversation: dict | None,
            on_status) -> None:
     """Write one exchange to the log; a failure to do so is said, not raised."""
@@ -3794,11 +3829,24 @@ def record(log: str, ctx: Context, reply, error, started: float, conversation: d
         conversation["id"] = written
 
 
+def logged(calls, log: str, ctx: Context, conversation: dict | None, on_status):
+    """calls, with the exchange written to the log at its end (config [log]
+    enabled = true). A log that cannot be written never fails the call."""
+    started = time.time()
+    try:
+        reply = yield from calls
+    except OmegaError as e:
+        record(log, ctx, None, e, started, conversation, on_status)
+        raise
+    record(log, ctx, reply, None, started, conversation, on_status)
+    return reply
+
+
 # =============================================================================
 # 12. Command line
 # =============================================================================
 # parse_args, prompt reading, main(): a thin layer over the public API (9) and the
-# log (11), with one line per error and an exit code per error class.
+# conversation log, with one line per error and an exit code per error class.
 
 def parse_args(argv):
     import argparse
@@ -3969,7 +4017,7 @@ def continued(log: str, conversation: str | None, ctx: Context, provider: str | 
     ctx = replace(ctx, history=history,
                   system_prompt=ctx.system_prompt or last["system_prompt"] or "",
                   model=ctx.model or (last["model"] if same else None),
-                  session_id=session if same and chosen == "claude-code" else None)
+                  session_id=session if same and keeps_sessions(chosen) else None)
     return conversation, ctx, chosen
 
 
