@@ -1049,18 +1049,22 @@ def limit_total(settings: dict, files: list, kinds, most: int, what: str,
 # HTTP: one requests.Session per thread, a real deadline, retries
 # -----------------------------------------------------------------------------
 # send() opens a request and returns once the headers are in; read_body() or
-# body_pieces() read the body. While both run, a Watch holds the call's deadline
-# and the socket in use: the watchdog thread shuts that socket when the deadline
-# passes, so no phase of a request (connect, status line, headers, body, a stream)
-# can outlast it, however slowly a server trickles bytes.
+# body_pieces() read the body, through urllib3's public read1(). While they run,
+# the WATCHDOG holds the request's deadline and its socket, and shuts that socket
+# when the deadline passes, so no phase of a request (connect, status line,
+# headers, body, a stream) can outlast it, however slowly a server trickles bytes.
+# A request ended early (an error, a stream closed, or left to the garbage
+# collector) closes its own connection and touches nothing else: no other
+# request's deadline, no connection pool.
 
-_local = threading.local()   # per thread: session, environ (cache per origin), watch
+_local = threading.local()   # per thread: session, environ (cache per origin)
 RETRY_BASE_SECS = 0.5        # backoff: RETRY_BASE_SECS × 2ⁿ, capped, times 0.75–1
 RETRY_CAP_SECS = 8.0
 RETRY_MIN_SECS = 0.1         # even a server asking for 0 s gets a breath
 RETRY_AFTER_MAX_SECS = 60    # a server asking for a longer wait is not retried
 
 READ_SIZE = 65536
+END_GRACE_SECS = 0.05        # after an end marker, how long the end of the body may take
 # Failures that mean "nobody is there": with another provider next, move on at once.
 NOBODY_THERE = ("connection refused", "host not found")
 
@@ -1073,129 +1077,154 @@ def thread_session():
     session = getattr(_local, "session", None)
     if session is None:
         import requests
+        require_urllib3_2()
         session = _local.session = requests.Session()
         session.trust_env = False
-        adapter = watched_adapter_class()
+        adapter = WATCHDOG.adapter_class()
         session.mount("https://", adapter())
         session.mount("http://", adapter())
         _local.environ = {}
     return session, _local.environ
 
 
-_adapter_class = None
-
-
-def watched_adapter_class():
-    """requests' HTTPAdapter, with connections that tell the running call's Watch
-    which socket they use (after connecting, and before each request on a reused
-    connection). Works the same with urllib3 1.26 and 2."""
-    global _adapter_class
-    if _adapter_class is None:
-        from requests.adapters import HTTPAdapter
-        from urllib3 import connection, connectionpool
-
-        def watched(base):
-            class Watched(base):
-                def connect(self):
-                    super().connect()
-                    watch_socket(self.sock)
-
-                def request(self, *args, **kwargs):
-                    watch_socket(self.sock)
-                    return super().request(*args, **kwargs)
-            return Watched
-
-        class HTTPPool(connectionpool.HTTPConnectionPool):
-            ConnectionCls = watched(connection.HTTPConnection)
-
-        class HTTPSPool(connectionpool.HTTPSConnectionPool):
-            ConnectionCls = watched(connection.HTTPSConnection)
-
-        pools = {"http": HTTPPool, "https": HTTPSPool}
-
-        class WatchedAdapter(HTTPAdapter):
-            def init_poolmanager(self, *args, **kwargs):
-                super().init_poolmanager(*args, **kwargs)
-                self.poolmanager.pool_classes_by_scheme = pools
-
-            def proxy_manager_for(self, proxy, **kwargs):
-                manager = super().proxy_manager_for(proxy, **kwargs)
-                if not proxy.lower().startswith("socks"):     # SOCKS has pools of its own
-                    manager.pool_classes_by_scheme = pools
-                return manager
-        _adapter_class = WatchedAdapter
-    return _adapter_class
+def require_urllib3_2() -> None:
+    """omega reads bodies with urllib3 2's read1(), the one public way to have each
+    piece of a stream as it arrives and still close an abandoned one without handing
+    its connection back to the pool (urllib3 1.26's readers are generators that do,
+    even when the garbage collector closes them inside the pool's lock)."""
+    import urllib3
+    if not hasattr(urllib3.HTTPResponse, "read1"):
+        raise ConfigError(f"omega needs urllib3 2 or later; this Python has urllib3 "
+                          f"{urllib3.__version__} (pip install --upgrade 'urllib3>=2')")
 
 
 @dataclass(eq=False)
 class Watch:
-    """One request's deadline and the socket to shut when it passes."""
+    """One HTTP request's deadline and the socket to shut when it passes."""
     deadline: float
     sock: object = None
     fired: bool = False       # the deadline passed while the request was open
-    ended: bool = False       # the request is over: its socket is not ours to shut
+    ended: bool = False       # the request is over: its socket is not its to shut
 
 
-_watches: list = []                  # heap of (deadline, order, Watch), earliest first
-_watch_lock = threading.Condition()
-_watch_order = itertools.count()
-_watchdog = None
+class Watchdog:
+    """The deadlines of the HTTP requests in flight, and the one thread that keeps
+    them: when a request's deadline passes, its socket is shut, which wakes whoever
+    reads or writes it. A per-read timeout cannot do this: a server sending a byte a
+    second never trips it.
+
+    start(deadline) guards the request this thread sends next, until sent(): the
+    connection it uses reports its socket meanwhile (report(), called by the
+    connections of adapter_class()). end(watch) stops guarding one request. Each
+    touches its own Watch only: a request ended from anywhere (a stream closed by the
+    garbage collector in the middle of another call) ends no other request's guard."""
+
+    def __init__(self):
+        self.queue = []                 # heap of (deadline, order, Watch), earliest first
+        self.order = itertools.count()
+        # Reentrant: end() may run in a finalizer while this thread holds the lock.
+        self.lock = threading.Condition(threading.RLock())
+        self.thread = None              # started by the first request
+        self.sending = threading.local()  # .watch: the request this thread is sending
+        self.adapter = None
+
+    def start(self, deadline: float) -> Watch:
+        watch = Watch(deadline)
+        with self.lock:
+            while self.queue and self.queue[0][2].ended:          # keep the heap small
+                heapq.heappop(self.queue)
+            heapq.heappush(self.queue, (deadline, next(self.order), watch))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="omega-watchdog",
+                                               daemon=True)
+                self.thread.start()
+            elif self.queue[0][2] is watch:                        # a new earliest deadline
+                self.lock.notify()
+        self.sending.watch = watch
+        return watch
+
+    def sent(self) -> None:
+        """The request is out (its socket known): later connections are not its."""
+        self.sending.watch = None
+
+    def report(self, sock) -> None:
+        """The socket of the connection this thread's request uses."""
+        watch = getattr(self.sending, "watch", None)
+        if watch is not None and sock is not None:
+            watch.sock = sock
+            if watch.fired:                   # the deadline passed while it connected
+                self.shut(sock)
+
+    def end(self, watch: Watch) -> None:
+        """Stop guarding this request: from now on its socket is not the watchdog's."""
+        with self.lock:
+            watch.ended = True
+
+    def run(self) -> None:
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                while self.queue and (self.queue[0][2].ended or self.queue[0][0] <= now):
+                    watch = heapq.heappop(self.queue)[2]
+                    if not watch.ended:
+                        watch.fired = True
+                        self.shut(watch.sock)
+                self.lock.wait(self.queue[0][0] - now if self.queue else None)
+
+    @staticmethod
+    def shut(sock) -> None:
+        """Wake whoever is blocked on sock: they see the connection end."""
+        import socket
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except (OSError, TypeError):
+                pass
+
+    def adapter_class(self):
+        """requests' HTTPAdapter, with pools whose connections report their socket
+        (after connecting, and before each request on a reused connection), through
+        the documented extension points: the pool manager's pool_classes_by_scheme
+        and the pools' ConnectionCls."""
+        if self.adapter is None:
+            from requests.adapters import HTTPAdapter
+            from urllib3 import connection, connectionpool
+            report = self.report
+
+            def watched(base):
+                class Watched(base):
+                    def connect(self):
+                        super().connect()
+                        report(self.sock)
+
+                    def request(self, *args, **kwargs):
+                        report(self.sock)
+                        return super().request(*args, **kwargs)
+                return Watched
+
+            class HTTPPool(connectionpool.HTTPConnectionPool):
+                ConnectionCls = watched(connection.HTTPConnection)
+
+            class HTTPSPool(connectionpool.HTTPSConnectionPool):
+                ConnectionCls = watched(connection.HTTPSConnection)
+
+            pools = {"http": HTTPPool, "https": HTTPSPool}
+
+            class WatchedAdapter(HTTPAdapter):
+                def init_poolmanager(self, *args, **kwargs):
+                    super().init_poolmanager(*args, **kwargs)
+                    self.poolmanager.pool_classes_by_scheme = pools
+
+                def proxy_manager_for(self, proxy, **kwargs):
+                    manager = super().proxy_manager_for(proxy, **kwargs)
+                    if not proxy.lower().startswith("socks"):     # SOCKS has pools of its own
+                        manager.pool_classes_by_scheme = pools
+                    return manager
+            self.adapter = WatchedAdapter
+        return self.adapter
 
 
-def start_watch(deadline: float) -> Watch:
-    """Guard this thread's next request with deadline (one watchdog thread for
-    all calls, started by the first; ending a watch only flips a flag)."""
-    global _watchdog
-    watch = Watch(deadline)
-    with _watch_lock:
-        while _watches and _watches[0][2].ended:           # keep the heap small
-            heapq.heappop(_watches)
-        heapq.heappush(_watches, (deadline, next(_watch_order), watch))
-        if _watchdog is None:
-            _watchdog = threading.Thread(target=watchdog, name="omega-watchdog", daemon=True)
-            _watchdog.start()
-        elif _watches[0][2] is watch:                      # a new earliest deadline
-            _watch_lock.notify()
-    _local.watch = watch
-    return watch
-
-
-def end_watch(watch: Watch) -> None:
-    with _watch_lock:
-        watch.ended = True
-    _local.watch = None
-
-
-def watch_socket(sock) -> None:
-    watch = getattr(_local, "watch", None)
-    if watch is not None and sock is not None:
-        watch.sock = sock
-        if watch.fired:                   # the deadline passed while it connected
-            shut(sock)
-
-
-def watchdog() -> None:
-    """Shut the socket of every request whose deadline has passed. A per-read
-    timeout cannot do this: a server sending one byte a second never trips it."""
-    with _watch_lock:
-        while True:
-            now = time.monotonic()
-            while _watches and (_watches[0][2].ended or _watches[0][0] <= now):
-                watch = heapq.heappop(_watches)[2]
-                if not watch.ended:
-                    watch.fired = True
-                    shut(watch.sock)
-            _watch_lock.wait(_watches[0][0] - now if _watches else None)
-
-
-def shut(sock) -> None:
-    """Wake whoever is blocked on sock: they see the connection end."""
-    import socket
-    if sock is not None:
-        try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except (OSError, TypeError):
-            pass
+WATCHDOG = Watchdog()
 
 
 def environ_for(base_url: str, cache: dict) -> dict:
@@ -1229,7 +1258,7 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
     if call.left() <= 0:
         raise timed_out(settings, call)
     session, cache = thread_session()
-    watch = start_watch(call.deadline)
+    watch = WATCHDOG.start(call.deadline)
     try:
         request = requests.PreparedRequest()
         request.method, request.url, request.body = method, prepared_url(url, cache), payload
@@ -1239,84 +1268,58 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
             request, stream=True, timeout=max(call.left(), 0.001),
             **environ_for(settings["base_url"], cache))
     except Exception as e:
-        end_watch(watch)
+        WATCHDOG.end(watch)
         raise transport_error(e, settings, call, watch) from None
     except BaseException:
-        end_watch(watch)
+        WATCHDOG.end(watch)
         raise
+    finally:
+        WATCHDOG.sent()
     return response, watch
 
 
 def body_pieces(response, settings: dict):
-    """The body as it arrives, decompressed, in pieces of at most READ_SIZE bytes,
-    at most max_response_bytes in all. It reads http.client's response under
-    requests and urllib3 (the same object on urllib3 1.26 and 2, and the cheapest
-    per read) and decompresses here, so that a gzip bomb stops at the limit
-    instead of being inflated first."""
-    source = response.raw._fp
+    """The body as it arrives, decompressed, at most max_response_bytes in all. Each
+    piece comes as soon as its bytes are in: urllib3's read1() returns one HTTP chunk,
+    or what the socket has, at most READ_SIZE bytes. The raw bytes are decompressed
+    here in bounded steps, so that a gzip bomb stops at the limit instead of being
+    inflated first. A chunked or Content-Length body cut short raises (urllib3 checks
+    both); at the end of the body urllib3 puts the connection back in the pool."""
+    read = response.raw.read1
     inflate = decompressor(response.headers.get("Content-Encoding"), settings)
     limit, total = settings["max_response_bytes"], 0
-    for data in dechunked(source.fp) if source.chunked else plain_body(source):
+    while data := read(READ_SIZE, decode_content=False):
         for piece in inflate(data) if inflate else (data,):
             total += len(piece)
             if total > limit:
                 raise too_large(settings, response.status_code)
             yield piece
-    source.close()                     # marks the connection free for the next request
 
 
-def plain_body(source):
-    """A body with a Content-Length, or one that ends when the connection does."""
-    while True:
-        data = source.read1(READ_SIZE)
-        if not data:
-            if source.length:              # http.client's read1 does not notice a short body
-                raise ConnectionError(f"body cut short, {source.length} bytes missing")
-            return
-        yield data
+def hang_up(response) -> None:
+    """Close the response's own connection, which never goes back to the pool with
+    its body unread. No lock is taken (urllib3's pool has one): safe from a finalizer,
+    whatever the thread it runs in holds. Once the body has ended, nothing to do."""
+    response.raw.close()
 
 
-def dechunked(fp):
-    """The data of a chunked body, as it arrives. http.client returns at most one
-    chunk per read, and a stream is one chunk per event; reading what the socket
-    has and taking the chunks apart here costs a fraction of that."""
-    left, line, trailers = 0, b"", False      # left: bytes of the current chunk to come
-    while True:
-        data = fp.read1(READ_SIZE)
-        if not data:
-            raise ConnectionError("chunked body cut short")
-        pos, end, out = 0, len(data), []
-        while pos < end:
-            if left:
-                take = data[pos:pos + left]
-                out.append(take)
-                pos += len(take)
-                left -= len(take)
-                continue
-            stop = data.find(b"\n", pos)
-            if stop < 0:
-                line += data[pos:]
-                if len(line) > READ_SIZE:
-                    raise ConnectionError("chunk size line too long")
-                break
-            line, pos = (line + data[pos:stop]).strip(), stop + 1
-            if trailers:
-                if not line:                  # the blank line after the last chunk
-                    if out:
-                        yield b"".join(out)
-                    return
-            elif line:                        # else the CRLF that ends a chunk's data
-                size = line.split(b";")[0]
-                if not size.isalnum():            # int() would take "-5" or " 5"
-                    raise ConnectionError("malformed chunk size")
-                try:
-                    left = int(size, 16)
-                except ValueError:
-                    raise ConnectionError("malformed chunk size") from None
-                trailers = left == 0
-            line = b""
-        if out:
-            yield b"".join(out)
+def finish_body(response, watch: Watch) -> None:
+    """After an answer's end marker: the end of the body, if it comes within
+    END_GRACE_SECS, so that the connection goes back to the pool; from a server that
+    holds the connection open or sends more, the connection is closed instead. The
+    answer is complete either way: nothing is raised."""
+    import urllib3
+    raw = response.raw
+    if raw.closed:
+        return
+    try:
+        if watch.sock is not None:        # urllib3 sets its own again on the next request
+            watch.sock.settimeout(END_GRACE_SECS)
+        rest = raw.read1(READ_SIZE, decode_content=False)
+    except (OSError, urllib3.exceptions.HTTPError):     # a timeout, a cut connection
+        rest = None
+    if rest != b"":
+        hang_up(response)
 
 
 def read_body(response, watch: Watch, settings: dict, call: Call) -> bytes:
@@ -1324,16 +1327,15 @@ def read_body(response, watch: Watch, settings: dict, call: Call) -> bytes:
     try:
         body = b"".join(body_pieces(response, settings))
     except BaseException as e:
-        end_watch(watch)
-        response.close()
+        WATCHDOG.end(watch)
+        hang_up(response)
         if isinstance(e, Exception) and not isinstance(e, OmegaError):
             raise transport_error(e, settings, call, watch) from None
         raise
-    end_watch(watch)
+    WATCHDOG.end(watch)
     if watch.fired:                # shut mid-body: what arrived is not the whole answer
-        response.close()
+        hang_up(response)
         raise timed_out(settings, call)
-    response.raw.release_conn()
     return body
 
 
@@ -1491,7 +1493,32 @@ def retry_wait(error: ProviderError, attempt: int, settings: dict, call: Call) -
     return wait if wait < call.left() else None
 
 
+# JSON that holds more objects and arrays than an answer does is refused before it
+# is parsed: each costs 70-200 bytes once parsed, so 32 MiB of `[{},{},…]` would take
+# a gigabyte. Up to one per JSON_BYTES_PER_OBJECT bytes keeps it under about 10 ×
+# its size; smaller bodies are not counted (they cannot cost much).
+JSON_BYTES_PER_OBJECT = 20
+JSON_COUNTED_BYTES = 65536
+
+
+def too_many_objects(data: bytes | str) -> bool:
+    """True for JSON denser in `{` and `[` than an answer is (braces inside strings
+    count too: the test is cheap and errs on the side of reading)."""
+    if len(data) <= JSON_COUNTED_BYTES:
+        return False
+    brace, bracket = ("{", "[") if isinstance(data, str) else (b"{", b"[")
+    return (data.count(brace) + data.count(bracket)) * JSON_BYTES_PER_OBJECT > len(data)
+
+
+def dense_json(settings: dict, status: int | None = None, request_id: str | None = None,
+               where: str = "") -> ProviderError:
+    return ProviderError(f"the server sent JSON with more objects than an answer holds{where}; "
+                         "it was not read", settings["name"], status, request_id=request_id)
+
+
 def parse_json(content: bytes, status: int, headers, settings: dict):
+    if too_many_objects(content):
+        raise dense_json(settings, status, request_id_of(headers))
     try:
         return json.loads(content)
     except (ValueError, RecursionError) as e:
@@ -1500,75 +1527,107 @@ def parse_json(content: bytes, status: int, headers, settings: dict):
 
 
 BOM = b"\xef\xbb\xbf"
+# What Python spends on each line held in memory, besides its bytes: a body of
+# millions of tiny lines counts against max_response_bytes for what it costs.
+LINE_OVERHEAD = 64
+JSON_FIRST = frozenset(b'{["}]')   # how a line of Gemini's bare JSON error object begins
 
 
-def sse_events(chunks):
+def sse_events(chunks, settings: dict):
     """(event name or None, data) for each Server-Sent Event in a body that arrives
     in pieces of any size. Lines end at CR, LF or CRLF, also when the CRLF is split
-    across reads; comments and unknown fields are skipped; data lines are joined by
-    LF; an event with empty data is dropped; a last event without its blank line
-    still counts. All in bytes, split before decoding: a UTF-8 character cut between
-    reads is whole again in its line, and U+2028 inside JSON is not a line end.
-    Two shapes outside the standard come back as events too: the old llama.cpp
-    `error:` field as (b"error", data), and lines that are no field at all (Gemini's
-    pretty-printed error object) as (b"raw", those lines)."""
-    held, skip_lf, first = [], False, True
-    name, data, raw = None, [], []
+    across reads; comments and unknown fields (`id`, `retry`, `keep-alive`, a name
+    that begins with a space) are ignored; data lines are joined by LF; an event with
+    empty data is dropped; a last event without its blank line still counts. All in
+    bytes, split before decoding: a UTF-8 character cut between reads is whole again
+    in its line, and U+2028 inside JSON is not a line end. Two shapes outside the
+    standard come back as events too: the old llama.cpp `error:` field as
+    (b"error", data), and Gemini's bare JSON error object (lines that are no field
+    but begin, indented or not, as JSON does: `{`, `[`, `"`, `}`, `]`) as
+    (b"raw", those lines). What one line or event holds, its lines' overhead
+    included, is at most max_response_bytes."""
+    limit = settings["max_response_bytes"]
+    held, held_size, cr, first = [], 0, False, True   # cr: the last piece ended in CR
+    name, data, raw, size = None, [], [], 0
     for chunk in itertools.chain(chunks, (b"\n\n",)):    # the end of the body ends all
-        if skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        skip_lf = False
-        if b"\n" not in chunk and b"\r" not in chunk:
+        if cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]             # the LF of a CRLF split between two reads
+        if b"\r" in chunk:
+            cr = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            cr = False
+        if b"\n" not in chunk:
             held.append(chunk)             # no line ends yet: joined once one comes
+            held_size += len(chunk) + LINE_OVERHEAD
+            if held_size > limit:
+                raise too_large(settings, where="one line of the stream")
             continue
         if held:
             chunk = b"".join(held) + chunk
-            held = []
-        lines = chunk.splitlines()
-        if chunk[-1] in b"\r\n":
-            skip_lf = chunk[-1:] == b"\r"   # its LF may open the next read
-        else:
-            held.append(lines.pop())
+            held, held_size = [], 0
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        if rest:
+            held.append(rest)
+            held_size = len(rest) + LINE_OVERHEAD
         if first:
             lines[0], first = lines[0].removeprefix(BOM), False
         for line in lines:
-            if not line:
+            if not line:                   # a blank line: the event is complete
                 if data:
                     joined = b"\n".join(data)
                     if joined:
                         yield name, joined
                 elif raw:
                     yield b"raw", b"\n".join(raw)
-                name, data, raw = None, [], []
+                name, data, raw, size = None, [], [], 0
                 continue
-            if line[0] == 58:              # ":" a comment (OpenRouter's keep-alives)
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                data.append(value)
+            elif line[0] == 58:            # ":" a comment (OpenRouter's keep-alives)
                 continue
-            field, _, value = line.partition(b":")
-            if value[:1] == b" ":
-                value = value[1:]
-            if field == b"data":
-                data.append(value)
-            elif field == b"event":
-                name = value
-            elif field == b"error":
-                name = b"error"
-                data.append(value)
-            elif raw or not field.isalpha():
-                raw.append(line)
+            else:
+                field, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if field == b"event":
+                    name = value
+                    continue
+                if field == b"data":       # `data` alone: an empty data line
+                    data.append(value)
+                elif field == b"error":
+                    name = b"error"
+                    data.append(value)
+                elif raw or line.lstrip()[:1] and line.lstrip()[0] in JSON_FIRST:
+                    raw.append(line)
+                else:
+                    continue               # an unknown field
+            size += len(line) + LINE_OVERHEAD
+            if size > limit:
+                raise too_large(settings, where="one event of the stream")
 
 
-def ndjson_lines(chunks):
-    """Each non-blank line of a newline-delimited JSON body arriving in pieces."""
-    held = []
+def ndjson_lines(chunks, settings: dict):
+    """Each non-blank line of a newline-delimited JSON body arriving in pieces; one
+    line holds at most max_response_bytes, however it is cut."""
+    limit, held, held_size = settings["max_response_bytes"], [], 0
     for chunk in chunks:
         if b"\n" not in chunk:
             held.append(chunk)
+            held_size += len(chunk) + LINE_OVERHEAD
+            if held_size > limit:
+                raise too_large(settings, where="one line of the stream")
             continue
         if held:
             chunk = b"".join(held) + chunk
-            held = []
+            held, held_size = [], 0
         lines = chunk.split(b"\n")
-        held.append(lines.pop())
+        rest = lines.pop()
+        if rest:
+            held.append(rest)
+            held_size = len(rest) + LINE_OVERHEAD
         for line in lines:
             if line.strip():
                 yield line
@@ -1599,6 +1658,7 @@ def log_debug(message: str, *args) -> None:
 # stop_group() then stops whatever is left of its process group.
 
 KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
+CLI_EXIT_GRACE_SECS = 0.5        # after its result line, for the CLI to exit by itself
 
 
 def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Popen:
@@ -1815,12 +1875,13 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
     """One streamed HTTP backend call: yields text pieces as they arrive and returns
     the OutgoingMessage. Failures before the first piece (a status, an error event,
     a cut connection, an early end) are retried as in call_http; after it they are
-    raised, since the text is already on the caller's screen."""
+    raised, since the text is already on the caller's screen. Reading ends at the
+    answer's end marker: what the server sends after it is not waited for."""
     url, headers, body = backend.request(ctx, settings, streaming=True)
     payload = json_payload(body)
     headers = request_headers(headers, payload, streaming=True)
     for attempt in itertools.count(1):
-        shown = finished = False
+        shown = False
         try:
             response, watch = send("POST", url, headers, payload, settings, call)
         except ProviderUnavailable as e:          # refused, reset: try again
@@ -1840,25 +1901,21 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 shown = True
                 yield reply.text
                 return reply
-            body = body_pieces(response, settings)
-            pieces = backend.events(body, settings)
-            while True:
-                try:
-                    piece = next(pieces)
-                except StopIteration as end:
-                    data = end.value
-                    break
+            pieces = backend.events(body_pieces(response, settings), settings)
+            try:
+                piece = next(pieces)
+            except StopIteration as end:  # no piece: an OpenAI refusal comes whole, at the end
+                data = end.value
+            else:
                 shown = True
                 yield piece
-            for _ in body:                  # what follows the end marker, if anything
-                pass
-            end_watch(watch)
-            if watch.fired:
+                data = yield from pieces
+            if watch.fired:                # the socket was shut: the end was not the server's
                 raise timed_out(settings, call)
-            response.raw.release_conn()
-            finished = True
+            finish_body(response, watch)
+            WATCHDOG.end(watch)
             reply = parsed(backend, data, reply_headers, attempt, settings, ctx.schema)
-            if not shown:               # an OpenAI refusal: its text comes whole, at the end
+            if not shown:
                 yield reply.text
             return reply
         except ProviderError as e:
@@ -1870,10 +1927,9 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
             if isinstance(e, OmegaError):
                 raise
             error = transport_error(e, settings, call, watch)
-        finally:                     # also when the caller closes the stream
-            end_watch(watch)
-            if not finished:
-                response.close()
+        finally:                     # also when the caller closes the stream, or the collector
+            WATCHDOG.end(watch)
+            hang_up(response)        # nothing left to do once the body has ended
         if shown:
             raise error
         pause_before_retry(error, attempt, settings, call)
@@ -1881,6 +1937,8 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
 
 def stream_json(data: bytes, settings: dict):
     """One event's JSON (a dict or a list), or the error for malformed data."""
+    if too_many_objects(data):
+        raise dense_json(settings, where=" (in the stream)")
     try:
         value = json.loads(data.decode())    # str: json.loads skips guessing the encoding
     except (ValueError, RecursionError) as e:
@@ -2191,15 +2249,15 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
 
 
 def openai_events(chunks, settings: dict):
-    """SSE `data:` chunks: content deltas are the pieces; a refusal, the finish
-    reason and the usage chunk (after it, choices empty) go into the body; it ends
-    at `data: [DONE]` after a finish reason. An `error` in any chunk is raised, even
-    with the finish reason "error" (OpenRouter) or a [DONE] after it (vLLM)."""
+    """SSE `data:` chunks: the content deltas of choice 0 (by its `index`: a second
+    choice is not this answer) are the pieces; a refusal, the finish reason and the
+    usage chunk (after it, choices empty) go into the body; it ends at
+    `data: [DONE]`, with or without a finish reason before it (some compatible
+    servers send none). An `error` in any chunk is raised, even with the finish
+    reason "error" (OpenRouter) or a [DONE] after it (vLLM)."""
     text, refusal, finish, usage, model = [], [], None, None, None
-    for name, data in sse_events(chunks):
+    for name, data in sse_events(chunks, settings):
         if data == b"[DONE]":
-            if finish is None:
-                break
             return {"model": model, "usage": usage, "choices": [{"finish_reason": finish,
                     "message": {"content": "".join(text), "refusal": "".join(refusal)}}]}
         chunk = stream_json(data, settings)
@@ -2209,14 +2267,17 @@ def openai_events(chunks, settings: dict):
             raise stream_error(chunk, settings)
         choices = chunk.get("choices")          # empty in the usage chunk
         if choices:
-            delta = choices[0].get("delta") or {}
+            choice = choices[0]
+            if choice.get("index", 0) != 0:
+                choice = next((c for c in choices if c.get("index") == 0), {})
+            delta = choice.get("delta") or {}
             piece = delta.get("content")
             if piece and isinstance(piece, str):
                 text.append(piece)
                 yield piece
             if isinstance(delta.get("refusal"), str):
                 refusal.append(delta["refusal"])
-            finish = choices[0].get("finish_reason") or finish
+            finish = choice.get("finish_reason") or finish
         usage = chunk.get("usage") or usage
         model = chunk.get("model") or model
     raise ended_early(settings)
@@ -2338,7 +2399,7 @@ def anthropic_events(chunks, settings: dict):
     and usage from message_delta (cumulative: replaced, never added); it ends at
     message_stop. `event: error` (overloaded_error …) is raised."""
     message, usage, text = {}, {}, []
-    for name, data in sse_events(chunks):
+    for name, data in sse_events(chunks, settings):
         if name == b"ping":
             continue
         event = stream_json(data, settings)
@@ -2467,7 +2528,7 @@ def gemini_events(chunks, settings: dict):
     No end marker but a finishReason (or a blocked prompt) before the body ends.
     An error arrives as a bare JSON object outside any `data:` field."""
     text, candidate, feedback, usage, model, response_id = [], {}, {}, None, None, None
-    for name, data in sse_events(chunks):
+    for name, data in sse_events(chunks, settings):
         chunk = stream_json(data, settings)
         if name == b"raw" or not isinstance(chunk, dict) or "error" in chunk:
             raise stream_error(chunk, settings)
@@ -2565,7 +2626,7 @@ def ollama_events(chunks, settings: dict):
     """NDJSON lines: message.content pieces (never `thinking`); the last line has
     `done: true`, the stop reason and the counts. An `{"error"}` line is raised."""
     text = []
-    for line in ndjson_lines(chunks):
+    for line in ndjson_lines(chunks, settings):
         data = stream_json(line, settings)
         if not isinstance(data, dict) or data.get("error"):
             raise stream_error(data, settings)
@@ -2639,21 +2700,18 @@ def claude_code_stdin(prompt: str, files: list) -> bytes | list[bytes]:
     return [*payload, b"\n"] if isinstance(payload, list) else payload + b"\n"
 
 
-def claude_code_result(code: int, out: str, err: str, settings: dict,
-                       lines: bool = False) -> dict:
-    """The CLI's result object, or the error it stands for. stdout is parsed
-    whatever the exit code: the CLI exits 1 with valid JSON on errors. lines: the
-    output is stream-json, one event a line, the result among them."""
+def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
+    """The CLI's result object (--output-format json), or the error it stands for.
+    stdout is parsed whatever the exit code: the CLI exits 1 with valid JSON on errors."""
     name = settings["name"]
-    if lines:
-        data = [event for event in map(json_or_none, out.splitlines()) if event is not None]
-    else:
-        try:
-            data = json.loads(out) if out.strip() else None
-        except (ValueError, RecursionError):
-            if code == 0:                      # not JSON but a clean exit: the answer itself
-                return {"subtype": "success", "is_error": False, "result": out.strip()}
-            data = None
+    if too_many_objects(out):
+        raise dense_json(settings)
+    try:
+        data = json.loads(out) if out.strip() else None
+    except (ValueError, RecursionError):
+        if code == 0:                          # not JSON but a clean exit: the answer itself
+            return {"subtype": "success", "is_error": False, "result": out.strip()}
+        data = None
     if isinstance(data, list):                 # --verbose turns the output into events
         data = next((e for e in reversed(data) if isinstance(e, dict)
                      and e.get("type") == "result"), None)
@@ -2668,7 +2726,7 @@ def claude_code_result(code: int, out: str, err: str, settings: dict,
     return data
 
 
-def json_or_none(line: str):
+def json_or_none(line: bytes | str):
     try:
         return json.loads(line)
     except (ValueError, RecursionError):
@@ -2735,24 +2793,27 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
 def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: dict,
                        call: Call, before: str):
     """Run the CLI once with stream-json output; yield the main agent's text as it
-    is written (before: a piece to send ahead of the first one) and return the
-    result object (with "_shown": whether anything was yielded). Only
-    `text_delta`s of the main agent are text: never tool input, thinking, or the
-    CLI's synthetic error messages. A new message's text after earlier text starts
-    with a blank line. When the CLI abandons a partly streamed message and sends it
-    again whole (it retries without streaming after a mid-stream overload), only
-    what extends the text already shown is yielded."""
+    is written (before: a piece to send ahead of the first one) and return (the
+    result object, whether anything was yielded). Only `text_delta`s of the main
+    agent are text: never tool input, thinking, or the CLI's synthetic error
+    messages. A new message's text after earlier text starts with a blank line. A
+    text that comes whole, after part of it was streamed (the CLI retries without
+    streaming after a mid-stream overload) or only in the `result` line (a CLI that
+    streams no deltas, a resumed run), yields what extends the text shown, or if it
+    does not extend it, a blank line and the text whole: nothing of the answer goes
+    unshown. Reading ends at the `result` line; the CLI then has CLI_EXIT_GRACE_SECS
+    to exit before its process group is stopped."""
     child = start_claude(argv, settings, call)
     errors: list[bytes] = []
     result, shown, partial, streamed, new_message = None, False, "", set(), False
+    lines = ndjson_lines(child_output(child, stdin, settings, call, errors), settings)
     try:
-        for line in ndjson_lines(child_output(child, stdin, settings, call, errors)):
-            try:
-                event = json.loads(line)
-            except (ValueError, RecursionError):
-                continue                         # some builds print debug lines on stdout
+        for line in lines:
+            if too_many_objects(line):
+                raise dense_json(settings, where=" (on the CLI's stdout)")
+            event = json_or_none(line)
             if not isinstance(event, dict) or event.get("parent_tool_use_id"):
-                continue                         # a subagent's work is not the answer
+                continue          # a debug line (some builds); a subagent's work is not the answer
             kind, piece = event.get("type"), ""
             if kind == "stream_event":
                 inner = event.get("event") if isinstance(event.get("event"), dict) else {}
@@ -2771,33 +2832,58 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
                                     if isinstance(b, dict) and b.get("type") == "text"
                                     and isinstance(b.get("text"), str))
                     streamed.add(message.get("id"))
-                    if partial and whole.startswith(partial):
-                        piece = whole[len(partial):]
-                    elif whole:
-                        piece = ("\n\n" if shown else "") + whole
-                    partial, new_message = whole, False
+                    piece, partial, new_message = unshown(whole, partial, shown), whole, False
             elif kind == "result":
                 result = event
+                piece = unshown(claude_code_answer(event, settings), partial, shown)
             if piece:
                 if not shown and before:
                     yield before
                 shown = True
                 yield piece
+            if result is not None:
+                break
     finally:
+        lines.close()
+        if result is not None:          # it normally exits at once; give it the chance
+            import subprocess           # already loaded by start_claude
+            try:
+                child.wait(timeout=max(0.0, min(CLI_EXIT_GRACE_SECS, call.left())))
+            except subprocess.TimeoutExpired:
+                pass
         stop_group(child)
     if result is None:
         err = b"".join(errors).decode(errors="replace")
         if not err.strip():
             raise ended_early(settings)
         result = claude_code_result(child.returncode, "", err, settings)
-    return {**result, "_shown": shown}
+    return result, shown
+
+
+def unshown(whole: str, partial: str, shown: bool) -> str:
+    """What of a message's whole text is still to show, after partial (the part of
+    it streamed so far): the rest, if whole extends partial; else whole, after a
+    blank line if anything was shown before."""
+    if partial and whole.startswith(partial):
+        return whole[len(partial):]
+    return ("\n\n" if shown else "") + whole if whole else ""
+
+
+def claude_code_answer(result: dict, settings: dict) -> str:
+    """The answer text of a result object: a success's, or what an older CLI says
+    when it stops at max turns; "" for an error."""
+    subtype = result.get("subtype")
+    if subtype == "error_max_turns" or subtype == "success" and not result.get("is_error"):
+        return answer_text(result.get("result"), settings)
+    return ""
 
 
 def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = False):
     """claude_code() as a generator: with streaming, the CLI's text as it is
     written (see claude_code_events), and a TURN_SEPARATOR piece before each
     auto-resumed run's text; returns the OutgoingMessage either way. Attachments
-    go with the first run only: a resumed run continues the session that has them.
+    go with the first run only: a resumed run continues the session that has them
+    (their stream-json output is read line by line too, as a stream's).
     With a schema the answer is the CLI's structured_output, not the model's prose
     around it: streamed, its JSON text comes whole at the end."""
     prompt, session_id = ctx.to_prompt_string(), ctx.session_id
@@ -2809,18 +2895,19 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
         log_debug("claude-code: running %s", argv[:4] + ["…"])
         stdin = claude_code_stdin(prompt, files)
         if live:
-            data = yield from claude_code_events(argv, stdin, settings, call,
-                                                 TURN_SEPARATOR if shown else "")
-            shown = shown or data.pop("_shown")
+            data, shown_now = yield from claude_code_events(argv, stdin, settings, call,
+                                                            TURN_SEPARATOR if shown else "")
+            shown = shown or shown_now
+        elif files:
+            data = drain(claude_code_events(argv, stdin, settings, call, ""))[0]
         else:
-            data = claude_code_result(*run_claude(argv, stdin, settings, call), settings,
-                                      lines=bool(files))
+            data = claude_code_result(*run_claude(argv, stdin, settings, call), settings)
         results.append(data)
         if isinstance(data.get("session_id"), str):
             session_id = data["session_id"]
         stopped = data.get("subtype") == "error_max_turns"
         done = data.get("subtype") == "success" and not data.get("is_error")
-        text = answer_text(data.get("result"), settings) if done or stopped else ""
+        text = claude_code_answer(data, settings)
         if text:                                   # older CLIs say something when they stop
             texts.append(text)
         if done:

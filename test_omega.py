@@ -1764,7 +1764,7 @@ def test_a_deadline_that_passes_while_connecting_sends_nothing(api, monkeypatch)
 
     def getaddrinfo(host, port, *args, **kwargs):
         if host == "slow-dns.test":          # answers once the call's deadline has fired
-            watch, waited = omega._local.watch, time.monotonic() + 5
+            watch, waited = omega.WATCHDOG.sending.watch, time.monotonic() + 5
             while not watch.fired and time.monotonic() < waited:
                 time.sleep(0.01)
             host = "127.0.0.1"
@@ -1800,8 +1800,8 @@ def test_finished_requests_do_not_pile_up_in_the_watchdog(api):
     api.default = echo_default
     for i in range(20):
         ask_via("openai", api)
-    with omega._watch_lock:
-        assert len(omega._watches) <= 2
+    with omega.WATCHDOG.lock:
+        assert len(omega.WATCHDOG.queue) <= 2
 
 
 # --- HTTP: endless bodies and gzip bombs stop at max_response_bytes ----------
@@ -1833,6 +1833,9 @@ def test_body_over_max_response_bytes_is_a_provider_error_not_retried(api, reply
 
 # --- HTTP: stream framing (SSE, NDJSON, chunked) -----------------------------
 
+# The settings the framing readers take: a limit, and a name for their errors.
+FRAMING = {"name": "openai", "max_response_bytes": 1 << 20}
+
 # The framing traps: each body, cut at every possible place into two reads.
 SSE_CASES = {
     "crlf": (b"data: a\r\n\r\ndata: b\r\n\r\n", [b"a", b"b"]),
@@ -1853,16 +1856,17 @@ SSE_CASES = {
 def test_sse_framing_survives_every_split(case):
     body, expected = SSE_CASES[case]
     for cut in range(len(body) + 1):
-        events = list(omega.sse_events(iter([body[:cut], body[cut:]])))
+        events = list(omega.sse_events(iter([body[:cut], body[cut:]]), FRAMING))
         assert [data for _, data in events] == expected, cut
-    singles = list(omega.sse_events(iter([body[i:i + 1] for i in range(len(body))])))
+    singles = list(omega.sse_events(iter([body[i:i + 1] for i in range(len(body))]), FRAMING))
     assert [data for _, data in singles] == expected
 
 
 def test_ndjson_lines_survive_every_split():
     body = b'{"a": 1}\r\n\n{"b": "\xc3\xa9"}\n{"c": 3}'
     for cut in range(len(body) + 1):
-        lines = [json.loads(x) for x in omega.ndjson_lines(iter([body[:cut], body[cut:]]))]
+        lines = [json.loads(x) for x in omega.ndjson_lines(iter([body[:cut], body[cut:]]),
+                                                           FRAMING)]
         assert lines == [{"a": 1}, {"b": "é"}, {"c": 3}]
 
 
@@ -2616,10 +2620,9 @@ def test_openai_empty_content_is_empty_response(api):
     # old vLLM: the error object unwrapped
     (sse(oa_chunk("x"), {"object": "error", "message": "engine dead", "code": 503}, done=False),
      500, True),
-    # [DONE] without a finish reason, or no end at all: ended early
-    (sse(oa_chunk("x")), None, True),
+    # no end at all: ended early
     (sse(oa_chunk("x"), done=False), None, True),
-], ids=["vllm", "llamacpp-legacy", "llamacpp-current", "vllm-old", "done-unfinished", "eof"])
+], ids=["vllm", "llamacpp-legacy", "llamacpp-current", "vllm-old", "eof"])
 def test_in_stream_errors_of_compatible_servers(api, body, status, retryable):
     serve_stream(api, body)
     with pytest.raises(omega.ProviderError) as err:
