@@ -56,6 +56,7 @@ call, start reading at 9, Calling.
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
 
 import binascii
+import collections
 import heapq
 import itertools
 import json
@@ -1049,10 +1050,11 @@ def limit_total(settings: dict, files: list, kinds, most: int, what: str,
 # HTTP: one requests.Session per thread, a real deadline, retries
 # -----------------------------------------------------------------------------
 # send() opens a request and returns once the headers are in; read_body() or
-# body_pieces() read the body, through urllib3's public read1(). While they run,
-# the WATCHDOG holds the request's deadline and its socket, and shuts that socket
-# when the deadline passes, so no phase of a request (connect, status line,
-# headers, body, a stream) can outlast it, however slowly a server trickles bytes.
+# body_pieces() read the body, through urllib3's public read_chunked() and read1().
+# While they run, the WATCHDOG holds the request's deadline and its socket, and
+# shuts that socket when the deadline passes, so no phase of a request (connect,
+# status line, headers, body, a stream) can outlast it, however slowly a server
+# trickles bytes.
 # A request ended early (an error, a stream closed, or left to the garbage
 # collector) closes its own connection and touches nothing else: no other
 # request's deadline, no connection pool.
@@ -1077,7 +1079,6 @@ def thread_session():
     session = getattr(_local, "session", None)
     if session is None:
         import requests
-        require_urllib3_2()
         session = _local.session = requests.Session()
         session.trust_env = False
         adapter = WATCHDOG.adapter_class()
@@ -1085,17 +1086,6 @@ def thread_session():
         session.mount("http://", adapter())
         _local.environ = {}
     return session, _local.environ
-
-
-def require_urllib3_2() -> None:
-    """omega reads bodies with urllib3 2's read1(), the one public way to have each
-    piece of a stream as it arrives and still close an abandoned one without handing
-    its connection back to the pool (urllib3 1.26's readers are generators that do,
-    even when the garbage collector closes them inside the pool's lock)."""
-    import urllib3
-    if not hasattr(urllib3.HTTPResponse, "read1"):
-        raise ConfigError(f"omega needs urllib3 2 or later; this Python has urllib3 "
-                          f"{urllib3.__version__} (pip install --upgrade 'urllib3>=2')")
 
 
 @dataclass(eq=False)
@@ -1258,6 +1248,7 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
     if call.left() <= 0:
         raise timed_out(settings, call)
     session, cache = thread_session()
+    close_left_bodies()
     watch = WATCHDOG.start(call.deadline)
     try:
         request = requests.PreparedRequest()
@@ -1278,47 +1269,85 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
     return response, watch
 
 
+# urllib3 reads a chunked body through a generator (read_chunked), which, closed
+# before its end, hands its connection back to the pool: a garbage collection run
+# inside the pool's lock (one of this thread's requests taking a connection) that
+# closed it there would wait on that lock forever. So none of them is ever garbage:
+# each is held in OPEN_BODIES while it is read, and one left unfinished (a stream
+# closed early, or abandoned to the collector) waits in LEFT_BODIES, its connection
+# already closed, until the next request closes it where no lock is held.
+OPEN_BODIES: set = set()
+LEFT_BODIES = collections.deque()
+
+
 def body_pieces(response, settings: dict):
     """The body as it arrives, decompressed, at most max_response_bytes in all. Each
-    piece comes as soon as its bytes are in: urllib3's read1() returns one HTTP chunk,
-    or what the socket has, at most READ_SIZE bytes. The raw bytes are decompressed
+    piece comes as soon as its bytes are in: a whole HTTP chunk, or what the socket
+    has, at most READ_SIZE bytes (urllib3 1.26, which has no read1(), reads a body
+    that is not chunked READ_SIZE bytes at a time). The raw bytes are decompressed
     here in bounded steps, so that a gzip bomb stops at the limit instead of being
-    inflated first. A chunked or Content-Length body cut short raises (urllib3 checks
-    both); at the end of the body urllib3 puts the connection back in the pool."""
-    read = response.raw.read1
+    inflated first. A chunked or Content-Length body cut short raises; at the end of
+    the body urllib3 puts the connection back in the pool."""
+    raw = response.raw
     inflate = decompressor(response.headers.get("Content-Encoding"), settings)
-    limit, total = settings["max_response_bytes"], 0
+    limit, total, received = settings["max_response_bytes"], 0, 0
+    chunks = raw.read_chunked(READ_SIZE, decode_content=False) if raw.chunked else \
+        plain_body(raw)
+    OPEN_BODIES.add(chunks)
+    try:
+        for data in chunks:
+            received += len(data)
+            for piece in inflate(data) if inflate else (data,):
+                total += len(piece)
+                if total > limit:
+                    raise too_large(settings, response.status_code)
+                yield piece
+        length = response.headers.get("Content-Length", "")
+        if not raw.chunked and length.isdigit() and received < int(length):
+            raise ConnectionError(f"body cut short, {int(length) - received} bytes missing")
+    except ValueError:                 # urllib3 reads a negative chunk size as a length
+        LEFT_BODIES.append(chunks)
+        raise ConnectionError("malformed chunked body") from None
+    except BaseException:
+        LEFT_BODIES.append(chunks)     # closed later: see OPEN_BODIES
+        raise
+    finally:
+        OPEN_BODIES.discard(chunks)
+
+
+def plain_body(raw):
+    """A body with a Content-Length, or one that ends when the connection does."""
+    read = getattr(raw, "read1", raw.read)
     while data := read(READ_SIZE, decode_content=False):
-        for piece in inflate(data) if inflate else (data,):
-            total += len(piece)
-            if total > limit:
-                raise too_large(settings, response.status_code)
-            yield piece
+        yield data
+
+
+def close_left_bodies() -> None:
+    """Close the bodies that requests ended early left unfinished (see OPEN_BODIES)."""
+    while LEFT_BODIES:
+        LEFT_BODIES.popleft().close()
 
 
 def hang_up(response) -> None:
     """Close the response's own connection, which never goes back to the pool with
-    its body unread. No lock is taken (urllib3's pool has one): safe from a finalizer,
-    whatever the thread it runs in holds. Once the body has ended, nothing to do."""
+    its body unread. No lock is taken: safe from a finalizer, whatever the thread it
+    runs in holds. Once the body has ended, there is nothing to do."""
     response.raw.close()
 
 
-def finish_body(response, watch: Watch) -> None:
-    """After an answer's end marker: the end of the body, if it comes within
-    END_GRACE_SECS, so that the connection goes back to the pool; from a server that
-    holds the connection open or sends more, the connection is closed instead. The
-    answer is complete either way: nothing is raised."""
+def finish_body(body, response, watch: Watch) -> None:
+    """After an answer's end marker: the end of the body (body: its pieces), if it
+    comes within END_GRACE_SECS, so that the connection goes back to the pool; from a
+    server that holds the connection open or sends more, the connection is closed
+    instead. The answer is complete either way: nothing is raised."""
     import urllib3
-    raw = response.raw
-    if raw.closed:
-        return
     try:
         if watch.sock is not None:        # urllib3 sets its own again on the next request
             watch.sock.settimeout(END_GRACE_SECS)
-        rest = raw.read1(READ_SIZE, decode_content=False)
-    except (OSError, urllib3.exceptions.HTTPError):     # a timeout, a cut connection
-        rest = None
-    if rest != b"":
+        ended = next(body, None) is None
+    except (OSError, urllib3.exceptions.HTTPError, ProviderError):  # a timeout, a cut
+        ended = False
+    if not ended:
         hang_up(response)
 
 
@@ -1901,7 +1930,8 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 shown = True
                 yield reply.text
                 return reply
-            pieces = backend.events(body_pieces(response, settings), settings)
+            body = body_pieces(response, settings)
+            pieces = backend.events(body, settings)
             try:
                 piece = next(pieces)
             except StopIteration as end:  # no piece: an OpenAI refusal comes whole, at the end
@@ -1912,7 +1942,7 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 data = yield from pieces
             if watch.fired:                # the socket was shut: the end was not the server's
                 raise timed_out(settings, call)
-            finish_body(response, watch)
+            finish_body(body, response, watch)
             WATCHDOG.end(watch)
             reply = parsed(backend, data, reply_headers, attempt, settings, ctx.schema)
             if not shown:
