@@ -1579,6 +1579,8 @@ def sse_events(chunks, settings: dict):
     held, held_size, cr, first = [], 0, False, True   # cr: the last piece ended in CR
     name, data, raw, size = None, [], [], 0
     for chunk in itertools.chain(chunks, (b"\n\n",)):    # the end of the body ends all
+        if not chunk:
+            continue
         if cr and chunk[:1] == b"\n":
             chunk = chunk[1:]             # the LF of a CRLF split between two reads
         if b"\r" in chunk:

@@ -1782,6 +1782,39 @@ def test_a_deadline_that_passes_while_connecting_sends_nothing(api, monkeypatch)
     assert time.monotonic() - started < 1.5
 
 
+def test_a_stream_the_collector_closes_leaves_other_requests_guarded(api, api2, monkeypatch):
+    """Nothing of one request reaches another: a stream that the garbage collector
+    finalises in the middle of another call (here, while that call resolves its host,
+    before its socket exists) ends its own guard only. The call under way keeps its
+    deadline, and the abandoned stream's connection is closed."""
+    import gc
+    api.reply(action="endless", framing="chunked", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    assert next(s) == "first"
+    cycle = [s]
+    cycle.append(cycle)                    # only the collector can free it now
+    del s, cycle
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "collect-here.test":
+            gc.collect()
+            host = "127.0.0.1"
+        return real_getaddrinfo(host, port, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    api2.reply(action="pieces", framing="length", length=1000,
+               pieces=[(0.2 * i, b" ") for i in range(50)])
+    url = f"http://collect-here.test:{api2.server_address[1]}"
+    outcome = bounded(lambda: ask_via("openai", url, timeout_secs=0.5), within=5)
+    assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1
+
+
 @pytest.mark.parametrize("framing", ["chunked", "close"])
 def test_the_deadline_holds_mid_stream(api, framing):
     first = sse(oa_chunk("early"), done=False)
@@ -1831,6 +1864,67 @@ def test_body_over_max_response_bytes_is_a_provider_error_not_retried(api, reply
     assert len(api.requests) == 1
 
 
+# --- HTTP: what is held stays a small multiple of the bytes read -------------
+
+MiB = 1 << 20
+
+
+def hostile_cases():
+    """(what, max_response_bytes, server reply or None, provider, streamed, with a file,
+    expected error class or answer text): answers cut into millions of tiny pieces,
+    each within max_response_bytes, that a reader which keeps a list of them turns
+    into 15-50 x their size. The limits keep the line-by-line cases quick."""
+    def objects(limit):
+        return b"[" + b"{}," * (limit // 3 - 100) + b"{}]"
+    streamed = {"action": "stream", "framing": "chunked", "most": 65536}
+    sse_type = {"Content-Type": "text/event-stream"}
+    return [
+        ("SSE lines that are no field", 4 * MiB,
+         dict(streamed, raw=b"12\n" * (4 * MiB // 3), headers=sse_type),
+         "openai", True, False, "ProviderUnavailable"),
+        ("an SSE event of tiny data lines", 8 * MiB,
+         dict(streamed, raw=b"data:xy\n" * (8 * MiB // 8), headers=sse_type),
+         "openai", True, False, "ProviderError"),
+        ("an SSE event of tiny JSON objects", 8 * MiB,
+         dict(streamed, raw=b"data: " + objects(8 * MiB) + b"\n\n", headers=sse_type),
+         "openai", True, False, "ProviderError"),
+        ("an NDJSON stream of tiny objects", 1 * MiB,
+         dict(streamed, raw=b"{}\n" * (MiB // 3), headers={"Content-Type": "application/x-ndjson"}),
+         "ollama", True, False, "ProviderUnavailable"),
+        ("a JSON body of tiny objects", 8 * MiB, {"raw": objects(8 * MiB)}, "openai", False, False,
+         "ProviderError"),
+        ("claude stdout of tiny JSON lines, with a file", 1 * MiB, None, "claude-code", False,
+         True, "still answered"),
+    ]
+
+
+def test_millions_of_tiny_pieces_cost_a_small_multiple_of_their_bytes(api, tmp_path):
+    """Each case runs in a child of its own whose address space may grow by 4 x
+    max_response_bytes (and 16 MiB) at most: a reader that holds a list of millions
+    of small objects (15-50 x their bytes) dies there of MemoryError."""
+    script = tmp_path / "json-lines-claude"
+    script.write_text(JSON_LINES_CLAUDE.replace("PYTHON", sys.executable))
+    script.chmod(0o755)
+    for what, limit, reply, name, streamed, with_file, expected in hostile_cases():
+        api.reply(openai_ok("warm"))
+        if reply is not None:
+            api.reply(**reply)
+        config = {"provider": {"default": name, name: {
+            "command": f"{script} {(limit - 1000) // 3}", "max_response_bytes": limit}}} \
+            if name == "claude-code" else cfg(name, api, max_response_bytes=limit, max_retries=0)
+        case = {"provider": name, "config": config, "stream": streamed, "file": with_file,
+                "allowance": 4 * limit + 16 * MiB, "warm_up": cfg("openai", api)}
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, HERE, json.dumps(case)],
+                             capture_output=True, text=True, timeout=60,
+                             env=cli_env(tmp_path, MALLOC_ARENA_MAX="1"))
+        assert out.stdout, (what, out.stderr[-2000:])
+        outcome = json.loads(out.stdout)
+        assert outcome.get("error", outcome.get("text")) == expected, (what, outcome)
+        if expected == "ProviderError":
+            assert "larger than" in outcome["message"] or "more objects than" in \
+                outcome["message"], (what, outcome)
+
+
 # --- HTTP: stream framing (SSE, NDJSON, chunked) -----------------------------
 
 # The settings the framing readers take: a limit, and a name for their errors.
@@ -1849,6 +1943,14 @@ SSE_CASES = {
     "bom": (b"\xef\xbb\xbfdata: a\n\n", [b"a"]),
     "event-names": (b"event: ping\ndata: {}\n\nevent: message_stop\ndata: x\n\n",
                     [b"{}", b"x"]),
+    # field names that are not letters only are unknown fields too, not an error
+    "unknown-fields-of-any-name": (b"keep-alive: 1\nx-request-id: 5\ndata: a\n\n", [b"a"]),
+    # a field whose name begins with a space (a real OpenRouter stream): unknown
+    "field-name-with-a-leading-space": (b' data: {"x": 1}\n\ndata: b\n\n', [b"b"]),
+    # Gemini's bare JSON error object, indented or not, comes back whole
+    "bare-json-object": (b'{\n  "error": {\n    "code": 499\n  }\n}\n\n',
+                         [b'{\n  "error": {\n    "code": 499\n  }\n}']),
+    "bare-json-array-indented": (b'  [{"error": 1}]\n\n', [b'  [{"error": 1}]']),
 }
 
 
@@ -1860,6 +1962,47 @@ def test_sse_framing_survives_every_split(case):
         assert [data for _, data in events] == expected, cut
     singles = list(omega.sse_events(iter([body[i:i + 1] for i in range(len(body))]), FRAMING))
     assert [data for _, data in singles] == expected
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b"data: a\r\n\r\ndata: b\r\n\r\n", [b"a", b"b"]),
+    (b"data: a\r\ndata: b\r\n\r\ndata: c\r\rdata: d\n\n", [b"a\nb", b"c", b"d"]),
+], ids=["crlf-events", "crlf-cr-lf-mixed"])
+def test_sse_line_ends_survive_every_split_into_three_reads(body, expected):
+    """A CR that ends one read and the LF that begins a later one (with an empty read
+    between them, or not) are one line end: the events stay apart, lines stay whole."""
+    for i in range(len(body) + 1):
+        for j in range(i, len(body) + 1):
+            reads = [body[:i], body[i:j], body[j:]]
+            events = [data for _, data in omega.sse_events(iter(reads), FRAMING)]
+            assert events == expected, reads
+
+
+def test_sse_ignores_lines_that_are_no_known_field_in_a_real_stream(api):
+    """Unknown fields, whatever their name, and a line that begins with a space (the
+    first line of a real OpenRouter stream) are ignored: the answer comes through."""
+    body = (OPENROUTER_SPACED_LINE + b"\n\nkeep-alive: 1\nx-request-id: 5\n\n"
+            + sse(oa_chunk("Hello"), oa_chunk(" there", finish="stop")))
+    serve_stream(api, body)
+    pieces, s = stream_via("openrouter", api)
+    assert pieces == ["Hello", " there"] and s.reply.text == "Hello there"
+    gemini = STREAM_BODIES["gemini/normal_with_usage.GE-FIX.sse"]
+    serve_stream(api, b"x-request-id: 5\r\nkeep-alive: 1\r\n\r\n" + gemini)
+    pieces, s = stream_via("gemini", api)
+    assert s.reply.text == "The capital of Wyoming is **Cheyenne**.\n"
+
+
+@pytest.mark.skipif(not hasattr(__import__("urllib3").HTTPResponse, "read1"),
+                    reason="urllib3 1.26 has no read1(): a close-delimited stream comes "
+                           "64 KiB at a time there (the README says so)")
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_a_stream_piece_comes_as_soon_as_its_bytes_do(api, framing):
+    body = sse(oa_chunk("first"), oa_chunk(" and the rest"), oa_chunk(finish="stop"))
+    serve_stream(api, body, framing, hold_at=body.index(b"\n\n") + 2, most=1 << 20)
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    assert bounded(lambda: next(s), within=5)["value"] == "first"     # the server holds the rest
+    api.release.set()
+    assert list(s) == [" and the rest"] and s.reply.text == "first and the rest"
 
 
 def test_ndjson_lines_survive_every_split():
@@ -1961,6 +2104,22 @@ def test_connections_are_reused(api):
     for i in range(10):
         ask_via("openai", api)
     assert len(api.requests) == 10 and api.connections == 1
+
+
+# --- HTTP: requests ended early (close(), break, the garbage collector) -------
+
+def test_abandoned_streams_never_hang_and_are_hung_up(tmp_path):
+    """`for piece in omega.stream(...): break`, again and again, in one thread and in
+    sixteen, with plain calls between, while a garbage collection runs inside the
+    connection pool's lock at every get and put (where one that closed an abandoned
+    stream by handing its connection back to the pool would wait forever on its own
+    thread's lock): nothing hangs, no collection returns a connection to a pool, and
+    the server sees every abandoned stream's connection closed."""
+    out = subprocess.run([sys.executable, "-c", ABANDONING_CHILD, HERE, "100"],
+                         capture_output=True, text=True, timeout=60, env=cli_env(tmp_path))
+    assert out.stdout, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result == {"streams": 260, "hung_up": 260, "puts_in_gc": 0}, result
 
 
 # --- processes: the claude process group -------------------------------------
@@ -2269,6 +2428,39 @@ def test_stream_of_a_plain_json_answer_is_one_piece(api):
     api.reply(openai_ok("all at once"))                         # a gateway that does not stream
     pieces, s = stream_via("openai", api)
     assert pieces == ["all at once"] and s.reply.metadata.output_tokens == 5
+
+
+def marked_stream(name):
+    """An answer of a backend that has an end marker (Gemini's ends with its body)."""
+    return {"openai": sse(oa_chunk("Hello"), oa_chunk("!", finish="stop")),
+            "anthropic": STREAM_BODIES["anthropic/normal_docs_example.sse"],
+            "ollama": STREAM_BODIES["ollama/normal_with_usage.ndjson"]}[name]
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+@pytest.mark.parametrize("name", ["anthropic", "ollama", "openai"])
+def test_reading_ends_at_the_end_marker(api, name, framing):
+    """A server that holds the connection open after the end marker (no last chunk,
+    no hang-up) neither delays nor loses the answer: that connection is closed
+    instead of waited on, and the next call opens another."""
+    kind = "ndjson" if name == "ollama" else "sse"
+    api.reply(action="pieces", framing=framing, pieces=[(0, marked_stream(name))],
+              headers={"Content-Type": STREAM_TYPES[kind]})
+    outcome = bounded(lambda: stream_via(name, api, timeout_secs=20), within=5)
+    pieces, s = outcome["value"]
+    assert pieces and "".join(pieces) == s.reply.text and s.reply.metadata.attempts == 1
+    api.reply(raw=marked_stream(name), headers={"Content-Type": STREAM_TYPES[kind]})
+    assert stream_via(name, api)[1].reply.text == s.reply.text
+    assert api.connections == 2
+
+
+def test_a_stream_that_ends_with_its_body_keeps_the_connection(api):
+    """The usual server: the body ends right after the end marker, and the connection
+    goes back to the pool for the next call."""
+    for _ in range(3):
+        api.reply(raw=marked_stream("openai"), headers={"Content-Type": "text/event-stream"})
+        assert stream_via("openai", api)[1].reply.text == "Hello!"
+    assert api.connections == 1
 
 
 # --- every HTTP backend: files and a schema, by the official OpenAPI specs ---
@@ -2632,6 +2824,31 @@ def test_in_stream_errors_of_compatible_servers(api, body, status, retryable):
     if status is None:
         assert isinstance(err.value, omega.ProviderUnavailable)
         assert "ended early" in str(err.value)
+
+
+def test_a_stream_reads_choice_0_only(api):
+    """A second choice (n=2: chunks of `index: 1`, alone or beside choice 0, first or
+    not) is not this answer: like complete(), the stream reads choice 0, by its index."""
+    def chunk(*choices):
+        return {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o",
+                "choices": [{"index": i, "delta": {"content": text} if text else {},
+                             "finish_reason": finish} for i, text, finish in choices]}
+    serve_stream(api, sse(chunk((0, "A0", None)), chunk((1, "B1", None)),
+                          chunk((1, "b", None), (0, "a", None)), chunk((1, None, "length")),
+                          chunk((0, None, "stop"))))
+    pieces, s = stream_via("openai", api)
+    assert pieces == ["A0", "a"] and s.reply.text == "A0a"
+    assert s.reply.metadata.stop_reason == "stop"
+
+
+def test_done_without_a_finish_reason_ends_the_stream_well(api):
+    """Some compatible servers (and a real OpenRouter stream) send no finish reason
+    before [DONE]: the answer is complete all the same."""
+    for name in ("openai", "openrouter"):
+        serve_stream(api, sse(oa_chunk("The answer"), oa_chunk(" is 4")))
+        pieces, s = stream_via(name, api)
+        assert pieces == ["The answer", " is 4"] and s.reply.text == "The answer is 4"
+        assert s.reply.metadata.stop_reason is None
 
 
 # --- OpenRouter --------------------------------------------------------------
@@ -3083,6 +3300,44 @@ def test_claude_code_stream_shows_each_text_once(claude, lines, result, pieces):
     assert got == pieces and s.reply.text == result
 
 
+@pytest.mark.parametrize("lines, result, pieces", [
+    ([], "Hello there.", ["Hello there."]),                  # a CLI that streams no deltas
+    ([{"start": "A"}, {"delta": "Hello"}], "Hello world.", ["Hello", " world."]),
+    ([{"start": "A"}, {"delta": "Hi"}], "Bye.", ["Hi", "\n\nBye."]),
+], ids=["result-only", "result-extends-the-deltas", "result-is-another-text"])
+def test_claude_code_stream_shows_the_result_text_it_did_not_stream(claude, lines, result,
+                                                                   pieces):
+    """Nothing of the answer goes unshown: the result's text that was not streamed
+    comes when the result line does (what extends the text shown, or a blank line and
+    all of it), so the screen and s.reply.text agree."""
+    claude.plan({"lines": lines, "result": result})
+    got, s = cc_stream(claude)
+    assert got == pieces and s.reply.text == result
+
+
+def test_cli_prints_the_answer_of_a_claude_that_streams_no_deltas(claude, cli_main, capsys):
+    claude.plan({"lines": [], "result": "Hi from an older CLI."})
+    assert cli_main(claude.config(), "Say hi") == 0
+    assert capsys.readouterr().out == "Hi from an older CLI.\n"
+
+
+def test_claude_code_reading_ends_at_the_result_line(claude):
+    """A CLI that prints its result and does not exit neither delays nor loses the
+    answer: its process group is stopped."""
+    result = {"type": "result", "subtype": "success", "is_error": False,
+              "result": "Hello there.", "session_id": "s-1"}
+    claude.plan({"lines": [{"start": "A"}, {"delta": "Hello there."}, result, "HANG"],
+                 "no_result": True})
+    outcome = bounded(lambda: cc_stream(claude), within=8)
+    pieces, s = outcome["value"]
+    pids = read_pids(claude.dir / "pids")
+    try:
+        assert pieces == ["Hello there."] and s.reply.text == "Hello there."
+        assert gone(*pids)
+    finally:
+        kill_leftovers(*pids)
+
+
 @pytest.mark.parametrize("capture, pieces, outcome", [
     ("stream_json_basic", ["Hello from the fake."], "Hello from the fake."),
     ("stream_json_partial", ["Hello from", " the fake."], "Hello from the fake."),
@@ -3316,14 +3571,14 @@ def test_the_status_timer_stops_at_the_first_piece(api):
     rest = sse(oa_chunk("b"), oa_chunk(finish="stop"))
     config = {**cfg("openai", api), "status": {"delay_secs": 0.2, "repeat_secs": 5}}
     api.reply(action="pieces", pieces=[(0, body), (0.5, rest)], release_after=True,
-              headers={"Content-Type": "text/event-stream"})
+              framing="chunked", headers={"Content-Type": "text/event-stream"})
     said = []
     s = omega.stream("hi", "openai", config, on_status=said.append)
     assert next(s) == "a"
     time.sleep(0.3)                       # past delay_secs after the first piece: no message
     assert said == []
     s.close()
-    api.reply(action="pieces", pieces=[(0.5, body + rest)],
+    api.reply(action="pieces", pieces=[(0.5, body + rest)], framing="chunked",
               headers={"Content-Type": "text/event-stream"})
     s = omega.stream("hi", "openai", config, on_status=said.append)
     assert next(s) == "a" and said == ["This is taking a moment..."]
@@ -5273,6 +5528,154 @@ print(json.dumps({"type": "result", "subtype": "success", "is_error": False,
                   "result": "answered without reading", "session_id": "s-1"}))
 '''
 
+# A claude that answers after a flood of tiny JSON lines on stdout (argv[1] of them).
+JSON_LINES_CLAUDE = r"""#!PYTHON
+import json, sys
+sys.stdin.read()
+lines, out = int(sys.argv[1]), sys.stdout.buffer
+for _ in range(lines // 10000):
+    out.write(b"{}\n" * 10000)
+out.write(json.dumps({"type": "result", "subtype": "success", "is_error": False,
+                      "result": "still answered", "session_id": "s-1"}).encode() + b"\n")
+"""
+
+# omega in a child that makes one call (argv[2]: the case) after a warm-up call, with its
+# address space allowed to grow by the case's allowance only: a reader that holds far
+# more than it read dies of MemoryError there, reported as the call's outcome.
+MEMORY_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import omega
+
+def address_space():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+case = json.loads(sys.argv[2])
+omega.complete("hi", "openai", case["warm_up"])     # every module and thread a call needs
+files = [omega.Attachment(b"some notes", name="notes.txt")] if case["file"] else []
+ctx = omega.Context("hi", attachments=files)
+resource.setrlimit(resource.RLIMIT_AS, (address_space() + case["allowance"],
+                                        resource.RLIM_INFINITY))
+try:
+    if case["stream"]:
+        text = "".join(omega.stream(ctx, case["provider"], case["config"]))
+    else:
+        text = omega.complete(ctx, case["provider"], case["config"]).text
+    outcome = {"text": text[:100]}
+except Exception as e:                       # MemoryError included: reported, not raised
+    outcome = {"error": type(e).__name__, "message": str(e)[:300]}
+print(json.dumps(outcome))
+"""
+
+# omega in a child that abandons streams (argv[2] of them, then a tenth of that in each of
+# sixteen threads) from a server of its own, while a garbage collection runs inside the
+# connection pool's lock at every get and put. Prints how many streams it abandoned, how
+# many of their connections the server saw closed, and how many connections went back
+# to a pool from inside a collection.
+ABANDONING_CHILD = r"""
+import gc, http.server, json, queue, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import omega
+import urllib3.connectionpool
+
+EVENT = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+ANSWER = json.dumps({"choices": [{"index": 0, "message": {"content": "whole"},
+                                  "finish_reason": "stop"}]}).encode()
+hung_up, lock = [0], threading.Lock()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        if b'"stream": true' not in body:
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(ANSWER)))
+            self.end_headers()
+            self.wfile.write(ANSWER)
+            return
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            while True:                       # an endless stream, until the client hangs up
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(EVENT), EVENT))
+                time.sleep(0.005)
+        except OSError:
+            with lock:
+                hung_up[0] += 1
+            self.close_connection = True
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+server = Server(("127.0.0.1", 0), Handler)
+threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+config = {"provider": {"default": "openai", "openai": {
+    "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "api_key": "sk-test"}}}
+collecting, puts_in_gc = threading.local(), []
+
+
+def track(phase, info):
+    collecting.now = phase == "start"
+
+
+class CollectingQueue(queue.LifoQueue):
+    def _get(self):                      # called with the pool's lock held
+        gc.collect()
+        return super()._get()
+
+    def _put(self, item):
+        if getattr(collecting, "now", False):
+            puts_in_gc.append(item)
+        gc.collect()
+        super()._put(item)
+
+
+omega.complete("warm up", "openai", config)
+urllib3.connectionpool.HTTPConnectionPool.QueueCls = CollectingQueue
+omega._local.__dict__.clear()             # new sessions: pools with that queue
+gc.disable()                             # collections only where this child says
+gc.freeze()                              # and quick: what exists now is not scanned
+gc.callbacks.append(track)
+
+
+def abandon(n):
+    for i in range(n):
+        for piece in omega.stream("hi", "openai", config):
+            break
+        if i % 5 == 4:
+            assert omega.complete("hi", "openai", config).text == "whole"
+
+
+streams = int(sys.argv[2])
+abandon(streams)
+threads = [threading.Thread(target=abandon, args=(streams // 10,)) for _ in range(16)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+gc.collect()
+total = streams + 16 * (streams // 10)
+deadline = time.monotonic() + 5
+while hung_up[0] < total and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({"streams": total, "hung_up": hung_up[0], "puts_in_gc": len(puts_in_gc)}))
+"""
+
 # omega in a child whose address space is capped at 1 GiB: a client that reads
 # without limit dies of MemoryError there instead of eating the machine.
 CAPPED_CHILD = r"""
@@ -5293,6 +5696,14 @@ print(json.dumps(outcome))
 
 
 # --- stream bodies and captures ----------------------------------------------
+
+# The first line of a real OpenRouter stream (a kimi-k2 tool call by way of Novita,
+# recorded in simonw/llm's tests): it begins with a space.
+OPENROUTER_SPACED_LINE = (
+    b' data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":'
+    b'"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":'
+    b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,'
+    b'"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fpv0_170758dd"}')
 
 # Real-shaped stream bodies, byte for byte (Gemini's keep their CRLF line ends):
 # OpenAI, OpenRouter and Ollama built from the documented shapes, Anthropic from the
