@@ -4832,7 +4832,6 @@ def test_readme_states_the_timings_the_code_uses():
 SPEC_MENTION = re.compile(r"SPEC|\.\./shared|(?i:\bthe spec\b|\bspec (?:section|§))")
 
 
-@pytest.mark.xfail(strict=True, reason="README rewrite pending")
 def test_readme_stands_alone_and_names_the_limits():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         text = f.read()
