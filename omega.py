@@ -852,9 +852,9 @@ def check_keys(section: dict, schema: dict, where: str, prefix: str) -> None:
 
 
 def check_value(key: str, value, kind, where: str) -> None:
-    """value of the config key `key` is of kind and meets its rule (RULES); else a
-    ConfigError that starts with where. A number must be finite, as a float too
-    (an integer of 400 digits is not a timeout)."""
+    """value, for the config key `key`, is of kind and meets its rule (RULES); else
+    a ConfigError that starts with where. A number must be finite and fit in a
+    float (an integer of 400 digits is no timeout)."""
     if value is None or isinstance(value, bool) != (kind is bool) \
             or not isinstance(value, kind) or number(value) and not finite(value):
         expected = {bool: "true or false", str: "a string", int: "an integer",
@@ -1044,10 +1044,7 @@ def prepared_attachment(item, number: int, limit: int, who: str) -> Attachment:
     elif isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
         data, mime = read_attachment(path, limit, who), None
-        # A name the model is told must be text: bytes that are not UTF-8 in a
-        # file name (kept by Python as surrogates) would make the request invalid.
-        name = (os.path.basename(path.rstrip(os.sep)) or path).encode(
-            "utf-8", "surrogateescape").decode("utf-8", "replace")
+        name = os.path.basename(path.rstrip(os.sep)) or path
     else:
         raise ConfigError(f"attachment {number}: expected a file path, bytes or an Attachment, "
                           f"got {type(item).__name__}")
@@ -3839,8 +3836,8 @@ def logged_conversation(path: str, conversation: str | None) -> tuple[str, list[
         if rows is not None and recent_exchanges(path, 1):
             raise NoConversation(clean(f"no conversation {start} in {path}", 1000))
     if not rows:
-        raise NoConversation(clean(f"conversation log {path}: nothing to continue: no "
-                                   "exchange has been logged there yet", 1000))
+        raise log_error(path, "nothing to continue: no exchange has been logged there yet",
+                        NoConversation)
     return rows[0]["conversation"], rows
 
 
@@ -4054,7 +4051,8 @@ def schema_version(conn, path: str) -> int:
                                    " FROM pragma_user_version").fetchone()
     if version > LOG_SCHEMA_VERSION:
         raise log_error(path, f"written by a newer omega (log schema {version}, this one "
-                              f"knows {LOG_SCHEMA_VERSION}): upgrade omega.py or set [omega.log] path")
+                              f"knows {LOG_SCHEMA_VERSION}): upgrade omega.py or set "
+                              "[omega.log] path")
     if version < 0 or version == 0 and tables:
         raise log_error(path, "is another program's database, not an omega log: "
                               "set [omega.log] path to another file")
@@ -4095,8 +4093,8 @@ def disk_full(path: str) -> bool:
     return disk.f_bavail * disk.f_frsize < LOG_FULL_BELOW
 
 
-def log_error(path: str, what: str) -> LogError:
-    return LogError(clean(f"conversation log {path}: {what}", 1000))
+def log_error(path: str, what: str, kind: type = LogError) -> LogError:
+    return kind(clean(f"conversation log {path}: {what}", 1000))
 
 
 def record(log: str, ctx: Context, reply, error, started: float, conversation: dict | None,
@@ -4430,11 +4428,10 @@ def run_cli(argv) -> int:
         prompt = read_prompt(args.prompt)
         if not prompt.strip():
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
-        for flag, key, kind in (("--max-tokens", "max_tokens", int),
-                                ("--temperature", "temperature", NUMBER),
-                                ("--timeout", "timeout_secs", NUMBER)):
-            value = getattr(args, key.removesuffix("_secs"))
-            if value is not None:
+        for flag, value, key, kind in (("--max-tokens", args.max_tokens, "max_tokens", int),
+                                       ("--temperature", args.temperature, "temperature", NUMBER),
+                                       ("--timeout", args.timeout, "timeout_secs", NUMBER)):
+            if value is not None:                  # checked as the config's keys are
                 check_value(key, value, kind, flag)
         # The CLI writes the log itself, after the answer is out.
         config = {**with_own_table(raw, "log", {"enabled": False}), "_file": path}
@@ -4447,7 +4444,8 @@ def run_cli(argv) -> int:
         if args.go_on or args.chat:
             if not log:
                 raise ConfigError(f"--{'continue' if args.go_on else 'chat'} needs the log, "
-                                  "which is off (--no-log, OMEGA_LOG=0 or [omega.log] enabled = false)")
+                                  "which is off (--no-log, OMEGA_LOG=0 or [omega.log] "
+                                  "enabled = false)")
             conversation, ctx, provider = continued(log, args.chat, ctx, provider)
         options = dict(provider=provider, config=config, on_status=say,
                        fallback=args.fallback, timeout=args.timeout)
