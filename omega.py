@@ -32,9 +32,9 @@ call, start reading at 9, Calling.
      1. Data               Message, Context, Attachment, MessageMetadata,
                            OutgoingMessage, Call
      2. Errors             OmegaError ... ProviderUnavailable (context given to
-                           __init__), LogError; the failure policy: every backend's
-                           error bodies -> typed errors, Retry-After
-     3. Secrets            Secret, mask, redact, clean
+                           __init__), LogError, NoConversation; the failure policy:
+                           every backend's error bodies -> typed errors, Retry-After
+     3. Secrets            Secret, mask, redact, printable, clean
      4. Configuration      read -> validate -> provider settings -> keys -> load_config
      5. Attachments        the kind from the bytes, read once, base64 written once
      6. Transports         HTTP (per-thread session, the deadline watchdog, send, body
