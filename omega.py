@@ -1739,7 +1739,7 @@ def sse_events(chunks, settings: dict):
     (b"raw", those lines). What one line or event holds, its lines' overhead
     included, is at most max_response_bytes."""
     limit = settings["max_response_bytes"]
-    held, held_size, cr, first = [], 0, False, True   # cr: the last piece ended in CR
+    held, cr, first = bytearray(), False, True   # cr: the last piece ended in CR
     name, data, raw, size = None, [], [], 0
     for chunk in itertools.chain(chunks, (b"\n\n",)):    # the end of the body ends all
         if not chunk:
@@ -1764,20 +1764,9 @@ def sse_events(chunks, settings: dict):
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         else:
             cr = False
-        if b"\n" not in chunk:
-            held.append(chunk)             # no line ends yet: joined once one comes
-            held_size += len(chunk) + LINE_OVERHEAD
-            if held_size > limit:
-                raise too_large(settings, where="one line of the stream")
+        lines = complete_lines(chunk, held, settings)
+        if not lines:
             continue
-        if held:
-            chunk = b"".join(held) + chunk
-            held, held_size = [], 0
-        lines = chunk.split(b"\n")
-        rest = lines.pop()
-        if rest:
-            held.append(rest)
-            held_size = len(rest) + LINE_OVERHEAD
         if first:
             lines[0], first = lines[0].removeprefix(BOM), False
         for line in lines:
@@ -1819,28 +1808,31 @@ def sse_events(chunks, settings: dict):
 def ndjson_lines(chunks, settings: dict):
     """Each non-blank line of a newline-delimited JSON body arriving in pieces; one
     line holds at most max_response_bytes, however it is cut."""
-    limit, held, held_size = settings["max_response_bytes"], [], 0
+    held = bytearray()
     for chunk in chunks:
-        if b"\n" not in chunk:
-            held.append(chunk)
-            held_size += len(chunk) + LINE_OVERHEAD
-            if held_size > limit:
-                raise too_large(settings, where="one line of the stream")
-            continue
-        if held:
-            chunk = b"".join(held) + chunk
-            held, held_size = [], 0
-        lines = chunk.split(b"\n")
-        rest = lines.pop()
-        if rest:
-            held.append(rest)
-            held_size = len(rest) + LINE_OVERHEAD
-        for line in lines:
+        for line in complete_lines(chunk, held, settings):
             if line.strip():
                 yield line
-    line = b"".join(held)
-    if line.strip():
-        yield line
+    if held.strip():
+        yield bytes(held)
+
+
+def complete_lines(chunk: bytes, held: bytearray, settings: dict) -> list[bytes]:
+    """The lines (LF-ended) that a piece of a body completes. held: the start of a
+    line that earlier pieces left unfinished, which this piece's unfinished end
+    joins; more than max_response_bytes of it is an error, however it is cut."""
+    if b"\n" in chunk:
+        lines = chunk.split(b"\n")
+        if held:
+            lines[0] = bytes(held) + lines[0]
+            held.clear()
+        held += lines.pop()
+    else:
+        lines = []
+        held += chunk
+    if len(held) > settings["max_response_bytes"]:
+        raise too_large(settings, where="one line of the stream")
+    return lines
 
 
 _logger = None
