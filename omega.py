@@ -1484,7 +1484,11 @@ def plain_body(raw):
 def close_left_bodies() -> None:
     """Close the bodies that requests ended early left unfinished (see OPEN_BODIES)."""
     while LEFT_BODIES:
-        LEFT_BODIES.popleft().close()
+        try:
+            body = LEFT_BODIES.popleft()
+        except IndexError:             # another thread took the last one
+            return
+        body.close()
 
 
 def hang_up(response) -> None:
