@@ -1,10 +1,37 @@
-"""The omega test suite: offline, deterministic, real local servers.
+"""The omega test suite: offline, deterministic, against real local servers.
 
-Every HTTP backend is exercised through a threaded stdlib HTTP server on
-127.0.0.1 that answers in the real API's wire format (see the canned bodies
-below) and records what it was sent. The claude-code backend runs a fake
-`claude` executable that the tests write: JSON on stdout, exit 1 on errors,
-sessions for --resume, the prompt read from stdin.
+How it works:
+- Every HTTP backend talks to FakeAPI (the `api` fixture): a threaded stdlib HTTP server on
+  127.0.0.1 that answers in that API's own wire format, records each request, and on demand
+  attacks the client (endless bodies, gzip bombs, trickled headers, streams cut short).
+- claude-code runs a fake `claude` executable that each test writes (the `claude` fixture, its
+  program FAKE_CLAUDE in Test data): the prompt read from stdin, JSON or stream-json on stdout,
+  exit 1 on errors, sessions for --resume, and a plan of what each run does.
+- The command line runs in-process through the `cli_main` fixture (omega.main with a config
+  written as TOML); a real `python omega.py` child (run_cli, start_cli) runs only where the
+  process itself is what is tested: pipes, exit status, buffering, signals.
+- clean_env (autouse) gives each test no real key, no real config, no proxy, no real waiting
+  and a HOME of its own under tmp_path.
+- The tests marked real_claude run the real claude CLI against a fake Messages API; they are
+  skipped unless `make test-real` installed it.
+
+The sections follow omega.py's own:
+    Fakes and fixtures
+     1. Data               Context, Message, metadata
+     2. Errors             the error classes; error bodies -> typed errors; what is retried
+     3. Secrets            keys never shown; clean()
+     4. Configuration      files, environment, validation, keys
+     5. Attachments        kinds from the bytes, limits, read once
+     6. Transports         HTTP: bodies, retries, deadlines, hostile servers, stream framing,
+                           TLS, proxies, concurrency; processes: the claude process group
+     7. Backends           every backend, then one sub-banner per backend
+     8. The backend table
+     9. Calling            status timer, routing, fallback, complete() and ask(), stream(), Chat
+    10. Diagnostics        --check, the first-run hint
+    11. Conversation log
+    12. Command line       every test of `python omega.py`
+    13. The real claude binary (make test-real)
+    14. Test data          bodies, captures, OpenAPI fragments, files, fake programs
 """
 import base64
 import gzip
@@ -63,9 +90,17 @@ def clean_env(monkeypatch, tmp_path):
     yield
 
 
+@pytest.fixture
+def real_retry_floor(monkeypatch):
+    """The real shortest wait (clean_env shortens it to keep retrying tests fast)."""
+    monkeypatch.setattr(omega, "RETRY_MIN_SECS", REAL["RETRY_MIN_SECS"])
+
+
 # =============================================================================
-# A scriptable fake API server
+# Fakes and fixtures
 # =============================================================================
+
+# --- a scriptable fake API server --------------------------------------------
 
 class Recorded:
     def __init__(self, method, path, headers, raw):
@@ -107,6 +142,12 @@ class FakeAPI(http.server.ThreadingHTTPServer):
 
     def last(self):
         return self.requests[-1]
+
+    def handle_error(self, request, client_address):
+        """Silent when the client hung up: a thread of an earlier test's server could
+        otherwise print that traceback into the stderr a later test captures."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -295,6 +336,16 @@ def api():
     server.server_close()
 
 
+@pytest.fixture
+def api2():
+    server = FakeAPI()
+    threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True).start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture(scope="session")
 def tls_cert(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""
@@ -334,7 +385,8 @@ def refused_url():
     return f"http://127.0.0.1:{port}"
 
 
-# Canned answers in each API's real wire format.
+# --- canned answers in each API's real wire format ---------------------------
+
 def openai_ok(text="Hello from OpenAI", **extra):
     body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000,
             "model": "gpt-4o-2024-08-06",
@@ -379,6 +431,25 @@ OK = {"openai": openai_ok, "openrouter": openai_ok, "anthropic": anthropic_ok,
 HTTP_NAMES = tuple(OK)
 
 
+def answer_of(name, text, stop=None):
+    """A body of backend `name` whose answer text is `text` (stop: its stop reason)."""
+    if name in ("openai", "openrouter"):
+        body = openai_ok(text)
+        body["choices"][0]["finish_reason"] = stop or "stop"
+        return body
+    if name == "anthropic":
+        return anthropic_ok({"type": "text", "text": text}, stop=stop or "end_turn")
+    if name == "gemini":
+        return gemini_ok({"text": text}, finish=stop or "STOP")
+    return ollama_ok(text, done_reason=stop or "stop")
+
+
+def openai_error(status, code, message="boom", kind=None):
+    return {"error": {"message": message, "type": kind or code, "param": None, "code": code}}
+
+
+# --- configs and calls aimed at the fake server ------------------------------
+
 def cfg(name, api, **section):
     """A config dict aiming `name` at the fake server."""
     base = api.url if isinstance(api, FakeAPI) else api
@@ -394,8 +465,185 @@ def ask_via(name, api, ctx=None, **section):
     return omega.complete(ctx or omega.Context("Say hi"), provider=name, config=cfg(name, api, **section))
 
 
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def toml_for(config):
+    """Write a config dict as TOML (enough for the tests' flat sections)."""
+    lines = []
+    for table, section in (("provider", config.get("provider", {})),
+                           ("status", config.get("status", {}))):
+        plain = {k: v for k, v in section.items() if not isinstance(v, dict)}
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in plain.items()]
+        for name, sub in section.items():
+            if isinstance(sub, dict):
+                lines.append(f"[{table}.{name}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in sub.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- streams -----------------------------------------------------------------
+
+STREAM_TYPES = {"sse": "text/event-stream", "ndjson": "application/x-ndjson"}
+
+
+def serve_stream(api, body, framing="chunked", seed=0, most=4096, status=200, headers=None,
+                 **extra):
+    kind = "ndjson" if body.startswith(b"{") and b"\ndata:" not in body else "sse"
+    return api.reply(raw=body, status=status, action="stream", framing=framing, seed=seed,
+                     most=most, headers={"Content-Type": STREAM_TYPES[kind], **(headers or {})},
+                     **extra)
+
+
+def sse(*events, done=True):
+    """An OpenAI-style SSE body from chunk dicts (and the [DONE] line)."""
+    lines = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+    return b"".join(lines) + (b"data: [DONE]\n\n" if done else b"")
+
+
+def oa_chunk(content=None, finish=None, **extra):
+    delta = {} if content is None else {"content": content}
+    return {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+
+def stream_via(name, api, ctx=None, **section):
+    s = omega.stream(ctx or omega.Context("hi"), name, cfg(name, api, **section))
+    pieces = []
+    with s:
+        for piece in s:
+            pieces.append(piece)
+    return pieces, s
+
+
+# --- a fake `claude` executable (its program: FAKE_CLAUDE, in Test data) -----
+
+class FakeClaude:
+    def __init__(self, root):
+        self.dir = root
+        self.command = str(root / "claude")
+        (root / "claude").write_text(FAKE_CLAUDE.replace("PYTHON", sys.executable))
+        (root / "claude").chmod(0o755)
+
+    def plan(self, *steps):
+        (self.dir / "plan.json").write_text(json.dumps(list(steps)))
+
+    def calls(self):
+        path = self.dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def config(self, **section):
+        """A config for it, with a 20 s deadline: a run that hangs fails, not the suite."""
+        return {"provider": {"default": "claude-code", "claude-code": {
+            "command": self.command, "resume_delay_secs": 0, "timeout_secs": 20, **section}}}
+
+
+@pytest.fixture
+def claude(tmp_path, monkeypatch):
+    root = tmp_path / "fakeclaude"
+    root.mkdir()
+    monkeypatch.setenv("FAKE_CLAUDE_DIR", str(root))
+    return FakeClaude(root)
+
+
+def cc(claude, ctx=None, on_status=None, **section):
+    return omega.complete(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section),
+                          on_status=on_status)
+
+
+# --- processes ---------------------------------------------------------------
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:          # a zombie is as good as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def read_pids(path, within=15):
+    """The two pids a fake claude wrote (itself and its grandchild)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            parent, grandchild = map(int, path.read_text().split())
+            return parent, grandchild
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    raise AssertionError(f"the fake claude never wrote {path}")
+
+
+def gone(*pids, within=3):
+    deadline = time.monotonic() + within
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not any(alive(p) for p in pids)
+
+
+def kill_leftovers(*pids):
+    """After a failing run: no process of ours outlives the test."""
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# --- the command line --------------------------------------------------------
+
+def cli_env(tmp_path, **extra):
+    # As in a user's shell: no PYTHONUNBUFFERED, so stdout to a pipe is block-buffered.
+    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS + ("PYTHONUNBUFFERED",)}
+    env.update(HOME=str(tmp_path / "home"), OMEGA_CONFIG=str(tmp_path / "cli.toml"))
+    env.update(extra)
+    if not os.path.exists(env["OMEGA_CONFIG"]):
+        (tmp_path / "cli.toml").write_text("")
+    return env
+
+
+def run_cli(tmp_path, *args, config=None, input=None, timeout=30, **env):
+    if config is not None:
+        (tmp_path / "cli.toml").write_text(toml_for(config))
+    return subprocess.run([sys.executable, OMEGA_PY, *args], cwd=tmp_path, capture_output=True,
+                          text=True, input=input, timeout=timeout, env=cli_env(tmp_path, **env),
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+@pytest.fixture
+def cli_main(tmp_path):
+    """cli_main(config, *args): omega.main in-process, config written as TOML in tmp_path."""
+    def run(config, *args):
+        path = tmp_path / "cli-main.toml"
+        path.write_text(toml_for(config))
+        return omega.main(["-c", str(path), *args])
+    return run
+
+
+# --- attachments, request bodies, leaked keys --------------------------------
+
+# The test files of Test data by name (all three when none is named), as Attachments.
+def files(*names):
+
+    known = {"red.png": PNG, "hello.pdf": PDF, "notes.txt": NOTES}
+    return [omega.Attachment(known[name], name=name) for name in names or known]
+
+
+def wire(body):
+    """A request body as the server reads it (attachments written as base64)."""
+    payload = omega.json_payload(body)
+    return json.loads(payload if isinstance(payload, bytes) else b"".join(payload))
+
+
+def leaks(text, key=KEY):
+    """True when text holds 12 or more consecutive characters of key."""
+    text = "" if text is None else str(text)
+    return any(key[i:i + 12] in text for i in range(len(key) - 11))
+
+
 # =============================================================================
-# 1. Data types
+# 1. Data
 # =============================================================================
 
 def test_to_api_messages_merges_drops_and_folds_system():
@@ -439,13 +687,409 @@ def test_metadata_sums_tokens_only_when_both_known_and_to_dict_is_json():
 
 
 # =============================================================================
-# 2. Configuration
+# 2. Errors
 # =============================================================================
 
-def write(path, text):
-    path.write_text(textwrap.dedent(text))
-    return str(path)
+# --- the error classes -------------------------------------------------------
 
+def test_every_error_class_derives_from_provider_and_omega_error():
+    for cls in (omega.AuthError, omega.RateLimitError, omega.ProviderTimeout,
+                omega.EmptyResponse, omega.ProviderUnavailable):
+        assert issubclass(cls, omega.ProviderError) and issubclass(cls, omega.OmegaError)
+    assert issubclass(omega.ConfigError, omega.OmegaError)
+    assert not issubclass(omega.ConfigError, omega.ProviderError)
+    codes = [c.exit_code for c in (omega.ProviderError, omega.ConfigError, omega.AuthError,
+                                   omega.RateLimitError, omega.ProviderTimeout,
+                                   omega.EmptyResponse, omega.ProviderUnavailable)]
+    assert codes == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_provider_error_takes_all_its_context_in_the_constructor():
+    e = omega.ProviderError("boom", "openai", 503, "server_error", "req_1", retry_after=1.5,
+                            retryable=True, reason="connection refused", not_set_up=True,
+                            session_id="s-1", partial_text="half", fallbacks=("anthropic: 401 no",))
+    assert (e.message, e.provider, e.status, e.code, e.request_id) == \
+        ("boom", "openai", 503, "server_error", "req_1")
+    assert (e.retry_after, e.retryable, e.reason, e.not_set_up, e.session_id, e.partial_text) == \
+        (1.5, True, "connection refused", True, "s-1", "half")
+    assert list(e.fallbacks) == ["anthropic: 401 no"]
+    assert str(e).startswith("openai: 503 server_error: boom") and "\n" not in str(e)
+    plain = omega.ProviderError("x")
+    assert list(plain.fallbacks) == [] and plain.not_set_up is False and plain.retryable is False
+
+
+# --- error bodies become typed errors ----------------------------------------
+
+# Every error body shape gives the provider's own message.
+ERROR_BODIES = {
+    "openai": (404, {"error": {"message": "The model `gpt-9` does not exist or you do not have "
+                                          "access to it.", "type": "invalid_request_error",
+                               "param": None, "code": "model_not_found"}},
+               "404 model_not_found: The model `gpt-9` does not exist"),
+    "anthropic": (404, {"type": "error", "error": {"type": "not_found_error",
+                                                  "message": "model: claude-9"},
+                        "request_id": "req_011"},
+                  "404 not_found_error: model: claude-9 (request_id=req_011)"),
+    "gemini": (404, {"error": {"code": 404, "message": "models/gem-9 is not found for API "
+                               "version v1beta", "status": "NOT_FOUND"}},
+               "404 NOT_FOUND: models/gem-9 is not found"),
+    "ollama": (404, {"error": "model 'llama9' not found"}, "404: model 'llama9' not found"),
+    "openrouter": (400, {"error": {"code": 400, "message": "Invalid model id"}, "user_id": "u1"},
+                   "400: Invalid model id"),
+}
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_error_bodies_give_the_providers_own_message(api, name):
+    status, body, expected = ERROR_BODIES[name]
+    api.reply(body, status=status)
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via(name, api)
+    assert type(err.value) is omega.ProviderError and str(err.value).startswith(f"{name}: ")
+    assert expected in str(err.value) and err.value.status == status
+    assert len(api.requests) == 1                                  # 4xx: no retry
+
+
+def test_request_id_from_headers(api):
+    api.reply({"error": {"message": "bad", "type": "invalid_request_error", "param": None,
+                         "code": None}}, status=400, headers={"x-request-id": "req_abc"})
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    assert err.value.request_id == "req_abc" and str(err.value) == \
+        "openai: 400 invalid_request_error: bad (request_id=req_abc)"
+    api.reply(anthropic_ok(), headers={"request-id": "req_xyz"})
+    assert ask_via("anthropic", api).metadata.request_id == "req_xyz"
+
+
+def test_html_502_gives_a_short_clean_message(api):
+    page = b"<html><head><title>502 Bad Gateway</title></head><body>" + b"x" * 5000 + b"</html>"
+    for _ in range(3):
+        api.reply(raw=page, status=502, headers={"Content-Type": "text/html"})
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    assert str(err.value) == "openai: 502: the server sent an HTML page, not JSON"
+    assert len(api.requests) == 3
+
+
+@pytest.mark.parametrize("reply, error, message", [
+    (dict(raw=b'{"choices": [{"message": {"content": "Hel'), omega.ProviderError,
+     "the server sent malformed data, not JSON"),
+    (dict(raw=b""), omega.ProviderError, "the server sent an empty body, not JSON"),
+    (dict(body={"unexpected": True}), omega.EmptyResponse, "no answer text (no choices)"),
+    (dict(body={"choices": "nonsense"}), omega.ProviderError,
+     "the answer did not have the expected shape"),
+], ids=["cut-json", "empty-body", "no-choices", "wrong-shape"])
+def test_garbage_200_is_provider_error_without_the_body(api, reply, error, message):
+    api.reply(**reply)
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    assert type(err.value) is error and err.value.message == message
+    assert "Hel" not in str(err.value) and len(api.requests) == 1
+
+
+@pytest.mark.parametrize("name, status, body", [
+    ("openai", 401, openai_error(401, "invalid_api_key", "Incorrect API key provided: sk-…cdef")),
+    ("anthropic", 401, {"type": "error", "error": {"type": "authentication_error",
+                                                   "message": "invalid x-api-key"}}),
+    ("anthropic", 403, {"type": "error", "error": {"type": "permission_error", "message": "no"}}),
+    ("gemini", 400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid "
+                               "API key.", "status": "INVALID_ARGUMENT", "details": [
+                                   {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                    "reason": "API_KEY_INVALID",
+                                    "domain": "googleapis.com"}]}}),
+    ("openrouter", 401, {"error": {"code": 401, "message": "No auth credentials found"}}),
+])
+def test_rejected_keys_are_auth_errors(api, name, status, body):
+    api.reply(body, status=status)
+    with pytest.raises(omega.AuthError):
+        ask_via(name, api)
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("name, status, body", [
+    ("openai", 429, openai_error(429, "insufficient_quota", "You exceeded your current quota")),
+    ("openrouter", 402, {"error": {"code": 402, "message": "Insufficient credits"}}),
+    ("anthropic", 400, {"type": "error", "error": {"type": "invalid_request_error", "message":
+                        "Your credit balance is too low to access the Anthropic API."}}),
+    ("anthropic", 402, {"type": "error", "error": {"type": "billing_error", "message": "Pay"}}),
+    ("anthropic", 429, {"type": "error", "error": {"type": "rate_limit_error", "message": "cap",
+                        "details": {"error_code": "enforced_spend_limit_reached"}}}),
+])
+def test_quota_exhaustion_is_rate_limit_error_never_retried(api, name, status, body):
+    api.reply(body, status=status, headers={"Retry-After": "0"})
+    with pytest.raises(omega.RateLimitError):
+        ask_via(name, api)
+    assert len(api.requests) == 1
+
+
+# --- what is retried, and when: Retry-After ----------------------------------
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 503, 529, 599])
+def test_retryable_statuses_are_retried(api, status):
+    api.reply({"error": {"message": "try again", "type": "transient"}}, status=status)
+    api.reply(openai_ok())
+    reply = ask_via("openai", api)
+    assert reply.text == "Hello from OpenAI" and reply.metadata.attempts == 2
+    assert len(api.requests) == 2
+
+
+@pytest.mark.parametrize("status", [400, 404, 410, 422, 499, 600])
+def test_other_statuses_are_not_retried(api, status):
+    api.reply({"error": {"message": "no", "type": "invalid_request_error"}}, status=status)
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    assert err.value.status == status and err.value.retryable is False
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_503_three_times_gives_provider_error_after_retries(api, name):
+    for _ in range(3):
+        api.reply({"error": {"code": 503, "message": "The model is overloaded.",
+                             "status": "UNAVAILABLE"}}, status=503)
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via(name, api)
+    assert type(err.value) is omega.ProviderError and err.value.status == 503
+    assert "The model is overloaded." in str(err.value) and len(api.requests) == 3
+
+
+def test_anthropic_529_overloaded_is_retried(api):
+    api.reply({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
+               "request_id": None}, status=529)
+    api.reply(anthropic_ok())
+    assert ask_via("anthropic", api).metadata.attempts == 2
+
+
+def test_x_should_retry_false_is_respected(api):
+    api.reply({"type": "error", "error": {"type": "api_error", "message": "no"}},
+              status=500, headers={"x-should-retry": "false"})
+    with pytest.raises(omega.ProviderError):
+        ask_via("anthropic", api)
+    assert len(api.requests) == 1
+
+
+def test_429_with_retry_after_is_retried_and_announced(api, real_retry_floor):
+    api.reply(openai_error(429, "rate_limit_exceeded", "Rate limit reached for gpt-4o"),
+              status=429, headers={"Retry-After": "0"})
+    api.reply(openai_ok())
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), "openai", cfg("openai", api),
+                           on_status=statuses.append)
+    assert reply.text == "Hello from OpenAI" and reply.metadata.attempts == 2
+    assert statuses == ["openai: 429, retrying in 0.1 s (2/3)"]     # at least 0.1 s
+    assert len(api.requests) == 2 and api.requests[0].body == api.requests[1].body
+
+
+@pytest.mark.parametrize("headers", [{"retry-after-ms": "200"}, {"Retry-After": "0.2"},
+                                     {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}])
+def test_retry_after_forms_are_honoured(api, monkeypatch, headers, real_retry_floor):
+    waits = []
+    monkeypatch.setattr(omega.time, "sleep", waits.append)
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers=headers)
+    api.reply(openai_ok())
+    assert ask_via("openai", api).metadata.attempts == 2
+    in_the_past = "GMT" in str(headers)
+    assert waits == ([0.1] if in_the_past else [0.2])       # never less than 0.1 s
+
+
+def test_long_retry_after_is_not_retried(api):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "120"})
+    with pytest.raises(omega.RateLimitError) as err:
+        ask_via("openai", api)
+    assert err.value.retry_after == 120 and len(api.requests) == 1
+
+
+def test_gemini_retry_info_in_the_body(api, monkeypatch):
+    waits = []
+    monkeypatch.setattr(omega.time, "sleep", waits.append)
+    quota = {"error": {"code": 429, "message": "Resource has been exhausted", "status":
+                       "RESOURCE_EXHAUSTED", "details": [
+                           {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                            "violations": [{"quotaMetric": "m", "quotaId": "q"}]},
+                           {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                            "retryDelay": "1.5s"}]}}
+    api.reply(quota, status=429)
+    api.reply(gemini_ok())
+    assert ask_via("gemini", api).metadata.attempts == 2 and waits == [1.5]
+    quota["error"]["details"][1]["retryDelay"] = "61s"
+    api.reply(quota, status=429)
+    with pytest.raises(omega.RateLimitError, match="RESOURCE_EXHAUSTED") as err:
+        ask_via("gemini", api)
+    assert err.value.retry_after == 61 and len(api.requests) == 3
+
+
+# =============================================================================
+# 3. Secrets
+# =============================================================================
+
+def test_keys_stay_out_of_errors_logs_and_reprs(api, caplog, monkeypatch):
+    monkeypatch.setenv("OPENROUTER_API_KEY", ENV_KEY)
+    echo = f"Incorrect API key provided: {KEY}. And {ENV_KEY}."
+    api.reply(openai_error(401, "invalid_api_key", echo), status=401)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(omega.AuthError) as err:
+        ask_via("openai", api)
+    api.reply({"error": {"code": 401, "message": f"Bad key {ENV_KEY}"}}, status=401)
+    with pytest.raises(omega.AuthError) as err2:
+        omega.complete(omega.Context("hi"), "openrouter", {"provider": {"openrouter": {
+            "base_url": api.url + "/v1", "api_key_env": "OPENROUTER_API_KEY"}}})
+    settings = omega.provider_settings(cfg("openai", api), "openai")
+    seen = " ".join([str(err.value), repr(err.value), str(err2.value), repr(err2.value),
+                     caplog.text, repr(settings), str(settings),
+                     repr(omega.load_config(cfg("openai", api))), str(err.value.args)])
+    assert KEY not in seen and ENV_KEY not in seen
+    assert "…cdef" in str(err.value)            # masked, still recognisable
+    assert "POST" in caplog.text                  # the log did record the calls
+
+
+def test_secret_values_are_never_echoed_by_validation(tmp_path):
+    path = write(tmp_path / "bad.toml", f'[provider.openai]\napi_key = ["{KEY}"]\n')
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(path)
+    assert KEY not in str(err.value) and "api_key: expected a string" in str(err.value)
+
+
+@pytest.mark.parametrize("name, header, value", [
+    ("openai", "Authorization", f"Bearer {KEY}"), ("openrouter", "Authorization", f"Bearer {KEY}"),
+    ("anthropic", "x-api-key", KEY), ("gemini", "x-goog-api-key", KEY)])
+def test_request_headers_mask_the_key_in_repr(name, header, value):
+    settings = omega.provider_settings({"provider": {name: {"api_key": KEY}}}, name)
+    url, headers, body = omega.PROVIDERS[name].request(omega.Context("hi"), settings)
+    assert not leaks(repr(headers)) and not leaks(str(headers))
+    assert headers[header] == value                                  # still sent in full
+
+
+ECHOES = {   # "@KEY@" becomes the key the request carried
+    "error.code": ("openai", dict(status=400, body={"error": {
+        "message": "bad key", "type": "invalid_request_error", "param": None, "code": "@KEY@"}})),
+    "x-request-id": ("openai", dict(status=400, body=openai_error(400, "invalid_request_error"),
+                                    headers={"x-request-id": "@KEY@"})),
+    "body-request_id": ("anthropic", dict(status=400, body={"type": "error", "error": {
+        "type": "invalid_request_error", "message": "bad"}, "request_id": "@KEY@"})),
+    "openrouter-metadata.raw": ("openrouter", dict(body={"error": {
+        "code": 502, "message": "Provider returned error", "metadata": {
+            "provider_name": "DeepInfra", "raw": "upstream: " + "u" * 275 + "@KEY@ rejected"}}})),
+    "across-char-500": ("openai", dict(status=400, body=openai_error(
+        400, "invalid_request_error", "x" * 485 + "@KEY@ is not a valid key"))),
+}
+
+
+# A variable no rule of omega's knows: only the key omega read from it can redact it.
+UNIQUE_VAR, UNIQUE_KEY = "MY_UNIQUE_LLM_KEY", "my-unique-llm-key-3141592653589"
+
+
+@pytest.mark.parametrize("source", ["api_key", "api_key_env"])
+@pytest.mark.parametrize("where", list(ECHOES))
+def test_a_key_echoed_back_never_shows(api, capsys, monkeypatch, where, source, cli_main):
+    name, reply = ECHOES[where]
+    config, key = cfg(name, api, max_retries=0), KEY
+    if source == "api_key_env":                     # the key comes from $MY_UNIQUE_LLM_KEY
+        assert UNIQUE_VAR not in omega.SECRET_ENV
+        monkeypatch.setenv(UNIQUE_VAR, UNIQUE_KEY)
+        del config["provider"][name]["api_key"]
+        config["provider"][name]["api_key_env"], key = UNIQUE_VAR, UNIQUE_KEY
+    api.default = lambda request: {**reply, "echo": True}
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete(omega.Context("hi"), name, config)
+    assert sent_key(api.last().headers) == key          # the server did get it, and echoed it
+    e = err.value
+    for shown in (str(e), repr(e), e.code, e.request_id, e.message):
+        assert not leaks(shown, key), shown
+    assert "\n" not in str(e) and len(e.message) <= 500
+    assert cli_main(config, "hi") == e.exit_code
+    stderr = capsys.readouterr().err
+    assert not leaks(stderr, key) and stderr.count("\n") == 1
+
+
+OAUTH_TOKEN = "sk-ant-oat01-UNIQUE-oauth-2718281828"
+
+
+@pytest.mark.parametrize("source", ["config", "environment"])
+@pytest.mark.parametrize("step", [
+    {"set": {"is_error": True, "result": "OAuth token @TOKEN@ has expired · Please run /login"}},
+    {"set": {"subtype": "error_during_execution", "is_error": True, "result": None,
+             "errors": ["request with @TOKEN@ failed"], "session_id": "s-@TOKEN@"}},
+    {"raw": "", "exit": 1, "stderr": "fatal: CLAUDE_CODE_OAUTH_TOKEN=@TOKEN@ rejected\n"},
+], ids=["json-result", "json-errors-and-session", "stderr"])
+def test_claude_oauth_token_never_shows(claude, monkeypatch, capsys, cli_main, step, source):
+    if source == "config":
+        config = claude.config(oauth_token=OAUTH_TOKEN, max_resume_attempts=0)
+    else:
+        assert "CLAUDE_CODE_OAUTH_TOKEN" in omega.SECRET_ENV
+        monkeypatch.setenv("CLAUDE_CODE_OAUTH_TOKEN", OAUTH_TOKEN)
+        config = claude.config(max_resume_attempts=0)
+    claude.plan(step, step)
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete(omega.Context("hi"), config=config)
+    assert claude.calls()[0]["env"]["CLAUDE_CODE_OAUTH_TOKEN"] == OAUTH_TOKEN   # it had it
+    e = err.value
+    for shown in (str(e), repr(e), e.message, e.session_id, e.args):
+        assert not leaks(shown, OAUTH_TOKEN), shown
+    assert cli_main(config, "hi") == e.exit_code
+    assert not leaks(capsys.readouterr().err, OAUTH_TOKEN)
+
+
+def test_claude_oauth_token_is_masked_wherever_settings_show(claude, capsys, monkeypatch,
+                                                            cli_main):
+    monkeypatch.setenv("OLLAMA_HOST", refused_url())
+    config = claude.config(oauth_token=OAUTH_TOKEN)
+    settings = omega.provider_settings(config, "claude-code")
+    assert settings["oauth_token"] == OAUTH_TOKEN                   # still usable
+    for shown in (repr(settings), str(settings), repr(omega.load_config(config))):
+        assert not leaks(shown, OAUTH_TOKEN) and "'…1828'" in shown
+    assert cli_main(config, "--check") == 0
+    assert not leaks(capsys.readouterr().out, OAUTH_TOKEN)
+
+
+# --- clean(): no forged lines, no terminal escapes, short --------------------
+
+FORGED = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nomega: all good\x1b[0m\x9b1m"
+
+
+def control_chars(text):
+    return [c for c in text or "" if ord(c) < 32 or 127 <= ord(c) < 160]
+
+
+def test_server_text_cannot_forge_lines_or_send_terminal_escapes(api, capsys, cli_main):
+    api.default = lambda request: {
+        "status": 400, "headers": {"x-request-id": "req\x1b]52;c;eA==\x07"},
+        "body": {"error": {"message": "bad " + FORGED, "type": "x", "param": None,
+                           "code": "c" + FORGED}}}
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    e = err.value
+    for shown in (str(e), e.message, e.code, e.request_id):
+        assert control_chars(shown) == [], repr(shown)
+    assert cli_main(cfg("openai", api), "hi") == 1
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and control_chars(stderr) == ["\n"]
+
+
+def test_claude_session_id_cannot_forge_lines_or_send_terminal_escapes(claude):
+    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True,
+                         "session_id": "s-1" + FORGED}, "drop": ["result"]})
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude, max_resume_attempts=0)
+    for shown in (str(err.value), err.value.message, err.value.session_id):
+        assert control_chars(shown) == [], repr(shown)
+
+
+@pytest.mark.parametrize("text, limit, short", [
+    ("alpha beta gamma", 16, "alpha beta gamma"),
+    ("alpha beta gamma", 15, "alpha beta…"),
+    ("alpha beta gamma delta", 12, "alpha beta…"),
+    ("alphabetagammadelta", 10, "alphabeta…"),
+    ("a bcdefghijklmnop", 10, "a bcdefgh…"),        # no space in the second half: cut
+])
+def test_shorten_cuts_at_a_word_boundary(text, limit, short):
+    assert omega.shorten(text, limit) == short and len(short) <= limit
+
+
+# =============================================================================
+# 4. Configuration
+# =============================================================================
+
+# --- where it comes from: files, the environment, defaults -------------------
 
 def test_defaults_without_any_file():
     config = omega.load_config()
@@ -554,6 +1198,161 @@ def test_ollama_host_gets_scheme_and_port(monkeypatch, value, url):
     assert omega.provider_settings({}, "ollama")["base_url"] == url
 
 
+def test_shipped_config_example_changes_nothing_and_documents_valid_keys():
+    import re
+    import tomllib
+    text = open(os.path.join(HERE, "config.toml")).read()
+    assert omega.load_config(os.path.join(HERE, "config.toml"))["provider"] == \
+        omega.load_config({})["provider"]
+    uncommented = tomllib.loads(re.sub(r"(?m)^# (\w+ = )", r"\1", text))
+    omega.validate(uncommented, "config.toml")         # every documented key is a real key
+    documented = {k for section in uncommented["provider"].values() if isinstance(section, dict)
+                  for k in section}
+    assert documented == {k for schema in omega.SCHEMA.values() for k in schema}
+
+
+def test_a_host_applications_config_keeps_its_own_tables(api, tmp_path, monkeypatch):
+    path = write(tmp_path / "config.toml", HOST_TABLES + f"""
+[provider]
+default = "ollama"
+
+[provider.ollama]
+base_url = "{api.url}"
+max_retries = 10
+
+[status]
+delay_secs = 0.1
+repeat_secs = 0.1
+
+[log]
+enabled = false
+path = "omega-log.db"
+""")
+    assert omega.load_config(path)["provider"]["default"] == "ollama"
+    api.reply(ollama_ok())
+    assert omega.complete(omega.Context("hi"), config=path).text == "Hello from Ollama"
+    monkeypatch.setattr(omega, "config_paths", lambda: [path])     # beside omega.py
+    assert omega.load_config()["provider"]["default"] == "ollama"
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ("[provider]\ncolour = 1", "unknown key provider.colour"),
+    ("[provider.openai]\ncolour = 1", "unknown key provider.openai.colour"),
+    ("[status]\ncolour = 1", "unknown key status.colour"),
+    ("[log]\ncolour = 1", "unknown key log.colour"),
+    ('[log]\nenabled = "yes"', "log.enabled: expected true or false"),
+    ("[log]\npath = 1", "log.path: expected a string"),
+    ("provider = 1", "provider: expected a table"),
+], ids=["provider", "provider-section", "status", "log", "log-enabled", "log-path",
+        "provider-not-a-table"])
+def test_omegas_own_tables_stay_strict_in_a_shared_file(tmp_path, extra, fragment):
+    bad = write(tmp_path / "bad.toml", extra + "\n" + HOST_TABLES)
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(bad)
+    assert fragment in str(err.value) and bad in str(err.value)
+
+
+# --- validation: one line naming the file and the key ------------------------
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[provider\ndefault = "x"', "malformed TOML"),
+    ('[provider]\ndefault = "nope"', "provider.default: unknown provider 'nope'"),
+    ('[provider.openai]\ncolour = "red"', "unknown key provider.openai.colour"),
+    ('[provider.mystery]\nmodel = "x"', "unknown key provider.mystery"),
+    ('[provider.openai]\ntimeout_secs = "ten"', "provider.openai.timeout_secs: expected a number"),
+    ('[provider.openai]\ntimeout_secs = 0', "timeout_secs: expected a number greater than 0"),
+    ('[provider.openai]\ntimeout_secs = -5', "greater than 0"),
+    ('[provider.openai]\nmax_retries = true', "max_retries: expected an integer"),
+    ('[provider.claude-code]\nallowed_tools = "Read"', "allowed_tools: expected a list"),
+    ('[provider.claude-code]\nallowed_tools = [1]', "expected a list of strings"),
+    ('[provider.ollama]\nbase_url = "localhost:11434"', "base_url: expected an http"),
+    ('[provider]\nfallback = ["openai", "nope"]', "provider.fallback: unknown provider"),
+    ('[status]\ndelay_secs = "soon"', "status.delay_secs: expected a number"),
+    ('[provider]\ncolour = 1', "unknown key provider.colour"),
+])
+def test_bad_config_is_one_line_config_error(tmp_path, text, fragment):
+    path = write(tmp_path / "bad.toml", text)
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(path)
+    message = str(err.value)
+    assert fragment in message and path in message and "\n" not in message
+
+
+def test_malformed_toml_names_the_line(tmp_path):
+    path = write(tmp_path / "bad.toml", '[provider]\ndefault = "openai"\nmodel = \n')
+    with pytest.raises(omega.ConfigError, match="line 3"):
+        omega.load_config(path)
+
+
+def test_toml_that_is_not_utf8_is_a_one_line_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[provider.openai]\nmodel = "caf\xe9"\n')
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[provider.openai]\nmax_retries = 11", "max_retries"),
+    ("[provider.openai]\ntimeout_secs = nan", "timeout_secs"),
+    ("[provider.claude-code]\ntimeout_secs = inf", "timeout_secs"),
+    ("[provider.anthropic]\ntemperature = nan", "temperature"),
+    ("[provider.claude-code]\nresume_delay_secs = inf", "resume_delay_secs"),
+    ("[status]\ndelay_secs = inf", "delay_secs"),
+    ("[status]\nrepeat_secs = 1e-9", "repeat_secs"),
+    ("[status]\ndelay_secs = 0.05", "delay_secs"),
+])
+def test_numbers_out_of_range_or_not_finite_are_config_errors(tmp_path, text, key):
+    path = write(tmp_path / "c.toml", text + "\n")
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(path)
+    message = str(err.value)
+    assert key in message and path in message and "\n" not in message
+
+
+def test_max_response_bytes_is_a_setting_of_every_provider(tmp_path):
+    assert all(omega.load_config({})["provider"][n]["max_response_bytes"] == 32 * 1024 * 1024
+               for n in omega.NAMES)
+    text = "".join(f"[provider.{n}]\nmax_response_bytes = 65536\n" for n in omega.NAMES)
+    config = omega.load_config(write(tmp_path / "ok.toml", text))
+    assert all(config["provider"][n]["max_response_bytes"] == 65536 for n in omega.NAMES)
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("0", "expected a number greater than 0, got 0"),
+    ("-1", "expected a number greater than 0, got -1"),
+    ('"big"', "expected an integer, got str"), ("1.5", "expected an integer, got 1.5")])
+def test_bad_max_response_bytes_is_config_error(tmp_path, bad, expected):
+    path = write(tmp_path / "bad.toml", f"[provider.openai]\nmax_response_bytes = {bad}\n")
+    with pytest.raises(omega.ConfigError, match="provider.openai.max_response_bytes: " +
+                       re.escape(expected)):
+        omega.load_config(path)
+
+
+def test_empty_claude_command_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    path = write(tmp_path / "c.toml", '[provider.claude-code]\ncommand = ""\n')
+    with pytest.raises(omega.ConfigError, match="command"):
+        omega.complete(omega.Context("hi"), "claude-code", path)
+
+
+def test_disabled_provider_is_config_error_naming_the_file(tmp_path):
+    path = write(tmp_path / "c.toml", '[provider.openai]\nenabled = false\n')
+    with pytest.raises(omega.ConfigError, match=r"c\.toml.*openai is disabled"):
+        omega.complete(omega.Context("hi"), "openai", path)
+
+
+def test_load_config_output_is_a_valid_config_and_hides_keys_in_repr(api):
+    config = omega.load_config(cfg("openai", api))
+    assert KEY not in repr(config) and KEY not in str(config)
+    assert config["provider"]["openai"]["api_key"] == KEY         # still usable
+    api.reply(openai_ok())
+    assert omega.complete(omega.Context("hi"), config=config).text == "Hello from OpenAI"
+    assert api.last().headers["authorization"] == f"Bearer {KEY}"
+
+
+# --- keys --------------------------------------------------------------------
+
 @pytest.mark.parametrize("name, section, sent", [
     ("openai", {}, None),                 # an OpenAI-compatible local server: none sent
     ("anthropic", {}, omega.AuthError),   # no key for it: an error before any request
@@ -592,66 +1391,1169 @@ def test_empty_api_key_counts_as_unset(monkeypatch):
     assert s["api_key"] == ENV_KEY and s["sources"]["api_key"] == "env OPENAI_API_KEY"
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ('[provider\ndefault = "x"', "malformed TOML"),
-    ('[provider]\ndefault = "nope"', "provider.default: unknown provider 'nope'"),
-    ('[provider.openai]\ncolour = "red"', "unknown key provider.openai.colour"),
-    ('[provider.mystery]\nmodel = "x"', "unknown key provider.mystery"),
-    ('[provider.openai]\ntimeout_secs = "ten"', "provider.openai.timeout_secs: expected a number"),
-    ('[provider.openai]\ntimeout_secs = 0', "timeout_secs: expected a number greater than 0"),
-    ('[provider.openai]\ntimeout_secs = -5', "greater than 0"),
-    ('[provider.openai]\nmax_retries = true', "max_retries: expected an integer"),
-    ('[provider.claude-code]\nallowed_tools = "Read"', "allowed_tools: expected a list"),
-    ('[provider.claude-code]\nallowed_tools = [1]', "expected a list of strings"),
-    ('[provider.ollama]\nbase_url = "localhost:11434"', "base_url: expected an http"),
-    ('[provider]\nfallback = ["openai", "nope"]', "provider.fallback: unknown provider"),
-    ('[status]\ndelay_secs = "soon"', "status.delay_secs: expected a number"),
-    ('[provider]\ncolour = 1', "unknown key provider.colour"),
-])
-def test_bad_config_is_one_line_config_error(tmp_path, text, fragment):
-    path = write(tmp_path / "bad.toml", text)
+@pytest.mark.parametrize("name, var", [("openai", "OPENAI_API_KEY"),
+                                       ("anthropic", "ANTHROPIC_API_KEY"),
+                                       ("openrouter", "OPENROUTER_API_KEY"),
+                                       ("gemini", "GEMINI_API_KEY")])
+def test_missing_key_is_auth_error_before_any_request(name, var):
+    with pytest.raises(omega.AuthError) as err:
+        omega.complete(omega.Context("hi"), name, {})
+    assert f"provider.{name}.api_key" in str(err.value) and var in str(err.value)
+
+
+@pytest.mark.parametrize("name, section, env, sent", [
+    ("openai", {"api_key": KEY + "\n"}, {}, KEY),                 # a key read from a file
+    ("anthropic", {"api_key": f"\t{KEY} \r\n"}, {}, KEY),
+    ("openai", None, {"OPENAI_API_KEY": f" {ENV_KEY}\n"}, ENV_KEY),
+    ("gemini", None, {"GEMINI_API_KEY": f"{ENV_KEY}\r\n"}, ENV_KEY),
+], ids=["file-newline", "file-tabs-and-crlf", "env-spaces", "env-crlf"])
+def test_keys_are_stripped_of_surrounding_whitespace(api, monkeypatch, name, section, env, sent):
+    api.default = lambda request: {"body": OK[name]()}
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    if section is None:              # the official base_url, but the fake server answers it
+        monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")
+        config = {"provider": {name: {}}}
+        if name == "gemini":         # a base_url in the file gets only api_key_env's key
+            config = {"provider": {name: {"base_url": api.url, "api_key_env": "GEMINI_API_KEY"}}}
+        omega.complete(omega.Context("hi"), name, config)
+    else:
+        ask_via(name, api, **section)
+    assert sent_key(api.last().headers) == sent
+
+
+@pytest.mark.parametrize("name, section, env, setting", [
+    ("openai", {"api_key": "sk-\x01" + KEY}, {}, "provider.openai.api_key"),
+    ("openai", {}, {"OPENAI_API_KEY": ENV_KEY[:10] + "\n" + ENV_KEY[10:]}, "OPENAI_API_KEY"),
+    ("anthropic", {"api_key": "sk-ключ-" + KEY}, {}, "provider.anthropic.api_key"),
+    ("openrouter", {"title": "My ☕ App"}, {}, "provider.openrouter.title"),
+    ("openrouter", {"referer": "https://a.example\r\nX-Evil: 1"}, {},
+     "provider.openrouter.referer"),
+    ("claude-code", {"oauth_token": "oauth-" + KEY + "\x1b"}, {},
+     "provider.claude-code.oauth_token"),
+], ids=["control-char-in-file-key", "newline-inside-env-key", "non-latin1-key", "title-emoji",
+        "referer-crlf", "oauth-token-escape"])
+def test_bad_character_in_a_key_or_header_is_config_error_naming_the_setting(
+        api, claude, monkeypatch, name, section, env, setting):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")   # nothing can go far
+    config = claude.config(**section) if name == "claude-code" else \
+        {"provider": {name: {}}} if env else cfg(name, api, **section)
     with pytest.raises(omega.ConfigError) as err:
-        omega.load_config(path)
+        omega.complete(omega.Context("hi"), name, config)
     message = str(err.value)
-    assert fragment in message and path in message and "\n" not in message
+    assert setting in message and "\n" not in message
+    assert not leaks(message) and not leaks(message, ENV_KEY) and not leaks(repr(err.value))
+    assert api.requests == [] and claude.calls() == []
 
 
-def test_malformed_toml_names_the_line(tmp_path):
-    path = write(tmp_path / "bad.toml", '[provider]\ndefault = "openai"\nmodel = \n')
-    with pytest.raises(omega.ConfigError, match="line 3"):
-        omega.load_config(path)
+# =============================================================================
+# 5. Attachments
+# =============================================================================
+
+def test_the_kind_comes_from_the_bytes_not_the_name(tmp_path):
+    (tmp_path / "scan.png").write_bytes(PDF)              # a .png that is a PDF
+    (tmp_path / "notes.md").write_bytes(b"\xef\xbb\xbf# Title\n")
+    items = [str(tmp_path / "scan.png"), b"GIF89a" + bytes(10), b"\xff\xd8\xff\xe0" + bytes(10),
+             omega.Attachment(b"RIFF\x10\x00\x00\x00WEBPVP8 ", mime="image/png"),
+             tmp_path / "notes.md", omega.Attachment("a,b\n", mime="text/csv", name="t.csv"),
+             bytearray(PNG)]
+    settings = omega.provider_settings(cfg("openai", "http://h"), "openai")
+    got = omega.attachments_of(omega.Context("x", attachments=items), settings)
+    assert [(a.mime, a.name) for a in got] == [
+        ("application/pdf", "scan.png"), ("image/gif", "attachment-2"),
+        ("image/jpeg", "attachment-3"), ("image/webp", "attachment-4"),
+        ("text/plain", "notes.md"), ("text/csv", "t.csv"), ("image/png", "attachment-7")]
+    assert "bytes" in repr(got[0]) and "%PDF" not in repr(got[0])
+    one = omega.Context("x", attachments=str(tmp_path / "scan.png"))      # one, not a list
+    assert len(omega.attachments_of(one, settings)) == 1
+    body = wire(omega.openai_request(omega.Context("x", attachments=got[:1] + got[4:5]),
+                                     settings)[2])
+    assert body["messages"][0]["content"][1]["file"] == {
+        "filename": "scan.png", "file_data": "data:application/pdf;base64," + PDF_B64}
+    assert body["messages"][0]["content"][2]["text"] == '<file name="notes.md">\n# Title\n</file>'
 
 
-def test_secret_values_are_never_echoed_by_validation(tmp_path):
-    path = write(tmp_path / "bad.toml", f'[provider.openai]\napi_key = ["{KEY}"]\n')
+def test_what_cannot_be_sent_is_a_one_line_config_error_naming_the_file(api, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    cases = [([tmp_path / "latin1.txt"], "latin1.txt: not an image (PNG, JPEG, GIF, WebP), a "
+                                         "PDF or UTF-8 text, so omega cannot send it"),
+             ([omega.Attachment(b"\x00\x01\x02", name="blob.bin")], "blob.bin: not an image"),
+             ([omega.Attachment(b"hello", mime="image/png", name="fake.png")],
+              "fake.png: said to be image/png, but its bytes are not"),
+             ([str(tmp_path / "none.png")], f"attachment {tmp_path / 'none.png'}: no such file"),
+             ([str(tmp_path)], f"attachment {tmp_path}: cannot read it"),
+             ([42], "attachment 1: expected a file path, bytes or an Attachment, got int"),
+             ([omega.Attachment(None)], "attachment 1: its data must be bytes, got NoneType")]
+    for items, message in cases:
+        with pytest.raises(omega.ConfigError) as err:
+            omega.complete(omega.Context("x", attachments=items), "openai", cfg("openai", api))
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert api.requests == []
+
+
+def test_documented_limits_fail_before_any_request(api, monkeypatch):
+    for name, size, limit in (("anthropic", 4 * 1024 * 1024, "an image as base64 may be at "
+                                                              "most 5,242,880 bytes"),
+                              ("openai", 21 * 1024 * 1024, "an image may be at most "
+                                                           "20,971,520 bytes")):
+        with pytest.raises(omega.ConfigError, match=f"{name}: cannot send photo.png: {limit}"):
+            omega.complete(omega.Context("x", attachments=[omega.Attachment(
+                PNG + bytes(size), name="photo.png")]), name, cfg(name, api))
+    monkeypatch.setattr(omega, "MIB", 64)        # "megabytes" of 64 bytes: tiny files suffice
+    gif = omega.Attachment(b"GIF89a" + bytes(10), name="anim.gif")
+    big = omega.Attachment(PNG + bytes(400), name="big.png")
+    cases = [
+        ("anthropic", [big], "anthropic: cannot send big.png: an image as base64 may be at most "
+                             "320 bytes, this is 632"),
+        ("openai", [omega.Attachment(PNG + bytes(1300), name="huge.png")],
+         "openai: cannot send huge.png: an image may be at most 1,280 bytes, this is 1,373"),
+        ("openai", [big] * 8, "openai: cannot send big.png, big.png, big.png …: images may be "
+                              "at most 3,200 bytes in one request, these are 3,784"),
+        ("gemini", [gif], "gemini: cannot send anim.gif: Gemini takes PNG, JPEG and WebP "
+                          "images, not GIF"),
+        ("gemini", [omega.Attachment(PDF + bytes(3000), name="long.pdf")],
+         "gemini: cannot send long.pdf: a PDF sent inline may be at most 3,200 bytes"),
+        ("ollama", files("hello.pdf"), "ollama: cannot send hello.pdf: Ollama's /api/chat "
+                                       "takes images and text files, not PDFs")]
+    for name, items, message in cases:
+        with pytest.raises(omega.ConfigError) as err:
+            omega.complete(omega.Context("x", attachments=items), name, cfg(name, api))
+        assert str(err.value).startswith(message), str(err.value)
+    assert api.requests == []
+    assert omega.complete(omega.Context("x", attachments=[big]), "openrouter",  # no limits there
+                          cfg("openrouter", api.reply(openai_ok()))).text == "Hello from OpenAI"
+
+
+def test_a_file_over_max_attachment_bytes_is_refused_before_it_is_read(api, tmp_path):
+    huge = tmp_path / "huge.pdf"
+    with open(huge, "wb") as f:
+        f.truncate(20 * 1024 ** 3)          # 20 GB, sparse: reading it would take minutes
+    started = time.monotonic()
     with pytest.raises(omega.ConfigError) as err:
-        omega.load_config(path)
-    assert KEY not in str(err.value) and "api_key: expected a string" in str(err.value)
+        omega.complete(omega.Context("x", attachments=[huge]), "gemini", cfg("gemini", api))
+    assert str(err.value).startswith(f"gemini: {huge} is 21,474,836,480 bytes, more than "
+                                     "max_attachment_bytes (33,554,432)")
+    assert time.monotonic() - started < 2
+    with pytest.raises(omega.ConfigError, match=r"openai: hello.pdf is 387 bytes, more than "
+                                                r"max_attachment_bytes \(100\)"):
+        omega.complete(omega.Context("x", attachments=files("hello.pdf")), "openai",
+                       cfg("openai", api, max_attachment_bytes=100))
+    assert api.requests == []
 
 
-def test_disabled_provider_is_config_error_naming_the_file(tmp_path):
-    path = write(tmp_path / "c.toml", '[provider.openai]\nenabled = false\n')
-    with pytest.raises(omega.ConfigError, match=r"c\.toml.*openai is disabled"):
-        omega.complete(omega.Context("hi"), "openai", path)
+def test_files_are_read_once_and_base64_written_once_per_request(api, api2, tmp_path,
+                                                                monkeypatch):
+    path = tmp_path / "red.png"
+    path.write_bytes(PNG)
+    reads, encodes = [], []
+    real_read, real_b64 = omega.read_attachment, omega.binascii.b2a_base64
+    monkeypatch.setattr(omega, "read_attachment", lambda *a: reads.append(a) or real_read(*a))
+    monkeypatch.setattr(omega.binascii, "b2a_base64",
+                        lambda *a, **k: encodes.append(1) or real_b64(*a, **k))
+    for _ in range(3):
+        api.reply(openai_error(503, "server_error"), status=503)
+    api2.reply(anthropic_ok())
+    config = cfg("openai", api)
+    config["provider"].update(fallback=["anthropic"], anthropic={"base_url": api2.url,
+                                                                 "api_key": KEY})
+    reply = omega.complete(omega.Context('"x:0"', attachments=[path]), config=config)
+    assert reply.metadata.provider_used == "anthropic"
+    assert len(reads) == 1 and len(encodes) == 2          # three tries to openai, one encoding
+    assert len({r.raw for r in api.requests}) == 1
+    assert api.requests[0].body["messages"][0]["content"][0]["text"] == '"x:0"'
+    assert api2.last().body["messages"][0]["content"][0]["source"]["data"] == PNG_B64
+    # the payload holds the encoded bytes once, as bytes: never a JSON string of them
+    pieces = omega.json_payload(omega.openai_request(
+        omega.Context("x", attachments=[path]), omega.provider_settings(config, "openai"))[2])
+    assert [p for p in pieces if PNG_B64.encode() in p] == [PNG_B64.encode()]
 
 
-def test_load_config_output_is_a_valid_config_and_hides_keys_in_repr(api):
-    config = omega.load_config(cfg("openai", api))
-    assert KEY not in repr(config) and KEY not in str(config)
-    assert config["provider"]["openai"]["api_key"] == KEY         # still usable
+# =============================================================================
+# 6. Transports
+# =============================================================================
+
+# --- HTTP: bodies ------------------------------------------------------------
+
+def test_import_does_no_io_and_starts_no_thread():
+    code = ("import sys, threading, os; before = dict(os.environ); import omega; "
+            "assert threading.active_count() == 1; assert dict(os.environ) == before; "
+            "assert 'requests' not in sys.modules and 'tomllib' not in sys.modules; "
+            "import logging; assert not logging.getLogger().handlers; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+LONG_ANSWER = "a long answer " * 20000       # 280 kB: several READ_SIZE pieces
+
+
+@pytest.mark.parametrize("encoding, compress", [
+    ("gzip", gzip.compress), ("x-gzip", gzip.compress), ("GZip ", gzip.compress),
+    ("deflate", zlib.compress),                                       # zlib-wrapped (RFC)
+    ("deflate", lambda data: (lambda c: c.compress(data) + c.flush())(
+        zlib.compressobj(6, zlib.DEFLATED, -15))),                    # raw deflate
+    ("identity", lambda data: data), ("", lambda data: data),
+], ids=["gzip", "x-gzip", "gzip-case-and-space", "deflate-zlib", "deflate-raw", "identity",
+        "empty"])
+def test_compressed_answers_are_read(api, encoding, compress):
+    api.reply(raw=compress(json.dumps(openai_ok(LONG_ANSWER)).encode()),
+              headers={"Content-Encoding": encoding})
+    assert ask_via("openai", api).text == LONG_ANSWER
+    assert api.last().headers["accept-encoding"] == "gzip, deflate"
+
+
+@pytest.mark.parametrize("encoding, raw, message", [
+    ("gzip", b"\x1f\x8b\x08\x00 this is not gzip", "the server sent a broken gzip body"),
+    ("deflate", b"\x78\x9c not deflate either", "the server sent a broken deflate body"),
+    ("br", b"\x0b\x02\x80{}\x03", "the server sent a body in 'br' encoding, which omega "
+                                "does not read (it asks for gzip or deflate)"),
+], ids=["broken-gzip", "broken-deflate", "brotli"])
+def test_undecodable_answers_are_provider_errors(api, encoding, raw, message):
+    api.reply(raw=raw, headers={"Content-Encoding": encoding})
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api)
+    assert type(err.value) is omega.ProviderError and err.value.message == message
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("status", [200, 400])
+def test_deeply_nested_json_is_a_provider_error(api, capsys, status, cli_main):
+    api.default = lambda request: {"raw": b"[" * 100000, "status": status}
+    with pytest.raises(omega.ProviderError):
+        ask_via("openai", api, max_retries=0)
+    assert cli_main(cfg("openai", api, max_retries=0), "hi") == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("omega: openai: ") and "internal error" not in stderr
+
+
+# --- HTTP: connections that fail ---------------------------------------------
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_closed_socket_is_retried(api, name):
+    api.reply(action="close")
+    api.reply(action="truncate", body=OK[name]())
+    api.reply(OK[name]())
+    assert ask_via(name, api).metadata.attempts == 3
+
+
+def test_closed_socket_every_time_is_unavailable(api):
+    for _ in range(3):
+        api.reply(action="close")
+    with pytest.raises(omega.ProviderUnavailable, match="connection closed"):
+        ask_via("openai", api)
+    assert len(api.requests) == 3
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_refused_port_is_unavailable(name):
+    with pytest.raises(omega.ProviderUnavailable, match="connection refused"):
+        ask_via(name, refused_url())
+
+
+def test_unknown_host_is_unavailable():
+    with pytest.raises(omega.ProviderUnavailable, match="host not found"):
+        ask_via("ollama", "http://no-such-host.invalid:11434", max_retries=0)
+
+
+# --- HTTP: retries wait 0.5 s x 2^n, at least 0.1 s, within the deadline -----
+
+def test_backoff_grows_and_is_capped(api, monkeypatch):
+    waits = []
+    monkeypatch.setattr(omega.time, "sleep", waits.append)        # no real waiting
+    monkeypatch.setattr(omega, "RETRY_BASE_SECS", REAL["RETRY_BASE_SECS"])
+    for _ in range(8):
+        api.reply({"error": "busy"}, status=503)
+    with pytest.raises(omega.ProviderError):
+        ask_via("ollama", api, max_retries=7)
+    assert len(waits) == 7 and len(api.requests) == 8
+    for wait, full in zip(waits, (0.5, 1, 2, 4, 8, 8, 8), strict=True):
+        assert 0.75 * full <= wait <= full
+
+
+@pytest.mark.parametrize("attempt, full", [(1, 0.5), (2, 1), (3, 2), (4, 4), (5, 8), (6, 8),
+                                           (10, 8)])
+@pytest.mark.parametrize("bound", ["low", "high"])
+def test_retry_wait_doubles_from_half_a_second_to_the_8_s_cap(monkeypatch, attempt, full, bound):
+    """README: "0.5 s × 2ⁿ, capped at 8 s, times a random factor 0.75–1"."""
+    monkeypatch.setattr(omega, "RETRY_BASE_SECS", REAL["RETRY_BASE_SECS"])
+    asked = []
+
+    def uniform(low, high):
+        asked.append((low, high))
+        return low if bound == "low" else high
+    monkeypatch.setattr(omega.random, "uniform", uniform)
+    error = omega.ProviderError("busy", "ollama", 503, retryable=True)
+    wait = omega.retry_wait(error, attempt, {"name": "ollama", "max_retries": 10},
+                            omega.Call.starting_now(3600))
+    assert wait == pytest.approx(full * (0.75 if bound == "low" else 1))
+    assert asked == [(0.75, 1)]
+
+
+@pytest.mark.parametrize("retry_after, left, wait", [
+    (None, 3600, 0.5), (0, 3600, 0.1), (0.05, 3600, 0.1), (60, 3600, 60), (61, 3600, None),
+    (5, 4, None), (None, 0.4, None),
+], ids=["backoff", "asks-0", "asks-less-than-0.1", "asks-60", "asks-61", "past-the-deadline",
+        "backoff-past-the-deadline"])
+def test_retry_wait_bounds(monkeypatch, retry_after, left, wait, real_retry_floor):
+    monkeypatch.setattr(omega, "RETRY_BASE_SECS", REAL["RETRY_BASE_SECS"])
+    monkeypatch.setattr(omega.random, "uniform", lambda low, high: high)
+    error = omega.RateLimitError("slow down", "openai", 429, retry_after=retry_after,
+                                 retryable=True)
+    settings = {"name": "openai", "max_retries": 2}
+    assert omega.retry_wait(error, 1, settings, omega.Call.starting_now(left)) == wait
+    assert omega.retry_wait(error, 3, settings, omega.Call.starting_now(3600)) is None
+
+
+def test_a_retry_waits_at_least_a_tenth_of_a_second(api, real_retry_floor):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429,
+              headers={"retry-after-ms": "0"})
     api.reply(openai_ok())
-    assert omega.complete(omega.Context("hi"), config=config).text == "Hello from OpenAI"
-    assert api.last().headers["authorization"] == f"Bearer {KEY}"
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), "openai", cfg("openai", api),
+                           on_status=statuses.append)
+    assert reply.metadata.attempts == 2
+    assert len(statuses) == 1 and "retrying in 0.1 s" in statuses[0]
+
+
+def test_deadline_covers_retries_and_waits(api, monkeypatch):
+    slept = []
+    monkeypatch.setattr(omega.time, "sleep", slept.append)
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "5"})
+    with pytest.raises(omega.RateLimitError):
+        ask_via("openai", api, timeout_secs=1)
+    assert slept == [] and len(api.requests) == 1       # a wait past the deadline is not taken
+
+
+# --- HTTP: deadlines against stalls and trickles -----------------------------
+
+def test_stall_past_the_deadline_is_provider_timeout(api):
+    api.reply(action="stall")
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout, match="within 0.3 s"):
+        ask_via("openai", api, timeout_secs=0.3)
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("framing", ["length", "close", "chunked"],
+                         ids=["content-length", "close-delimited", "chunked"])
+def test_slow_body_cannot_stretch_the_deadline(api, framing):
+    """Headers at once, then a byte every 0.2 s for 10 s: no single read waits longer
+    than the 0.5 s timeout, so only the call's own deadline can stop it."""
+    pieces = [(0, b'{"choices": ')] + [(0.2 * i, b" ") for i in range(1, 50)]
+    api.reply(action="pieces", pieces=pieces, framing=framing, length=100000)
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout, match="within 0.5 s"):
+        ask_via("openai", api, timeout_secs=0.5)
+    assert time.monotonic() - started < 1.5
+    assert len(api.requests) == 1
+
+
+def test_trickled_status_line_and_headers_cannot_stretch_the_deadline(api):
+    api.reply(action="trickle_head", body=openai_ok())      # ~15 s at 50 ms a byte
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("openai", api, timeout_secs=1)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_deadline_that_passes_while_connecting_sends_nothing(api, monkeypatch):
+    """The deadline fires before the socket exists (a slow DNS answer here): the socket
+    is shut as soon as it is handed over, and the watchdog keeps guarding later calls."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "slow-dns.test":          # answers once the call's deadline has fired
+            watch, waited = omega._local.watch, time.monotonic() + 5
+            while not watch.fired and time.monotonic() < waited:
+                time.sleep(0.01)
+            host = "127.0.0.1"
+        return real_getaddrinfo(host, port, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    api.default = lambda request: {"body": openai_ok()}
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("openai", f"http://slow-dns.test:{api.server_address[1]}", timeout_secs=0.3)
+    assert api.requests == []
+    api.default = lambda request: {"action": "pieces", "framing": "length", "length": 1000,
+                                   "pieces": [(0.2 * i, b" ") for i in range(50)]}
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("openai", api, timeout_secs=0.5)
+    assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_the_deadline_holds_mid_stream(api, framing):
+    first = sse(oa_chunk("early"), done=False)
+    api.reply(action="pieces", framing=framing, pieces=[(0, first)],
+              headers={"Content-Type": "text/event-stream"})
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout) as err:
+        stream_via("openai", api, timeout_secs=0.5)
+    assert time.monotonic() - started < 1.5
+    assert err.value.partial_text == "early"
+
+
+def test_finished_requests_do_not_pile_up_in_the_watchdog(api):
+    """Each call's deadline (600 s here) stays queued until it passes, unless the next
+    call clears the finished ones: many calls must not grow the queue."""
+    api.default = echo_default
+    for i in range(20):
+        ask_via("openai", api)
+    with omega._watch_lock:
+        assert len(omega._watches) <= 2
+
+
+# --- HTTP: endless bodies and gzip bombs stop at max_response_bytes ----------
+
+@pytest.mark.parametrize("action", ["endless", "endless_close", "gzip_bomb"])
+def test_endless_body_or_gzip_bomb_stops_at_the_default_cap(api, tmp_path, action):
+    api.reply(action=action)
+    out = subprocess.run([sys.executable, "-c", CAPPED_CHILD, HERE,
+                          json.dumps(cfg("openai", api, timeout_secs=20))],
+                         capture_output=True, text=True, timeout=60, env=cli_env(tmp_path))
+    assert out.stdout, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["error"] == "ProviderError", result
+    assert "answer larger than" in result["message"] and result["status"] == 200
+    assert len(api.requests) == 1                     # not retried
+    assert result["peak_mb"] < 400, result            # about 32 MiB, not the whole body
+
+
+@pytest.mark.parametrize("reply", [dict(body=openai_ok("x" * 5000)), dict(action="endless"),
+                                   dict(action="endless_close")],
+                         ids=["content-length", "chunked-endless", "close-delimited-endless"])
+def test_body_over_max_response_bytes_is_a_provider_error_not_retried(api, reply):
+    api.reply(**reply)
+    with pytest.raises(omega.ProviderError, match="answer larger than") as err:
+        ask_via("openai", api, max_response_bytes=1000)
+    assert type(err.value) is omega.ProviderError and err.value.status == 200
+    assert len(api.requests) == 1
+
+
+# --- HTTP: stream framing (SSE, NDJSON, chunked) -----------------------------
+
+# The framing traps: each body, cut at every possible place into two reads.
+SSE_CASES = {
+    "crlf": (b"data: a\r\n\r\ndata: b\r\n\r\n", [b"a", b"b"]),
+    "cr-only": (b"data: a\r\rdata: b\r\r", [b"a", b"b"]),
+    "comments-and-unknown-fields": (b": keep-alive\n\nid: 7\nretry: 5\ndata: a\n\nid: 8\n\n",
+                                    [b"a"]),
+    "multi-line-data": (b"data: {\"a\":\ndata: 1}\n\n", [b"{\"a\":\n1}"]),
+    "no-space-after-colon": (b"data:a\n\n", [b"a"]),
+    "no-final-blank-line": (b"data: a\n\ndata: [DONE]", [b"a", b"[DONE]"]),
+    "utf8-and-u2028": ("data: \"é – \u2028 ✓\"\n\n".encode(), ["\"é – \u2028 ✓\"".encode()]),
+    "bom": (b"\xef\xbb\xbfdata: a\n\n", [b"a"]),
+    "event-names": (b"event: ping\ndata: {}\n\nevent: message_stop\ndata: x\n\n",
+                    [b"{}", b"x"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SSE_CASES))
+def test_sse_framing_survives_every_split(case):
+    body, expected = SSE_CASES[case]
+    for cut in range(len(body) + 1):
+        events = list(omega.sse_events(iter([body[:cut], body[cut:]])))
+        assert [data for _, data in events] == expected, cut
+    singles = list(omega.sse_events(iter([body[i:i + 1] for i in range(len(body))])))
+    assert [data for _, data in singles] == expected
+
+
+def test_ndjson_lines_survive_every_split():
+    body = b'{"a": 1}\r\n\n{"b": "\xc3\xa9"}\n{"c": 3}'
+    for cut in range(len(body) + 1):
+        lines = [json.loads(x) for x in omega.ndjson_lines(iter([body[:cut], body[cut:]]))]
+        assert lines == [{"a": 1}, {"b": "é"}, {"c": 3}]
+
+
+@pytest.mark.parametrize("raw", [b"zz\r\ndata: x\r\n", b"-5\r\nhello\r\n"],
+                         ids=["not-hex", "negative"])
+def test_a_malformed_chunk_size_is_a_broken_connection(api, raw):
+    serve_stream(api, raw, framing="raw", hold_at=len(raw), then="cut",
+                 headers={"Transfer-Encoding": "chunked"})
+    with pytest.raises(omega.ProviderUnavailable, match="connection closed"):
+        stream_via("openai", api, max_retries=0)
+
+
+# --- HTTP: TLS and proxies ---------------------------------------------------
+
+@pytest.mark.parametrize("var", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_https_with_the_ca_bundle_from_the_environment(tls_api, tls_cert, monkeypatch, var):
+    monkeypatch.setenv(var, tls_cert[0])
+    tls_api.reply(openai_ok("over TLS"))
+    assert ask_via("openai", tls_api).text == "over TLS"
+    assert tls_api.last().path == "/v1/chat/completions"
+
+
+def test_https_with_an_untrusted_certificate_is_unavailable(tls_api):
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        ask_via("openai", tls_api, max_retries=0)
+    assert err.value.reason == "TLS error" and tls_api.requests == []
+
+
+def test_https_slow_body_cannot_stretch_the_deadline(tls_api, tls_cert, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", tls_cert[0])
+    tls_api.reply(action="pieces", framing="length", length=1000,
+                  pieces=[(0.2 * i, b" ") for i in range(50)])
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("openai", tls_api, timeout_secs=0.5)
+    assert time.monotonic() - started < 1.5
+
+
+def test_proxy_environment_is_honoured(api, monkeypatch):
+    """HTTP_PROXY sends the request to the proxy (here: the fake server itself)."""
+    api.reply(ollama_ok("via proxy"))
+    monkeypatch.setenv("HTTP_PROXY", api.url)
+    reply = ask_via("ollama", "http://model-host.example:11434")
+    assert reply.text == "via proxy"
+    assert api.last().path == "http://model-host.example:11434/api/chat"
+    monkeypatch.setenv("NO_PROXY", "model-host.example")
+    omega._local.__dict__.clear()
+    with pytest.raises(omega.ProviderUnavailable):
+        ask_via("ollama", "http://model-host.example:11434", max_retries=0)
+
+
+def test_proxy_cannot_stretch_the_deadline_either(api, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", api.url)
+    api.reply(action="pieces", framing="length", length=1000,
+              pieces=[(0.2 * i, b" ") for i in range(50)])
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout):
+        ask_via("ollama", "http://model-host.example:11434", timeout_secs=0.5)
+    assert time.monotonic() - started < 1.5
+    assert api.last().path == "http://model-host.example:11434/api/chat"
+
+
+# --- HTTP: connection reuse and concurrency ----------------------------------
+
+def echo_default(request):
+    return {"body": openai_ok("echo " + request.body["messages"][-1]["content"])}
+
+
+def test_sixteen_threads_get_their_own_answers(api):
+    api.default = echo_default
+    config = cfg("openai", api)
+    answers, errors = {}, []
+
+    def worker(i):
+        try:
+            for j in range(5):
+                text = omega.complete(omega.Context(f"q{i}-{j}"), "openai", config).text
+                answers[(i, j)] = text
+        except Exception as e:            # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert answers == {(i, j): f"echo q{i}-{j}" for i in range(16) for j in range(5)}
+
+
+def test_connections_are_reused(api):
+    api.default = echo_default
+    for i in range(10):
+        ask_via("openai", api)
+    assert len(api.requests) == 10 and api.connections == 1
+
+
+# --- processes: the claude process group -------------------------------------
+
+def bounded(function, within):
+    """function() in a thread: what it returned or raised, or an AssertionError once it
+    has run for `within` seconds (a hung call fails the test instead of hanging it)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = function()
+        except BaseException as e:       # handed to the test
+            box["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"still running after {within} s"
+    return box
+
+
+@pytest.fixture
+def signals_sent(monkeypatch):
+    """Every signal omega sends to a process group (not the 0 of a liveness probe)."""
+    sent, real_killpg = [], os.killpg
+
+    def killpg(pgid, sig):
+        real_killpg(pgid, sig)
+        if sig:
+            sent.append(signal.Signals(sig).name)
+    monkeypatch.setattr(os, "killpg", killpg)
+    return sent
+
+
+def test_claude_code_hang_kills_the_whole_group_at_the_deadline(claude, signals_sent):
+    claude.plan({"hang": True})
+    started = time.monotonic()
+    outcome = bounded(lambda: cc(claude, timeout_secs=0.5), within=10)
+    assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
+    assert "within 0.5 s" in str(outcome["error"]) and time.monotonic() - started < 5
+    pids = read_pids(claude.dir / "pids")
+    try:
+        assert gone(*pids) and signals_sent[0] == "SIGTERM"
+    finally:
+        kill_leftovers(*pids)
+
+
+def test_claude_that_ignores_sigterm_gets_sigkill(claude, signals_sent):
+    claude.plan({"hang": True, "ignore_term": True})
+    started = time.monotonic()
+    outcome = bounded(lambda: cc(claude, timeout_secs=0.3), within=10)
+    pids = read_pids(claude.dir / "pids")
+    try:
+        assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
+        assert signals_sent == ["SIGTERM", "SIGKILL"]
+        assert gone(*pids, within=1)                  # the child and its grandchild
+        assert time.monotonic() - started < 5          # deadline 0.3 s + grace 0.5 s
+    finally:
+        kill_leftovers(*pids)
+
+
+def test_claude_gets_its_grace_period_to_exit_cleanly(claude, signals_sent):
+    claude.plan({"hang": True, "term_cleanup": 0.2})
+    outcome = bounded(lambda: cc(claude, timeout_secs=0.3), within=10)
+    pids = read_pids(claude.dir / "pids")
+    try:
+        assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
+        assert (claude.dir / "cleaned").exists()       # not killed in the middle of it
+        assert signals_sent[0] == "SIGTERM" and gone(*pids)
+    finally:
+        kill_leftovers(*pids)
+
+
+def test_claude_child_that_exits_while_a_grandchild_holds_stdout(claude):
+    claude.plan({"linger": True, "result": "the answer"})
+    try:
+        reply = cc(claude, timeout_secs=8)
+        returned = time.time()
+        assert reply.text == "the answer"
+        # Once the CLI has exited, nothing waits on the pipe the grandchild holds open
+        # (that takes ~0.1 s; a 1 s wait for more output would be a regression).
+        assert returned - float((claude.dir / "exited").read_text()) < 0.8
+        assert gone(*read_pids(claude.dir / "pids"))
+    finally:
+        kill_leftovers(*read_pids(claude.dir / "pids"))
+
+
+def test_closing_a_claude_stream_stops_the_process_group(claude):
+    claude.plan({"lines": [{"start": "A"}, {"delta": "first"}, "HANG"]})
+    s = omega.stream("hi", "claude-code", claude.config())
+    assert next(s) == "first"
+    deadline = time.monotonic() + 5
+    while not (claude.dir / "pids").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pids = [int(p) for p in (claude.dir / "pids").read_text().split()]
+    s.close()
+    for pid in pids:
+        assert not alive(pid)
+
+
+def test_claude_that_stops_reading_its_prompt_costs_no_cpu(claude, tmp_path):
+    """omega stops writing at the first EPIPE; it does not spin on a dead pipe while
+    the CLI works (0.5 s here)."""
+    script = tmp_path / "closes-stdin"
+    script.write_text(CLOSES_STDIN.replace("PYTHON", sys.executable))
+    script.chmod(0o755)
+    cpu = time.process_time()
+    reply = cc(claude, omega.Context("x" * (1024 * 1024)), command=str(script))
+    assert reply.text == "answered without reading"
+    assert time.process_time() - cpu < 0.25
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_claude_output_over_max_response_bytes_is_a_provider_error(claude, stream):
+    claude.plan({"flood": 4 << 20, "to": stream})
+    with pytest.raises(omega.ProviderError, match="answer larger than"):
+        cc(claude, max_response_bytes=65536, timeout_secs=20)
 
 
 # =============================================================================
-# 3. The HTTP backends: what is sent, what comes back
+# 7. Backends
 # =============================================================================
+
+# --- every HTTP backend ------------------------------------------------------
 
 CTX = omega.Context("What is 2+2?", system_prompt="Be brief",
                     history=[omega.Message("user", "Hi"), omega.Message("assistant", "Hello")],
                     max_tokens=50, temperature=0.3)
 
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_unset_limits_are_left_out(api, name):
+    api.reply(OK[name]())
+    ask_via(name, api, omega.Context("hi"))
+    body = api.last().body
+    flat = json.dumps(body)
+    assert "temperature" not in flat and "num_predict" not in flat
+    assert "maxOutputTokens" not in flat and "max_completion_tokens" not in flat
+    assert ("max_tokens" in body) == (name == "anthropic")
+
+
+@pytest.mark.parametrize("ctx, section, model", [
+    (omega.Context("hi", model="gpt-4.1-mini", complex=True), {"model_complex": "o3"},
+     "gpt-4.1-mini"),
+    (omega.Context("hi", complex=True), {"model_complex": "o3"}, "o3"),
+    (omega.Context("hi", complex=True), {}, "gpt-4o"),
+    (omega.Context("hi"), {"model_complex": "o3", "model": "gpt-4.1"}, "gpt-4.1"),
+], ids=["request-model-wins", "complex-picks-model_complex", "complex-without-model_complex",
+        "simple-picks-model"])
+def test_model_override_and_complex_model(api, ctx, section, model):
+    api.reply(openai_ok())
+    ask_via("openai", api, ctx, **section)
+    assert api.last().body["model"] == model
+
+
+def test_base_url_without_a_host_is_config_error():
+    with pytest.raises(omega.ConfigError, match="invalid base_url"):
+        ask_via("ollama", "http://")
+
+
+def test_trailing_slash_on_base_url_is_ignored(api):
+    api.reply(ollama_ok())
+    ask_via("ollama", api, base_url=api.url + "/")
+    assert api.last().path == "/api/chat"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("openai", openai_ok(choices=[{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": 42}}])),
+    ("anthropic", anthropic_ok({"type": "text", "text": ["a"]})),
+    ("gemini", gemini_ok({"text": {"a": 1}})),
+    ("ollama", ollama_ok(message={"role": "assistant", "content": {"a": 1}})),
+], ids=["openai", "anthropic", "gemini", "ollama"])
+def test_answer_text_that_is_not_a_string_is_a_provider_error(api, name, body):
+    api.reply(body)
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via(name, api)
+    assert type(err.value) is omega.ProviderError and "expected shape" in str(err.value)
+
+
+# --- every HTTP backend, streamed --------------------------------------------
+
+# What each of STREAM_BODIES (Test data) must give: (pieces, text or None, (input, output,
+# stop, cost) or the error class, its status and whether it may be retried).
+STREAM_EXPECTED = {
+    "openai/normal.sse": (["Hello", "!", " How can I help?"], "Hello! How can I help?",
+                          (None, None, "stop", None)),
+    "openai/usage.sse": (["Hello", "!", " How can I help?"], "Hello! How can I help?",
+                         (19, 9, "stop", None)),
+    "openai/refusal.sse": (["I'm sorry, I can't help with that."],
+                           "I'm sorry, I can't help with that.", (None, None, "refusal", None)),
+    "openai/error_midstream.sse": (["The answer", " is"], None, (omega.ProviderError, 500, True)),
+    "openrouter/normal_usage_cost.sse": (["Hello", "!", " How can I help?"],
+                                         "Hello! How can I help?", (13, 9, "stop", 7.35e-06)),
+    "openrouter/error_midstream.sse": (["The answer", " is"], None,
+                                       (omega.ProviderError, 502, True)),
+    "anthropic/normal_docs_example.sse": (["Hello", "!"], "Hello!", (25, 15, "end_turn", None)),
+    "anthropic/thinking_docs_example.sse": (
+        ["The greatest common divisor of 1071 and 462 is **21**."],
+        "The greatest common divisor of 1071 and 462 is **21**.", (None, None, "end_turn", None)),
+    "anthropic/refusal.sse": (["Hello.."], "Hello..", (472, 4, "refusal", None)),
+    "anthropic/error_midstream_overloaded.sse": (["The answer"], None,
+                                                 (omega.ProviderError, 529, True)),
+    "gemini/normal_with_usage.GE-FIX.sse": (
+        ["The", " capital of Wyoming", " is **Cheyenne**.\n"],
+        "The capital of Wyoming is **Cheyenne**.\n", (7, 10, "STOP", None)),
+    "gemini/thinking_thought_parts.GE-FIX.sse": (
+        ["The sky is blue because tiny gas molecules in Earth's atmosphere scatter blue light "
+         "from the sun more efficiently than other colors.",
+         " Blue light has shorter, smaller wavelengths, causing it to be scattered in all "
+         "directions, making the sky appear blue to our eyes."], None, (10, 588, "STOP", None)),
+    "gemini/blocked_prompt.GE-FIX.sse": ([], None, (omega.EmptyResponse, None, False)),
+    "gemini/error_midstream.GE-FIX.sse": (["First ", "Second "], None,
+                                          (omega.ProviderError, 499, False)),
+    "ollama/normal_with_usage.ndjson": (["The", " sky", " is blue."], "The sky is blue.",
+                                        (26, 282, "stop", None)),
+    "ollama/error_midstream.ndjson": ([" Yes", "."], None, (omega.ProviderError, 500, True)),
+}
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+@pytest.mark.parametrize("fixture", sorted(STREAM_EXPECTED))
+def test_stream_bodies_in_random_slices(api, fixture, framing):
+    name = fixture.split("/")[0]
+    pieces, text, outcome = STREAM_EXPECTED[fixture]
+    text = text or "".join(pieces)
+    body = STREAM_BODIES[fixture]
+    for seed, most in ((1, 1), (2, 7), (3, 4096)):          # byte by byte, small, whole
+        serve_stream(api, body, framing, seed, most)
+        got = []
+        s = omega.stream("hi", name, cfg(name, api, max_retries=0))
+        if isinstance(outcome[0], type):
+            with pytest.raises(outcome[0]) as err:
+                for piece in s:
+                    got.append(piece)
+            assert type(err.value) is outcome[0]
+            assert (err.value.status, err.value.retryable) == outcome[1:]
+            assert err.value.partial_text == ("".join(pieces) or None)
+            assert s.reply is None
+        else:
+            got = list(s)
+            m = s.reply.metadata
+            assert s.reply.text == text == s.text
+            assert (m.input_tokens, m.output_tokens, m.stop_reason, m.cost_usd) == outcome
+            assert (m.provider_used, m.attempts) == (name, 1)
+        assert got == pieces
+
+
+@pytest.mark.parametrize("name, status, body, error", [
+    ("openai", 429, {"error": {"message": "Rate limit reached for gpt-4o in organization "
+                               "org-xxxx on tokens per min (TPM): Limit 30000, Used 29123, "
+                               "Requested 1243. Please try again in 2.502s.", "type": "tokens",
+                               "param": None, "code": "rate_limit_exceeded"}},
+     omega.RateLimitError),
+    ("ollama", 404, {"error": "model 'llama9' not found"}, omega.ProviderError),
+], ids=["openai-429", "ollama-404"])
+def test_errors_before_the_stream_are_http_errors(api, name, status, body, error):
+    api.reply(body, status=status)
+    with pytest.raises(error) as err:
+        stream_via(name, api, max_retries=0)
+    assert err.value.status == status and err.value.partial_text is None
+    assert (body["error"] if name == "ollama" else "Rate limit reached") in str(err.value)
+
+
+def test_stream_requests_say_stream_in_each_apis_way(api):
+    bodies = {"openai": sse(oa_chunk("a"), oa_chunk(finish="stop")),
+              "openrouter": sse(oa_chunk("a"), oa_chunk(finish="stop")),
+              "anthropic": STREAM_BODIES["anthropic/normal_docs_example.sse"],
+              "gemini": STREAM_BODIES["gemini/normal_with_usage.GE-FIX.sse"],
+              "ollama": STREAM_BODIES["ollama/normal_with_usage.ndjson"]}
+    for name, body in bodies.items():
+        serve_stream(api, body)
+        stream_via(name, api)
+        sent = api.last()
+        assert sent.headers["accept-encoding"] == "identity"
+        if name == "gemini":
+            assert sent.path == "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+            assert "stream" not in sent.body
+        else:
+            assert sent.body["stream"] is True
+        if name in ("openai", "openrouter"):
+            assert sent.body["stream_options"] == {"include_usage": True}
+    serve_stream(api, bodies["openai"])
+    stream_via("openai", api, stream_usage=False)             # a server that rejects it
+    assert "stream_options" not in api.last().body and api.last().body["stream"] is True
+
+
+def test_stream_reply_equals_what_complete_returns(api):
+    serve_stream(api, STREAM_BODIES["anthropic/normal_docs_example.sse"],
+                 headers={"Content-Type": "text/event-stream", "request-id": "req_9"})
+    _, s = stream_via("anthropic", api)
+    api.reply(anthropic_ok({"type": "text", "text": "Hello!"}, stop="end_turn",
+                           usage={"input_tokens": 25, "output_tokens": 15}),
+              headers={"request-id": "req_9"})
+    whole = omega.complete("hi", "anthropic", cfg("anthropic", api))
+    same = ("text", "provider_used", "input_tokens", "output_tokens", "tokens_used",
+            "stop_reason", "request_id", "attempts", "fallbacks")
+    streamed = {**s.reply.to_dict()["metadata"], "text": s.reply.text}
+    complete = {**whole.to_dict()["metadata"], "text": whole.text}
+    assert {k: streamed[k] for k in same} == {k: complete[k] for k in same}
+    assert s.reply.metadata.model == "claude-opus-5"           # from message_start
+    assert s.reply.metadata.processing_time_ms is not None
+
+
+def test_stream_of_a_plain_json_answer_is_one_piece(api):
+    api.reply(openai_ok("all at once"))                         # a gateway that does not stream
+    pieces, s = stream_via("openai", api)
+    assert pieces == ["all at once"] and s.reply.metadata.output_tokens == 5
+
+
+# --- every HTTP backend: files and a schema, by the official OpenAPI specs ---
+
+def test_each_backend_sends_files_and_schema_in_its_own_shape(api):
+    sent = {}
+    for name in HTTP_NAMES:
+        api.reply(answer_of(name, ANSWER))
+        names = ("red.png", "notes.txt") if name == "ollama" else ()
+        reply = omega.complete(omega.Context(QUESTION, attachments=files(*names), schema=SCHEMA),
+                               name, cfg(name, api))
+        assert reply.data == {"colour": "red", "confidence": 0.97} and reply.text.strip()
+        sent[name] = api.last().body
+    for name in ("openai", "openrouter"):
+        assert sent[name]["messages"] == [{"role": "user", "content": OPENAI_PARTS}]
+        assert sent[name]["response_format"] == OPENAI_RESPONSE_FORMAT
+    assert sent["openrouter"]["provider"] == {"require_parameters": True}
+    assert "provider" not in sent["openai"] and "plugins" not in sent["openrouter"]
+    assert sent["anthropic"]["messages"] == [
+        {"role": "user", "content": [*ANTHROPIC_BLOCKS, {"type": "text", "text": QUESTION}]}]
+    assert sent["anthropic"]["output_config"] == {"format": {"type": "json_schema",
+                                                             "schema": SCHEMA}}
+    assert sent["gemini"]["contents"] == [{"role": "user", "parts": GEMINI_PARTS}]
+    assert sent["gemini"]["generationConfig"] == {"responseMimeType": "application/json",
+                                                  "responseJsonSchema": SCHEMA}
+    assert sent["ollama"]["messages"] == [OLLAMA_MESSAGE] and sent["ollama"]["format"] == SCHEMA
+    assert sent["ollama"]["stream"] is False
+
+
+def spec_errors(value, schema, spec, path="$"):
+    """What is wrong with value against an OpenAPI schema fragment: $ref, type (one
+    or a list; nullable), enum, minimum, maximum, maxLength, required, properties,
+    additionalProperties, items, minItems, oneOf (exactly one), anyOf, allOf."""
+    if "$ref" in schema:
+        return spec_errors(value, spec[schema["$ref"].rsplit("/", 1)[1]], spec, path)
+    if value is None and schema.get("nullable"):
+        return []
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not any(of_json_type(value, kind) for kind in kinds):
+            return [f"{path}: expected {'/'.join(kinds)}, got {type(value).__name__}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < schema.get("minimum", -math.inf) or value > schema.get("maximum", math.inf):
+            errors.append(f"{path}: {value} out of range")
+    if isinstance(value, str) and len(value) > schema.get("maxLength", math.inf):
+        errors.append(f"{path}: longer than {schema['maxLength']}")
+    if isinstance(value, dict):
+        errors += [f"{path}: {key} missing" for key in schema.get("required", ())
+                   if key not in value]
+        listed, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, item in value.items():
+            if listed and key in listed:
+                errors += spec_errors(item, listed[key], spec, f"{path}.{key}")
+            elif isinstance(extra, dict):
+                errors += spec_errors(item, extra, spec, f"{path}.{key}")
+            elif extra is False or extra is None and listed is not None:
+                errors.append(f"{path}.{key}: not in the spec")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than {schema['minItems']} items")
+        for index, item in enumerate(value if "items" in schema else ()):
+            errors += spec_errors(item, schema["items"], spec, f"{path}[{index}]")
+    if "oneOf" in schema:
+        fits = [s for s in schema["oneOf"] if not spec_errors(value, s, spec, path)]
+        if len(fits) != 1:
+            errors.append(f"{path}: fits {len(fits)} of the oneOf alternatives, not 1")
+    if "anyOf" in schema and all(spec_errors(value, s, spec, path) for s in schema["anyOf"]):
+        errors.append(f"{path}: fits none of the anyOf alternatives")
+    for part in schema.get("allOf", ()):
+        errors += spec_errors(value, part, spec, path)
+    return errors
+
+
+def of_json_type(value, kind):
+    if kind in ("integer", "number"):
+        return isinstance(value, int if kind == "integer" else (int, float)) \
+            and not isinstance(value, bool)
+    return isinstance(value, {"string": str, "boolean": bool, "object": dict, "array": list,
+                              "null": type(None)}[kind])
+
+
+@pytest.mark.parametrize("name", ["ollama", "openai", "openrouter"])   # SPECS, in Test data
+def test_bodies_with_files_and_schema_conform_to_the_official_openapi_spec(api, name):
+    spec, root = SPECS[name]
+    names = ("red.png", "notes.txt") if name == "ollama" else ()
+    ctx = omega.Context(QUESTION, system_prompt="Be brief", attachments=files(*names),
+                        history=[{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello"}],
+                        schema=SCHEMA, max_tokens=100, temperature=0.2)
+    api.reply(answer_of(name, ANSWER))
+    omega.complete(ctx, name, cfg(name, api, num_ctx=4096) if name == "ollama" else
+                   cfg(name, api))
+    assert spec_errors(api.last().body, spec[root], spec) == []
+    # earlier turns stay plain text: only the current message carries the files
+    assert all(isinstance(m["content"], str) for m in api.last().body["messages"][:-1])
+    settings = omega.provider_settings(cfg(name, api), name)
+    streamed = wire(omega.BACKENDS[name].request(ctx, settings, streaming=True)[2])
+    assert streamed["stream"] is True and spec_errors(streamed, spec[root], spec) == []
+
+
+def test_the_spec_check_catches_wrong_shapes():
+    good = wire(omega.openai_request(omega.Context("x", attachments=files("red.png")),
+                                     omega.provider_settings(cfg("openai", "http://h"),
+                                                             "openai"))[2])
+    spec, root = SPECS["openai"]
+    assert spec_errors(good, spec[root], spec) == []
+    bad = json.loads(json.dumps(good))
+    bad["messages"][0]["content"][1]["image_url"] = bad["messages"][0]["content"][1][
+        "image_url"]["url"]                               # Ollama's OpenAI-compatible form
+    bad["response_fromat"] = {"type": "json_object"}
+    errors = spec_errors(bad, spec[root], spec)
+    assert any("fits 0 of the oneOf" in e for e in errors)
+    assert "$.response_fromat: not in the spec" in errors
+    spec, root = SPECS["ollama"]
+    assert spec_errors({"model": "m", "messages": [{"role": "user", "content": ["x"]}],
+                        "format": "yaml"}, spec[root], spec) != []
+
+
+def test_a_model_without_vision_gives_its_own_message_not_retried_not_fallen_back(api, api2):
+    cases = [("ollama", 500, {"error": "Failed to create new sequence: failed to process "
+                                       "inputs: this model is missing data required for image "
+                                       "input"}),
+             ("openai", 400, {"error": {"message": "Invalid content type. image_url is only "
+                                                   "supported by certain models.",
+                                        "type": "invalid_request_error",
+                                        "param": "messages.[0].content.[1].type", "code": None}}),
+             ("openrouter", 404, {"error": {"message": "No endpoints found that support image "
+                                                       "input", "code": 404}})]
+    for name, status, body in cases:
+        api.requests.clear()
+        api.reply(body, status=status)
+        config = cfg(name, api)
+        config["provider"].update(fallback=["anthropic"], anthropic={"base_url": api2.url,
+                                                                     "api_key": KEY})
+        with pytest.raises(omega.ProviderError) as err:
+            omega.complete(omega.Context("What is it?", attachments=files("red.png")),
+                           config=config)
+        assert type(err.value) is omega.ProviderError and err.value.status == status
+        assert "image" in err.value.message and not err.value.retryable
+        assert len(api.requests) == 1 and api2.requests == []
+
+
+# --- every backend: JSON answers ---------------------------------------------
+
+def test_schemas_are_fitted_to_each_api_without_touching_the_callers():
+    loose = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Colours",
+             "type": "object", "properties": {"items": {"type": "array", "items": {
+                 "type": "object", "properties": {"name": {"type": "string"}}}}}}
+    before = json.dumps(loose)
+    ctx = omega.Context("x", schema=loose)
+    openai = omega.openai_request(ctx, omega.provider_settings(cfg("openai", "http://h"), "openai"))
+    assert openai[2]["response_format"]["json_schema"] == {"name": "Colours", "schema": loose,
+                                                           "strict": False}   # not strict-ready
+    anthropic = omega.anthropic_request(ctx, omega.provider_settings(cfg("anthropic", "http://h"),
+                                                                     "anthropic"))[2]
+    fitted = anthropic["output_config"]["format"]["schema"]
+    assert fitted["additionalProperties"] is False        # every object closed, as it requires
+    assert fitted["properties"]["items"]["items"]["additionalProperties"] is False
+    gemini = omega.gemini_request(ctx, omega.provider_settings(cfg("gemini", "http://h"),
+                                                               "gemini"))[2]
+    assert "$schema" not in gemini["generationConfig"]["responseJsonSchema"]
+    assert json.dumps(loose) == before
+    assert omega.strict_ready(SCHEMA) and not omega.strict_ready({"type": "array"})
+    argv = omega.claude_code_argv(ctx, omega.provider_settings({}, "claude-code"), None)
+    assert json.loads(argv[argv.index("--json-schema") + 1]) == loose
+
+
+def test_bad_schemas_are_config_errors_before_anything_is_sent(api):
+    for schema, words in [([{"type": "object"}], "expected a JSON Schema object, got list"),
+                          ({"type": "nonsense"}, "unknown type 'nonsense'"),
+                          ({"properties": {"a": {"type": "text"}}}, "unknown type 'text'"),
+                          ({"type": "number", "maximum": math.inf}, "not JSON data")]:
+        with pytest.raises(omega.ConfigError, match=re.escape(words)):
+            omega.complete(omega.Context("x", schema=schema), "openai", cfg("openai", api))
+    assert api.requests == []
+
+
+def refused_openai():
+    body = openai_ok(None)
+    body["choices"][0]["message"]["refusal"] = "I'm sorry, I can't help with that request."
+    return body
+
+
+JSON_FAILURES = [
+    ("openai", openai_ok("Sure! It is red."), omega.ProviderError, "the answer is not JSON"),
+    ("openai", answer_of("openai", '{"colour": "re', "length"), omega.ProviderError,
+     "the JSON answer was cut off (stop_reason=length)"),
+    ("openai", openai_ok('["red"]'), omega.ProviderError,
+     "the JSON answer is an array, the schema asks for object"),
+    ("openai", refused_openai(), omega.EmptyResponse, "the model refused (stop_reason=refusal): "
+                                                      "I'm sorry, I can't help"),
+    ("openrouter", openai_ok("```json\n{}\n```"), omega.ProviderError, "the answer is not JSON"),
+    ("anthropic", answer_of("anthropic", '{"colour":', "max_tokens"), omega.ProviderError,
+     "cut off (stop_reason=max_tokens)"),
+    ("anthropic", answer_of("anthropic", "I can't.", "refusal"), omega.EmptyResponse,
+     "the model refused"),
+    ("gemini", answer_of("gemini", '{"col', "MAX_TOKENS"), omega.ProviderError,
+     "cut off (stop_reason=MAX_TOKENS)"),
+    ("gemini", answer_of("gemini", "No.", "SAFETY"), omega.EmptyResponse, "the model refused"),
+    ("ollama", answer_of("ollama", '{"colour"', "length"), omega.ProviderError,
+     "cut off (stop_reason=length)"),
+    ("ollama", answer_of("ollama", "NaN"), omega.ProviderError, "the answer is not JSON"),
+]
+
+
+def test_json_answer_failures_are_typed_and_never_retried(api):
+    for name, body, error, words in JSON_FAILURES:
+        api.requests.clear()
+        api.reply(body)
+        with pytest.raises(omega.ProviderError) as err:
+            omega.complete(omega.Context("Colour?", schema=SCHEMA), name, cfg(name, api))
+        assert type(err.value) is error and words in str(err.value), (name, str(err.value))
+        assert str(err.value).startswith(f"{name}: ") and len(api.requests) == 1
+        if error is omega.ProviderError:
+            assert err.value.code == "invalid_json" and err.value.partial_text
+
+
+def test_streamed_json_answer_with_a_file(api):
+    pieces = ['{"colour":', ' "red", "confidence": 1}']
+    serve_stream(api, sse(oa_chunk(pieces[0]), oa_chunk(pieces[1]), oa_chunk(finish="stop")))
+    got, s = stream_via("openai", api, omega.Context("Colour?", attachments=files("red.png"),
+                                                     schema=SCHEMA))
+    assert got == pieces and s.reply.text == "".join(pieces)
+    assert s.reply.data == {"colour": "red", "confidence": 1}
+    assert api.last().body["stream"] is True
+    assert api.last().body["messages"][0]["content"][1]["image_url"]["url"].endswith(PNG_B64)
+    serve_stream(api, sse(oa_chunk('{"colour": "re'), oa_chunk(finish="length")))
+    with pytest.raises(omega.ProviderError) as err:
+        stream_via("openai", api, omega.Context("Colour?", schema=SCHEMA))
+    assert err.value.code == "invalid_json" and err.value.partial_text == '{"colour": "re'
+
+
+# --- every backend: model lists ----------------------------------------------
+
+def test_models_lists_every_page_of_every_api(api, claude):
+    def listed(name, *pages, **section):
+        api.requests.clear()
+        for page in pages:
+            api.reply(page)
+        return omega.models(name, cfg(name, api, **section)), [r.path for r in api.requests]
+    assert listed("openai", {"object": "list", "data": [
+        {"id": "gpt-4o", "object": "model", "created": 1, "owned_by": "openai"},
+        {"id": "o3", "object": "model", "created": 2, "owned_by": "openai"}]}) == (
+        ["gpt-4o", "o3"], ["/v1/models"])
+    assert api.last().headers["authorization"] == f"Bearer {KEY}"
+    assert listed("openrouter", {"data": [{"id": "openai/gpt-4o"}], "links": {
+        "next": "/v1/models?offset=1"}}, {"data": [{"id": "x-ai/grok"}], "links": {
+            "next": None}}) == (["openai/gpt-4o", "x-ai/grok"], ["/v1/models",
+                                                                 "/v1/models?offset=1"])
+    assert listed("anthropic", {"data": [{"id": "claude-a"}], "has_more": True,
+                                "first_id": "claude-a", "last_id": "claude-a"},
+                  {"data": [{"id": "claude-b"}], "has_more": False, "first_id": "claude-b",
+                   "last_id": "claude-b"}) == (["claude-a", "claude-b"], [
+                       "/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-a"])
+    assert listed("gemini", {"models": [
+        {"name": "models/gemini-2.5-flash", "supportedGenerationMethods": ["generateContent"]},
+        {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]}],
+        "nextPageToken": "Ch5tb2Rl"}, {"models": [
+            {"name": "models/gemini-2.5-pro", "supportedGenerationMethods": [
+                "generateContent", "countTokens"]}]}) == (
+        ["gemini-2.5-flash", "gemini-2.5-pro"],
+        ["/v1beta/models?pageSize=1000", "/v1beta/models?pageSize=1000&pageToken=Ch5tb2Rl"])
+    assert listed("ollama", {"models": [{"name": "gemma3:4b", "capabilities": ["vision"]},
+                                        {"name": "llama3.2:latest"}]}) == (
+        ["gemma3:4b", "llama3.2:latest"], ["/api/tags"])
+    assert omega.models("claude-code", claude.config(model="claude-x")) == [
+        "sonnet", "opus", "haiku", "claude-x", "claude-opus-4-6"]
+
+
+def test_models_failures_are_typed_and_the_key_stays_home(api, api2):
+    api.reply({"data": [{"id": "a"}], "links": {"next": api2.url + "/v1/models?offset=1"}})
+    with pytest.raises(omega.ProviderError, match="next page is on another server"):
+        omega.models("openrouter", cfg("openrouter", api))
+    assert api2.requests == []
+    api.reply(openai_error(401, "invalid_api_key"), status=401)
+    with pytest.raises(omega.AuthError):
+        omega.models("openai", cfg("openai", api))
+    api.reply({"models": "none"})
+    with pytest.raises(omega.ProviderError, match="expected shape"):
+        omega.models("ollama", cfg("ollama", api))
+    with pytest.raises(omega.AuthError, match="no API key"):
+        omega.models("gemini", {"provider": {"gemini": {"base_url": api.url}}})
+
+
+# --- OpenAI and compatible servers -------------------------------------------
 
 def test_openai_request_on_the_wire(api):
     api.reply(openai_ok())
@@ -678,17 +2580,6 @@ def test_openai_official_endpoint_gets_max_completion_tokens():
     assert body["max_completion_tokens"] == 50 and "max_tokens" not in body
 
 
-@pytest.mark.parametrize("name", HTTP_NAMES)
-def test_unset_limits_are_left_out(api, name):
-    api.reply(OK[name]())
-    ask_via(name, api, omega.Context("hi"))
-    body = api.last().body
-    flat = json.dumps(body)
-    assert "temperature" not in flat and "num_predict" not in flat
-    assert "maxOutputTokens" not in flat and "max_completion_tokens" not in flat
-    assert ("max_tokens" in body) == (name == "anthropic")
-
-
 def test_openai_refusal_missing_usage_and_several_choices(api):
     api.reply(openai_ok(choices=[{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": None, "refusal": "I can't help with that."}}],
@@ -711,6 +2602,36 @@ def test_openai_empty_content_is_empty_response(api):
     with pytest.raises(omega.EmptyResponse, match="no choices"):
         ask_via("openai", api)
 
+
+@pytest.mark.parametrize("body, status, retryable", [
+    # vLLM: the error, then [DONE] anyway; its code is the HTTP status
+    (sse(oa_chunk("x"), {"error": {"message": "bad", "type": "BadRequestError", "code": 400}}),
+     400, False),
+    # old llama.cpp: an `error:` field that a standard parser would drop
+    (sse(oa_chunk("x"), done=False) + b'error: {"code":400,"message":"the request exceeds the '
+     b'available context size","type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n', 400, False),
+    # current llama.cpp: data with an error, then the end
+    (sse(oa_chunk("x"), {"error": {"code": 500, "message": "oops", "type": "server_error"}},
+         done=False), 500, True),
+    # old vLLM: the error object unwrapped
+    (sse(oa_chunk("x"), {"object": "error", "message": "engine dead", "code": 503}, done=False),
+     500, True),
+    # [DONE] without a finish reason, or no end at all: ended early
+    (sse(oa_chunk("x")), None, True),
+    (sse(oa_chunk("x"), done=False), None, True),
+], ids=["vllm", "llamacpp-legacy", "llamacpp-current", "vllm-old", "done-unfinished", "eof"])
+def test_in_stream_errors_of_compatible_servers(api, body, status, retryable):
+    serve_stream(api, body)
+    with pytest.raises(omega.ProviderError) as err:
+        stream_via("openai", api, max_retries=0)
+    assert (err.value.status, err.value.retryable, err.value.partial_text) == \
+        (status, retryable, "x")
+    if status is None:
+        assert isinstance(err.value, omega.ProviderUnavailable)
+        assert "ended early" in str(err.value)
+
+
+# --- OpenRouter --------------------------------------------------------------
 
 def test_openrouter_headers_cost_and_max_tokens(api):
     api.reply(openai_ok("routed", provider="OpenAI", usage={
@@ -743,6 +2664,18 @@ def test_openrouter_moderation_403_is_empty_response(api):
     with pytest.raises(omega.EmptyResponse, match="violence"):
         ask_via("openrouter", api)
 
+
+def test_openrouter_moderation_keeps_the_providers_own_message(api):
+    own = 'openai/gpt-4o requires moderation on OpenAI. Your input was flagged for "violence"'
+    api.reply({"error": {"code": 403, "message": own, "metadata": {
+        "reasons": ["violence", "harassment"], "flagged_input": "...", "provider_name": "OpenAI",
+        "model_slug": "openai/gpt-4o"}}}, status=403)
+    with pytest.raises(omega.EmptyResponse) as err:
+        ask_via("openrouter", api)
+    assert own in err.value.message and "harassment" in err.value.message
+
+
+# --- Anthropic ---------------------------------------------------------------
 
 def test_anthropic_request_on_the_wire(api):
     api.reply(anthropic_ok())
@@ -783,6 +2716,8 @@ def test_anthropic_refusal_without_text_is_empty_response(api):
     with pytest.raises(omega.EmptyResponse, match="refusal.*cyber"):
         ask_via("anthropic", api)
 
+
+# --- Gemini ------------------------------------------------------------------
 
 def test_gemini_request_on_the_wire(api):
     api.reply(gemini_ok())
@@ -847,6 +2782,8 @@ def test_gemini_partial_and_missing_usage(api):
     assert (m.input_tokens, m.output_tokens, m.tokens_used) == (None, None, None)
 
 
+# --- Ollama ------------------------------------------------------------------
+
 def test_ollama_request_on_the_wire(api):
     api.reply(ollama_ok(message={"role": "assistant", "content": "4",
                                  "thinking": "two plus two"}))
@@ -890,30 +2827,787 @@ def test_ollama_omitted_counts(api):
     assert (m.input_tokens, m.output_tokens) == (None, None)
 
 
-def test_base_url_without_a_host_is_config_error():
-    with pytest.raises(omega.ConfigError, match="invalid base_url"):
-        ask_via("ollama", "http://")
+# --- claude-code, through the fake `claude` ----------------------------------
+
+def test_claude_code_prompt_on_stdin_and_flags(claude, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDECODE", "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    reply = cc(claude, omega.Context("Fix the bug", system_prompt="Be careful"),
+               allowed_tools=["Read", "Bash(git log:*)"], working_dir=str(work),
+               oauth_token="oauth-SECRET-token-0123456789", skip_permissions=True)
+    call = claude.calls()[0]
+    assert call["stdin"] == "[System]\nBe careful\n\n[User]\nFix the bug"
+    assert call["argv"] == ["-p", "--output-format", "json", "--max-turns", "25", "--model",
+                            "claude-sonnet-4-6", "--dangerously-skip-permissions",
+                            "--allowedTools", "Read,Bash(git log:*)"]
+    assert call["cwd"] == str(work)
+    assert call["env"] == {"CLAUDECODE": None,
+                           "CLAUDE_CODE_OAUTH_TOKEN": "oauth-SECRET-token-0123456789"}
+    assert reply.text == "echo: [System]\nBe careful\n\n[User]\nFix the bug"
+    m = reply.metadata
+    assert (m.provider_used, m.model, m.input_tokens, m.output_tokens, m.tokens_used) == \
+        ("claude-code", "claude-sonnet-4-6", 1105, 20, 1125)
+    assert (m.cost_usd, m.num_turns, m.attempts, m.stop_reason) == (0.0125, 1, 1, "end_turn")
+    assert (claude.dir / "sessions" / m.session_id).exists()     # the CLI's own session id
 
 
-def test_trailing_slash_on_base_url_is_ignored(api):
-    api.reply(ollama_ok())
-    ask_via("ollama", api, base_url=api.url + "/")
-    assert api.last().path == "/api/chat"
+def test_claude_code_defaults_model_override_and_request_max_turns(claude):
+    cc(claude, omega.Context("hi", model="opus", max_turns=3, allowed_tools=[]),
+       allowed_tools=["Read"])
+    argv = claude.calls()[0]["argv"]
+    assert argv == ["-p", "--output-format", "json", "--max-turns", "3", "--model", "opus"]
 
 
-@pytest.mark.parametrize("ctx, section, model", [
-    (omega.Context("hi", model="gpt-4.1-mini", complex=True), {"model_complex": "o3"},
-     "gpt-4.1-mini"),
-    (omega.Context("hi", complex=True), {"model_complex": "o3"}, "o3"),
-    (omega.Context("hi", complex=True), {}, "gpt-4o"),
-    (omega.Context("hi"), {"model_complex": "o3", "model": "gpt-4.1"}, "gpt-4.1"),
-], ids=["request-model-wins", "complex-picks-model_complex", "complex-without-model_complex",
-        "simple-picks-model"])
-def test_model_override_and_complex_model(api, ctx, section, model):
+def test_claude_code_megabyte_prompt(claude):
+    prompt = "x" * (1024 * 1024)
+    reply = cc(claude, omega.Context(prompt))
+    assert claude.calls()[0]["stdin"] == "[User]\n" + prompt
+    assert reply.text.endswith("x" * 20)
+
+
+def test_claude_code_resume_session(claude):
+    first = cc(claude, omega.Context("Remember 42"))
+    sid = first.metadata.session_id
+    reply = cc(claude, omega.Context("What did I say?", system_prompt="Be brief", session_id=sid,
+                                     history=[omega.Message("user", "Remember 42")]))
+    call = claude.calls()[1]
+    assert call["argv"][call["argv"].index("--resume") + 1] == sid
+    assert call["stdin"] == "[User]\nBe brief\n\nWhat did I say?"
+    assert reply.text.startswith("turn 2:") and reply.metadata.session_id == sid
+
+
+def test_claude_code_unknown_session_gives_the_cli_message(claude):
+    with pytest.raises(omega.ProviderError, match="No conversation found with session ID: nope"):
+        cc(claude, omega.Context("hi", session_id="nope"))
+
+
+def test_claude_code_array_output_uses_last_result(claude):
+    claude.plan({"array": True, "result": "from the array"})
+    reply = cc(claude)
+    assert reply.text == "from the array" and reply.metadata.num_turns == 1
+
+
+def test_claude_code_non_json_output(claude, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)        # the child has it: it may echo it
+    claude.plan({"raw": "Plain text answer\n", "exit": 0})
+    assert cc(claude).text == "Plain text answer"
+    claude.plan({"raw": "Traceback-ish garbage", "exit": 2,
+                 "stderr": f"line one\nfatal: token {KEY} rejected\n"})
+    (claude.dir / "calls.jsonl").unlink()
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude)
+    assert "fatal: token" in str(err.value) and KEY not in str(err.value)
+
+
+def test_claude_code_empty_result_is_empty_response(claude):
+    claude.plan({"result": ""})
+    with pytest.raises(omega.EmptyResponse):
+        cc(claude)
+
+
+@pytest.mark.parametrize("status, result, error", [
+    (529, "API Error: 529 Overloaded. This is a server-side issue", omega.ProviderError),
+    (429, "API Error: Request rejected (429) · Rate limited", omega.RateLimitError),
+    (401, "Failed to authenticate. API Error: 401 invalid x-api-key", omega.AuthError),
+    (400, "API Error: 400 prompt is too long", omega.ProviderError),
+    (None, "Invalid API key · Please run /login", omega.AuthError),
+    (None, "Credit balance is too low", omega.RateLimitError),
+])
+def test_claude_code_errors_exit_1_with_json(claude, status, result, error):
+    claude.plan({"set": {"is_error": True, "result": result, "api_error_status": status,
+                         "stop_reason": "stop_sequence", "total_cost_usd": 0}})
+    with pytest.raises(error) as err:
+        cc(claude)
+    assert type(err.value) is error and err.value.status == status
+    assert result in str(err.value) and str(err.value).startswith("claude-code: ")
+
+
+@pytest.mark.parametrize("step", [
+    {"set": {"is_error": True, "result": "Invalid API key · Please run /login"}},
+    {"set": {"is_error": True, "result": "Not logged in · Please run /login"}},
+    {"raw": "", "exit": 1, "stderr": "Invalid API key · Please run /login\n"},
+    {"raw": "", "exit": 1, "stderr": "Error: Not logged in. Run claude and log in first.\n"},
+], ids=["json-invalid-api-key", "json-not-logged-in", "stderr-invalid-api-key",
+        "stderr-not-logged-in"])
+def test_logged_out_claude_is_auth_error(claude, cli_main, capsys, step):
+    claude.plan(step, step)
+    with pytest.raises(omega.AuthError) as err:
+        cc(claude)
+    assert type(err.value) is omega.AuthError and err.value.provider == "claude-code"
+    assert ("/login" in err.value.message) or ("Not logged in" in err.value.message)
+    assert len(claude.calls()) == 1                        # not resumed, not retried
+    assert cli_main(claude.config(), "hi") == 3
+    assert capsys.readouterr().err.startswith("omega: claude-code: ")
+
+
+def test_logged_out_claude_with_plain_text_on_stdout_is_auth_error(claude):
+    claude.plan({"raw": "Invalid API key · Please run /login\n", "exit": 1})
+    with pytest.raises(omega.AuthError, match="/login"):
+        cc(claude)
+
+
+def test_claude_code_missing_cli(claude, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(omega.ProviderUnavailable, match="'claude' not found on PATH.*npm install"):
+        omega.complete(omega.Context("hi"), "claude-code", {})
+    with pytest.raises(omega.ProviderUnavailable):
+        cc(claude, command=str(tmp_path / "nope" / "claude"))
+
+
+def test_claude_code_not_executable_is_unavailable(claude, tmp_path):
+    plain = tmp_path / "claude-not-executable"
+    plain.write_text("#!/bin/sh\n")
+    with pytest.raises(omega.ProviderUnavailable, match="not executable"):
+        cc(claude, command=str(plain))
+
+
+def test_claude_code_bad_working_dir_is_config_error(claude, tmp_path):
+    with pytest.raises(omega.ConfigError, match="working_dir"):
+        cc(claude, working_dir=str(tmp_path / "missing"))
+
+
+def test_claude_code_auto_resume_after_max_turns(claude):
+    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True, "num_turns": 26,
+                           "errors": ["Reached maximum number of turns (25)"],
+                           "terminal_reason": "max_turns"}, "drop": ["result"]}
+    claude.plan(turns_error, turns_error, {"result": "All done."})
+    statuses = []
+    reply = cc(claude, on_status=statuses.append)
+    calls = claude.calls()
+    assert len(calls) == 3 and reply.text == "All done."
+    sid = reply.metadata.session_id
+    assert "--resume" not in calls[0]["argv"]
+    for call in calls[1:]:
+        assert call["argv"][call["argv"].index("--resume") + 1] == sid
+        assert call["stdin"] == omega.RESUME_PROMPT
+    m = reply.metadata
+    assert (m.attempts, m.num_turns, m.output_tokens, m.input_tokens) == (3, 53, 60, 3315)
+    assert m.cost_usd == pytest.approx(0.0375)
+    assert statuses == ["claude-code: reached max turns, resuming (1/5)",
+                        "claude-code: reached max turns, resuming (2/5)"]
+
+
+def test_claude_code_resume_joins_texts_and_waits_with_backoff(claude, monkeypatch):
+    waits, real_sleep = [], time.sleep
+    # subprocess polls with short sleeps of its own: only the resume waits are recorded.
+    monkeypatch.setattr(omega.time, "sleep",
+                        lambda s: waits.append(s) if s >= 1 else real_sleep(s))
+    partial = {"set": {"subtype": "error_max_turns", "is_error": True}, "drop": ["result"]}
+    claude.plan(partial, partial, partial, {"result": "final"})
+    cc(claude, resume_delay_secs=2)
+    assert waits == [2, 4, 8]
+    # Whatever text a stopped run did return is kept and joined with the rest.
+    (claude.dir / "calls.jsonl").unlink()
+    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True, "result": "part 1"}},
+                {"result": "part 2"})
+    assert cc(claude).text == "part 1\n\n---\n\npart 2"
+
+
+def test_claude_code_no_auto_resume_when_request_sets_max_turns_or_attempts_run_out(claude):
+    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True,
+                           "errors": ["Reached maximum number of turns (2)"]}, "drop": ["result"]}
+    claude.plan(turns_error)
+    with pytest.raises(omega.ProviderError, match="error_max_turns: Reached maximum number"):
+        cc(claude, omega.Context("hi", max_turns=2))
+    assert len(claude.calls()) == 1
+    claude.plan(*[turns_error] * 5)
+    (claude.dir / "calls.jsonl").unlink()
+    with pytest.raises(omega.ProviderError, match="error_max_turns"):
+        cc(claude, max_resume_attempts=2)
+    assert len(claude.calls()) == 3
+
+
+def test_claude_code_keeps_partial_text_when_it_cannot_resume(claude):
+    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True, "result": "half done"}})
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude, max_resume_attempts=0)
+    assert err.value.partial_text == "half done" and err.value.session_id
+    assert f"session_id={err.value.session_id}" in str(err.value)
+
+
+# --- claude-code, streamed (stream-json) -------------------------------------
+
+def cc_stream(claude, ctx=None, **section):
+    s = omega.stream(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section))
+    with s:
+        pieces = list(s)
+    return pieces, s
+
+
+def test_claude_code_streams_with_stream_json_and_replies_as_complete(claude):
+    claude.plan({"result": "Hello from the fake."}, {"result": "Hello from the fake."})
+    pieces, s = cc_stream(claude)
+    assert pieces == ["Hello from", " the fake."] and s.reply.text == "Hello from the fake."
+    assert claude.calls()[0]["argv"][:6] == ["-p", "--output-format", "stream-json", "--verbose",
+                                            "--include-partial-messages", "--max-turns"]
+    whole = cc(claude)
+    streamed, complete = s.reply.to_dict()["metadata"], whole.to_dict()["metadata"]
+    for key in ("model", "input_tokens", "output_tokens", "cost_usd", "num_turns", "stop_reason"):
+        assert streamed[key] == complete[key], key
+
+
+def assistant(mid, text, model="claude-opus-4-8", **extra):
+    return {"type": "assistant", "parent_tool_use_id": None, **extra,
+            "message": {"id": mid, "model": model, "content": [{"type": "text", "text": text}]}}
+
+
+@pytest.mark.parametrize("lines, result, pieces", [
+    # The CLI abandons a streamed message after an overload and sends it again whole.
+    ([{"start": "A"}, {"delta": "Hello from"},
+      {"type": "system", "subtype": "api_retry", "attempt": 1, "error": "overloaded"},
+      assistant("B", "Hello from the fake.")],
+     "Hello from the fake.", ["Hello from", " the fake."]),
+    # ... and when the new text does not extend what was shown: a blank line, then all of it.
+    ([{"start": "A"}, {"delta": "Hi th"}, assistant("B", "Hello there.")],
+     "Hello there.", ["Hi th", "\n\nHello there."]),
+    # An earlier turn's text (before a tool call), then the next turn's, after a blank line.
+    ([{"start": "A"}, {"delta": "Let me run a tool."}, assistant("A", "Let me run a tool."),
+      {"type": "user", "message": {"content": [{"type": "tool_result"}]}},
+      {"start": "B"}, {"delta": "Done."}, assistant("B", "Done.")],
+     "Done.", ["Let me run a tool.", "\n\nDone."]),
+    # A subagent's text, debug lines and tool input are not the answer.
+    ([{"start": "A"}, {"delta": "sub", "parent": "toolu_1"}, "[SandboxDebug] hello",
+      {"type": "stream_event", "parent_tool_use_id": None, "event": {
+          "type": "content_block_delta", "delta": {"type": "input_json_delta",
+                                                   "partial_json": "{}"}}},
+      {"delta": "main"}],
+     "main", ["main"]),
+], ids=["resent-whole", "resent-different", "tool-turns", "only-main-text"])
+def test_claude_code_stream_shows_each_text_once(claude, lines, result, pieces):
+    claude.plan({"lines": lines, "result": result})
+    got, s = cc_stream(claude)
+    assert got == pieces and s.reply.text == result
+
+
+@pytest.mark.parametrize("capture, pieces, outcome", [
+    ("stream_json_basic", ["Hello from the fake."], "Hello from the fake."),
+    ("stream_json_partial", ["Hello from", " the fake."], "Hello from the fake."),
+    ("max_turns_1_tool_use_partial", ["Let me ru", "n a tool."], omega.ProviderError),
+    ("api_error_401", [], omega.AuthError),
+])
+def test_claude_code_stream_reads_what_the_real_cli_printed(claude, capture, pieces, outcome):
+    code, lines = CLAUDE_STREAM_CAPTURES[capture]
+    claude.plan({"raw": "\n".join(lines) + "\n", "exit": code})
+    s = omega.stream(omega.Context("hi", max_turns=1), "claude-code", claude.config())
+    got = []
+    if isinstance(outcome, str):
+        got = list(s)
+        assert s.reply.text == outcome and s.reply.metadata.session_id
+    else:
+        with pytest.raises(outcome) as err:
+            for piece in s:
+                got.append(piece)
+        assert err.value.partial_text == ("".join(pieces) or None)
+    assert got == pieces
+
+
+def test_claude_code_stream_errors_are_typed_and_synthetic_text_is_not_shown(claude):
+    claude.plan({"lines": [assistant("x", "Failed to authenticate. API Error: 401", "<synthetic>",
+                                     error="authentication_failed")],
+                 "set": {"is_error": True, "api_error_status": 401,
+                         "result": "Failed to authenticate. API Error: 401"}})
+    s = omega.stream("hi", "claude-code", claude.config())
+    with pytest.raises(omega.AuthError):
+        list(s)
+    assert s.text == ""
+
+
+def test_claude_code_stream_auto_resumes_after_a_separator(claude):
+    claude.plan({"lines": [{"start": "A"}, {"delta": "Let me run a tool."}],
+                 "set": {"subtype": "error_max_turns", "is_error": True, "result": None}},
+                {"result": "All done."})
+    pieces, s = cc_stream(claude)
+    assert pieces == ["Let me run a tool.", "\n\n---\n\n", "All ", "done."]
+    assert s.reply.text == "All done." and s.reply.metadata.attempts == 2
+    assert "--resume" in claude.calls()[1]["argv"]
+
+
+@pytest.mark.parametrize("step, error, message", [
+    ({"lines": [{"start": "A"}], "no_result": True, "exit": 1, "stderr": "Error: not logged in"},
+     omega.AuthError, "not logged in"),
+    ({"lines": [{"start": "A"}], "no_result": True, "exit": 0}, omega.ProviderUnavailable,
+     "ended early"),
+], ids=["stderr", "nothing"])
+def test_claude_code_stream_without_a_result_line(claude, step, error, message):
+    claude.plan(step)
+    with pytest.raises(error, match=message):
+        cc_stream(claude)
+
+
+def test_claude_code_stream_error_after_text_keeps_the_partial_text(claude):
+    claude.plan({"lines": [{"start": "A"}, {"delta": "Hello from"}],
+                 "set": {"is_error": True, "api_error_status": 529, "result": "API Error: 529"}})
+    with pytest.raises(omega.ProviderError) as err:
+        cc_stream(claude)
+    assert err.value.partial_text == "Hello from" and err.value.status == 529
+
+
+# --- claude-code: files through stream-json, --json-schema -------------------
+
+def test_claude_code_sends_files_as_one_stream_json_message(claude):
+    claude.plan({"result": "A red square, a PDF and notes."})
+    reply = cc(claude, omega.Context("What are these?", attachments=files()))
+    assert reply.text == "A red square, a PDF and notes."
+    call = claude.calls()[-1]
+    assert call["argv"][:7] == ["-p", "--input-format", "stream-json", "--output-format",
+                                "stream-json", "--verbose", "--max-turns"]
+    assert call["raw"].endswith("\n") and call["raw"].count("\n") == 1
+    assert json.loads(call["raw"]) == {
+        "type": "user", "parent_tool_use_id": None, "session_id": "",
+        "message": {"role": "user", "content": [
+            *ANTHROPIC_BLOCKS, {"type": "text", "text": "[User]\nWhat are these?"}]}}
+
+
+def test_claude_code_files_stream_and_go_only_with_the_first_run(claude):
+    claude.plan({"result": "Streamed answer."})
+    got, s = [], omega.stream(omega.Context("Look", attachments=files("red.png")),
+                              "claude-code", claude.config())
+    with s:
+        got = list(s)
+    assert "".join(got) == s.reply.text == "Streamed answer."
+    argv = claude.calls()[-1]["argv"]
+    assert "--include-partial-messages" in argv and "--input-format" in argv
+    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True,
+                           "errors": ["Reached maximum number of turns (25)"]}, "drop": ["result"]}
+    claude.plan({}, turns_error, {"result": "Done."})
+    reply = cc(claude, omega.Context("Do it", attachments=files("hello.pdf")))
+    first, resumed = claude.calls()[1:]
+    assert reply.text == "Done." and first["blocks"][0]["title"] == "hello.pdf"
+    assert "--input-format" not in resumed["argv"] and resumed["raw"] is None   # the session
+    assert resumed["stdin"] == omega.RESUME_PROMPT                              # has the file
+
+
+def test_claude_code_json_schema_gives_structured_output(claude):
+    claude.plan({"structured": {"colour": "red", "confidence": 0.97}},
+                {"structured": {"colour": "red", "confidence": 1}})
+    reply = cc(claude, omega.Context("Colour?", schema=SCHEMA))
+    argv = claude.calls()[-1]["argv"]
+    assert json.loads(argv[argv.index("--json-schema") + 1]) == SCHEMA
+    assert argv[argv.index("--output-format") + 1] == "json"
+    assert reply.data == {"colour": "red", "confidence": 0.97} and json.loads(reply.text) == \
+        reply.data
+    s = omega.stream(omega.Context("Colour?", schema=SCHEMA, attachments=files("red.png")),
+                     "claude-code", claude.config())         # streamed: whole, at the end
+    with s:
+        assert list(s) == ['{"colour":"red","confidence":1}']
+    assert s.reply.data == {"colour": "red", "confidence": 1}
+    assert "--include-partial-messages" not in claude.calls()[-1]["argv"]
+
+
+@pytest.mark.parametrize("step, words", [
+    ({"no_structured": True, "result": "It is red."},
+     "no structured_output (the model answered in text: 'It is red.')"),
+    ({"set": {"subtype": "error_max_structured_output_retries", "is_error": True,
+              "errors": ["Failed to provide valid structured output after 5 attempts"]},
+      "drop": ["result", "structured_output"]},
+     "invalid_json: Failed to provide valid structured output after 5 attempts"),
+    ({"structured": "red"}, "the JSON answer is a string, the schema asks for object"),
+])
+def test_claude_code_json_schema_failures_are_typed(claude, step, words):
+    claude.plan(step)
+    with pytest.raises(omega.ProviderError) as err:
+        cc(claude, omega.Context("Colour?", schema=SCHEMA))
+    assert type(err.value) is omega.ProviderError and err.value.code == "invalid_json"
+    assert words in str(err.value) and len(claude.calls()) == 1
+
+
+# =============================================================================
+# 8. The backend table
+# =============================================================================
+
+def test_request_and_response_functions_are_plain_and_separate():
+    settings = omega.provider_settings({"provider": {"gemini": {"api_key": KEY}}}, "gemini")
+    url, headers, body = omega.gemini_request(omega.Context("hi"), settings)
+    assert url.endswith("/v1beta/models/gemini-2.0-flash:generateContent")
+    assert omega.gemini_response(gemini_ok(), settings).text == "Hello from Gemini"
+    assert omega.PROVIDERS["gemini"].request is omega.gemini_request
+    assert set(omega.PROVIDERS) == set(omega.NAMES)
+
+
+# =============================================================================
+# 9. Calling
+# =============================================================================
+
+# --- the status timer --------------------------------------------------------
+
+def test_status_timer_reports_then_repeats_then_stops(api):
+    api.reply(openai_ok(), delay=0.45)
+    statuses = []
+    config = cfg("openai", api)
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1, "message": "slow...",
+                        "repeat_message": "still..."}
+    omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
+    seen = list(statuses)
+    assert seen[0] == "slow..." and set(seen[1:]) == {"still..."} and 2 <= len(seen) <= 5
+    time.sleep(0.25)
+    assert statuses == seen                     # nothing after the call returned
+
+
+def test_status_timer_stops_on_failure_and_makes_no_thread_without_callback(api):
+    before = threading.active_count()
+    stop = omega.start_status_timer(None, omega.STATUS_DEFAULTS)
+    assert threading.active_count() == before and stop() is None
+    api.reply(openai_error(400, "bad"), status=400, delay=0.3)
+    statuses = []
+    config = cfg("openai", api)
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1}
+    with pytest.raises(omega.ProviderError):
+        omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
+    count = len(statuses)
+    assert count >= 1 and statuses[0] == omega.STATUS_DEFAULTS["message"]
+    time.sleep(0.25)
+    assert len(statuses) == count and threading.active_count() <= before + 1
+
+
+class FakeTimer:
+    """threading.Timer that never runs by itself: the test fires it."""
+    made = []
+
+    def __init__(self, delay, function, args):
+        self.delay, self.function, self.args, self.cancelled = delay, function, args, False
+        self.daemon = False
+        FakeTimer.made.append(self)
+
+    def start(self):
+        pass
+
+    def cancel(self):
+        self.cancelled = True
+
+    def fire(self):
+        self.function(*self.args)
+
+
+def test_status_timer_schedule_and_a_timer_that_fires_as_it_is_stopped(monkeypatch):
+    monkeypatch.setattr(FakeTimer, "made", [])
+    monkeypatch.setattr(omega.threading, "Timer", FakeTimer)
+    said = []
+    stop = omega.start_status_timer(said.append, {**omega.STATUS_DEFAULTS, "delay_secs": 3,
+                                                  "repeat_secs": 7})
+    first = FakeTimer.made[0]
+    assert (first.delay, first.daemon, said) == (3, True, [])
+    first.fire()                                     # the first report, then every 7 s
+    second = FakeTimer.made[1]
+    assert said == [omega.STATUS_DEFAULTS["message"]] and second.delay == 7
+    second.fire()
+    assert said[-1] == omega.STATUS_DEFAULTS["repeat_message"] and len(FakeTimer.made) == 3
+    stop()
+    assert FakeTimer.made[2].cancelled
+    FakeTimer.made[2].fire()                         # it was already running when stopped
+    assert len(said) == 2 and len(FakeTimer.made) == 3   # nothing said, nothing scheduled
+
+
+def test_status_timer_works_for_claude_code(claude):
+    claude.plan({"raw": "", "hang": True})
+    statuses = []
+    config = claude.config(timeout_secs=0.4)
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10}
+    with pytest.raises(omega.ProviderTimeout):
+        omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
+    assert statuses == [omega.STATUS_DEFAULTS["message"]]
+
+
+def test_the_status_timer_stops_at_the_first_piece(api):
+    body = sse(oa_chunk("a"), done=False)
+    rest = sse(oa_chunk("b"), oa_chunk(finish="stop"))
+    config = {**cfg("openai", api), "status": {"delay_secs": 0.2, "repeat_secs": 5}}
+    api.reply(action="pieces", pieces=[(0, body), (0.5, rest)], release_after=True,
+              headers={"Content-Type": "text/event-stream"})
+    said = []
+    s = omega.stream("hi", "openai", config, on_status=said.append)
+    assert next(s) == "a"
+    time.sleep(0.3)                       # past delay_secs after the first piece: no message
+    assert said == []
+    s.close()
+    api.reply(action="pieces", pieces=[(0.5, body + rest)],
+              headers={"Content-Type": "text/event-stream"})
+    s = omega.stream("hi", "openai", config, on_status=said.append)
+    assert next(s) == "a" and said == ["This is taking a moment..."]
+    s.close()
+
+
+# --- routing: model_complex, classify, route, auto_route ---------------------
+
+def model_sent(name, request):
+    if name == "gemini":
+        return request.path.split("/models/")[1].split(":")[0]
+    return request.body["model"]
+
+
+@pytest.mark.parametrize("ctx, expected", [
+    (omega.Context("hi", complex=True), "big-model"),
+    (omega.Context("hi", complex=True, model="chosen"), "chosen"),
+    (omega.Context("hi"), None),
+], ids=["complex", "request-model-wins", "simple"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_model_complex_for_every_http_provider(api, name, ctx, expected):
+    api.default = lambda r: {"body": OK[name]()}
+    ask_via(name, api, ctx, model_complex="big-model")
+    assert model_sent(name, api.last()) == (expected or omega.DEFAULTS[name]["model"])
+
+
+def test_model_complex_for_claude_code_and_metadata_model(claude):
+    reply = cc(claude, omega.Context("hi", complex=True))
+    argv = claude.calls()[-1]["argv"]
+    assert argv[argv.index("--model") + 1] == "claude-opus-4-6"
+    assert reply.metadata.model == "claude-opus-4-6"
+
+
+def classifier_server(api, answer):
+    """The first request is the classifier's; later ones are answered plainly."""
+    api.default = lambda r: {"body": openai_ok(answer if "DIRECT" in
+                                               r.body["messages"][-1]["content"] else "done")}
+
+
+@pytest.mark.parametrize("answer, verdict", [
+    ("DIRECT", False), ("direct\n", False),
+    ("1. Read the code\n2. Change three files\n3. Run the tests", True),
+    ("Plan:\n  1) design\n  2) build", True),
+    ("9. one\n10. two\n11. three", True),
+    ("1. Just answer it", False),
+    ("I think this is easy enough.", False),
+    ("DIRECT\n1. a\n2. b", True),
+])
+def test_classify_answers(api, answer, verdict):
+    classifier_server(api, answer)
+    ctx = omega.Context("Refactor the whole auth module")
+    assert omega.classify(ctx, cfg("openai", api, model_complex="o3")) is verdict
+    sent = api.last().body
+    assert len(api.requests) == 1 and sent["model"] == "gpt-4o"
+    assert "DIRECT" in sent["messages"][-1]["content"]
+    assert sent["messages"][-1]["content"].endswith("Refactor the whole auth module")
+    assert "tools" not in sent
+
+
+def test_classify_failure_means_not_complex(api):
+    api.reply({"error": {"message": "bad", "type": "invalid_request_error"}}, status=400)
+    assert omega.classify(omega.Context("x"), cfg("openai", api)) is False
+    assert omega.classify(omega.Context("x"), cfg("ollama", refused_url(), max_retries=0)) is False
+
+
+def test_classify_with_claude_code_is_one_turn_without_tools(claude):
+    claude.plan({"result": "1. a\n2. b"})
+    assert omega.classify(omega.Context("Build an app"), claude.config(allowed_tools=["Bash"]))
+    argv = claude.calls()[0]["argv"]
+    assert argv[argv.index("--max-turns") + 1] == "1" and "--allowedTools" not in argv
+    assert argv[argv.index("--model") + 1] == "claude-sonnet-4-6"
+
+
+@pytest.mark.parametrize("ctx, answer, model, classified", [
+    (omega.Context("Build a compiler"), "1. a\n2. b", "o3", True),
+    (omega.Context("Build a compiler"), "DIRECT", "gpt-4o", True),
+    (omega.Context("Build a compiler", model="mine"), "1. a\n2. b", "mine", False),
+    (omega.Context("Build a compiler", complex=True), "DIRECT", "o3", False),
+], ids=["complex", "simple", "model-already-chosen", "complex-already-decided"])
+def test_route_sets_the_model_and_respects_what_is_decided(api, ctx, answer, model, classified):
+    classifier_server(api, answer)
+    routed = omega.route(ctx, cfg("openai", api, model_complex="o3"))
+    assert routed.model == model and len(api.requests) == int(classified)
+    assert routed.current_message == ctx.current_message and ctx.model in (None, "mine")
+
+
+@pytest.mark.parametrize("auto_route, ctx, cli_args, models", [
+    (False, omega.Context("Build a compiler"), None, ["gpt-4o"]),
+    (True, omega.Context("Build a compiler"), None, ["gpt-4o", "o3"]),
+    (True, omega.Context("Build a compiler", complex=True), None, ["o3"]),
+    (True, omega.Context("Build a compiler", model="pinned"), None, ["pinned"]),
+    (False, None, ["--auto-route", "Build a compiler"], ["gpt-4o", "o3"]),
+    (False, None, ["--auto-route", "-m", "pinned", "Build it"], ["pinned"]),
+    (True, None, ["--complex", "Build a compiler"], ["o3"]),
+], ids=["off", "config", "config-complex-already-decided", "config-model-chosen", "cli-flag",
+        "cli-flag-model-chosen", "config-cli-complex"])
+def test_auto_route_is_opt_in_and_costs_one_call(api, cli_main, auto_route, ctx, cli_args,
+                                                 models):
+    """The models of the requests made, in order: the classifier's (the fast model)
+    only when auto-routing has something to decide."""
+    classifier_server(api, "1. plan\n2. build\n3. test")
+    config = cfg("openai", api, model_complex="o3")
+    if auto_route:
+        config["provider"]["auto_route"] = True
+    if cli_args is None:
+        omega.complete(ctx, config=config)
+    else:
+        assert cli_main(config, "-q", *cli_args) == 0
+    assert [r.body["model"] for r in api.requests] == models
+    assert ("DIRECT" in api.requests[0].body["messages"][-1]["content"]) == (len(models) == 2)
+
+
+# --- the fallback chain ------------------------------------------------------
+
+def chain(first, second, fallback=("anthropic",), **first_section):
+    """openai (first) falls back to anthropic (second)."""
+    config = cfg("openai", first, **first_section)
+    config["provider"]["anthropic"] = cfg("anthropic", second)["provider"]["anthropic"]
+    config["provider"]["fallback"] = list(fallback)
+    return config
+
+
+def test_fallback_past_a_refused_port(api2):
+    api2.reply(anthropic_ok())
+    statuses = []
+    reply = omega.complete(omega.Context("hi", model="gpt-4.1"), config=chain(refused_url(), api2),
+                           on_status=statuses.append)
+    assert reply.text == "Hello from Claude" and reply.metadata.provider_used == "anthropic"
+    assert len(reply.metadata.fallbacks) == 1
+    assert reply.metadata.fallbacks[0].startswith("openai: ") and "refused" in reply.metadata.fallbacks[0]
+    assert statuses[-1] == "openai unavailable (connection refused), trying anthropic"
+    assert api2.last().body["model"] == "claude-sonnet-4-20250514"   # not gpt-4.1
+
+
+def test_fallback_after_503_retries_and_after_a_missing_key(api, api2):
+    for _ in range(3):
+        api.reply({"error": {"message": "down", "type": "server_error"}}, status=503)
+    api2.reply(anthropic_ok())
+    reply = omega.complete(omega.Context("hi"), config=chain(api, api2))
+    assert reply.metadata.provider_used == "anthropic" and len(api.requests) == 3
+    assert "503" in reply.metadata.fallbacks[0]
+    api2.reply(anthropic_ok())
+    config = chain(api, api2)
+    config["provider"]["gemini"] = {}
+    config["provider"]["fallback"] = ["gemini", "anthropic"]
+    reply = omega.complete(omega.Context("hi"), "openai", {**config, "provider": {
+        **config["provider"], "openai": {}}}, fallback=["gemini", "anthropic"])
+    assert reply.metadata.provider_used == "anthropic"
+    assert [f.split(":")[0] for f in reply.metadata.fallbacks] == ["openai", "gemini"]
+
+
+@pytest.mark.parametrize("reply", [
+    dict(body={"error": {"message": "bad", "type": "invalid_request_error"}}, status=400),
+    dict(body={"error": {"message": "no", "type": "x", "code": "model_not_found"}}, status=404),
+    dict(body=openai_ok(choices=[])),
+])
+def test_no_fallback_after_a_request_error_or_empty_response(api, api2, reply):
+    api.reply(**reply)
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete(omega.Context("hi"), config=chain(api, api2))
+    assert api2.requests == [] and err.value.provider == "openai"
+    assert list(err.value.fallbacks) == []
+
+
+def test_all_failing_raises_the_first_error_with_the_others(api2):
+    api2.reply({"type": "error", "error": {"type": "authentication_error",
+                                           "message": "invalid x-api-key"}}, status=401)
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        omega.complete(omega.Context("hi"), config=chain(refused_url(), api2))
+    assert err.value.provider == "openai"
+    assert list(err.value.fallbacks) == ["anthropic: 401 authentication_error: invalid x-api-key"]
+
+
+def test_disabled_fallback_is_skipped(api2):
+    api2.reply(anthropic_ok())
+    config = chain(refused_url(), api2, max_retries=0)
+    config["provider"]["gemini"] = {"enabled": False}
+    config["provider"]["fallback"] = ["gemini", "anthropic"]
+    reply = omega.complete(omega.Context("hi"), config=config)
+    assert reply.metadata.provider_used == "anthropic"
+
+
+@pytest.mark.parametrize("provider, fallback, from_env, used", [
+    ("openai", None, False, None),                 # chosen explicitly: stays put
+    ("openai", ["anthropic"], False, "anthropic"),  # with an explicit chain: moves on
+    (None, None, True, "anthropic"),               # default from $OMEGA_PROVIDER: chain applies
+    (None, None, False, "anthropic"),              # default from the file: chain applies
+], ids=["explicit-provider", "explicit-chain", "OMEGA_PROVIDER", "configured-default"])
+def test_an_explicit_provider_is_not_fallen_back_from_without_an_explicit_chain(
+        api2, monkeypatch, provider, fallback, from_env, used):
+    api2.default = lambda request: {"body": anthropic_ok()}
+    config = chain(refused_url(), api2)          # openai, then the configured anthropic
+    if from_env:
+        del config["provider"]["default"]
+        monkeypatch.setenv("OMEGA_PROVIDER", "openai")
+    if used is None:
+        with pytest.raises(omega.ProviderUnavailable) as err:
+            omega.complete(omega.Context("hi"), provider, config, fallback=fallback)
+        assert api2.requests == [] and list(err.value.fallbacks) == []
+        return
+    reply = omega.complete(omega.Context("hi"), provider, config, fallback=fallback)
+    assert reply.metadata.provider_used == used and len(api2.requests) == 1
+    assert reply.metadata.fallbacks[0].startswith("openai: ")
+
+
+@pytest.mark.parametrize("failure", ["refused", "unknown-host"])
+def test_refused_or_unknown_host_moves_to_the_next_provider_at_once(api2, monkeypatch, failure):
+    first = refused_url() if failure == "refused" else "http://no-such-host.invalid:11434"
+    host, port = first.split("//")[1].split(":")
+    real_getaddrinfo, attempts = socket.getaddrinfo, []
+
+    def getaddrinfo(name, service, *args, **kwargs):      # counts connection attempts
+        if (name, str(service)) == (host, port):
+            attempts.append(name)
+            if failure == "unknown-host":                   # no real resolver is asked
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(name, service, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    api2.reply(anthropic_ok())
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), config=chain(first, api2),
+                           on_status=statuses.append)
+    assert reply.metadata.provider_used == "anthropic" and len(attempts) == 1
+    assert not any("retrying" in s for s in statuses)
+    assert len(statuses) == 1 and statuses[0].startswith("openai unavailable (")
+    assert statuses[0].endswith(", trying anthropic")
+
+
+def test_one_deadline_for_the_whole_chain(api, tmp_path):
+    api.default = lambda request: {"action": "stall"}
+    names = ["openai", "anthropic", "openrouter", "gemini", "ollama"]
+    config = {"provider": {"default": names[0], "fallback": names[1:]}}
+    for name in names:
+        config["provider"][name] = cfg(name, api)["provider"][name]
+    started = time.monotonic()
+    out = run_cli(tmp_path, "--timeout", "1", "hi", config=config)
+    assert out.returncode == 5 and time.monotonic() - started < 3
+
+
+def test_the_final_error_names_every_provider_tried(api2, tmp_path):
+    api2.default = lambda request: {"status": 401, "body": {"type": "error", "error": {
+        "type": "authentication_error", "message": "invalid x-api-key"}}}
+    config = chain(refused_url(), api2, fallback=("anthropic", "gemini"))
+    config["provider"]["gemini"] = {}                        # no key: not set up
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        omega.complete(omega.Context("hi"), config=config)
+    e = err.value
+    assert e.provider == "openai"
+    assert [f.split(":")[0] for f in e.fallbacks] == ["anthropic", "gemini"]
+    assert all(name in str(e) for name in ("openai", "anthropic", "gemini")), str(e)
+    out = run_cli(tmp_path, "-q", "hi", config=config)
+    last = out.stderr.splitlines()[-1]
+    assert out.returncode == 7 and all(n in last for n in ("openai", "anthropic", "gemini"))
+
+
+def cut_words(line, text):
+    """Words of line that are only a piece of a longer word of text (cut mid-word)."""
+    whole = set(re.findall(r"[\w$]+", text))
+    return [w for w in re.findall(r"[\w$]+", line) if w not in whole and w in text]
+
+
+def test_fallback_status_lines_are_never_cut_mid_word(api):
     api.reply(openai_ok())
-    ask_via("openai", api, ctx, **section)
-    assert api.last().body["model"] == model
+    config = cfg("openai", api)
+    config["provider"].update(default="anthropic", fallback=["openai"], anthropic={})
+    statuses = []
+    reply = omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
+    assert reply.metadata.provider_used == "openai" and len(statuses) == 1
+    line, story = statuses[0], reply.metadata.fallbacks[0]     # "anthropic: no API key: ..."
+    assert line.startswith("anthropic ") and line.endswith(", trying openai")
+    reason = line[line.find("(") + 1:line.rfind(")")] if "(" in line else line
+    assert cut_words(reason, story) == [], line
 
+
+def test_a_fallback_with_a_config_error_is_reported_not_skipped(api2, claude, tmp_path):
+    api2.reply(anthropic_ok())
+    config = chain(refused_url(), api2, fallback=("claude-code", "anthropic"))
+    config["provider"]["claude-code"] = {"command": claude.command,
+                                         "working_dir": str(tmp_path / "missing")}
+    reply = omega.complete(omega.Context("hi"), config=config)
+    assert reply.metadata.provider_used == "anthropic"
+    fallbacks = reply.metadata.fallbacks
+    assert [f.split(":")[0] for f in fallbacks] == ["openai", "claude-code"]
+    assert "working_dir" in fallbacks[1] and claude.calls() == []
+
+
+# --- complete() and ask() ----------------------------------------------------
 
 def test_ask_returns_the_text_and_passes_everything_on(api):
     api.reply(ollama_ok("Hi!"))
@@ -952,59 +3646,1469 @@ def test_timeout_error_names_the_timeout_that_was_asked_for(api):
         omega.complete(omega.Context("hi"), "openai", cfg("openai", api), timeout=0.3)
 
 
-def test_request_and_response_functions_are_plain_and_separate():
-    settings = omega.provider_settings({"provider": {"gemini": {"api_key": KEY}}}, "gemini")
-    url, headers, body = omega.gemini_request(omega.Context("hi"), settings)
-    assert url.endswith("/v1beta/models/gemini-2.0-flash:generateContent")
-    assert omega.gemini_response(gemini_ok(), settings).text == "Hello from Gemini"
-    assert omega.PROVIDERS["gemini"].request is omega.gemini_request
-    assert set(omega.PROVIDERS) == set(omega.NAMES)
+def test_ask_returns_the_parsed_value_and_to_dict_carries_it(api, tmp_path):
+    (tmp_path / "notes.txt").write_bytes(NOTES)
+    api.reply(answer_of("gemini", '["red", "green"]'))
+    colours = omega.ask("Two colours", "gemini", config=cfg("gemini", api),
+                        schema={"type": "array", "items": {"type": "string"}},
+                        attachments=[str(tmp_path / "notes.txt")])
+    assert colours == ["red", "green"]
+    assert api.last().body["contents"][0]["parts"][0] == {"text": NOTES_BLOCK}
+    api.reply(answer_of("gemini", "7"))
+    reply = omega.complete(omega.Context("A number", schema={"type": "integer"}), "gemini",
+                           cfg("gemini", api))
+    assert reply.to_dict()["data"] == 7 and "data" not in omega.OutgoingMessage(
+        "hi", omega.MessageMetadata()).to_dict()
 
 
-# Every error body shape gives the provider's own message.
-ERROR_BODIES = {
-    "openai": (404, {"error": {"message": "The model `gpt-9` does not exist or you do not have "
-                                          "access to it.", "type": "invalid_request_error",
-                               "param": None, "code": "model_not_found"}},
-               "404 model_not_found: The model `gpt-9` does not exist"),
-    "anthropic": (404, {"type": "error", "error": {"type": "not_found_error",
-                                                  "message": "model: claude-9"},
-                        "request_id": "req_011"},
-                  "404 not_found_error: model: claude-9 (request_id=req_011)"),
-    "gemini": (404, {"error": {"code": 404, "message": "models/gem-9 is not found for API "
-                               "version v1beta", "status": "NOT_FOUND"}},
-               "404 NOT_FOUND: models/gem-9 is not found"),
-    "ollama": (404, {"error": "model 'llama9' not found"}, "404: model 'llama9' not found"),
-    "openrouter": (400, {"error": {"code": 400, "message": "Invalid model id"}, "user_id": "u1"},
-                   "400: Invalid model id"),
-}
+# --- stream() and Stream -----------------------------------------------------
+
+def test_stream_is_public_and_documented():
+    assert "stream" in omega.__all__ and "Stream" in omega.__all__
+    assert omega.stream.__doc__ and omega.Stream.__doc__
+
+
+def test_nothing_is_sent_before_the_first_piece_is_asked_for(api):
+    serve_stream(api, sse(oa_chunk("a"), oa_chunk(finish="stop")))
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    time.sleep(0.05)
+    assert api.requests == [] and s.reply is None and s.text == ""
+    assert next(s) == "a" and len(api.requests) == 1
+    with pytest.raises(omega.ConfigError):                       # checked when called
+        omega.stream("hi", "nope")
+
+
+@pytest.mark.parametrize("first", [
+    b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\","
+    b"\"message\":\"Overloaded\"}}\n\n",
+    b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}\n\n",
+], ids=["overloaded-first-event", "ended-before-text"])
+def test_failures_before_the_first_piece_are_retried(api, first):
+    serve_stream(api, first)
+    serve_stream(api, STREAM_BODIES["anthropic/normal_docs_example.sse"])
+    statuses = []
+    s = omega.stream("hi", "anthropic", cfg("anthropic", api), on_status=statuses.append)
+    assert list(s) == ["Hello", "!"] and s.reply.metadata.attempts == 2
+    assert len(api.requests) == 2 and "retrying" in statuses[0]
+
+
+def test_failures_after_the_first_piece_are_not_retried_nor_sent_elsewhere(api):
+    other = FakeAPI()
+    threading.Thread(target=other.serve_forever, args=(0.005,), daemon=True).start()
+    try:
+        serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"])
+        config = cfg("anthropic", api)
+        config["provider"]["openai"] = {"base_url": other.url + "/v1", "api_key": KEY}
+        s = omega.stream("hi", "anthropic", config, fallback=["openai"])
+        with pytest.raises(omega.ProviderError) as err:
+            list(s)
+        assert err.value.partial_text == "The answer" and err.value.status == 529
+        assert len(api.requests) == 1 and other.requests == []
+        # Before any piece, the same failure goes on to the fallback.
+        serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"]
+                     .split(b"event: content_block_delta")[0] + b"event: error\ndata: "
+                     b"{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n")
+        serve_stream(other, sse(oa_chunk("from the fallback"), oa_chunk(finish="stop")))
+        config["provider"]["anthropic"]["max_retries"] = 0
+        s = omega.stream("hi", "anthropic", config, fallback=["openai"])
+        assert list(s) == ["from the fallback"]
+        assert s.reply.metadata.provider_used == "openai"
+        assert "overloaded" in s.reply.metadata.fallbacks[0]
+    finally:
+        other.release.set()
+        other.shutdown()
+        other.server_close()
+
+
+def test_a_chunked_stream_cut_short_is_retried_before_the_first_piece_only(api):
+    def cut(body):                       # chunks sent, then the connection closed, no last chunk
+        serve_stream(api, body, hold_at=len(body), then="cut")
+    cut(b": nothing yet\n\n")
+    serve_stream(api, sse(oa_chunk("whole"), oa_chunk(finish="stop")))
+    pieces, s = stream_via("openai", api)
+    assert pieces == ["whole"] and s.reply.metadata.attempts == 2
+    cut(sse(oa_chunk("half"), done=False))
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        stream_via("openai", api)
+    assert err.value.partial_text == "half" and len(api.requests) == 3
+
+
+def test_close_hangs_up_at_once_and_leaves_nothing_behind(api):
+    api.reply(action="endless", framing="chunked", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    threads = threading.active_count()
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    assert next(s) == "first"
+    s.close()
+    s.close()                                                     # twice is harmless
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1 and s.reply is None
+    assert threading.active_count() <= threads + 1               # at most the watchdog
+    with pytest.raises(StopIteration):
+        next(s)
+
+
+def test_break_then_garbage_collection_closes_the_stream(api):
+    import gc
+    api.reply(action="endless", framing="chunked", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    s = omega.stream("hi", "openai", cfg("openai", api))
+    for piece in s:
+        break
+    del s, piece
+    gc.collect()
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1
+
+
+def test_leaving_a_with_block_closes_the_stream(api):
+    api.reply(action="endless", framing="close", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    with omega.stream("hi", "openai", cfg("openai", api)) as s:
+        for piece in s:
+            break
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1
+
+
+# --- Chat and per-call settings ----------------------------------------------
+
+def first_exchange_as_sent(name, body):
+    """The earlier turns of a request body, in that API's own shape, as (role, text)."""
+    if name == "gemini":
+        return [(c["role"], c["parts"][0]["text"]) for c in body["contents"]]
+    return [(m["role"], m["content"]) for m in body["messages"] if m["role"] != "system"]
 
 
 @pytest.mark.parametrize("name", HTTP_NAMES)
-def test_error_bodies_give_the_providers_own_message(api, name):
-    status, body, expected = ERROR_BODIES[name]
-    api.reply(body, status=status)
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via(name, api)
-    assert type(err.value) is omega.ProviderError and str(err.value).startswith(f"{name}: ")
-    assert expected in str(err.value) and err.value.status == status
-    assert len(api.requests) == 1                                  # 4xx: no retry
+def test_chat_sends_the_earlier_turns_in_each_apis_shape(api, name):
+    api.reply(OK[name]())
+    api.reply(OK[name]())
+    chat = omega.Chat(provider=name, system="Be brief", config=cfg(name, api))
+    first = chat.ask("Name a colour")
+    assert chat.ask("Another one") == first
+    assistant_role = "model" if name == "gemini" else "assistant"
+    assert first_exchange_as_sent(name, api.last().body) == [
+        ("user", "Name a colour"), (assistant_role, first), ("user", "Another one")]
+    assert [m.role for m in chat.history] == ["user", "assistant"] * 2
+    assert len(chat.replies) == 2 and chat.replies[0].text == first
 
 
-def test_request_id_from_headers(api):
-    api.reply({"error": {"message": "bad", "type": "invalid_request_error", "param": None,
-                         "code": None}}, status=400, headers={"x-request-id": "req_abc"})
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via("openai", api)
-    assert err.value.request_id == "req_abc" and str(err.value) == \
-        "openai: 400 invalid_request_error: bad (request_id=req_abc)"
-    api.reply(anthropic_ok(), headers={"request-id": "req_xyz"})
-    assert ask_via("anthropic", api).metadata.request_id == "req_xyz"
+def test_a_failed_chat_turn_adds_nothing_and_stream_turns_count(api):
+    chat = omega.Chat(provider="openai", config=cfg("openai", api, max_retries=0),
+                      history=[{"role": "user", "content": "earlier"},
+                               {"role": "assistant", "content": "noted"}])
+    api.reply(openai_error(400, "invalid_request_error"), status=400)
+    with pytest.raises(omega.ProviderError):
+        chat.ask("this fails")
+    assert len(chat.history) == 2 and chat.replies == []
+    serve_stream(api, sse(oa_chunk("streamed"), oa_chunk(finish="stop")))
+    assert "".join(chat.stream("go on")) == "streamed"
+    assert [m.content for m in chat.history] == ["earlier", "noted", "go on", "streamed"]
+    assert first_exchange_as_sent("openai", api.last().body)[:2] == [
+        ("user", "earlier"), ("assistant", "noted")]
+
+
+def test_chat_with_claude_code_resumes_the_session_and_sends_only_the_new_message(claude):
+    chat = omega.Chat(provider="claude-code", config=claude.config())
+    chat.ask("Remember 42")
+    chat.ask("What did I say?")
+    first, second = claude.calls()
+    session = chat.replies[0].metadata.session_id
+    assert "--resume" not in first["argv"]
+    assert second["argv"][second["argv"].index("--resume") + 1] == session
+    assert second["stdin"] == "[User]\nWhat did I say?"
+
+
+def test_per_call_settings_win_and_the_key_stays_with_its_call(api, api2):
+    config = cfg("openai", refused_url(), api_key="sk-file-key-000000000000")
+    config["provider"]["anthropic"] = cfg("anthropic", api2)["provider"]["anthropic"]
+    api.reply(openai_error(500, "server_error"), status=500)
+    api2.reply(anthropic_ok())
+    call_key = "sk-call-SECRET-4242424242424242"
+    reply = omega.complete("hi", "openai", config, fallback=["anthropic"], timeout=5,
+                           base_url=api.url + "/v1", api_key=call_key, max_retries=0)
+    assert reply.metadata.provider_used == "anthropic" and len(api.requests) == 1
+    assert api.last().headers["authorization"] == "Bearer " + call_key
+    assert call_key not in json.dumps(api2.last().headers) and api2.last().headers[
+        "x-api-key"] == KEY
+    api.reply(openai_ok("ok"))
+    assert omega.ask("hi", provider="openai", config=config, base_url=api.url + "/v1",
+                     timeout=5) == "ok"                  # no TypeError, and no file key sent
+    assert "authorization" not in api.last().headers
+    with pytest.raises(omega.ConfigError, match="max_retries"):
+        omega.complete("hi", "openai", config, max_retries=99)
 
 
 # =============================================================================
-# 4. claude-code, through a fake `claude` executable
+# 10. Diagnostics
 # =============================================================================
+
+def test_check_reports_readiness_sources_and_masks_keys(api, claude, tmp_path, monkeypatch,
+                                                        capsys):
+    api.default = lambda r: {"body": {"models": [{"name": "llama3"}, {"name": "qwen3"}]}}
+    monkeypatch.setenv("GEMINI_API_KEY", ENV_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")
+    path = write(tmp_path / "c.toml", f"""
+        [provider]
+        default = "ollama"
+        [provider.claude-code]
+        command = "{claude.command}"
+        [provider.ollama]
+        base_url = "{api.url}"
+        model = "qwen3"
+        [provider.anthropic]
+        api_key = "{KEY}"
+        enabled = false
+        """)
+    assert omega.main(["--check", "-c", path]) == 0
+    out = capsys.readouterr().out
+    assert KEY not in out and ENV_KEY not in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    ready = {name: lines[name].split()[4] for name in omega.NAMES}
+    assert ready == {"claude-code": "yes", "ollama": "yes", "openai": "yes", "anthropic": "no",
+                     "openrouter": "no", "gemini": "yes"}
+    assert "no key, none needed for " + api.url in lines["openai"]
+    assert f"config file: {path}" in out and "default provider: ollama" in out
+    assert "2.1.197 (Claude Code)" in lines["claude-code"] and " yes " in lines["claude-code"]
+    assert "answering, 2 models" in lines["ollama"] and api.last().path == "/api/tags"
+    assert api.last().method == "GET" and len(api.requests) == 1      # no chat call, no cost
+    assert "disabled" in lines["anthropic"] and " no " in lines["anthropic"]
+    assert "key …3210 from $GEMINI_API_KEY" in lines["gemini"]
+    assert "no API key" in lines["openrouter"]
+    sources = out.split("where each value came from")[1]
+    assert "model=qwen3 (file)" in sources and "model=gpt-4o (default)" in sources
+    assert f"base_url={api.url}/v1 (env OPENAI_BASE_URL)" in sources
+    assert "api_key=…3210 (env GEMINI_API_KEY)" in sources
+    assert "api_key=…cdef (file)" in sources
+
+
+def test_check_without_any_file_and_exit_1_when_default_is_not_ready(tmp_path):
+    out = run_cli(tmp_path, "--check", PATH=str(tmp_path / "empty"),
+                  OMEGA_CONFIG="", OLLAMA_HOST=refused_url())
+    assert out.returncode == 1, out.stderr
+    assert "default provider: claude-code" in out.stdout
+    assert "'claude' not found on PATH" in out.stdout
+    assert "connection refused" in out.stdout
+
+
+@pytest.mark.parametrize("default, env, code", [
+    ("openai", {"OPENAI_API_KEY": ENV_KEY}, 0),
+    ("anthropic", {"OPENAI_API_KEY": ENV_KEY}, 1),      # another one is ready: not enough
+    ("openai", {}, 1),
+    ("openai", {"OPENAI_API_KEY": ENV_KEY, "OMEGA_PROVIDER": "anthropic"}, 0),  # file wins
+], ids=["default-ready", "default-not-ready-another-is", "nothing-ready",
+        "file-default-over-OMEGA_PROVIDER"])
+def test_check_exit_code_follows_the_default_provider(tmp_path, monkeypatch, capsys, default,
+                                                      env, code):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))          # no claude
+    monkeypatch.setenv("OLLAMA_HOST", refused_url())             # no ollama
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    path = write(tmp_path / "c.toml", f'[provider]\ndefault = "{default}"\n')
+    assert omega.main(["--check", "-c", path]) == code
+    out = capsys.readouterr().out
+    assert f"default provider: {default}" in out and not leaks(out, ENV_KEY)
+
+
+@pytest.mark.parametrize("script, why", [
+    ("#!/bin/sh\necho 'claude: broken install' >&2\nexit 1\n", "at "),
+    ("#!/bin/sh\nexit 0\n", "no version at "),
+    ("#!/nonexistent/interpreter\n", "--version failed (claude not found)"),
+], ids=["version-exits-1", "version-prints-nothing", "cannot-start"])
+def test_check_says_a_broken_claude_is_not_ready(tmp_path, monkeypatch, capsys, script, why):
+    claude_bin = tmp_path / "bin" / "claude"
+    claude_bin.parent.mkdir()
+    claude_bin.write_text(script)
+    claude_bin.chmod(0o755)
+    monkeypatch.setenv("PATH", str(claude_bin.parent))
+    monkeypatch.setenv("OLLAMA_HOST", refused_url())
+    path = write(tmp_path / "c.toml", '[provider]\ndefault = "claude-code"\n')
+    assert omega.main(["--check", "-c", path]) == 1
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("claude-code "))
+    assert row.split()[4] == "no" and why in row and str(claude_bin) in row
+
+
+@pytest.mark.parametrize("reply", [dict(action="trickle_head", body={"models": []}),
+                                   dict(action="endless", chunk=1024, every=0.02)],
+                         ids=["trickled-headers", "endless-body"])
+def test_check_gives_ollama_two_seconds_in_all(api, tmp_path, reply, monkeypatch, capsys):
+    assert omega.OLLAMA_PROBE_SECS == 2.0
+    monkeypatch.setattr(omega, "OLLAMA_PROBE_SECS", 0.5)       # the same, four times faster
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    api.default = lambda request: dict(reply)
+    (tmp_path / "cli.toml").write_text(
+        f'[provider]\ndefault = "ollama"\n[provider.ollama]\nbase_url = "{api.url}"\n')
+    started = time.monotonic()
+    code = omega.main(["-c", str(tmp_path / "cli.toml"), "--check"])
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("ollama "))
+    assert code == 1 and row.split()[4] == "no", out
+    assert elapsed < 1.5 and api.last().path == "/api/tags"
+
+
+def test_first_run_names_what_is_ready_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        omega.complete(omega.Context("hi"), config={})
+    message = str(err.value)
+    assert message.startswith("claude-code: 'claude' not found on PATH")
+    assert message.endswith("; ready here: openai ($OPENAI_API_KEY) - use -p openai or "
+                            "set provider.default")
+    assert ENV_KEY not in message
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(omega.AuthError, match="nothing else is ready here"):
+        omega.complete(omega.Context("hi"), "anthropic", {})
+
+
+# =============================================================================
+# 11. Conversation log
+# =============================================================================
+
+# Real files under tmp_path, real SQLite, real processes racing; HOME is tmp_path/home
+# (clean_env), so the default ~/.omega/log.db lands there too.
+
+LOG_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def exchange(**fields):
+    return {"conversation": None, "provider": "openai", "model": "gpt-x", "system_prompt": "",
+            "prompt": "hi", "answer": "hello", "input_tokens": 3, "output_tokens": 5,
+            "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop", "session_id": None,
+            "error": None, **fields}
+
+
+def sql(path, query):
+    import sqlite3
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(query).fetchall()
+    finally:
+        db.close()
+
+
+def one_line_log_error(call, path):
+    with pytest.raises(omega.LogError) as caught:
+        call()
+    text = str(caught.value)
+    assert "\n" not in text and str(path) in text, text
+    error = caught.value                                   # nothing chained to print with it
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    return text
+
+
+def test_import_omega_does_not_import_sqlite3():
+    code = "import sys, omega; print('sqlite3' in sys.modules, '_sqlite3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_log_round_trip(tmp_path):
+    path = str(tmp_path / "logs" / "log.db")
+    first = omega.log_exchange(path, exchange(system_prompt="Be brief", duration_ms=812.4))
+    same = omega.log_exchange(path, exchange(conversation=first.upper(), prompt="and?",
+                                             answer="partial", error="openai: 500\nboom"))
+    other = omega.log_exchange(path, exchange(prompt="new topic", time=0))
+    assert same == first != other
+
+    conversation, rows = omega.logged_conversation(path, first)
+    assert conversation == first and [r["prompt"] for r in rows] == ["hi", "and?"]
+    assert set(rows[0]) == set(omega.LOG_COLUMNS)
+    assert rows[0] == {"conversation": first, "time": rows[0]["time"], "provider": "openai",
+                       "model": "gpt-x", "system_prompt": "Be brief", "prompt": "hi",
+                       "answer": "hello", "input_tokens": 3, "output_tokens": 5,
+                       "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
+                       "session_id": None, "error": None}
+    assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
+    assert rows[1]["answer"] is None and rows[1]["error"] == "openai: 500 boom"   # failed
+
+    assert omega.logged_conversation(path, None)[0] == other          # the most recent
+    assert omega.logged_conversation(path, None)[1][0]["time"] == "1970-01-01T00:00:00.000Z"
+    recent = omega.recent_exchanges(path, 2)
+    assert [(r["conversation"], r["prompt"]) for r in recent] == [(first, "and?"),
+                                                                  (other, "new topic")]
+    assert len(omega.recent_exchanges(path, 100)) == 3 and omega.recent_exchanges(path, 0) == []
+
+
+def test_log_is_wal_versioned_and_private(tmp_path):
+    path = tmp_path / "new" / "log.db"
+    omega.log_exchange(str(path), exchange())
+    assert sql(path, "PRAGMA journal_mode") == [("wal",)]
+    assert sql(path, "PRAGMA user_version") == [(omega.LOG_SCHEMA_VERSION,)] == [(1,)]
+    assert os.stat(path.parent).st_mode & 0o777 == 0o700
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("setup, says", [
+    ("PRAGMA user_version = 2; CREATE TABLE exchanges (future)", "newer omega (log schema 2"),
+    ("CREATE TABLE notes (text)", "another program's database"),
+])
+def test_a_log_that_is_not_ours_to_change_is_refused_untouched(tmp_path, setup, says):
+    import sqlite3
+    path = tmp_path / "log.db"
+    db = sqlite3.connect(path)
+    db.executescript(setup)
+    db.close()
+    before = path.read_bytes()
+    for call in (lambda: omega.log_exchange(str(path), exchange()),
+                 lambda: omega.logged_conversation(str(path), None),
+                 lambda: omega.recent_exchanges(str(path), 5)):
+        assert says in one_line_log_error(call, path)
+    assert path.read_bytes() == before and sql(path, "PRAGMA journal_mode") == [("delete",)]
+
+
+def test_log_path_resolution(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    default = str(home / ".omega" / "log.db")
+    assert omega.log_path({}, for_cli=True) == default                 # on for the CLI
+    assert omega.log_path({}, for_cli=False) is None                   # off for the library
+    assert omega.log_path({"log": {"enabled": True}}, for_cli=False) == default
+    assert omega.log_path({"log": {"enabled": False}}, for_cli=True) is None
+    monkeypatch.setenv("OMEGA_LOG", "0")
+    assert omega.log_path({}, for_cli=True) is None
+    assert omega.log_path({"log": {"enabled": True}}, for_cli=True) == default   # file over env
+    monkeypatch.setenv("OMEGA_LOG", "1")               # the variable cannot turn the library on
+    assert omega.log_path({}, for_cli=False) is None
+    monkeypatch.setenv("OMEGA_LOG_PATH", "~/from-env.db")
+    assert omega.log_path({}, for_cli=True) == str(home / "from-env.db")
+    config = {"log": {"path": "~/from-file.db"}}
+    assert omega.log_path(config, for_cli=True) == str(home / "from-file.db")   # file over env
+    assert omega.log_path({"log": {"path": ""}}, for_cli=True) == str(home / "from-env.db")
+    monkeypatch.chdir(tmp_path)
+    assert omega.log_path({"log": {"path": "rel.db"}}, True) == str(tmp_path / "rel.db")
+    loaded = omega.load_config({"log": {"enabled": True, "path": "~/x.db"}})
+    assert omega.log_path(loaded, for_cli=False) == str(home / "x.db")
+
+
+def test_library_calls_log_only_when_the_config_says_so(api, tmp_path):
+    api.default = lambda r: {"body": openai_ok("ok")}
+    omega.complete("not logged", "openai", cfg("openai", api))
+    assert not (tmp_path / "home" / ".omega").exists()
+    config = {**cfg("openai", api), "log": {"enabled": True, "path": str(tmp_path / "lib.db")}}
+    chat = omega.Chat(provider="openai", config=config)
+    chat.ask("one")
+    chat.ask("two")
+    _, rows = omega.logged_conversation(str(tmp_path / "lib.db"), None)
+    assert [r["prompt"] for r in rows] == ["one", "two"]
+
+
+def test_conversation_ids_are_short_random_and_unique(tmp_path, monkeypatch):
+    path = str(tmp_path / "log.db")
+    ids = [omega.log_exchange(path, exchange()) for _ in range(20)]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids) and len(set(ids)) == 20
+    drawn = iter(["aaaaaaaa", "aaaaaaaa", "bbbbbbbb"])                 # a collision
+    monkeypatch.setattr(omega, "new_conversation_id", lambda: next(drawn))
+    assert omega.log_exchange(path, exchange()) == "aaaaaaaa"
+    assert omega.log_exchange(path, exchange()) == "bbbbbbbb"
+
+
+def test_continuing_an_unknown_or_empty_log_says_why(tmp_path):
+    missing, empty, path = tmp_path / "missing.db", tmp_path / "empty.db", tmp_path / "log.db"
+    empty.write_bytes(b"")
+    for log in (missing, empty):
+        for conversation in (None, "0123abcd"):
+            text = one_line_log_error(lambda: omega.logged_conversation(str(log), conversation),
+                                      log)
+            assert "nothing to continue" in text
+    omega.log_exchange(str(path), exchange())
+    text = one_line_log_error(lambda: omega.logged_conversation(str(path), "0123abcd"), path)
+    assert text == f"no conversation 0123abcd in {path}"
+    text = one_line_log_error(lambda: omega.logged_conversation(str(path), "hello"), path)
+    assert text.startswith(f"no conversation 'hello' in {path}")
+    one_line_log_error(lambda: omega.log_exchange(str(path), exchange(conversation="x; --")), path)
+    assert len(omega.recent_exchanges(str(path), 10)) == 1
+
+
+def test_the_log_holds_no_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    path = tmp_path / "log.db"
+    text = one_line_log_error(lambda: omega.log_exchange(str(path), exchange(api_key=KEY)), path)
+    assert "api_key" in text and KEY not in text and not path.exists()   # refused, not dropped
+    omega.log_exchange(str(path), exchange(prompt=f"is {ENV_KEY} mine?",
+                                           answer=f"yes, {ENV_KEY}"))
+    row = omega.recent_exchanges(str(path), 1)[0]
+    assert ENV_KEY not in row["prompt"] + row["answer"] and omega.mask(ENV_KEY) in row["answer"]
+    assert not any(ENV_KEY.encode() in f.read_bytes() for f in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["corrupt file", "directory"])
+def test_a_broken_log_is_one_line_log_error(tmp_path, kind):
+    path = tmp_path / "log.db"
+    garbage = b"not a database\x00" + bytes(range(256)) * 16
+    path.mkdir() if kind == "directory" else path.write_bytes(garbage)
+    texts = [one_line_log_error(call, path) for call in (
+        lambda: omega.log_exchange(str(path), exchange()),
+        lambda: omega.logged_conversation(str(path), None),
+        lambda: omega.recent_exchanges(str(path), 3))]
+    assert all(("not an SQLite database" if kind == "corrupt file" else "is a directory") in t
+               for t in texts), texts
+    assert path.is_dir() if kind == "directory" else path.read_bytes() == garbage
+
+
+def without_root_powers():
+    """preexec_fn for a child that must meet permission bits: root passes them all,
+    unless it drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set
+    first (then the program it runs does not have them)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    return lambda: [libc.prctl(24, cap, 0, 0, 0) for cap in (1, 2)]    # PR_CAPBSET_DROP
+
+
+def test_a_read_only_folder_is_one_line_log_error(tmp_path):
+    folder = tmp_path / "ro"
+    omega.log_exchange(str(folder / "old.db"), exchange())
+    folder.chmod(0o555)
+    code = textwrap.dedent("""
+        import os, sys, omega
+        folder = sys.argv[1]
+        try:
+            open(os.path.join(folder, "probe"), "w")
+            sys.exit("writable")
+        except PermissionError:
+            pass
+        for name in ("log.db", "sub/log.db", "old.db"):
+            try:
+                omega.log_exchange(os.path.join(folder, name), {"prompt": "hi"})
+                print("written")
+            except omega.LogError as e:
+                print(e)
+        print(omega.recent_exchanges(os.path.join(folder, "log.db"), 5))
+        """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=HERE, text=True,
+                             capture_output=True, timeout=30,
+                             preexec_fn=without_root_powers() if os.geteuid() == 0 else None)
+    finally:
+        folder.chmod(0o755)
+    if out.stderr.strip() == "writable":
+        pytest.skip("cannot make a folder read-only for this user")
+    lines = out.stdout.splitlines()
+    assert out.stderr == "" and len(lines) == 4, out
+    assert lines[0] == f"conversation log {folder}/log.db: cannot create it: Permission denied"
+    assert lines[1] == (f"conversation log {folder}/sub/log.db: cannot create its folder "
+                        f"{folder}/sub: Permission denied")
+    assert lines[2].startswith(f"conversation log {folder}/old.db: cannot write")
+    assert lines[3] == "[]" and sorted(os.listdir(folder)) == ["old.db"]
+
+
+def test_a_writer_waits_for_another_then_gives_up_in_one_line(tmp_path, monkeypatch):
+    import sqlite3
+    path = str(tmp_path / "log.db")
+    omega.log_exchange(path, exchange(prompt="before"))
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO exchanges (conversation, time) VALUES ('00000000', 'now')")
+    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 0.3)
+    started = time.monotonic()
+    text = one_line_log_error(lambda: omega.log_exchange(path, exchange()), path)
+    assert "locked by another process for more than 0.3 s" in text
+    assert time.monotonic() - started < 2
+    assert [r["prompt"] for r in omega.recent_exchanges(path, 5)] == ["before"]  # WAL: reads go on
+    threading.Timer(0.1, holder.rollback).start()                      # released in time
+    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 5.0)
+    omega.log_exchange(path, exchange(prompt="after"))
+    holder.close()
+    assert [r["prompt"] for r in omega.recent_exchanges(path, 5)] == ["before", "after"]
+
+
+def test_a_busy_set_up_is_tried_again():
+    # SQLite can say "database is locked" at once, without waiting (two runs making
+    # a new log switch it to WAL together): such a failure is tried again.
+    import sqlite3
+    tries = []
+
+    def work(conn):
+        tries.append(1)
+        if len(tries) < 3:
+            error = sqlite3.OperationalError("database is locked")
+            error.sqlite_errorcode = 5
+            raise error
+        return "done"
+    conn = sqlite3.connect(":memory:")
+    assert omega.with_retries(conn, work) == "done" and len(tries) == 3
+    with pytest.raises(sqlite3.OperationalError):               # anything else: at once
+        omega.with_retries(conn, lambda c: c.execute("SELECT nonsense FROM nowhere"))
+
+
+def test_processes_writing_a_fresh_log_at_once_lose_nothing(tmp_path):
+    path = str(tmp_path / "fresh" / "log.db")
+    code = textwrap.dedent("""
+        import sys, time, omega
+        path, me, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+        while time.time() < start:          # all at once: the race to create the file
+            pass
+        conversation = None
+        for i in range(20):
+            conversation = omega.log_exchange(path, {"conversation": conversation,
+                                                     "prompt": f"{me}-{i}", "answer": "ok"})
+        """)
+    start = time.time() + 0.4
+    children = [subprocess.Popen([sys.executable, "-c", code, path, str(k), str(start)],
+                                 cwd=HERE, stderr=subprocess.PIPE, text=True) for k in range(4)]
+    errors = [child.communicate(timeout=30)[1] for child in children]
+    assert [child.returncode for child in children] == [0] * 4, errors
+    rows = omega.recent_exchanges(path, 1000)
+    assert len(rows) == 80
+    by_conversation = {}
+    for row in rows:
+        by_conversation.setdefault(row["conversation"], []).append(row["prompt"])
+    assert sorted(by_conversation.values()) == [[f"{k}-{i}" for i in range(20)] for k in range(4)]
+
+
+def test_reading_never_creates_the_log(tmp_path):
+    path = tmp_path / "nowhere" / "log.db"
+    assert omega.recent_exchanges(str(path), 10) == []
+    one_line_log_error(lambda: omega.logged_conversation(str(path), None), path)
+    one_line_log_error(lambda: omega.logged_conversation(str(path), "0123abcd"), path)
+    assert not (tmp_path / "nowhere").exists()
+
+
+# =============================================================================
+# 12. Command line
+# =============================================================================
+
+# --- the prompt: words, stdin, both ------------------------------------------
+
+def test_cli_words_print_the_answer_and_nothing_else(api, tmp_path):
+    api.reply(openai_ok())
+    out = run_cli(tmp_path, "hello", "world", config=cfg("openai", api))
+    assert (out.returncode, out.stdout, out.stderr) == (0, "Hello from OpenAI\n", "")
+    assert api.last().body["messages"] == [{"role": "user", "content": "hello world"}]
+
+
+@pytest.mark.parametrize("args, stdin, prompt", [
+    ((), "from stdin\n", "from stdin"),
+    (("-",), "dash stdin", "dash stdin"),
+    (("review", "this"), "\n    def f(): pass\n\n", "review this\n\n    def f(): pass"),
+], ids=["stdin-alone", "dash", "after-the-words-keeping-indentation"])
+def test_cli_reads_stdin_alone_dash_and_after_the_words(api, tmp_path, args, stdin, prompt):
+    api.default = lambda r: {"body": ollama_ok("ok")}
+    out = run_cli(tmp_path, *args, config=cfg("ollama", api), input=stdin)
+    assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
+    assert api.last().body["messages"] == [{"role": "user", "content": prompt}]
+
+
+def test_cli_without_a_prompt_is_a_usage_error(tmp_path):
+    out = run_cli(tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("omega: no prompt")
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("words", [(), ("what", "is", "this")], ids=["stdin-alone", "after-words"])
+def test_cli_binary_stdin_is_a_one_line_config_error(api, tmp_path, words):
+    api.default = lambda request: {"body": openai_ok()}
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    binary = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8
+    out = subprocess.run([sys.executable, OMEGA_PY, *words], cwd=tmp_path, input=binary,
+                         capture_output=True, timeout=30, env=cli_env(tmp_path))
+    stderr = out.stderr.decode(errors="replace")
+    assert out.returncode == 2 and "not UTF-8 text" in stderr, stderr
+    assert stderr.startswith("omega: ") and stderr.count("\n") == 1 and api.requests == []
+
+
+# --- flags and output --------------------------------------------------------
+
+def test_cli_help_and_version_touch_nothing(tmp_path):
+    out = run_cli(tmp_path, "--version", OMEGA_CONFIG="/nonexistent.toml")
+    assert (out.returncode, out.stdout.strip()) == (0, f"omega {omega.__version__}")
+    out = run_cli(tmp_path, "--help", OMEGA_CONFIG="/nonexistent.toml")
+    assert out.returncode == 0 and "--max-tokens" in out.stdout and "exit codes" in out.stdout.lower()
+
+
+def test_cli_flags_reach_the_wire(api, capsys, cli_main):
+    api.reply(openai_ok())
+    code = cli_main(cfg("openai", api), "-m", "gpt-4.1", "-s", "Be terse", "--max-tokens", "9",
+                    "--temperature", "0.5", "-q", "hi")
+    assert code == 0 and capsys.readouterr().out == "Hello from OpenAI\n"
+    assert api.last().body == {"model": "gpt-4.1", "max_tokens": 9, "temperature": 0.5,
+                               "messages": [{"role": "system", "content": "Be terse"},
+                                            {"role": "user", "content": "hi"}],
+                               "stream": True, "stream_options": {"include_usage": True}}
+    api.reply(gemini_ok())
+    config = cfg("gemini", api)
+    config["provider"]["default"] = "openai"
+    assert cli_main(config, "-p", "gemini", "hi") == 0
+    assert api.last().path.startswith("/v1beta/models/gemini-2.0-flash")
+
+
+def test_cli_complex_flag_picks_model_complex(api, capsys, cli_main):
+    api.reply(openai_ok())
+    assert cli_main(cfg("openai", api, model_complex="o3"), "--complex", "hi") == 0
+    assert api.last().body["model"] == "o3"
+
+
+def test_cli_json_output(api, capsys, cli_main):
+    api.reply(anthropic_ok())
+    code = cli_main(cfg("anthropic", api), "--json", "hi")
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["text"] == "Hello from Claude"
+    assert data["metadata"]["provider_used"] == "anthropic"
+    assert data["metadata"]["tokens_used"] == 14 and data["metadata"]["attempts"] == 1
+
+
+def no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_cli_json_stays_valid_when_usage_is_junk(api, capsys, name, cli_main):
+    api.reply(JUNK_USAGE[name])
+    assert cli_main(cfg(name, api), "--json", "hi") == 0
+    data = json.loads(capsys.readouterr().out, parse_constant=no_constants)
+    m = data["metadata"]
+    assert (m["input_tokens"], m["output_tokens"], m["tokens_used"]) == (None, None, None)
+
+
+def test_cli_status_lines_on_stderr_and_quiet(api, cli_main, capsys):
+    config = cfg("openai", api)
+    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10, "message": "thinking..."}
+    api.reply(openai_ok(), delay=0.3)
+    cli_main(config, "hi")
+    assert capsys.readouterr() == ("Hello from OpenAI\n", "omega: thinking...\n")
+    api.reply(openai_ok(), delay=0.3)
+    cli_main(config, "-q", "hi")
+    assert capsys.readouterr() == ("Hello from OpenAI\n", "")
+
+
+def test_cli_retry_lines_on_stderr(api, tmp_path):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "0"})
+    api.reply(openai_ok())
+    out = run_cli(tmp_path, "hi", config=cfg("openai", api))
+    assert out.stderr == "omega: openai: 429, retrying in 0.1 s (2/3)\n"
+
+
+def test_cli_verbose_shows_debug_and_traceback_but_no_key(api, tmp_path):
+    api.reply(openai_error(401, "invalid_api_key", f"Incorrect API key provided: {KEY}"),
+              status=401)
+    out = run_cli(tmp_path, "-v", "hi", config=cfg("openai", api))
+    assert out.returncode == 3 and "Traceback" in out.stderr and "POST" in out.stderr
+    assert KEY not in out.stderr and KEY not in out.stdout
+
+
+def test_cli_prints_one_line_per_fallback_step(api2, tmp_path):
+    api2.reply(anthropic_ok())
+    out = run_cli(tmp_path, "hi", config=chain(refused_url(), api2, max_retries=0))
+    assert out.returncode == 0 and out.stdout == "Hello from Claude\n"
+    assert out.stderr == "omega: openai unavailable (connection refused), trying anthropic\n"
+
+
+def test_cli_p_stays_put_and_fallback_flag_moves_on(api2, tmp_path):
+    api2.default = lambda request: {"body": anthropic_ok()}
+    config = {"provider": {"default": "openai", "fallback": ["anthropic"],
+                           "ollama": {"base_url": refused_url(), "max_retries": 0},
+                           "openrouter": {"base_url": refused_url(), "api_key": KEY},
+                           "anthropic": {"base_url": api2.url, "api_key": KEY}}}
+    out = run_cli(tmp_path, "-q", "-p", "ollama", "hi", config=config)
+    assert (out.returncode, out.stdout) == (7, "") and api2.requests == []
+    assert "connection refused" in out.stderr and out.stderr.count("\n") == 1
+    out = run_cli(tmp_path, "-p", "ollama", "--fallback", "openrouter,anthropic", "hi",
+                  config=config)
+    assert (out.returncode, out.stdout) == (0, "Hello from Claude\n"), out.stderr
+    assert out.stderr == ("omega: ollama unavailable (connection refused), trying openrouter\n"
+                          "omega: openrouter unavailable (connection refused), trying anthropic\n")
+    assert len(api2.requests) == 1
+
+
+# --- errors and exit codes: one line on stderr -------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (("-p", "nope", "hi"), "nope"),
+    (("-c", "bad.toml", "hi"), "malformed TOML"),
+    (("--timeout", "0", "hi"), "--timeout: expected a number greater than 0"),
+    (("--max-tokens", "0", "hi"), "--max-tokens: expected a number greater than 0"),
+], ids=["unknown-provider", "malformed-config", "zero-timeout", "zero-max-tokens"])
+def test_cli_bad_usage_and_bad_config_are_one_line(tmp_path, monkeypatch, capsys, args,
+                                                   fragment):
+    (tmp_path / "bad.toml").write_text("[provider\n")
+    monkeypatch.chdir(tmp_path)
+    assert omega.main(list(args)) == 2
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and out.out == ""
+    assert out.err.startswith("omega: ") and fragment in out.err
+
+
+@pytest.mark.parametrize("reply, expected", [
+    (dict(body=openai_error(400, "invalid_request_error"), status=400), 1),
+    (dict(body=openai_error(401, "invalid_api_key"), status=401), 3),
+    (dict(body=openai_error(429, "insufficient_quota"), status=429), 4),
+    (dict(action="stall"), 5),
+    (dict(body=openai_ok(choices=[])), 6),
+])
+def test_cli_exit_codes(api, capsys, reply, expected, cli_main):
+    api.reply(**reply)
+    assert cli_main(cfg("openai", api), "--timeout", "0.3", "hi") == expected
+    err = capsys.readouterr().err
+    assert err.startswith("omega: openai: ") and err.count("\n") == 1
+
+
+def test_cli_exit_code_for_unavailable_and_config(capsys, cli_main):
+    assert cli_main(cfg("ollama", refused_url(), max_retries=0), "hi") == 7
+    assert "connection refused" in capsys.readouterr().err
+    assert cli_main({"provider": {"openai": {"enabled": False}}}, "-p", "openai", "hi") == 2
+
+
+def test_cli_unexpected_error_is_one_line(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"kaboom with {ENV_KEY}")
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    monkeypatch.setattr(omega, "complete", broken)
+    monkeypatch.setattr(omega, "stream", broken)
+    assert omega.main(["-p", "openai", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("omega: internal error: RuntimeError: kaboom") and err.count("\n") == 1
+    assert ENV_KEY not in err and "Traceback" not in err
+
+
+def run_with_closed(tmp_path, redirect, *args, config=None):
+    """python omega.py ARGS with stdout (">&-") or stderr ("2>&-") closed."""
+    if config is not None:
+        (tmp_path / "cli.toml").write_text(toml_for(config))
+    return subprocess.run(["/bin/sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable,
+                           OMEGA_PY, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL, env=cli_env(tmp_path))
+
+
+def test_cli_reader_that_leaves_is_not_an_error(api, tmp_path):
+    """python omega.py "hi" | true"""
+    api.reply(openai_ok())
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, OMEGA_PY, "hi"], cwd=tmp_path, stdout=write_end,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                             timeout=30, env=cli_env(tmp_path))
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (0, "")
+
+
+def test_cli_with_stdout_closed_sends_nothing(api, tmp_path):
+    api.default = lambda request: {"body": openai_ok()}
+    out = run_with_closed(tmp_path, ">&-", "hi", config=cfg("openai", api))
+    assert out.returncode == 2 and out.stderr.startswith("omega: stdout is closed"), out.stderr
+    assert out.stderr.count("\n") == 1 and api.requests == []
+
+
+@pytest.mark.parametrize("args, code", [(("-p", "nope", "hi"), 2), (("hi",), 7)],
+                         ids=["usage-error", "provider-error"])
+def test_cli_with_stderr_closed_writes_no_error_to_stdout(tmp_path, args, code):
+    out = run_with_closed(tmp_path, "2>&-", *args,
+                          config=cfg("ollama", refused_url(), max_retries=0))
+    assert (out.returncode, out.stdout) == (code, "")
+
+
+# --- streaming to stdout -----------------------------------------------------
+
+def start_cli(tmp_path, *args, config=None):
+    if config is not None:
+        (tmp_path / "cli.toml").write_text(toml_for(config))
+    return subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(tmp_path))
+
+
+def read_until(pipe, wanted: bytes, seconds=10) -> bytes:
+    """What a child wrote on pipe, read as it comes, up to and including wanted."""
+    import select
+    got, deadline = b"", time.monotonic() + seconds
+    while wanted not in got and time.monotonic() < deadline:
+        if select.select([pipe], [], [], 0.05)[0]:
+            data = os.read(pipe.fileno(), 65536)
+            if not data:
+                break
+            got += data
+    return got
+
+
+def test_cli_streams_the_first_piece_before_the_server_is_done(api, tmp_path):
+    body = sse(oa_chunk("first piece"), oa_chunk(" and the rest"), oa_chunk(finish="stop"))
+    serve_stream(api, body, hold_at=body.index(b"\n\n") + 2, most=1 << 20)
+    child = start_cli(tmp_path, "hi", config=cfg("openai", api))
+    try:
+        assert read_until(child.stdout, b"first piece") == b"first piece"   # server still held
+        api.release.set()
+        out, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert (child.returncode, out, err) == (0, b" and the rest\n", b"")
+
+
+def test_cli_streams_claude_code_as_the_cli_writes(claude, tmp_path):
+    claude.plan({"result": "Hello from the fake.", "wait": True})
+    child = start_cli(tmp_path, "hi", config=claude.config())
+    try:
+        assert read_until(child.stdout, b"Hello from") == b"Hello from"   # the CLI still runs
+        (claude.dir / "go").write_text("")
+        out, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert (child.returncode, out) == (0, b" the fake.\n")
+
+
+def test_cli_no_stream_and_json_ask_for_one_answer(api, cli_main, capsys):
+    for flag in ("--no-stream", "--json"):
+        api.reply(openai_ok("whole"))
+        assert cli_main(cfg("openai", api), flag, "hi") == 0
+        assert "stream" not in api.last().body
+        out = capsys.readouterr().out
+        assert out == "whole\n" if flag == "--no-stream" else json.loads(out)["text"] == "whole"
+
+
+def test_cli_error_after_some_text_ends_the_line_and_says_how_much_came(api, tmp_path):
+    serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"])
+    out = run_cli(tmp_path, "hi", config=cfg("anthropic", api))
+    assert out.returncode == 1 and out.stdout == "The answer\n"
+    assert out.stderr.count("\n") == 1 and "Overloaded" in out.stderr
+    assert "broke off after 10 characters" in out.stderr
+
+
+# --- signals: Ctrl-C, SIGTERM, SIGHUP ----------------------------------------
+
+def start_cli_with_claude(claude, tmp_path, *args):
+    """python omega.py ARGS against the fake claude; (the process, its claude pids)."""
+    (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
+    child = subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=cli_env(tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
+    try:
+        pids = read_pids(claude.dir / "pids")
+    except AssertionError:
+        child.kill()
+        child.communicate()
+        raise
+    time.sleep(0.05)                     # let omega settle into its wait
+    return child, pids
+
+
+def test_cli_ctrl_c_exits_130_and_leaves_no_child(claude, tmp_path):
+    claude.plan({"hang": True})
+    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
+    try:
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=15)
+        assert child.returncode == 130 and err == "omega: interrupted\n" and out == ""
+        assert gone(*pids)
+    finally:
+        child.kill()
+        child.communicate()
+        kill_leftovers(*pids)
+
+
+def test_cli_ctrl_c_mid_stream_exits_130_and_hangs_up(api, tmp_path):
+    api.reply(action="endless", framing="chunked", every=0.02,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("."), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    child = start_cli(tmp_path, "hi", config=cfg("openai", api))
+    try:
+        assert read_until(child.stdout, b"first").startswith(b"first")
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and out.endswith(b"\n") and err == b"omega: interrupted\n"
+    deadline = time.monotonic() + 3
+    while api.hangups == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.hangups == 1
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGHUP"])
+def test_cli_sigterm_and_sighup_stop_the_claude_group(claude, tmp_path, sig, code):
+    claude.plan({"hang": True})
+    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
+    try:
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=15)
+        assert child.returncode == code and out == ""
+        assert err.startswith("omega: ") and err.count("\n") == 1, err
+        assert gone(*pids)
+    finally:
+        child.kill()
+        child.communicate()
+        kill_leftovers(*pids)
+
+
+def test_cli_repeated_ctrl_c_still_kills_a_child_that_ignores_sigterm(claude, tmp_path):
+    claude.plan({"hang": True, "ignore_term": True})
+    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
+    try:
+        child.send_signal(signal.SIGINT)
+        for _ in range(3):                   # more Ctrl-Cs during the grace period
+            time.sleep(0.2)
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+        assert child.returncode == 130 and out == ""
+        assert err.startswith("omega: ") and "Traceback" not in err, err
+        assert gone(*pids)
+    finally:
+        child.kill()
+        child.communicate()
+        kill_leftovers(*pids)
+
+
+# --- the log: --continue, --chat, --logs, --no-log ---------------------------
+
+def log_rows(tmp_path):
+    import sqlite3
+    path = tmp_path / "home" / ".omega" / "log.db"
+    with sqlite3.connect(path) as db:
+        return [dict(zip(("conversation", "provider", "model", "prompt", "answer", "error"), r))
+                for r in db.execute("SELECT conversation, provider, model, prompt, answer, "
+                                    "error FROM exchanges ORDER BY id")]
+
+
+def test_cli_logs_each_exchange_and_never_the_key(api, tmp_path):
+    api.reply(openai_ok("Four."))
+    out = run_cli(tmp_path, "What is 2+2?", config=cfg("openai", api))
+    assert (out.returncode, out.stdout, out.stderr) == (0, "Four.\n", "")
+    rows = log_rows(tmp_path)
+    assert [(r["provider"], r["prompt"], r["answer"]) for r in rows] == [
+        ("openai", "What is 2+2?", "Four.")]
+    folder = tmp_path / "home" / ".omega"
+    for file in folder.iterdir():
+        assert KEY.encode() not in file.read_bytes() and not leaks(file.read_bytes().decode(
+            "latin-1"))
+    api.reply(openai_error(401, "invalid_api_key", f"bad key {KEY}"), status=401)
+    out = run_cli(tmp_path, "again", config=cfg("openai", api))
+    assert out.returncode == 3 and "invalid_api_key" in log_rows(tmp_path)[-1]["error"]
+    assert not leaks(log_rows(tmp_path)[-1]["error"])
+
+
+def test_cli_continue_and_chat_send_the_logged_turns(api, tmp_path, cli_main, capsys):
+    config = cfg("openai", api)
+    api.reply(openai_ok("Four."))
+    cli_main(config, "What is 2+2?")
+    api.reply(openai_ok("Twelve."))
+    assert cli_main(config, "--continue", "and times 3?") == 0
+    assert capsys.readouterr().out == "Four.\nTwelve.\n"
+    assert [(m["role"], m["content"]) for m in api.last().body["messages"]] == [
+        ("user", "What is 2+2?"), ("assistant", "Four."), ("user", "and times 3?")]
+    rows = log_rows(tmp_path)
+    assert rows[0]["conversation"] == rows[1]["conversation"]
+    api.reply(openai_ok("Hi."))
+    cli_main(config, "a new one")
+    api.reply(openai_ok("Thirty-six."))
+    cli_main(config, "--chat", rows[0]["conversation"], "times 3 again?")
+    sent = [m["content"] for m in api.last().body["messages"]]
+    assert sent == ["What is 2+2?", "Four.", "and times 3?", "Twelve.", "times 3 again?"]
+    capsys.readouterr()
+    assert cli_main(config, "--chat", "ffffffff", "hi") == 1
+    assert "no conversation ffffffff" in capsys.readouterr().err
+    assert cli_main(config, "--logs", "2") == 0
+    out = capsys.readouterr().out
+    assert f"[{rows[0]['conversation']}]" in out
+    assert "> times 3 again?\nThirty-six." in out and "What is 2+2" not in out
+    cli_main(config, "--logs", "--json")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["answer"] for r in lines] == ["Twelve.", "Hi.", "Thirty-six."]
+
+
+def test_cli_continue_with_claude_code_resumes_the_logged_session(claude, cli_main):
+    cli_main(claude.config(), "Remember 42")
+    cli_main(claude.config(), "--continue", "What did I say?")
+    first, second = claude.calls()
+    assert "--resume" in second["argv"] and second["stdin"] == "[User]\nWhat did I say?"
+
+
+@pytest.mark.parametrize("how", ["--no-log", "OMEGA_LOG=0"])
+def test_cli_without_the_log_writes_nothing(api, tmp_path, how, cli_main, capsys, monkeypatch):
+    api.reply(openai_ok())
+    args = ("--no-log", "hi") if how == "--no-log" else ("hi",)
+    if how != "--no-log":
+        monkeypatch.setenv("OMEGA_LOG", "0")
+    assert cli_main(cfg("openai", api), *args) == 0
+    assert not (tmp_path / "home" / ".omega").exists()
+    assert cli_main(cfg("openai", api), *args[:-1], "--continue", "hi") == 2
+    assert "needs the log" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["directory", "corrupt", "read-only"])
+def test_cli_answer_comes_first_when_the_log_cannot_be_written(api, tmp_path, damage):
+    log = tmp_path / "bad" / "log.db"
+    log.parent.mkdir()
+    if damage == "directory":
+        log.mkdir()
+    elif damage == "corrupt":
+        log.write_bytes(b"this is not SQLite" * 100)
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        log.parent.chmod(0o500)
+    api.reply(openai_ok("still here"))
+    out = run_cli(tmp_path, "hi", config=cfg("openai", api), OMEGA_LOG_PATH=str(log))
+    assert out.returncode == 0 and out.stdout == "still here\n"
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("omega: warning: ")
+
+
+def test_eight_cli_processes_at_once_lose_no_row(api, tmp_path):
+    api.default = lambda r: {"body": openai_ok("ok")}
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    children = [subprocess.Popen([sys.executable, OMEGA_PY, f"question {i}"], cwd=tmp_path,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=cli_env(tmp_path))
+                for i in range(8)]
+    results = [child.communicate(timeout=30) for child in children]
+    assert all(c.returncode == 0 for c in children) and all(err == b"" for _, err in results)
+    assert sorted(r["prompt"] for r in log_rows(tmp_path)) == [f"question {i}" for i in range(8)]
+
+
+# --- files, schemas, model lists: -a, --schema, --models ---------------------
+
+def test_cli_attach_and_schema_print_the_json_alone(api, capsys, tmp_path, monkeypatch, cli_main):
+    (tmp_path / "red.png").write_bytes(PNG)
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    api.reply(openai_ok('{"colour": "red",\n "confidence": 0.97}'))
+    assert cli_main(cfg("openai", api), "-a", str(tmp_path / "red.png"), "--schema",
+                    str(tmp_path / "schema.json"), "What colour?") == 0
+    assert capsys.readouterr().out == ANSWER + "\n"
+    body = api.last().body
+    assert body["messages"][0]["content"][:2] == [
+        {"type": "text", "text": "What colour?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}}]
+    assert "stream" not in body and body["response_format"] == OPENAI_RESPONSE_FORMAT
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PDF)))   # -a - : stdin
+    api.reply(openai_ok('["red"]'))
+    assert cli_main(cfg("openai", api), "-a", "-", "-a", str(tmp_path / "red.png"), "--schema",
+                    '{"type": "array"}', "--json", "Colours?") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["data"] == ["red"] and out["text"] == '["red"]'
+    assert api.last().body["messages"][0]["content"][1] == {"type": "file", "file": {
+        "filename": "stdin", "file_data": "data:application/pdf;base64," + PDF_B64}}
+    api.reply({"models": [{"name": "gemma3:4b"}, {"name": "llama3.2:latest"}]})
+    assert cli_main(cfg("ollama", api), "--models") == 0
+    assert capsys.readouterr().out == "gemma3:4b\nllama3.2:latest\n"
+
+
+def test_cli_attach_and_schema_mistakes_are_one_line_usage_errors(capsys, tmp_path, monkeypatch,
+                                                                   cli_main):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x89PNG")))
+    for args, words in [(("-a", "-"), "-a - reads the attachment from stdin: give the prompt"),
+                        (("--schema", "{not json", "hi"), "--schema: not valid JSON"),
+                        (("--schema", str(tmp_path / "none.json"), "hi"), "no such file"),
+                        (("--schema", '{"type": "nonsense"}', "hi"), "unknown type 'nonsense'"),
+                        (("-a", str(tmp_path / "none.png"), "hi"), "none.png: no such file")]:
+        assert cli_main({}, *args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("omega: ") and words in err and err.count("\n") == 1, err
+
+
+# --- what ships: an executable omega.py and a README that stands alone -------
+
+def test_omega_py_is_executable():
+    assert os.access(OMEGA_PY, os.X_OK)
+    with open(OMEGA_PY) as f:
+        assert f.readline().startswith("#!")
+
+
+def test_readme_states_the_timings_the_code_uses():
+    """The defaults the suite replaces (clean_env) are the ones the README promises."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    assert f"The wait is {REAL['RETRY_BASE_SECS']:g} s × 2ⁿ, capped at " \
+           f"{REAL['RETRY_CAP_SECS']:g} s, times a random factor 0.75–1" in text
+    assert f"when they ask for {REAL['RETRY_AFTER_MAX_SECS']:g} s or less" in text
+    assert f"then SIGKILL after {REAL['KILL_GRACE_SECS']:g} s" in text
+
+
+# What a reader of the README does not have: the spec omega was built to, and the folder
+# it lives in. The same rules as ../shared/checks/structure.py (readme-no-spec), "the spec"
+# and "spec section" in any case.
+SPEC_MENTION = re.compile(r"SPEC|\.\./shared|(?i:\bthe spec\b|\bspec (?:section|§))")
+
+
+def test_readme_stands_alone_and_names_the_limits():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    mentions = [f"line {text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}"
+                for m in SPEC_MENTION.finditer(text)]
+    assert mentions == [], mentions
+    assert "max_response_bytes" in text
+
+
+# =============================================================================
+# 13. The real claude binary (make test-real)
+# =============================================================================
+
+# The real CLI honours ANTHROPIC_BASE_URL, so it can talk to a local fake of the
+# Messages API. It always streams, so the fake answers SSE (and JSON when asked).
+
+def anthropic_sse(*blocks, stop="end_turn"):
+    """An Anthropic streaming reply carrying these content blocks."""
+    def event(kind, **data):
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+    events = [event("message_start", message={
+        "id": "msg_sse", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 1}})]
+    for index, block in enumerate(blocks):
+        if block["type"] == "text":
+            start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        else:
+            start = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        events += [event("content_block_start", index=index, content_block=start),
+                   event("content_block_delta", index=index, delta=delta),
+                   event("content_block_stop", index=index)]
+    events += [event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
+                     usage={"output_tokens": 6}), event("message_stop")]
+    return {"raw": "".join(events).encode(), "headers": {"Content-Type": "text/event-stream"}}
+
+
+def messages_api(api, *answers):
+    """Each POST /v1/messages takes the next answer (a list of content blocks, or
+    (status, error body)); the last answer repeats. SSE or JSON as requested."""
+    queue = list(answers)
+
+    def answer(request):
+        if not request.path.startswith("/v1/messages"):
+            return {"body": {}}
+        item = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(item, tuple):
+            return {"status": item[0], "body": item[1]}
+        stop = "tool_use" if any(b["type"] == "tool_use" for b in item) else "end_turn"
+        if request.body.get("stream"):
+            return anthropic_sse(*item, stop=stop)
+        return {"body": anthropic_ok(*item, stop=stop)}
+    api.default = answer
+
+
+def text(value):
+    return [{"type": "text", "text": value}]
+
+
+def sent_prompts(api):
+    """The text of the last user message of every Messages request, in order."""
+    prompts = []
+    for request in api.requests:
+        if request.method == "POST" and request.path.startswith("/v1/messages"):
+            user = [m for m in request.body["messages"] if m["role"] == "user"][-1]
+            content = user["content"]
+            prompts.append(content if isinstance(content, str) else "\n".join(
+                b.get("text", "") for b in content if b.get("type") == "text"))
+    return prompts
+
+
+def sent_blocks(api):
+    """The content blocks of the last user message of the last Messages request."""
+    post = [r for r in api.requests if r.method == "POST" and r.path.startswith("/v1/messages")]
+    user = [m for m in post[-1].body["messages"] if m["role"] == "user"][-1]
+    return user["content"] if isinstance(user["content"], list) else []
+
+
+@pytest.fixture
+def real_claude(api, tmp_path, monkeypatch):
+    binary = os.environ.get("OMEGA_REAL_CLAUDE")
+    if not binary:
+        pytest.skip("no real claude binary configured: `make test-real` installs one "
+                    "and sets OMEGA_REAL_CLAUDE")
+    for var, value in {"ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": KEY,
+                       "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                       "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}.items():
+        monkeypatch.setenv(var, value)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "work").mkdir()
+    return {"provider": {"default": "claude-code", "claude-code": {
+        "command": binary, "working_dir": str(tmp_path / "work"), "resume_delay_secs": 0,
+        "timeout_secs": 120}}}
+
+
+def real(config, ctx, **section):
+    config["provider"]["claude-code"].update(section)
+    return omega.complete(ctx, config=config)
+
+
+def real_stream(config, ctx):
+    s = omega.stream(ctx, config=config)
+    got = []
+    with s:
+        for piece in s:
+            got.append((piece, time.monotonic()))
+    return s, got
+
+
+@pytest.mark.real_claude
+def test_real_claude_plain_answer(real_claude, api):
+    messages_api(api, text("Hello from the fake API."))
+    reply = real(real_claude, omega.Context("Say hello."))
+    assert reply.text == "Hello from the fake API."
+    m = reply.metadata
+    assert m.provider_used == "claude-code" and m.session_id and m.attempts == 1
+    assert m.input_tokens >= 10 and m.output_tokens == 6 and m.num_turns == 1
+    assert sent_prompts(api)[-1].endswith("[User]\nSay hello.")
+    posts = [r for r in api.requests if r.method == "POST"]
+    assert posts[0].headers["x-api-key"] == KEY and posts[0].body["stream"] is True
+
+
+@pytest.mark.real_claude
+def test_real_claude_model_and_system_prompt_reach_the_api(real_claude, api):
+    messages_api(api, text("ok"))
+    real(real_claude, omega.Context("Question?", system_prompt="Answer like a pirate."),
+         model="claude-opus-4-6")
+    post = [r for r in api.requests if r.method == "POST"][-1]
+    assert post.body["model"] == "claude-opus-4-6"
+    assert sent_prompts(api)[-1].endswith("[System]\nAnswer like a pirate.\n\n[User]\nQuestion?")
+
+
+@pytest.mark.real_claude
+def test_real_claude_allowed_tools_keep_the_prompt(real_claude, api):
+    messages_api(api, text("ok"))
+    real(real_claude, omega.Context("Read nothing, just answer."), allowed_tools=["Read", "Bash"])
+    assert sent_prompts(api)[-1].endswith("[User]\nRead nothing, just answer.")
+
+
+@pytest.mark.real_claude
+def test_real_claude_300_kb_prompt(real_claude, api):
+    messages_api(api, text("long read"))
+    prompt = "".join(f"line {i}: the quick brown fox\n" for i in range(11000))[:300 * 1024]
+    assert real(real_claude, omega.Context(prompt)).text == "long read"
+    assert sent_prompts(api)[-1].endswith("[User]\n" + prompt)
+
+
+@pytest.mark.real_claude
+def test_real_claude_resume_carries_earlier_turns(real_claude, api):
+    messages_api(api, text("The number is 42."), text("You said 42."))
+    first = real(real_claude, omega.Context("Remember the number 42."))
+    second = real(real_claude, omega.Context("Which number?", session_id=first.metadata.session_id))
+    assert second.text == "You said 42." and second.metadata.session_id == first.metadata.session_id
+    last = [r for r in api.requests if r.method == "POST"][-1].body["messages"]
+    flat = json.dumps(last)
+    assert "Remember the number 42." in flat and "The number is 42." in flat
+    assert sent_prompts(api)[-1].endswith("[User]\nWhich number?")
+
+
+@pytest.mark.real_claude
+def test_real_claude_max_turns_then_auto_resume(real_claude, api):
+    tool = {"type": "tool_use", "id": "toolu_01", "name": "Bash",
+            "input": {"command": "echo hi", "description": "say hi"}}
+    messages_api(api, [tool], text("Final answer."))
+    statuses = []
+    real_claude["provider"]["claude-code"].update(max_turns=1, allowed_tools=["Bash"])
+    reply = omega.complete(omega.Context("Do the task."), config=real_claude,
+                           on_status=statuses.append)
+    assert reply.text == "Final answer." and reply.metadata.attempts == 2
+    assert statuses == ["claude-code: reached max turns, resuming (1/5)"]
+    assert sent_prompts(api)[-1].endswith(omega.RESUME_PROMPT)
+
+
+@pytest.mark.real_claude
+def test_real_claude_api_401_is_auth_error(real_claude, api):
+    messages_api(api, (401, {"type": "error", "error": {"type": "authentication_error",
+                                                        "message": "invalid x-api-key"},
+                             "request_id": "req_401"}))
+    with pytest.raises(omega.AuthError) as err:
+        real(real_claude, omega.Context("hi"))
+    assert err.value.status == 401 and KEY not in str(err.value)
+
+
+@pytest.mark.real_claude
+def test_real_claude_streams_pieces_before_the_answer_is_done(real_claude, api):
+    body = anthropic_sse(*text("Hello from the streaming fake."))["raw"]
+    cut = body.index(b"content_block_delta")
+    cut = body.index(b"\n\n", cut) + 2               # right after the first text delta
+    first = body[:cut].replace(b"Hello from the streaming fake.", b"Hello from")
+    rest = b"event: content_block_delta\ndata: " + json.dumps({
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": " the streaming fake."}}).encode() + b"\n\n" + \
+        body[cut:]
+
+    def answer(request):
+        if not request.path.startswith("/v1/messages"):
+            return {"body": {}}
+        return {"raw": first + rest, "action": "pieces", "framing": "chunked",
+                "pieces": [(0, first), (1.0, rest), (1.0, b"")],
+                "headers": {"Content-Type": "text/event-stream"}}
+    api.default = answer
+    started = time.monotonic()
+    s, got = real_stream(real_claude, omega.Context("Say hello."))
+    assert [p for p, _ in got] == ["Hello from", " the streaming fake."]
+    assert got[1][1] - got[0][1] > 0.5             # the first came while the API still wrote
+    assert s.reply.text == "Hello from the streaming fake." == "".join(p for p, _ in got)
+    assert s.reply.metadata.output_tokens == 6 and s.reply.metadata.session_id
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.real_claude
+def test_real_claude_api_error_mid_stream_is_typed(real_claude, api):
+    body = anthropic_sse(*text("Hello from"))["raw"]
+    cut = body.index(b"\n\n", body.index(b"content_block_delta")) + 2
+    broken = body[:cut] + b'event: error\ndata: {"type":"error","error":{"type":' \
+        b'"overloaded_error","message":"Overloaded"}}\n\n'
+
+    def answer(request):
+        if not request.path.startswith("/v1/messages"):
+            return {"body": {}}
+        if request.body.get("stream"):
+            return {"raw": broken, "headers": {"Content-Type": "text/event-stream"}}
+        return {"status": 529, "body": {"type": "error", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}}}
+    api.default = answer
+    with pytest.raises(omega.ProviderError) as err:
+        real_stream(real_claude, omega.Context("Say hello."))
+    assert err.value.status == 529 and err.value.partial_text == "Hello from"
+
+
+@pytest.mark.real_claude
+def test_real_claude_reads_an_image_and_a_pdf_through_stream_json(real_claude, api):
+    messages_api(api, text("A red square, a PDF that says Hello PDF, and notes."))
+    reply = real(real_claude, omega.Context("What are these?", attachments=files()))
+    assert reply.text == "A red square, a PDF that says Hello PDF, and notes."
+    assert reply.metadata.session_id and reply.metadata.attempts == 1
+    blocks = [{k: v for k, v in b.items() if k != "cache_control"} for b in sent_blocks(api)]
+    at = blocks.index(ANTHROPIC_BLOCKS[0])                 # the CLI's reminders come first
+    assert blocks[at:] == [*ANTHROPIC_BLOCKS, {"type": "text", "text": "[User]\nWhat are these?"}]
+
+
+@pytest.mark.real_claude
+def test_real_claude_json_schema_returns_structured_output(real_claude, api):
+    tool = {"type": "tool_use", "id": "toolu_01", "name": "StructuredOutput",
+            "input": {"colour": "red", "confidence": 0.97}}
+    messages_api(api, [tool], text("Done."))
+    reply = real(real_claude, omega.Context("What colour is this image?", schema=SCHEMA,
+                                            attachments=files("red.png")))
+    assert reply.data == {"colour": "red", "confidence": 0.97}
+    assert json.loads(reply.text) == reply.data
+    first = [r for r in api.requests if r.method == "POST"][0].body
+    offered = {t["name"]: t for t in first.get("tools", [])}
+    assert offered["StructuredOutput"]["input_schema"]["properties"] == SCHEMA["properties"]
+    assert ANTHROPIC_BLOCKS[0] in sent_blocks(api)
+
+
+@pytest.mark.real_claude
+def test_real_claude_without_structured_output_is_invalid_json(real_claude, api):
+    messages_api(api, text("It is red, I think."))      # the model never calls the tool
+    with pytest.raises(omega.ProviderError) as err:
+        real(real_claude, omega.Context("What colour?", schema=SCHEMA))
+    assert err.value.code == "invalid_json"
+
+
+# =============================================================================
+# 14. Test data
+# =============================================================================
+
+# What the tests send and are sent, too long to read between them: fake programs, real-shaped
+# bodies and captures, test files and the request shapes that carry them, OpenAPI fragments.
+# The tests read these names when they run, so they can come last; a parametrize list is read
+# at import, so it names the cases instead (STREAM_EXPECTED for STREAM_BODIES, the list of
+# API names beside the OpenAPI test for SPECS).
+
+
+# --- fake programs -----------------------------------------------------------
 
 FAKE_CLAUDE = r'''#!PYTHON
 """A stand-in for the real `claude` CLI (-p --output-format json). State lives in
@@ -1158,209 +5262,6 @@ if step.get("linger"):
 sys.exit(step.get("exit", 1 if result["is_error"] else 0))
 '''
 
-
-class FakeClaude:
-    def __init__(self, root):
-        self.dir = root
-        self.command = str(root / "claude")
-        (root / "claude").write_text(FAKE_CLAUDE.replace("PYTHON", sys.executable))
-        (root / "claude").chmod(0o755)
-
-    def plan(self, *steps):
-        (self.dir / "plan.json").write_text(json.dumps(list(steps)))
-
-    def calls(self):
-        path = self.dir / "calls.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def config(self, **section):
-        """A config for it, with a 20 s deadline: a run that hangs fails, not the suite."""
-        return {"provider": {"default": "claude-code", "claude-code": {
-            "command": self.command, "resume_delay_secs": 0, "timeout_secs": 20, **section}}}
-
-
-@pytest.fixture
-def claude(tmp_path, monkeypatch):
-    root = tmp_path / "fakeclaude"
-    root.mkdir()
-    monkeypatch.setenv("FAKE_CLAUDE_DIR", str(root))
-    return FakeClaude(root)
-
-
-def cc(claude, ctx=None, on_status=None, **section):
-    return omega.complete(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section),
-                          on_status=on_status)
-
-
-def test_claude_code_prompt_on_stdin_and_flags(claude, tmp_path, monkeypatch):
-    monkeypatch.setenv("CLAUDECODE", "1")
-    work = tmp_path / "work"
-    work.mkdir()
-    reply = cc(claude, omega.Context("Fix the bug", system_prompt="Be careful"),
-               allowed_tools=["Read", "Bash(git log:*)"], working_dir=str(work),
-               oauth_token="oauth-SECRET-token-0123456789", skip_permissions=True)
-    call = claude.calls()[0]
-    assert call["stdin"] == "[System]\nBe careful\n\n[User]\nFix the bug"
-    assert call["argv"] == ["-p", "--output-format", "json", "--max-turns", "25", "--model",
-                            "claude-sonnet-4-6", "--dangerously-skip-permissions",
-                            "--allowedTools", "Read,Bash(git log:*)"]
-    assert call["cwd"] == str(work)
-    assert call["env"] == {"CLAUDECODE": None,
-                           "CLAUDE_CODE_OAUTH_TOKEN": "oauth-SECRET-token-0123456789"}
-    assert reply.text == "echo: [System]\nBe careful\n\n[User]\nFix the bug"
-    m = reply.metadata
-    assert (m.provider_used, m.model, m.input_tokens, m.output_tokens, m.tokens_used) == \
-        ("claude-code", "claude-sonnet-4-6", 1105, 20, 1125)
-    assert (m.cost_usd, m.num_turns, m.attempts, m.stop_reason) == (0.0125, 1, 1, "end_turn")
-    assert (claude.dir / "sessions" / m.session_id).exists()     # the CLI's own session id
-
-
-def test_claude_code_defaults_model_override_and_request_max_turns(claude):
-    cc(claude, omega.Context("hi", model="opus", max_turns=3, allowed_tools=[]),
-       allowed_tools=["Read"])
-    argv = claude.calls()[0]["argv"]
-    assert argv == ["-p", "--output-format", "json", "--max-turns", "3", "--model", "opus"]
-
-
-def test_claude_code_resume_session(claude):
-    first = cc(claude, omega.Context("Remember 42"))
-    sid = first.metadata.session_id
-    reply = cc(claude, omega.Context("What did I say?", system_prompt="Be brief", session_id=sid,
-                                     history=[omega.Message("user", "Remember 42")]))
-    call = claude.calls()[1]
-    assert call["argv"][call["argv"].index("--resume") + 1] == sid
-    assert call["stdin"] == "[User]\nBe brief\n\nWhat did I say?"
-    assert reply.text.startswith("turn 2:") and reply.metadata.session_id == sid
-
-
-def test_claude_code_unknown_session_gives_the_cli_message(claude):
-    with pytest.raises(omega.ProviderError, match="No conversation found with session ID: nope"):
-        cc(claude, omega.Context("hi", session_id="nope"))
-
-
-def test_claude_code_array_output_uses_last_result(claude):
-    claude.plan({"array": True, "result": "from the array"})
-    reply = cc(claude)
-    assert reply.text == "from the array" and reply.metadata.num_turns == 1
-
-
-@pytest.mark.parametrize("status, result, error", [
-    (529, "API Error: 529 Overloaded. This is a server-side issue", omega.ProviderError),
-    (429, "API Error: Request rejected (429) · Rate limited", omega.RateLimitError),
-    (401, "Failed to authenticate. API Error: 401 invalid x-api-key", omega.AuthError),
-    (400, "API Error: 400 prompt is too long", omega.ProviderError),
-    (None, "Invalid API key · Please run /login", omega.AuthError),
-    (None, "Credit balance is too low", omega.RateLimitError),
-])
-def test_claude_code_errors_exit_1_with_json(claude, status, result, error):
-    claude.plan({"set": {"is_error": True, "result": result, "api_error_status": status,
-                         "stop_reason": "stop_sequence", "total_cost_usd": 0}})
-    with pytest.raises(error) as err:
-        cc(claude)
-    assert type(err.value) is error and err.value.status == status
-    assert result in str(err.value) and str(err.value).startswith("claude-code: ")
-
-
-@pytest.mark.parametrize("step", [
-    {"set": {"is_error": True, "result": "Invalid API key · Please run /login"}},
-    {"set": {"is_error": True, "result": "Not logged in · Please run /login"}},
-    {"raw": "", "exit": 1, "stderr": "Invalid API key · Please run /login\n"},
-    {"raw": "", "exit": 1, "stderr": "Error: Not logged in. Run claude and log in first.\n"},
-], ids=["json-invalid-api-key", "json-not-logged-in", "stderr-invalid-api-key",
-        "stderr-not-logged-in"])
-def test_logged_out_claude_is_auth_error(claude, cli_main, capsys, step):
-    claude.plan(step, step)
-    with pytest.raises(omega.AuthError) as err:
-        cc(claude)
-    assert type(err.value) is omega.AuthError and err.value.provider == "claude-code"
-    assert ("/login" in err.value.message) or ("Not logged in" in err.value.message)
-    assert len(claude.calls()) == 1                        # not resumed, not retried
-    assert cli_main(claude.config(), "hi") == 3
-    assert capsys.readouterr().err.startswith("omega: claude-code: ")
-
-
-def test_logged_out_claude_with_plain_text_on_stdout_is_auth_error(claude):
-    claude.plan({"raw": "Invalid API key · Please run /login\n", "exit": 1})
-    with pytest.raises(omega.AuthError, match="/login"):
-        cc(claude)
-
-
-def test_claude_code_auto_resume_after_max_turns(claude):
-    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True, "num_turns": 26,
-                           "errors": ["Reached maximum number of turns (25)"],
-                           "terminal_reason": "max_turns"}, "drop": ["result"]}
-    claude.plan(turns_error, turns_error, {"result": "All done."})
-    statuses = []
-    reply = cc(claude, on_status=statuses.append)
-    calls = claude.calls()
-    assert len(calls) == 3 and reply.text == "All done."
-    sid = reply.metadata.session_id
-    assert "--resume" not in calls[0]["argv"]
-    for call in calls[1:]:
-        assert call["argv"][call["argv"].index("--resume") + 1] == sid
-        assert call["stdin"] == omega.RESUME_PROMPT
-    m = reply.metadata
-    assert (m.attempts, m.num_turns, m.output_tokens, m.input_tokens) == (3, 53, 60, 3315)
-    assert m.cost_usd == pytest.approx(0.0375)
-    assert statuses == ["claude-code: reached max turns, resuming (1/5)",
-                        "claude-code: reached max turns, resuming (2/5)"]
-
-
-def test_claude_code_resume_joins_texts_and_waits_with_backoff(claude, monkeypatch):
-    waits, real_sleep = [], time.sleep
-    # subprocess polls with short sleeps of its own: only the resume waits are recorded.
-    monkeypatch.setattr(omega.time, "sleep",
-                        lambda s: waits.append(s) if s >= 1 else real_sleep(s))
-    partial = {"set": {"subtype": "error_max_turns", "is_error": True}, "drop": ["result"]}
-    claude.plan(partial, partial, partial, {"result": "final"})
-    cc(claude, resume_delay_secs=2)
-    assert waits == [2, 4, 8]
-    # Whatever text a stopped run did return is kept and joined with the rest.
-    (claude.dir / "calls.jsonl").unlink()
-    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True, "result": "part 1"}},
-                {"result": "part 2"})
-    assert cc(claude).text == "part 1\n\n---\n\npart 2"
-
-
-def test_claude_code_no_auto_resume_when_request_sets_max_turns_or_attempts_run_out(claude):
-    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True,
-                           "errors": ["Reached maximum number of turns (2)"]}, "drop": ["result"]}
-    claude.plan(turns_error)
-    with pytest.raises(omega.ProviderError, match="error_max_turns: Reached maximum number"):
-        cc(claude, omega.Context("hi", max_turns=2))
-    assert len(claude.calls()) == 1
-    claude.plan(*[turns_error] * 5)
-    (claude.dir / "calls.jsonl").unlink()
-    with pytest.raises(omega.ProviderError, match="error_max_turns"):
-        cc(claude, max_resume_attempts=2)
-    assert len(claude.calls()) == 3
-
-
-def test_claude_code_non_json_output(claude, monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)        # the child has it: it may echo it
-    claude.plan({"raw": "Plain text answer\n", "exit": 0})
-    assert cc(claude).text == "Plain text answer"
-    claude.plan({"raw": "Traceback-ish garbage", "exit": 2,
-                 "stderr": f"line one\nfatal: token {KEY} rejected\n"})
-    (claude.dir / "calls.jsonl").unlink()
-    with pytest.raises(omega.ProviderError) as err:
-        cc(claude)
-    assert "fatal: token" in str(err.value) and KEY not in str(err.value)
-
-
-def test_claude_code_empty_result_is_empty_response(claude):
-    claude.plan({"result": ""})
-    with pytest.raises(omega.EmptyResponse):
-        cc(claude)
-
-
-def test_claude_code_megabyte_prompt(claude):
-    prompt = "x" * (1024 * 1024)
-    reply = cc(claude, omega.Context(prompt))
-    assert claude.calls()[0]["stdin"] == "[User]\n" + prompt
-    assert reply.text.endswith("x" * 20)
-
-
 CLOSES_STDIN = r'''#!PYTHON
 import json, os, sys, time
 os.close(0)                                 # reads none of the prompt
@@ -1368,1490 +5269,6 @@ time.sleep(0.5)
 print(json.dumps({"type": "result", "subtype": "success", "is_error": False,
                   "result": "answered without reading", "session_id": "s-1"}))
 '''
-
-
-def test_claude_that_stops_reading_its_prompt_costs_no_cpu(claude, tmp_path):
-    """omega stops writing at the first EPIPE; it does not spin on a dead pipe while
-    the CLI works (0.5 s here)."""
-    script = tmp_path / "closes-stdin"
-    script.write_text(CLOSES_STDIN.replace("PYTHON", sys.executable))
-    script.chmod(0o755)
-    cpu = time.process_time()
-    reply = cc(claude, omega.Context("x" * (1024 * 1024)), command=str(script))
-    assert reply.text == "answered without reading"
-    assert time.process_time() - cpu < 0.25
-
-
-def test_claude_code_missing_cli(claude, tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(omega.ProviderUnavailable, match="'claude' not found on PATH.*npm install"):
-        omega.complete(omega.Context("hi"), "claude-code", {})
-    with pytest.raises(omega.ProviderUnavailable):
-        cc(claude, command=str(tmp_path / "nope" / "claude"))
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:          # a zombie is as good as gone
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
-def bounded(function, within):
-    """function() in a thread: what it returned or raised, or an AssertionError once it
-    has run for `within` seconds (a hung call fails the test instead of hanging it)."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = function()
-        except BaseException as e:       # handed to the test
-            box["error"] = e
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(within)
-    assert not thread.is_alive(), f"still running after {within} s"
-    return box
-
-
-@pytest.fixture
-def signals_sent(monkeypatch):
-    """Every signal omega sends to a process group (not the 0 of a liveness probe)."""
-    sent, real_killpg = [], os.killpg
-
-    def killpg(pgid, sig):
-        real_killpg(pgid, sig)
-        if sig:
-            sent.append(signal.Signals(sig).name)
-    monkeypatch.setattr(os, "killpg", killpg)
-    return sent
-
-
-def test_claude_code_hang_kills_the_whole_group_at_the_deadline(claude, signals_sent):
-    claude.plan({"hang": True})
-    started = time.monotonic()
-    outcome = bounded(lambda: cc(claude, timeout_secs=0.5), within=10)
-    assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
-    assert "within 0.5 s" in str(outcome["error"]) and time.monotonic() - started < 5
-    pids = read_pids(claude.dir / "pids")
-    try:
-        assert gone(*pids) and signals_sent[0] == "SIGTERM"
-    finally:
-        kill_leftovers(*pids)
-
-
-def test_claude_that_ignores_sigterm_gets_sigkill(claude, signals_sent):
-    claude.plan({"hang": True, "ignore_term": True})
-    started = time.monotonic()
-    outcome = bounded(lambda: cc(claude, timeout_secs=0.3), within=10)
-    pids = read_pids(claude.dir / "pids")
-    try:
-        assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
-        assert signals_sent == ["SIGTERM", "SIGKILL"]
-        assert gone(*pids, within=1)                  # the child and its grandchild
-        assert time.monotonic() - started < 5          # deadline 0.3 s + grace 0.5 s
-    finally:
-        kill_leftovers(*pids)
-
-
-def test_claude_gets_its_grace_period_to_exit_cleanly(claude, signals_sent):
-    claude.plan({"hang": True, "term_cleanup": 0.2})
-    outcome = bounded(lambda: cc(claude, timeout_secs=0.3), within=10)
-    pids = read_pids(claude.dir / "pids")
-    try:
-        assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
-        assert (claude.dir / "cleaned").exists()       # not killed in the middle of it
-        assert signals_sent[0] == "SIGTERM" and gone(*pids)
-    finally:
-        kill_leftovers(*pids)
-
-
-def test_claude_code_not_executable_is_unavailable(claude, tmp_path):
-    plain = tmp_path / "claude-not-executable"
-    plain.write_text("#!/bin/sh\n")
-    with pytest.raises(omega.ProviderUnavailable, match="not executable"):
-        cc(claude, command=str(plain))
-
-
-def test_claude_code_bad_working_dir_is_config_error(claude, tmp_path):
-    with pytest.raises(omega.ConfigError, match="working_dir"):
-        cc(claude, working_dir=str(tmp_path / "missing"))
-
-
-def test_claude_code_keeps_partial_text_when_it_cannot_resume(claude):
-    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True, "result": "half done"}})
-    with pytest.raises(omega.ProviderError) as err:
-        cc(claude, max_resume_attempts=0)
-    assert err.value.partial_text == "half done" and err.value.session_id
-    assert f"session_id={err.value.session_id}" in str(err.value)
-
-
-# =============================================================================
-# 5. Failures: retries, deadlines, typed errors (fault injection)
-# =============================================================================
-
-@pytest.fixture
-def real_retry_floor(monkeypatch):
-    """The real shortest wait (clean_env shortens it to keep retrying tests fast)."""
-    monkeypatch.setattr(omega, "RETRY_MIN_SECS", REAL["RETRY_MIN_SECS"])
-
-
-def openai_error(status, code, message="boom", kind=None):
-    return {"error": {"message": message, "type": kind or code, "param": None, "code": code}}
-
-
-def test_429_with_retry_after_is_retried_and_announced(api, real_retry_floor):
-    api.reply(openai_error(429, "rate_limit_exceeded", "Rate limit reached for gpt-4o"),
-              status=429, headers={"Retry-After": "0"})
-    api.reply(openai_ok())
-    statuses = []
-    reply = omega.complete(omega.Context("hi"), "openai", cfg("openai", api),
-                           on_status=statuses.append)
-    assert reply.text == "Hello from OpenAI" and reply.metadata.attempts == 2
-    assert statuses == ["openai: 429, retrying in 0.1 s (2/3)"]     # at least 0.1 s
-    assert len(api.requests) == 2 and api.requests[0].body == api.requests[1].body
-
-
-@pytest.mark.parametrize("headers", [{"retry-after-ms": "200"}, {"Retry-After": "0.2"},
-                                     {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}])
-def test_retry_after_forms_are_honoured(api, monkeypatch, headers, real_retry_floor):
-    waits = []
-    monkeypatch.setattr(omega.time, "sleep", waits.append)
-    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers=headers)
-    api.reply(openai_ok())
-    assert ask_via("openai", api).metadata.attempts == 2
-    in_the_past = "GMT" in str(headers)
-    assert waits == ([0.1] if in_the_past else [0.2])       # never less than 0.1 s
-
-
-def test_long_retry_after_is_not_retried(api):
-    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "120"})
-    with pytest.raises(omega.RateLimitError) as err:
-        ask_via("openai", api)
-    assert err.value.retry_after == 120 and len(api.requests) == 1
-
-
-def test_gemini_retry_info_in_the_body(api, monkeypatch):
-    waits = []
-    monkeypatch.setattr(omega.time, "sleep", waits.append)
-    quota = {"error": {"code": 429, "message": "Resource has been exhausted", "status":
-                       "RESOURCE_EXHAUSTED", "details": [
-                           {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                            "violations": [{"quotaMetric": "m", "quotaId": "q"}]},
-                           {"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                            "retryDelay": "1.5s"}]}}
-    api.reply(quota, status=429)
-    api.reply(gemini_ok())
-    assert ask_via("gemini", api).metadata.attempts == 2 and waits == [1.5]
-    quota["error"]["details"][1]["retryDelay"] = "61s"
-    api.reply(quota, status=429)
-    with pytest.raises(omega.RateLimitError, match="RESOURCE_EXHAUSTED") as err:
-        ask_via("gemini", api)
-    assert err.value.retry_after == 61 and len(api.requests) == 3
-
-
-def test_backoff_grows_and_is_capped(api, monkeypatch):
-    waits = []
-    monkeypatch.setattr(omega.time, "sleep", waits.append)        # no real waiting
-    monkeypatch.setattr(omega, "RETRY_BASE_SECS", REAL["RETRY_BASE_SECS"])
-    for _ in range(8):
-        api.reply({"error": "busy"}, status=503)
-    with pytest.raises(omega.ProviderError):
-        ask_via("ollama", api, max_retries=7)
-    assert len(waits) == 7 and len(api.requests) == 8
-    for wait, full in zip(waits, (0.5, 1, 2, 4, 8, 8, 8), strict=True):
-        assert 0.75 * full <= wait <= full
-
-
-@pytest.mark.parametrize("attempt, full", [(1, 0.5), (2, 1), (3, 2), (4, 4), (5, 8), (6, 8),
-                                           (10, 8)])
-@pytest.mark.parametrize("bound", ["low", "high"])
-def test_retry_wait_doubles_from_half_a_second_to_the_8_s_cap(monkeypatch, attempt, full, bound):
-    """README: "0.5 s × 2ⁿ, capped at 8 s, times a random factor 0.75–1"."""
-    monkeypatch.setattr(omega, "RETRY_BASE_SECS", REAL["RETRY_BASE_SECS"])
-    asked = []
-
-    def uniform(low, high):
-        asked.append((low, high))
-        return low if bound == "low" else high
-    monkeypatch.setattr(omega.random, "uniform", uniform)
-    error = omega.ProviderError("busy", "ollama", 503, retryable=True)
-    wait = omega.retry_wait(error, attempt, {"name": "ollama", "max_retries": 10},
-                            omega.Call.starting_now(3600))
-    assert wait == pytest.approx(full * (0.75 if bound == "low" else 1))
-    assert asked == [(0.75, 1)]
-
-
-@pytest.mark.parametrize("retry_after, left, wait", [
-    (None, 3600, 0.5), (0, 3600, 0.1), (0.05, 3600, 0.1), (60, 3600, 60), (61, 3600, None),
-    (5, 4, None), (None, 0.4, None),
-], ids=["backoff", "asks-0", "asks-less-than-0.1", "asks-60", "asks-61", "past-the-deadline",
-        "backoff-past-the-deadline"])
-def test_retry_wait_bounds(monkeypatch, retry_after, left, wait, real_retry_floor):
-    monkeypatch.setattr(omega, "RETRY_BASE_SECS", REAL["RETRY_BASE_SECS"])
-    monkeypatch.setattr(omega.random, "uniform", lambda low, high: high)
-    error = omega.RateLimitError("slow down", "openai", 429, retry_after=retry_after,
-                                 retryable=True)
-    settings = {"name": "openai", "max_retries": 2}
-    assert omega.retry_wait(error, 1, settings, omega.Call.starting_now(left)) == wait
-    assert omega.retry_wait(error, 3, settings, omega.Call.starting_now(3600)) is None
-
-
-@pytest.mark.parametrize("status", [408, 409, 429, 500, 503, 529, 599])
-def test_retryable_statuses_are_retried(api, status):
-    api.reply({"error": {"message": "try again", "type": "transient"}}, status=status)
-    api.reply(openai_ok())
-    reply = ask_via("openai", api)
-    assert reply.text == "Hello from OpenAI" and reply.metadata.attempts == 2
-    assert len(api.requests) == 2
-
-
-@pytest.mark.parametrize("status", [400, 404, 410, 422, 499, 600])
-def test_other_statuses_are_not_retried(api, status):
-    api.reply({"error": {"message": "no", "type": "invalid_request_error"}}, status=status)
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via("openai", api)
-    assert err.value.status == status and err.value.retryable is False
-    assert len(api.requests) == 1
-
-
-@pytest.mark.parametrize("name", HTTP_NAMES)
-def test_503_three_times_gives_provider_error_after_retries(api, name):
-    for _ in range(3):
-        api.reply({"error": {"code": 503, "message": "The model is overloaded.",
-                             "status": "UNAVAILABLE"}}, status=503)
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via(name, api)
-    assert type(err.value) is omega.ProviderError and err.value.status == 503
-    assert "The model is overloaded." in str(err.value) and len(api.requests) == 3
-
-
-def test_anthropic_529_overloaded_is_retried(api):
-    api.reply({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
-               "request_id": None}, status=529)
-    api.reply(anthropic_ok())
-    assert ask_via("anthropic", api).metadata.attempts == 2
-
-
-def test_html_502_gives_a_short_clean_message(api):
-    page = b"<html><head><title>502 Bad Gateway</title></head><body>" + b"x" * 5000 + b"</html>"
-    for _ in range(3):
-        api.reply(raw=page, status=502, headers={"Content-Type": "text/html"})
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via("openai", api)
-    assert str(err.value) == "openai: 502: the server sent an HTML page, not JSON"
-    assert len(api.requests) == 3
-
-
-@pytest.mark.parametrize("reply, error, message", [
-    (dict(raw=b'{"choices": [{"message": {"content": "Hel'), omega.ProviderError,
-     "the server sent malformed data, not JSON"),
-    (dict(raw=b""), omega.ProviderError, "the server sent an empty body, not JSON"),
-    (dict(body={"unexpected": True}), omega.EmptyResponse, "no answer text (no choices)"),
-    (dict(body={"choices": "nonsense"}), omega.ProviderError,
-     "the answer did not have the expected shape"),
-], ids=["cut-json", "empty-body", "no-choices", "wrong-shape"])
-def test_garbage_200_is_provider_error_without_the_body(api, reply, error, message):
-    api.reply(**reply)
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via("openai", api)
-    assert type(err.value) is error and err.value.message == message
-    assert "Hel" not in str(err.value) and len(api.requests) == 1
-
-
-@pytest.mark.parametrize("name, status, body", [
-    ("openai", 429, openai_error(429, "insufficient_quota", "You exceeded your current quota")),
-    ("openrouter", 402, {"error": {"code": 402, "message": "Insufficient credits"}}),
-    ("anthropic", 400, {"type": "error", "error": {"type": "invalid_request_error", "message":
-                        "Your credit balance is too low to access the Anthropic API."}}),
-    ("anthropic", 402, {"type": "error", "error": {"type": "billing_error", "message": "Pay"}}),
-    ("anthropic", 429, {"type": "error", "error": {"type": "rate_limit_error", "message": "cap",
-                        "details": {"error_code": "enforced_spend_limit_reached"}}}),
-])
-def test_quota_exhaustion_is_rate_limit_error_never_retried(api, name, status, body):
-    api.reply(body, status=status, headers={"Retry-After": "0"})
-    with pytest.raises(omega.RateLimitError):
-        ask_via(name, api)
-    assert len(api.requests) == 1
-
-
-@pytest.mark.parametrize("name, status, body", [
-    ("openai", 401, openai_error(401, "invalid_api_key", "Incorrect API key provided: sk-…cdef")),
-    ("anthropic", 401, {"type": "error", "error": {"type": "authentication_error",
-                                                   "message": "invalid x-api-key"}}),
-    ("anthropic", 403, {"type": "error", "error": {"type": "permission_error", "message": "no"}}),
-    ("gemini", 400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid "
-                               "API key.", "status": "INVALID_ARGUMENT", "details": [
-                                   {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                                    "reason": "API_KEY_INVALID",
-                                    "domain": "googleapis.com"}]}}),
-    ("openrouter", 401, {"error": {"code": 401, "message": "No auth credentials found"}}),
-])
-def test_rejected_keys_are_auth_errors(api, name, status, body):
-    api.reply(body, status=status)
-    with pytest.raises(omega.AuthError):
-        ask_via(name, api)
-    assert len(api.requests) == 1
-
-
-@pytest.mark.parametrize("name, var", [("openai", "OPENAI_API_KEY"),
-                                       ("anthropic", "ANTHROPIC_API_KEY"),
-                                       ("openrouter", "OPENROUTER_API_KEY"),
-                                       ("gemini", "GEMINI_API_KEY")])
-def test_missing_key_is_auth_error_before_any_request(name, var):
-    with pytest.raises(omega.AuthError) as err:
-        omega.complete(omega.Context("hi"), name, {})
-    assert f"provider.{name}.api_key" in str(err.value) and var in str(err.value)
-
-
-def test_x_should_retry_false_is_respected(api):
-    api.reply({"type": "error", "error": {"type": "api_error", "message": "no"}},
-              status=500, headers={"x-should-retry": "false"})
-    with pytest.raises(omega.ProviderError):
-        ask_via("anthropic", api)
-    assert len(api.requests) == 1
-
-
-@pytest.mark.parametrize("name", HTTP_NAMES)
-def test_closed_socket_is_retried(api, name):
-    api.reply(action="close")
-    api.reply(action="truncate", body=OK[name]())
-    api.reply(OK[name]())
-    assert ask_via(name, api).metadata.attempts == 3
-
-
-def test_closed_socket_every_time_is_unavailable(api):
-    for _ in range(3):
-        api.reply(action="close")
-    with pytest.raises(omega.ProviderUnavailable, match="connection closed"):
-        ask_via("openai", api)
-    assert len(api.requests) == 3
-
-
-@pytest.mark.parametrize("name", HTTP_NAMES)
-def test_refused_port_is_unavailable(name):
-    with pytest.raises(omega.ProviderUnavailable, match="connection refused"):
-        ask_via(name, refused_url())
-
-
-def test_unknown_host_is_unavailable():
-    with pytest.raises(omega.ProviderUnavailable, match="host not found"):
-        ask_via("ollama", "http://no-such-host.invalid:11434", max_retries=0)
-
-
-def test_a_deadline_that_passes_while_connecting_sends_nothing(api, monkeypatch):
-    """The deadline fires before the socket exists (a slow DNS answer here): the socket
-    is shut as soon as it is handed over, and the watchdog keeps guarding later calls."""
-    real_getaddrinfo = socket.getaddrinfo
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host == "slow-dns.test":          # answers once the call's deadline has fired
-            watch, waited = omega._local.watch, time.monotonic() + 5
-            while not watch.fired and time.monotonic() < waited:
-                time.sleep(0.01)
-            host = "127.0.0.1"
-        return real_getaddrinfo(host, port, *args, **kwargs)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    api.default = lambda request: {"body": openai_ok()}
-    with pytest.raises(omega.ProviderTimeout):
-        ask_via("openai", f"http://slow-dns.test:{api.server_address[1]}", timeout_secs=0.3)
-    assert api.requests == []
-    api.default = lambda request: {"action": "pieces", "framing": "length", "length": 1000,
-                                   "pieces": [(0.2 * i, b" ") for i in range(50)]}
-    started = time.monotonic()
-    with pytest.raises(omega.ProviderTimeout):
-        ask_via("openai", api, timeout_secs=0.5)
-    assert time.monotonic() - started < 1.5
-
-
-@pytest.mark.parametrize("text, limit, short", [
-    ("alpha beta gamma", 16, "alpha beta gamma"),
-    ("alpha beta gamma", 15, "alpha beta…"),
-    ("alpha beta gamma delta", 12, "alpha beta…"),
-    ("alphabetagammadelta", 10, "alphabeta…"),
-    ("a bcdefghijklmnop", 10, "a bcdefgh…"),        # no space in the second half: cut
-])
-def test_shorten_cuts_at_a_word_boundary(text, limit, short):
-    assert omega.shorten(text, limit) == short and len(short) <= limit
-
-
-ANSWER = "a long answer " * 20000            # 280 kB: several READ_SIZE pieces
-
-
-@pytest.mark.parametrize("encoding, compress", [
-    ("gzip", gzip.compress), ("x-gzip", gzip.compress), ("GZip ", gzip.compress),
-    ("deflate", zlib.compress),                                       # zlib-wrapped (RFC)
-    ("deflate", lambda data: (lambda c: c.compress(data) + c.flush())(
-        zlib.compressobj(6, zlib.DEFLATED, -15))),                    # raw deflate
-    ("identity", lambda data: data), ("", lambda data: data),
-], ids=["gzip", "x-gzip", "gzip-case-and-space", "deflate-zlib", "deflate-raw", "identity",
-        "empty"])
-def test_compressed_answers_are_read(api, encoding, compress):
-    api.reply(raw=compress(json.dumps(openai_ok(ANSWER)).encode()),
-              headers={"Content-Encoding": encoding})
-    assert ask_via("openai", api).text == ANSWER
-    assert api.last().headers["accept-encoding"] == "gzip, deflate"
-
-
-@pytest.mark.parametrize("encoding, raw, message", [
-    ("gzip", b"\x1f\x8b\x08\x00 this is not gzip", "the server sent a broken gzip body"),
-    ("deflate", b"\x78\x9c not deflate either", "the server sent a broken deflate body"),
-    ("br", b"\x0b\x02\x80{}\x03", "the server sent a body in 'br' encoding, which omega "
-                                "does not read (it asks for gzip or deflate)"),
-], ids=["broken-gzip", "broken-deflate", "brotli"])
-def test_undecodable_answers_are_provider_errors(api, encoding, raw, message):
-    api.reply(raw=raw, headers={"Content-Encoding": encoding})
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via("openai", api)
-    assert type(err.value) is omega.ProviderError and err.value.message == message
-    assert len(api.requests) == 1
-
-
-def test_stall_past_the_deadline_is_provider_timeout(api):
-    api.reply(action="stall")
-    started = time.monotonic()
-    with pytest.raises(omega.ProviderTimeout, match="within 0.3 s"):
-        ask_via("openai", api, timeout_secs=0.3)
-    assert time.monotonic() - started < 2
-
-
-@pytest.mark.parametrize("framing", ["length", "close", "chunked"],
-                         ids=["content-length", "close-delimited", "chunked"])
-def test_slow_body_cannot_stretch_the_deadline(api, framing):
-    """Headers at once, then a byte every 0.2 s for 10 s: no single read waits longer
-    than the 0.5 s timeout, so only the call's own deadline can stop it."""
-    pieces = [(0, b'{"choices": ')] + [(0.2 * i, b" ") for i in range(1, 50)]
-    api.reply(action="pieces", pieces=pieces, framing=framing, length=100000)
-    started = time.monotonic()
-    with pytest.raises(omega.ProviderTimeout, match="within 0.5 s"):
-        ask_via("openai", api, timeout_secs=0.5)
-    assert time.monotonic() - started < 1.5
-    assert len(api.requests) == 1
-
-
-def test_deadline_covers_retries_and_waits(api, monkeypatch):
-    slept = []
-    monkeypatch.setattr(omega.time, "sleep", slept.append)
-    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "5"})
-    with pytest.raises(omega.RateLimitError):
-        ask_via("openai", api, timeout_secs=1)
-    assert slept == [] and len(api.requests) == 1       # a wait past the deadline is not taken
-
-
-def test_every_error_class_derives_from_provider_and_omega_error():
-    for cls in (omega.AuthError, omega.RateLimitError, omega.ProviderTimeout,
-                omega.EmptyResponse, omega.ProviderUnavailable):
-        assert issubclass(cls, omega.ProviderError) and issubclass(cls, omega.OmegaError)
-    assert issubclass(omega.ConfigError, omega.OmegaError)
-    assert not issubclass(omega.ConfigError, omega.ProviderError)
-    codes = [c.exit_code for c in (omega.ProviderError, omega.ConfigError, omega.AuthError,
-                                   omega.RateLimitError, omega.ProviderTimeout,
-                                   omega.EmptyResponse, omega.ProviderUnavailable)]
-    assert codes == [1, 2, 3, 4, 5, 6, 7]
-
-
-# =============================================================================
-# 6. Secrets never leak
-# =============================================================================
-
-def test_keys_stay_out_of_errors_logs_and_reprs(api, caplog, monkeypatch):
-    monkeypatch.setenv("OPENROUTER_API_KEY", ENV_KEY)
-    echo = f"Incorrect API key provided: {KEY}. And {ENV_KEY}."
-    api.reply(openai_error(401, "invalid_api_key", echo), status=401)
-    caplog.set_level(logging.DEBUG)
-    with pytest.raises(omega.AuthError) as err:
-        ask_via("openai", api)
-    api.reply({"error": {"code": 401, "message": f"Bad key {ENV_KEY}"}}, status=401)
-    with pytest.raises(omega.AuthError) as err2:
-        omega.complete(omega.Context("hi"), "openrouter", {"provider": {"openrouter": {
-            "base_url": api.url + "/v1", "api_key_env": "OPENROUTER_API_KEY"}}})
-    settings = omega.provider_settings(cfg("openai", api), "openai")
-    seen = " ".join([str(err.value), repr(err.value), str(err2.value), repr(err2.value),
-                     caplog.text, repr(settings), str(settings),
-                     repr(omega.load_config(cfg("openai", api))), str(err.value.args)])
-    assert KEY not in seen and ENV_KEY not in seen
-    assert "…cdef" in str(err.value)            # masked, still recognisable
-    assert "POST" in caplog.text                  # the log did record the calls
-
-
-# =============================================================================
-# 7. The status timer
-# =============================================================================
-
-def test_status_timer_reports_then_repeats_then_stops(api):
-    api.reply(openai_ok(), delay=0.45)
-    statuses = []
-    config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1, "message": "slow...",
-                        "repeat_message": "still..."}
-    omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
-    seen = list(statuses)
-    assert seen[0] == "slow..." and set(seen[1:]) == {"still..."} and 2 <= len(seen) <= 5
-    time.sleep(0.25)
-    assert statuses == seen                     # nothing after the call returned
-
-
-def test_status_timer_stops_on_failure_and_makes_no_thread_without_callback(api):
-    before = threading.active_count()
-    stop = omega.start_status_timer(None, omega.STATUS_DEFAULTS)
-    assert threading.active_count() == before and stop() is None
-    api.reply(openai_error(400, "bad"), status=400, delay=0.3)
-    statuses = []
-    config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1}
-    with pytest.raises(omega.ProviderError):
-        omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
-    count = len(statuses)
-    assert count >= 1 and statuses[0] == omega.STATUS_DEFAULTS["message"]
-    time.sleep(0.25)
-    assert len(statuses) == count and threading.active_count() <= before + 1
-
-
-class FakeTimer:
-    """threading.Timer that never runs by itself: the test fires it."""
-    made = []
-
-    def __init__(self, delay, function, args):
-        self.delay, self.function, self.args, self.cancelled = delay, function, args, False
-        self.daemon = False
-        FakeTimer.made.append(self)
-
-    def start(self):
-        pass
-
-    def cancel(self):
-        self.cancelled = True
-
-    def fire(self):
-        self.function(*self.args)
-
-
-def test_status_timer_schedule_and_a_timer_that_fires_as_it_is_stopped(monkeypatch):
-    monkeypatch.setattr(FakeTimer, "made", [])
-    monkeypatch.setattr(omega.threading, "Timer", FakeTimer)
-    said = []
-    stop = omega.start_status_timer(said.append, {**omega.STATUS_DEFAULTS, "delay_secs": 3,
-                                                  "repeat_secs": 7})
-    first = FakeTimer.made[0]
-    assert (first.delay, first.daemon, said) == (3, True, [])
-    first.fire()                                     # the first report, then every 7 s
-    second = FakeTimer.made[1]
-    assert said == [omega.STATUS_DEFAULTS["message"]] and second.delay == 7
-    second.fire()
-    assert said[-1] == omega.STATUS_DEFAULTS["repeat_message"] and len(FakeTimer.made) == 3
-    stop()
-    assert FakeTimer.made[2].cancelled
-    FakeTimer.made[2].fire()                         # it was already running when stopped
-    assert len(said) == 2 and len(FakeTimer.made) == 3   # nothing said, nothing scheduled
-
-
-def test_status_timer_works_for_claude_code(claude):
-    claude.plan({"raw": "", "hang": True})
-    statuses = []
-    config = claude.config(timeout_secs=0.4)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10}
-    with pytest.raises(omega.ProviderTimeout):
-        omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
-    assert statuses == [omega.STATUS_DEFAULTS["message"]]
-
-
-# =============================================================================
-# 8. Concurrency and connection reuse
-# =============================================================================
-
-def echo_default(request):
-    return {"body": openai_ok("echo " + request.body["messages"][-1]["content"])}
-
-
-def test_sixteen_threads_get_their_own_answers(api):
-    api.default = echo_default
-    config = cfg("openai", api)
-    answers, errors = {}, []
-
-    def worker(i):
-        try:
-            for j in range(5):
-                text = omega.complete(omega.Context(f"q{i}-{j}"), "openai", config).text
-                answers[(i, j)] = text
-        except Exception as e:            # pragma: no cover - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert answers == {(i, j): f"echo q{i}-{j}" for i in range(16) for j in range(5)}
-
-
-def test_connections_are_reused(api):
-    api.default = echo_default
-    for i in range(10):
-        ask_via("openai", api)
-    assert len(api.requests) == 10 and api.connections == 1
-
-
-def test_finished_requests_do_not_pile_up_in_the_watchdog(api):
-    """Each call's deadline (600 s here) stays queued until it passes, unless the next
-    call clears the finished ones: many calls must not grow the queue."""
-    api.default = echo_default
-    for i in range(20):
-        ask_via("openai", api)
-    with omega._watch_lock:
-        assert len(omega._watches) <= 2
-
-
-@pytest.mark.parametrize("var", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
-def test_https_with_the_ca_bundle_from_the_environment(tls_api, tls_cert, monkeypatch, var):
-    monkeypatch.setenv(var, tls_cert[0])
-    tls_api.reply(openai_ok("over TLS"))
-    assert ask_via("openai", tls_api).text == "over TLS"
-    assert tls_api.last().path == "/v1/chat/completions"
-
-
-def test_https_with_an_untrusted_certificate_is_unavailable(tls_api):
-    with pytest.raises(omega.ProviderUnavailable) as err:
-        ask_via("openai", tls_api, max_retries=0)
-    assert err.value.reason == "TLS error" and tls_api.requests == []
-
-
-def test_https_slow_body_cannot_stretch_the_deadline(tls_api, tls_cert, monkeypatch):
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", tls_cert[0])
-    tls_api.reply(action="pieces", framing="length", length=1000,
-                  pieces=[(0.2 * i, b" ") for i in range(50)])
-    started = time.monotonic()
-    with pytest.raises(omega.ProviderTimeout):
-        ask_via("openai", tls_api, timeout_secs=0.5)
-    assert time.monotonic() - started < 1.5
-
-
-def test_proxy_environment_is_honoured(api, monkeypatch):
-    """HTTP_PROXY sends the request to the proxy (here: the fake server itself)."""
-    api.reply(ollama_ok("via proxy"))
-    monkeypatch.setenv("HTTP_PROXY", api.url)
-    reply = ask_via("ollama", "http://model-host.example:11434")
-    assert reply.text == "via proxy"
-    assert api.last().path == "http://model-host.example:11434/api/chat"
-    monkeypatch.setenv("NO_PROXY", "model-host.example")
-    omega._local.__dict__.clear()
-    with pytest.raises(omega.ProviderUnavailable):
-        ask_via("ollama", "http://model-host.example:11434", max_retries=0)
-
-
-def test_proxy_cannot_stretch_the_deadline_either(api, monkeypatch):
-    monkeypatch.setenv("HTTP_PROXY", api.url)
-    api.reply(action="pieces", framing="length", length=1000,
-              pieces=[(0.2 * i, b" ") for i in range(50)])
-    started = time.monotonic()
-    with pytest.raises(omega.ProviderTimeout):
-        ask_via("ollama", "http://model-host.example:11434", timeout_secs=0.5)
-    assert time.monotonic() - started < 1.5
-    assert api.last().path == "http://model-host.example:11434/api/chat"
-
-
-def test_import_does_no_io_and_starts_no_thread():
-    code = ("import sys, threading, os; before = dict(os.environ); import omega; "
-            "assert threading.active_count() == 1; assert dict(os.environ) == before; "
-            "assert 'requests' not in sys.modules and 'tomllib' not in sys.modules; "
-            "import logging; assert not logging.getLogger().handlers; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
-    assert out.stdout.strip() == "ok", out.stderr
-
-
-# =============================================================================
-# 9. The command line
-# =============================================================================
-
-def cli_env(tmp_path, **extra):
-    # As in a user's shell: no PYTHONUNBUFFERED, so stdout to a pipe is block-buffered.
-    env = {k: v for k, v in os.environ.items() if k not in KEY_VARS + ("PYTHONUNBUFFERED",)}
-    env.update(HOME=str(tmp_path / "home"), OMEGA_CONFIG=str(tmp_path / "cli.toml"))
-    env.update(extra)
-    if not os.path.exists(env["OMEGA_CONFIG"]):
-        (tmp_path / "cli.toml").write_text("")
-    return env
-
-
-def toml_for(config):
-    """Write a config dict as TOML (enough for the tests' flat sections)."""
-    lines = []
-    for table, section in (("provider", config.get("provider", {})),
-                           ("status", config.get("status", {}))):
-        plain = {k: v for k, v in section.items() if not isinstance(v, dict)}
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in plain.items()]
-        for name, sub in section.items():
-            if isinstance(sub, dict):
-                lines.append(f"[{table}.{name}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in sub.items()]
-    return "\n".join(lines) + "\n"
-
-
-def run_cli(tmp_path, *args, config=None, input=None, timeout=30, **env):
-    if config is not None:
-        (tmp_path / "cli.toml").write_text(toml_for(config))
-    return subprocess.run([sys.executable, OMEGA_PY, *args], cwd=tmp_path, capture_output=True,
-                          text=True, input=input, timeout=timeout, env=cli_env(tmp_path, **env),
-                          stdin=None if input is not None else subprocess.DEVNULL)
-
-
-def test_cli_words_print_the_answer_and_nothing_else(api, tmp_path):
-    api.reply(openai_ok())
-    out = run_cli(tmp_path, "hello", "world", config=cfg("openai", api))
-    assert (out.returncode, out.stdout, out.stderr) == (0, "Hello from OpenAI\n", "")
-    assert api.last().body["messages"] == [{"role": "user", "content": "hello world"}]
-
-
-@pytest.mark.parametrize("args, stdin, prompt", [
-    ((), "from stdin\n", "from stdin"),
-    (("-",), "dash stdin", "dash stdin"),
-    (("review", "this"), "\n    def f(): pass\n\n", "review this\n\n    def f(): pass"),
-], ids=["stdin-alone", "dash", "after-the-words-keeping-indentation"])
-def test_cli_reads_stdin_alone_dash_and_after_the_words(api, tmp_path, args, stdin, prompt):
-    api.default = lambda r: {"body": ollama_ok("ok")}
-    out = run_cli(tmp_path, *args, config=cfg("ollama", api), input=stdin)
-    assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
-    assert api.last().body["messages"] == [{"role": "user", "content": prompt}]
-
-
-def test_cli_without_a_prompt_is_a_usage_error(tmp_path):
-    out = run_cli(tmp_path)
-    assert out.returncode == 2 and out.stderr.startswith("omega: no prompt")
-    assert out.stderr.count("\n") == 1
-
-
-def test_cli_help_and_version_touch_nothing(tmp_path):
-    out = run_cli(tmp_path, "--version", OMEGA_CONFIG="/nonexistent.toml")
-    assert (out.returncode, out.stdout.strip()) == (0, f"omega {omega.__version__}")
-    out = run_cli(tmp_path, "--help", OMEGA_CONFIG="/nonexistent.toml")
-    assert out.returncode == 0 and "--max-tokens" in out.stdout and "exit codes" in out.stdout.lower()
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (("-p", "nope", "hi"), "nope"),
-    (("-c", "bad.toml", "hi"), "malformed TOML"),
-    (("--timeout", "0", "hi"), "--timeout: expected a number greater than 0"),
-    (("--max-tokens", "0", "hi"), "--max-tokens: expected a number greater than 0"),
-], ids=["unknown-provider", "malformed-config", "zero-timeout", "zero-max-tokens"])
-def test_cli_bad_usage_and_bad_config_are_one_line(tmp_path, monkeypatch, capsys, args,
-                                                   fragment):
-    (tmp_path / "bad.toml").write_text("[provider\n")
-    monkeypatch.chdir(tmp_path)
-    assert omega.main(list(args)) == 2
-    out = capsys.readouterr()
-    assert out.err.count("\n") == 1 and out.out == ""
-    assert out.err.startswith("omega: ") and fragment in out.err
-
-
-def test_cli_json_output(api, capsys, cli_main):
-    api.reply(anthropic_ok())
-    code = cli_main(cfg("anthropic", api), "--json", "hi")
-    data = json.loads(capsys.readouterr().out)
-    assert code == 0 and data["text"] == "Hello from Claude"
-    assert data["metadata"]["provider_used"] == "anthropic"
-    assert data["metadata"]["tokens_used"] == 14 and data["metadata"]["attempts"] == 1
-
-
-@pytest.fixture
-def cli_main(tmp_path):
-    """cli_main(config, *args): omega.main in-process, config written as TOML in tmp_path."""
-    def run(config, *args):
-        path = tmp_path / "cli-main.toml"
-        path.write_text(toml_for(config))
-        return omega.main(["-c", str(path), *args])
-    return run
-
-
-def test_cli_flags_reach_the_wire(api, capsys, cli_main):
-    api.reply(openai_ok())
-    code = cli_main(cfg("openai", api), "-m", "gpt-4.1", "-s", "Be terse", "--max-tokens", "9",
-                    "--temperature", "0.5", "-q", "hi")
-    assert code == 0 and capsys.readouterr().out == "Hello from OpenAI\n"
-    assert api.last().body == {"model": "gpt-4.1", "max_tokens": 9, "temperature": 0.5,
-                               "messages": [{"role": "system", "content": "Be terse"},
-                                            {"role": "user", "content": "hi"}],
-                               "stream": True, "stream_options": {"include_usage": True}}
-    api.reply(gemini_ok())
-    config = cfg("gemini", api)
-    config["provider"]["default"] = "openai"
-    assert cli_main(config, "-p", "gemini", "hi") == 0
-    assert api.last().path.startswith("/v1beta/models/gemini-2.0-flash")
-
-
-def test_cli_complex_flag_picks_model_complex(api, capsys, cli_main):
-    api.reply(openai_ok())
-    assert cli_main(cfg("openai", api, model_complex="o3"), "--complex", "hi") == 0
-    assert api.last().body["model"] == "o3"
-
-
-@pytest.mark.parametrize("reply, expected", [
-    (dict(body=openai_error(400, "invalid_request_error"), status=400), 1),
-    (dict(body=openai_error(401, "invalid_api_key"), status=401), 3),
-    (dict(body=openai_error(429, "insufficient_quota"), status=429), 4),
-    (dict(action="stall"), 5),
-    (dict(body=openai_ok(choices=[])), 6),
-])
-def test_cli_exit_codes(api, capsys, reply, expected, cli_main):
-    api.reply(**reply)
-    assert cli_main(cfg("openai", api), "--timeout", "0.3", "hi") == expected
-    err = capsys.readouterr().err
-    assert err.startswith("omega: openai: ") and err.count("\n") == 1
-
-
-def test_cli_exit_code_for_unavailable_and_config(capsys, cli_main):
-    assert cli_main(cfg("ollama", refused_url(), max_retries=0), "hi") == 7
-    assert "connection refused" in capsys.readouterr().err
-    assert cli_main({"provider": {"openai": {"enabled": False}}}, "-p", "openai", "hi") == 2
-
-
-def test_cli_verbose_shows_debug_and_traceback_but_no_key(api, tmp_path):
-    api.reply(openai_error(401, "invalid_api_key", f"Incorrect API key provided: {KEY}"),
-              status=401)
-    out = run_cli(tmp_path, "-v", "hi", config=cfg("openai", api))
-    assert out.returncode == 3 and "Traceback" in out.stderr and "POST" in out.stderr
-    assert KEY not in out.stderr and KEY not in out.stdout
-
-
-def test_cli_status_lines_on_stderr_and_quiet(api, cli_main, capsys):
-    config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10, "message": "thinking..."}
-    api.reply(openai_ok(), delay=0.3)
-    cli_main(config, "hi")
-    assert capsys.readouterr() == ("Hello from OpenAI\n", "omega: thinking...\n")
-    api.reply(openai_ok(), delay=0.3)
-    cli_main(config, "-q", "hi")
-    assert capsys.readouterr() == ("Hello from OpenAI\n", "")
-
-
-def test_cli_retry_lines_on_stderr(api, tmp_path):
-    api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "0"})
-    api.reply(openai_ok())
-    out = run_cli(tmp_path, "hi", config=cfg("openai", api))
-    assert out.stderr == "omega: openai: 429, retrying in 0.1 s (2/3)\n"
-
-
-def test_cli_ctrl_c_exits_130_and_leaves_no_child(claude, tmp_path):
-    claude.plan({"hang": True})
-    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
-    try:
-        child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=15)
-        assert child.returncode == 130 and err == "omega: interrupted\n" and out == ""
-        assert gone(*pids)
-    finally:
-        child.kill()
-        child.communicate()
-        kill_leftovers(*pids)
-
-
-# =============================================================================
-# 10. Routing: model_complex, classify, route, --auto-route
-# =============================================================================
-
-def model_sent(name, request):
-    if name == "gemini":
-        return request.path.split("/models/")[1].split(":")[0]
-    return request.body["model"]
-
-
-@pytest.mark.parametrize("ctx, expected", [
-    (omega.Context("hi", complex=True), "big-model"),
-    (omega.Context("hi", complex=True, model="chosen"), "chosen"),
-    (omega.Context("hi"), None),
-], ids=["complex", "request-model-wins", "simple"])
-@pytest.mark.parametrize("name", HTTP_NAMES)
-def test_model_complex_for_every_http_provider(api, name, ctx, expected):
-    api.default = lambda r: {"body": OK[name]()}
-    ask_via(name, api, ctx, model_complex="big-model")
-    assert model_sent(name, api.last()) == (expected or omega.DEFAULTS[name]["model"])
-
-
-def test_model_complex_for_claude_code_and_metadata_model(claude):
-    reply = cc(claude, omega.Context("hi", complex=True))
-    argv = claude.calls()[-1]["argv"]
-    assert argv[argv.index("--model") + 1] == "claude-opus-4-6"
-    assert reply.metadata.model == "claude-opus-4-6"
-
-
-def classifier_server(api, answer):
-    """The first request is the classifier's; later ones are answered plainly."""
-    api.default = lambda r: {"body": openai_ok(answer if "DIRECT" in
-                                               r.body["messages"][-1]["content"] else "done")}
-
-
-@pytest.mark.parametrize("answer, verdict", [
-    ("DIRECT", False), ("direct\n", False),
-    ("1. Read the code\n2. Change three files\n3. Run the tests", True),
-    ("Plan:\n  1) design\n  2) build", True),
-    ("9. one\n10. two\n11. three", True),
-    ("1. Just answer it", False),
-    ("I think this is easy enough.", False),
-    ("DIRECT\n1. a\n2. b", True),
-])
-def test_classify_answers(api, answer, verdict):
-    classifier_server(api, answer)
-    ctx = omega.Context("Refactor the whole auth module")
-    assert omega.classify(ctx, cfg("openai", api, model_complex="o3")) is verdict
-    sent = api.last().body
-    assert len(api.requests) == 1 and sent["model"] == "gpt-4o"
-    assert "DIRECT" in sent["messages"][-1]["content"]
-    assert sent["messages"][-1]["content"].endswith("Refactor the whole auth module")
-    assert "tools" not in sent
-
-
-def test_classify_failure_means_not_complex(api):
-    api.reply({"error": {"message": "bad", "type": "invalid_request_error"}}, status=400)
-    assert omega.classify(omega.Context("x"), cfg("openai", api)) is False
-    assert omega.classify(omega.Context("x"), cfg("ollama", refused_url(), max_retries=0)) is False
-
-
-def test_classify_with_claude_code_is_one_turn_without_tools(claude):
-    claude.plan({"result": "1. a\n2. b"})
-    assert omega.classify(omega.Context("Build an app"), claude.config(allowed_tools=["Bash"]))
-    argv = claude.calls()[0]["argv"]
-    assert argv[argv.index("--max-turns") + 1] == "1" and "--allowedTools" not in argv
-    assert argv[argv.index("--model") + 1] == "claude-sonnet-4-6"
-
-
-@pytest.mark.parametrize("ctx, answer, model, classified", [
-    (omega.Context("Build a compiler"), "1. a\n2. b", "o3", True),
-    (omega.Context("Build a compiler"), "DIRECT", "gpt-4o", True),
-    (omega.Context("Build a compiler", model="mine"), "1. a\n2. b", "mine", False),
-    (omega.Context("Build a compiler", complex=True), "DIRECT", "o3", False),
-], ids=["complex", "simple", "model-already-chosen", "complex-already-decided"])
-def test_route_sets_the_model_and_respects_what_is_decided(api, ctx, answer, model, classified):
-    classifier_server(api, answer)
-    routed = omega.route(ctx, cfg("openai", api, model_complex="o3"))
-    assert routed.model == model and len(api.requests) == int(classified)
-    assert routed.current_message == ctx.current_message and ctx.model in (None, "mine")
-
-
-@pytest.mark.parametrize("auto_route, ctx, cli_args, models", [
-    (False, omega.Context("Build a compiler"), None, ["gpt-4o"]),
-    (True, omega.Context("Build a compiler"), None, ["gpt-4o", "o3"]),
-    (True, omega.Context("Build a compiler", complex=True), None, ["o3"]),
-    (True, omega.Context("Build a compiler", model="pinned"), None, ["pinned"]),
-    (False, None, ["--auto-route", "Build a compiler"], ["gpt-4o", "o3"]),
-    (False, None, ["--auto-route", "-m", "pinned", "Build it"], ["pinned"]),
-    (True, None, ["--complex", "Build a compiler"], ["o3"]),
-], ids=["off", "config", "config-complex-already-decided", "config-model-chosen", "cli-flag",
-        "cli-flag-model-chosen", "config-cli-complex"])
-def test_auto_route_is_opt_in_and_costs_one_call(api, cli_main, auto_route, ctx, cli_args,
-                                                 models):
-    """The models of the requests made, in order: the classifier's (the fast model)
-    only when auto-routing has something to decide."""
-    classifier_server(api, "1. plan\n2. build\n3. test")
-    config = cfg("openai", api, model_complex="o3")
-    if auto_route:
-        config["provider"]["auto_route"] = True
-    if cli_args is None:
-        omega.complete(ctx, config=config)
-    else:
-        assert cli_main(config, "-q", *cli_args) == 0
-    assert [r.body["model"] for r in api.requests] == models
-    assert ("DIRECT" in api.requests[0].body["messages"][-1]["content"]) == (len(models) == 2)
-
-
-# =============================================================================
-# 11. Fallback chain
-# =============================================================================
-
-def chain(first, second, fallback=("anthropic",), **first_section):
-    """openai (first) falls back to anthropic (second)."""
-    config = cfg("openai", first, **first_section)
-    config["provider"]["anthropic"] = cfg("anthropic", second)["provider"]["anthropic"]
-    config["provider"]["fallback"] = list(fallback)
-    return config
-
-
-@pytest.fixture
-def api2():
-    server = FakeAPI()
-    threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True).start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
-
-
-def test_fallback_past_a_refused_port(api2):
-    api2.reply(anthropic_ok())
-    statuses = []
-    reply = omega.complete(omega.Context("hi", model="gpt-4.1"), config=chain(refused_url(), api2),
-                           on_status=statuses.append)
-    assert reply.text == "Hello from Claude" and reply.metadata.provider_used == "anthropic"
-    assert len(reply.metadata.fallbacks) == 1
-    assert reply.metadata.fallbacks[0].startswith("openai: ") and "refused" in reply.metadata.fallbacks[0]
-    assert statuses[-1] == "openai unavailable (connection refused), trying anthropic"
-    assert api2.last().body["model"] == "claude-sonnet-4-20250514"   # not gpt-4.1
-
-
-def test_fallback_after_503_retries_and_after_a_missing_key(api, api2):
-    for _ in range(3):
-        api.reply({"error": {"message": "down", "type": "server_error"}}, status=503)
-    api2.reply(anthropic_ok())
-    reply = omega.complete(omega.Context("hi"), config=chain(api, api2))
-    assert reply.metadata.provider_used == "anthropic" and len(api.requests) == 3
-    assert "503" in reply.metadata.fallbacks[0]
-    api2.reply(anthropic_ok())
-    config = chain(api, api2)
-    config["provider"]["gemini"] = {}
-    config["provider"]["fallback"] = ["gemini", "anthropic"]
-    reply = omega.complete(omega.Context("hi"), "openai", {**config, "provider": {
-        **config["provider"], "openai": {}}}, fallback=["gemini", "anthropic"])
-    assert reply.metadata.provider_used == "anthropic"
-    assert [f.split(":")[0] for f in reply.metadata.fallbacks] == ["openai", "gemini"]
-
-
-@pytest.mark.parametrize("reply", [
-    dict(body={"error": {"message": "bad", "type": "invalid_request_error"}}, status=400),
-    dict(body={"error": {"message": "no", "type": "x", "code": "model_not_found"}}, status=404),
-    dict(body=openai_ok(choices=[])),
-])
-def test_no_fallback_after_a_request_error_or_empty_response(api, api2, reply):
-    api.reply(**reply)
-    with pytest.raises(omega.ProviderError) as err:
-        omega.complete(omega.Context("hi"), config=chain(api, api2))
-    assert api2.requests == [] and err.value.provider == "openai"
-    assert list(err.value.fallbacks) == []
-
-
-def test_all_failing_raises_the_first_error_with_the_others(api2):
-    api2.reply({"type": "error", "error": {"type": "authentication_error",
-                                           "message": "invalid x-api-key"}}, status=401)
-    with pytest.raises(omega.ProviderUnavailable) as err:
-        omega.complete(omega.Context("hi"), config=chain(refused_url(), api2))
-    assert err.value.provider == "openai"
-    assert list(err.value.fallbacks) == ["anthropic: 401 authentication_error: invalid x-api-key"]
-
-
-def test_cli_prints_one_line_per_fallback_step(api2, tmp_path):
-    api2.reply(anthropic_ok())
-    out = run_cli(tmp_path, "hi", config=chain(refused_url(), api2, max_retries=0))
-    assert out.returncode == 0 and out.stdout == "Hello from Claude\n"
-    assert out.stderr == "omega: openai unavailable (connection refused), trying anthropic\n"
-
-
-# =============================================================================
-# 12. --check and the first-run hint
-# =============================================================================
-
-def test_check_reports_readiness_sources_and_masks_keys(api, claude, tmp_path, monkeypatch,
-                                                        capsys):
-    api.default = lambda r: {"body": {"models": [{"name": "llama3"}, {"name": "qwen3"}]}}
-    monkeypatch.setenv("GEMINI_API_KEY", ENV_KEY)
-    monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")
-    path = write(tmp_path / "c.toml", f"""
-        [provider]
-        default = "ollama"
-        [provider.claude-code]
-        command = "{claude.command}"
-        [provider.ollama]
-        base_url = "{api.url}"
-        model = "qwen3"
-        [provider.anthropic]
-        api_key = "{KEY}"
-        enabled = false
-        """)
-    assert omega.main(["--check", "-c", path]) == 0
-    out = capsys.readouterr().out
-    assert KEY not in out and ENV_KEY not in out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    ready = {name: lines[name].split()[4] for name in omega.NAMES}
-    assert ready == {"claude-code": "yes", "ollama": "yes", "openai": "yes", "anthropic": "no",
-                     "openrouter": "no", "gemini": "yes"}
-    assert "no key, none needed for " + api.url in lines["openai"]
-    assert f"config file: {path}" in out and "default provider: ollama" in out
-    assert "2.1.197 (Claude Code)" in lines["claude-code"] and " yes " in lines["claude-code"]
-    assert "answering, 2 models" in lines["ollama"] and api.last().path == "/api/tags"
-    assert api.last().method == "GET" and len(api.requests) == 1      # no chat call, no cost
-    assert "disabled" in lines["anthropic"] and " no " in lines["anthropic"]
-    assert "key …3210 from $GEMINI_API_KEY" in lines["gemini"]
-    assert "no API key" in lines["openrouter"]
-    sources = out.split("where each value came from")[1]
-    assert "model=qwen3 (file)" in sources and "model=gpt-4o (default)" in sources
-    assert f"base_url={api.url}/v1 (env OPENAI_BASE_URL)" in sources
-    assert "api_key=…3210 (env GEMINI_API_KEY)" in sources
-    assert "api_key=…cdef (file)" in sources
-
-
-def test_check_without_any_file_and_exit_1_when_default_is_not_ready(tmp_path):
-    out = run_cli(tmp_path, "--check", PATH=str(tmp_path / "empty"),
-                  OMEGA_CONFIG="", OLLAMA_HOST=refused_url())
-    assert out.returncode == 1, out.stderr
-    assert "default provider: claude-code" in out.stdout
-    assert "'claude' not found on PATH" in out.stdout
-    assert "connection refused" in out.stdout
-
-
-@pytest.mark.parametrize("default, env, code", [
-    ("openai", {"OPENAI_API_KEY": ENV_KEY}, 0),
-    ("anthropic", {"OPENAI_API_KEY": ENV_KEY}, 1),      # another one is ready: not enough
-    ("openai", {}, 1),
-    ("openai", {"OPENAI_API_KEY": ENV_KEY, "OMEGA_PROVIDER": "anthropic"}, 0),  # file wins
-], ids=["default-ready", "default-not-ready-another-is", "nothing-ready",
-        "file-default-over-OMEGA_PROVIDER"])
-def test_check_exit_code_follows_the_default_provider(tmp_path, monkeypatch, capsys, default,
-                                                      env, code):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))          # no claude
-    monkeypatch.setenv("OLLAMA_HOST", refused_url())             # no ollama
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    path = write(tmp_path / "c.toml", f'[provider]\ndefault = "{default}"\n')
-    assert omega.main(["--check", "-c", path]) == code
-    out = capsys.readouterr().out
-    assert f"default provider: {default}" in out and not leaks(out, ENV_KEY)
-
-
-@pytest.mark.parametrize("script, why", [
-    ("#!/bin/sh\necho 'claude: broken install' >&2\nexit 1\n", "at "),
-    ("#!/bin/sh\nexit 0\n", "no version at "),
-    ("#!/nonexistent/interpreter\n", "--version failed (claude not found)"),
-], ids=["version-exits-1", "version-prints-nothing", "cannot-start"])
-def test_check_says_a_broken_claude_is_not_ready(tmp_path, monkeypatch, capsys, script, why):
-    claude_bin = tmp_path / "bin" / "claude"
-    claude_bin.parent.mkdir()
-    claude_bin.write_text(script)
-    claude_bin.chmod(0o755)
-    monkeypatch.setenv("PATH", str(claude_bin.parent))
-    monkeypatch.setenv("OLLAMA_HOST", refused_url())
-    path = write(tmp_path / "c.toml", '[provider]\ndefault = "claude-code"\n')
-    assert omega.main(["--check", "-c", path]) == 1
-    row = next(line for line in capsys.readouterr().out.splitlines()
-               if line.startswith("claude-code "))
-    assert row.split()[4] == "no" and why in row and str(claude_bin) in row
-
-
-def test_first_run_names_what_is_ready_here(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
-    with pytest.raises(omega.ProviderUnavailable) as err:
-        omega.complete(omega.Context("hi"), config={})
-    message = str(err.value)
-    assert message.startswith("claude-code: 'claude' not found on PATH")
-    assert message.endswith("; ready here: openai ($OPENAI_API_KEY) - use -p openai or "
-                            "set provider.default")
-    assert ENV_KEY not in message
-    monkeypatch.delenv("OPENAI_API_KEY")
-    with pytest.raises(omega.AuthError, match="nothing else is ready here"):
-        omega.complete(omega.Context("hi"), "anthropic", {})
-
-
-def test_disabled_fallback_is_skipped(api2):
-    api2.reply(anthropic_ok())
-    config = chain(refused_url(), api2, max_retries=0)
-    config["provider"]["gemini"] = {"enabled": False}
-    config["provider"]["fallback"] = ["gemini", "anthropic"]
-    reply = omega.complete(omega.Context("hi"), config=config)
-    assert reply.metadata.provider_used == "anthropic"
-
-
-def test_shipped_config_example_changes_nothing_and_documents_valid_keys():
-    import re
-    import tomllib
-    text = open(os.path.join(HERE, "config.toml")).read()
-    assert omega.load_config(os.path.join(HERE, "config.toml"))["provider"] == \
-        omega.load_config({})["provider"]
-    uncommented = tomllib.loads(re.sub(r"(?m)^# (\w+ = )", r"\1", text))
-    omega.validate(uncommented, "config.toml")         # every documented key is a real key
-    documented = {k for section in uncommented["provider"].values() if isinstance(section, dict)
-                  for k in section}
-    assert documented == {k for schema in omega.SCHEMA.values() for k in schema}
-
-
-# =============================================================================
-# 13. The real claude binary (make test-real) against a fake Messages API
-# =============================================================================
-# The real CLI honours ANTHROPIC_BASE_URL, so it can talk to a local fake of the
-# Messages API. It always streams, so the fake answers SSE (and JSON when asked).
-
-def anthropic_sse(*blocks, stop="end_turn"):
-    """An Anthropic streaming reply carrying these content blocks."""
-    def event(kind, **data):
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
-    events = [event("message_start", message={
-        "id": "msg_sse", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
-        "content": [], "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 10, "output_tokens": 1}})]
-    for index, block in enumerate(blocks):
-        if block["type"] == "text":
-            start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
-        else:
-            start = {**block, "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-        events += [event("content_block_start", index=index, content_block=start),
-                   event("content_block_delta", index=index, delta=delta),
-                   event("content_block_stop", index=index)]
-    events += [event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
-                     usage={"output_tokens": 6}), event("message_stop")]
-    return {"raw": "".join(events).encode(), "headers": {"Content-Type": "text/event-stream"}}
-
-
-def messages_api(api, *answers):
-    """Each POST /v1/messages takes the next answer (a list of content blocks, or
-    (status, error body)); the last answer repeats. SSE or JSON as requested."""
-    queue = list(answers)
-
-    def answer(request):
-        if not request.path.startswith("/v1/messages"):
-            return {"body": {}}
-        item = queue.pop(0) if len(queue) > 1 else queue[0]
-        if isinstance(item, tuple):
-            return {"status": item[0], "body": item[1]}
-        stop = "tool_use" if any(b["type"] == "tool_use" for b in item) else "end_turn"
-        if request.body.get("stream"):
-            return anthropic_sse(*item, stop=stop)
-        return {"body": anthropic_ok(*item, stop=stop)}
-    api.default = answer
-
-
-def text(value):
-    return [{"type": "text", "text": value}]
-
-
-def sent_prompts(api):
-    """The text of the last user message of every Messages request, in order."""
-    prompts = []
-    for request in api.requests:
-        if request.method == "POST" and request.path.startswith("/v1/messages"):
-            user = [m for m in request.body["messages"] if m["role"] == "user"][-1]
-            content = user["content"]
-            prompts.append(content if isinstance(content, str) else "\n".join(
-                b.get("text", "") for b in content if b.get("type") == "text"))
-    return prompts
-
-
-@pytest.fixture
-def real_claude(api, tmp_path, monkeypatch):
-    binary = os.environ.get("OMEGA_REAL_CLAUDE")
-    if not binary:
-        pytest.skip("no real claude binary configured: `make test-real` installs one "
-                    "and sets OMEGA_REAL_CLAUDE")
-    for var, value in {"ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": KEY,
-                       "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                       "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}.items():
-        monkeypatch.setenv(var, value)
-    (tmp_path / "home").mkdir(exist_ok=True)
-    (tmp_path / "work").mkdir()
-    return {"provider": {"default": "claude-code", "claude-code": {
-        "command": binary, "working_dir": str(tmp_path / "work"), "resume_delay_secs": 0,
-        "timeout_secs": 120}}}
-
-
-def real(config, ctx, **section):
-    config["provider"]["claude-code"].update(section)
-    return omega.complete(ctx, config=config)
-
-
-@pytest.mark.real_claude
-def test_real_claude_plain_answer(real_claude, api):
-    messages_api(api, text("Hello from the fake API."))
-    reply = real(real_claude, omega.Context("Say hello."))
-    assert reply.text == "Hello from the fake API."
-    m = reply.metadata
-    assert m.provider_used == "claude-code" and m.session_id and m.attempts == 1
-    assert m.input_tokens >= 10 and m.output_tokens == 6 and m.num_turns == 1
-    assert sent_prompts(api)[-1].endswith("[User]\nSay hello.")
-    posts = [r for r in api.requests if r.method == "POST"]
-    assert posts[0].headers["x-api-key"] == KEY and posts[0].body["stream"] is True
-
-
-@pytest.mark.real_claude
-def test_real_claude_model_and_system_prompt_reach_the_api(real_claude, api):
-    messages_api(api, text("ok"))
-    real(real_claude, omega.Context("Question?", system_prompt="Answer like a pirate."),
-         model="claude-opus-4-6")
-    post = [r for r in api.requests if r.method == "POST"][-1]
-    assert post.body["model"] == "claude-opus-4-6"
-    assert sent_prompts(api)[-1].endswith("[System]\nAnswer like a pirate.\n\n[User]\nQuestion?")
-
-
-@pytest.mark.real_claude
-def test_real_claude_allowed_tools_keep_the_prompt(real_claude, api):
-    messages_api(api, text("ok"))
-    real(real_claude, omega.Context("Read nothing, just answer."), allowed_tools=["Read", "Bash"])
-    assert sent_prompts(api)[-1].endswith("[User]\nRead nothing, just answer.")
-
-
-@pytest.mark.real_claude
-def test_real_claude_300_kb_prompt(real_claude, api):
-    messages_api(api, text("long read"))
-    prompt = "".join(f"line {i}: the quick brown fox\n" for i in range(11000))[:300 * 1024]
-    assert real(real_claude, omega.Context(prompt)).text == "long read"
-    assert sent_prompts(api)[-1].endswith("[User]\n" + prompt)
-
-
-@pytest.mark.real_claude
-def test_real_claude_resume_carries_earlier_turns(real_claude, api):
-    messages_api(api, text("The number is 42."), text("You said 42."))
-    first = real(real_claude, omega.Context("Remember the number 42."))
-    second = real(real_claude, omega.Context("Which number?", session_id=first.metadata.session_id))
-    assert second.text == "You said 42." and second.metadata.session_id == first.metadata.session_id
-    last = [r for r in api.requests if r.method == "POST"][-1].body["messages"]
-    flat = json.dumps(last)
-    assert "Remember the number 42." in flat and "The number is 42." in flat
-    assert sent_prompts(api)[-1].endswith("[User]\nWhich number?")
-
-
-@pytest.mark.real_claude
-def test_real_claude_max_turns_then_auto_resume(real_claude, api):
-    tool = {"type": "tool_use", "id": "toolu_01", "name": "Bash",
-            "input": {"command": "echo hi", "description": "say hi"}}
-    messages_api(api, [tool], text("Final answer."))
-    statuses = []
-    real_claude["provider"]["claude-code"].update(max_turns=1, allowed_tools=["Bash"])
-    reply = omega.complete(omega.Context("Do the task."), config=real_claude,
-                           on_status=statuses.append)
-    assert reply.text == "Final answer." and reply.metadata.attempts == 2
-    assert statuses == ["claude-code: reached max turns, resuming (1/5)"]
-    assert sent_prompts(api)[-1].endswith(omega.RESUME_PROMPT)
-
-
-@pytest.mark.real_claude
-def test_real_claude_api_401_is_auth_error(real_claude, api):
-    messages_api(api, (401, {"type": "error", "error": {"type": "authentication_error",
-                                                        "message": "invalid x-api-key"},
-                             "request_id": "req_401"}))
-    with pytest.raises(omega.AuthError) as err:
-        real(real_claude, omega.Context("hi"))
-    assert err.value.status == 401 and KEY not in str(err.value)
-
-
-def real_stream(config, ctx):
-    s = omega.stream(ctx, config=config)
-    got = []
-    with s:
-        for piece in s:
-            got.append((piece, time.monotonic()))
-    return s, got
-
-
-@pytest.mark.real_claude
-def test_real_claude_streams_pieces_before_the_answer_is_done(real_claude, api):
-    body = anthropic_sse(*text("Hello from the streaming fake."))["raw"]
-    cut = body.index(b"content_block_delta")
-    cut = body.index(b"\n\n", cut) + 2               # right after the first text delta
-    first = body[:cut].replace(b"Hello from the streaming fake.", b"Hello from")
-    rest = b"event: content_block_delta\ndata: " + json.dumps({
-        "type": "content_block_delta", "index": 0,
-        "delta": {"type": "text_delta", "text": " the streaming fake."}}).encode() + b"\n\n" + \
-        body[cut:]
-
-    def answer(request):
-        if not request.path.startswith("/v1/messages"):
-            return {"body": {}}
-        return {"raw": first + rest, "action": "pieces", "framing": "chunked",
-                "pieces": [(0, first), (1.0, rest), (1.0, b"")],
-                "headers": {"Content-Type": "text/event-stream"}}
-    api.default = answer
-    started = time.monotonic()
-    s, got = real_stream(real_claude, omega.Context("Say hello."))
-    assert [p for p, _ in got] == ["Hello from", " the streaming fake."]
-    assert got[1][1] - got[0][1] > 0.5             # the first came while the API still wrote
-    assert s.reply.text == "Hello from the streaming fake." == "".join(p for p, _ in got)
-    assert s.reply.metadata.output_tokens == 6 and s.reply.metadata.session_id
-    assert time.monotonic() - started < 60
-
-
-@pytest.mark.real_claude
-def test_real_claude_api_error_mid_stream_is_typed(real_claude, api):
-    body = anthropic_sse(*text("Hello from"))["raw"]
-    cut = body.index(b"\n\n", body.index(b"content_block_delta")) + 2
-    broken = body[:cut] + b'event: error\ndata: {"type":"error","error":{"type":' \
-        b'"overloaded_error","message":"Overloaded"}}\n\n'
-
-    def answer(request):
-        if not request.path.startswith("/v1/messages"):
-            return {"body": {}}
-        if request.body.get("stream"):
-            return {"raw": broken, "headers": {"Content-Type": "text/event-stream"}}
-        return {"status": 529, "body": {"type": "error", "error": {
-            "type": "overloaded_error", "message": "Overloaded"}}}
-    api.default = answer
-    with pytest.raises(omega.ProviderError) as err:
-        real_stream(real_claude, omega.Context("Say hello."))
-    assert err.value.status == 529 and err.value.partial_text == "Hello from"
-
-
-def test_cli_unexpected_error_is_one_line(monkeypatch, capsys):
-    def broken(*args, **kwargs):
-        raise RuntimeError(f"kaboom with {ENV_KEY}")
-    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
-    monkeypatch.setattr(omega, "complete", broken)
-    monkeypatch.setattr(omega, "stream", broken)
-    assert omega.main(["-p", "openai", "hi"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("omega: internal error: RuntimeError: kaboom") and err.count("\n") == 1
-    assert ENV_KEY not in err and "Traceback" not in err
-
-
-# =============================================================================
-# 14. Promises under attack (hostile servers, keys, signals, host configs)
-# =============================================================================
-# Issue 8: "never hangs, never leaks a key, never prints a traceback", tried as an
-# attacker would. Every test here failed on the omega.py that came before it.
-
-def leaks(text, key=KEY):
-    """True when text holds 12 or more consecutive characters of key."""
-    text = "" if text is None else str(text)
-    return any(key[i:i + 12] in text for i in range(len(key) - 11))
-
-
-def read_pids(path, within=15):
-    """The two pids a fake claude wrote (itself and its grandchild)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            parent, grandchild = map(int, path.read_text().split())
-            return parent, grandchild
-        except (OSError, ValueError):
-            time.sleep(0.02)
-    raise AssertionError(f"the fake claude never wrote {path}")
-
-
-def gone(*pids, within=3):
-    deadline = time.monotonic() + within
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not any(alive(p) for p in pids)
-
-
-def kill_leftovers(*pids):
-    """After a failing run: no process of ours outlives the test."""
-    for pid in pids:
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-def start_cli_with_claude(claude, tmp_path, *args):
-    """python omega.py ARGS against the fake claude; (the process, its claude pids)."""
-    (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
-    child = subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env=cli_env(tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
-    try:
-        pids = read_pids(claude.dir / "pids")
-    except AssertionError:
-        child.kill()
-        child.communicate()
-        raise
-    time.sleep(0.05)                     # let omega settle into its wait
-    return child, pids
-
-
-def run_with_closed(tmp_path, redirect, *args, config=None):
-    """python omega.py ARGS with stdout (">&-") or stderr ("2>&-") closed."""
-    if config is not None:
-        (tmp_path / "cli.toml").write_text(toml_for(config))
-    return subprocess.run(["/bin/sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable,
-                           OMEGA_PY, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=30, stdin=subprocess.DEVNULL, env=cli_env(tmp_path))
-
-
-# --- memory and time ----------------------------------------------------------
 
 # omega in a child whose address space is capped at 1 GiB: a client that reads
 # without limit dies of MemoryError there instead of eating the machine.
@@ -2872,674 +5289,7 @@ print(json.dumps(outcome))
 """
 
 
-@pytest.mark.parametrize("action", ["endless", "endless_close", "gzip_bomb"])
-def test_endless_body_or_gzip_bomb_stops_at_the_default_cap(api, tmp_path, action):
-    api.reply(action=action)
-    out = subprocess.run([sys.executable, "-c", CAPPED_CHILD, HERE,
-                          json.dumps(cfg("openai", api, timeout_secs=20))],
-                         capture_output=True, text=True, timeout=60, env=cli_env(tmp_path))
-    assert out.stdout, out.stderr[-2000:]
-    result = json.loads(out.stdout)
-    assert result["error"] == "ProviderError", result
-    assert "answer larger than" in result["message"] and result["status"] == 200
-    assert len(api.requests) == 1                     # not retried
-    assert result["peak_mb"] < 400, result            # about 32 MiB, not the whole body
-
-
-@pytest.mark.parametrize("reply", [dict(body=openai_ok("x" * 5000)), dict(action="endless"),
-                                   dict(action="endless_close")],
-                         ids=["content-length", "chunked-endless", "close-delimited-endless"])
-def test_body_over_max_response_bytes_is_a_provider_error_not_retried(api, reply):
-    api.reply(**reply)
-    with pytest.raises(omega.ProviderError, match="answer larger than") as err:
-        ask_via("openai", api, max_response_bytes=1000)
-    assert type(err.value) is omega.ProviderError and err.value.status == 200
-    assert len(api.requests) == 1
-
-
-def test_max_response_bytes_is_a_setting_of_every_provider(tmp_path):
-    assert all(omega.load_config({})["provider"][n]["max_response_bytes"] == 32 * 1024 * 1024
-               for n in omega.NAMES)
-    text = "".join(f"[provider.{n}]\nmax_response_bytes = 65536\n" for n in omega.NAMES)
-    config = omega.load_config(write(tmp_path / "ok.toml", text))
-    assert all(config["provider"][n]["max_response_bytes"] == 65536 for n in omega.NAMES)
-
-
-@pytest.mark.parametrize("bad, expected", [
-    ("0", "expected a number greater than 0, got 0"),
-    ("-1", "expected a number greater than 0, got -1"),
-    ('"big"', "expected an integer, got str"), ("1.5", "expected an integer, got 1.5")])
-def test_bad_max_response_bytes_is_config_error(tmp_path, bad, expected):
-    path = write(tmp_path / "bad.toml", f"[provider.openai]\nmax_response_bytes = {bad}\n")
-    with pytest.raises(omega.ConfigError, match="provider.openai.max_response_bytes: " +
-                       re.escape(expected)):
-        omega.load_config(path)
-
-
-@pytest.mark.parametrize("stream", ["stdout", "stderr"])
-def test_claude_output_over_max_response_bytes_is_a_provider_error(claude, stream):
-    claude.plan({"flood": 4 << 20, "to": stream})
-    with pytest.raises(omega.ProviderError, match="answer larger than"):
-        cc(claude, max_response_bytes=65536, timeout_secs=20)
-
-
-def test_trickled_status_line_and_headers_cannot_stretch_the_deadline(api):
-    api.reply(action="trickle_head", body=openai_ok())      # ~15 s at 50 ms a byte
-    started = time.monotonic()
-    with pytest.raises(omega.ProviderTimeout):
-        ask_via("openai", api, timeout_secs=1)
-    assert time.monotonic() - started < 2.5
-
-
-@pytest.mark.parametrize("reply", [dict(action="trickle_head", body={"models": []}),
-                                   dict(action="endless", chunk=1024, every=0.02)],
-                         ids=["trickled-headers", "endless-body"])
-def test_check_gives_ollama_two_seconds_in_all(api, tmp_path, reply, monkeypatch, capsys):
-    assert omega.OLLAMA_PROBE_SECS == 2.0
-    monkeypatch.setattr(omega, "OLLAMA_PROBE_SECS", 0.5)       # the same, four times faster
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    api.default = lambda request: dict(reply)
-    (tmp_path / "cli.toml").write_text(
-        f'[provider]\ndefault = "ollama"\n[provider.ollama]\nbase_url = "{api.url}"\n')
-    started = time.monotonic()
-    code = omega.main(["-c", str(tmp_path / "cli.toml"), "--check"])
-    elapsed = time.monotonic() - started
-    out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("ollama "))
-    assert code == 1 and row.split()[4] == "no", out
-    assert elapsed < 1.5 and api.last().path == "/api/tags"
-
-
-# --- keys -----------------------------------------------------------------------
-
-@pytest.mark.parametrize("name, section, env, sent", [
-    ("openai", {"api_key": KEY + "\n"}, {}, KEY),                 # a key read from a file
-    ("anthropic", {"api_key": f"\t{KEY} \r\n"}, {}, KEY),
-    ("openai", None, {"OPENAI_API_KEY": f" {ENV_KEY}\n"}, ENV_KEY),
-    ("gemini", None, {"GEMINI_API_KEY": f"{ENV_KEY}\r\n"}, ENV_KEY),
-], ids=["file-newline", "file-tabs-and-crlf", "env-spaces", "env-crlf"])
-def test_keys_are_stripped_of_surrounding_whitespace(api, monkeypatch, name, section, env, sent):
-    api.default = lambda request: {"body": OK[name]()}
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    if section is None:              # the official base_url, but the fake server answers it
-        monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")
-        config = {"provider": {name: {}}}
-        if name == "gemini":         # a base_url in the file gets only api_key_env's key
-            config = {"provider": {name: {"base_url": api.url, "api_key_env": "GEMINI_API_KEY"}}}
-        omega.complete(omega.Context("hi"), name, config)
-    else:
-        ask_via(name, api, **section)
-    assert sent_key(api.last().headers) == sent
-
-
-@pytest.mark.parametrize("name, section, env, setting", [
-    ("openai", {"api_key": "sk-\x01" + KEY}, {}, "provider.openai.api_key"),
-    ("openai", {}, {"OPENAI_API_KEY": ENV_KEY[:10] + "\n" + ENV_KEY[10:]}, "OPENAI_API_KEY"),
-    ("anthropic", {"api_key": "sk-ключ-" + KEY}, {}, "provider.anthropic.api_key"),
-    ("openrouter", {"title": "My ☕ App"}, {}, "provider.openrouter.title"),
-    ("openrouter", {"referer": "https://a.example\r\nX-Evil: 1"}, {},
-     "provider.openrouter.referer"),
-    ("claude-code", {"oauth_token": "oauth-" + KEY + "\x1b"}, {},
-     "provider.claude-code.oauth_token"),
-], ids=["control-char-in-file-key", "newline-inside-env-key", "non-latin1-key", "title-emoji",
-        "referer-crlf", "oauth-token-escape"])
-def test_bad_character_in_a_key_or_header_is_config_error_naming_the_setting(
-        api, claude, monkeypatch, name, section, env, setting):
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("OPENAI_BASE_URL", api.url + "/v1")   # nothing can go far
-    config = claude.config(**section) if name == "claude-code" else \
-        {"provider": {name: {}}} if env else cfg(name, api, **section)
-    with pytest.raises(omega.ConfigError) as err:
-        omega.complete(omega.Context("hi"), name, config)
-    message = str(err.value)
-    assert setting in message and "\n" not in message
-    assert not leaks(message) and not leaks(message, ENV_KEY) and not leaks(repr(err.value))
-    assert api.requests == [] and claude.calls() == []
-
-
-ECHOES = {   # "@KEY@" becomes the key the request carried
-    "error.code": ("openai", dict(status=400, body={"error": {
-        "message": "bad key", "type": "invalid_request_error", "param": None, "code": "@KEY@"}})),
-    "x-request-id": ("openai", dict(status=400, body=openai_error(400, "invalid_request_error"),
-                                    headers={"x-request-id": "@KEY@"})),
-    "body-request_id": ("anthropic", dict(status=400, body={"type": "error", "error": {
-        "type": "invalid_request_error", "message": "bad"}, "request_id": "@KEY@"})),
-    "openrouter-metadata.raw": ("openrouter", dict(body={"error": {
-        "code": 502, "message": "Provider returned error", "metadata": {
-            "provider_name": "DeepInfra", "raw": "upstream: " + "u" * 275 + "@KEY@ rejected"}}})),
-    "across-char-500": ("openai", dict(status=400, body=openai_error(
-        400, "invalid_request_error", "x" * 485 + "@KEY@ is not a valid key"))),
-}
-
-
-# A variable no rule of omega's knows: only the key omega read from it can redact it.
-UNIQUE_VAR, UNIQUE_KEY = "MY_UNIQUE_LLM_KEY", "my-unique-llm-key-3141592653589"
-
-
-@pytest.mark.parametrize("source", ["api_key", "api_key_env"])
-@pytest.mark.parametrize("where", list(ECHOES))
-def test_a_key_echoed_back_never_shows(api, capsys, monkeypatch, where, source, cli_main):
-    name, reply = ECHOES[where]
-    config, key = cfg(name, api, max_retries=0), KEY
-    if source == "api_key_env":                     # the key comes from $MY_UNIQUE_LLM_KEY
-        assert UNIQUE_VAR not in omega.SECRET_ENV
-        monkeypatch.setenv(UNIQUE_VAR, UNIQUE_KEY)
-        del config["provider"][name]["api_key"]
-        config["provider"][name]["api_key_env"], key = UNIQUE_VAR, UNIQUE_KEY
-    api.default = lambda request: {**reply, "echo": True}
-    with pytest.raises(omega.ProviderError) as err:
-        omega.complete(omega.Context("hi"), name, config)
-    assert sent_key(api.last().headers) == key          # the server did get it, and echoed it
-    e = err.value
-    for shown in (str(e), repr(e), e.code, e.request_id, e.message):
-        assert not leaks(shown, key), shown
-    assert "\n" not in str(e) and len(e.message) <= 500
-    assert cli_main(config, "hi") == e.exit_code
-    stderr = capsys.readouterr().err
-    assert not leaks(stderr, key) and stderr.count("\n") == 1
-
-
-OAUTH_TOKEN = "sk-ant-oat01-UNIQUE-oauth-2718281828"
-
-
-@pytest.mark.parametrize("source", ["config", "environment"])
-@pytest.mark.parametrize("step", [
-    {"set": {"is_error": True, "result": "OAuth token @TOKEN@ has expired · Please run /login"}},
-    {"set": {"subtype": "error_during_execution", "is_error": True, "result": None,
-             "errors": ["request with @TOKEN@ failed"], "session_id": "s-@TOKEN@"}},
-    {"raw": "", "exit": 1, "stderr": "fatal: CLAUDE_CODE_OAUTH_TOKEN=@TOKEN@ rejected\n"},
-], ids=["json-result", "json-errors-and-session", "stderr"])
-def test_claude_oauth_token_never_shows(claude, monkeypatch, capsys, cli_main, step, source):
-    if source == "config":
-        config = claude.config(oauth_token=OAUTH_TOKEN, max_resume_attempts=0)
-    else:
-        assert "CLAUDE_CODE_OAUTH_TOKEN" in omega.SECRET_ENV
-        monkeypatch.setenv("CLAUDE_CODE_OAUTH_TOKEN", OAUTH_TOKEN)
-        config = claude.config(max_resume_attempts=0)
-    claude.plan(step, step)
-    with pytest.raises(omega.ProviderError) as err:
-        omega.complete(omega.Context("hi"), config=config)
-    assert claude.calls()[0]["env"]["CLAUDE_CODE_OAUTH_TOKEN"] == OAUTH_TOKEN   # it had it
-    e = err.value
-    for shown in (str(e), repr(e), e.message, e.session_id, e.args):
-        assert not leaks(shown, OAUTH_TOKEN), shown
-    assert cli_main(config, "hi") == e.exit_code
-    assert not leaks(capsys.readouterr().err, OAUTH_TOKEN)
-
-
-def test_claude_oauth_token_is_masked_wherever_settings_show(claude, capsys, monkeypatch,
-                                                            cli_main):
-    monkeypatch.setenv("OLLAMA_HOST", refused_url())
-    config = claude.config(oauth_token=OAUTH_TOKEN)
-    settings = omega.provider_settings(config, "claude-code")
-    assert settings["oauth_token"] == OAUTH_TOKEN                   # still usable
-    for shown in (repr(settings), str(settings), repr(omega.load_config(config))):
-        assert not leaks(shown, OAUTH_TOKEN) and "'…1828'" in shown
-    assert cli_main(config, "--check") == 0
-    assert not leaks(capsys.readouterr().out, OAUTH_TOKEN)
-
-
-FORGED = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nomega: all good\x1b[0m\x9b1m"
-
-
-def control_chars(text):
-    return [c for c in text or "" if ord(c) < 32 or 127 <= ord(c) < 160]
-
-
-def test_server_text_cannot_forge_lines_or_send_terminal_escapes(api, capsys, cli_main):
-    api.default = lambda request: {
-        "status": 400, "headers": {"x-request-id": "req\x1b]52;c;eA==\x07"},
-        "body": {"error": {"message": "bad " + FORGED, "type": "x", "param": None,
-                           "code": "c" + FORGED}}}
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via("openai", api)
-    e = err.value
-    for shown in (str(e), e.message, e.code, e.request_id):
-        assert control_chars(shown) == [], repr(shown)
-    assert cli_main(cfg("openai", api), "hi") == 1
-    stderr = capsys.readouterr().err
-    assert stderr.count("\n") == 1 and control_chars(stderr) == ["\n"]
-
-
-def test_claude_session_id_cannot_forge_lines_or_send_terminal_escapes(claude):
-    claude.plan({"set": {"subtype": "error_max_turns", "is_error": True,
-                         "session_id": "s-1" + FORGED}, "drop": ["result"]})
-    with pytest.raises(omega.ProviderError) as err:
-        cc(claude, max_resume_attempts=0)
-    for shown in (str(err.value), err.value.message, err.value.session_id):
-        assert control_chars(shown) == [], repr(shown)
-
-
-@pytest.mark.parametrize("name, header, value", [
-    ("openai", "Authorization", f"Bearer {KEY}"), ("openrouter", "Authorization", f"Bearer {KEY}"),
-    ("anthropic", "x-api-key", KEY), ("gemini", "x-goog-api-key", KEY)])
-def test_request_headers_mask_the_key_in_repr(name, header, value):
-    settings = omega.provider_settings({"provider": {name: {"api_key": KEY}}}, name)
-    url, headers, body = omega.PROVIDERS[name].request(omega.Context("hi"), settings)
-    assert not leaks(repr(headers)) and not leaks(str(headers))
-    assert headers[header] == value                                  # still sent in full
-
-
-def test_openrouter_moderation_keeps_the_providers_own_message(api):
-    own = 'openai/gpt-4o requires moderation on OpenAI. Your input was flagged for "violence"'
-    api.reply({"error": {"code": 403, "message": own, "metadata": {
-        "reasons": ["violence", "harassment"], "flagged_input": "...", "provider_name": "OpenAI",
-        "model_slug": "openai/gpt-4o"}}}, status=403)
-    with pytest.raises(omega.EmptyResponse) as err:
-        ask_via("openrouter", api)
-    assert own in err.value.message and "harassment" in err.value.message
-
-
-def test_provider_error_takes_all_its_context_in_the_constructor():
-    e = omega.ProviderError("boom", "openai", 503, "server_error", "req_1", retry_after=1.5,
-                            retryable=True, reason="connection refused", not_set_up=True,
-                            session_id="s-1", partial_text="half", fallbacks=("anthropic: 401 no",))
-    assert (e.message, e.provider, e.status, e.code, e.request_id) == \
-        ("boom", "openai", 503, "server_error", "req_1")
-    assert (e.retry_after, e.retryable, e.reason, e.not_set_up, e.session_id, e.partial_text) == \
-        (1.5, True, "connection refused", True, "s-1", "half")
-    assert list(e.fallbacks) == ["anthropic: 401 no"]
-    assert str(e).startswith("openai: 503 server_error: boom") and "\n" not in str(e)
-    plain = omega.ProviderError("x")
-    assert list(plain.fallbacks) == [] and plain.not_set_up is False and plain.retryable is False
-
-
-# --- processes and signals ------------------------------------------------------
-
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
-                         ids=["SIGTERM", "SIGHUP"])
-def test_cli_sigterm_and_sighup_stop_the_claude_group(claude, tmp_path, sig, code):
-    claude.plan({"hang": True})
-    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
-    try:
-        child.send_signal(sig)
-        out, err = child.communicate(timeout=15)
-        assert child.returncode == code and out == ""
-        assert err.startswith("omega: ") and err.count("\n") == 1, err
-        assert gone(*pids)
-    finally:
-        child.kill()
-        child.communicate()
-        kill_leftovers(*pids)
-
-
-def test_cli_repeated_ctrl_c_still_kills_a_child_that_ignores_sigterm(claude, tmp_path):
-    claude.plan({"hang": True, "ignore_term": True})
-    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
-    try:
-        child.send_signal(signal.SIGINT)
-        for _ in range(3):                   # more Ctrl-Cs during the grace period
-            time.sleep(0.2)
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=20)
-        assert child.returncode == 130 and out == ""
-        assert err.startswith("omega: ") and "Traceback" not in err, err
-        assert gone(*pids)
-    finally:
-        child.kill()
-        child.communicate()
-        kill_leftovers(*pids)
-
-
-def test_claude_child_that_exits_while_a_grandchild_holds_stdout(claude):
-    claude.plan({"linger": True, "result": "the answer"})
-    try:
-        reply = cc(claude, timeout_secs=8)
-        returned = time.time()
-        assert reply.text == "the answer"
-        # Once the CLI has exited, nothing waits on the pipe the grandchild holds open
-        # (that takes ~0.1 s; a 1 s wait for more output would be a regression).
-        assert returned - float((claude.dir / "exited").read_text()) < 0.8
-        assert gone(*read_pids(claude.dir / "pids"))
-    finally:
-        kill_leftovers(*read_pids(claude.dir / "pids"))
-
-
-# --- command line ---------------------------------------------------------------
-
-def test_cli_reader_that_leaves_is_not_an_error(api, tmp_path):
-    """python omega.py "hi" | true"""
-    api.reply(openai_ok())
-    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        out = subprocess.run([sys.executable, OMEGA_PY, "hi"], cwd=tmp_path, stdout=write_end,
-                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                             timeout=30, env=cli_env(tmp_path))
-    finally:
-        os.close(write_end)
-    assert (out.returncode, out.stderr) == (0, "")
-
-
-def test_cli_with_stdout_closed_sends_nothing(api, tmp_path):
-    api.default = lambda request: {"body": openai_ok()}
-    out = run_with_closed(tmp_path, ">&-", "hi", config=cfg("openai", api))
-    assert out.returncode == 2 and out.stderr.startswith("omega: stdout is closed"), out.stderr
-    assert out.stderr.count("\n") == 1 and api.requests == []
-
-
-@pytest.mark.parametrize("args, code", [(("-p", "nope", "hi"), 2), (("hi",), 7)],
-                         ids=["usage-error", "provider-error"])
-def test_cli_with_stderr_closed_writes_no_error_to_stdout(tmp_path, args, code):
-    out = run_with_closed(tmp_path, "2>&-", *args,
-                          config=cfg("ollama", refused_url(), max_retries=0))
-    assert (out.returncode, out.stdout) == (code, "")
-
-
-@pytest.mark.parametrize("words", [(), ("what", "is", "this")], ids=["stdin-alone", "after-words"])
-def test_cli_binary_stdin_is_a_one_line_config_error(api, tmp_path, words):
-    api.default = lambda request: {"body": openai_ok()}
-    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
-    binary = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8
-    out = subprocess.run([sys.executable, OMEGA_PY, *words], cwd=tmp_path, input=binary,
-                         capture_output=True, timeout=30, env=cli_env(tmp_path))
-    stderr = out.stderr.decode(errors="replace")
-    assert out.returncode == 2 and "not UTF-8 text" in stderr, stderr
-    assert stderr.startswith("omega: ") and stderr.count("\n") == 1 and api.requests == []
-
-
-NAN, INF = float("nan"), float("inf")
-JUNK_USAGE = {   # the server sends NaN / Infinity / strings where counts belong
-    "openai": openai_ok(usage={"prompt_tokens": NAN, "completion_tokens": INF,
-                               "total_tokens": "53"}),
-    "openrouter": openai_ok(usage={"prompt_tokens": "12", "completion_tokens": -INF,
-                                   "cost": NAN}),
-    "anthropic": anthropic_ok(usage={"input_tokens": "10", "cache_read_input_tokens": NAN,
-                                     "output_tokens": INF}),
-    "gemini": gemini_ok(usage={"promptTokenCount": INF, "candidatesTokenCount": "3",
-                               "thoughtsTokenCount": NAN}),
-    "ollama": ollama_ok(prompt_eval_count=NAN, eval_count="3"),
-}
-
-
-def no_constants(name):
-    raise ValueError(f"{name} is not JSON")
-
-
-@pytest.mark.parametrize("name", HTTP_NAMES)
-def test_cli_json_stays_valid_when_usage_is_junk(api, capsys, name, cli_main):
-    api.reply(JUNK_USAGE[name])
-    assert cli_main(cfg(name, api), "--json", "hi") == 0
-    data = json.loads(capsys.readouterr().out, parse_constant=no_constants)
-    m = data["metadata"]
-    assert (m["input_tokens"], m["output_tokens"], m["tokens_used"]) == (None, None, None)
-
-
-@pytest.mark.parametrize("name, body", [
-    ("openai", openai_ok(choices=[{"index": 0, "finish_reason": "stop", "message": {
-        "role": "assistant", "content": 42}}])),
-    ("anthropic", anthropic_ok({"type": "text", "text": ["a"]})),
-    ("gemini", gemini_ok({"text": {"a": 1}})),
-    ("ollama", ollama_ok(message={"role": "assistant", "content": {"a": 1}})),
-], ids=["openai", "anthropic", "gemini", "ollama"])
-def test_answer_text_that_is_not_a_string_is_a_provider_error(api, name, body):
-    api.reply(body)
-    with pytest.raises(omega.ProviderError) as err:
-        ask_via(name, api)
-    assert type(err.value) is omega.ProviderError and "expected shape" in str(err.value)
-
-
-@pytest.mark.parametrize("status", [200, 400])
-def test_deeply_nested_json_is_a_provider_error(api, capsys, status, cli_main):
-    api.default = lambda request: {"raw": b"[" * 100000, "status": status}
-    with pytest.raises(omega.ProviderError):
-        ask_via("openai", api, max_retries=0)
-    assert cli_main(cfg("openai", api, max_retries=0), "hi") == 1
-    stderr = capsys.readouterr().err
-    assert stderr.startswith("omega: openai: ") and "internal error" not in stderr
-
-
-# --- configuration and fallback -------------------------------------------------
-
-@pytest.mark.parametrize("text, key", [
-    ("[provider.openai]\nmax_retries = 11", "max_retries"),
-    ("[provider.openai]\ntimeout_secs = nan", "timeout_secs"),
-    ("[provider.claude-code]\ntimeout_secs = inf", "timeout_secs"),
-    ("[provider.anthropic]\ntemperature = nan", "temperature"),
-    ("[provider.claude-code]\nresume_delay_secs = inf", "resume_delay_secs"),
-    ("[status]\ndelay_secs = inf", "delay_secs"),
-    ("[status]\nrepeat_secs = 1e-9", "repeat_secs"),
-    ("[status]\ndelay_secs = 0.05", "delay_secs"),
-])
-def test_numbers_out_of_range_or_not_finite_are_config_errors(tmp_path, text, key):
-    path = write(tmp_path / "c.toml", text + "\n")
-    with pytest.raises(omega.ConfigError) as err:
-        omega.load_config(path)
-    message = str(err.value)
-    assert key in message and path in message and "\n" not in message
-
-
-def test_toml_that_is_not_utf8_is_a_one_line_config_error(tmp_path):
-    path = tmp_path / "latin1.toml"
-    path.write_bytes(b'[provider.openai]\nmodel = "caf\xe9"\n')
-    with pytest.raises(omega.ConfigError) as err:
-        omega.load_config(str(path))
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
-
-
-def test_empty_claude_command_is_a_config_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    path = write(tmp_path / "c.toml", '[provider.claude-code]\ncommand = ""\n')
-    with pytest.raises(omega.ConfigError, match="command"):
-        omega.complete(omega.Context("hi"), "claude-code", path)
-
-
-def test_a_retry_waits_at_least_a_tenth_of_a_second(api, real_retry_floor):
-    api.reply(openai_error(429, "rate_limit_exceeded"), status=429,
-              headers={"retry-after-ms": "0"})
-    api.reply(openai_ok())
-    statuses = []
-    reply = omega.complete(omega.Context("hi"), "openai", cfg("openai", api),
-                           on_status=statuses.append)
-    assert reply.metadata.attempts == 2
-    assert len(statuses) == 1 and "retrying in 0.1 s" in statuses[0]
-
-
-HOST_TABLES = """baseURL = "https://host.example/api"
-name = "the host app"
-
-[omega]
-enabled = true
-
-[channel.telegram]
-token = "123:abc"
-"""
-
-
-def test_a_host_applications_config_keeps_its_own_tables(api, tmp_path, monkeypatch):
-    path = write(tmp_path / "config.toml", HOST_TABLES + f"""
-[provider]
-default = "ollama"
-
-[provider.ollama]
-base_url = "{api.url}"
-max_retries = 10
-
-[status]
-delay_secs = 0.1
-repeat_secs = 0.1
-
-[log]
-enabled = false
-path = "omega-log.db"
-""")
-    assert omega.load_config(path)["provider"]["default"] == "ollama"
-    api.reply(ollama_ok())
-    assert omega.complete(omega.Context("hi"), config=path).text == "Hello from Ollama"
-    monkeypatch.setattr(omega, "config_paths", lambda: [path])     # beside omega.py
-    assert omega.load_config()["provider"]["default"] == "ollama"
-
-
-@pytest.mark.parametrize("extra, fragment", [
-    ("[provider]\ncolour = 1", "unknown key provider.colour"),
-    ("[provider.openai]\ncolour = 1", "unknown key provider.openai.colour"),
-    ("[status]\ncolour = 1", "unknown key status.colour"),
-    ("[log]\ncolour = 1", "unknown key log.colour"),
-    ('[log]\nenabled = "yes"', "log.enabled: expected true or false"),
-    ("[log]\npath = 1", "log.path: expected a string"),
-    ("provider = 1", "provider: expected a table"),
-], ids=["provider", "provider-section", "status", "log", "log-enabled", "log-path",
-        "provider-not-a-table"])
-def test_omegas_own_tables_stay_strict_in_a_shared_file(tmp_path, extra, fragment):
-    bad = write(tmp_path / "bad.toml", extra + "\n" + HOST_TABLES)
-    with pytest.raises(omega.ConfigError) as err:
-        omega.load_config(bad)
-    assert fragment in str(err.value) and bad in str(err.value)
-
-
-@pytest.mark.parametrize("provider, fallback, from_env, used", [
-    ("openai", None, False, None),                 # chosen explicitly: stays put
-    ("openai", ["anthropic"], False, "anthropic"),  # with an explicit chain: moves on
-    (None, None, True, "anthropic"),               # default from $OMEGA_PROVIDER: chain applies
-    (None, None, False, "anthropic"),              # default from the file: chain applies
-], ids=["explicit-provider", "explicit-chain", "OMEGA_PROVIDER", "configured-default"])
-def test_an_explicit_provider_is_not_fallen_back_from_without_an_explicit_chain(
-        api2, monkeypatch, provider, fallback, from_env, used):
-    api2.default = lambda request: {"body": anthropic_ok()}
-    config = chain(refused_url(), api2)          # openai, then the configured anthropic
-    if from_env:
-        del config["provider"]["default"]
-        monkeypatch.setenv("OMEGA_PROVIDER", "openai")
-    if used is None:
-        with pytest.raises(omega.ProviderUnavailable) as err:
-            omega.complete(omega.Context("hi"), provider, config, fallback=fallback)
-        assert api2.requests == [] and list(err.value.fallbacks) == []
-        return
-    reply = omega.complete(omega.Context("hi"), provider, config, fallback=fallback)
-    assert reply.metadata.provider_used == used and len(api2.requests) == 1
-    assert reply.metadata.fallbacks[0].startswith("openai: ")
-
-
-def test_cli_p_stays_put_and_fallback_flag_moves_on(api2, tmp_path):
-    api2.default = lambda request: {"body": anthropic_ok()}
-    config = {"provider": {"default": "openai", "fallback": ["anthropic"],
-                           "ollama": {"base_url": refused_url(), "max_retries": 0},
-                           "openrouter": {"base_url": refused_url(), "api_key": KEY},
-                           "anthropic": {"base_url": api2.url, "api_key": KEY}}}
-    out = run_cli(tmp_path, "-q", "-p", "ollama", "hi", config=config)
-    assert (out.returncode, out.stdout) == (7, "") and api2.requests == []
-    assert "connection refused" in out.stderr and out.stderr.count("\n") == 1
-    out = run_cli(tmp_path, "-p", "ollama", "--fallback", "openrouter,anthropic", "hi",
-                  config=config)
-    assert (out.returncode, out.stdout) == (0, "Hello from Claude\n"), out.stderr
-    assert out.stderr == ("omega: ollama unavailable (connection refused), trying openrouter\n"
-                          "omega: openrouter unavailable (connection refused), trying anthropic\n")
-    assert len(api2.requests) == 1
-
-
-@pytest.mark.parametrize("failure", ["refused", "unknown-host"])
-def test_refused_or_unknown_host_moves_to_the_next_provider_at_once(api2, monkeypatch, failure):
-    first = refused_url() if failure == "refused" else "http://no-such-host.invalid:11434"
-    host, port = first.split("//")[1].split(":")
-    real_getaddrinfo, attempts = socket.getaddrinfo, []
-
-    def getaddrinfo(name, service, *args, **kwargs):      # counts connection attempts
-        if (name, str(service)) == (host, port):
-            attempts.append(name)
-            if failure == "unknown-host":                   # no real resolver is asked
-                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return real_getaddrinfo(name, service, *args, **kwargs)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    api2.reply(anthropic_ok())
-    statuses = []
-    reply = omega.complete(omega.Context("hi"), config=chain(first, api2),
-                           on_status=statuses.append)
-    assert reply.metadata.provider_used == "anthropic" and len(attempts) == 1
-    assert not any("retrying" in s for s in statuses)
-    assert len(statuses) == 1 and statuses[0].startswith("openai unavailable (")
-    assert statuses[0].endswith(", trying anthropic")
-
-
-def test_one_deadline_for_the_whole_chain(api, tmp_path):
-    api.default = lambda request: {"action": "stall"}
-    names = ["openai", "anthropic", "openrouter", "gemini", "ollama"]
-    config = {"provider": {"default": names[0], "fallback": names[1:]}}
-    for name in names:
-        config["provider"][name] = cfg(name, api)["provider"][name]
-    started = time.monotonic()
-    out = run_cli(tmp_path, "--timeout", "1", "hi", config=config)
-    assert out.returncode == 5 and time.monotonic() - started < 3
-
-
-def test_the_final_error_names_every_provider_tried(api2, tmp_path):
-    api2.default = lambda request: {"status": 401, "body": {"type": "error", "error": {
-        "type": "authentication_error", "message": "invalid x-api-key"}}}
-    config = chain(refused_url(), api2, fallback=("anthropic", "gemini"))
-    config["provider"]["gemini"] = {}                        # no key: not set up
-    with pytest.raises(omega.ProviderUnavailable) as err:
-        omega.complete(omega.Context("hi"), config=config)
-    e = err.value
-    assert e.provider == "openai"
-    assert [f.split(":")[0] for f in e.fallbacks] == ["anthropic", "gemini"]
-    assert all(name in str(e) for name in ("openai", "anthropic", "gemini")), str(e)
-    out = run_cli(tmp_path, "-q", "hi", config=config)
-    last = out.stderr.splitlines()[-1]
-    assert out.returncode == 7 and all(n in last for n in ("openai", "anthropic", "gemini"))
-
-
-def cut_words(line, text):
-    """Words of line that are only a piece of a longer word of text (cut mid-word)."""
-    whole = set(re.findall(r"[\w$]+", text))
-    return [w for w in re.findall(r"[\w$]+", line) if w not in whole and w in text]
-
-
-def test_fallback_status_lines_are_never_cut_mid_word(api):
-    api.reply(openai_ok())
-    config = cfg("openai", api)
-    config["provider"].update(default="anthropic", fallback=["openai"], anthropic={})
-    statuses = []
-    reply = omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
-    assert reply.metadata.provider_used == "openai" and len(statuses) == 1
-    line, story = statuses[0], reply.metadata.fallbacks[0]     # "anthropic: no API key: ..."
-    assert line.startswith("anthropic ") and line.endswith(", trying openai")
-    reason = line[line.find("(") + 1:line.rfind(")")] if "(" in line else line
-    assert cut_words(reason, story) == [], line
-
-
-def test_a_fallback_with_a_config_error_is_reported_not_skipped(api2, claude, tmp_path):
-    api2.reply(anthropic_ok())
-    config = chain(refused_url(), api2, fallback=("claude-code", "anthropic"))
-    config["provider"]["claude-code"] = {"command": claude.command,
-                                         "working_dir": str(tmp_path / "missing")}
-    reply = omega.complete(omega.Context("hi"), config=config)
-    assert reply.metadata.provider_used == "anthropic"
-    fallbacks = reply.metadata.fallbacks
-    assert [f.split(":")[0] for f in fallbacks] == ["openai", "claude-code"]
-    assert "working_dir" in fallbacks[1] and claude.calls() == []
-
-
-# --- repository -----------------------------------------------------------------
-
-def test_readme_states_the_timings_the_code_uses():
-    """The defaults the suite replaces (clean_env) are the ones the README promises."""
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        text = " ".join(f.read().split())
-    assert f"The wait is {REAL['RETRY_BASE_SECS']:g} s × 2ⁿ, capped at " \
-           f"{REAL['RETRY_CAP_SECS']:g} s, times a random factor 0.75–1" in text
-    assert f"when they ask for {REAL['RETRY_AFTER_MAX_SECS']:g} s or less" in text
-    assert f"then SIGKILL after {REAL['KILL_GRACE_SECS']:g} s" in text
-
-
-def test_readme_stands_alone_and_names_the_limits():
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        text = f.read()
-    assert "../shared" not in text and "SPEC" not in text
-    assert "max_response_bytes" in text
-
-
-def test_omega_py_is_executable():
-    assert os.access(OMEGA_PY, os.X_OK)
-    with open(OMEGA_PY) as f:
-        assert f.readline().startswith("#!")
-
-
-# =============================================================================
-# 15. Streaming
-# =============================================================================
+# --- stream bodies and captures ----------------------------------------------
 
 # Real-shaped stream bodies, byte for byte (Gemini's keep their CRLF line ends):
 # OpenAI, OpenRouter and Ollama built from the documented shapes, Anthropic from the
@@ -3785,434 +5535,6 @@ STREAM_BODIES = {
     ),
 }
 
-# What each body must give: (pieces, text or None, (input, output, stop, cost) or the
-# error class, its status and whether it may be retried).
-STREAM_EXPECTED = {
-    "openai/normal.sse": (["Hello", "!", " How can I help?"], "Hello! How can I help?",
-                          (None, None, "stop", None)),
-    "openai/usage.sse": (["Hello", "!", " How can I help?"], "Hello! How can I help?",
-                         (19, 9, "stop", None)),
-    "openai/refusal.sse": (["I'm sorry, I can't help with that."],
-                           "I'm sorry, I can't help with that.", (None, None, "refusal", None)),
-    "openai/error_midstream.sse": (["The answer", " is"], None, (omega.ProviderError, 500, True)),
-    "openrouter/normal_usage_cost.sse": (["Hello", "!", " How can I help?"],
-                                         "Hello! How can I help?", (13, 9, "stop", 7.35e-06)),
-    "openrouter/error_midstream.sse": (["The answer", " is"], None,
-                                       (omega.ProviderError, 502, True)),
-    "anthropic/normal_docs_example.sse": (["Hello", "!"], "Hello!", (25, 15, "end_turn", None)),
-    "anthropic/thinking_docs_example.sse": (
-        ["The greatest common divisor of 1071 and 462 is **21**."],
-        "The greatest common divisor of 1071 and 462 is **21**.", (None, None, "end_turn", None)),
-    "anthropic/refusal.sse": (["Hello.."], "Hello..", (472, 4, "refusal", None)),
-    "anthropic/error_midstream_overloaded.sse": (["The answer"], None,
-                                                 (omega.ProviderError, 529, True)),
-    "gemini/normal_with_usage.GE-FIX.sse": (
-        ["The", " capital of Wyoming", " is **Cheyenne**.\n"],
-        "The capital of Wyoming is **Cheyenne**.\n", (7, 10, "STOP", None)),
-    "gemini/thinking_thought_parts.GE-FIX.sse": (
-        ["The sky is blue because tiny gas molecules in Earth's atmosphere scatter blue light "
-         "from the sun more efficiently than other colors.",
-         " Blue light has shorter, smaller wavelengths, causing it to be scattered in all "
-         "directions, making the sky appear blue to our eyes."], None, (10, 588, "STOP", None)),
-    "gemini/blocked_prompt.GE-FIX.sse": ([], None, (omega.EmptyResponse, None, False)),
-    "gemini/error_midstream.GE-FIX.sse": (["First ", "Second "], None,
-                                          (omega.ProviderError, 499, False)),
-    "ollama/normal_with_usage.ndjson": (["The", " sky", " is blue."], "The sky is blue.",
-                                        (26, 282, "stop", None)),
-    "ollama/error_midstream.ndjson": ([" Yes", "."], None, (omega.ProviderError, 500, True)),
-}
-STREAM_TYPES = {"sse": "text/event-stream", "ndjson": "application/x-ndjson"}
-
-
-def serve_stream(api, body, framing="chunked", seed=0, most=4096, status=200, headers=None,
-                 **extra):
-    kind = "ndjson" if body.startswith(b"{") and b"\ndata:" not in body else "sse"
-    return api.reply(raw=body, status=status, action="stream", framing=framing, seed=seed,
-                     most=most, headers={"Content-Type": STREAM_TYPES[kind], **(headers or {})},
-                     **extra)
-
-
-def sse(*events, done=True):
-    """An OpenAI-style SSE body from chunk dicts (and the [DONE] line)."""
-    lines = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
-    return b"".join(lines) + (b"data: [DONE]\n\n" if done else b"")
-
-
-def oa_chunk(content=None, finish=None, **extra):
-    delta = {} if content is None else {"content": content}
-    return {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-
-
-def stream_via(name, api, ctx=None, **section):
-    s = omega.stream(ctx or omega.Context("hi"), name, cfg(name, api, **section))
-    pieces = []
-    with s:
-        for piece in s:
-            pieces.append(piece)
-    return pieces, s
-
-
-@pytest.mark.parametrize("framing", ["chunked", "close"])
-@pytest.mark.parametrize("fixture", sorted(STREAM_EXPECTED))
-def test_stream_bodies_in_random_slices(api, fixture, framing):
-    name = fixture.split("/")[0]
-    pieces, text, outcome = STREAM_EXPECTED[fixture]
-    text = text or "".join(pieces)
-    body = STREAM_BODIES[fixture]
-    for seed, most in ((1, 1), (2, 7), (3, 4096)):          # byte by byte, small, whole
-        serve_stream(api, body, framing, seed, most)
-        got = []
-        s = omega.stream("hi", name, cfg(name, api, max_retries=0))
-        if isinstance(outcome[0], type):
-            with pytest.raises(outcome[0]) as err:
-                for piece in s:
-                    got.append(piece)
-            assert type(err.value) is outcome[0]
-            assert (err.value.status, err.value.retryable) == outcome[1:]
-            assert err.value.partial_text == ("".join(pieces) or None)
-            assert s.reply is None
-        else:
-            got = list(s)
-            m = s.reply.metadata
-            assert s.reply.text == text == s.text
-            assert (m.input_tokens, m.output_tokens, m.stop_reason, m.cost_usd) == outcome
-            assert (m.provider_used, m.attempts) == (name, 1)
-        assert got == pieces
-
-
-@pytest.mark.parametrize("name, status, body, error", [
-    ("openai", 429, {"error": {"message": "Rate limit reached for gpt-4o in organization "
-                               "org-xxxx on tokens per min (TPM): Limit 30000, Used 29123, "
-                               "Requested 1243. Please try again in 2.502s.", "type": "tokens",
-                               "param": None, "code": "rate_limit_exceeded"}},
-     omega.RateLimitError),
-    ("ollama", 404, {"error": "model 'llama9' not found"}, omega.ProviderError),
-], ids=["openai-429", "ollama-404"])
-def test_errors_before_the_stream_are_http_errors(api, name, status, body, error):
-    api.reply(body, status=status)
-    with pytest.raises(error) as err:
-        stream_via(name, api, max_retries=0)
-    assert err.value.status == status and err.value.partial_text is None
-    assert (body["error"] if name == "ollama" else "Rate limit reached") in str(err.value)
-
-
-def test_stream_requests_say_stream_in_each_apis_way(api):
-    bodies = {"openai": sse(oa_chunk("a"), oa_chunk(finish="stop")),
-              "openrouter": sse(oa_chunk("a"), oa_chunk(finish="stop")),
-              "anthropic": STREAM_BODIES["anthropic/normal_docs_example.sse"],
-              "gemini": STREAM_BODIES["gemini/normal_with_usage.GE-FIX.sse"],
-              "ollama": STREAM_BODIES["ollama/normal_with_usage.ndjson"]}
-    for name, body in bodies.items():
-        serve_stream(api, body)
-        stream_via(name, api)
-        sent = api.last()
-        assert sent.headers["accept-encoding"] == "identity"
-        if name == "gemini":
-            assert sent.path == "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
-            assert "stream" not in sent.body
-        else:
-            assert sent.body["stream"] is True
-        if name in ("openai", "openrouter"):
-            assert sent.body["stream_options"] == {"include_usage": True}
-    serve_stream(api, bodies["openai"])
-    stream_via("openai", api, stream_usage=False)             # a server that rejects it
-    assert "stream_options" not in api.last().body and api.last().body["stream"] is True
-
-
-def test_stream_reply_equals_what_complete_returns(api):
-    serve_stream(api, STREAM_BODIES["anthropic/normal_docs_example.sse"],
-                 headers={"Content-Type": "text/event-stream", "request-id": "req_9"})
-    _, s = stream_via("anthropic", api)
-    api.reply(anthropic_ok({"type": "text", "text": "Hello!"}, stop="end_turn",
-                           usage={"input_tokens": 25, "output_tokens": 15}),
-              headers={"request-id": "req_9"})
-    whole = omega.complete("hi", "anthropic", cfg("anthropic", api))
-    same = ("text", "provider_used", "input_tokens", "output_tokens", "tokens_used",
-            "stop_reason", "request_id", "attempts", "fallbacks")
-    streamed = {**s.reply.to_dict()["metadata"], "text": s.reply.text}
-    complete = {**whole.to_dict()["metadata"], "text": whole.text}
-    assert {k: streamed[k] for k in same} == {k: complete[k] for k in same}
-    assert s.reply.metadata.model == "claude-opus-5"           # from message_start
-    assert s.reply.metadata.processing_time_ms is not None
-
-
-def test_stream_of_a_plain_json_answer_is_one_piece(api):
-    api.reply(openai_ok("all at once"))                         # a gateway that does not stream
-    pieces, s = stream_via("openai", api)
-    assert pieces == ["all at once"] and s.reply.metadata.output_tokens == 5
-
-
-def test_nothing_is_sent_before_the_first_piece_is_asked_for(api):
-    serve_stream(api, sse(oa_chunk("a"), oa_chunk(finish="stop")))
-    s = omega.stream("hi", "openai", cfg("openai", api))
-    time.sleep(0.05)
-    assert api.requests == [] and s.reply is None and s.text == ""
-    assert next(s) == "a" and len(api.requests) == 1
-    with pytest.raises(omega.ConfigError):                       # checked when called
-        omega.stream("hi", "nope")
-
-
-# The framing traps: each body, cut at every possible place into two reads.
-SSE_CASES = {
-    "crlf": (b"data: a\r\n\r\ndata: b\r\n\r\n", [b"a", b"b"]),
-    "cr-only": (b"data: a\r\rdata: b\r\r", [b"a", b"b"]),
-    "comments-and-unknown-fields": (b": keep-alive\n\nid: 7\nretry: 5\ndata: a\n\nid: 8\n\n",
-                                    [b"a"]),
-    "multi-line-data": (b"data: {\"a\":\ndata: 1}\n\n", [b"{\"a\":\n1}"]),
-    "no-space-after-colon": (b"data:a\n\n", [b"a"]),
-    "no-final-blank-line": (b"data: a\n\ndata: [DONE]", [b"a", b"[DONE]"]),
-    "utf8-and-u2028": ("data: \"é – \u2028 ✓\"\n\n".encode(), ["\"é – \u2028 ✓\"".encode()]),
-    "bom": (b"\xef\xbb\xbfdata: a\n\n", [b"a"]),
-    "event-names": (b"event: ping\ndata: {}\n\nevent: message_stop\ndata: x\n\n",
-                    [b"{}", b"x"]),
-}
-
-
-@pytest.mark.parametrize("case", sorted(SSE_CASES))
-def test_sse_framing_survives_every_split(case):
-    body, expected = SSE_CASES[case]
-    for cut in range(len(body) + 1):
-        events = list(omega.sse_events(iter([body[:cut], body[cut:]])))
-        assert [data for _, data in events] == expected, cut
-    singles = list(omega.sse_events(iter([body[i:i + 1] for i in range(len(body))])))
-    assert [data for _, data in singles] == expected
-
-
-def test_ndjson_lines_survive_every_split():
-    body = b'{"a": 1}\r\n\n{"b": "\xc3\xa9"}\n{"c": 3}'
-    for cut in range(len(body) + 1):
-        lines = [json.loads(x) for x in omega.ndjson_lines(iter([body[:cut], body[cut:]]))]
-        assert lines == [{"a": 1}, {"b": "é"}, {"c": 3}]
-
-
-@pytest.mark.parametrize("body, status, retryable", [
-    # vLLM: the error, then [DONE] anyway; its code is the HTTP status
-    (sse(oa_chunk("x"), {"error": {"message": "bad", "type": "BadRequestError", "code": 400}}),
-     400, False),
-    # old llama.cpp: an `error:` field that a standard parser would drop
-    (sse(oa_chunk("x"), done=False) + b'error: {"code":400,"message":"the request exceeds the '
-     b'available context size","type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n', 400, False),
-    # current llama.cpp: data with an error, then the end
-    (sse(oa_chunk("x"), {"error": {"code": 500, "message": "oops", "type": "server_error"}},
-         done=False), 500, True),
-    # old vLLM: the error object unwrapped
-    (sse(oa_chunk("x"), {"object": "error", "message": "engine dead", "code": 503}, done=False),
-     500, True),
-    # [DONE] without a finish reason, or no end at all: ended early
-    (sse(oa_chunk("x")), None, True),
-    (sse(oa_chunk("x"), done=False), None, True),
-], ids=["vllm", "llamacpp-legacy", "llamacpp-current", "vllm-old", "done-unfinished", "eof"])
-def test_in_stream_errors_of_compatible_servers(api, body, status, retryable):
-    serve_stream(api, body)
-    with pytest.raises(omega.ProviderError) as err:
-        stream_via("openai", api, max_retries=0)
-    assert (err.value.status, err.value.retryable, err.value.partial_text) == \
-        (status, retryable, "x")
-    if status is None:
-        assert isinstance(err.value, omega.ProviderUnavailable)
-        assert "ended early" in str(err.value)
-
-
-@pytest.mark.parametrize("first", [
-    b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\","
-    b"\"message\":\"Overloaded\"}}\n\n",
-    b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\"}}\n\n",
-], ids=["overloaded-first-event", "ended-before-text"])
-def test_failures_before_the_first_piece_are_retried(api, first):
-    serve_stream(api, first)
-    serve_stream(api, STREAM_BODIES["anthropic/normal_docs_example.sse"])
-    statuses = []
-    s = omega.stream("hi", "anthropic", cfg("anthropic", api), on_status=statuses.append)
-    assert list(s) == ["Hello", "!"] and s.reply.metadata.attempts == 2
-    assert len(api.requests) == 2 and "retrying" in statuses[0]
-
-
-def test_failures_after_the_first_piece_are_not_retried_nor_sent_elsewhere(api):
-    other = FakeAPI()
-    threading.Thread(target=other.serve_forever, args=(0.005,), daemon=True).start()
-    try:
-        serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"])
-        config = cfg("anthropic", api)
-        config["provider"]["openai"] = {"base_url": other.url + "/v1", "api_key": KEY}
-        s = omega.stream("hi", "anthropic", config, fallback=["openai"])
-        with pytest.raises(omega.ProviderError) as err:
-            list(s)
-        assert err.value.partial_text == "The answer" and err.value.status == 529
-        assert len(api.requests) == 1 and other.requests == []
-        # Before any piece, the same failure goes on to the fallback.
-        serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"]
-                     .split(b"event: content_block_delta")[0] + b"event: error\ndata: "
-                     b"{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n")
-        serve_stream(other, sse(oa_chunk("from the fallback"), oa_chunk(finish="stop")))
-        config["provider"]["anthropic"]["max_retries"] = 0
-        s = omega.stream("hi", "anthropic", config, fallback=["openai"])
-        assert list(s) == ["from the fallback"]
-        assert s.reply.metadata.provider_used == "openai"
-        assert "overloaded" in s.reply.metadata.fallbacks[0]
-    finally:
-        other.release.set()
-        other.shutdown()
-        other.server_close()
-
-
-def test_a_chunked_stream_cut_short_is_retried_before_the_first_piece_only(api):
-    def cut(body):                       # chunks sent, then the connection closed, no last chunk
-        serve_stream(api, body, hold_at=len(body), then="cut")
-    cut(b": nothing yet\n\n")
-    serve_stream(api, sse(oa_chunk("whole"), oa_chunk(finish="stop")))
-    pieces, s = stream_via("openai", api)
-    assert pieces == ["whole"] and s.reply.metadata.attempts == 2
-    cut(sse(oa_chunk("half"), done=False))
-    with pytest.raises(omega.ProviderUnavailable) as err:
-        stream_via("openai", api)
-    assert err.value.partial_text == "half" and len(api.requests) == 3
-
-
-@pytest.mark.parametrize("raw", [b"zz\r\ndata: x\r\n", b"-5\r\nhello\r\n"],
-                         ids=["not-hex", "negative"])
-def test_a_malformed_chunk_size_is_a_broken_connection(api, raw):
-    serve_stream(api, raw, framing="raw", hold_at=len(raw), then="cut",
-                 headers={"Transfer-Encoding": "chunked"})
-    with pytest.raises(omega.ProviderUnavailable, match="connection closed"):
-        stream_via("openai", api, max_retries=0)
-
-
-@pytest.mark.parametrize("framing", ["chunked", "close"])
-def test_the_deadline_holds_mid_stream(api, framing):
-    first = sse(oa_chunk("early"), done=False)
-    api.reply(action="pieces", framing=framing, pieces=[(0, first)],
-              headers={"Content-Type": "text/event-stream"})
-    started = time.monotonic()
-    with pytest.raises(omega.ProviderTimeout) as err:
-        stream_via("openai", api, timeout_secs=0.5)
-    assert time.monotonic() - started < 1.5
-    assert err.value.partial_text == "early"
-
-
-def test_close_hangs_up_at_once_and_leaves_nothing_behind(api):
-    api.reply(action="endless", framing="chunked", every=0.01,
-              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
-              headers={"Content-Type": "text/event-stream"})
-    threads = threading.active_count()
-    s = omega.stream("hi", "openai", cfg("openai", api))
-    assert next(s) == "first"
-    s.close()
-    s.close()                                                     # twice is harmless
-    deadline = time.monotonic() + 3
-    while api.hangups == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert api.hangups == 1 and s.reply is None
-    assert threading.active_count() <= threads + 1               # at most the watchdog
-    with pytest.raises(StopIteration):
-        next(s)
-
-
-def test_break_then_garbage_collection_closes_the_stream(api):
-    import gc
-    api.reply(action="endless", framing="chunked", every=0.01,
-              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
-              headers={"Content-Type": "text/event-stream"})
-    s = omega.stream("hi", "openai", cfg("openai", api))
-    for piece in s:
-        break
-    del s, piece
-    gc.collect()
-    deadline = time.monotonic() + 3
-    while api.hangups == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert api.hangups == 1
-
-
-def test_leaving_a_with_block_closes_the_stream(api):
-    api.reply(action="endless", framing="close", every=0.01,
-              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
-              headers={"Content-Type": "text/event-stream"})
-    with omega.stream("hi", "openai", cfg("openai", api)) as s:
-        for piece in s:
-            break
-    deadline = time.monotonic() + 3
-    while api.hangups == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert api.hangups == 1
-
-
-def test_the_status_timer_stops_at_the_first_piece(api):
-    body = sse(oa_chunk("a"), done=False)
-    rest = sse(oa_chunk("b"), oa_chunk(finish="stop"))
-    config = {**cfg("openai", api), "status": {"delay_secs": 0.2, "repeat_secs": 5}}
-    api.reply(action="pieces", pieces=[(0, body), (0.5, rest)], release_after=True,
-              headers={"Content-Type": "text/event-stream"})
-    said = []
-    s = omega.stream("hi", "openai", config, on_status=said.append)
-    assert next(s) == "a"
-    time.sleep(0.3)                       # past delay_secs after the first piece: no message
-    assert said == []
-    s.close()
-    api.reply(action="pieces", pieces=[(0.5, body + rest)],
-              headers={"Content-Type": "text/event-stream"})
-    s = omega.stream("hi", "openai", config, on_status=said.append)
-    assert next(s) == "a" and said == ["This is taking a moment..."]
-    s.close()
-
-
-def test_stream_is_public_and_documented():
-    assert "stream" in omega.__all__ and "Stream" in omega.__all__
-    assert omega.stream.__doc__ and omega.Stream.__doc__
-
-
-def cc_stream(claude, ctx=None, **section):
-    s = omega.stream(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section))
-    with s:
-        pieces = list(s)
-    return pieces, s
-
-
-def test_claude_code_streams_with_stream_json_and_replies_as_complete(claude):
-    claude.plan({"result": "Hello from the fake."}, {"result": "Hello from the fake."})
-    pieces, s = cc_stream(claude)
-    assert pieces == ["Hello from", " the fake."] and s.reply.text == "Hello from the fake."
-    assert claude.calls()[0]["argv"][:6] == ["-p", "--output-format", "stream-json", "--verbose",
-                                            "--include-partial-messages", "--max-turns"]
-    whole = cc(claude)
-    streamed, complete = s.reply.to_dict()["metadata"], whole.to_dict()["metadata"]
-    for key in ("model", "input_tokens", "output_tokens", "cost_usd", "num_turns", "stop_reason"):
-        assert streamed[key] == complete[key], key
-
-
-def assistant(mid, text, model="claude-opus-4-8", **extra):
-    return {"type": "assistant", "parent_tool_use_id": None, **extra,
-            "message": {"id": mid, "model": model, "content": [{"type": "text", "text": text}]}}
-
-
-@pytest.mark.parametrize("lines, result, pieces", [
-    # The CLI abandons a streamed message after an overload and sends it again whole.
-    ([{"start": "A"}, {"delta": "Hello from"},
-      {"type": "system", "subtype": "api_retry", "attempt": 1, "error": "overloaded"},
-      assistant("B", "Hello from the fake.")],
-     "Hello from the fake.", ["Hello from", " the fake."]),
-    # ... and when the new text does not extend what was shown: a blank line, then all of it.
-    ([{"start": "A"}, {"delta": "Hi th"}, assistant("B", "Hello there.")],
-     "Hello there.", ["Hi th", "\n\nHello there."]),
-    # An earlier turn's text (before a tool call), then the next turn's, after a blank line.
-    ([{"start": "A"}, {"delta": "Let me run a tool."}, assistant("A", "Let me run a tool."),
-      {"type": "user", "message": {"content": [{"type": "tool_result"}]}},
-      {"start": "B"}, {"delta": "Done."}, assistant("B", "Done.")],
-     "Done.", ["Let me run a tool.", "\n\nDone."]),
-    # A subagent's text, debug lines and tool input are not the answer.
-    ([{"start": "A"}, {"delta": "sub", "parent": "toolu_1"}, "[SandboxDebug] hello",
-      {"type": "stream_event", "parent_tool_use_id": None, "event": {
-          "type": "content_block_delta", "delta": {"type": "input_json_delta",
-                                                   "partial_json": "{}"}}},
-      {"delta": "main"}],
-     "main", ["main"]),
-], ids=["resent-whole", "resent-different", "tool-turns", "only-main-text"])
-def test_claude_code_stream_shows_each_text_once(claude, lines, result, pieces):
-    claude.plan({"lines": lines, "result": result})
-    got, s = cc_stream(claude)
-    assert got == pieces and s.reply.text == result
-
-
 # What the real claude 2.1.197 printed with --output-format stream-json --verbose (the
 # _partial ones with --include-partial-messages too), line for line, and its exit code.
 CLAUDE_STREAM_CAPTURES = {
@@ -4262,648 +5584,41 @@ CLAUDE_STREAM_CAPTURES = {
 }
 
 
-@pytest.mark.parametrize("capture, pieces, outcome", [
-    ("stream_json_basic", ["Hello from the fake."], "Hello from the fake."),
-    ("stream_json_partial", ["Hello from", " the fake."], "Hello from the fake."),
-    ("max_turns_1_tool_use_partial", ["Let me ru", "n a tool."], omega.ProviderError),
-    ("api_error_401", [], omega.AuthError),
-])
-def test_claude_code_stream_reads_what_the_real_cli_printed(claude, capture, pieces, outcome):
-    code, lines = CLAUDE_STREAM_CAPTURES[capture]
-    claude.plan({"raw": "\n".join(lines) + "\n", "exit": code})
-    s = omega.stream(omega.Context("hi", max_turns=1), "claude-code", claude.config())
-    got = []
-    if isinstance(outcome, str):
-        got = list(s)
-        assert s.reply.text == outcome and s.reply.metadata.session_id
-    else:
-        with pytest.raises(outcome) as err:
-            for piece in s:
-                got.append(piece)
-        assert err.value.partial_text == ("".join(pieces) or None)
-    assert got == pieces
+# --- answer bodies -----------------------------------------------------------
 
+NAN, INF = float("nan"), float("inf")
+JUNK_USAGE = {   # the server sends NaN / Infinity / strings where counts belong
+    "openai": openai_ok(usage={"prompt_tokens": NAN, "completion_tokens": INF,
+                               "total_tokens": "53"}),
+    "openrouter": openai_ok(usage={"prompt_tokens": "12", "completion_tokens": -INF,
+                                   "cost": NAN}),
+    "anthropic": anthropic_ok(usage={"input_tokens": "10", "cache_read_input_tokens": NAN,
+                                     "output_tokens": INF}),
+    "gemini": gemini_ok(usage={"promptTokenCount": INF, "candidatesTokenCount": "3",
+                               "thoughtsTokenCount": NAN}),
+    "ollama": ollama_ok(prompt_eval_count=NAN, eval_count="3"),
+}
 
-def test_claude_code_stream_errors_are_typed_and_synthetic_text_is_not_shown(claude):
-    claude.plan({"lines": [assistant("x", "Failed to authenticate. API Error: 401", "<synthetic>",
-                                     error="authentication_failed")],
-                 "set": {"is_error": True, "api_error_status": 401,
-                         "result": "Failed to authenticate. API Error: 401"}})
-    s = omega.stream("hi", "claude-code", claude.config())
-    with pytest.raises(omega.AuthError):
-        list(s)
-    assert s.text == ""
 
+# --- a host application's config file ----------------------------------------
 
-def test_claude_code_stream_auto_resumes_after_a_separator(claude):
-    claude.plan({"lines": [{"start": "A"}, {"delta": "Let me run a tool."}],
-                 "set": {"subtype": "error_max_turns", "is_error": True, "result": None}},
-                {"result": "All done."})
-    pieces, s = cc_stream(claude)
-    assert pieces == ["Let me run a tool.", "\n\n---\n\n", "All ", "done."]
-    assert s.reply.text == "All done." and s.reply.metadata.attempts == 2
-    assert "--resume" in claude.calls()[1]["argv"]
+HOST_TABLES = """baseURL = "https://host.example/api"
+name = "the host app"
 
+[omega]
+enabled = true
 
-@pytest.mark.parametrize("step, error, message", [
-    ({"lines": [{"start": "A"}], "no_result": True, "exit": 1, "stderr": "Error: not logged in"},
-     omega.AuthError, "not logged in"),
-    ({"lines": [{"start": "A"}], "no_result": True, "exit": 0}, omega.ProviderUnavailable,
-     "ended early"),
-], ids=["stderr", "nothing"])
-def test_claude_code_stream_without_a_result_line(claude, step, error, message):
-    claude.plan(step)
-    with pytest.raises(error, match=message):
-        cc_stream(claude)
+[channel.telegram]
+token = "123:abc"
+"""
 
 
-def test_claude_code_stream_error_after_text_keeps_the_partial_text(claude):
-    claude.plan({"lines": [{"start": "A"}, {"delta": "Hello from"}],
-                 "set": {"is_error": True, "api_error_status": 529, "result": "API Error: 529"}})
-    with pytest.raises(omega.ProviderError) as err:
-        cc_stream(claude)
-    assert err.value.partial_text == "Hello from" and err.value.status == 529
+# --- test files and the request shapes that carry them -----------------------
 
-
-def test_closing_a_claude_stream_stops_the_process_group(claude):
-    claude.plan({"lines": [{"start": "A"}, {"delta": "first"}, "HANG"]})
-    s = omega.stream("hi", "claude-code", claude.config())
-    assert next(s) == "first"
-    deadline = time.monotonic() + 5
-    while not (claude.dir / "pids").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    pids = [int(p) for p in (claude.dir / "pids").read_text().split()]
-    s.close()
-    for pid in pids:
-        assert not alive(pid)
-
-
-def start_cli(tmp_path, *args, config=None):
-    if config is not None:
-        (tmp_path / "cli.toml").write_text(toml_for(config))
-    return subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=cli_env(tmp_path))
-
-
-def read_until(pipe, wanted: bytes, seconds=10) -> bytes:
-    """What a child wrote on pipe, read as it comes, up to and including wanted."""
-    import select
-    got, deadline = b"", time.monotonic() + seconds
-    while wanted not in got and time.monotonic() < deadline:
-        if select.select([pipe], [], [], 0.05)[0]:
-            data = os.read(pipe.fileno(), 65536)
-            if not data:
-                break
-            got += data
-    return got
-
-
-def test_cli_streams_the_first_piece_before_the_server_is_done(api, tmp_path):
-    body = sse(oa_chunk("first piece"), oa_chunk(" and the rest"), oa_chunk(finish="stop"))
-    serve_stream(api, body, hold_at=body.index(b"\n\n") + 2, most=1 << 20)
-    child = start_cli(tmp_path, "hi", config=cfg("openai", api))
-    try:
-        assert read_until(child.stdout, b"first piece") == b"first piece"   # server still held
-        api.release.set()
-        out, err = child.communicate(timeout=10)
-    finally:
-        child.kill()
-    assert (child.returncode, out, err) == (0, b" and the rest\n", b"")
-
-
-def test_cli_no_stream_and_json_ask_for_one_answer(api, cli_main, capsys):
-    for flag in ("--no-stream", "--json"):
-        api.reply(openai_ok("whole"))
-        assert cli_main(cfg("openai", api), flag, "hi") == 0
-        assert "stream" not in api.last().body
-        out = capsys.readouterr().out
-        assert out == "whole\n" if flag == "--no-stream" else json.loads(out)["text"] == "whole"
-
-
-def test_cli_error_after_some_text_ends_the_line_and_says_how_much_came(api, tmp_path):
-    serve_stream(api, STREAM_BODIES["anthropic/error_midstream_overloaded.sse"])
-    out = run_cli(tmp_path, "hi", config=cfg("anthropic", api))
-    assert out.returncode == 1 and out.stdout == "The answer\n"
-    assert out.stderr.count("\n") == 1 and "Overloaded" in out.stderr
-    assert "broke off after 10 characters" in out.stderr
-
-
-def test_cli_ctrl_c_mid_stream_exits_130_and_hangs_up(api, tmp_path):
-    api.reply(action="endless", framing="chunked", every=0.02,
-              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("."), done=False),
-              headers={"Content-Type": "text/event-stream"})
-    child = start_cli(tmp_path, "hi", config=cfg("openai", api))
-    try:
-        assert read_until(child.stdout, b"first").startswith(b"first")
-        child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=10)
-    finally:
-        child.kill()
-    assert child.returncode == 130 and out.endswith(b"\n") and err == b"omega: interrupted\n"
-    deadline = time.monotonic() + 3
-    while api.hangups == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert api.hangups == 1
-
-
-def test_cli_streams_claude_code_as_the_cli_writes(claude, tmp_path):
-    claude.plan({"result": "Hello from the fake.", "wait": True})
-    child = start_cli(tmp_path, "hi", config=claude.config())
-    try:
-        assert read_until(child.stdout, b"Hello from") == b"Hello from"   # the CLI still runs
-        (claude.dir / "go").write_text("")
-        out, err = child.communicate(timeout=10)
-    finally:
-        child.kill()
-    assert (child.returncode, out) == (0, b" the fake.\n")
-
-
-# =============================================================================
-# 16. The conversation log: SQLite storage
-# =============================================================================
-# Real files under tmp_path, real SQLite, real processes racing; HOME is tmp_path/home
-# (clean_env), so the default ~/.omega/log.db lands there too.
-
-LOG_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-def exchange(**fields):
-    return {"conversation": None, "provider": "openai", "model": "gpt-x", "system_prompt": "",
-            "prompt": "hi", "answer": "hello", "input_tokens": 3, "output_tokens": 5,
-            "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop", "session_id": None,
-            "error": None, **fields}
-
-
-def sql(path, query):
-    import sqlite3
-    db = sqlite3.connect(path)
-    try:
-        return db.execute(query).fetchall()
-    finally:
-        db.close()
-
-
-def one_line_log_error(call, path):
-    with pytest.raises(omega.LogError) as caught:
-        call()
-    text = str(caught.value)
-    assert "\n" not in text and str(path) in text, text
-    error = caught.value                                   # nothing chained to print with it
-    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
-    return text
-
-
-def test_import_omega_does_not_import_sqlite3():
-    code = "import sys, omega; print('sqlite3' in sys.modules, '_sqlite3' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
-    assert out.stdout.split() == ["False", "False"], out.stderr
-
-
-def test_log_round_trip(tmp_path):
-    path = str(tmp_path / "logs" / "log.db")
-    first = omega.log_exchange(path, exchange(system_prompt="Be brief", duration_ms=812.4))
-    same = omega.log_exchange(path, exchange(conversation=first.upper(), prompt="and?",
-                                             answer="partial", error="openai: 500\nboom"))
-    other = omega.log_exchange(path, exchange(prompt="new topic", time=0))
-    assert same == first != other
-
-    conversation, rows = omega.logged_conversation(path, first)
-    assert conversation == first and [r["prompt"] for r in rows] == ["hi", "and?"]
-    assert set(rows[0]) == set(omega.LOG_COLUMNS)
-    assert rows[0] == {"conversation": first, "time": rows[0]["time"], "provider": "openai",
-                       "model": "gpt-x", "system_prompt": "Be brief", "prompt": "hi",
-                       "answer": "hello", "input_tokens": 3, "output_tokens": 5,
-                       "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
-                       "session_id": None, "error": None}
-    assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
-    assert rows[1]["answer"] is None and rows[1]["error"] == "openai: 500 boom"   # failed
-
-    assert omega.logged_conversation(path, None)[0] == other          # the most recent
-    assert omega.logged_conversation(path, None)[1][0]["time"] == "1970-01-01T00:00:00.000Z"
-    recent = omega.recent_exchanges(path, 2)
-    assert [(r["conversation"], r["prompt"]) for r in recent] == [(first, "and?"),
-                                                                  (other, "new topic")]
-    assert len(omega.recent_exchanges(path, 100)) == 3 and omega.recent_exchanges(path, 0) == []
-
-
-def test_log_is_wal_versioned_and_private(tmp_path):
-    path = tmp_path / "new" / "log.db"
-    omega.log_exchange(str(path), exchange())
-    assert sql(path, "PRAGMA journal_mode") == [("wal",)]
-    assert sql(path, "PRAGMA user_version") == [(omega.LOG_SCHEMA_VERSION,)] == [(1,)]
-    assert os.stat(path.parent).st_mode & 0o777 == 0o700
-    assert os.stat(path).st_mode & 0o777 == 0o600
-
-
-@pytest.mark.parametrize("setup, says", [
-    ("PRAGMA user_version = 2; CREATE TABLE exchanges (future)", "newer omega (log schema 2"),
-    ("CREATE TABLE notes (text)", "another program's database"),
-])
-def test_a_log_that_is_not_ours_to_change_is_refused_untouched(tmp_path, setup, says):
-    import sqlite3
-    path = tmp_path / "log.db"
-    db = sqlite3.connect(path)
-    db.executescript(setup)
-    db.close()
-    before = path.read_bytes()
-    for call in (lambda: omega.log_exchange(str(path), exchange()),
-                 lambda: omega.logged_conversation(str(path), None),
-                 lambda: omega.recent_exchanges(str(path), 5)):
-        assert says in one_line_log_error(call, path)
-    assert path.read_bytes() == before and sql(path, "PRAGMA journal_mode") == [("delete",)]
-
-
-def test_log_path_resolution(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    default = str(home / ".omega" / "log.db")
-    assert omega.log_path({}, for_cli=True) == default                 # on for the CLI
-    assert omega.log_path({}, for_cli=False) is None                   # off for the library
-    assert omega.log_path({"log": {"enabled": True}}, for_cli=False) == default
-    assert omega.log_path({"log": {"enabled": False}}, for_cli=True) is None
-    monkeypatch.setenv("OMEGA_LOG", "0")
-    assert omega.log_path({}, for_cli=True) is None
-    assert omega.log_path({"log": {"enabled": True}}, for_cli=True) == default   # file over env
-    monkeypatch.setenv("OMEGA_LOG", "1")               # the variable cannot turn the library on
-    assert omega.log_path({}, for_cli=False) is None
-    monkeypatch.setenv("OMEGA_LOG_PATH", "~/from-env.db")
-    assert omega.log_path({}, for_cli=True) == str(home / "from-env.db")
-    config = {"log": {"path": "~/from-file.db"}}
-    assert omega.log_path(config, for_cli=True) == str(home / "from-file.db")   # file over env
-    assert omega.log_path({"log": {"path": ""}}, for_cli=True) == str(home / "from-env.db")
-    monkeypatch.chdir(tmp_path)
-    assert omega.log_path({"log": {"path": "rel.db"}}, True) == str(tmp_path / "rel.db")
-    loaded = omega.load_config({"log": {"enabled": True, "path": "~/x.db"}})
-    assert omega.log_path(loaded, for_cli=False) == str(home / "x.db")
-
-
-def test_conversation_ids_are_short_random_and_unique(tmp_path, monkeypatch):
-    path = str(tmp_path / "log.db")
-    ids = [omega.log_exchange(path, exchange()) for _ in range(20)]
-    assert all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids) and len(set(ids)) == 20
-    drawn = iter(["aaaaaaaa", "aaaaaaaa", "bbbbbbbb"])                 # a collision
-    monkeypatch.setattr(omega, "new_conversation_id", lambda: next(drawn))
-    assert omega.log_exchange(path, exchange()) == "aaaaaaaa"
-    assert omega.log_exchange(path, exchange()) == "bbbbbbbb"
-
-
-def test_continuing_an_unknown_or_empty_log_says_why(tmp_path):
-    missing, empty, path = tmp_path / "missing.db", tmp_path / "empty.db", tmp_path / "log.db"
-    empty.write_bytes(b"")
-    for log in (missing, empty):
-        for conversation in (None, "0123abcd"):
-            text = one_line_log_error(lambda: omega.logged_conversation(str(log), conversation),
-                                      log)
-            assert "nothing to continue" in text
-    omega.log_exchange(str(path), exchange())
-    text = one_line_log_error(lambda: omega.logged_conversation(str(path), "0123abcd"), path)
-    assert text == f"no conversation 0123abcd in {path}"
-    text = one_line_log_error(lambda: omega.logged_conversation(str(path), "hello"), path)
-    assert text.startswith(f"no conversation 'hello' in {path}")
-    one_line_log_error(lambda: omega.log_exchange(str(path), exchange(conversation="x; --")), path)
-    assert len(omega.recent_exchanges(str(path), 10)) == 1
-
-
-def test_the_log_holds_no_key(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
-    path = tmp_path / "log.db"
-    text = one_line_log_error(lambda: omega.log_exchange(str(path), exchange(api_key=KEY)), path)
-    assert "api_key" in text and KEY not in text and not path.exists()   # refused, not dropped
-    omega.log_exchange(str(path), exchange(prompt=f"is {ENV_KEY} mine?",
-                                           answer=f"yes, {ENV_KEY}"))
-    row = omega.recent_exchanges(str(path), 1)[0]
-    assert ENV_KEY not in row["prompt"] + row["answer"] and omega.mask(ENV_KEY) in row["answer"]
-    assert not any(ENV_KEY.encode() in f.read_bytes() for f in tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("kind", ["corrupt file", "directory"])
-def test_a_broken_log_is_one_line_log_error(tmp_path, kind):
-    path = tmp_path / "log.db"
-    garbage = b"not a database\x00" + bytes(range(256)) * 16
-    path.mkdir() if kind == "directory" else path.write_bytes(garbage)
-    texts = [one_line_log_error(call, path) for call in (
-        lambda: omega.log_exchange(str(path), exchange()),
-        lambda: omega.logged_conversation(str(path), None),
-        lambda: omega.recent_exchanges(str(path), 3))]
-    assert all(("not an SQLite database" if kind == "corrupt file" else "is a directory") in t
-               for t in texts), texts
-    assert path.is_dir() if kind == "directory" else path.read_bytes() == garbage
-
-
-def without_root_powers():
-    """preexec_fn for a child that must meet permission bits: root passes them all,
-    unless it drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set
-    first (then the program it runs does not have them)."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    return lambda: [libc.prctl(24, cap, 0, 0, 0) for cap in (1, 2)]    # PR_CAPBSET_DROP
-
-
-def test_a_read_only_folder_is_one_line_log_error(tmp_path):
-    folder = tmp_path / "ro"
-    omega.log_exchange(str(folder / "old.db"), exchange())
-    folder.chmod(0o555)
-    code = textwrap.dedent("""
-        import os, sys, omega
-        folder = sys.argv[1]
-        try:
-            open(os.path.join(folder, "probe"), "w")
-            sys.exit("writable")
-        except PermissionError:
-            pass
-        for name in ("log.db", "sub/log.db", "old.db"):
-            try:
-                omega.log_exchange(os.path.join(folder, name), {"prompt": "hi"})
-                print("written")
-            except omega.LogError as e:
-                print(e)
-        print(omega.recent_exchanges(os.path.join(folder, "log.db"), 5))
-        """)
-    try:
-        out = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=HERE, text=True,
-                             capture_output=True, timeout=30,
-                             preexec_fn=without_root_powers() if os.geteuid() == 0 else None)
-    finally:
-        folder.chmod(0o755)
-    if out.stderr.strip() == "writable":
-        pytest.skip("cannot make a folder read-only for this user")
-    lines = out.stdout.splitlines()
-    assert out.stderr == "" and len(lines) == 4, out
-    assert lines[0] == f"conversation log {folder}/log.db: cannot create it: Permission denied"
-    assert lines[1] == (f"conversation log {folder}/sub/log.db: cannot create its folder "
-                        f"{folder}/sub: Permission denied")
-    assert lines[2].startswith(f"conversation log {folder}/old.db: cannot write")
-    assert lines[3] == "[]" and sorted(os.listdir(folder)) == ["old.db"]
-
-
-def test_a_writer_waits_for_another_then_gives_up_in_one_line(tmp_path, monkeypatch):
-    import sqlite3
-    path = str(tmp_path / "log.db")
-    omega.log_exchange(path, exchange(prompt="before"))
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")
-    holder.execute("INSERT INTO exchanges (conversation, time) VALUES ('00000000', 'now')")
-    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 0.3)
-    started = time.monotonic()
-    text = one_line_log_error(lambda: omega.log_exchange(path, exchange()), path)
-    assert "locked by another process for more than 0.3 s" in text
-    assert time.monotonic() - started < 2
-    assert [r["prompt"] for r in omega.recent_exchanges(path, 5)] == ["before"]  # WAL: reads go on
-    threading.Timer(0.1, holder.rollback).start()                      # released in time
-    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 5.0)
-    omega.log_exchange(path, exchange(prompt="after"))
-    holder.close()
-    assert [r["prompt"] for r in omega.recent_exchanges(path, 5)] == ["before", "after"]
-
-
-def test_a_busy_set_up_is_tried_again():
-    # SQLite can say "database is locked" at once, without waiting (two runs making
-    # a new log switch it to WAL together): such a failure is tried again.
-    import sqlite3
-    tries = []
-
-    def work(conn):
-        tries.append(1)
-        if len(tries) < 3:
-            error = sqlite3.OperationalError("database is locked")
-            error.sqlite_errorcode = 5
-            raise error
-        return "done"
-    conn = sqlite3.connect(":memory:")
-    assert omega.with_retries(conn, work) == "done" and len(tries) == 3
-    with pytest.raises(sqlite3.OperationalError):               # anything else: at once
-        omega.with_retries(conn, lambda c: c.execute("SELECT nonsense FROM nowhere"))
-
-
-def test_processes_writing_a_fresh_log_at_once_lose_nothing(tmp_path):
-    path = str(tmp_path / "fresh" / "log.db")
-    code = textwrap.dedent("""
-        import sys, time, omega
-        path, me, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
-        while time.time() < start:          # all at once: the race to create the file
-            pass
-        conversation = None
-        for i in range(20):
-            conversation = omega.log_exchange(path, {"conversation": conversation,
-                                                     "prompt": f"{me}-{i}", "answer": "ok"})
-        """)
-    start = time.time() + 0.4
-    children = [subprocess.Popen([sys.executable, "-c", code, path, str(k), str(start)],
-                                 cwd=HERE, stderr=subprocess.PIPE, text=True) for k in range(4)]
-    errors = [child.communicate(timeout=30)[1] for child in children]
-    assert [child.returncode for child in children] == [0] * 4, errors
-    rows = omega.recent_exchanges(path, 1000)
-    assert len(rows) == 80
-    by_conversation = {}
-    for row in rows:
-        by_conversation.setdefault(row["conversation"], []).append(row["prompt"])
-    assert sorted(by_conversation.values()) == [[f"{k}-{i}" for i in range(20)] for k in range(4)]
-
-
-def test_reading_never_creates_the_log(tmp_path):
-    path = tmp_path / "nowhere" / "log.db"
-    assert omega.recent_exchanges(str(path), 10) == []
-    one_line_log_error(lambda: omega.logged_conversation(str(path), None), path)
-    one_line_log_error(lambda: omega.logged_conversation(str(path), "0123abcd"), path)
-    assert not (tmp_path / "nowhere").exists()
-
-
-
-# =============================================================================
-# 17. Conversations: Chat, per-call settings, the CLI's log
-# =============================================================================
-
-def first_exchange_as_sent(name, body):
-    """The earlier turns of a request body, in that API's own shape, as (role, text)."""
-    if name == "gemini":
-        return [(c["role"], c["parts"][0]["text"]) for c in body["contents"]]
-    return [(m["role"], m["content"]) for m in body["messages"] if m["role"] != "system"]
-
-
-@pytest.mark.parametrize("name", HTTP_NAMES)
-def test_chat_sends_the_earlier_turns_in_each_apis_shape(api, name):
-    api.reply(OK[name]())
-    api.reply(OK[name]())
-    chat = omega.Chat(provider=name, system="Be brief", config=cfg(name, api))
-    first = chat.ask("Name a colour")
-    assert chat.ask("Another one") == first
-    assistant_role = "model" if name == "gemini" else "assistant"
-    assert first_exchange_as_sent(name, api.last().body) == [
-        ("user", "Name a colour"), (assistant_role, first), ("user", "Another one")]
-    assert [m.role for m in chat.history] == ["user", "assistant"] * 2
-    assert len(chat.replies) == 2 and chat.replies[0].text == first
-
-
-def test_a_failed_chat_turn_adds_nothing_and_stream_turns_count(api):
-    chat = omega.Chat(provider="openai", config=cfg("openai", api, max_retries=0),
-                      history=[{"role": "user", "content": "earlier"},
-                               {"role": "assistant", "content": "noted"}])
-    api.reply(openai_error(400, "invalid_request_error"), status=400)
-    with pytest.raises(omega.ProviderError):
-        chat.ask("this fails")
-    assert len(chat.history) == 2 and chat.replies == []
-    serve_stream(api, sse(oa_chunk("streamed"), oa_chunk(finish="stop")))
-    assert "".join(chat.stream("go on")) == "streamed"
-    assert [m.content for m in chat.history] == ["earlier", "noted", "go on", "streamed"]
-    assert first_exchange_as_sent("openai", api.last().body)[:2] == [
-        ("user", "earlier"), ("assistant", "noted")]
-
-
-def test_chat_with_claude_code_resumes_the_session_and_sends_only_the_new_message(claude):
-    chat = omega.Chat(provider="claude-code", config=claude.config())
-    chat.ask("Remember 42")
-    chat.ask("What did I say?")
-    first, second = claude.calls()
-    session = chat.replies[0].metadata.session_id
-    assert "--resume" not in first["argv"]
-    assert second["argv"][second["argv"].index("--resume") + 1] == session
-    assert second["stdin"] == "[User]\nWhat did I say?"
-
-
-def test_per_call_settings_win_and_the_key_stays_with_its_call(api, api2):
-    config = cfg("openai", refused_url(), api_key="sk-file-key-000000000000")
-    config["provider"]["anthropic"] = cfg("anthropic", api2)["provider"]["anthropic"]
-    api.reply(openai_error(500, "server_error"), status=500)
-    api2.reply(anthropic_ok())
-    call_key = "sk-call-SECRET-4242424242424242"
-    reply = omega.complete("hi", "openai", config, fallback=["anthropic"], timeout=5,
-                           base_url=api.url + "/v1", api_key=call_key, max_retries=0)
-    assert reply.metadata.provider_used == "anthropic" and len(api.requests) == 1
-    assert api.last().headers["authorization"] == "Bearer " + call_key
-    assert call_key not in json.dumps(api2.last().headers) and api2.last().headers[
-        "x-api-key"] == KEY
-    api.reply(openai_ok("ok"))
-    assert omega.ask("hi", provider="openai", config=config, base_url=api.url + "/v1",
-                     timeout=5) == "ok"                  # no TypeError, and no file key sent
-    assert "authorization" not in api.last().headers
-    with pytest.raises(omega.ConfigError, match="max_retries"):
-        omega.complete("hi", "openai", config, max_retries=99)
-
-
-def log_rows(tmp_path):
-    import sqlite3
-    path = tmp_path / "home" / ".omega" / "log.db"
-    with sqlite3.connect(path) as db:
-        return [dict(zip(("conversation", "provider", "model", "prompt", "answer", "error"), r))
-                for r in db.execute("SELECT conversation, provider, model, prompt, answer, "
-                                    "error FROM exchanges ORDER BY id")]
-
-
-def test_cli_logs_each_exchange_and_never_the_key(api, tmp_path):
-    api.reply(openai_ok("Four."))
-    out = run_cli(tmp_path, "What is 2+2?", config=cfg("openai", api))
-    assert (out.returncode, out.stdout, out.stderr) == (0, "Four.\n", "")
-    rows = log_rows(tmp_path)
-    assert [(r["provider"], r["prompt"], r["answer"]) for r in rows] == [
-        ("openai", "What is 2+2?", "Four.")]
-    folder = tmp_path / "home" / ".omega"
-    for file in folder.iterdir():
-        assert KEY.encode() not in file.read_bytes() and not leaks(file.read_bytes().decode(
-            "latin-1"))
-    api.reply(openai_error(401, "invalid_api_key", f"bad key {KEY}"), status=401)
-    out = run_cli(tmp_path, "again", config=cfg("openai", api))
-    assert out.returncode == 3 and "invalid_api_key" in log_rows(tmp_path)[-1]["error"]
-    assert not leaks(log_rows(tmp_path)[-1]["error"])
-
-
-def test_cli_continue_and_chat_send_the_logged_turns(api, tmp_path, cli_main, capsys):
-    config = cfg("openai", api)
-    api.reply(openai_ok("Four."))
-    cli_main(config, "What is 2+2?")
-    api.reply(openai_ok("Twelve."))
-    assert cli_main(config, "--continue", "and times 3?") == 0
-    assert capsys.readouterr().out == "Four.\nTwelve.\n"
-    assert [(m["role"], m["content"]) for m in api.last().body["messages"]] == [
-        ("user", "What is 2+2?"), ("assistant", "Four."), ("user", "and times 3?")]
-    rows = log_rows(tmp_path)
-    assert rows[0]["conversation"] == rows[1]["conversation"]
-    api.reply(openai_ok("Hi."))
-    cli_main(config, "a new one")
-    api.reply(openai_ok("Thirty-six."))
-    cli_main(config, "--chat", rows[0]["conversation"], "times 3 again?")
-    sent = [m["content"] for m in api.last().body["messages"]]
-    assert sent == ["What is 2+2?", "Four.", "and times 3?", "Twelve.", "times 3 again?"]
-    capsys.readouterr()
-    assert cli_main(config, "--chat", "ffffffff", "hi") == 1
-    assert "no conversation ffffffff" in capsys.readouterr().err
-    assert cli_main(config, "--logs", "2") == 0
-    out = capsys.readouterr().out
-    assert f"[{rows[0]['conversation']}]" in out
-    assert "> times 3 again?\nThirty-six." in out and "What is 2+2" not in out
-    cli_main(config, "--logs", "--json")
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["answer"] for r in lines] == ["Twelve.", "Hi.", "Thirty-six."]
-
-
-def test_cli_continue_with_claude_code_resumes_the_logged_session(claude, cli_main):
-    cli_main(claude.config(), "Remember 42")
-    cli_main(claude.config(), "--continue", "What did I say?")
-    first, second = claude.calls()
-    assert "--resume" in second["argv"] and second["stdin"] == "[User]\nWhat did I say?"
-
-
-@pytest.mark.parametrize("how", ["--no-log", "OMEGA_LOG=0"])
-def test_cli_without_the_log_writes_nothing(api, tmp_path, how, cli_main, capsys, monkeypatch):
-    api.reply(openai_ok())
-    args = ("--no-log", "hi") if how == "--no-log" else ("hi",)
-    if how != "--no-log":
-        monkeypatch.setenv("OMEGA_LOG", "0")
-    assert cli_main(cfg("openai", api), *args) == 0
-    assert not (tmp_path / "home" / ".omega").exists()
-    assert cli_main(cfg("openai", api), *args[:-1], "--continue", "hi") == 2
-    assert "needs the log" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("damage", ["directory", "corrupt", "read-only"])
-def test_cli_answer_comes_first_when_the_log_cannot_be_written(api, tmp_path, damage):
-    log = tmp_path / "bad" / "log.db"
-    log.parent.mkdir()
-    if damage == "directory":
-        log.mkdir()
-    elif damage == "corrupt":
-        log.write_bytes(b"this is not SQLite" * 100)
-    else:
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders")
-        log.parent.chmod(0o500)
-    api.reply(openai_ok("still here"))
-    out = run_cli(tmp_path, "hi", config=cfg("openai", api), OMEGA_LOG_PATH=str(log))
-    assert out.returncode == 0 and out.stdout == "still here\n"
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("omega: warning: ")
-
-
-def test_eight_cli_processes_at_once_lose_no_row(api, tmp_path):
-    api.default = lambda r: {"body": openai_ok("ok")}
-    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
-    children = [subprocess.Popen([sys.executable, OMEGA_PY, f"question {i}"], cwd=tmp_path,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, env=cli_env(tmp_path))
-                for i in range(8)]
-    results = [child.communicate(timeout=30) for child in children]
-    assert all(c.returncode == 0 for c in children) and all(err == b"" for _, err in results)
-    assert sorted(r["prompt"] for r in log_rows(tmp_path)) == [f"question {i}" for i in range(8)]
-
-
-def test_library_calls_log_only_when_the_config_says_so(api, tmp_path):
-    api.default = lambda r: {"body": openai_ok("ok")}
-    omega.complete("not logged", "openai", cfg("openai", api))
-    assert not (tmp_path / "home" / ".omega").exists()
-    config = {**cfg("openai", api), "log": {"enabled": True, "path": str(tmp_path / "lib.db")}}
-    chat = omega.Chat(provider="openai", config=config)
-    chat.ask("one")
-    chat.ask("two")
-    _, rows = omega.logged_conversation(str(tmp_path / "lib.db"), None)
-    assert [r["prompt"] for r in rows] == ["one", "two"]
-
-
-# =============================================================================
-# 18. Attachments, JSON answers, model listing
-# =============================================================================
 # The shapes below are the attachment fixtures' request bodies (built from each
 # API's own types) and the stdin lines the real claude 2.1.197 read, cut to what
 # omega sends: a real 2x2 red PNG, a real 387-byte one-page PDF, a text file and
 # one schema (strict-compatible for OpenAI, Anthropic and Gemini alike).
-
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAEElEQVR4nGP4z8AARAwQCgAf7gP9i18U1AAAAABJRU5ErkJggg=="
 PDF_B64 = (
     "JVBERi0xLjQKMSAwIG9iajw8L1R5cGUvQ2F0YWxvZy9QYWdlcyAyIDAgUj4+ZW5kb2JqCjIgMCBvYmo8PC9UeXBl"
@@ -4919,12 +5634,6 @@ SCHEMA = {"type": "object", "properties": {"colour": {"type": "string"},
 ANSWER = '{"colour":"red","confidence":0.97}'
 QUESTION = "Describe the image, summarise the PDF, and use notes.txt."
 NOTES_BLOCK = '<file name="notes.txt">\nalpha\nbeta\n</file>'
-
-
-def files(*names):
-    known = {"red.png": PNG, "hello.pdf": PDF, "notes.txt": NOTES}
-    return [omega.Attachment(known[name], name=name) for name in names or known]
-
 
 # openai/request_attachments.json (less "detail": "auto", the default, which vLLM
 # rejects) and request_json_schema.json; OpenRouter's are the same parts.
@@ -4953,83 +5662,15 @@ GEMINI_PARTS = [{"inlineData": {"mimeType": "image/png", "data": PNG_B64}},
 OLLAMA_MESSAGE = {"role": "user", "content": QUESTION + "\n\n" + NOTES_BLOCK, "images": [PNG_B64]}
 
 
-def answer_of(name, text, stop=None):
-    """A body of backend `name` whose answer text is `text` (stop: its stop reason)."""
-    if name in ("openai", "openrouter"):
-        body = openai_ok(text)
-        body["choices"][0]["finish_reason"] = stop or "stop"
-        return body
-    if name == "anthropic":
-        return anthropic_ok({"type": "text", "text": text}, stop=stop or "end_turn")
-    if name == "gemini":
-        return gemini_ok({"text": text}, finish=stop or "STOP")
-    return ollama_ok(text, done_reason=stop or "stop")
+# --- the official OpenAPI specs ----------------------------------------------
 
-
-def wire(body):
-    """A request body as the server reads it (attachments written as base64)."""
-    payload = omega.json_payload(body)
-    return json.loads(payload if isinstance(payload, bytes) else b"".join(payload))
-
-
-def test_each_backend_sends_files_and_schema_in_its_own_shape(api):
-    sent = {}
-    for name in HTTP_NAMES:
-        api.reply(answer_of(name, ANSWER))
-        names = ("red.png", "notes.txt") if name == "ollama" else ()
-        reply = omega.complete(omega.Context(QUESTION, attachments=files(*names), schema=SCHEMA),
-                               name, cfg(name, api))
-        assert reply.data == {"colour": "red", "confidence": 0.97} and reply.text.strip()
-        sent[name] = api.last().body
-    for name in ("openai", "openrouter"):
-        assert sent[name]["messages"] == [{"role": "user", "content": OPENAI_PARTS}]
-        assert sent[name]["response_format"] == OPENAI_RESPONSE_FORMAT
-    assert sent["openrouter"]["provider"] == {"require_parameters": True}
-    assert "provider" not in sent["openai"] and "plugins" not in sent["openrouter"]
-    assert sent["anthropic"]["messages"] == [
-        {"role": "user", "content": [*ANTHROPIC_BLOCKS, {"type": "text", "text": QUESTION}]}]
-    assert sent["anthropic"]["output_config"] == {"format": {"type": "json_schema",
-                                                             "schema": SCHEMA}}
-    assert sent["gemini"]["contents"] == [{"role": "user", "parts": GEMINI_PARTS}]
-    assert sent["gemini"]["generationConfig"] == {"responseMimeType": "application/json",
-                                                  "responseJsonSchema": SCHEMA}
-    assert sent["ollama"]["messages"] == [OLLAMA_MESSAGE] and sent["ollama"]["format"] == SCHEMA
-    assert sent["ollama"]["stream"] is False
-
-
-def test_schemas_are_fitted_to_each_api_without_touching_the_callers():
-    loose = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "Colours",
-             "type": "object", "properties": {"items": {"type": "array", "items": {
-                 "type": "object", "properties": {"name": {"type": "string"}}}}}}
-    before = json.dumps(loose)
-    ctx = omega.Context("x", schema=loose)
-    openai = omega.openai_request(ctx, omega.provider_settings(cfg("openai", "http://h"), "openai"))
-    assert openai[2]["response_format"]["json_schema"] == {"name": "Colours", "schema": loose,
-                                                           "strict": False}   # not strict-ready
-    anthropic = omega.anthropic_request(ctx, omega.provider_settings(cfg("anthropic", "http://h"),
-                                                                     "anthropic"))[2]
-    fitted = anthropic["output_config"]["format"]["schema"]
-    assert fitted["additionalProperties"] is False        # every object closed, as it requires
-    assert fitted["properties"]["items"]["items"]["additionalProperties"] is False
-    gemini = omega.gemini_request(ctx, omega.provider_settings(cfg("gemini", "http://h"),
-                                                               "gemini"))[2]
-    assert "$schema" not in gemini["generationConfig"]["responseJsonSchema"]
-    assert json.dumps(loose) == before
-    assert omega.strict_ready(SCHEMA) and not omega.strict_ready({"type": "array"})
-    argv = omega.claude_code_argv(ctx, omega.provider_settings({}, "claude-code"), None)
-    assert json.loads(argv[argv.index("--json-schema") + 1]) == loose
-
-
-# --- the official OpenAPI specs ------------------------------------------------
 # Fragments copied from openai-openapi.yaml (openai/openai-openapi f85dbe22),
 # openrouter-openapi.yaml (OpenRouterTeam/typescript-sdk .speakeasy/in.openapi.yaml)
 # and ollama-openapi.yaml (ollama/ollama docs/openapi.yaml): the schemas of the
 # request parts omega sends, descriptions dropped, alternatives omega never sends
-# (audio, tool and developer messages, cache controls) left out. The validator is
-# stricter than the specs in one way: a key a fragment does not list is an error,
-# so a misspelt field cannot pass.
-
-
+# (audio, tool and developer messages, cache controls) left out. The validator
+# (spec_errors, in Backends) is stricter than the specs in one way: a key a fragment
+# does not list is an error, so a misspelt field cannot pass.
 OPENAI_SPEC = {
     "CreateChatCompletionRequest": {
         "type": "object",
@@ -5380,529 +6021,5 @@ OLLAMA_SPEC = {
     },
 }
 
-
-def spec_errors(value, schema, spec, path="$"):
-    """What is wrong with value against an OpenAPI schema fragment: $ref, type (one
-    or a list; nullable), enum, minimum, maximum, maxLength, required, properties,
-    additionalProperties, items, minItems, oneOf (exactly one), anyOf, allOf."""
-    if "$ref" in schema:
-        return spec_errors(value, spec[schema["$ref"].rsplit("/", 1)[1]], spec, path)
-    if value is None and schema.get("nullable"):
-        return []
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = [kinds] if isinstance(kinds, str) else kinds
-        if not any(of_json_type(value, kind) for kind in kinds):
-            return [f"{path}: expected {'/'.join(kinds)}, got {type(value).__name__}"]
-    errors = []
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < schema.get("minimum", -math.inf) or value > schema.get("maximum", math.inf):
-            errors.append(f"{path}: {value} out of range")
-    if isinstance(value, str) and len(value) > schema.get("maxLength", math.inf):
-        errors.append(f"{path}: longer than {schema['maxLength']}")
-    if isinstance(value, dict):
-        errors += [f"{path}: {key} missing" for key in schema.get("required", ())
-                   if key not in value]
-        listed, extra = schema.get("properties"), schema.get("additionalProperties")
-        for key, item in value.items():
-            if listed and key in listed:
-                errors += spec_errors(item, listed[key], spec, f"{path}.{key}")
-            elif isinstance(extra, dict):
-                errors += spec_errors(item, extra, spec, f"{path}.{key}")
-            elif extra is False or extra is None and listed is not None:
-                errors.append(f"{path}.{key}: not in the spec")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errors.append(f"{path}: fewer than {schema['minItems']} items")
-        for index, item in enumerate(value if "items" in schema else ()):
-            errors += spec_errors(item, schema["items"], spec, f"{path}[{index}]")
-    if "oneOf" in schema:
-        fits = [s for s in schema["oneOf"] if not spec_errors(value, s, spec, path)]
-        if len(fits) != 1:
-            errors.append(f"{path}: fits {len(fits)} of the oneOf alternatives, not 1")
-    if "anyOf" in schema and all(spec_errors(value, s, spec, path) for s in schema["anyOf"]):
-        errors.append(f"{path}: fits none of the anyOf alternatives")
-    for part in schema.get("allOf", ()):
-        errors += spec_errors(value, part, spec, path)
-    return errors
-
-
-def of_json_type(value, kind):
-    if kind in ("integer", "number"):
-        return isinstance(value, int if kind == "integer" else (int, float)) \
-            and not isinstance(value, bool)
-    return isinstance(value, {"string": str, "boolean": bool, "object": dict, "array": list,
-                              "null": type(None)}[kind])
-
-
 SPECS = {"openai": (OPENAI_SPEC, "CreateChatCompletionRequest"),
          "openrouter": (OPENROUTER_SPEC, "ChatRequest"), "ollama": (OLLAMA_SPEC, "ChatRequest")}
-
-
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_bodies_with_files_and_schema_conform_to_the_official_openapi_spec(api, name):
-    spec, root = SPECS[name]
-    names = ("red.png", "notes.txt") if name == "ollama" else ()
-    ctx = omega.Context(QUESTION, system_prompt="Be brief", attachments=files(*names),
-                        history=[{"role": "user", "content": "Hi"},
-                                 {"role": "assistant", "content": "Hello"}],
-                        schema=SCHEMA, max_tokens=100, temperature=0.2)
-    api.reply(answer_of(name, ANSWER))
-    omega.complete(ctx, name, cfg(name, api, num_ctx=4096) if name == "ollama" else
-                   cfg(name, api))
-    assert spec_errors(api.last().body, spec[root], spec) == []
-    # earlier turns stay plain text: only the current message carries the files
-    assert all(isinstance(m["content"], str) for m in api.last().body["messages"][:-1])
-    settings = omega.provider_settings(cfg(name, api), name)
-    streamed = wire(omega.BACKENDS[name].request(ctx, settings, streaming=True)[2])
-    assert streamed["stream"] is True and spec_errors(streamed, spec[root], spec) == []
-
-
-def test_the_spec_check_catches_wrong_shapes():
-    good = wire(omega.openai_request(omega.Context("x", attachments=files("red.png")),
-                                     omega.provider_settings(cfg("openai", "http://h"),
-                                                             "openai"))[2])
-    spec, root = SPECS["openai"]
-    assert spec_errors(good, spec[root], spec) == []
-    bad = json.loads(json.dumps(good))
-    bad["messages"][0]["content"][1]["image_url"] = bad["messages"][0]["content"][1][
-        "image_url"]["url"]                               # Ollama's OpenAI-compatible form
-    bad["response_fromat"] = {"type": "json_object"}
-    errors = spec_errors(bad, spec[root], spec)
-    assert any("fits 0 of the oneOf" in e for e in errors)
-    assert "$.response_fromat: not in the spec" in errors
-    spec, root = SPECS["ollama"]
-    assert spec_errors({"model": "m", "messages": [{"role": "user", "content": ["x"]}],
-                        "format": "yaml"}, spec[root], spec) != []
-
-
-# --- kinds, limits, reading once --------------------------------------------------
-
-def test_the_kind_comes_from_the_bytes_not_the_name(tmp_path):
-    (tmp_path / "scan.png").write_bytes(PDF)              # a .png that is a PDF
-    (tmp_path / "notes.md").write_bytes(b"\xef\xbb\xbf# Title\n")
-    items = [str(tmp_path / "scan.png"), b"GIF89a" + bytes(10), b"\xff\xd8\xff\xe0" + bytes(10),
-             omega.Attachment(b"RIFF\x10\x00\x00\x00WEBPVP8 ", mime="image/png"),
-             tmp_path / "notes.md", omega.Attachment("a,b\n", mime="text/csv", name="t.csv"),
-             bytearray(PNG)]
-    settings = omega.provider_settings(cfg("openai", "http://h"), "openai")
-    got = omega.attachments_of(omega.Context("x", attachments=items), settings)
-    assert [(a.mime, a.name) for a in got] == [
-        ("application/pdf", "scan.png"), ("image/gif", "attachment-2"),
-        ("image/jpeg", "attachment-3"), ("image/webp", "attachment-4"),
-        ("text/plain", "notes.md"), ("text/csv", "t.csv"), ("image/png", "attachment-7")]
-    assert "bytes" in repr(got[0]) and "%PDF" not in repr(got[0])
-    one = omega.Context("x", attachments=str(tmp_path / "scan.png"))      # one, not a list
-    assert len(omega.attachments_of(one, settings)) == 1
-    body = wire(omega.openai_request(omega.Context("x", attachments=got[:1] + got[4:5]),
-                                     settings)[2])
-    assert body["messages"][0]["content"][1]["file"] == {
-        "filename": "scan.png", "file_data": "data:application/pdf;base64," + PDF_B64}
-    assert body["messages"][0]["content"][2]["text"] == '<file name="notes.md">\n# Title\n</file>'
-
-
-def test_what_cannot_be_sent_is_a_one_line_config_error_naming_the_file(api, tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    cases = [([tmp_path / "latin1.txt"], "latin1.txt: not an image (PNG, JPEG, GIF, WebP), a "
-                                         "PDF or UTF-8 text, so omega cannot send it"),
-             ([omega.Attachment(b"\x00\x01\x02", name="blob.bin")], "blob.bin: not an image"),
-             ([omega.Attachment(b"hello", mime="image/png", name="fake.png")],
-              "fake.png: said to be image/png, but its bytes are not"),
-             ([str(tmp_path / "none.png")], f"attachment {tmp_path / 'none.png'}: no such file"),
-             ([str(tmp_path)], f"attachment {tmp_path}: cannot read it"),
-             ([42], "attachment 1: expected a file path, bytes or an Attachment, got int"),
-             ([omega.Attachment(None)], "attachment 1: its data must be bytes, got NoneType")]
-    for items, message in cases:
-        with pytest.raises(omega.ConfigError) as err:
-            omega.complete(omega.Context("x", attachments=items), "openai", cfg("openai", api))
-        assert str(err.value).startswith(message) and "\n" not in str(err.value)
-    assert api.requests == []
-
-
-def test_documented_limits_fail_before_any_request(api, monkeypatch):
-    for name, size, limit in (("anthropic", 4 * 1024 * 1024, "an image as base64 may be at "
-                                                              "most 5,242,880 bytes"),
-                              ("openai", 21 * 1024 * 1024, "an image may be at most "
-                                                           "20,971,520 bytes")):
-        with pytest.raises(omega.ConfigError, match=f"{name}: cannot send photo.png: {limit}"):
-            omega.complete(omega.Context("x", attachments=[omega.Attachment(
-                PNG + bytes(size), name="photo.png")]), name, cfg(name, api))
-    monkeypatch.setattr(omega, "MIB", 64)        # "megabytes" of 64 bytes: tiny files suffice
-    gif = omega.Attachment(b"GIF89a" + bytes(10), name="anim.gif")
-    big = omega.Attachment(PNG + bytes(400), name="big.png")
-    cases = [
-        ("anthropic", [big], "anthropic: cannot send big.png: an image as base64 may be at most "
-                             "320 bytes, this is 632"),
-        ("openai", [omega.Attachment(PNG + bytes(1300), name="huge.png")],
-         "openai: cannot send huge.png: an image may be at most 1,280 bytes, this is 1,373"),
-        ("openai", [big] * 8, "openai: cannot send big.png, big.png, big.png …: images may be "
-                              "at most 3,200 bytes in one request, these are 3,784"),
-        ("gemini", [gif], "gemini: cannot send anim.gif: Gemini takes PNG, JPEG and WebP "
-                          "images, not GIF"),
-        ("gemini", [omega.Attachment(PDF + bytes(3000), name="long.pdf")],
-         "gemini: cannot send long.pdf: a PDF sent inline may be at most 3,200 bytes"),
-        ("ollama", files("hello.pdf"), "ollama: cannot send hello.pdf: Ollama's /api/chat "
-                                       "takes images and text files, not PDFs")]
-    for name, items, message in cases:
-        with pytest.raises(omega.ConfigError) as err:
-            omega.complete(omega.Context("x", attachments=items), name, cfg(name, api))
-        assert str(err.value).startswith(message), str(err.value)
-    assert api.requests == []
-    assert omega.complete(omega.Context("x", attachments=[big]), "openrouter",  # no limits there
-                          cfg("openrouter", api.reply(openai_ok()))).text == "Hello from OpenAI"
-
-
-def test_a_file_over_max_attachment_bytes_is_refused_before_it_is_read(api, tmp_path):
-    huge = tmp_path / "huge.pdf"
-    with open(huge, "wb") as f:
-        f.truncate(20 * 1024 ** 3)          # 20 GB, sparse: reading it would take minutes
-    started = time.monotonic()
-    with pytest.raises(omega.ConfigError) as err:
-        omega.complete(omega.Context("x", attachments=[huge]), "gemini", cfg("gemini", api))
-    assert str(err.value).startswith(f"gemini: {huge} is 21,474,836,480 bytes, more than "
-                                     "max_attachment_bytes (33,554,432)")
-    assert time.monotonic() - started < 2
-    with pytest.raises(omega.ConfigError, match=r"openai: hello.pdf is 387 bytes, more than "
-                                                r"max_attachment_bytes \(100\)"):
-        omega.complete(omega.Context("x", attachments=files("hello.pdf")), "openai",
-                       cfg("openai", api, max_attachment_bytes=100))
-    assert api.requests == []
-
-
-def test_files_are_read_once_and_base64_written_once_per_request(api, api2, tmp_path,
-                                                                monkeypatch):
-    path = tmp_path / "red.png"
-    path.write_bytes(PNG)
-    reads, encodes = [], []
-    real_read, real_b64 = omega.read_attachment, omega.binascii.b2a_base64
-    monkeypatch.setattr(omega, "read_attachment", lambda *a: reads.append(a) or real_read(*a))
-    monkeypatch.setattr(omega.binascii, "b2a_base64",
-                        lambda *a, **k: encodes.append(1) or real_b64(*a, **k))
-    for _ in range(3):
-        api.reply(openai_error(503, "server_error"), status=503)
-    api2.reply(anthropic_ok())
-    config = cfg("openai", api)
-    config["provider"].update(fallback=["anthropic"], anthropic={"base_url": api2.url,
-                                                                 "api_key": KEY})
-    reply = omega.complete(omega.Context('"x:0"', attachments=[path]), config=config)
-    assert reply.metadata.provider_used == "anthropic"
-    assert len(reads) == 1 and len(encodes) == 2          # three tries to openai, one encoding
-    assert len({r.raw for r in api.requests}) == 1
-    assert api.requests[0].body["messages"][0]["content"][0]["text"] == '"x:0"'
-    assert api2.last().body["messages"][0]["content"][0]["source"]["data"] == PNG_B64
-    # the payload holds the encoded bytes once, as bytes: never a JSON string of them
-    pieces = omega.json_payload(omega.openai_request(
-        omega.Context("x", attachments=[path]), omega.provider_settings(config, "openai"))[2])
-    assert [p for p in pieces if PNG_B64.encode() in p] == [PNG_B64.encode()]
-
-
-def test_a_model_without_vision_gives_its_own_message_not_retried_not_fallen_back(api, api2):
-    cases = [("ollama", 500, {"error": "Failed to create new sequence: failed to process "
-                                       "inputs: this model is missing data required for image "
-                                       "input"}),
-             ("openai", 400, {"error": {"message": "Invalid content type. image_url is only "
-                                                   "supported by certain models.",
-                                        "type": "invalid_request_error",
-                                        "param": "messages.[0].content.[1].type", "code": None}}),
-             ("openrouter", 404, {"error": {"message": "No endpoints found that support image "
-                                                       "input", "code": 404}})]
-    for name, status, body in cases:
-        api.requests.clear()
-        api.reply(body, status=status)
-        config = cfg(name, api)
-        config["provider"].update(fallback=["anthropic"], anthropic={"base_url": api2.url,
-                                                                     "api_key": KEY})
-        with pytest.raises(omega.ProviderError) as err:
-            omega.complete(omega.Context("What is it?", attachments=files("red.png")),
-                           config=config)
-        assert type(err.value) is omega.ProviderError and err.value.status == status
-        assert "image" in err.value.message and not err.value.retryable
-        assert len(api.requests) == 1 and api2.requests == []
-
-
-# --- JSON answers: every failure, provoked for real ---------------------------------
-
-def refused_openai():
-    body = openai_ok(None)
-    body["choices"][0]["message"]["refusal"] = "I'm sorry, I can't help with that request."
-    return body
-
-
-JSON_FAILURES = [
-    ("openai", openai_ok("Sure! It is red."), omega.ProviderError, "the answer is not JSON"),
-    ("openai", answer_of("openai", '{"colour": "re', "length"), omega.ProviderError,
-     "the JSON answer was cut off (stop_reason=length)"),
-    ("openai", openai_ok('["red"]'), omega.ProviderError,
-     "the JSON answer is an array, the schema asks for object"),
-    ("openai", refused_openai(), omega.EmptyResponse, "the model refused (stop_reason=refusal): "
-                                                      "I'm sorry, I can't help"),
-    ("openrouter", openai_ok("```json\n{}\n```"), omega.ProviderError, "the answer is not JSON"),
-    ("anthropic", answer_of("anthropic", '{"colour":', "max_tokens"), omega.ProviderError,
-     "cut off (stop_reason=max_tokens)"),
-    ("anthropic", answer_of("anthropic", "I can't.", "refusal"), omega.EmptyResponse,
-     "the model refused"),
-    ("gemini", answer_of("gemini", '{"col', "MAX_TOKENS"), omega.ProviderError,
-     "cut off (stop_reason=MAX_TOKENS)"),
-    ("gemini", answer_of("gemini", "No.", "SAFETY"), omega.EmptyResponse, "the model refused"),
-    ("ollama", answer_of("ollama", '{"colour"', "length"), omega.ProviderError,
-     "cut off (stop_reason=length)"),
-    ("ollama", answer_of("ollama", "NaN"), omega.ProviderError, "the answer is not JSON"),
-]
-
-
-def test_json_answer_failures_are_typed_and_never_retried(api):
-    for name, body, error, words in JSON_FAILURES:
-        api.requests.clear()
-        api.reply(body)
-        with pytest.raises(omega.ProviderError) as err:
-            omega.complete(omega.Context("Colour?", schema=SCHEMA), name, cfg(name, api))
-        assert type(err.value) is error and words in str(err.value), (name, str(err.value))
-        assert str(err.value).startswith(f"{name}: ") and len(api.requests) == 1
-        if error is omega.ProviderError:
-            assert err.value.code == "invalid_json" and err.value.partial_text
-
-
-def test_bad_schemas_are_config_errors_before_anything_is_sent(api):
-    for schema, words in [([{"type": "object"}], "expected a JSON Schema object, got list"),
-                          ({"type": "nonsense"}, "unknown type 'nonsense'"),
-                          ({"properties": {"a": {"type": "text"}}}, "unknown type 'text'"),
-                          ({"type": "number", "maximum": math.inf}, "not JSON data")]:
-        with pytest.raises(omega.ConfigError, match=re.escape(words)):
-            omega.complete(omega.Context("x", schema=schema), "openai", cfg("openai", api))
-    assert api.requests == []
-
-
-def test_streamed_json_answer_with_a_file(api):
-    pieces = ['{"colour":', ' "red", "confidence": 1}']
-    serve_stream(api, sse(oa_chunk(pieces[0]), oa_chunk(pieces[1]), oa_chunk(finish="stop")))
-    got, s = stream_via("openai", api, omega.Context("Colour?", attachments=files("red.png"),
-                                                     schema=SCHEMA))
-    assert got == pieces and s.reply.text == "".join(pieces)
-    assert s.reply.data == {"colour": "red", "confidence": 1}
-    assert api.last().body["stream"] is True
-    assert api.last().body["messages"][0]["content"][1]["image_url"]["url"].endswith(PNG_B64)
-    serve_stream(api, sse(oa_chunk('{"colour": "re'), oa_chunk(finish="length")))
-    with pytest.raises(omega.ProviderError) as err:
-        stream_via("openai", api, omega.Context("Colour?", schema=SCHEMA))
-    assert err.value.code == "invalid_json" and err.value.partial_text == '{"colour": "re'
-
-
-def test_ask_returns_the_parsed_value_and_to_dict_carries_it(api, tmp_path):
-    (tmp_path / "notes.txt").write_bytes(NOTES)
-    api.reply(answer_of("gemini", '["red", "green"]'))
-    colours = omega.ask("Two colours", "gemini", config=cfg("gemini", api),
-                        schema={"type": "array", "items": {"type": "string"}},
-                        attachments=[str(tmp_path / "notes.txt")])
-    assert colours == ["red", "green"]
-    assert api.last().body["contents"][0]["parts"][0] == {"text": NOTES_BLOCK}
-    api.reply(answer_of("gemini", "7"))
-    reply = omega.complete(omega.Context("A number", schema={"type": "integer"}), "gemini",
-                           cfg("gemini", api))
-    assert reply.to_dict()["data"] == 7 and "data" not in omega.OutgoingMessage(
-        "hi", omega.MessageMetadata()).to_dict()
-
-
-# --- claude-code: files through stream-json, --json-schema ------------------------------
-
-def test_claude_code_sends_files_as_one_stream_json_message(claude):
-    claude.plan({"result": "A red square, a PDF and notes."})
-    reply = cc(claude, omega.Context("What are these?", attachments=files()))
-    assert reply.text == "A red square, a PDF and notes."
-    call = claude.calls()[-1]
-    assert call["argv"][:7] == ["-p", "--input-format", "stream-json", "--output-format",
-                                "stream-json", "--verbose", "--max-turns"]
-    assert call["raw"].endswith("\n") and call["raw"].count("\n") == 1
-    assert json.loads(call["raw"]) == {
-        "type": "user", "parent_tool_use_id": None, "session_id": "",
-        "message": {"role": "user", "content": [
-            *ANTHROPIC_BLOCKS, {"type": "text", "text": "[User]\nWhat are these?"}]}}
-
-
-def test_claude_code_files_stream_and_go_only_with_the_first_run(claude):
-    claude.plan({"result": "Streamed answer."})
-    got, s = [], omega.stream(omega.Context("Look", attachments=files("red.png")),
-                              "claude-code", claude.config())
-    with s:
-        got = list(s)
-    assert "".join(got) == s.reply.text == "Streamed answer."
-    argv = claude.calls()[-1]["argv"]
-    assert "--include-partial-messages" in argv and "--input-format" in argv
-    turns_error = {"set": {"subtype": "error_max_turns", "is_error": True,
-                           "errors": ["Reached maximum number of turns (25)"]}, "drop": ["result"]}
-    claude.plan({}, turns_error, {"result": "Done."})
-    reply = cc(claude, omega.Context("Do it", attachments=files("hello.pdf")))
-    first, resumed = claude.calls()[1:]
-    assert reply.text == "Done." and first["blocks"][0]["title"] == "hello.pdf"
-    assert "--input-format" not in resumed["argv"] and resumed["raw"] is None   # the session
-    assert resumed["stdin"] == omega.RESUME_PROMPT                              # has the file
-
-
-def test_claude_code_json_schema_gives_structured_output(claude):
-    claude.plan({"structured": {"colour": "red", "confidence": 0.97}},
-                {"structured": {"colour": "red", "confidence": 1}})
-    reply = cc(claude, omega.Context("Colour?", schema=SCHEMA))
-    argv = claude.calls()[-1]["argv"]
-    assert json.loads(argv[argv.index("--json-schema") + 1]) == SCHEMA
-    assert argv[argv.index("--output-format") + 1] == "json"
-    assert reply.data == {"colour": "red", "confidence": 0.97} and json.loads(reply.text) == \
-        reply.data
-    s = omega.stream(omega.Context("Colour?", schema=SCHEMA, attachments=files("red.png")),
-                     "claude-code", claude.config())         # streamed: whole, at the end
-    with s:
-        assert list(s) == ['{"colour":"red","confidence":1}']
-    assert s.reply.data == {"colour": "red", "confidence": 1}
-    assert "--include-partial-messages" not in claude.calls()[-1]["argv"]
-
-
-@pytest.mark.parametrize("step, words", [
-    ({"no_structured": True, "result": "It is red."},
-     "no structured_output (the model answered in text: 'It is red.')"),
-    ({"set": {"subtype": "error_max_structured_output_retries", "is_error": True,
-              "errors": ["Failed to provide valid structured output after 5 attempts"]},
-      "drop": ["result", "structured_output"]},
-     "invalid_json: Failed to provide valid structured output after 5 attempts"),
-    ({"structured": "red"}, "the JSON answer is a string, the schema asks for object"),
-])
-def test_claude_code_json_schema_failures_are_typed(claude, step, words):
-    claude.plan(step)
-    with pytest.raises(omega.ProviderError) as err:
-        cc(claude, omega.Context("Colour?", schema=SCHEMA))
-    assert type(err.value) is omega.ProviderError and err.value.code == "invalid_json"
-    assert words in str(err.value) and len(claude.calls()) == 1
-
-
-# --- models ---------------------------------------------------------------------------
-
-def test_models_lists_every_page_of_every_api(api, claude):
-    def listed(name, *pages, **section):
-        api.requests.clear()
-        for page in pages:
-            api.reply(page)
-        return omega.models(name, cfg(name, api, **section)), [r.path for r in api.requests]
-    assert listed("openai", {"object": "list", "data": [
-        {"id": "gpt-4o", "object": "model", "created": 1, "owned_by": "openai"},
-        {"id": "o3", "object": "model", "created": 2, "owned_by": "openai"}]}) == (
-        ["gpt-4o", "o3"], ["/v1/models"])
-    assert api.last().headers["authorization"] == f"Bearer {KEY}"
-    assert listed("openrouter", {"data": [{"id": "openai/gpt-4o"}], "links": {
-        "next": "/v1/models?offset=1"}}, {"data": [{"id": "x-ai/grok"}], "links": {
-            "next": None}}) == (["openai/gpt-4o", "x-ai/grok"], ["/v1/models",
-                                                                 "/v1/models?offset=1"])
-    assert listed("anthropic", {"data": [{"id": "claude-a"}], "has_more": True,
-                                "first_id": "claude-a", "last_id": "claude-a"},
-                  {"data": [{"id": "claude-b"}], "has_more": False, "first_id": "claude-b",
-                   "last_id": "claude-b"}) == (["claude-a", "claude-b"], [
-                       "/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-a"])
-    assert listed("gemini", {"models": [
-        {"name": "models/gemini-2.5-flash", "supportedGenerationMethods": ["generateContent"]},
-        {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]}],
-        "nextPageToken": "Ch5tb2Rl"}, {"models": [
-            {"name": "models/gemini-2.5-pro", "supportedGenerationMethods": [
-                "generateContent", "countTokens"]}]}) == (
-        ["gemini-2.5-flash", "gemini-2.5-pro"],
-        ["/v1beta/models?pageSize=1000", "/v1beta/models?pageSize=1000&pageToken=Ch5tb2Rl"])
-    assert listed("ollama", {"models": [{"name": "gemma3:4b", "capabilities": ["vision"]},
-                                        {"name": "llama3.2:latest"}]}) == (
-        ["gemma3:4b", "llama3.2:latest"], ["/api/tags"])
-    assert omega.models("claude-code", claude.config(model="claude-x")) == [
-        "sonnet", "opus", "haiku", "claude-x", "claude-opus-4-6"]
-
-
-def test_models_failures_are_typed_and_the_key_stays_home(api, api2):
-    api.reply({"data": [{"id": "a"}], "links": {"next": api2.url + "/v1/models?offset=1"}})
-    with pytest.raises(omega.ProviderError, match="next page is on another server"):
-        omega.models("openrouter", cfg("openrouter", api))
-    assert api2.requests == []
-    api.reply(openai_error(401, "invalid_api_key"), status=401)
-    with pytest.raises(omega.AuthError):
-        omega.models("openai", cfg("openai", api))
-    api.reply({"models": "none"})
-    with pytest.raises(omega.ProviderError, match="expected shape"):
-        omega.models("ollama", cfg("ollama", api))
-    with pytest.raises(omega.AuthError, match="no API key"):
-        omega.models("gemini", {"provider": {"gemini": {"base_url": api.url}}})
-
-
-# --- command line -----------------------------------------------------------------------
-
-def test_cli_attach_and_schema_print_the_json_alone(api, capsys, tmp_path, monkeypatch, cli_main):
-    (tmp_path / "red.png").write_bytes(PNG)
-    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
-    api.reply(openai_ok('{"colour": "red",\n "confidence": 0.97}'))
-    assert cli_main(cfg("openai", api), "-a", str(tmp_path / "red.png"), "--schema",
-                    str(tmp_path / "schema.json"), "What colour?") == 0
-    assert capsys.readouterr().out == ANSWER + "\n"
-    body = api.last().body
-    assert body["messages"][0]["content"][:2] == [
-        {"type": "text", "text": "What colour?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_B64}}]
-    assert "stream" not in body and body["response_format"] == OPENAI_RESPONSE_FORMAT
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(PDF)))   # -a - : stdin
-    api.reply(openai_ok('["red"]'))
-    assert cli_main(cfg("openai", api), "-a", "-", "-a", str(tmp_path / "red.png"), "--schema",
-                    '{"type": "array"}', "--json", "Colours?") == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["data"] == ["red"] and out["text"] == '["red"]'
-    assert api.last().body["messages"][0]["content"][1] == {"type": "file", "file": {
-        "filename": "stdin", "file_data": "data:application/pdf;base64," + PDF_B64}}
-    api.reply({"models": [{"name": "gemma3:4b"}, {"name": "llama3.2:latest"}]})
-    assert cli_main(cfg("ollama", api), "--models") == 0
-    assert capsys.readouterr().out == "gemma3:4b\nllama3.2:latest\n"
-
-
-def test_cli_attach_and_schema_mistakes_are_one_line_usage_errors(capsys, tmp_path, monkeypatch,
-                                                                   cli_main):
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x89PNG")))
-    for args, words in [(("-a", "-"), "-a - reads the attachment from stdin: give the prompt"),
-                        (("--schema", "{not json", "hi"), "--schema: not valid JSON"),
-                        (("--schema", str(tmp_path / "none.json"), "hi"), "no such file"),
-                        (("--schema", '{"type": "nonsense"}', "hi"), "unknown type 'nonsense'"),
-                        (("-a", str(tmp_path / "none.png"), "hi"), "none.png: no such file")]:
-        assert cli_main({}, *args) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("omega: ") and words in err and err.count("\n") == 1, err
-
-
-# --- the real claude binary (make test-real) -----------------------------------------------
-
-def sent_blocks(api):
-    """The content blocks of the last user message of the last Messages request."""
-    post = [r for r in api.requests if r.method == "POST" and r.path.startswith("/v1/messages")]
-    user = [m for m in post[-1].body["messages"] if m["role"] == "user"][-1]
-    return user["content"] if isinstance(user["content"], list) else []
-
-
-@pytest.mark.real_claude
-def test_real_claude_reads_an_image_and_a_pdf_through_stream_json(real_claude, api):
-    messages_api(api, text("A red square, a PDF that says Hello PDF, and notes."))
-    reply = real(real_claude, omega.Context("What are these?", attachments=files()))
-    assert reply.text == "A red square, a PDF that says Hello PDF, and notes."
-    assert reply.metadata.session_id and reply.metadata.attempts == 1
-    blocks = [{k: v for k, v in b.items() if k != "cache_control"} for b in sent_blocks(api)]
-    at = blocks.index(ANTHROPIC_BLOCKS[0])                 # the CLI's reminders come first
-    assert blocks[at:] == [*ANTHROPIC_BLOCKS, {"type": "text", "text": "[User]\nWhat are these?"}]
-
-
-@pytest.mark.real_claude
-def test_real_claude_json_schema_returns_structured_output(real_claude, api):
-    tool = {"type": "tool_use", "id": "toolu_01", "name": "StructuredOutput",
-            "input": {"colour": "red", "confidence": 0.97}}
-    messages_api(api, [tool], text("Done."))
-    reply = real(real_claude, omega.Context("What colour is this image?", schema=SCHEMA,
-                                            attachments=files("red.png")))
-    assert reply.data == {"colour": "red", "confidence": 0.97}
-    assert json.loads(reply.text) == reply.data
-    first = [r for r in api.requests if r.method == "POST"][0].body
-    offered = {t["name"]: t for t in first.get("tools", [])}
-    assert offered["StructuredOutput"]["input_schema"]["properties"] == SCHEMA["properties"]
-    assert ANTHROPIC_BLOCKS[0] in sent_blocks(api)
-
-
-@pytest.mark.real_claude
-def test_real_claude_without_structured_output_is_invalid_json(real_claude, api):
-    messages_api(api, text("It is red, I think."))      # the model never calls the tool
-    with pytest.raises(omega.ProviderError) as err:
-        real(real_claude, omega.Context("What colour?", schema=SCHEMA))
-    assert err.value.code == "invalid_json"
