@@ -32,9 +32,9 @@ call, start reading at 9, Calling.
      1. Data               Message, Context, Attachment, MessageMetadata,
                            OutgoingMessage, Call
      2. Errors             OmegaError ... ProviderUnavailable (context given to
-                           __init__), LogError; the failure policy: every backend's
-                           error bodies -> typed errors, Retry-After
-     3. Secrets            Secret, mask, redact, clean
+                           __init__), LogError, NoConversation; the failure policy:
+                           every backend's error bodies -> typed errors, Retry-After
+     3. Secrets            Secret, mask, redact, printable, clean
      4. Configuration      read -> validate -> provider settings -> keys -> load_config
      5. Attachments        the kind from the bytes, read once, base64 written once
      6. Transports         HTTP (per-thread session, the deadline watchdog, send, body
@@ -57,6 +57,7 @@ call, start reading at 9, Calling.
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
 
 import binascii
+import errno
 import heapq
 import itertools
 import json
@@ -76,6 +77,16 @@ import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
+
+# The first moment an older Python can be told so, which is why nothing in this
+# file may use syntax that 3.10 (Ubuntu 22.04's) cannot parse: it must get this
+# far. Later it would fail deep inside, on a missing tomllib or a newer call.
+if sys.version_info < (3, 11):
+    _TOO_OLD = "omega needs Python 3.11 or newer (this is %d.%d.%d)" % tuple(sys.version_info[:3])
+    if __name__ == "__main__":
+        sys.stderr.write(_TOO_OLD + "\n")
+        sys.exit(2)
+    raise ImportError(_TOO_OLD)
 
 # Imported where first needed instead, because each costs start-up time that most
 # runs never use (`import omega` and `--help` must stay cheap): requests with
@@ -265,14 +276,25 @@ class OmegaError(Exception):
 
 
 class ConfigError(OmegaError):
-    """Bad configuration or usage: malformed TOML, unknown key or provider, bad value."""
+    """Bad configuration or usage: malformed TOML, unknown key or provider, bad value.
+    Its message is cleaned like every other error line: a path or value it names
+    cannot forge a second line or a colour change, nor show a key."""
     exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(clean(message, 1000))
 
 
 class LogError(OmegaError):
     """The conversation log could not be read or written: one line naming the file
     and what went wrong, meant to be shown as a warning (the answer is not lost)."""
     exit_code = 1
+
+
+class NoConversation(LogError):
+    """The log holds no conversation to go on with (--continue, --chat ID): the
+    user asked for something that is not there, a usage error."""
+    exit_code = 2
 
 
 class ProviderError(OmegaError):
@@ -307,7 +329,7 @@ class ProviderError(OmegaError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        head = " ".join(str(x) for x in (self.status, self.code) if x not in (None, ""))
+        head = self.head()
         text = f"{head}: {self.message}" if head else self.message
         if self.provider:
             text = f"{self.provider}: {text}"
@@ -317,10 +339,15 @@ class ProviderError(OmegaError):
             text += "; then tried " + "; ".join(self.fallbacks)
         return text
 
+    def head(self) -> str:
+        """'503 server_error': the status, then the code unless it only repeats the
+        status (LiteLLM sends {"code": "400"} with a 400)."""
+        code = None if self.code == str(self.status) else self.code
+        return " ".join(str(x) for x in (self.status, code) if x)
+
     def short_reason(self) -> str:
         """'503 server_error', or the message's first words (never cut mid-word)."""
-        head = " ".join(str(x) for x in (self.status, self.code) if x)
-        return head or shorten(self.message, 60)
+        return self.head() or shorten(self.message, 60)
 
     def with_context(self, **changes) -> "ProviderError":
         """A copy of this error, of the same class, with some context changed."""
@@ -365,10 +392,13 @@ def timed_out(settings: dict, call: Call, detail: str = "", **context) -> Provid
 
 
 def too_large(settings: dict, status: int | None = None, where: str = "") -> ProviderError:
+    """status: the answer's HTTP status, kept only when it was an error (the body of
+    a 500 was too large): a 200 is not what went wrong."""
     limit = settings["max_response_bytes"]
     where = f" ({where})" if where else ""
     return ProviderError(f"answer larger than {limit:,} bytes{where}; raise max_response_bytes "
-                         "if it is expected", settings["name"], status,
+                         "if it is expected", settings["name"],
+                         status if status and status >= 300 else None,
                          reason="answer too large")
 
 
@@ -428,8 +458,8 @@ def http_error(status: int, headers, content: bytes, settings: dict) -> Provider
     if headers.get("x-should-retry") == "false":
         context["retryable"] = False
     if data is None:
-        return error_for(status, None, not_json(content), settings["name"],
-                         request_id=request_id_of(headers), **context)
+        return error_for(status, None, plain_text(content, headers) or not_json(content),
+                         settings["name"], request_id=request_id_of(headers), **context)
     return error_from_body(data, status, settings, headers, **context)
 
 
@@ -553,8 +583,19 @@ def not_json(content: bytes, error: Exception | None = None) -> str:
     return f"the server sent {what}, not JSON"
 
 
+def plain_text(content: bytes, headers) -> str:
+    """A text/plain error body as the server wrote it ("Internal Server Error"),
+    redacted, on one line and capped; "" for any other body."""
+    media = (headers.get("content-type") or "").split(";")[0].strip().lower()
+    return clean(content[:2000].decode("utf-8", "replace"), 300) if media == "text/plain" \
+        else ""
+
+
 def request_id_of(headers) -> str | None:
-    return headers.get("x-request-id") or headers.get("request-id")
+    """The id a server gives a request: OpenRouter's X-Generation-Id (gen-…), else
+    x-request-id (OpenAI and most others) or request-id (Anthropic)."""
+    return headers.get("x-generation-id") or headers.get("x-request-id") \
+        or headers.get("request-id")
 
 
 # =============================================================================
@@ -599,10 +640,11 @@ def redact(text: str) -> str:
     return text
 
 
-# Terminal escape sequences (CSI, OSC, and two-character ESC forms), then any
-# other control character: a server must not be able to forge a line, move the
-# cursor or write to the clipboard through an error message.
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?"
+# Terminal escape sequences (CSI and OSC, in their ESC and 8-bit C1 forms, and the
+# two-character ESC forms), then any other control character: a server must not be
+# able to forge a line, move the cursor or write to the clipboard through a text.
+_ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+                      r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?|\x1b.?"
                       r"|[\x00-\x1f\x7f-\x9f]")
 
 
@@ -612,6 +654,15 @@ def shorten(text: str, limit: int) -> str:
         return text
     cut = text[:limit - 1]
     return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut) + "…"
+
+
+def printable(text: str) -> str:
+    """Text of many lines fit to show again on a terminal (--logs): keys redacted,
+    escape sequences and control characters out, line breaks and tabs kept. Line by
+    line, so that a sequence left open cannot swallow the lines after it."""
+    keep = {"\t": "\t"}
+    return "\n".join(_ESCAPES.sub(lambda m: keep.get(m.group(), ""), line)
+                     for line in redact(text).replace("\r\n", "\n").split("\n"))
 
 
 def clean(text, limit: int) -> str:
@@ -628,9 +679,10 @@ def clean(text, limit: int) -> str:
 # 4. Configuration
 # =============================================================================
 # A config is a TOML file (or a dict shaped like one). omega owns three tables:
-# [provider] (with one [provider.<name>] section per backend), [status] and [log];
-# anything else in the file belongs to the application that vendors omega.py and
-# is left alone. Inside omega's tables every key is checked strictly. In the order
+# [provider] (with one [provider.<name>] section per backend), [omega.status] and
+# [omega.log]; anything else in the file ([log], [status], the other keys of an
+# [omega] table …) belongs to the application that vendors omega.py and is left
+# alone. Inside omega's tables every key is checked strictly. In the order
 # a value travels: read -> validate -> provider settings -> keys -> load_config;
 # which keys a section takes, and their defaults, come from the backend table (8).
 
@@ -697,19 +749,29 @@ def config_paths() -> list[str]:
 
 def read_config(config=None) -> tuple[dict, str | None]:
     """(the raw, validated config dict, the file it came from or None).
-    config: a path, a dict shaped like the file, or None for the usual search."""
+    config: a path, a dict shaped like the file, or None for the usual search, in
+    which a file that sets nothing (the shipped, all-comment example) is passed
+    over: it must not hide ~/.omega/config.toml."""
     if isinstance(config, dict):
-        validate(config, "config")
-        return config, config.get("_file")
-    path = os.fspath(config) if config is not None else os.environ.get("OMEGA_CONFIG") or None
-    if path is None:
-        path = next((p for p in config_paths() if os.path.isfile(p)), None)
-        if path is None:
-            return {}, None
+        raw, path = config, config.get("_file")
+    else:
+        path = os.fspath(config) if config is not None else \
+            os.environ.get("OMEGA_CONFIG") or None
+        if path is not None:
+            raw = parse_config(path)
+        else:
+            found = ((p, parse_config(p)) for p in config_paths() if os.path.isfile(p))
+            raw, path = next(((r, p) for p, r in found if not sets_nothing(r)), ({}, None))
+    validate(raw, path or "config")
+    remember_keys(raw)
+    return raw, path
+
+
+def parse_config(path: str) -> dict:
     import tomllib
     try:
         with open(path, "rb") as f:
-            raw = tomllib.loads(f.read().decode("utf-8"))
+            return tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as e:
@@ -718,17 +780,48 @@ def read_config(config=None) -> tuple[dict, str | None]:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
-    validate(raw, path)
-    return raw, path
+
+
+def sets_nothing(raw: dict) -> bool:
+    """True for a file of comments, blank lines and empty tables only."""
+    return all(isinstance(v, dict) and sets_nothing(v) for v in raw.values())
+
+
+def own_tables(raw: dict) -> dict:
+    """The config's [omega] table, {} when there is none (or it is the host's value)."""
+    return raw["omega"] if isinstance(raw.get("omega"), dict) else {}
+
+
+def own_table(raw: dict, name: str) -> dict:
+    """omega's own [omega.<name>] table of a config ({} when there is none)."""
+    return own_tables(raw).get(name) or {}
+
+
+def with_own_table(raw: dict, name: str, table: dict) -> dict:
+    """A copy of raw with [omega.<name>] set to table."""
+    return {**raw, "omega": {**own_tables(raw), name: table}}
+
+
+def remember_keys(raw: dict) -> None:
+    """Learn every key the config holds or names, whichever provider it belongs to,
+    so that none is shown or logged in clear, even in a call to another provider."""
+    for section in (raw.get("provider") or {}).values():
+        if isinstance(section, dict):
+            for value in (section.get("api_key"), section.get("oauth_token"),
+                          os.environ.get(section.get("api_key_env") or "")):
+                if isinstance(value, str) and value.strip():
+                    remember_secret(value.strip())
 
 
 def validate(raw: dict, where: str) -> None:
     """Raise a one-line ConfigError naming the file, the key and what is expected.
     Only omega's own tables are checked; the host application's are not ours."""
-    for table in ("provider", "status", "log"):
-        if table in raw and not isinstance(raw[table], dict):
-            raise ConfigError(f"{where}: {table}: expected a table, got "
-                              f"{type(raw[table]).__name__}")
+    own = own_tables(raw)
+    for table, value in (("provider", raw.get("provider", {})),
+                         ("omega.status", own.get("status", {})),
+                         ("omega.log", own.get("log", {}))):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {table}: expected a table, got {type(value).__name__}")
     providers = raw.get("provider", {})
     check_keys(providers, {**PROVIDER_KEYS, **{n: dict for n in NAMES}}, where, "provider.")
     for name in NAMES:
@@ -737,8 +830,16 @@ def validate(raw: dict, where: str) -> None:
         check_provider(providers["default"], f"{where}: provider.default")
     for name in providers.get("fallback", []):
         check_provider(name, f"{where}: provider.fallback")
-    check_keys(raw.get("status", {}), STATUS_KEYS, where, "status.")
-    check_keys(raw.get("log", {}), LOG_KEYS, where, "log.")
+    check_keys(own_table(raw, "status"), STATUS_KEYS, where, "omega.status.")
+    check_keys(own_table(raw, "log"), LOG_KEYS, where, "omega.log.")
+
+
+def older_tables(raw: dict) -> list[str]:
+    """Top-level tables an older omega read ([status], [log]) that hold only omega's
+    key names: most likely meant for omega, which reads [omega.status] and
+    [omega.log] now (a host's own [log] is left alone, so it cannot tell for sure)."""
+    return [name for name, keys in (("status", STATUS_KEYS), ("log", LOG_KEYS))
+            if isinstance(raw.get(name), dict) and raw[name] and set(raw[name]) <= set(keys)]
 
 
 def check_keys(section: dict, schema: dict, where: str, prefix: str) -> None:
@@ -748,24 +849,61 @@ def check_keys(section: dict, schema: dict, where: str, prefix: str) -> None:
         if key not in schema:
             known = ", ".join(k for k in schema if k not in NAMES)
             raise ConfigError(f"{where}: unknown key {prefix}{key} (known: {known})")
-        kind = schema[key]
-        if value is None or isinstance(value, bool) != (kind is bool) \
-                or not isinstance(value, kind) \
-                or isinstance(value, float) and not math.isfinite(value):
-            expected = {bool: "true or false", str: "a string", int: "an integer",
-                        list: "a list", dict: "a table", NUMBER: "a number",
-                        (str, int): "a string or an integer"}[kind]
-            got = repr(value) if isinstance(value, float) else type(value).__name__
-            raise ConfigError(f"{where}: {prefix}{key}: expected {expected}, got {got}")
-        rule = RULES.get(key) if kind is not dict else None
-        if rule and not rule[0](value):
-            shown = "" if isinstance(value, str) and "key" in key else f", got {value!r}"
-            raise ConfigError(f"{where}: {prefix}{key}: expected {rule[1]}{shown}")
+        check_value(key, value, schema[key], f"{where}: {prefix}{key}")
+
+
+def check_value(key: str, value, kind, where: str) -> None:
+    """value, for the config key `key`, is of kind and meets its rule (RULES); else
+    a ConfigError that starts with where. A number must be finite and fit in a
+    float (an integer of 400 digits is no timeout)."""
+    if value is None or isinstance(value, bool) != (kind is bool) \
+            or not isinstance(value, kind) or number(value) and not finite(value):
+        expected = {bool: "true or false", str: "a string", int: "an integer",
+                    list: "a list", dict: "a table", NUMBER: "a number",
+                    (str, int): "a string or an integer"}[kind]
+        got = shorten(repr(value), 40) if number(value) else type(value).__name__
+        raise ConfigError(f"{where}: expected {expected}, got {got}")
+    rule = RULES.get(key) if kind is not dict else None
+    if rule and not rule[0](value):
+        shown = "" if isinstance(value, str) and "key" in key else f", got {value!r}"
+        raise ConfigError(f"{where}: expected {rule[1]}{shown}")
+
+
+def finite(value) -> bool:
+    """A number that is not NaN or infinite, and that a float can hold."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:                  # an int too large for a float
+        return False
 
 
 def check_provider(name, where: str) -> None:
     if name not in NAMES:
         raise ConfigError(f"{where}: unknown provider {name!r} (choose from {', '.join(NAMES)})")
+
+
+def check_history(history) -> list[Message]:
+    """history (Messages or {"role", "content"} dicts, oldest first) as Messages; a
+    ConfigError naming the entry for an unknown role or a content that is missing
+    or not text, before anything is sent."""
+    messages = []
+    for place, turn in enumerate(history, 1):
+        if isinstance(turn, Message):
+            role, content = turn.role, turn.content
+        elif isinstance(turn, dict):
+            role, content = turn.get("role"), turn.get("content")
+        else:
+            raise ConfigError(f"history entry {place}: expected a Message or a "
+                              f"{{\"role\", \"content\"}} dict, got {type(turn).__name__}")
+        if role not in ("user", "assistant", "system"):
+            raise ConfigError(f"history entry {place}: unknown role {shorten(repr(role), 40)} "
+                              "(use user, assistant or system)")
+        if not isinstance(content, str):
+            raise ConfigError(f"history entry {place}: " + (
+                "no content" if content is None else
+                f"content must be text, got {type(content).__name__}"))
+        messages.append(turn if isinstance(turn, Message) else Message(role, content))
+    return messages
 
 
 def header_value(value: str, where: str) -> str:
@@ -842,8 +980,9 @@ def load_config(path=None) -> dict:
         settings = provider_settings(raw, name, file)
         merged[name] = {k: v for k, v in settings.items() if k in SCHEMA[name] and v is not None}
         merged[name]["_sources"] = settings["sources"]
-    return {"provider": merged, "status": {**STATUS_DEFAULTS, **raw.get("status", {})},
-            "log": dict(raw.get("log", {})), "_file": file}
+    return {"provider": merged, "omega": {"status": {**STATUS_DEFAULTS,
+                                                     **own_table(raw, "status")},
+                                          "log": dict(own_table(raw, "log"))}, "_file": file}
 
 
 def default_provider(raw: dict) -> str:
@@ -935,20 +1074,40 @@ def prepared_attachment(item, number: int, limit: int, who: str) -> Attachment:
     return Attachment(data, kind, name)
 
 
+# What a path may be instead of a regular file, in the words of an error.
+NOT_A_FILE = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+              (stat.S_ISDIR, "a directory"))
+
+
 def read_attachment(path: str, limit: int, who: str) -> bytes:
-    """The file's bytes, read once. One over the limit is refused before it is read
-    (a pipe or device is read up to the limit)."""
+    """The bytes of a regular file, read once; one over the limit is refused before
+    it is read. Anything else (a FIFO, a device, a socket) is refused unread: it
+    could make the call wait for ever, whatever its deadline (-a - reads stdin)."""
     try:
-        with open(path, "rb") as f:
+        kind = os.stat(path).st_mode         # a socket cannot even be opened: say what it is
+        if not stat.S_ISREG(kind):
+            raise not_a_file(path, kind)
+        # O_NONBLOCK: should a FIFO take the file's place meanwhile, opening it
+        # returns at once instead of waiting for a writer (fstat then refuses it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
             info = os.fstat(f.fileno())
-            regular = stat.S_ISREG(info.st_mode)
-            if regular and info.st_size > limit:
+            if not stat.S_ISREG(info.st_mode):
+                raise not_a_file(path, info.st_mode)
+            if info.st_size > limit:
                 raise too_big(who, path, info.st_size, limit)
-            return f.read() if regular else f.read(limit + 1)
+            return f.read(limit + 1)      # one that grew meanwhile: prepared_attachment refuses it
     except FileNotFoundError:
         raise ConfigError(f"attachment {path}: no such file") from None
     except OSError as e:
         raise ConfigError(f"attachment {path}: cannot read it ({e.strerror})") from None
+
+
+def not_a_file(path: str, mode: int) -> ConfigError:
+    what = next((name for test, name in NOT_A_FILE if test(mode)), "something else")
+    return ConfigError(f"attachment {path}: cannot read it: it is {what}, not a regular file "
+                       "(only files are read; -a - reads stdin)")
 
 
 def too_big(who: str, name: str, size: int, limit: int) -> ConfigError:
@@ -1600,6 +1759,7 @@ def log_debug(message: str, *args) -> None:
 # stop_group() then stops whatever is left of its process group.
 
 KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
+LATE_GRACE_SECS = 0.5            # the same past the deadline, which holds within a second
 
 
 def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Popen:
@@ -1710,17 +1870,23 @@ def run_claude(argv: list[str], stdin: str | bytes | list, settings: dict,
         out = b"".join(child_output(child, stdin.encode() if isinstance(stdin, str) else stdin,
                                     settings, call, errors))
     finally:
-        stop_group(child)
+        stop_group(child, kill_grace(call))
     return child.returncode, out.decode(errors="replace"), b"".join(errors).decode(errors="replace")
 
 
-def stop_group(child: subprocess.Popen) -> None:
-    """Stop the child's whole process group: SIGTERM, up to KILL_GRACE_SECS for it to
+def kill_grace(call: Call) -> float:
+    """How long the CLI's group may take to go after SIGTERM: KILL_GRACE_SECS, but
+    never more than LATE_GRACE_SECS past the call's deadline."""
+    return min(KILL_GRACE_SECS, max(call.left(), 0.0) + LATE_GRACE_SECS)
+
+
+def stop_group(child: subprocess.Popen, grace: float) -> None:
+    """Stop the child's whole process group: SIGTERM, up to grace seconds for it to
     go, then SIGKILL for whatever is left. The SIGKILL is sent even when Ctrl-C is
     pressed again meanwhile: nothing survives, whatever the number of Ctrl-Cs."""
     try:
         if signal_group(child, signal.SIGTERM):
-            end = time.monotonic() + KILL_GRACE_SECS
+            end = time.monotonic() + grace
             while group_alive(child) and time.monotonic() < end:
                 time.sleep(0.01)
     finally:
@@ -1929,9 +2095,13 @@ def model_of(ctx: Context, settings: dict) -> str:
 
 
 def requested(ctx: Context, settings: dict, key: str):
-    """max_tokens / temperature: the request's value, else the configured one."""
+    """max_tokens / temperature: the request's value, checked as the config's is
+    (a NaN would go out as invalid JSON), else the configured one."""
     value = getattr(ctx, key)
-    return settings.get(key) if value is None else value
+    if value is None:
+        return settings.get(key)
+    check_value(key, value, KEY_TYPES[key], f"Context.{key}")
+    return value
 
 
 def chat_messages(ctx: Context) -> list[dict]:
@@ -2600,6 +2770,10 @@ def ollama_host(value: str) -> str:
 # -----------------------------------------------------------------------------
 
 RESUME_PROMPT = "Continue where you left off. Complete the remaining work."
+# The longest one command-line argument may be (Linux: MAX_ARG_STRLEN, 32 pages,
+# its closing NUL included). The CLI takes a schema only as the value of
+# --json-schema, so a longer one cannot reach it.
+MAX_ARG_BYTES = 32 * 4096 - 1
 MODEL_ALIASES = ("sonnet", "opus", "haiku")   # what `claude --model` takes besides full names
 TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
 
@@ -2619,12 +2793,23 @@ def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
     if settings["skip_permissions"]:
         argv.append("--dangerously-skip-permissions")
     if ctx.schema is not None:
-        argv += ["--json-schema", json.dumps(ctx.schema)]
+        argv += ["--json-schema", claude_code_schema(ctx.schema, settings)]
     tools = settings["allowed_tools"] if ctx.allowed_tools is None else ctx.allowed_tools
     if tools:
         # Last and as one word: list flags swallow every following word.
         argv += ["--allowedTools", ",".join(tools)]
     return argv
+
+
+def claude_code_schema(schema: dict, settings: dict) -> str:
+    """The schema as the CLI's --json-schema value: compact JSON, ASCII only; one
+    too long for a command-line argument is refused before the CLI runs."""
+    text = json.dumps(schema, separators=(",", ":"))
+    if len(text) > MAX_ARG_BYTES:
+        raise ConfigError(f"{settings['name']}: the schema is {len(text):,} bytes as JSON; "
+                          f"the claude CLI takes it as one command-line argument, which may "
+                          f"be at most {MAX_ARG_BYTES:,} bytes (an HTTP provider takes more)")
+    return text
 
 
 def claude_code_stdin(prompt: str, files: list) -> bytes | list[bytes]:
@@ -2785,7 +2970,7 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
                 shown = True
                 yield piece
     finally:
-        stop_group(child)
+        stop_group(child, kill_grace(call))
     if result is None:
         err = b"".join(errors).decode(errors="replace")
         if not err.strip():
@@ -3047,10 +3232,8 @@ class Options:
         return f"Options({', '.join(shown)})"
 
     def __post_init__(self):
-        timeout = self.timeout
-        if timeout is not None and not (number(timeout) and 0 < timeout < math.inf):
-            raise ConfigError(f"timeout: expected a number of seconds greater than 0, "
-                              f"got {timeout!r}")
+        if self.timeout is not None:
+            check_value("timeout_secs", self.timeout, NUMBER, "timeout")
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(Options))
@@ -3256,7 +3439,7 @@ def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
     started = time.monotonic()
     on_status, timeout = options.on_status, options.timeout
     deadline = started + timeout if timeout else math.inf
-    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **raw.get("status", {})})
+    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **own_table(raw, "status")})
     failures: list[tuple[str, OmegaError]] = []
     try:
         for index, name in enumerate(chain):
@@ -3328,13 +3511,14 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
     config: (raw, path) when the caller has read options.config already (the CLI,
     so that it is checked once); then `log` is the log file (None: no log) and
     `warn` hears that a row could not be written. Otherwise options.config is read
-    here, the log is on when its [log] table says so, and on_status hears."""
+    here, the log is on when its [omega.log] table says so, and on_status hears."""
     if config is None:
         raw, path = read_config(options.config)
         log, warn = log_path(raw, for_cli=False), options.on_status
     else:
         raw, path = config
     ctx = context_of(ctx, options)
+    check_history(ctx.history)
     chain = provider_chain(raw, options.provider, options.fallback)
     settings = call_settings(options)
     if settings:
@@ -3423,7 +3607,8 @@ class Stream:
 
 
 def ask(prompt: str, provider: str | None = None, model: str | None = None,
-        system: str | None = None, config=None, **options) -> str | dict | list | float | bool | None:
+        system: str | None = None, config=None,
+        **options) -> str | dict | list | float | bool | None:
     """Send one prompt and return the answer text; with schema=, the answer's
     parsed JSON value instead. Takes every keyword of Options (provider, model,
     system and config also by position)."""
@@ -3454,8 +3639,7 @@ class Chat:
         self.options = options_of("Chat", dict(options, provider=provider, system=system,
                                                config=config, model=model, on_status=on_status),
                                   CHAT_KEYWORDS)
-        self.history = [m if isinstance(m, Message) else Message(m["role"], m["content"])
-                        for m in history]
+        self.history = check_history(history)
         self.replies: list[OutgoingMessage] = []
         self._conversation = {"id": None}           # its id in the log, when logged
 
@@ -3599,19 +3783,29 @@ def ready_elsewhere(raw: dict, path: str | None, failed: str) -> str:
             ready.append((name, "$" + source[4:] if source.startswith("env ")
                           else "key in config" if source == "file" else why))
     if not ready:
-        return "; nothing else is ready here either (see: python omega.py --check)"
+        return "; nothing else is ready here either (see: python3 omega.py --check)"
     listed = ", ".join(f"{n} ({why})" for n, why in ready)
     return f"; ready here: {listed} - use -p {ready[0][0]} or set provider.default"
 
 
-def check(config, out) -> int:
+def check(config, out, provider: str | None = None) -> int:
     """--check: every provider, whether it is ready here and why, and where each
-    value came from. Exit 0 when the default provider is ready, else 1."""
+    value came from. Exit 0 when the provider asked about (default: the default
+    provider) is ready, else 1."""
     loaded = load_config(config)
     providers, default = loaded["provider"], loaded["provider"]["default"]
+    asked = provider or default
+    check_provider(asked, "provider")
     out(f"config file: {loaded['_file'] or 'none (built-in defaults)'}")
+    older = older_tables(read_config(config)[0])
+    if older:
+        out(f"note: omega reads {' and '.join(f'[omega.{t}]' for t in older)} now; "
+            f"{' and '.join(f'[{t}]' for t in older)} in {loaded['_file']} "
+            f"{'is' if len(older) == 1 else 'are'} left to your application")
     out(f"default provider: {default}" + (f", fallback: {', '.join(providers['fallback'])}"
                                           if providers["fallback"] else ""))
+    if asked != default:
+        out(f"checking: {asked}")
     out("")
     rows, verdict = [("provider", "enabled", "model", "model_complex", "ready", "why")], 1
     for name in NAMES:
@@ -3620,7 +3814,7 @@ def check(config, out) -> int:
         ok, why = readiness(settings, deep=True)
         rows.append((name, "yes" if settings["enabled"] else "no", settings["model"],
                      settings["model_complex"] or "-", "yes" if ok else "no", why))
-        if name == default and ok:
+        if name == asked and ok:
             verdict = 0
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
@@ -3658,7 +3852,7 @@ LOG_BUSY_SECS = 5.0          # how long a run waits for another one's write, in 
 LOG_OFF = ("0", "false", "no", "off")           # OMEGA_LOG values that turn the log off
 LOG_FIELDS = ("provider", "model", "system_prompt", "prompt", "answer", "input_tokens",
               "output_tokens", "cost_usd", "duration_ms", "stop_reason", "session_id",
-              "error")
+              "error", "asked_model")
 LOG_COLUMNS = ("conversation", "time", *LOG_FIELDS)
 LOG_SCHEMA = """CREATE TABLE exchanges (
     id INTEGER PRIMARY KEY,          -- the order rows were written in
@@ -3675,22 +3869,35 @@ LOG_SCHEMA = """CREATE TABLE exchanges (
     duration_ms INTEGER,
     stop_reason TEXT,
     session_id TEXT,
-    error TEXT                       -- one line when the exchange failed, else NULL
+    error TEXT                       -- one line when it failed or was stopped, else NULL
 )"""
 LOG_INDEX = "CREATE INDEX exchanges_by_conversation ON exchanges (conversation, id)"
+# Columns added to schema 1 since it first shipped. They change no version: a file
+# without them gets them the next time it is written (ALTER TABLE, one statement in
+# the write's transaction, no row lost), reads as NULL there until then, and older
+# omegas go on reading and writing the file by the columns they know.
+LOG_ADDED_COLUMNS = {
+    "asked_model": "TEXT",      # the model the user asked for (-m, Context.model), else
+}                               #   NULL: what --continue sends, not what a server said
+# A conversation with an exchange that was answered: one that --continue may go on.
+ANSWERED = "answer IS NOT NULL AND error IS NULL"
+# The files SQLite keeps for the log: itself, its write-ahead log, its shared
+# memory index and its rollback journal. None may be a symbolic link.
+LOG_FILES = ("", "-wal", "-shm", "-journal")
+LOG_FULL_BELOW = 1024 * 1024    # free bytes under which an I/O error means a full disk
 
 # SQLite's primary result codes that the messages below put in plain words.
-SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_CORRUPT, SQLITE_FULL, \
-    SQLITE_CANTOPEN, SQLITE_NOTADB = 5, 6, 8, 11, 13, 14, 26
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL, \
+    SQLITE_CANTOPEN, SQLITE_NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
 
 
 def log_path(raw: dict, for_cli: bool) -> str | None:
     """The conversation log's file, or None when the log is off. On for the CLI
-    unless `[log] enabled = false` or OMEGA_LOG=0; off for library calls unless
-    `[log] enabled = true`. The file is `[log] path`, else $OMEGA_LOG_PATH, else
-    ~/.omega/log.db (an empty value counts as unset). raw: the config dict, as
-    read_config() or load_config() return it."""
-    section = raw.get("log", {})
+    unless `[omega.log] enabled = false` or OMEGA_LOG=0; off for library calls
+    unless `[omega.log] enabled = true`. The file is `[omega.log] path`, else
+    $OMEGA_LOG_PATH, else ~/.omega/log.db (an empty value counts as unset). raw: the
+    config dict, as read_config() or load_config() return it."""
+    section = own_table(raw, "log")
     enabled = section.get("enabled")
     if enabled is None:
         # The variable can only turn the log off: a library call is logged only
@@ -3700,10 +3907,10 @@ def log_path(raw: dict, for_cli: bool) -> str | None:
 
 
 def log_file(raw: dict) -> str:
-    """Where the log is (or would be), whether or not it is on: `[log] path`, else
-    $OMEGA_LOG_PATH, else ~/.omega/log.db."""
-    path = raw.get("log", {}).get("path") or os.environ.get("OMEGA_LOG_PATH") \
-        or os.path.join("~", ".omega", "log.db")
+    """Where the log is (or would be), whether or not it is on: `[omega.log] path`,
+    else $OMEGA_LOG_PATH, else ~/.omega/log.db."""
+    path = own_table(raw, "log").get("path") or os.environ.get("OMEGA_LOG_PATH") \
+        or os.path.join(omega_folder(), "log.db")
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -3735,21 +3942,36 @@ def log_exchange(path: str, entry: dict) -> str:
 
 
 def logged_conversation(path: str, conversation: str | None) -> tuple[str, list[dict]]:
-    """(id, rows) of a conversation, oldest first, or of the most recent one when
-    conversation is None. Each row is a dict of LOG_COLUMNS; a failed exchange
-    has its `error` set and no `answer`. Never creates the file."""
+    """(id, rows) of a conversation, oldest first: the one whose id is or starts
+    with `conversation`, or when that is None the most recent one in which anything
+    was answered (a first run that failed is nothing to go on with). Each row is a
+    dict of LOG_COLUMNS; a failed or interrupted exchange has its `error` set, and
+    as its `answer` the text received before that, if any.
+    Never creates the file. NoConversation when there is no such conversation."""
     if conversation is None:
         rows = read_log(path, "WHERE conversation = (SELECT conversation FROM exchanges "
-                              "ORDER BY id DESC LIMIT 1) ORDER BY id", ())
+                              f"WHERE {ANSWERED} ORDER BY id DESC LIMIT 1) ORDER BY id", ())
+        if not rows and rows is not None and recent_exchanges(path, 1):
+            raise NoConversation(clean(f"nothing to continue in {path}: no exchange there "
+                                       "was answered yet", 1000))
     else:
-        conversation = conversation_id(path, conversation)
-        rows = read_log(path, "WHERE conversation = ? ORDER BY id", (conversation,))
+        start = conversation_id(path, conversation, prefix=True)
+        # The rows of at most two conversations with that start: one, or proof of two.
+        rows = read_log(path, "WHERE conversation IN (SELECT DISTINCT conversation FROM "
+                              "exchanges WHERE conversation LIKE ? LIMIT 2) ORDER BY id",
+                        (start + "%",))
+        found = sorted({row["conversation"] for row in rows or ()})
+        if len(found) > 1:
+            raise NoConversation(clean(f"{start} is the start of more than one conversation "
+                                       f"in {path} ({', '.join(found)}, …): give more of "
+                                       "its id", 1000))
         if rows:
-            return conversation, rows
+            return found[0], rows
         if rows is not None and recent_exchanges(path, 1):
-            raise LogError(clean(f"no conversation {conversation} in {path}", 1000))
+            raise NoConversation(clean(f"no conversation {start} in {path}", 1000))
     if not rows:
-        raise log_error(path, "nothing to continue: no exchange has been logged there yet")
+        raise log_error(path, "nothing to continue: no exchange has been logged there yet",
+                        NoConversation)
     return rows[0]["conversation"], rows
 
 
@@ -3758,6 +3980,7 @@ def recent_exchanges(path: str, n: int) -> list[dict]:
     of LOG_COLUMNS. No log file yet: [] (and still no file)."""
     if n <= 0:
         return []
+    n = min(n, 2 ** 63 - 1)                # "all of them": SQLite's integers end here
     return (read_log(path, "ORDER BY id DESC LIMIT ?", (n,)) or [])[::-1]
 
 
@@ -3767,12 +3990,13 @@ def new_conversation_id() -> str:
     return os.urandom(4).hex()
 
 
-def conversation_id(path: str, value) -> str:
-    """value as a conversation id (case and surrounding spaces forgiven)."""
+def conversation_id(path: str, value, prefix: bool = False) -> str:
+    """value as a conversation id (case and surrounding spaces forgiven), or with
+    prefix=True as the start of one (1 to 8 of its characters)."""
     text = value.strip().lower() if isinstance(value, str) else ""
-    if not re.fullmatch(r"[0-9a-f]{8}", text):
-        raise LogError(clean(f"no conversation {value!r} in {path} (an id is 8 hex "
-                             "characters, such as 3f9a0c12)", 1000))
+    if not re.fullmatch(r"[0-9a-f]{1,8}" if prefix else r"[0-9a-f]{8}", text):
+        raise NoConversation(clean(f"no conversation {value!r} in {path} (an id is 8 hex "
+                                   "characters, such as 3f9a0c12)", 1000))
     return text
 
 
@@ -3806,24 +4030,59 @@ def log_row(entry: dict) -> tuple:
     return tuple(values)
 
 
-def open_log(path: str, create: bool):
+def open_log(path: str, create: bool, as_it_stands: bool = False):
     """A connection to the log, or None when there is no file and create is False:
-    reading opens the file read-only, so it never makes one."""
+    reading opens the file read-only, so it never makes one. as_it_stands: read it
+    as immutable, for a log nothing can write to (see read_log)."""
     import sqlite3
+    refuse_links(path)
     if os.path.isdir(path):
         raise log_error(path, "is a directory, not a file")
     if not create:
         if not os.path.exists(path):
             return None
-        return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True,
-                               timeout=LOG_BUSY_SECS, isolation_level=None)
+        return sqlite3.connect(f"file:{quote(path)}?mode=ro" + "&immutable=1" * as_it_stands,
+                               uri=True, timeout=LOG_BUSY_SECS, isolation_level=None)
     # Prompts and answers are private: the folder and the file are the owner's
     # alone (SQLite would make the file 0644; its -wal and -shm copy its mode).
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    if not os.path.exists(path):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))   # an empty file is a new db
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if folder == omega_folder():          # a folder of the user's own choosing is theirs
+            tighten(folder, 0o700)
+    try:                                      # an empty file is a new db; never through a link
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        tighten(path, 0o600)
     return sqlite3.connect(path, timeout=LOG_BUSY_SECS, isolation_level=None)
+
+
+def omega_folder() -> str:
+    """~/.omega: omega's own folder, for the log and a config file."""
+    return os.path.abspath(os.path.join(os.path.expanduser("~"), ".omega"))
+
+
+def refuse_links(path: str) -> None:
+    """The log is never reached through a symbolic link: one planted at its path
+    (or at a file SQLite keeps beside it) could make omega write into, or create,
+    another file, with the rights of whoever runs it (root included)."""
+    for name in (path + suffix for suffix in LOG_FILES):
+        if os.path.islink(name):
+            which = "is" if name == path else f"has {os.path.basename(name)} beside it as"
+            raise log_error(path, f"{which} a symbolic link, which omega does not follow "
+                                  "(remove it, or set [omega.log] path)")
+
+
+def tighten(path: str, most: int) -> None:
+    """Take away every permission beyond `most` (0600, 0700) that path has: a log
+    made by an older omega, or by hand, may be readable by everyone."""
+    info = os.lstat(path)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & ~most and not stat.S_ISLNK(info.st_mode):
+        try:
+            os.chmod(path, mode & most)
+        except PermissionError:           # not ours to change: it stays as it is
+            pass
 
 
 def with_retries(conn, work):
@@ -3861,6 +4120,10 @@ def append(conn, path: str, conversation: str | None, row: tuple) -> str:
         conn.execute(LOG_SCHEMA)
         conn.execute(LOG_INDEX)
         conn.execute(f"PRAGMA user_version = {LOG_SCHEMA_VERSION}")
+    present = log_columns(conn)
+    for column, kind in LOG_ADDED_COLUMNS.items():
+        if column not in present:        # a file from before it was added
+            conn.execute(f"ALTER TABLE exchanges ADD COLUMN {column} {kind}")
     while conversation is None:
         candidate = new_conversation_id()
         if not conn.execute("SELECT 1 FROM exchanges WHERE conversation = ? LIMIT 1",
@@ -3874,24 +4137,42 @@ def append(conn, path: str, conversation: str | None, row: tuple) -> str:
 
 def read_log(path: str, query: str, params: tuple) -> list[dict] | None:
     """The rows `SELECT <LOG_COLUMNS> FROM exchanges <query>` gives, as dicts;
-    [] for a log with nothing in it yet, None when there is no file."""
+    [] for a log with nothing in it yet, None when there is no file. A log on a
+    read-only disk or in a read-only folder is read too: reading a WAL file wants to
+    make its -shm index beside it, and where that cannot be done nobody can write
+    the log either, so it is read as it stands (immutable)."""
     import sqlite3
 
     def select(conn):
         if schema_version(conn, path) == 0:
             return []
-        found = conn.execute(f"SELECT {', '.join(LOG_COLUMNS)} FROM exchanges {query}", params)
+        present = log_columns(conn)
+        columns = ", ".join(c if c in present else f"NULL AS {c}" for c in LOG_COLUMNS)
+        found = conn.execute(f"SELECT {columns} FROM exchanges {query}", params)
         return [dict(zip(LOG_COLUMNS, row, strict=True)) for row in found.fetchall()]
-    try:
-        conn = open_log(path, create=False)
+
+    def read(as_it_stands):
+        conn = open_log(path, create=False, as_it_stands=as_it_stands)
         if conn is None:
             return None
         try:
             return with_retries(conn, select)
         finally:
             conn.close()
+    try:
+        try:
+            return read(False)
+        except sqlite3.Error as e:
+            if sqlite_code(e) not in (SQLITE_CANTOPEN, SQLITE_READONLY):
+                raise
+        return read(True)
     except (sqlite3.Error, OSError) as e:
         raise log_failure(path, e) from None
+
+
+def log_columns(conn) -> set:
+    """The columns the file's exchanges table has (LOG_ADDED_COLUMNS may be missing)."""
+    return {row[1] for row in conn.execute("PRAGMA table_info(exchanges)")}
 
 
 def schema_version(conn, path: str) -> int:
@@ -3903,10 +4184,11 @@ def schema_version(conn, path: str) -> int:
                                    " FROM pragma_user_version").fetchone()
     if version > LOG_SCHEMA_VERSION:
         raise log_error(path, f"written by a newer omega (log schema {version}, this one "
-                              f"knows {LOG_SCHEMA_VERSION}): upgrade omega.py or set [log] path")
+                              f"knows {LOG_SCHEMA_VERSION}): upgrade omega.py or set "
+                              "[omega.log] path")
     if version < 0 or version == 0 and tables:
         raise log_error(path, "is another program's database, not an omega log: "
-                              "set [log] path to another file")
+                              "set [omega.log] path to another file")
     return version
 
 
@@ -3920,7 +4202,7 @@ def log_failure(path: str, e: Exception) -> LogError:
     """An OSError or sqlite3.Error from the log, as one line a user can act on."""
     if isinstance(e, OSError):       # from making the file or its folder
         where = os.fspath(e.filename) if e.filename is not None else None
-        what = e.strerror or str(e)
+        what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
         return log_error(path, what if where is None else f"cannot create it: {what}"
                          if where == path else f"cannot create its folder {where}: {what}")
     plain = {SQLITE_BUSY: f"locked by another process for more than {LOG_BUSY_SECS:g} s",
@@ -3931,11 +4213,21 @@ def log_failure(path: str, e: Exception) -> LogError:
              SQLITE_FULL: "the disk is full",
              SQLITE_CANTOPEN: "cannot open it (are the file and its folder writable?)",
              }.get(sqlite_code(e))
+    if sqlite_code(e) == SQLITE_IOERR and disk_full(path):
+        plain = "the disk is full"     # SQLite says "disk I/O error" when its -shm cannot grow
     return log_error(path, plain or f"{type(e).__name__}: {e}")
 
 
-def log_error(path: str, what: str) -> LogError:
-    return LogError(clean(f"conversation log {path}: {what}", 1000))
+def disk_full(path: str) -> bool:
+    try:
+        disk = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return disk.f_bavail * disk.f_frsize < LOG_FULL_BELOW
+
+
+def log_error(path: str, what: str, kind: type = LogError) -> LogError:
+    return kind(clean(f"conversation log {path}: {what}", 1000))
 
 
 def interruption(stop: BaseException) -> str:
@@ -3960,7 +4252,8 @@ def record(log: str, ctx: Context, outcome, received: str, started: float,
         else interruption(outcome)
     entry = {"conversation": (conversation or {}).get("id"), "time": started,
              "provider": meta.provider_used or getattr(outcome, "provider", None),
-             "model": meta.model or ctx.model, "system_prompt": ctx.system_prompt,
+             "model": meta.model or ctx.model, "asked_model": ctx.model,
+             "system_prompt": ctx.system_prompt,
              "prompt": ctx.current_message, "answer": reply.text if reply else received or None,
              "input_tokens": meta.input_tokens, "output_tokens": meta.output_tokens,
              "cost_usd": meta.cost_usd, "duration_ms": round((time.time() - started) * 1000),
@@ -3983,7 +4276,8 @@ def logged(pieces, log: str, ctx: Context, conversation: dict | None, warn):
     text received and the error that ended it; or, interrupted (Ctrl-C, SIGTERM,
     SIGHUP, the stream closed before its end), the text received and how it was
     stopped. A ConfigError asked nothing of a provider: no row. A log that cannot
-    be written never fails the call."""
+    be written never fails the call. (The log is on for a library call when its
+    config says [omega.log] enabled = true.)"""
     started, received, outcome = time.time(), [], None
     try:
         while True:
@@ -4017,7 +4311,8 @@ def parse_args(argv):
         prog="omega", description="Send a prompt to an AI backend and print the answer.",
         epilog="The prompt is the words given; with none (or -) it is read from stdin; "
                "with both, stdin follows the words after a blank line. Exit codes: "
-               "0 ok, 1 provider error, 2 config/usage, 3 auth, 4 rate limit, "
+               "0 ok, 1 provider error or unreadable log, 2 config/usage (an unknown "
+               "conversation too), 3 auth, 4 rate limit, "
                "5 timeout, 6 empty answer, 7 unavailable, 130 interrupted "
                "(129 SIGHUP, 143 SIGTERM).")
 
@@ -4025,13 +4320,13 @@ def parse_args(argv):
         raise ConfigError(f"{message} (see --help)")
     parser.error = usage_error
     add = parser.add_argument
-    add("prompt", nargs="*", help="the prompt words")
+    add("prompt", nargs="*", type=text_arg, help="the prompt words")
     add("-p", "--provider", choices=NAMES, metavar="PROVIDER",
         help="one of: " + ", ".join(NAMES))
-    add("-m", "--model", help="the model for this request")
-    add("-s", "--system", default="", help="system prompt")
-    add("-c", "--config", help="config file (default: $OMEGA_CONFIG, ./config.toml beside "
-                               "omega.py, ~/.omega/config.toml)")
+    add("-m", "--model", type=text_arg, help="the model for this request")
+    add("-s", "--system", default="", type=text_arg, help="system prompt")
+    add("-c", "--config", help="config file (default: $OMEGA_CONFIG, else the first of "
+                               f"{', '.join(config_paths())} that sets anything)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--complex", action="store_true", help="use the provider's model_complex")
     group.add_argument("--auto-route", action="store_true",
@@ -4070,7 +4365,29 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if any(isinstance(a, Attachment) for a in args.attach or ()) and args.prompt in ([], ["-"]):
         usage_error("-a - reads the attachment from stdin: give the prompt as words")
+    alone = next((flag for flag, given in (("--logs", args.logs is not None),
+                                           ("--models", args.models), ("--check", args.check))
+                  if given), None)
+    if alone and args.prompt:
+        usage_error(f"{alone} takes no prompt, and {shorten(' '.join(args.prompt), 40)!r} "
+                    "would go nowhere")
+    if args.logs is not None and args.logs < 0:
+        usage_error(f"--logs: expected a number 0 or more, got {args.logs}")
     return args
+
+
+def text_arg(text: str) -> str:
+    """A prompt word, -s or -m: text. A byte that is not UTF-8 (Python keeps it as a
+    surrogate) could go in no request and no log: refused before anything is sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise ConfigError(f"the argument '{shorten(shown, 60)}' is not UTF-8 text (byte "
+                          f"0x{ord(text[e.start]) - 0xdc00:02x}); give text, or a file with -a"
+                          ) from None
+    return text
 
 
 def attachment_arg(text: str) -> str | Attachment:
@@ -4087,7 +4404,9 @@ def attachment_arg(text: str) -> str | Attachment:
 def schema_arg(text: str) -> dict:
     """--schema: JSON text when it looks like JSON, else a file holding it."""
     where = "--schema"
-    if not text.lstrip().startswith(("{", "[")):
+    if text.lstrip().startswith(("{", "[")):
+        text_arg(text)
+    else:
         where = f"--schema {text}"
         try:
             with open(text, "rb") as f:
@@ -4165,10 +4484,11 @@ def tell(line: str) -> None:
 
 def continued(log: str, conversation: str | None, ctx: Context, provider: str | None):
     """(id, ctx with the logged turns as history, provider) to go on with a logged
-    conversation: its provider and model unless -p / -m say otherwise; claude-code
-    resumes its CLI session instead of resending the turns."""
+    conversation: its provider, and the model the user asked for in it (never the
+    one a server said it used), unless -p / -m say otherwise; claude-code resumes
+    its CLI session instead of resending the turns."""
     conversation, rows = logged_conversation(log, conversation)
-    done = [r for r in rows if r["answer"] is not None and r["error"] is None]
+    done = [r for r in rows if r["answer"] is not None and r["error"] is None]   # ANSWERED
     history = tuple(Message(role, text) for r in done
                     for role, text in (("user", r["prompt"]), ("assistant", r["answer"])))
     last = done[-1] if done else rows[-1]
@@ -4179,17 +4499,22 @@ def continued(log: str, conversation: str | None, ctx: Context, provider: str | 
     session = next((r["session_id"] for r in reversed(done) if r["session_id"]), None)
     ctx = replace(ctx, history=history,
                   system_prompt=ctx.system_prompt or last["system_prompt"] or "",
-                  model=ctx.model or (last["model"] if same else None),
+                  model=ctx.model or (last["asked_model"] if same else None),
                   session_id=session if same and keeps_sessions(chosen) else None)
     return conversation, ctx, chosen
 
 
 def print_logs(log: str, n: int, as_json: bool) -> int:
-    """--logs: the last n exchanges, newest last, each with its conversation id."""
+    """--logs: the last n exchanges, newest last, each with its conversation id.
+    What a server or a paste once wrote is shown without its terminal escapes: an
+    answer must not write to the clipboard or clear the screen every time it is
+    shown again (JSON escapes C0 controls itself; C1 controls are escaped here)."""
     for row in recent_exchanges(log, n):
         if as_json:
-            print(json.dumps(row, ensure_ascii=False))
+            print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}",
+                         json.dumps(row, ensure_ascii=False)))
             continue
+        row = {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
         what = "\n".join(x for x in (row["answer"], row["error"] and f"error: {row['error']}") if x)
         print(f"[{row['conversation']}] {row['time']} {row['provider']} {row['model'] or ''}"
               .rstrip())
@@ -4257,7 +4582,7 @@ def run_cli(argv) -> int:
         if sys.stdout is None:
             raise ConfigError("stdout is closed: there is nowhere to write the answer")
         if args.check:
-            return check(args.config, print)
+            return check(args.config, print, args.provider)
         raw, path = read_config(args.config)
         log = None if args.no_log else log_path(raw, for_cli=True)
         if args.logs is not None:
@@ -4267,10 +4592,11 @@ def run_cli(argv) -> int:
         prompt = read_prompt(args.prompt)
         if not prompt.strip():
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
-        if args.max_tokens is not None and args.max_tokens <= 0:
-            raise ConfigError("--max-tokens: expected a number greater than 0")
-        if args.timeout is not None and not 0 < args.timeout < math.inf:
-            raise ConfigError("--timeout: expected a number greater than 0")
+        for flag, value, key, kind in (("--max-tokens", args.max_tokens, "max_tokens", int),
+                                       ("--temperature", args.temperature, "temperature", NUMBER),
+                                       ("--timeout", args.timeout, "timeout_secs", NUMBER)):
+            if value is not None:                  # checked as the config's keys are
+                check_value(key, value, kind, flag)
         if args.auto_route:
             raw = {**raw, "provider": {**raw.get("provider", {}), "auto_route": True}}
         ctx = Context(prompt, system_prompt=args.system, model=args.model,
@@ -4280,7 +4606,8 @@ def run_cli(argv) -> int:
         if args.go_on or args.chat:
             if not log:
                 raise ConfigError(f"--{'continue' if args.go_on else 'chat'} needs the log, "
-                                  "which is off (--no-log, OMEGA_LOG=0 or [log] enabled = false)")
+                                  "which is off (--no-log, OMEGA_LOG=0 or [omega.log] "
+                                  "enabled = false)")
             conversation, ctx, provider = continued(log, args.chat, ctx, provider)
         if args.attach or args.schema is not None:
             ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)

@@ -476,7 +476,7 @@ def toml_for(config):
     """Write a config dict as TOML (enough for the tests' flat sections)."""
     lines = []
     for table, section in (("provider", config.get("provider", {})),
-                           ("status", config.get("status", {}))):
+                           ("omega", config.get("omega", {}))):
         plain = {k: v for k, v in section.items() if not isinstance(v, dict)}
         lines.append(f"[{table}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in plain.items()]
@@ -591,6 +591,16 @@ def kill_leftovers(*pids):
     for pid in pids:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def unshared(script, tmp_path):
+    """script in a shell that is root of its own user and mount namespaces (to mount a
+    tiny or a read-only file system), or a skip where this machine does not allow it."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-Urm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a user and mount namespace here (unshare -Urm)")
+    return subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=HERE, text=True,
+                          capture_output=True, timeout=60, env=cli_env(tmp_path))
 
 
 # --- the command line --------------------------------------------------------
@@ -822,6 +832,51 @@ def test_quota_exhaustion_is_rate_limit_error_never_retried(api, name, status, b
     with pytest.raises(omega.RateLimitError):
         ask_via(name, api)
     assert len(api.requests) == 1
+
+
+def test_a_status_repeated_as_its_code_is_shown_once(api):
+    api.reply({"error": {"message": "Bad request", "type": "invalid_request_error",
+                         "code": "400"}}, status=400)                   # as LiteLLM sends it
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api, max_retries=0)
+    assert str(err.value) == "openai: 400: Bad request" and err.value.code == "400"
+    api.reply({"error": {"message": "Slow down", "type": "rate_limit", "code": "429"}},
+              status=429)
+    with pytest.raises(omega.RateLimitError) as err:
+        ask_via("openai", api, max_retries=0)
+    assert str(err.value) == "openai: 429: Slow down"
+    assert omega.failure_label(err.value) == "rate-limited (429)"
+
+
+def test_an_answer_too_large_is_not_an_http_status(api):
+    api.reply(openai_ok("x" * 5000))
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api, max_response_bytes=1000)
+    assert str(err.value).startswith("openai: answer larger than 1,000 bytes")
+    assert err.value.status is None
+    api.reply(raw=b"y" * 5000, status=500, headers={"Content-Type": "text/plain"})
+    with pytest.raises(omega.ProviderError) as err:       # an error's own status stays
+        ask_via("openai", api, max_response_bytes=1000, max_retries=0)
+    assert str(err.value).startswith("openai: 500: answer larger than") and err.value.status == 500
+
+
+def test_a_plain_text_error_body_is_shown_redacted_on_one_line(api):
+    api.reply(raw=b"Internal Server Error", status=500, headers={"Content-Type": "text/plain"})
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api, max_retries=0)
+    assert str(err.value) == "openai: 500: Internal Server Error"
+    hostile = f"upstream said\n\x1b[2Jno to {KEY} " + "word " * 200
+    api.reply(raw=hostile.encode(), status=502,
+              headers={"Content-Type": "text/plain; charset=utf-8"})
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openai", api, max_retries=0)
+    text = str(err.value)
+    assert text.startswith("openai: 502: upstream said no to …") and not leaks(text)
+    assert "\n" not in text and "\x1b" not in text and len(err.value.message) <= 300
+    api.reply(raw=b"<html><body>Bad Gateway</body></html>", status=502,
+              headers={"Content-Type": "text/html"})
+    with pytest.raises(omega.ProviderError, match="the server sent an HTML page, not JSON"):
+        ask_via("openai", api, max_retries=0)
 
 
 # --- what is retried, and when: Retry-After ----------------------------------
@@ -1105,7 +1160,7 @@ def test_defaults_without_any_file():
     assert config["provider"]["claude-code"]["timeout_secs"] == 3600
     assert config["provider"]["openai"]["timeout_secs"] == 600
     assert config["provider"]["anthropic"]["max_tokens"] == 8192
-    assert config["status"]["delay_secs"] == 15
+    assert config["omega"]["status"]["delay_secs"] == 15
 
 
 @pytest.mark.parametrize("searched, env, explicit, expected", [
@@ -1222,11 +1277,11 @@ default = "ollama"
 base_url = "{api.url}"
 max_retries = 10
 
-[status]
+[omega.status]
 delay_secs = 0.1
 repeat_secs = 0.1
 
-[log]
+[omega.log]
 enabled = false
 path = "omega-log.db"
 """)
@@ -1240,10 +1295,10 @@ path = "omega-log.db"
 @pytest.mark.parametrize("extra, fragment", [
     ("[provider]\ncolour = 1", "unknown key provider.colour"),
     ("[provider.openai]\ncolour = 1", "unknown key provider.openai.colour"),
-    ("[status]\ncolour = 1", "unknown key status.colour"),
-    ("[log]\ncolour = 1", "unknown key log.colour"),
-    ('[log]\nenabled = "yes"', "log.enabled: expected true or false"),
-    ("[log]\npath = 1", "log.path: expected a string"),
+    ("[omega.status]\ncolour = 1", "unknown key omega.status.colour"),
+    ("[omega.log]\ncolour = 1", "unknown key omega.log.colour"),
+    ('[omega.log]\nenabled = "yes"', "omega.log.enabled: expected true or false"),
+    ("[omega.log]\npath = 1", "omega.log.path: expected a string"),
     ("provider = 1", "provider: expected a table"),
 ], ids=["provider", "provider-section", "status", "log", "log-enabled", "log-path",
         "provider-not-a-table"])
@@ -1269,7 +1324,7 @@ def test_omegas_own_tables_stay_strict_in_a_shared_file(tmp_path, extra, fragmen
     ('[provider.claude-code]\nallowed_tools = [1]', "expected a list of strings"),
     ('[provider.ollama]\nbase_url = "localhost:11434"', "base_url: expected an http"),
     ('[provider]\nfallback = ["openai", "nope"]', "provider.fallback: unknown provider"),
-    ('[status]\ndelay_secs = "soon"', "status.delay_secs: expected a number"),
+    ('[omega.status]\ndelay_secs = "soon"', "omega.status.delay_secs: expected a number"),
     ('[provider]\ncolour = 1', "unknown key provider.colour"),
 ])
 def test_bad_config_is_one_line_config_error(tmp_path, text, fragment):
@@ -1300,9 +1355,9 @@ def test_toml_that_is_not_utf8_is_a_one_line_config_error(tmp_path):
     ("[provider.claude-code]\ntimeout_secs = inf", "timeout_secs"),
     ("[provider.anthropic]\ntemperature = nan", "temperature"),
     ("[provider.claude-code]\nresume_delay_secs = inf", "resume_delay_secs"),
-    ("[status]\ndelay_secs = inf", "delay_secs"),
-    ("[status]\nrepeat_secs = 1e-9", "repeat_secs"),
-    ("[status]\ndelay_secs = 0.05", "delay_secs"),
+    ("[omega.status]\ndelay_secs = inf", "delay_secs"),
+    ("[omega.status]\nrepeat_secs = 1e-9", "repeat_secs"),
+    ("[omega.status]\ndelay_secs = 0.05", "delay_secs"),
 ])
 def test_numbers_out_of_range_or_not_finite_are_config_errors(tmp_path, text, key):
     path = write(tmp_path / "c.toml", text + "\n")
@@ -1351,6 +1406,91 @@ def test_load_config_output_is_a_valid_config_and_hides_keys_in_repr(api):
     api.reply(openai_ok())
     assert omega.complete(omega.Context("hi"), config=config).text == "Hello from OpenAI"
     assert api.last().headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_omega_reads_its_own_tables_and_leaves_a_hosts_log_and_status_alone(api, tmp_path):
+    path = write(tmp_path / "config.toml", HOST_TABLES + f"""
+[omega.status]
+delay_secs = 0.5
+
+[omega.log]
+enabled = false
+
+[log]
+level = "info"
+
+[status]
+code = 3
+
+[provider]
+default = "ollama"
+
+[provider.ollama]
+base_url = "{api.url}"
+""")
+    config = omega.load_config(path)
+    assert config["omega"]["status"]["delay_secs"] == 0.5
+    assert config["omega"]["log"] == {"enabled": False}
+    api.reply(ollama_ok("hi"))
+    assert omega.complete(omega.Context("hi"), config=path).text == "hi"
+    for extra, fragment in (("[omega.log]\nlevel = 1", "unknown key omega.log.level"),
+                            ("[omega.status]\ncode = 1", "unknown key omega.status.code"),
+                            ("[omega]\nlog = 1", "omega.log: expected a table")):
+        bad = write(tmp_path / "bad.toml", extra + "\n")
+        with pytest.raises(omega.ConfigError) as err:
+            omega.load_config(bad)
+        assert fragment in str(err.value) and bad in str(err.value)
+
+
+def test_check_points_out_tables_an_older_omega_read(tmp_path, capsys):
+    old = write(tmp_path / "old.toml", '[log]\nenabled = false\npath = "x.db"\n'
+                                       '[status]\ndelay_secs = 1\n')
+    host = write(tmp_path / "host.toml", '[log]\nlevel = "info"\n[status]\ncode = 1\n')
+    omega.check(old, print)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "omega reads" in line]
+    assert lines == [f"note: omega reads [omega.status] and [omega.log] now; [status] and "
+                     f"[log] in {old} are left to your application"]
+    omega.check(host, print)
+    assert "omega reads" not in capsys.readouterr().out
+
+
+def test_a_config_beside_omega_that_sets_nothing_does_not_hide_the_home_one(tmp_path,
+                                                                          monkeypatch):
+    beside, home = tmp_path / "vendored" / "config.toml", tmp_path / "home" / ".omega"
+    beside.parent.mkdir()
+    shutil.copy(os.path.join(HERE, "config.toml"), beside)     # the shipped one: all comments
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text('[provider]\ndefault = "openai"\n')
+    monkeypatch.setattr(omega, "config_paths", lambda: [str(beside), str(home / "config.toml")])
+    config = omega.load_config()
+    assert (config["_file"], config["provider"]["default"]) == (str(home / "config.toml"),
+                                                                "openai")
+    beside.write_text('[provider]\ndefault = "ollama"\n')         # one that sets something
+    config = omega.load_config()
+    assert (config["_file"], config["provider"]["default"]) == (str(beside), "ollama")
+
+
+def test_values_python_cannot_use_are_config_errors(api, tmp_path):
+    config = cfg("openai", api)
+    cases = [
+        (lambda: omega.complete("hi", "openai", config, timeout=10 ** 400),
+         "timeout: expected a number, got 1000"),
+        (lambda: omega.Chat(history=[{"role": "bot"}]), "history entry 1: unknown role 'bot'"),
+        (lambda: omega.Chat(history=[{"role": "user", "content": "a"}, {"role": "user"}]),
+         "history entry 2: no content"),
+        (lambda: omega.complete(omega.Context("hi", history=[{"role": "user"}]), "openai",
+                                config), "history entry 1: no content"),
+        (lambda: omega.ask("hi", "openai", config=config, history=[("user", "x")]),
+         "history entry 1: expected a Message"),
+        (lambda: omega.load_config(write(tmp_path / "big.toml", "[provider.openai]\n"
+                                         f"timeout_secs = {10 ** 400}\n")),
+         "provider.openai.timeout_secs: expected a number, got 1000"),
+    ]
+    for call, message in cases:
+        with pytest.raises(omega.ConfigError) as err:
+            call()
+        assert message in str(err.value), err.value
+    assert api.requests == []
 
 
 # --- keys --------------------------------------------------------------------
@@ -1570,6 +1710,36 @@ def test_files_are_read_once_and_base64_written_once_per_request(api, api2, tmp_
     pieces = omega.json_payload(omega.openai_request(
         omega.Context("x", attachments=[path]), omega.provider_settings(config, "openai"))[2])
     assert [p for p in pieces if PNG_B64.encode() in p] == [PNG_B64.encode()]
+
+
+def test_an_attachment_that_is_not_a_regular_file_is_refused_unread(api, tmp_path, cli_main,
+                                                                   capsys):
+    fifo, sock = tmp_path / "pipe", tmp_path / "sock"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)        # a writer that never writes
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    try:
+        for path, what in ((fifo, "a named pipe (FIFO)"), (sock, "a socket"),
+                           ("/dev/zero", "a device")):
+            outcome = bounded(lambda: cli_main(cfg("openai", api), "--timeout", "2",
+                                               "-a", str(path), "hi"), within=10)
+            err = capsys.readouterr().err
+            assert outcome == {"value": 2} and err.count("\n") == 1, err
+            assert err.startswith(f"omega: attachment {path}: cannot read it: it is {what}, "
+                                  "not a regular file")
+    finally:
+        os.close(holder)
+        server.close()
+    assert api.requests == []
+
+
+def test_error_lines_show_an_attachment_path_cleaned(api, tmp_path, cli_main, capsys):
+    forged = str(tmp_path / "x\nomega: all good\x1b[32m")
+    assert cli_main(cfg("openai", api), "-a", forged, "hi") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err, err
+    assert err.endswith("x omega: all good : no such file\n") and api.requests == []
 
 
 # =============================================================================
@@ -1817,7 +1987,7 @@ def test_endless_body_or_gzip_bomb_stops_at_the_default_cap(api, tmp_path, actio
     assert out.stdout, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["error"] == "ProviderError", result
-    assert "answer larger than" in result["message"] and result["status"] == 200
+    assert "answer larger than" in result["message"] and result["status"] is None  # not HTTP's
     assert len(api.requests) == 1                     # not retried
     assert result["peak_mb"] < 400, result            # about 32 MiB, not the whole body
 
@@ -1829,7 +1999,7 @@ def test_body_over_max_response_bytes_is_a_provider_error_not_retried(api, reply
     api.reply(**reply)
     with pytest.raises(omega.ProviderError, match="answer larger than") as err:
         ask_via("openai", api, max_response_bytes=1000)
-    assert type(err.value) is omega.ProviderError and err.value.status == 200
+    assert type(err.value) is omega.ProviderError and err.value.status is None
     assert len(api.requests) == 1
 
 
@@ -2076,6 +2246,21 @@ def test_claude_output_over_max_response_bytes_is_a_provider_error(claude, strea
     claude.plan({"flood": 4 << 20, "to": stream})
     with pytest.raises(omega.ProviderError, match="answer larger than"):
         cc(claude, max_response_bytes=65536, timeout_secs=20)
+
+
+def test_claude_ignoring_sigterm_ends_within_a_second_of_the_deadline(claude, monkeypatch):
+    monkeypatch.setattr(omega, "KILL_GRACE_SECS", REAL["KILL_GRACE_SECS"])    # 2 s, not 0.5
+    claude.plan({"hang": True, "ignore_term": True})
+    started = time.monotonic()
+    outcome = bounded(lambda: cc(claude, timeout_secs=1), within=15)
+    took = time.monotonic() - started
+    pids = read_pids(claude.dir / "pids")
+    try:
+        assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
+        assert took < 2, took                                  # the deadline + 1 s
+        assert gone(*pids, within=1)
+    finally:
+        kill_leftovers(*pids)
 
 
 # =============================================================================
@@ -2677,6 +2862,20 @@ def test_openrouter_moderation_keeps_the_providers_own_message(api):
     assert own in err.value.message and "harassment" in err.value.message
 
 
+def test_openrouters_generation_id_is_the_request_id(api):
+    api.reply(openai_ok(), headers={"X-Generation-Id": "gen-1744-abc"})
+    assert ask_via("openrouter", api).metadata.request_id == "gen-1744-abc"
+    serve_stream(api, sse(oa_chunk("hi"), oa_chunk(finish="stop")),
+                 headers={"X-Generation-Id": "gen-1744-def"})
+    answer = omega.stream(omega.Context("hi"), "openrouter", cfg("openrouter", api))
+    assert "".join(answer) == "hi" and answer.reply.metadata.request_id == "gen-1744-def"
+    api.reply(openai_error(400, "bad_request"), status=400,
+              headers={"X-Generation-Id": "gen-1744-ghi"})
+    with pytest.raises(omega.ProviderError) as err:
+        ask_via("openrouter", api)
+    assert err.value.request_id == "gen-1744-ghi"
+
+
 # --- Anthropic ---------------------------------------------------------------
 
 def test_anthropic_request_on_the_wire(api):
@@ -3214,6 +3413,27 @@ def test_claude_code_json_schema_failures_are_typed(claude, step, words):
     assert words in str(err.value) and len(claude.calls()) == 1
 
 
+def test_claude_code_refuses_a_schema_longer_than_one_argument_may_be(claude, api):
+    most = 32 * 4096 - 1              # Linux's MAX_ARG_STRLEN, the closing NUL included
+
+    def schema(size):
+        value = {"type": "object", "description": ""}
+        value["description"] = "d" * (size - len(json.dumps(value, separators=(",", ":"))))
+        return value
+    reply = cc(claude, omega.Context("hi", schema=schema(most)))    # the real limit holds it
+    argv = claude.calls()[0]["argv"]
+    assert reply.data == {"colour": "red"} and len(argv[argv.index("--json-schema") + 1]) == most
+    config = claude.config()
+    config["provider"]["openai"] = cfg("openai", api)["provider"]["openai"]
+    with pytest.raises(omega.ConfigError) as err:
+        omega.complete(omega.Context("hi", schema=schema(most + 1)), "claude-code", config,
+                       fallback=["openai"])
+    assert str(err.value) == ("claude-code: the schema is 131,072 bytes as JSON; the claude "
+                              "CLI takes it as one command-line argument, which may be at "
+                              "most 131,071 bytes (an HTTP provider takes more)")
+    assert len(claude.calls()) == 1 and api.requests == []        # nothing ran, no fallback
+
+
 # =============================================================================
 # 8. The backend table
 # =============================================================================
@@ -3237,8 +3457,8 @@ def test_status_timer_reports_then_repeats_then_stops(api):
     api.reply(openai_ok(), delay=0.45)
     statuses = []
     config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1, "message": "slow...",
-                        "repeat_message": "still..."}
+    config["omega"] = {"status": {"delay_secs": 0.1, "repeat_secs": 0.1, "message": "slow...",
+                                  "repeat_message": "still..."}}
     omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
     seen = list(statuses)
     assert seen[0] == "slow..." and set(seen[1:]) == {"still..."} and 2 <= len(seen) <= 5
@@ -3253,7 +3473,7 @@ def test_status_timer_stops_on_failure_and_makes_no_thread_without_callback(api)
     api.reply(openai_error(400, "bad"), status=400, delay=0.3)
     statuses = []
     config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 0.1}
+    config["omega"] = {"status": {"delay_secs": 0.1, "repeat_secs": 0.1}}
     with pytest.raises(omega.ProviderError):
         omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
     count = len(statuses)
@@ -3304,7 +3524,7 @@ def test_status_timer_works_for_claude_code(claude):
     claude.plan({"raw": "", "hang": True})
     statuses = []
     config = claude.config(timeout_secs=0.4)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10}
+    config["omega"] = {"status": {"delay_secs": 0.1, "repeat_secs": 10}}
     with pytest.raises(omega.ProviderTimeout):
         omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
     assert statuses == [omega.STATUS_DEFAULTS["message"]]
@@ -3313,7 +3533,7 @@ def test_status_timer_works_for_claude_code(claude):
 def test_the_status_timer_stops_at_the_first_piece(api):
     body = sse(oa_chunk("a"), done=False)
     rest = sse(oa_chunk("b"), oa_chunk(finish="stop"))
-    config = {**cfg("openai", api), "status": {"delay_secs": 0.2, "repeat_secs": 5}}
+    config = {**cfg("openai", api), "omega": {"status": {"delay_secs": 0.2, "repeat_secs": 5}}}
     api.reply(action="pieces", pieces=[(0, body), (0.5, rest)], release_after=True,
               headers={"Content-Type": "text/event-stream"})
     said = []
@@ -3809,6 +4029,16 @@ def test_ask_returns_the_parsed_value_and_to_dict_carries_it(api, tmp_path):
         "hi", omega.MessageMetadata()).to_dict()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1])
+def test_a_temperature_that_is_not_a_finite_number_0_or_more_is_refused(api, cli_main, capsys,
+                                                                       value):
+    with pytest.raises(omega.ConfigError, match="temperature: expected a number"):
+        omega.complete(omega.Context("hi", temperature=value), "openai", cfg("openai", api))
+    assert cli_main(cfg("openai", api), "--temperature", str(value), "hi") == 2
+    assert capsys.readouterr().err.startswith("omega: --temperature: expected a number")
+    assert api.requests == []
+
+
 # --- stream() and Stream -----------------------------------------------------
 
 def test_stream_is_public_and_documented():
@@ -4157,6 +4387,21 @@ def test_first_run_names_what_is_ready_here(tmp_path, monkeypatch):
         omega.complete(omega.Context("hi"), "anthropic", {})
 
 
+def test_check_checks_the_provider_asked_for(tmp_path, monkeypatch, cli_main, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))        # no claude: default not ready
+    config = {"provider": {"default": "claude-code", "openai": {"api_key": KEY}}}
+    assert cli_main(config, "--check") == 1
+    assert cli_main(config, "--check", "-p", "openai") == 0
+    out = capsys.readouterr().out
+    assert "checking: openai" in out and not leaks(out)
+
+
+def test_the_first_run_hint_says_python3_as_the_readme_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert omega.ready_elsewhere({}, None, "openai") == (
+        "; nothing else is ready here either (see: python3 omega.py --check)")
+
+
 # =============================================================================
 # 11. Conversation log
 # =============================================================================
@@ -4214,7 +4459,7 @@ def test_log_round_trip(tmp_path):
                        "model": "gpt-x", "system_prompt": "Be brief", "prompt": "hi",
                        "answer": "hello", "input_tokens": 3, "output_tokens": 5,
                        "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
-                       "session_id": None, "error": None}
+                       "session_id": None, "error": None, "asked_model": None}
     assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
     assert rows[1]["answer"] == "partial" and rows[1]["error"] == "openai: 500 boom"   # failed
     # after some text: both are kept (issue 17, item 4)
@@ -4257,23 +4502,26 @@ def test_a_log_that_is_not_ours_to_change_is_refused_untouched(tmp_path, setup, 
 def test_log_path_resolution(tmp_path, monkeypatch):
     home = tmp_path / "home"
     default = str(home / ".omega" / "log.db")
+
+    def log(**table):
+        return {"omega": {"log": table}}
     assert omega.log_path({}, for_cli=True) == default                 # on for the CLI
     assert omega.log_path({}, for_cli=False) is None                   # off for the library
-    assert omega.log_path({"log": {"enabled": True}}, for_cli=False) == default
-    assert omega.log_path({"log": {"enabled": False}}, for_cli=True) is None
+    assert omega.log_path(log(enabled=True), for_cli=False) == default
+    assert omega.log_path(log(enabled=False), for_cli=True) is None
     monkeypatch.setenv("OMEGA_LOG", "0")
     assert omega.log_path({}, for_cli=True) is None
-    assert omega.log_path({"log": {"enabled": True}}, for_cli=True) == default   # file over env
+    assert omega.log_path(log(enabled=True), for_cli=True) == default   # file over env
     monkeypatch.setenv("OMEGA_LOG", "1")               # the variable cannot turn the library on
     assert omega.log_path({}, for_cli=False) is None
     monkeypatch.setenv("OMEGA_LOG_PATH", "~/from-env.db")
     assert omega.log_path({}, for_cli=True) == str(home / "from-env.db")
-    config = {"log": {"path": "~/from-file.db"}}
+    config = log(path="~/from-file.db")
     assert omega.log_path(config, for_cli=True) == str(home / "from-file.db")   # file over env
-    assert omega.log_path({"log": {"path": ""}}, for_cli=True) == str(home / "from-env.db")
+    assert omega.log_path(log(path=""), for_cli=True) == str(home / "from-env.db")
     monkeypatch.chdir(tmp_path)
-    assert omega.log_path({"log": {"path": "rel.db"}}, True) == str(tmp_path / "rel.db")
-    loaded = omega.load_config({"log": {"enabled": True, "path": "~/x.db"}})
+    assert omega.log_path(log(path="rel.db"), True) == str(tmp_path / "rel.db")
+    loaded = omega.load_config(log(enabled=True, path="~/x.db"))
     assert omega.log_path(loaded, for_cli=False) == str(home / "x.db")
 
 
@@ -4281,7 +4529,8 @@ def test_library_calls_log_only_when_the_config_says_so(api, tmp_path):
     api.default = lambda r: {"body": openai_ok("ok")}
     omega.complete("not logged", "openai", cfg("openai", api))
     assert not (tmp_path / "home" / ".omega").exists()
-    config = {**cfg("openai", api), "log": {"enabled": True, "path": str(tmp_path / "lib.db")}}
+    config = {**cfg("openai", api), "omega": {"log": {"enabled": True,
+                                                      "path": str(tmp_path / "lib.db")}}}
     chat = omega.Chat(provider="openai", config=config)
     chat.ask("one")
     chat.ask("two")
@@ -4298,7 +4547,8 @@ def endless_stream(api, first="first"):
 
 def test_library_logs_the_text_received_and_what_ended_the_exchange(api, tmp_path):
     path = str(tmp_path / "lib.db")
-    config = {**cfg("openai", api, max_retries=0), "log": {"enabled": True, "path": path}}
+    config = {**cfg("openai", api, max_retries=0), "omega": {"log": {"enabled": True,
+                                                                     "path": path}}}
     body = sse(oa_chunk("half an"), done=False)
     serve_stream(api, body, hold_at=len(body), then="cut")          # an error after text
     with pytest.raises(omega.ProviderUnavailable) as err:
@@ -4492,6 +4742,140 @@ def test_reading_never_creates_the_log(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_the_log_is_never_reached_through_a_symlink(tmp_path):
+    victim = tmp_path / "victim.db"
+    omega.log_exchange(str(victim), exchange(prompt="theirs"))
+    folder = tmp_path / "home" / ".omega"
+    folder.mkdir(parents=True)
+    path = folder / "log.db"
+    for target, link in ((victim, path), (tmp_path / "created.db", path),     # dangling
+                         (tmp_path / "wal", folder / "log.db-wal")):
+        link.symlink_to(target)
+        for call in (lambda: omega.log_exchange(str(path), exchange()),
+                     lambda: omega.recent_exchanges(str(path), 5),
+                     lambda: omega.logged_conversation(str(path), None)):
+            assert "symbolic link" in one_line_log_error(call, path)
+        link.unlink()
+    assert [r["prompt"] for r in omega.recent_exchanges(str(victim), 5)] == ["theirs"]
+    assert not (tmp_path / "created.db").exists() and not (tmp_path / "wal").exists()
+
+
+def test_an_older_logs_loose_permissions_are_tightened(api, tmp_path, cli_main):
+    folder = tmp_path / "home" / ".omega"
+    omega.log_exchange(str(folder / "log.db"), exchange())
+    folder.chmod(0o755)
+    (folder / "log.db").chmod(0o644)
+    api.reply(openai_ok())
+    assert cli_main(cfg("openai", api), "hi") == 0
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    assert os.stat(folder / "log.db").st_mode & 0o777 == 0o600
+    chosen = tmp_path / "shared"                          # a folder the user chose stays theirs
+    chosen.mkdir()
+    chosen.chmod(0o755)
+    omega.log_exchange(str(chosen / "log.db"), exchange())
+    assert os.stat(chosen).st_mode & 0o777 == 0o755
+    assert os.stat(chosen / "log.db").st_mode & 0o777 == 0o600
+
+
+def test_every_key_omega_knows_is_kept_out_of_the_log(api, tmp_path, monkeypatch, cli_main,
+                                                      capsys):
+    other = "sk-ant-OTHER-PROVIDER-KEY-9876543210"
+    named = "gm-NAMED-BY-API-KEY-ENV-1234567890"
+    monkeypatch.setenv("MY_GEMINI", named)
+    config = cfg("openai", api)
+    config["provider"]["anthropic"] = {"api_key": other}
+    config["provider"]["gemini"] = {"api_key_env": "MY_GEMINI"}
+    api.reply(openai_ok(f"I saw {other} and {named}"))
+    assert cli_main(config, "keys:", other, named) == 0
+    assert f"I saw {other} and {named}" in capsys.readouterr().out    # the user's to see
+    for file in (tmp_path / "home" / ".omega").iterdir():
+        assert other.encode() not in file.read_bytes() and named.encode() not in file.read_bytes()
+    assert cli_main(config, "--logs") == 0
+    out = capsys.readouterr().out
+    assert omega.mask(other) in out and other not in out and named not in out
+
+
+def test_continue_goes_on_with_a_conversation_that_was_answered(tmp_path):
+    path = str(tmp_path / "log.db")
+    answered = omega.log_exchange(path, exchange(prompt="first"))
+    omega.log_exchange(path, exchange(prompt="no claude", answer=None,
+                                      error="claude-code: 'claude' not found on PATH"))
+    assert omega.logged_conversation(path, None)[0] == answered
+    only_failed = str(tmp_path / "failed.db")
+    omega.log_exchange(only_failed, exchange(answer=None, error="failed"))
+    with pytest.raises(omega.LogError) as err:
+        omega.logged_conversation(only_failed, None)
+    assert "nothing to continue" in str(err.value) and err.value.exit_code == 2
+
+
+def test_a_log_from_before_asked_model_is_read_and_upgraded_in_place(tmp_path):
+    import sqlite3
+    path = tmp_path / "log.db"
+    db = sqlite3.connect(path)
+    db.executescript(omega.LOG_SCHEMA + ";" + omega.LOG_INDEX + ";PRAGMA user_version = 1;"
+                     "INSERT INTO exchanges (conversation, time, model, prompt, answer) "
+                     "VALUES ('0123abcd', '2025-01-01T00:00:00.000Z', 'm', 'old', 'yes')")
+    db.close()
+    conversation, rows = omega.logged_conversation(str(path), None)
+    assert conversation == "0123abcd" and rows[0]["asked_model"] is None
+    omega.log_exchange(str(path), exchange(conversation="0123abcd", asked_model="gpt-x"))
+    assert [(r["prompt"], r["asked_model"]) for r in omega.recent_exchanges(str(path), 5)] == [
+        ("old", None), ("hi", "gpt-x")]
+    assert sql(path, "PRAGMA user_version") == [(1,)]
+
+
+LOG_READER = textwrap.dedent("""
+    import sys, omega
+    path = sys.argv[1]
+    print(omega.logged_conversation(path, None)[1][-1]["answer"])
+    print(omega.recent_exchanges(path, 5)[-1]["prompt"])
+    try:
+        omega.log_exchange(path, {"prompt": "more"})
+    except omega.LogError as e:
+        print(e)
+    """)
+
+
+def test_a_read_only_log_can_still_be_read(tmp_path):
+    folder = tmp_path / "ro"
+    omega.log_exchange(str(folder / "log.db"), exchange(prompt="kept", answer="still here"))
+    folder.chmod(0o500)
+    try:
+        out = subprocess.run([sys.executable, "-c", LOG_READER, str(folder / "log.db")],
+                             cwd=HERE, text=True, capture_output=True, timeout=30,
+                             preexec_fn=without_root_powers() if os.geteuid() == 0 else None)
+    finally:
+        folder.chmod(0o700)
+    lines = out.stdout.splitlines()
+    assert out.stderr == "" and lines[:2] == ["still here", "kept"], out
+    assert lines[2].startswith(f"conversation log {folder}/log.db: ") and len(lines) == 3
+    mounted = unshared(f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} "
+                       f"&& {sys.executable} -c '{LOG_READER}' {folder}/log.db", tmp_path)
+    assert mounted.stdout.splitlines()[:2] == ["still here", "kept"], mounted
+
+
+def test_a_full_disk_says_so(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    python = f"cd {HERE} && {sys.executable} -c"
+    fill = f"""{python} "
+f = open('{disk}/fill', 'wb')
+try:
+    while True:
+        f.write(bytes(4096)); f.flush()
+except OSError:
+    pass" """
+    write_one = f"""{python} "
+import omega
+try:
+    omega.log_exchange('{disk}/log.db', {{'prompt': 'y'}})
+except omega.LogError as e:
+    print(e)" """
+    out = unshared(f"mount -t tmpfs -o size=512k tmpfs {disk} && {write_one} && {fill} && "
+                   f"{write_one}", tmp_path)
+    assert out.stdout == f"conversation log {disk}/log.db: the disk is full\n", out
+
+
 # =============================================================================
 # 12. Command line
 # =============================================================================
@@ -4590,7 +4974,8 @@ def test_cli_json_stays_valid_when_usage_is_junk(api, capsys, name, cli_main):
 
 def test_cli_status_lines_on_stderr_and_quiet(api, cli_main, capsys):
     config = cfg("openai", api)
-    config["status"] = {"delay_secs": 0.1, "repeat_secs": 10, "message": "thinking..."}
+    config["omega"] = {"status": {"delay_secs": 0.1, "repeat_secs": 10,
+                                  "message": "thinking..."}}
     api.reply(openai_ok(), delay=0.3)
     cli_main(config, "hi")
     assert capsys.readouterr() == ("Hello from OpenAI\n", "omega: thinking...\n")
@@ -4636,6 +5021,42 @@ def test_cli_p_stays_put_and_fallback_flag_moves_on(api2, tmp_path):
     assert out.stderr == ("omega: ollama unavailable (connection refused), trying openrouter\n"
                           "omega: openrouter unavailable (connection refused), trying anthropic\n")
     assert len(api2.requests) == 1
+
+
+def test_cli_help_says_where_the_config_is_looked_for(monkeypatch, cli_main, capsys):
+    monkeypatch.setattr(omega, "config_paths", REAL_CONFIG_PATHS)
+    assert cli_main({}, "--help") == 0
+    text = "".join(capsys.readouterr().out.split())        # wrapped anywhere, even at a hyphen
+    assert "./config.toml" not in text
+    assert ("elsethefirstof" + "".join(f"{os.path.join(HERE, 'config.toml')},"
+                                       f"{os.path.expanduser('~/.omega/config.toml')}".split())
+            + "thatsetsanything") in text
+
+
+@pytest.mark.parametrize("args", [("caf\udce9",), ("-s", "caf\udce9", "hi"),
+                                  ("-m", "caf\udce9", "hi")], ids=["prompt", "system", "model"])
+def test_cli_refuses_an_argument_that_is_not_utf8_before_sending(api, claude, tmp_path,
+                                                                 cli_main, capsys, args):
+    for config in (cfg("openai", api), claude.config()):      # "$(printf 'caf\xe9')"
+        assert cli_main(config, *args) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err == ("omega: the argument 'caf\\xe9' is not UTF-8 text "
+                                             "(byte 0xe9); give text, or a file with -a\n")
+    assert api.requests == [] and claude.calls() == []
+    assert not (tmp_path / "home" / ".omega").exists()
+
+
+def test_cli_flags_that_take_no_prompt_say_so_and_logs_takes_any_count(tmp_path, cli_main,
+                                                                       capsys):
+    omega.log_exchange(str(tmp_path / "home" / ".omega" / "log.db"), exchange())
+    assert cli_main({}, "--logs", "99999999999999999999") == 0
+    assert "> hi\nhello" in capsys.readouterr().out
+    for args in (("--logs", "1", "a prompt"), ("--models", "a prompt"), ("--logs", "-1"),
+                 ("--check", "a prompt")):
+        assert cli_main({}, *args) == 2, args
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith(
+            f"omega: {args[0]}"), out
 
 
 # --- errors and exit codes: one line on stderr -------------------------------
@@ -4924,7 +5345,7 @@ def test_cli_continue_and_chat_send_the_logged_turns(api, tmp_path, cli_main, ca
     sent = [m["content"] for m in api.last().body["messages"]]
     assert sent == ["What is 2+2?", "Four.", "and times 3?", "Twelve.", "times 3 again?"]
     capsys.readouterr()
-    assert cli_main(config, "--chat", "ffffffff", "hi") == 1
+    assert cli_main(config, "--chat", "ffffffff", "hi") == 2          # a usage error
     assert "no conversation ffffffff" in capsys.readouterr().err
     assert cli_main(config, "--logs", "2") == 0
     out = capsys.readouterr().out
@@ -5050,6 +5471,55 @@ def test_eight_cli_processes_at_once_lose_no_row(api, tmp_path):
     assert sorted(r["prompt"] for r in log_rows(tmp_path)) == [f"question {i}" for i in range(8)]
 
 
+def test_cli_logs_shows_stored_text_without_terminal_escapes(tmp_path, cli_main, capsys):
+    answer = ("first line\n\x1b]52;c;cm0gLXJmIH4=\x07copied\x1b[2J\x1b[H cleared\r\n"
+              "\x1b]0;title\x07\tend\x9b31m")
+    path = tmp_path / "home" / ".omega" / "log.db"
+    omega.log_exchange(str(path), exchange(prompt="say \x1b[31mred", answer=answer))
+    assert cli_main({}, "--logs", "1") == 0
+    out = capsys.readouterr().out
+    assert "> say red\nfirst line\ncopied cleared\n\tend\n" in out
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", out)
+    assert cli_main({}, "--logs", "1", "--json") == 0
+    line = capsys.readouterr().out
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", line)
+    assert json.loads(line)["answer"] == answer           # JSON keeps the text as it was
+
+
+def test_cli_continue_sends_the_model_the_user_asked_for(api, cli_main):
+    config = cfg("openai", api)
+    api.reply(openai_ok("Four.", model="m"))              # a gateway names another model
+    assert cli_main(config, "-m", "gpt-4o-mini", "What is 2+2?") == 0
+    api.reply(openai_ok("Twelve.", model="m"))
+    assert cli_main(config, "--continue", "and times 3?") == 0
+    assert api.last().body["model"] == "gpt-4o-mini"
+    api.reply(openai_ok("Hi.", model="m"))
+    assert cli_main(config, "a new one") == 0             # none asked: the configured one
+    api.reply(openai_ok("Ho.", model="m"))
+    assert cli_main(config, "--continue", "again") == 0
+    assert api.last().body["model"] == "gpt-4o"
+
+
+def test_cli_unknown_conversations_are_usage_errors_and_the_start_of_an_id_will_do(
+        api, cli_main, capsys, monkeypatch):
+    config = cfg("openai", api)
+    assert cli_main(config, "--continue", "hi") == 2                 # nothing logged yet
+    assert "nothing to continue" in capsys.readouterr().err
+    drawn = iter(["3f9a0c12", "3f9b7e01"])
+    monkeypatch.setattr(omega, "new_conversation_id", lambda: next(drawn))
+    for text in ("one", "two"):
+        api.reply(openai_ok(text))
+        cli_main(config, f"say {text}")
+    assert cli_main(config, "--chat", "ffffffff", "hi") == 2
+    assert cli_main(config, "--chat", "3f9", "hi") == 2
+    err = capsys.readouterr().err
+    assert "no conversation ffffffff" in err and "3f9a0c12, 3f9b7e01" in err
+    api.reply(openai_ok("ok"))
+    assert cli_main(config, "--chat", "3F9A", "and?") == 0
+    assert [m["content"] for m in api.last().body["messages"]] == ["say one", "one", "and?"]
+    assert len(api.requests) == 3
+
+
 # --- files, schemas, model lists: -a, --schema, --models ---------------------
 
 def test_cli_attach_and_schema_print_the_json_alone(api, capsys, tmp_path, monkeypatch, cli_main):
@@ -5121,6 +5591,33 @@ def test_readme_stands_alone_and_names_the_limits():
                 for m in SPEC_MENTION.finditer(text)]
     assert mentions == [], mentions
     assert "max_response_bytes" in text
+
+
+def test_an_older_python_is_told_in_one_line(tmp_path):
+    simulated = textwrap.dedent("""
+        import runpy, sys
+        path = sys.argv[1]
+        sys.version_info = (3, 10, 12, "final", 0)         # as Ubuntu 22.04's python3
+        sys.argv = [path, "hi"]
+        try:
+            runpy.run_path(path, run_name="__main__")     # python omega.py hi
+        except SystemExit as e:
+            print("exit", e.code)
+        try:
+            runpy.run_path(path, run_name="omega")        # import omega
+        except ImportError as e:
+            print("import", e)
+        """)
+    out = subprocess.run([sys.executable, "-c", simulated, OMEGA_PY], capture_output=True,
+                         text=True, timeout=30, env=cli_env(tmp_path))
+    assert out.stderr == "omega needs Python 3.11 or newer (this is 3.10.12)\n", out
+    assert out.stdout == ("exit 2\nimport omega needs Python 3.11 or newer (this is "
+                          "3.10.12)\n")
+    real = shutil.which("python3.10")          # a real one parses the whole file first
+    if real and subprocess.run([real, "-c", "pass"], capture_output=True).returncode == 0:
+        out = subprocess.run([real, OMEGA_PY, "hi"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and re.fullmatch(
+            r"omega needs Python 3\.11 or newer \(this is 3\.10\.\d+\)\n", out.stderr), out
 
 
 # =============================================================================
