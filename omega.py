@@ -3502,7 +3502,8 @@ def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
 
 def answer(ctx: Context | str, options: Options, streaming: bool, *,
            conversation: dict | None = None, config: tuple | None = None,
-           log: str | None = None, warn: Callable | None = None):
+           log: str | None = None, warn: Callable | None = None,
+           show: Callable | None = None):
     """A call, checked now: the generator that makes it when first asked for a
     piece. It yields the answer's text pieces (streaming; none otherwise) and
     returns the OutgoingMessage; the exchange goes to the log when it is on.
@@ -3511,7 +3512,8 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
     config: (raw, path) when the caller has read options.config already (the CLI,
     so that it is checked once); then `log` is the log file (None: no log) and
     `warn` hears that a row could not be written. Otherwise options.config is read
-    here, the log is on when its [omega.log] table says so, and on_status hears."""
+    here, the log is on when its [omega.log] table says so, and on_status hears.
+    show: told the reply before its row is written (see logged())."""
     if config is None:
         raw, path = read_config(options.config)
         log, warn = log_path(raw, for_cli=False), options.on_status
@@ -3529,7 +3531,7 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
             raw, chain[0], path))))
     pieces = try_providers(ctx, chain, raw, path, options, streaming)
-    return logged(pieces, log, ctx, conversation, warn) if log else pieces
+    return logged(pieces, log, ctx, conversation, warn, show) if log or show else pieces
 
 
 def complete(ctx: Context | str, provider: str | None = None, config=None, on_status=None,
@@ -4271,13 +4273,15 @@ def record(log: str, ctx: Context, outcome, received: str, started: float,
         conversation["id"] = written
 
 
-def logged(pieces, log: str, ctx: Context, conversation: dict | None, warn):
-    """pieces, with the exchange written to the log at its end: the answer; or the
-    text received and the error that ended it; or, interrupted (Ctrl-C, SIGTERM,
-    SIGHUP, the stream closed before its end), the text received and how it was
-    stopped. A ConfigError asked nothing of a provider: no row. A log that cannot
-    be written never fails the call. (The log is on for a library call when its
-    config says [omega.log] enabled = true.)"""
+def logged(pieces, log: str | None, ctx: Context, conversation: dict | None, warn,
+           show: Callable | None = None):
+    """pieces, with the exchange written to the log at its end, when log names the
+    file: the answer; or the text received and the error that ended it; or,
+    interrupted (Ctrl-C, SIGTERM, SIGHUP, the stream closed before its end), the
+    text received and how it was stopped. A ConfigError asked nothing of a
+    provider: no row. A log that cannot be written never fails the call. show: told
+    the reply once it is whole, before its row is written (the CLI prints it there,
+    so that the log never delays the answer)."""
     started, received, outcome = time.time(), [], None
     try:
         while True:
@@ -4285,17 +4289,21 @@ def logged(pieces, log: str, ctx: Context, conversation: dict | None, warn):
                 piece = next(pieces)
             except StopIteration as end:
                 outcome = end.value
-                return outcome
+                break
             received.append(piece)
             yield piece
+        if show is not None:
+            show(outcome)
+        return outcome
     except ConfigError:
         raise
     except (OmegaError, KeyboardInterrupt, GeneratorExit) as e:
-        outcome = e
+        if outcome is None:        # an answer that arrived whole stays what is logged
+            outcome = e
         raise
     finally:
         pieces.close()          # hung up before the row is written, not after
-        if outcome is not None:
+        if log and outcome is not None:
             record(log, ctx, outcome, "".join(received), started, conversation, warn)
 
 
@@ -4542,6 +4550,19 @@ def print_stream(answer: Stream) -> None:
     sys.stdout.write("\n")
 
 
+def print_reply(reply: OutgoingMessage, args) -> None:
+    """A whole answer: its text; with --json, {"text", "metadata"}; with a schema,
+    the JSON answer alone, compact, so that it pipes into jq."""
+    if args.json:
+        out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
+    elif args.schema is not None:
+        out = json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    else:
+        out = reply.text
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+
+
 def stopped_by_signal(signum, frame):
     """SIGTERM and SIGHUP (`timeout`, CI runners, a closed terminal) end the call
     as Ctrl-C does: the claude process group is stopped, nothing is left behind."""
@@ -4617,19 +4638,12 @@ def run_cli(argv) -> int:
                           timeout=args.timeout)
         streaming = args.schema is None and not args.json and not args.no_stream
         pieces = answer(ctx, options, streaming, conversation={"id": conversation},
-                        config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"))
+                        config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"),
+                        show=None if streaming else lambda reply: print_reply(reply, args))
         if streaming:
-            answer_stream = Stream(pieces)
-            print_stream(answer_stream)
-        elif args.schema is not None and not args.json:
-            # With a schema stdout gets the JSON answer alone, compact, once it is
-            # whole (nothing streamed), so that it pipes into jq.
-            sys.stdout.write(json.dumps(drain(pieces).data, ensure_ascii=False,
-                                        separators=(",", ":"), allow_nan=False) + "\n")
+            print_stream(Stream(pieces))
         else:
-            reply = drain(pieces)
-            sys.stdout.write((json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
-                              if args.json else reply.text) + "\n")
+            drain(pieces)                    # printed by print_reply, before the log
         sys.stdout.flush()
         return 0
     except BrokenPipeError:                    # `omega ... | head`: the reader left

@@ -5459,6 +5459,26 @@ def test_the_cli_reads_and_checks_its_config_once(api, cli_main, monkeypatch):
         assert len(checked) == 1, (args, checked)
 
 
+@pytest.mark.parametrize("flag", ["--no-stream", "--json", "streamed"])
+def test_cli_prints_the_answer_before_it_waits_for_the_log(api, tmp_path, flag):
+    import sqlite3
+    log = tmp_path / "home" / ".omega" / "log.db"
+    omega.log_exchange(str(log), exchange())
+    api.reply(openai_ok("the answer"))
+    holder = sqlite3.connect(log, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")                    # another run is writing
+    try:
+        child = start_cli(tmp_path, *([flag] if flag != "streamed" else []), "hi",
+                          config=cfg("openai", api))
+        assert b"the answer" in read_until(child.stdout, b"the answer", 4)   # lock still held
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0 and err == b""
+    assert log_rows(tmp_path)[-1]["answer"] == "the answer"
+
+
 def test_eight_cli_processes_at_once_lose_no_row(api, tmp_path):
     api.default = lambda r: {"body": openai_ok("ok")}
     (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
