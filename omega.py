@@ -100,7 +100,7 @@ __all__ = [
     "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
-    "ProviderUnavailable", "Attachment", "models",
+    "ProviderUnavailable", "Attachment", "models", "Options",
 ]
 
 USER_AGENT = f"omega/{__version__}"
@@ -3531,7 +3531,8 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
             raw, chain[0], path))))
     pieces = try_providers(ctx, chain, raw, path, options, streaming)
-    return logged(pieces, log, ctx, conversation, warn, show) if log or show else pieces
+    return logged(pieces, log, ctx, chain[0], conversation, warn, show) if log or show \
+        else pieces
 
 
 def complete(ctx: Context | str, provider: str | None = None, config=None, on_status=None,
@@ -4243,17 +4244,18 @@ def interruption(stop: BaseException) -> str:
         f"stopped by {signal.Signals(signum).name}"
 
 
-def record(log: str, ctx: Context, outcome, received: str, started: float,
+def record(log: str, ctx: Context, provider: str, outcome, received: str, started: float,
            conversation: dict | None, warn) -> None:
     """Write one exchange to the log. outcome: the reply, or the error or the
     interruption (KeyboardInterrupt, GeneratorExit) it ended with, after the text
-    `received`. A failure to write is said to warn (or the debug log), not raised."""
+    `received`; provider: the one asked first, for a row that nothing else names a
+    provider for. A failure to write is said to warn (or the debug log), not raised."""
     reply = outcome if isinstance(outcome, OutgoingMessage) else None
     meta = reply.metadata if reply else MessageMetadata()
     error = None if reply else str(outcome) if isinstance(outcome, OmegaError) \
         else interruption(outcome)
     entry = {"conversation": (conversation or {}).get("id"), "time": started,
-             "provider": meta.provider_used or getattr(outcome, "provider", None),
+             "provider": meta.provider_used or getattr(outcome, "provider", None) or provider,
              "model": meta.model or ctx.model, "asked_model": ctx.model,
              "system_prompt": ctx.system_prompt,
              "prompt": ctx.current_message, "answer": reply.text if reply else received or None,
@@ -4273,8 +4275,8 @@ def record(log: str, ctx: Context, outcome, received: str, started: float,
         conversation["id"] = written
 
 
-def logged(pieces, log: str | None, ctx: Context, conversation: dict | None, warn,
-           show: Callable | None = None):
+def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: dict | None,
+           warn, show: Callable | None = None):
     """pieces, with the exchange written to the log at its end, when log names the
     file: the answer; or the text received and the error that ended it; or,
     interrupted (Ctrl-C, SIGTERM, SIGHUP, the stream closed before its end), the
@@ -4304,7 +4306,8 @@ def logged(pieces, log: str | None, ctx: Context, conversation: dict | None, war
     finally:
         pieces.close()          # hung up before the row is written, not after
         if log and outcome is not None:
-            record(log, ctx, outcome, "".join(received), started, conversation, warn)
+            record(log, ctx, provider, outcome, "".join(received), started, conversation,
+                   warn)
 
 
 # =============================================================================

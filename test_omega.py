@@ -3960,7 +3960,8 @@ def test_models_takes_base_url_api_key_and_timeout(api):
         omega.models("openai", cfg("openai", api), timeout=0)
 
 
-def test_the_options_record_is_frozen_and_its_repr_shows_no_key():
+def test_the_options_record_is_public_frozen_and_its_repr_shows_no_key():
+    assert "Options" in omega.__all__ and "timeout" in omega.Options.__doc__
     options = omega.Options(api_key=KEY, config=cfg("openai", "http://x", api_key=KEY),
                             attachments=[PNG], model="m")
     assert not leaks(repr(options)) and "PNG" not in repr(options) and "model='m'" in repr(options)
@@ -4549,6 +4550,10 @@ def test_library_logs_the_text_received_and_what_ended_the_exchange(api, tmp_pat
     path = str(tmp_path / "lib.db")
     config = {**cfg("openai", api, max_retries=0), "omega": {"log": {"enabled": True,
                                                                      "path": path}}}
+    disabled = {**config, "provider": {"openai": {**config["provider"]["openai"],
+                                                  "enabled": False}}}
+    with pytest.raises(omega.ConfigError, match="disabled"):        # nothing asked: no row
+        omega.complete("disabled", "openai", disabled)
     body = sse(oa_chunk("half an"), done=False)
     serve_stream(api, body, hold_at=len(body), then="cut")          # an error after text
     with pytest.raises(omega.ProviderUnavailable) as err:
@@ -4567,8 +4572,8 @@ def test_library_logs_the_text_received_and_what_ended_the_exchange(api, tmp_pat
     assert [(r["prompt"], r["answer"]) for r in rows] == [
         ("cut", "half an"), ("closed", "first"), ("interrupted", "first")]
     assert rows[0]["error"] == str(err.value) and rows[0]["provider"] == "openai"
-    assert rows[1]["error"] == "closed before the answer ended"
-    assert rows[2]["error"] == "interrupted"
+    assert [(r["provider"], r["error"]) for r in rows[1:]] == [
+        ("openai", "closed before the answer ended"), ("openai", "interrupted")]
 
 
 def test_conversation_ids_are_short_random_and_unique(tmp_path, monkeypatch):
@@ -5408,7 +5413,8 @@ def test_cli_logs_an_interrupted_exchange_with_the_text_received(api, tmp_path, 
         child.kill()
     assert child.returncode == 128 + sig and err == f"omega: {said}\n".encode()
     row = log_rows(tmp_path)[-1]
-    assert (row["prompt"], row["error"]) == ("hi", said) and row["answer"].startswith("first")
+    assert (row["prompt"], row["provider"], row["error"]) == ("hi", "openai", said)
+    assert row["answer"].startswith("first")
 
 
 def test_cli_logs_an_exchange_interrupted_before_any_text(api, tmp_path):
@@ -5423,8 +5429,8 @@ def test_cli_logs_an_exchange_interrupted_before_any_text(api, tmp_path):
     finally:
         child.kill()
     assert child.returncode == 130
-    assert [(r["prompt"], r["answer"], r["error"]) for r in log_rows(tmp_path)] == [
-        ("hi", None, "interrupted")]
+    assert [(r["prompt"], r["provider"], r["answer"], r["error"]) for r in log_rows(tmp_path)
+            ] == [("hi", "openai", None, "interrupted")]
 
 
 def test_cli_logs_the_text_before_an_error_and_continues_without_it(api, tmp_path, cli_main,
