@@ -44,12 +44,13 @@ call, start reading at 9, Calling.
                            the answer parsed), then one banner per backend: its request
                            builder, response parser, stream reader, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
-     9. Calling            status timer, routing, the provider chain (also for
-                           streams), complete(), stream() and Stream, ask(), Chat,
-                           models()                                 <- start here
+     9. Calling            Options (every call's keywords), status timer, routing,
+                           attempt -> rounds (the tool loop's place) -> the provider
+                           chain -> answer(); complete(), stream() and Stream, ask(),
+                           Chat, models()                           <- start here
     10. Diagnostics        readiness probes (PROBES), --check, the first-run hint
     11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
-                           (SQLite, WAL, schema version); record() writes an exchange
+                           (SQLite, WAL, schema version); logged() writes a call's row
     12. Command line       parse_args, prompt reading, main()
 """
 
@@ -74,7 +75,7 @@ import sys
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -100,7 +101,7 @@ __all__ = [
     "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
-    "ProviderUnavailable", "Attachment", "models",
+    "ProviderUnavailable", "Attachment", "models", "Options",
 ]
 
 USER_AGENT = f"omega/{__version__}"
@@ -3294,11 +3295,106 @@ def keeps_sessions(name: str | None) -> bool:
 
 
 # =============================================================================
-# 9. Calling: the status timer, routing, the provider chain, the public API
+# 9. Calling: options, one attempt, the provider chain, the public API
 # =============================================================================
-# complete(), stream(), ask(), Chat and models(): what a user calls, and what they
-# share (the status timer, auto_route, the chain of providers tried in turn).
-# Everything above serves this section: to follow a call, start reading here.
+# complete(), stream() and its Stream, ask(), Chat and models(): what a user
+# calls, and what they share, in the order a call travels: its keywords become one
+# Options record; answer() checks them, once; try_providers() tries each provider
+# of the chain in turn under one deadline and status timer (auto_route first);
+# rounds() is a provider's part (where the tool loop goes); attempt() is one
+# request to one provider. Everything above serves this section: to follow a
+# call, start reading here.
+
+@dataclass(frozen=True)
+class Options:
+    """The keywords complete(), stream(), ask() and Chat take (and models() those
+    that apply), gathered into one record when a call starts. None: not given.
+
+    provider: one of PROVIDERS (default: provider.default, $OMEGA_PROVIDER,
+        "claude-code"); config: a TOML path, a dict shaped like the file, or None
+        for the usual search.
+    model, system (the system prompt), history, attachments, schema, max_tokens,
+        temperature, and complex, session_id, max_turns, allowed_tools: Context
+        fields, set on the Context given (a keyword given wins).
+    timeout: seconds for the whole call, fallbacks included (each provider's own
+        timeout_secs bounds its part).
+    base_url, api_key, max_retries: for the chosen provider in this call only, over
+        the config file and the environment (the key goes to that provider's base
+        URL only, never to a fallback).
+    on_status: called with short progress messages (slow call, retries, fallbacks),
+        from the calling thread or the status timer's thread.
+    fallback: providers to try, in order, when the first one fails (default: the
+        configured provider.fallback, unless `provider` was given)."""
+    provider: str | None = None
+    config: object = None
+    model: str | None = None
+    system: str | None = None
+    history: tuple | list | None = None
+    attachments: tuple | list | None = None
+    schema: dict | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    complex: bool | None = None
+    session_id: str | None = None
+    max_turns: int | None = None
+    allowed_tools: list | None = None
+    timeout: float | None = None
+    base_url: str | None = None
+    api_key: str | None = None
+    max_retries: int | None = None
+    on_status: Callable | None = None
+    fallback: list | None = None
+
+    def __repr__(self) -> str:
+        """The keywords given; never a key (api_key, a config dict's) nor file bytes."""
+        shown = []
+        for name in (f.name for f in fields(self)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "api_key":
+                value = mask(value)
+            elif name == "config" and isinstance(value, dict):
+                value = "{…}"
+            elif name in ("history", "attachments"):
+                value = f"<{len(value)}>"
+            else:
+                value = repr(value)
+            shown.append(f"{name}={value}")
+        return f"Options({', '.join(shown)})"
+
+    def __post_init__(self):
+        if self.timeout is not None:
+            check_value("timeout_secs", self.timeout, NUMBER, "timeout")
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(Options))
+# The keywords that set a Context field, and the field each sets.
+CONTEXT_KEYWORDS = {"system": "system_prompt", **{f.name: f.name for f in fields(Options)
+                                                  if f.name in {c.name for c in fields(Context)}}}
+CHAT_KEYWORDS = OPTION_NAMES - {"history", "session_id"}      # a Chat keeps its own
+MODELS_KEYWORDS = frozenset({"provider", "config", "timeout", "base_url", "api_key",
+                             "max_retries", "on_status"})
+
+
+def options_of(function: str, given: dict, names=OPTION_NAMES,
+               base: Options | None = None) -> Options:
+    """The keywords given to function() as Options (over base's, if any). One it
+    does not take is a TypeError naming it, as Python's own."""
+    for name in given:
+        if name not in names:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+    return replace(base, **given) if base is not None else Options(**given)
+
+
+def context_of(ctx: Context | str, options: Options) -> Context:
+    """ctx (a Context, or the message text) with the Context fields options set."""
+    given = {key: value for name, key in CONTEXT_KEYWORDS.items()
+             if (value := getattr(options, name)) is not None}
+    if isinstance(ctx, str):
+        return Context(ctx, **given)
+    return replace(ctx, **given) if given else ctx
+
 
 def start_status_timer(on_status, status: dict):
     """Call on_status(message) after delay_secs, then on_status(repeat_message)
@@ -3427,81 +3523,11 @@ def provider_chain(raw: dict, provider: str | None, fallback) -> list[str]:
     return list(dict.fromkeys([first, *rest]))
 
 
-def run_chain(ctx: Context, chain: list[str], raw: dict, path: str | None, on_status,
-              timeout: float | None, streaming: "Stream | None"):
-    """Try each provider in turn until one answers; the first one's error otherwise.
-    Streaming, the pieces pass through (kept in streaming's record, the status timer
-    stopped at the first): once one has, there is no going elsewhere."""
-    started = time.monotonic()
-    deadline = started + timeout if timeout else math.inf
-    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **own_table(raw, "status")})
-    failures: list[tuple[str, OmegaError]] = []
-    shown: list[str] = streaming._shown if streaming else []
-    try:
-        for index, name in enumerate(chain):
-            next_name = chain[index + 1] if index + 1 < len(chain) else None
-            try:
-                settings = provider_settings(raw, name, path)
-                if not settings["enabled"]:
-                    if index == 0:
-                        usable_settings(raw, name, path)       # the error that says so
-                    continue                                   # a disabled fallback is skipped
-                if settings["timeout_secs"] <= deadline - time.monotonic():
-                    call = Call.starting_now(settings["timeout_secs"], on_status, next_name)
-                else:                        # the caller's timeout ends this call first
-                    call = Call(deadline, timeout, on_status, next_name)
-                if index == 0 and raw.get("provider", {}).get("auto_route") \
-                        and not ctx.model and not ctx.complex:
-                    ctx = routed(ctx, raw, path, name, call)
-                target = ctx if index == 0 else replace(ctx, model=None)
-                if streaming:
-                    pieces = BACKENDS[name].stream(target, settings, call)
-                    try:
-                        while True:
-                            try:
-                                piece = next(pieces)
-                            except StopIteration as end:
-                                reply = end.value
-                                break
-                            if not shown:
-                                stop_status()
-                            shown.append(piece)
-                            yield piece
-                    finally:
-                        pieces.close()
-                else:
-                    reply = BACKENDS[name].call(target, settings, call)
-            except ProviderError as e:
-                if shown:                      # the text is on the user's screen already
-                    raise e.with_context(partial_text="".join(shown), fallbacks=[
-                        failure_text(n, f) for n, f in failures]) from None
-                failures.append((name, e))
-                if not worth_falling_back(e) or next_name is None:
-                    break
-                if on_status is not None:
-                    on_status(f"{name} {failure_label(e)}, trying {next_name}")
-                continue
-            except ConfigError as e:
-                if index == 0:
-                    raise
-                failures.append((name, e))         # a broken fallback is reported, not skipped
-                continue
-            reply.metadata.provider_used = name
-            reply.metadata.fallbacks = [failure_text(n, e) for n, e in failures]
-            reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
-            if streaming:
-                streaming.reply = reply
-            return reply
-    finally:
-        stop_status()
-    first = failures[0][1]
-    others = [failure_text(n, e) for n, e in failures[1:]]
-    hint = ready_elsewhere(raw, path, chain[0]) if first.not_set_up and not others else ""
-    raise first.with_context(message=first.message + hint, fallbacks=others)
-
-
-def overrides(**settings) -> dict:
-    return {k: v for k, v in settings.items() if v is not None}
+def call_settings(options: Options) -> dict:
+    """The per-call settings given (base_url, api_key, max_retries), for the chosen
+    provider's section."""
+    return {name: value for name in ("base_url", "api_key", "max_retries")
+            if (value := getattr(options, name)) is not None}
 
 
 def with_call_settings(raw: dict, name: str, settings: dict) -> dict:
@@ -3516,20 +3542,119 @@ def with_call_settings(raw: dict, name: str, settings: dict) -> dict:
     return raw
 
 
-def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stream | None",
-           settings: dict, conversation: dict | None = None):
-    """The arguments of complete() and stream() checked; the generator that does
-    the call (it starts when first asked for a piece). streaming: the Stream that
-    gets the pieces' record and the reply, or None for one whole answer. settings:
-    per-call settings for the first provider. conversation: {"id": …} of the log's
-    conversation this call continues (a Chat's), updated when the log starts one."""
-    if isinstance(ctx, str):
-        ctx = Context(ctx)
-    if timeout is not None:
-        check_value("timeout_secs", timeout, NUMBER, "timeout")
+def attempt(ctx: Context, settings: dict, call: Call, streaming: bool):
+    """One request to one provider, its own retries included: a generator that
+    yields the answer's text pieces as they arrive (streaming; none otherwise) and
+    returns the OutgoingMessage."""
+    backend = BACKENDS[settings["name"]]
+    if streaming:
+        return (yield from backend.stream(ctx, settings, call))
+    return backend.call(ctx, settings, call)
+
+
+def rounds(ctx: Context, settings: dict, call: Call, streaming: bool):
+    """A provider's part of the call, as attempt() gives it: today one attempt.
+    The tool loop goes here, between one attempt and the provider chain: a round is
+    one attempt (its retries its own); when its answer asks for tools, they run,
+    their results join ctx, and the next round goes out, until an answer without
+    tool calls. The chain above sees one answer; streamed text passes through."""
+    return attempt(ctx, settings, call, streaming)
+
+
+def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
+                  options: Options, streaming: bool):
+    """Try each provider of chain in turn until one answers; the first one's error
+    otherwise. One deadline (options.timeout) and one status timer span them all.
+    A generator of the answer's text pieces (streaming) that returns the reply;
+    once a piece has passed (it is on the caller's screen), there is no going
+    elsewhere: a later error is raised as it is."""
+    started = time.monotonic()
+    on_status, timeout = options.on_status, options.timeout
+    deadline = started + timeout if timeout else math.inf
+    stop_status = start_status_timer(on_status, {**STATUS_DEFAULTS, **own_table(raw, "status")})
+    failures: list[tuple[str, OmegaError]] = []
+    try:
+        for index, name in enumerate(chain):
+            next_name = chain[index + 1] if index + 1 < len(chain) else None
+            shown = False
+            try:
+                settings = provider_settings(raw, name, path)
+                if not settings["enabled"]:
+                    if index == 0:
+                        usable_settings(raw, name, path)       # the error that says so
+                    continue                                   # a disabled fallback is skipped
+                if settings["timeout_secs"] <= deadline - time.monotonic():
+                    call = Call.starting_now(settings["timeout_secs"], on_status, next_name)
+                else:                        # the caller's timeout ends this call first
+                    call = Call(deadline, timeout, on_status, next_name)
+                if index == 0 and raw.get("provider", {}).get("auto_route") \
+                        and not ctx.model and not ctx.complex:
+                    ctx = routed(ctx, raw, path, name, call)
+                pieces = rounds(ctx if index == 0 else replace(ctx, model=None),
+                                settings, call, streaming)
+                try:
+                    piece = next(pieces)
+                except StopIteration as end:             # a whole answer
+                    reply = end.value
+                else:
+                    stop_status()
+                    shown = True
+                    yield piece
+                    reply = yield from pieces
+                finally:
+                    pieces.close()
+            except ProviderError as e:
+                if shown:
+                    if not failures:
+                        raise
+                    raise e.with_context(fallbacks=[failure_text(n, f) for n, f in failures]) \
+                        from None
+                failures.append((name, e))
+                if not worth_falling_back(e) or next_name is None:
+                    break
+                if on_status is not None:
+                    on_status(f"{name} {failure_label(e)}, trying {next_name}")
+                continue
+            except ConfigError as e:
+                if index == 0:
+                    raise
+                failures.append((name, e))         # a broken fallback is reported, not skipped
+                continue
+            reply.metadata.provider_used = name
+            reply.metadata.fallbacks = [failure_text(n, e) for n, e in failures]
+            reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
+            return reply
+    finally:
+        stop_status()
+    first = failures[0][1]
+    others = [failure_text(n, e) for n, e in failures[1:]]
+    hint = ready_elsewhere(raw, path, chain[0]) if first.not_set_up and not others else ""
+    raise first.with_context(message=first.message + hint, fallbacks=others)
+
+
+def answer(ctx: Context | str, options: Options, streaming: bool, *,
+           conversation: dict | None = None, config: tuple | None = None,
+           log: str | None = None, warn: Callable | None = None,
+           show: Callable | None = None):
+    """A call, checked now: the generator that makes it when first asked for a
+    piece. It yields the answer's text pieces (streaming; none otherwise) and
+    returns the OutgoingMessage; the exchange goes to the log when it is on.
+    conversation: {"id": …} of the logged conversation this call continues (a
+    Chat's, the CLI's), set to the id its row was written under.
+    config: (raw, path) when the caller has read options.config already (the CLI,
+    so that it is checked once); then `log` is the log file (None: no log) and
+    `warn` hears that a row could not be written. Otherwise options.config is read
+    here, the log is on when its [omega.log] table says so, and on_status hears.
+    show: told the reply before its row is written (see logged())."""
+    if config is None:
+        raw, path = read_config(options.config)
+        log, warn = log_path(raw, for_cli=False), options.on_status
+    else:
+        raw, path = config
+    ctx = context_of(ctx, options)
     check_history(ctx.history)
-    raw, path = read_config(config)
-    chain = provider_chain(raw, provider, fallback)
+    chain = provider_chain(raw, options.provider, options.fallback)
+    settings = call_settings(options)
     if settings:
         raw = with_call_settings(raw, chain[0], settings)
     if ctx.schema is not None:
@@ -3537,60 +3662,64 @@ def answer(ctx, provider, config, on_status, fallback, timeout, streaming: "Stre
     if ctx.attachments:          # read once for the whole chain, under the first one's limit
         ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
             raw, chain[0], path))))
-    calls = run_chain(ctx, chain, raw, path, on_status, timeout, streaming)
-    log = log_path(raw, for_cli=False)
-    return logged(calls, log, ctx, conversation, on_status) if log else calls
+    pieces = try_providers(ctx, chain, raw, path, options, streaming)
+    return logged(pieces, log, ctx, chain[0], conversation, warn, show) if log or show \
+        else pieces
 
 
-def complete(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
-             fallback=None, timeout: float | None = None, base_url: str | None = None,
-             api_key: str | None = None, max_retries: int | None = None) -> OutgoingMessage:
-    """Send ctx to a backend and return its answer with metadata.
-
-    provider: one of PROVIDERS (default: provider.default, $OMEGA_PROVIDER,
-    "claude-code"); config: a TOML path, a dict shaped like the file, or None for
-    the usual search; on_status: called with short progress messages (slow call,
-    retries, fallbacks), from the calling thread or the status timer's thread;
-    fallback: providers to try, in order, when this one fails (default: the
-    configured provider.fallback, unless `provider` was given); timeout: seconds
-    for the whole call, fallbacks included (each provider's own timeout_secs
-    bounds its part); base_url, api_key, max_retries: for the chosen provider in
-    this call only, over the config file and the environment (the key goes to
-    that provider's base URL only, never to a fallback). Raises a ProviderError
-    subclass (or ConfigError) with a one-line message; when fallbacks were tried
-    too, the first provider's error, with err.fallbacks."""
-    return drain(answer(ctx, provider, config, on_status, fallback, timeout, None,
-                        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries)))
+def complete(ctx: Context | str, provider: str | None = None, config=None, on_status=None,
+             **options) -> OutgoingMessage:
+    """Send ctx (a Context, or the message text) to a backend and return its answer
+    with metadata. Takes every keyword of Options (provider, config and on_status
+    also by position). Raises a ProviderError subclass (or ConfigError) with a
+    one-line message; when fallbacks were tried too, the first provider's error,
+    with err.fallbacks."""
+    options = options_of("complete", dict(options, provider=provider, config=config,
+                                          on_status=on_status))
+    return drain(answer(ctx, options, False))
 
 
-def stream(ctx: Context, provider: str | None = None, config=None, on_status=None, *,
-           fallback=None, timeout: float | None = None, base_url: str | None = None,
-           api_key: str | None = None, max_retries: int | None = None) -> "Stream":
+def stream(ctx: Context | str, provider: str | None = None, config=None, on_status=None,
+           **options) -> "Stream":
     """The answer as it is written: iterate for its text pieces (non-empty str),
     then read .reply, the OutgoingMessage complete() would have returned. Same
     arguments as complete(); the configuration is checked now, nothing is sent
     before the first piece is asked for. Retries and fallback happen only before
     the first piece; an error after it carries err.partial_text. close() (or
     leaving a `with` block) stops the download or the claude process at once."""
-    answer_stream = Stream()
-    answer_stream._pieces = answer(
-        ctx, provider, config, on_status, fallback, timeout, answer_stream,
-        overrides(base_url=base_url, api_key=api_key, max_retries=max_retries))
-    return answer_stream
+    options = options_of("stream", dict(options, provider=provider, config=config,
+                                        on_status=on_status))
+    return Stream(answer(ctx, options, True))
 
 
 class Stream:
     """Text pieces as they arrive (see stream()). `text` is the text so far;
-    `reply` is the OutgoingMessage once the answer ended well, else None."""
+    `reply` is the OutgoingMessage once the answer ended well, else None.
 
-    def __init__(self):
-        self._pieces, self._shown, self.reply = iter(()), [], None
+    The Stream keeps its own record of both, and what makes the pieces never
+    refers back to it: a stream left unfinished (a `break`, an exception) is
+    closed the moment the last reference to it goes (its connection hung up, its
+    claude process stopped), not whenever the garbage collector runs."""
 
-    def __iter__(self):
-        return self._pieces            # the generator itself: nothing between it and the loop
+    def __init__(self, pieces):
+        self._pieces, self._shown, self.reply = pieces, [], None
+
+    def __iter__(self) -> "Stream":
+        return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        try:
+            piece = next(self._pieces)
+        except StopIteration as end:
+            if end.value is not None:
+                self.reply = end.value
+            raise StopIteration from None
+        except ProviderError as e:
+            if not self._shown:
+                raise
+            raise e.with_context(partial_text="".join(self._shown)) from None
+        self._shown.append(piece)
+        return piece
 
     @property
     def text(self) -> str:
@@ -3603,24 +3732,25 @@ class Stream:
     def __enter__(self) -> "Stream":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            try:              # the call stops as if interrupted inside it (the log says so)
+                self._pieces.throw(error)
+            except KeyboardInterrupt:
+                pass
         self.close()
 
 
-CALL_OPTIONS = ("fallback", "timeout", "on_status", "base_url", "api_key", "max_retries")
-
-
 def ask(prompt: str, provider: str | None = None, model: str | None = None,
-        system: str = "", config=None, **options) -> str | dict | list | float | bool | None:
+        system: str | None = None, config=None,
+        **options) -> str | dict | list | float | bool | None:
     """Send one prompt and return the answer text; with schema=, the answer's
-    parsed JSON value instead.
-    options: fallback=, timeout=, on_status=, base_url=, api_key=, max_retries=
-    (as for complete()), or any other Context field (attachments, schema, history,
-    complex, max_tokens, temperature …)."""
-    call_options = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
-    ctx = Context(prompt, system_prompt=system, model=model, **options)
-    reply = complete(ctx, provider=provider, config=config, **call_options)
-    return reply.text if ctx.schema is None else reply.data
+    parsed JSON value instead. Takes every keyword of Options (provider, model,
+    system and config also by position)."""
+    options = options_of("ask", dict(options, provider=provider, model=model, system=system,
+                                     config=config))
+    reply = drain(answer(prompt, options, False))
+    return reply.text if options.schema is None else reply.data
 
 
 class Chat:
@@ -3634,60 +3764,66 @@ class Chat:
     `history` holds the Messages so far (start from earlier ones with history=),
     `replies` the OutgoingMessages. A failed turn adds nothing. With claude-code
     the CLI session of the last reply is resumed and only the new message sent.
-    Other keyword arguments (timeout=, base_url=, api_key=, max_retries=,
-    fallback=) apply to every call; ask() and stream() take Context fields and
-    call options too, for that turn."""
+    Chat() takes the keywords of Options and applies them to every turn; ask() and
+    stream() take them too, for that turn (but not history or session_id: the Chat
+    keeps those). A Chat belongs to one thread at a time: turns made at the same
+    time in several threads would not see each other; give each thread its own."""
 
-    def __init__(self, provider: str | None = None, system: str = "", config=None,
+    def __init__(self, provider: str | None = None, system: str | None = None, config=None,
                  model: str | None = None, on_status=None, history=(), **options):
-        unknown = sorted(set(options) - set(CALL_OPTIONS))
-        if unknown:
-            raise TypeError(f"Chat() got unexpected keyword arguments: {', '.join(unknown)}")
-        self.provider, self.system, self.config, self.model = provider, system, config, model
-        self.options = {"on_status": on_status, **options}
+        self.options = options_of("Chat", dict(options, provider=provider, system=system,
+                                               config=config, model=model, on_status=on_status),
+                                  CHAT_KEYWORDS)
         self.history = check_history(history)
         self.replies: list[OutgoingMessage] = []
         self._conversation = {"id": None}           # its id in the log, when logged
 
     def ask(self, prompt: str, **options) -> str:
         """Send prompt with the conversation so far; the answer text."""
-        return drain(self._turn(prompt, None, options)).text
+        return drain(self._turn("Chat.ask", prompt, options, False)).text
 
     def stream(self, prompt: str, **options) -> Stream:
         """As ask(), streamed (see stream()); the turn counts once the stream ends well."""
-        turn = Stream()
-        turn._pieces = self._turn(prompt, turn, options)
-        return turn
+        return Stream(self._turn("Chat.stream", prompt, options, True))
 
-    def _turn(self, prompt: str, streaming: Stream | None, options: dict):
-        options = {**self.options, **options}
-        call = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
+    def _turn(self, function: str, prompt: str, given: dict, streaming: bool):
+        options = options_of(function, given, CHAT_KEYWORDS, self.options)
         last = self.replies[-1].metadata if self.replies else None
         session = last.session_id if last and keeps_sessions(last.provider_used) else None
-        ctx = Context(prompt, system_prompt=self.system, history=tuple(self.history),
-                      model=self.model, session_id=session, **options)
-        calls = answer(ctx, self.provider, self.config, call.get("on_status"),
-                       call.get("fallback"), call.get("timeout"), streaming,
-                       overrides(**{k: call.get(k) for k in ("base_url", "api_key",
-                                                              "max_retries")}),
-                       self._conversation)
-        reply = yield from calls
+        ctx = Context(prompt, history=tuple(self.history), session_id=session)
+        return self._counted(prompt, answer(ctx, options, streaming,
+                                            conversation=self._conversation))
+
+    def _counted(self, prompt: str, pieces):
+        reply = yield from pieces
         self.history += [Message("user", prompt), Message("assistant", reply.text)]
         self.replies.append(reply)
         return reply
 
 
-def models(provider: str | None = None, config=None) -> list[str]:
+def models(provider: str | None = None, config=None, **options) -> list[str]:
     """The names of the models a provider offers (default: the configured provider),
     as its API lists them, every page: OpenAI-compatible and OpenRouter GET /models,
     Anthropic GET /v1/models, Gemini GET /v1beta/models (those that generate text),
     Ollama GET /api/tags; claude-code: the CLI's aliases and the configured models.
-    The same deadline, retries, size limit and typed errors as a call."""
-    raw, path = read_config(config)
-    name = provider or default_provider(raw)
+    The same deadline, retries, size limit and typed errors as a call. Takes the
+    keywords of Options that apply: timeout, base_url, api_key, max_retries,
+    on_status."""
+    options = options_of("models", dict(options, provider=provider, config=config),
+                         MODELS_KEYWORDS)
+    return model_list(options, *read_config(options.config))
+
+
+def model_list(options: Options, raw: dict, path: str | None) -> list[str]:
+    """models() with the config read already (raw, path)."""
+    name = options.provider or default_provider(raw)
     check_provider(name, "provider")
+    settings = call_settings(options)
+    if settings:
+        raw = with_call_settings(raw, name, settings)
     settings = usable_settings(raw, name, path)
-    call = Call.starting_now(settings["timeout_secs"])
+    seconds = min(settings["timeout_secs"], options.timeout or math.inf)
+    call = Call.starting_now(seconds, options.on_status)
     try:
         found = BACKENDS[name].models(settings, call)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
@@ -3844,7 +3980,7 @@ def shown_value(key: str, value) -> str:
 # reach the file, and known keys are redacted from the text on its way in.
 # Several CLI runs may write at once: WAL lets readers and a writer work side by
 # side, the busy timeout makes writers queue, and each row is one transaction.
-# record() and logged() at the end are how the CLI and a call write to it.
+# logged() at the end is how a call writes to it, a CLI call's too (via record()).
 
 LOG_SCHEMA_VERSION = 1       # PRAGMA user_version: what a later release migrates from
 LOG_BUSY_SECS = 5.0          # how long a run waits for another one's write, in all
@@ -3861,14 +3997,14 @@ LOG_SCHEMA = """CREATE TABLE exchanges (
     model TEXT,
     system_prompt TEXT,
     prompt TEXT,
-    answer TEXT,                     -- NULL when the exchange failed
+    answer TEXT,                     -- with an error: the text received before it
     input_tokens INTEGER,
     output_tokens INTEGER,
     cost_usd REAL,
     duration_ms INTEGER,
     stop_reason TEXT,
     session_id TEXT,
-    error TEXT                       -- one line when the exchange failed, else NULL
+    error TEXT                       -- one line when it failed or was stopped, else NULL
 )"""
 LOG_INDEX = "CREATE INDEX exchanges_by_conversation ON exchanges (conversation, id)"
 # Columns added to schema 1 since it first shipped. They change no version: a file
@@ -3944,7 +4080,8 @@ def logged_conversation(path: str, conversation: str | None) -> tuple[str, list[
     """(id, rows) of a conversation, oldest first: the one whose id is or starts
     with `conversation`, or when that is None the most recent one in which anything
     was answered (a first run that failed is nothing to go on with). Each row is a
-    dict of LOG_COLUMNS; a failed exchange has its `error` set and no `answer`.
+    dict of LOG_COLUMNS; a failed or interrupted exchange has its `error` set, and
+    as its `answer` the text received before that, if any.
     Never creates the file. NoConversation when there is no such conversation."""
     if conversation is None:
         rows = read_log(path, "WHERE conversation = (SELECT conversation FROM exchanges "
@@ -4007,8 +4144,9 @@ def utc_iso(seconds: float) -> str:
 
 def log_row(entry: dict) -> tuple:
     """entry's LOG_FIELDS as the columns take them: text as text with the keys
-    omega knows redacted, counts as whole numbers, None for anything else. A failed
-    exchange keeps its error, on one line, and no answer."""
+    omega knows redacted, counts as whole numbers, None for anything else. An
+    exchange that failed or was interrupted keeps its error, on one line, beside
+    the text received before it."""
     error = entry.get("error")
     error = clean(error, 1000) or None if error is not None else None
     values = []
@@ -4016,8 +4154,6 @@ def log_row(entry: dict) -> tuple:
         value = entry.get(name)
         if name == "error":
             value = error
-        elif name == "answer" and error:
-            value = None
         elif name in ("input_tokens", "output_tokens", "duration_ms"):
             value = round(value) if number(value) and math.isfinite(value) and value >= 0 \
                 else None
@@ -4229,42 +4365,81 @@ def log_error(path: str, what: str, kind: type = LogError) -> LogError:
     return kind(clean(f"conversation log {path}: {what}", 1000))
 
 
-def record(log: str, ctx: Context, reply, error, started: float, conversation: dict | None,
-           on_status) -> None:
-    """Write one exchange to the log; a failure to do so is said, not raised."""
+def interruption(stop: BaseException) -> str:
+    """What ended a call that did not end by itself, in the words the CLI uses:
+    interrupted (Ctrl-C), stopped by SIGTERM or SIGHUP (see stopped_by_signal), or
+    closed by its caller before the answer ended (a stream left or closed)."""
+    if isinstance(stop, GeneratorExit):
+        return "closed before the answer ended"
+    signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+    return "interrupted" if signum == signal.SIGINT else \
+        f"stopped by {signal.Signals(signum).name}"
+
+
+def record(log: str, ctx: Context, provider: str, outcome, received: str, started: float,
+           conversation: dict | None, warn) -> None:
+    """Write one exchange to the log. outcome: the reply, or the error or the
+    interruption (KeyboardInterrupt, GeneratorExit) it ended with, after the text
+    `received`; provider: the one asked first, for a row that nothing else names a
+    provider for. A failure to write is said to warn (or the debug log), not raised."""
+    reply = outcome if isinstance(outcome, OutgoingMessage) else None
     meta = reply.metadata if reply else MessageMetadata()
+    error = None if reply else str(outcome) if isinstance(outcome, OmegaError) \
+        else interruption(outcome)
     entry = {"conversation": (conversation or {}).get("id"), "time": started,
-             "provider": meta.provider_used or getattr(error, "provider", None),
+             "provider": meta.provider_used or getattr(outcome, "provider", None) or provider,
              "model": meta.model or ctx.model, "asked_model": ctx.model,
              "system_prompt": ctx.system_prompt,
-             "prompt": ctx.current_message, "answer": reply.text if reply else None,
+             "prompt": ctx.current_message, "answer": reply.text if reply else received or None,
              "input_tokens": meta.input_tokens, "output_tokens": meta.output_tokens,
              "cost_usd": meta.cost_usd, "duration_ms": round((time.time() - started) * 1000),
              "stop_reason": meta.stop_reason,
-             "session_id": meta.session_id or getattr(error, "session_id", None),
-             "error": str(error) if error else None}
+             "session_id": meta.session_id or getattr(outcome, "session_id", None),
+             "error": error}
     try:
         written = log_exchange(log, entry)
     except OmegaError as e:
-        if on_status is not None:
-            on_status(f"warning: {e}")
+        if warn is not None:
+            warn(f"warning: {e}")
         log_debug("log: %s", e)
         return
     if conversation is not None:
         conversation["id"] = written
 
 
-def logged(calls, log: str, ctx: Context, conversation: dict | None, on_status):
-    """calls, with the exchange written to the log at its end (config
-    [omega.log] enabled = true). A log that cannot be written never fails the call."""
-    started = time.time()
+def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: dict | None,
+           warn, show: Callable | None = None):
+    """pieces, with the exchange written to the log at its end, when log names the
+    file: the answer; or the text received and the error that ended it; or,
+    interrupted (Ctrl-C, SIGTERM, SIGHUP, the stream closed before its end), the
+    text received and how it was stopped. A ConfigError asked nothing of a
+    provider: no row. A log that cannot be written never fails the call. show: told
+    the reply once it is whole, before its row is written (the CLI prints it there,
+    so that the log never delays the answer)."""
+    started, received, outcome = time.time(), [], None
     try:
-        reply = yield from calls
-    except OmegaError as e:
-        record(log, ctx, None, e, started, conversation, on_status)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                outcome = end.value
+                break
+            received.append(piece)
+            yield piece
+        if show is not None:
+            show(outcome)
+        return outcome
+    except ConfigError:
         raise
-    record(log, ctx, reply, None, started, conversation, on_status)
-    return reply
+    except (OmegaError, KeyboardInterrupt, GeneratorExit) as e:
+        if outcome is None:        # an answer that arrived whole stays what is logged
+            outcome = e
+        raise
+    finally:
+        pieces.close()          # hung up before the row is written, not after
+        if log and outcome is not None:
+            record(log, ctx, provider, outcome, "".join(received), started, conversation,
+                   warn)
 
 
 # =============================================================================
@@ -4393,9 +4568,9 @@ def schema_arg(text: str) -> dict:
     return schema
 
 
-def print_models(args) -> int:
+def print_models(args, raw: dict, path: str | None) -> int:
     """--models: the provider's models, one a line (with --json, a JSON list)."""
-    names = models(args.provider, args.config)
+    names = model_list(Options(provider=args.provider), raw, path)
     sys.stdout.write(json.dumps(names) + "\n" if args.json else "".join(n + "\n" for n in names))
     sys.stdout.flush()
     return 0
@@ -4456,7 +4631,7 @@ def continued(log: str, conversation: str | None, ctx: Context, provider: str | 
     one a server said it used), unless -p / -m say otherwise; claude-code resumes
     its CLI session instead of resending the turns."""
     conversation, rows = logged_conversation(log, conversation)
-    done = [r for r in rows if r["answer"] is not None]
+    done = [r for r in rows if r["answer"] is not None and r["error"] is None]   # ANSWERED
     history = tuple(Message(role, text) for r in done
                     for role, text in (("user", r["prompt"]), ("assistant", r["answer"])))
     last = done[-1] if done else rows[-1]
@@ -4483,7 +4658,7 @@ def print_logs(log: str, n: int, as_json: bool) -> int:
                          json.dumps(row, ensure_ascii=False)))
             continue
         row = {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
-        what = f"error: {row['error']}" if row["error"] else row["answer"]
+        what = "\n".join(x for x in (row["answer"], row["error"] and f"error: {row['error']}") if x)
         print(f"[{row['conversation']}] {row['time']} {row['provider']} {row['model'] or ''}"
               .rstrip())
         print(f"> {row['prompt']}\n{what}\n")
@@ -4508,6 +4683,19 @@ def print_stream(answer: Stream) -> None:
                                                  f"{len(answer.text):,} characters)") from None
             raise
     sys.stdout.write("\n")
+
+
+def print_reply(reply: OutgoingMessage, args) -> None:
+    """A whole answer: its text; with --json, {"text", "metadata"}; with a schema,
+    the JSON answer alone, compact, so that it pipes into jq."""
+    if args.json:
+        out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
+    elif args.schema is not None:
+        out = json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    else:
+        out = reply.text
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
 
 
 def stopped_by_signal(signum, frame):
@@ -4556,7 +4744,7 @@ def run_cli(argv) -> int:
         if args.logs is not None:
             return print_logs(log_file(raw), args.logs, args.json)   # also with the log off
         if args.models:
-            return print_models(args)
+            return print_models(args, raw, path)
         prompt = read_prompt(args.prompt)
         if not prompt.strip():
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
@@ -4565,10 +4753,8 @@ def run_cli(argv) -> int:
                                        ("--timeout", args.timeout, "timeout_secs", NUMBER)):
             if value is not None:                  # checked as the config's keys are
                 check_value(key, value, kind, flag)
-        # The CLI writes the log itself, after the answer is out.
-        config = {**with_own_table(raw, "log", {"enabled": False}), "_file": path}
         if args.auto_route:
-            config["provider"] = {**config.get("provider", {}), "auto_route": True}
+            raw = {**raw, "provider": {**raw.get("provider", {}), "auto_route": True}}
         ctx = Context(prompt, system_prompt=args.system, model=args.model,
                       complex=args.complex, max_tokens=args.max_tokens,
                       temperature=args.temperature)
@@ -4579,34 +4765,21 @@ def run_cli(argv) -> int:
                                   "which is off (--no-log, OMEGA_LOG=0 or [omega.log] "
                                   "enabled = false)")
             conversation, ctx, provider = continued(log, args.chat, ctx, provider)
-        options = dict(provider=provider, config=config, on_status=say,
-                       fallback=args.fallback, timeout=args.timeout)
         if args.attach or args.schema is not None:
             ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)
-        started, reply, warn = time.time(), None, lambda m: tell(f"omega: {m}")
-        try:
-            if args.schema is not None and not args.json:
-                # With a schema stdout gets the JSON answer alone, compact, once it is
-                # whole (nothing streamed), so that it pipes into jq.
-                reply = complete(ctx, **options)
-                sys.stdout.write(json.dumps(reply.data, ensure_ascii=False,
-                                            separators=(",", ":"), allow_nan=False) + "\n")
-            elif args.json or args.no_stream:
-                reply = complete(ctx, **options)
-                out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False) \
-                    if args.json else reply.text
-                sys.stdout.write(out + "\n")
-            else:
-                answer_stream = stream(ctx, **options)
-                print_stream(answer_stream)
-                reply = answer_stream.reply
-            sys.stdout.flush()
-        except OmegaError as e:
-            if log and not isinstance(e, ConfigError):
-                record(log, ctx, None, e, started, {"id": conversation}, warn)
-            raise
-        if log:
-            record(log, ctx, reply, None, started, {"id": conversation}, warn)
+        # The config was read and checked above: the call takes it as it is, and
+        # logs the exchange itself (a log warning shows even with -q).
+        options = Options(provider=provider, on_status=say, fallback=args.fallback,
+                          timeout=args.timeout)
+        streaming = args.schema is None and not args.json and not args.no_stream
+        pieces = answer(ctx, options, streaming, conversation={"id": conversation},
+                        config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"),
+                        show=None if streaming else lambda reply: print_reply(reply, args))
+        if streaming:
+            print_stream(Stream(pieces))
+        else:
+            drain(pieces)                    # printed by print_reply, before the log
+        sys.stdout.flush()
         return 0
     except BrokenPipeError:                    # `omega ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -4618,10 +4791,8 @@ def run_cli(argv) -> int:
         tell(f"omega: {e}")
         return e.exit_code
     except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        tell("omega: interrupted" if signum == signal.SIGINT else
-             f"omega: stopped by {signal.Signals(signum).name}")
-        return 128 + signum
+        tell(f"omega: {interruption(e)}")
+        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
     except Exception as e:                     # a bug of ours: still one line, no traceback
         if args.verbose:
             import traceback

@@ -121,6 +121,7 @@ class FakeAPI(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.connections = 0
         self.hangups = 0                     # streams the client left before their end
+        self.hung_up = threading.Event()     # set at the first of them
 
     scheme = "http"
 
@@ -207,6 +208,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except OSError:                  # the client hung up: what we wanted
                 with self.server.lock:
                     self.server.hangups += 1
+                self.server.hung_up.set()
             return
         self.send_response(spec["status"])
         for k, v in headers.items():
@@ -2289,7 +2291,7 @@ def test_abandoned_streams_never_hang_and_are_hung_up(tmp_path):
     stream by handing its connection back to the pool would wait forever on its own
     thread's lock): nothing hangs, no collection returns a connection to a pool, and
     the server sees every abandoned stream's connection closed."""
-    out = subprocess.run([sys.executable, "-c", ABANDONING_CHILD, HERE, "100"],
+    out = subprocess.run([sys.executable, "-c", COLLECTING_CHILD, HERE, "100"],
                          capture_output=True, text=True, timeout=60, env=cli_env(tmp_path))
     assert out.stdout, out.stderr[-2000:]
     result = json.loads(out.stdout)
@@ -4089,6 +4091,153 @@ def test_a_fallback_with_a_config_error_is_reported_not_skipped(api2, claude, tm
     assert "working_dir" in fallbacks[1] and claude.calls() == []
 
 
+# --- the keywords every call takes (Options) ---------------------------------
+
+def answering_json(api, text):
+    """Every request to api answered with text, streamed or not, in OpenAI's shape."""
+    api.default = lambda r: dict(raw=sse(oa_chunk(text), oa_chunk(finish="stop")),
+                                 action="stream", framing="chunked", most=1 << 20,
+                                 headers={"Content-Type": "text/event-stream"}) \
+        if r.body.get("stream") else {"body": openai_ok(text)}
+
+
+def read_through(s):
+    """A Stream read to its end; its reply's data."""
+    assert "".join(s) == s.reply.text
+    return s.reply.data
+
+
+# Each public way to call, given the keywords (and the prompt "hi"), to the JSON answer.
+CALL_WAYS = {
+    "complete": lambda kw: omega.complete("hi", **kw).data,
+    "stream": lambda kw: read_through(omega.stream("hi", **kw)),
+    "ask": lambda kw: omega.ask("hi", **kw),
+    "Chat": lambda kw: json.loads(omega.Chat(**kw).ask("hi")),
+    "Chat.stream": lambda kw: read_through(omega.Chat(**kw).stream("hi")),
+    "a Chat turn": lambda kw: json.loads(omega.Chat().ask("hi", **{
+        k: v for k, v in kw.items() if k != "history"})),
+}
+
+
+@pytest.mark.parametrize("way", CALL_WAYS)
+def test_every_way_to_call_takes_the_same_keywords(api, tmp_path, way):
+    answering_json(api, '{"a": 1}')
+    (tmp_path / "notes.txt").write_bytes(NOTES)
+    statuses, call_key = [], "sk-call-0123456789abcdef0123"
+    keywords = dict(provider="openai", config=cfg("openai", refused_url()), model="m-given",
+                    system="Be brief", history=[{"role": "user", "content": "earlier"},
+                                                {"role": "assistant", "content": "noted"}],
+                    attachments=[str(tmp_path / "notes.txt")], schema={"type": "object"},
+                    max_tokens=7, temperature=0.5, timeout=20, base_url=api.url + "/v1",
+                    api_key=call_key, max_retries=0, on_status=statuses.append, fallback=[])
+    assert CALL_WAYS[way](keywords) == {"a": 1}
+    body, sent = api.last().body, api.last().headers
+    assert sent["authorization"] == "Bearer " + call_key
+    assert (body["model"], body["max_tokens"], body["temperature"]) == ("m-given", 7, 0.5)
+    assert body["response_format"]["type"] == "json_schema"
+    assert body["messages"][0] == {"role": "system", "content": "Be brief"}
+    assert [p["text"] for p in body["messages"][-1]["content"]] == ["hi", NOTES_BLOCK]
+    earlier = [m["content"] for m in body["messages"][1:-1]]
+    assert earlier == ([] if way == "a Chat turn" else ["earlier", "noted"])
+
+
+def test_the_old_positional_arguments_still_work(api):
+    answering_json(api, "ok")
+    config, heard = cfg("openai", api), []
+    assert omega.complete(omega.Context("hi"), "openai", config, heard.append).text == "ok"
+    assert "".join(omega.stream(omega.Context("hi"), "openai", config, heard.append)) == "ok"
+    assert omega.ask("hi", "openai", "m-pos", "Be brief", config) == "ok"
+    assert api.last().body["model"] == "m-pos"
+    assert api.last().body["messages"][0] == {"role": "system", "content": "Be brief"}
+    chat = omega.Chat("openai", "Be terse", config, "m-chat", heard.append,
+                      [{"role": "user", "content": "earlier"}, omega.Message("assistant", "ok")])
+    assert chat.ask("hi") == "ok" and api.last().body["model"] == "m-chat"
+    assert [m["content"] for m in api.last().body["messages"]] == ["Be terse", "earlier", "ok",
+                                                                   "hi"]
+
+
+def test_a_keyword_wins_over_the_contexts_field_and_the_rest_stay(api):
+    answering_json(api, "ok")
+    ctx = omega.Context("hi", system_prompt="from ctx", model="ctx-model", max_tokens=5)
+    omega.complete(ctx, "openai", cfg("openai", api), model="kw-model", temperature=0.1)
+    body = api.last().body
+    assert (body["model"], body["max_tokens"], body["temperature"]) == ("kw-model", 5, 0.1)
+    assert body["messages"][0] == {"role": "system", "content": "from ctx"}
+    omega.stream(ctx, "openai", cfg("openai", api), system="from kw").close()   # nothing sent
+    assert "".join(omega.stream(ctx, "openai", cfg("openai", api), system="from kw")) == "ok"
+    assert api.last().body["messages"][0] == {"role": "system", "content": "from kw"}
+    assert ctx.model == "ctx-model"                                  # the caller's ctx as it was
+
+
+def test_the_other_context_fields_stay_reachable(api, claude):
+    api.reply(openai_ok("ok"))
+    config = cfg("openai", api, model_complex="the-big-one")
+    assert omega.ask("hi", provider="openai", config=config, complex=True) == "ok"
+    assert api.last().body["model"] == "the-big-one"
+    omega.ask("hi", provider="claude-code", config=claude.config(), max_turns=3,
+              allowed_tools=["Read"])
+    argv = claude.calls()[-1]["argv"]
+    assert argv[argv.index("--max-turns") + 1] == "3" and "Read" in argv
+    chat = omega.Chat(provider="openai", config=config)
+    api.reply(openai_ok("ok"))
+    assert chat.ask("hi", complex=True, model=None) == "ok"
+    assert api.last().body["model"] == "the-big-one"
+
+
+@pytest.mark.parametrize("name, call", [
+    ("complete", lambda: omega.complete("hi", bogus=1)),
+    ("stream", lambda: omega.stream("hi", bogus=1)),
+    ("ask", lambda: omega.ask("hi", bogus=1)),
+    ("Chat", lambda: omega.Chat(bogus=1)),
+    ("Chat.ask", lambda: omega.Chat().ask("hi", bogus=1)),
+    ("Chat.stream", lambda: omega.Chat().stream("hi", bogus=1)),
+    ("models", lambda: omega.models(bogus=1))], ids=lambda x: x if isinstance(x, str) else "")
+def test_an_unknown_keyword_is_a_type_error_naming_it(name, call):
+    with pytest.raises(TypeError) as err:
+        call()
+    assert str(err.value) == f"{name}() got an unexpected keyword argument 'bogus'"
+
+
+def test_a_chat_keeps_its_own_history_and_models_takes_what_applies():
+    with pytest.raises(TypeError, match=r"^Chat.ask\(\) got an unexpected keyword argument "
+                                        r"'history'$"):
+        omega.Chat().ask("hi", history=[])
+    with pytest.raises(TypeError, match=r"^models\(\) got an unexpected keyword argument "
+                                        r"'schema'$"):
+        omega.models(schema={"type": "object"})
+
+
+def test_models_takes_base_url_api_key_and_timeout(api):
+    api.reply({"object": "list", "data": [{"id": "m-1", "object": "model"}]})
+    call_key = "sk-call-0123456789abcdef0123"
+    names = omega.models("openai", cfg("openai", refused_url()), base_url=api.url + "/v1",
+                         api_key=call_key, timeout=5, max_retries=0)
+    assert names == ["m-1"] and api.last().headers["authorization"] == "Bearer " + call_key
+    api.reply(action="stall")
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout, match=r"within 0\.3 s"):
+        omega.models("openai", cfg("openai", api), timeout=0.3)
+    assert time.monotonic() - started < 2
+    with pytest.raises(omega.ConfigError, match="timeout"):
+        omega.models("openai", cfg("openai", api), timeout=0)
+
+
+def test_the_options_record_is_public_frozen_and_its_repr_shows_no_key():
+    assert "Options" in omega.__all__ and "timeout" in omega.Options.__doc__
+    options = omega.Options(api_key=KEY, config=cfg("openai", "http://x", api_key=KEY),
+                            attachments=[PNG], model="m")
+    assert not leaks(repr(options)) and "PNG" not in repr(options) and "model='m'" in repr(options)
+    assert not leaks(repr(omega.Chat(api_key=KEY).options))
+    with pytest.raises(AttributeError):
+        options.model = "other"
+    with pytest.raises(omega.ConfigError, match="timeout"):
+        omega.Options(timeout=-1)
+
+
+def test_a_chat_says_it_belongs_to_one_thread_at_a_time():
+    assert "one thread at a time" in " ".join(omega.Chat.__doc__.split())
+
+
 # --- complete() and ask() ----------------------------------------------------
 
 def test_ask_returns_the_text_and_passes_everything_on(api):
@@ -4270,6 +4419,42 @@ def test_leaving_a_with_block_closes_the_stream(api):
     while api.hangups == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert api.hangups == 1
+
+
+def test_an_abandoned_stream_is_closed_by_reference_counting_not_the_collector(api):
+    import gc
+    import weakref
+    api.reply(action="endless", framing="chunked", every=0.01,
+              first=sse(oa_chunk("first"), done=False), piece=sse(oa_chunk("more"), done=False),
+              headers={"Content-Type": "text/event-stream"})
+    api.reply(openai_ok("the next call"))
+    gc.disable()                          # only reference counting may close it
+    try:
+        s = omega.stream("hi", "openai", cfg("openai", api))
+        stream_alive = weakref.ref(s)
+        for piece in s:
+            break
+        del s
+        assert stream_alive() is None                # nothing refers back to it: no cycle
+        assert api.hung_up.wait(3)                   # the server saw the disconnect ...
+        assert omega.complete("hi", "openai", cfg("openai", api)).text == "the next call"
+    finally:                                         # ... before the next call
+        gc.enable()
+
+
+def test_abandoning_streams_in_a_loop_never_hangs(api, tmp_path):
+    """The README's idiom, `for piece in omega.stream(...): break`, 2,000 times, then
+    from 16 threads, then a plain complete() after each abandoned stream. With a
+    cycle between a Stream and its generator the collector closed them, at times
+    inside urllib3's pool lock, which closing needs too: the program hung."""
+    answering_json(api, "ok")
+    try:
+        out = subprocess.run([sys.executable, "-c", ABANDONING_CHILD, HERE,
+                              json.dumps(cfg("openai", api))],
+                             capture_output=True, text=True, timeout=90, env=cli_env(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("abandoned streams hung the program")
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr[-2000:]
 
 
 # --- Chat and per-call settings ----------------------------------------------
@@ -4539,7 +4724,8 @@ def test_log_round_trip(tmp_path):
                        "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
                        "session_id": None, "error": None, "asked_model": None}
     assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
-    assert rows[1]["answer"] is None and rows[1]["error"] == "openai: 500 boom"   # failed
+    assert rows[1]["answer"] == "partial" and rows[1]["error"] == "openai: 500 boom"   # failed
+    # after some text: both are kept (issue 17, item 4)
 
     assert omega.logged_conversation(path, None)[0] == other          # the most recent
     assert omega.logged_conversation(path, None)[1][0]["time"] == "1970-01-01T00:00:00.000Z"
@@ -4613,6 +4799,43 @@ def test_library_calls_log_only_when_the_config_says_so(api, tmp_path):
     chat.ask("two")
     _, rows = omega.logged_conversation(str(tmp_path / "lib.db"), None)
     assert [r["prompt"] for r in rows] == ["one", "two"]
+
+
+def endless_stream(api, first="first"):
+    """A stream that sends `first`, then "." pieces until the client hangs up."""
+    api.reply(action="endless", framing="chunked", every=0.02,
+              first=sse(oa_chunk(first), done=False), piece=sse(oa_chunk("."), done=False),
+              headers={"Content-Type": "text/event-stream"})
+
+
+def test_library_logs_the_text_received_and_what_ended_the_exchange(api, tmp_path):
+    path = str(tmp_path / "lib.db")
+    config = {**cfg("openai", api, max_retries=0), "omega": {"log": {"enabled": True,
+                                                                     "path": path}}}
+    disabled = {**config, "provider": {"openai": {**config["provider"]["openai"],
+                                                  "enabled": False}}}
+    with pytest.raises(omega.ConfigError, match="disabled"):        # nothing asked: no row
+        omega.complete("disabled", "openai", disabled)
+    body = sse(oa_chunk("half an"), done=False)
+    serve_stream(api, body, hold_at=len(body), then="cut")          # an error after text
+    with pytest.raises(omega.ProviderUnavailable) as err:
+        list(omega.stream("cut", "openai", config))
+    assert err.value.partial_text == "half an"
+    endless_stream(api)
+    s = omega.stream("closed", "openai", config)
+    assert next(s) == "first"
+    s.close()                                                       # the caller stops reading
+    endless_stream(api)
+    with pytest.raises(KeyboardInterrupt):                          # Ctrl-C in the caller's loop
+        with omega.stream("interrupted", "openai", config) as s:
+            for piece in s:
+                raise KeyboardInterrupt
+    rows = omega.recent_exchanges(path, 10)
+    assert [(r["prompt"], r["answer"]) for r in rows] == [
+        ("cut", "half an"), ("closed", "first"), ("interrupted", "first")]
+    assert rows[0]["error"] == str(err.value) and rows[0]["provider"] == "openai"
+    assert [(r["provider"], r["error"]) for r in rows[1:]] == [
+        ("openai", "closed before the answer ended"), ("openai", "interrupted")]
 
 
 def test_conversation_ids_are_short_random_and_unique(tmp_path, monkeypatch):
@@ -5145,8 +5368,7 @@ def test_cli_unexpected_error_is_one_line(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError(f"kaboom with {ENV_KEY}")
     monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
-    monkeypatch.setattr(omega, "complete", broken)
-    monkeypatch.setattr(omega, "stream", broken)
+    monkeypatch.setattr(omega, "answer", broken)          # where every call goes
     assert omega.main(["-p", "openai", "hi"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("omega: internal error: RuntimeError: kaboom") and err.count("\n") == 1
@@ -5436,6 +5658,93 @@ def test_cli_answer_comes_first_when_the_log_cannot_be_written(api, tmp_path, da
     out = run_cli(tmp_path, "hi", config=cfg("openai", api), OMEGA_LOG_PATH=str(log))
     assert out.returncode == 0 and out.stdout == "still here\n"
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("omega: warning: ")
+
+
+@pytest.mark.parametrize("sig, said", [(signal.SIGINT, "interrupted"),
+                                       (signal.SIGTERM, "stopped by SIGTERM"),
+                                       (signal.SIGHUP, "stopped by SIGHUP")],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_cli_logs_an_interrupted_exchange_with_the_text_received(api, tmp_path, sig, said):
+    endless_stream(api)
+    child = start_cli(tmp_path, "hi", config=cfg("openai", api))
+    try:
+        assert read_until(child.stdout, b"first").startswith(b"first")
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + sig and err == f"omega: {said}\n".encode()
+    row = log_rows(tmp_path)[-1]
+    assert (row["prompt"], row["provider"], row["error"]) == ("hi", "openai", said)
+    assert row["answer"].startswith("first")
+
+
+def test_cli_logs_an_exchange_interrupted_before_any_text(api, tmp_path):
+    api.reply(action="stall")
+    child = start_cli(tmp_path, "--no-stream", "hi", config=cfg("openai", api))
+    try:
+        deadline = time.monotonic() + 10
+        while not api.requests and time.monotonic() < deadline:     # the question is out
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    assert [(r["prompt"], r["provider"], r["answer"], r["error"]) for r in log_rows(tmp_path)
+            ] == [("hi", "openai", None, "interrupted")]
+
+
+def test_cli_logs_the_text_before_an_error_and_continues_without_it(api, tmp_path, cli_main,
+                                                                    capsys):
+    config = cfg("openai", api, max_retries=0)
+    api.reply(openai_ok("Four."))
+    cli_main(config, "What is 2+2?")
+    body = sse(oa_chunk("half an"), done=False)
+    serve_stream(api, body, hold_at=len(body), then="cut")
+    assert cli_main(config, "--continue", "and times 3?") == 7
+    row = log_rows(tmp_path)[-1]
+    assert row["answer"] == "half an" and row["error"].startswith("openai: ")
+    capsys.readouterr()
+    cli_main(config, "--logs", "1")
+    assert f"> and times 3?\nhalf an\nerror: {row['error']}\n" in capsys.readouterr().out
+    api.reply(openai_ok("Twelve."))
+    cli_main(config, "--continue", "and times 3?")             # the broken turn is not sent
+    assert [m["content"] for m in api.last().body["messages"]] == [
+        "What is 2+2?", "Four.", "and times 3?"]
+
+
+def test_the_cli_reads_and_checks_its_config_once(api, cli_main, monkeypatch):
+    checked, real = [], omega.validate
+    monkeypatch.setattr(omega, "validate", lambda raw, where: checked.append(where)
+                        or real(raw, where))
+    answering_json(api, "ok")
+    for args in (["hi"], ["--no-stream", "hi"], ["--json", "hi"], ["--models"]):
+        if args == ["--models"]:
+            api.reply({"object": "list", "data": [{"id": "m-1", "object": "model"}]})
+        checked.clear()
+        assert cli_main(cfg("openai", api), *args) == 0
+        assert len(checked) == 1, (args, checked)
+
+
+@pytest.mark.parametrize("flag", ["--no-stream", "--json", "streamed"])
+def test_cli_prints_the_answer_before_it_waits_for_the_log(api, tmp_path, flag):
+    import sqlite3
+    log = tmp_path / "home" / ".omega" / "log.db"
+    omega.log_exchange(str(log), exchange())
+    api.reply(openai_ok("the answer"))
+    holder = sqlite3.connect(log, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")                    # another run is writing
+    try:
+        child = start_cli(tmp_path, *([flag] if flag != "streamed" else []), "hi",
+                          config=cfg("openai", api))
+        assert b"the answer" in read_until(child.stdout, b"the answer", 4)   # lock still held
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0 and err == b""
+    assert log_rows(tmp_path)[-1]["answer"] == "the answer"
 
 
 def test_eight_cli_processes_at_once_lose_no_row(api, tmp_path):
@@ -6073,7 +6382,7 @@ print(json.dumps(outcome))
 # connection pool's lock at every get and put. Prints how many streams it abandoned, how
 # many of their connections the server saw closed, and how many connections went back
 # to a pool from inside a collection.
-ABANDONING_CHILD = r"""
+COLLECTING_CHILD = r"""
 import gc, http.server, json, queue, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 import omega
@@ -6174,6 +6483,33 @@ deadline = time.monotonic() + 5
 while hung_up[0] < total and time.monotonic() < deadline:
     time.sleep(0.01)
 print(json.dumps({"streams": total, "hung_up": hung_up[0], "puts_in_gc": len(puts_in_gc)}))
+"""
+
+# omega in a child that abandons streams in a loop (see
+# test_abandoning_streams_in_a_loop_never_hangs); "done" when it gets through.
+ABANDONING_CHILD = r"""
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+import omega
+config = json.loads(sys.argv[2])
+
+def abandon(times):
+    for _ in range(times):
+        for piece in omega.stream("hi", "openai", config, timeout=30):
+            break
+
+abandon(2000)
+threads = [threading.Thread(target=abandon, args=(40,)) for _ in range(16)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+for _ in range(100):
+    stream = omega.stream("hi", "openai", config, timeout=30)
+    next(stream)
+    del stream
+    assert omega.complete("hi", "openai", config, timeout=30).text == "ok"
+print("done")
 """
 
 # omega in a child whose address space is capped at 1 GiB: a client that reads
