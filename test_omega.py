@@ -2286,13 +2286,17 @@ def test_connections_are_reused(api):
 
 def test_abandoned_streams_never_hang_and_are_hung_up(tmp_path):
     """`for piece in omega.stream(...): break`, again and again, in one thread and in
-    sixteen, with plain calls between, while a garbage collection runs inside the
-    connection pool's lock at every get and put (where one that closed an abandoned
-    stream by handing its connection back to the pool would wait forever on its own
-    thread's lock): nothing hangs, no collection returns a connection to a pool, and
-    the server sees every abandoned stream's connection closed."""
-    out = subprocess.run([sys.executable, "-c", COLLECTING_CHILD, HERE, "100"],
-                         capture_output=True, text=True, timeout=60, env=cli_env(tmp_path))
+    sixteen, with plain calls between, each stream left in a reference cycle of the
+    caller's, while a garbage collection runs inside the connection pool's lock at
+    every get and put (where one that closed an abandoned stream by handing its
+    connection back to the pool would wait forever on its own thread's lock): nothing
+    hangs, no collection returns a connection to a pool, and the server sees every
+    abandoned stream's connection closed."""
+    try:
+        out = subprocess.run([sys.executable, "-c", COLLECTING_CHILD, HERE, "100"],
+                             capture_output=True, text=True, timeout=60, env=cli_env(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("closing abandoned streams hung the program")
     assert out.stdout, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result == {"streams": 260, "hung_up": 260, "puts_in_gc": 0}, result
@@ -6378,8 +6382,8 @@ print(json.dumps(outcome))
 """
 
 # omega in a child that abandons streams (argv[2] of them, then a tenth of that in each of
-# sixteen threads) from a server of its own, while a garbage collection runs inside the
-# connection pool's lock at every get and put. Prints how many streams it abandoned, how
+# sixteen threads) from a server of its own, each left in a reference cycle, while a
+# garbage collection runs inside the connection pool's lock at every get and put. Prints how many streams it abandoned, how
 # many of their connections the server saw closed, and how many connections went back
 # to a pool from inside a collection.
 COLLECTING_CHILD = r"""
@@ -6464,8 +6468,12 @@ gc.callbacks.append(track)
 
 def abandon(n):
     for i in range(n):
-        for piece in omega.stream("hi", "openai", config):
+        stream = omega.stream("hi", "openai", config)
+        for piece in stream:
             break
+        held = [stream]                  # in a cycle of the caller's: only the collector
+        held.append(held)                # can close it, in whatever it interrupts
+        del stream, held
         if i % 5 == 4:
             assert omega.complete("hi", "openai", config).text == "whole"
 
