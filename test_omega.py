@@ -2049,8 +2049,9 @@ MiB = 1 << 20
 
 
 def hostile_cases():
-    """(what, max_response_bytes, server reply or None, provider, streamed, with a file,
-    expected error class or answer text): answers cut into millions of tiny pieces,
+    """(what, max_response_bytes, server reply (claude-code: what its stdout holds),
+    provider, streamed, with a file, expected error class or answer text): answers cut
+    into millions of tiny pieces,
     each within max_response_bytes, that a reader which keeps a list of them turns
     into 15-50 x their size. The limits keep the line-by-line cases quick."""
     def objects(limit):
@@ -2072,8 +2073,10 @@ def hostile_cases():
          "ollama", True, False, "ProviderUnavailable"),
         ("a JSON body of tiny objects", 8 * MiB, {"raw": objects(8 * MiB)}, "openai", False, False,
          "ProviderError"),
-        ("claude stdout of tiny JSON lines, with a file", 1 * MiB, None, "claude-code", False,
-         True, "still answered"),
+        ("claude stdout of tiny JSON lines, with a file", 1 * MiB, "lines", "claude-code",
+         False, True, "still answered"),
+        ("a claude stdout line of tiny JSON objects, with a file", 1 * MiB, "array",
+         "claude-code", False, True, "ProviderError"),
     ]
 
 
@@ -2086,11 +2089,13 @@ def test_millions_of_tiny_pieces_cost_a_small_multiple_of_their_bytes(api, tmp_p
     script.chmod(0o755)
     for what, limit, reply, name, streamed, with_file, expected in hostile_cases():
         api.reply(openai_ok("warm"))
-        if reply is not None:
+        if name == "claude-code":
+            config = {"provider": {"default": name, name: {
+                "command": f"{script} {(limit - 1000) // 3} {reply}",
+                "max_response_bytes": limit}}}
+        else:
             api.reply(**reply)
-        config = {"provider": {"default": name, name: {
-            "command": f"{script} {(limit - 1000) // 3}", "max_response_bytes": limit}}} \
-            if name == "claude-code" else cfg(name, api, max_response_bytes=limit, max_retries=0)
+            config = cfg(name, api, max_response_bytes=limit, max_retries=0)
         case = {"provider": name, "config": config, "stream": streamed, "file": with_file,
                 "allowance": 4 * limit + 16 * MiB, "warm_up": cfg("openai", api)}
         out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, HERE, json.dumps(case)],
@@ -6341,13 +6346,17 @@ print(json.dumps({"type": "result", "subtype": "success", "is_error": False,
                   "result": "answered without reading", "session_id": "s-1"}))
 '''
 
-# A claude that answers after a flood of tiny JSON lines on stdout (argv[1] of them).
+# A claude that answers after a flood of argv[1] tiny JSON objects on stdout: as many
+# lines (argv[2] "lines"), or in one line (argv[2] "array").
 JSON_LINES_CLAUDE = r"""#!PYTHON
 import json, sys
 sys.stdin.read()
-lines, out = int(sys.argv[1]), sys.stdout.buffer
-for _ in range(lines // 10000):
-    out.write(b"{}\n" * 10000)
+count, out = int(sys.argv[1]), sys.stdout.buffer
+if sys.argv[2] == "array":
+    out.write(b"[" + b"{}," * (count - 1) + b"{}]\n")
+else:
+    for _ in range(count // 10000):
+        out.write(b"{}\n" * 10000)
 out.write(json.dumps({"type": "result", "subtype": "success", "is_error": False,
                       "result": "still answered", "session_id": "s-1"}).encode() + b"\n")
 """
