@@ -1429,13 +1429,15 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
     return response, watch
 
 
-# urllib3 reads a chunked body through a generator (read_chunked), which, closed
-# before its end, hands its connection back to the pool: a garbage collection run
-# inside the pool's lock (one of this thread's requests taking a connection) that
-# closed it there would wait on that lock forever. So none of them is ever garbage:
-# each is held in OPEN_BODIES while it is read, and one left unfinished (a stream
-# closed early, or abandoned to the collector) waits in LEFT_BODIES, its connection
-# already closed, until the next request closes it where no lock is held.
+# urllib3 reads a chunked body through a generator (read_chunked) that, closed
+# before its end, puts its connection back in the pool, which takes the pool's lock:
+# a garbage collection that closed one while its thread held that lock (taking a
+# connection for another request) would wait forever. So none of them is ever
+# garbage: each is held in OPEN_BODIES while it is read, and one left unfinished (a
+# stream closed early, or abandoned to the collector) waits in LEFT_BODIES, its
+# connection already closed by hang_up(), until the next request closes it where no
+# lock is held (urllib3 then puts that closed connection back; it reconnects when
+# taken again).
 OPEN_BODIES: set = set()
 LEFT_BODIES = collections.deque()
 
