@@ -212,9 +212,12 @@ class MessageMetadata:
     request_id: str | None = None
     attempts: int | None = None        # HTTP requests or CLI runs
     fallbacks: list = field(default_factory=list)  # "provider: error" tried before
+    cache_read_tokens: int | None = None   # of input_tokens: read from the provider's cache
+    cache_write_tokens: int | None = None  # of input_tokens: written to it
 
     def __post_init__(self):
-        for name in ("input_tokens", "output_tokens", "tokens_used", "num_turns"):
+        for name in ("input_tokens", "output_tokens", "tokens_used", "num_turns",
+                     "cache_read_tokens", "cache_write_tokens"):
             setattr(self, name, count(getattr(self, name)))
         for name in ("model", "stop_reason", "session_id", "request_id"):
             value = getattr(self, name)
@@ -700,6 +703,7 @@ KEY_TYPES = {
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
     "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
+    "prices": dict,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -827,6 +831,7 @@ def validate(raw: dict, where: str) -> None:
     check_keys(providers, {**PROVIDER_KEYS, **{n: dict for n in NAMES}}, where, "provider.")
     for name in NAMES:
         check_keys(providers.get(name, {}), SCHEMA[name], where, f"provider.{name}.")
+        check_prices(providers.get(name, {}).get("prices", {}), f"{where}: provider.{name}.prices")
     if "default" in providers:
         check_provider(providers["default"], f"{where}: provider.default")
     for name in providers.get("fallback", []):
@@ -868,6 +873,18 @@ def check_value(key: str, value, kind, where: str) -> None:
     if rule and not rule[0](value):
         shown = "" if isinstance(value, str) and "key" in key else f", got {value!r}"
         raise ConfigError(f"{where}: expected {rule[1]}{shown}")
+
+
+def check_prices(prices: dict, where: str) -> None:
+    """[provider.<name>.prices]: "<model>" = [input, output] in US dollars per million
+    tokens, optionally then cache reads and cache writes; 2 to 4 numbers, 0 or more."""
+    for model, price in prices.items():
+        if not (isinstance(price, list) and 2 <= len(price) <= 4
+                and all(number(p) and finite(p) and p >= 0 for p in price)):
+            raise ConfigError(f"{where}.{json.dumps(model)}: expected [input, output] US "
+                              "dollars per million tokens, then optionally cache read and "
+                              "cache write prices (2 to 4 numbers 0 or more), got "
+                              + shorten(repr(price), 60))
 
 
 def finite(value) -> bool:
@@ -2460,10 +2477,14 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
     if not text:
         raise empty_answer(settings, f"finish_reason={stop}")
     usage = data.get("usage") or {}
+    cached = usage.get("prompt_tokens_details")
+    cached = cached if isinstance(cached, dict) else {}    # OpenRouter says writes too
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
-        stop_reason=stop, cost_usd=usage.get("cost")))
+        stop_reason=stop, cost_usd=usage.get("cost"),
+        cache_read_tokens=cached.get("cached_tokens"),
+        cache_write_tokens=cached.get("cache_write_tokens")))
 
 
 def openai_events(chunks, settings: dict):
@@ -2608,7 +2629,8 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=anthropic_input_tokens(usage), output_tokens=usage.get("output_tokens"),
-        stop_reason=stop))
+        stop_reason=stop, cache_read_tokens=usage.get("cache_read_input_tokens"),
+        cache_write_tokens=usage.get("cache_creation_input_tokens")))
 
 
 def anthropic_events(chunks, settings: dict):
@@ -2733,11 +2755,15 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
         if candidate.get("finishMessage"):
             why += f": {candidate['finishMessage']}"
         raise empty_answer(settings, why)
-    tokens_in, tokens_out = gemini_token_counts(data.get("usageMetadata"))
+    usage = data.get("usageMetadata")
+    tokens_in, tokens_out = gemini_token_counts(usage)
+    cached = count(usage.get("cachedContentTokenCount")) if isinstance(usage, dict) else None
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("modelVersion") or settings["model"],
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=stop,
-        request_id=data.get("responseId")))
+        request_id=data.get("responseId"),
+        # a count of 0 is left out: next to the input count, a missing one is 0
+        cache_read_tokens=cached if cached is not None or tokens_in is None else 0))
 
 
 def gemini_events(chunks, settings: dict):
@@ -3017,6 +3043,8 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
         provider_used=settings["name"], model=model,
         input_tokens=total(anthropic_input_tokens(u) for u in usages),
         output_tokens=total(count(u.get("output_tokens")) for u in usages),
+        cache_read_tokens=total(count(u.get("cache_read_input_tokens")) for u in usages),
+        cache_write_tokens=total(count(u.get("cache_creation_input_tokens")) for u in usages),
         stop_reason=results[-1].get("stop_reason") or results[-1].get("subtype"),
         session_id=session_id,
         cost_usd=total(r.get("total_cost_usd", r.get("cost_usd")) for r in results),
@@ -3221,7 +3249,8 @@ class Backend:
 
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
-           "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024}
+           "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024,
+           "prices": None}
 _HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2}
 _KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
 
@@ -3563,6 +3592,26 @@ def rounds(ctx: Context, settings: dict, call: Call, streaming: bool):
     return attempt(ctx, settings, call, streaming)
 
 
+def priced(meta: MessageMetadata, settings: dict, asked: str) -> float | None:
+    """What an answer cost: what the backend said, else by the provider's prices
+    ([provider.<name>.prices], US dollars per million tokens) for the model the
+    server named or else the one asked for; None without a price or a token count,
+    never a guess. Cache reads and writes are inside input_tokens; without their own
+    prices they cost what input costs."""
+    prices = settings.get("prices") or {}
+    price = prices.get(meta.model) or prices.get(asked)
+    if meta.cost_usd is not None or price is None or None in (meta.input_tokens,
+                                                             meta.output_tokens):
+        return meta.cost_usd
+    input_price, output_price = price[:2]
+    read_price = price[2] if len(price) > 2 else input_price
+    write_price = price[3] if len(price) > 3 else input_price
+    reads, writes = meta.cache_read_tokens or 0, meta.cache_write_tokens or 0
+    fresh = max(0, meta.input_tokens - reads - writes)
+    return (fresh * input_price + reads * read_price + writes * write_price
+            + meta.output_tokens * output_price) / 1e6
+
+
 def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
                   options: Options, streaming: bool):
     """Try each provider of chain in turn until one answers; the first one's error
@@ -3623,6 +3672,8 @@ def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
                 failures.append((name, e))         # a broken fallback is reported, not skipped
                 continue
             reply.metadata.provider_used = name
+            reply.metadata.cost_usd = priced(reply.metadata, settings, model_of(
+                ctx if index == 0 else replace(ctx, model=None), settings))
             reply.metadata.fallbacks = [failure_text(n, e) for n, e in failures]
             reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
             return reply

@@ -483,8 +483,16 @@ def toml_for(config):
         for name, sub in section.items():
             if isinstance(sub, dict):
                 lines.append(f"[{table}.{name}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in sub.items()]
+                lines += [f"{k} = {toml_value(v)}" for k, v in sub.items()]
     return "\n".join(lines) + "\n"
+
+
+def toml_value(value):
+    """A value as TOML writes it: JSON's form, but a table inline ({ "k" = v })."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) \
+            + " }"
+    return json.dumps(value)
 
 
 # --- streams -----------------------------------------------------------------
@@ -1500,6 +1508,38 @@ def test_values_python_cannot_use_are_config_errors(api, tmp_path):
     assert api.requests == []
 
 
+@pytest.mark.parametrize("prices, message", [
+    ('"gpt-4o" = [2.5]', 'provider.openai.prices."gpt-4o": expected [input, output]'),
+    ('"gpt-4o" = [1, 2, 3, 4, 5]', "(2 to 4 numbers 0 or more), got [1, 2, 3, 4, 5]"),
+    ('"gpt-4o" = [1, -2]', "got [1, -2]"),
+    ('"gpt-4o" = [1, nan]', "got [1, nan]"),
+    ('"gpt-4o" = ["1", "2"]', "got ['1', '2']"),
+    ('"gpt-4o" = 3', "got 3"),
+], ids=["one", "five", "negative", "nan", "text", "a-number"])
+def test_prices_are_checked_strictly_naming_the_model(tmp_path, prices, message):
+    path = write(tmp_path / "c.toml", f"[provider.openai.prices]\n{prices}\n")
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(path)
+    assert message in str(err.value) and str(err.value).startswith(path)
+
+
+def test_prices_take_two_to_four_numbers_for_any_provider(tmp_path):
+    path = write(tmp_path / "c.toml", """
+        [provider.openai.prices]
+        "gpt-4o" = [2.5, 10]
+        "gpt-4o-mini" = [0.15, 0.6, 0.075]
+        [provider.anthropic]
+        prices = { "claude-sonnet-4-20250514" = [3, 15, 0.3, 3.75] }
+        [provider.claude-code.prices]
+        sonnet = [0, 0]
+        """)
+    loaded = omega.load_config(path)["provider"]
+    assert loaded["openai"]["prices"]["gpt-4o-mini"] == [0.15, 0.6, 0.075]
+    assert loaded["anthropic"]["prices"] == {"claude-sonnet-4-20250514": [3, 15, 0.3, 3.75]}
+    with pytest.raises(omega.ConfigError, match="provider.openai.prices: expected a table"):
+        omega.load_config({"provider": {"openai": {"prices": [1, 2]}}})
+
+
 # --- keys --------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, section, sent", [
@@ -2500,6 +2540,58 @@ def test_answer_text_that_is_not_a_string_is_a_provider_error(api, name, body):
     assert type(err.value) is omega.ProviderError and "expected shape" in str(err.value)
 
 
+CACHE_USAGE = {
+    "openai": openai_ok(usage={"prompt_tokens": 1200, "completion_tokens": 5,
+                               "prompt_tokens_details": {"cached_tokens": 1024}}),
+    "openrouter": openai_ok(usage={"prompt_tokens": 1200, "completion_tokens": 5, "cost": 0.001,
+                                   "prompt_tokens_details": {"cached_tokens": 1000,
+                                                             "cache_write_tokens": 150}}),
+    "anthropic": anthropic_ok(usage={"input_tokens": 10, "cache_creation_input_tokens": 100,
+                                     "cache_read_input_tokens": 1000, "output_tokens": 4}),
+    "gemini": gemini_ok(usage={"promptTokenCount": 1200, "cachedContentTokenCount": 1024,
+                               "candidatesTokenCount": 3}),
+}
+
+
+@pytest.mark.parametrize("name, body, counts", [
+    ("openai", CACHE_USAGE["openai"], (1200, 1024, None)),
+    ("openai", openai_ok(), (12, None, None)),
+    ("openrouter", CACHE_USAGE["openrouter"], (1200, 1000, 150)),
+    ("anthropic", CACHE_USAGE["anthropic"], (1110, 1000, 100)),
+    ("anthropic", anthropic_ok(), (10, None, None)),
+    ("gemini", CACHE_USAGE["gemini"], (1200, 1024, None)),
+    ("gemini", gemini_ok(), (8, 0, None)),
+    ("gemini", gemini_ok(usage={}), (None, None, None)),
+    ("ollama", ollama_ok(), (7, None, None)),
+], ids=["openai", "openai-unsaid", "openrouter", "anthropic", "anthropic-unsaid", "gemini",
+        "gemini-zero-left-out", "gemini-no-usage", "ollama"])
+def test_cache_reads_and_writes_as_each_backend_says_them(api, name, body, counts):
+    """Inside input_tokens, as each API counts them; None where it does not say."""
+    api.reply(body)
+    m = ask_via(name, api).metadata
+    assert (m.input_tokens, m.cache_read_tokens, m.cache_write_tokens) == counts
+
+
+def test_cache_counts_of_streamed_answers(api):
+    usage = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [],
+             "usage": CACHE_USAGE["openai"]["usage"]}
+    serve_stream(api, sse(oa_chunk("Hi"), oa_chunk(finish="stop"), usage))
+    m = stream_via("openai", api)[1].reply.metadata
+    assert (m.input_tokens, m.cache_read_tokens, m.cache_write_tokens) == (1200, 1024, None)
+
+    def event(kind, **data):
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+    serve_stream(api, b"".join([
+        event("message_start", message={"id": "m", "model": "claude-sonnet-4-20250514",
+                                        "usage": CACHE_USAGE["anthropic"]["usage"]}),
+        event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"}),
+        event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 9}),
+        event("message_stop")]))
+    m = stream_via("anthropic", api)[1].reply.metadata
+    assert (m.input_tokens, m.output_tokens, m.cache_read_tokens, m.cache_write_tokens) == \
+        (1110, 9, 1000, 100)
+
+
 # --- every HTTP backend, streamed --------------------------------------------
 
 # What each of STREAM_BODIES (Test data) must give: (pieces, text or None, (input, output,
@@ -3283,6 +3375,7 @@ def test_claude_code_prompt_on_stdin_and_flags(claude, tmp_path, monkeypatch):
     assert (m.provider_used, m.model, m.input_tokens, m.output_tokens, m.tokens_used) == \
         ("claude-code", "claude-sonnet-4-6", 1105, 20, 1125)
     assert (m.cost_usd, m.num_turns, m.attempts, m.stop_reason) == (0.0125, 1, 1, "end_turn")
+    assert (m.input_tokens, m.cache_read_tokens, m.cache_write_tokens) == (1105, 1000, 100)
     assert (claude.dir / "sessions" / m.session_id).exists()     # the CLI's own session id
 
 
