@@ -243,23 +243,45 @@ class OutgoingMessage:
         return out
 
 
+# In a map() worker's thread (9): .stop, the Event that the map's Ctrl-C sets.
+MAP_WORKER = threading.local()
+
+
 @dataclass
 class Call:
     """One call's own state, apart from its configuration: when it must end, who
     hears about progress, and which provider comes next if this one fails (then a
-    refused connection moves on at once instead of retrying)."""
+    refused connection moves on at once instead of retrying). Made in a map()
+    worker, it also holds that map's stop Event: once it is set, the call has no
+    time left, its waits end at once and it ends as interrupted (KeyboardInterrupt),
+    its connection shut by the map (Watchdog.stop_all)."""
     deadline: float                        # time.monotonic() value
     seconds: float                         # what the deadline stands for, for messages
     on_status: Callable | None = None
     next_provider: str | None = None
+    stop: threading.Event | None = field(
+        default_factory=lambda: getattr(MAP_WORKER, "stop", None))
 
     @classmethod
     def starting_now(cls, seconds: float, on_status=None, next_provider=None) -> "Call":
         return cls(time.monotonic() + seconds, seconds, on_status, next_provider)
 
     def left(self) -> float:
-        """Seconds until the deadline (negative once it has passed)."""
+        """Seconds until the deadline (negative once it has passed or the call was
+        stopped)."""
+        if self.stop is not None and self.stop.is_set():
+            return -1.0
         return self.deadline - time.monotonic()
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def sleep(self, seconds: float) -> None:
+        """time.sleep(seconds), ended by a stop (KeyboardInterrupt)."""
+        if self.stop is None:
+            time.sleep(seconds)
+        elif self.stop.wait(seconds):
+            raise KeyboardInterrupt
 
     def notify(self, message: str) -> None:
         if self.on_status is not None:
@@ -391,6 +413,10 @@ class ProviderUnavailable(ProviderError):
 
 
 def timed_out(settings: dict, call: Call, detail: str = "", **context) -> ProviderTimeout:
+    """The error for a call out of time; a call its map() stopped (Ctrl-C) has no
+    time left either, but was interrupted: KeyboardInterrupt is raised instead."""
+    if call.stopped():
+        raise KeyboardInterrupt
     return ProviderTimeout(f"no answer within {call.seconds:g} s{detail}", settings["name"],
                            reason="timed out", **context)
 
@@ -1270,8 +1296,9 @@ class Watch:
     """One HTTP request's deadline and the socket to shut when it passes."""
     deadline: float
     sock: object = None
-    fired: bool = False       # the deadline passed while the request was open
+    fired: bool = False       # the deadline passed while the request was open (or it was stopped)
     ended: bool = False       # the request is over: its socket is not its to shut
+    stop: object = None       # the stop Event of the map() whose call sent it (see Call)
 
 
 class Watchdog:
@@ -1295,9 +1322,11 @@ class Watchdog:
         self.sending = threading.local()  # .watch: the request this thread is sending
         self.adapter = None
 
-    def start(self, deadline: float) -> Watch:
-        watch = Watch(deadline)
+    def start(self, deadline: float, stop=None) -> Watch:
+        watch = Watch(deadline, stop=stop)
         with self.lock:
+            if stop is not None and stop.is_set():   # stopped after the caller looked:
+                watch.fired = True                   # its socket is shut once known
             while self.queue and self.queue[0][2].ended:          # keep the heap small
                 heapq.heappop(self.queue)
             heapq.heappush(self.queue, (deadline, next(self.order), watch))
@@ -1326,6 +1355,15 @@ class Watchdog:
         """Stop guarding this request: from now on its socket is not the watchdog's."""
         with self.lock:
             watch.ended = True
+
+    def stop_all(self, stop) -> None:
+        """Shut the socket of every request in flight that a map() stopped (stop: its
+        Event, already set): whoever waits on one wakes to an interrupted call."""
+        with self.lock:
+            for _, _, watch in self.queue:
+                if watch.stop is stop and not watch.ended:
+                    watch.fired = True
+                    self.shut(watch.sock)
 
     def run(self) -> None:
         with self.lock:
@@ -1424,9 +1462,12 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
     import requests
     if call.left() <= 0:
         raise timed_out(settings, call)
+    paused = PAUSED_UNTIL.get(settings["base_url"])
+    if paused is not None and paused[1] != threading.get_ident():
+        wait_out_pause(paused[0], settings, call)
     session, cache = thread_session()
     close_left_bodies()
-    watch = WATCHDOG.start(call.deadline)
+    watch = WATCHDOG.start(call.deadline, call.stop)
     try:
         request = requests.PreparedRequest()
         request.method, request.url, request.body = method, prepared_url(url, cache), payload
@@ -1680,17 +1721,42 @@ def request_json(method: str, url: str, headers: dict, body, settings: dict,
         pause_before_retry(error, attempt, settings, call)
 
 
+# base_url -> (the time.monotonic() value before which nothing goes to that server,
+# the thread that was told so): a 429 with Retry-After, waited out by the request that
+# got it, pauses every other thread's requests to that server too (map()'s workers,
+# above all), so that they do not each run into it. One dict look-up per request.
+PAUSED_UNTIL: dict = {}
+
+
+def wait_out_pause(until: float, settings: dict, call: Call) -> None:
+    """Wait until the server's pause (PAUSED_UNTIL) ends, or fail at once as
+    rate-limited when it ends after this call's deadline."""
+    wait = until - time.monotonic()
+    if wait <= 0:
+        return
+    if wait >= call.left():
+        raise RateLimitError(f"the server asked for a pause of {wait:.1f} s more (Retry-After), "
+                             "past this call's deadline", settings["name"], reason="rate-limited")
+    log_debug("%s: paused by Retry-After, waiting %.2f s", settings["name"], wait)
+    call.sleep(wait)
+
+
 def pause_before_retry(error: ProviderError, attempt: int, settings: dict, call: Call) -> None:
     """Wait before the next attempt and say so, or raise error when another try
-    cannot help or would not end before the deadline."""
+    cannot help or would not end before the deadline. A Retry-After of a 429
+    pauses the other requests to that server too (PAUSED_UNTIL)."""
     wait = retry_wait(error, attempt, settings, call)
     if wait is None:
         raise error
+    if isinstance(error, RateLimitError) and error.retry_after is not None:
+        until, url = time.monotonic() + wait, settings["base_url"]
+        if until > PAUSED_UNTIL.get(url, (0.0,))[0]:
+            PAUSED_UNTIL[url] = (until, threading.get_ident())
     call.notify(f"{settings['name']}: {error.status or error.reason}, retrying in {wait:.1f} s "
                 f"({attempt + 1}/{settings['max_retries'] + 1})")
     log_debug("%s: attempt %d failed (%s); waiting %.2f s", settings["name"], attempt,
               error.reason, wait)
-    time.sleep(wait)
+    call.sleep(wait)
 
 
 def retry_wait(error: ProviderError, attempt: int, settings: dict, call: Call) -> float | None:
@@ -3184,7 +3250,7 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
                                             f"session_id={session_id})", session_id=session_id)
         call.notify(f"claude-code: reached max turns, resuming ({resumes}/"
                     f"{settings['max_resume_attempts']})")
-        time.sleep(wait)
+        call.sleep(wait)
         prompt, files = RESUME_PROMPT, []
     metadata = claude_code_metadata(results, settings, session_id, ctx)
     if ctx.schema is not None:

@@ -86,6 +86,7 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setattr(omega, "RETRY_MIN_SECS", 0.01)
     monkeypatch.setattr(omega, "KILL_GRACE_SECS", 0.5)
     monkeypatch.setattr(omega, "_known_secrets", set())
+    monkeypatch.setattr(omega, "PAUSED_UNTIL", {})     # no server paused by an earlier test
     omega._local.__dict__.clear()      # every test starts with fresh sessions
     yield
 
@@ -711,6 +712,29 @@ def test_metadata_sums_tokens_only_when_both_known_and_to_dict_is_json():
     data = json.loads(json.dumps(reply.to_dict()))
     assert data["text"] == "hi" and data["metadata"]["provider_used"] == "x"
     assert data["metadata"]["fallbacks"] == ["a"] and data["metadata"]["cost_usd"] is None
+
+
+def test_metadata_cache_counts_are_unknown_unless_said_and_only_counts_stay():
+    meta = omega.MessageMetadata()
+    assert (meta.cache_read_tokens, meta.cache_write_tokens) == (None, None)
+    meta = omega.MessageMetadata(input_tokens=1100, cache_read_tokens=1000, cache_write_tokens=-1)
+    assert (meta.cache_read_tokens, meta.cache_write_tokens) == (1000, None)
+    assert {"cache_read_tokens", "cache_write_tokens"} <= set(
+        omega.OutgoingMessage("hi", meta).to_dict()["metadata"])
+
+
+def test_a_stopped_call_has_no_time_left_and_its_waits_end_at_once():
+    stop = threading.Event()
+    call = omega.Call.starting_now(60)
+    assert call.stop is None and call.left() > 59
+    stopped = omega.Call(time.monotonic() + 60, 60, stop=stop)
+    started = time.monotonic()
+    threading.Timer(0.05, stop.set).start()
+    with pytest.raises(KeyboardInterrupt):
+        stopped.sleep(30)
+    assert time.monotonic() - started < 10 and stopped.left() < 0
+    with pytest.raises(KeyboardInterrupt):          # interrupted, not timed out
+        omega.timed_out({"name": "openai"}, stopped)
 
 
 # =============================================================================
