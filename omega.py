@@ -101,8 +101,8 @@ __all__ = [
     "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
-    "ProviderUnavailable", "Attachment", "models", "Options",
-]
+    "ProviderUnavailable", "Attachment", "models", "Options", "Results",
+]   # and map(), left out: `from omega import *` must not take Python's own map away
 
 USER_AGENT = f"omega/{__version__}"
 
@@ -1686,7 +1686,7 @@ def json_payload(body) -> bytes | list[bytes]:
 
 
 def payload_size(payload: bytes | list[bytes]) -> int:
-    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
+    return len(payload) if isinstance(payload, bytes) else sum(len(piece) for piece in payload)
 
 
 def request_headers(headers: dict, payload: bytes | None, streaming: bool = False) -> dict:
@@ -2390,7 +2390,7 @@ def strict_ready(schema: dict) -> bool:
             required = node.get("required") or []
             properties = node.get("properties") or {}
             if node.get("additionalProperties") is not False or not isinstance(required, list) \
-                    or sorted(map(str, required)) != sorted(map(str, properties)):
+                    or sorted(str(k) for k in required) != sorted(str(k) for k in properties):
                 return False
     return True
 
@@ -3020,7 +3020,7 @@ def claude_code_stdin(prompt: str, files: list) -> bytes | list[bytes]:
     if not files:
         return prompt.encode()
     payload = json_payload({"type": "user", "message": {"role": "user", "content": [
-        *map(anthropic_block, files), {"type": "text", "text": prompt}]},
+        *(anthropic_block(f) for f in files), {"type": "text", "text": prompt}]},
         "parent_tool_use_id": None, "session_id": ""})
     return [*payload, b"\n"] if isinstance(payload, list) else payload + b"\n"
 
@@ -3068,7 +3068,7 @@ def claude_code_error(data: dict, settings: dict, **context) -> ProviderError:
     """The error an is_error result stands for, by api_error_status and text."""
     name, subtype, session_id = settings["name"], data.get("subtype"), data.get("session_id")
     errors = data.get("errors") if isinstance(data.get("errors"), list) else ()
-    message = clean(data.get("result") or "; ".join(map(str, errors)) or subtype or "error", 500)
+    message = clean(data.get("result") or "; ".join(str(e) for e in errors) or subtype or "error", 500)
     code = subtype if isinstance(subtype, str) and subtype != "success" else None
     if code == "error_max_structured_output_retries":     # as every other JSON failure
         code = "invalid_json"
@@ -3948,6 +3948,150 @@ def model_list(options: Options, raw: dict, path: str | None) -> list[str]:
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise shape_error(settings) from None
     return list(dict.fromkeys(clean(m, 200) for m in found if isinstance(m, str) and m))
+
+
+# -----------------------------------------------------------------------------
+# map(): many prompts at once
+# -----------------------------------------------------------------------------
+# Worker threads (daemons: a worker stuck in the caller's own fn never keeps the
+# process alive) take the items from a queue that the calling thread fills as it
+# reads the input, at most `workers` items ahead of the work; each item is one
+# whole call (answer(), the config read once for all), logged as its own exchange.
+# They share what every call shares: the per-server pause of a 429 (PAUSED_UNTIL)
+# above all. Ctrl-C in the calling thread sets the map's stop Event, which every
+# call of its workers holds (Call.stop): their connections are shut, their waits and
+# claude process groups end, and the workers are given MAP_STOP_SECS to finish.
+# Named after Python's map, which it shadows inside this file: use comprehensions.
+
+MAP_STOP_SECS = 0.8          # after Ctrl-C, how long map() waits for its workers to end
+
+
+class Results(list):
+    """What map() returns: a list, in input order, of each item's OutgoingMessage
+    or the OmegaError it ended with, with the totals."""
+
+    @property
+    def failed(self) -> int:
+        """How many items ended with an error."""
+        return sum(isinstance(r, OmegaError) for r in self)
+
+    @property
+    def cost_usd(self) -> float | None:
+        """The known costs of the answers added up; None when no answer's is known."""
+        costs = [r.metadata.cost_usd for r in self if isinstance(r, OutgoingMessage)
+                 and r.metadata.cost_usd is not None]
+        return sum(costs) if costs else None
+
+
+def map(prompts, fn=None, *, workers: int = 4, on_progress=None, **options) -> Results:
+    """Send many prompts at once, `workers` calls in flight: a Results list, in input
+    order, of each item's OutgoingMessage or the OmegaError that item ended with
+    (one failure loses no other answer). `results.failed` counts the failures,
+    `results.cost_usd` adds up the known costs.
+
+    prompts: any iterable of prompts (str or Context), read as the work goes (never
+    more than about `workers` items ahead, never copied into a list first); or, as
+    with Python's map, map(fn, items) (also map(items, fn=fn)): fn(item) builds each
+    prompt, in a worker thread. Takes every keyword of Options, for every item.
+    on_progress(done, failed, total), called in the calling thread as each item
+    ends: done counts every finished item, failed included; total is len(prompts)
+    for a sized input, else None.
+
+    A 429 with Retry-After pauses every worker's requests to that server; each item
+    keeps its own deadline (timeout) and retries. Ctrl-C stops handing out work,
+    closes the connections and claude processes of the items in flight, and raises
+    KeyboardInterrupt within about a second. An exception from fn, or one that is
+    not an OmegaError (a bug), stops the map the same way and is raised as it is.
+    A ConfigError in the configuration or the provider names is raised before
+    anything is sent."""
+    if callable(prompts) and not callable(fn):
+        prompts, fn = fn, prompts
+    if isinstance(prompts, (str, Context)) or prompts is None:
+        raise TypeError("map() takes an iterable of prompts (for one prompt: complete())")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers: expected a whole number 1 or more, got {workers!r}")
+    options = options_of("map", options)
+    raw, path = read_config(options.config)
+    provider_chain(raw, options.provider, options.fallback)      # a wrong name fails once
+    try:
+        total = len(prompts)
+    except TypeError:
+        total = None
+    found, failed = {}, 0
+    outcomes = each_answer(prompts, fn, options, workers, (raw, path),
+                           log_path(raw, for_cli=False), options.on_status)
+    try:
+        for index, outcome in outcomes:
+            found[index] = outcome
+            failed += isinstance(outcome, OmegaError)
+            if on_progress is not None:
+                on_progress(len(found), failed, total)
+    finally:
+        outcomes.close()
+    return Results(found[index] for index in range(len(found)))
+
+
+def each_answer(items, fn, options: Options, workers: int, config: tuple, log: str | None,
+                warn):
+    """(index, outcome) for each item as it ends, in the order they end: the work of
+    map() and of the CLI's --each (see map(); config, log and warn as answer() takes
+    them). Closed or left by an exception (Ctrl-C), it stops its workers first."""
+    import queue
+    todo, ended, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    threads = [threading.Thread(target=map_worker, name=f"omega-map-{n + 1}", daemon=True,
+                                args=(todo, ended, stop, fn, options, config, log, warn))
+               for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    items, index, pending, more = iter(items), 0, 0, True
+    try:
+        while more or pending:
+            while more and pending < 2 * workers:      # `workers` at work, as many waiting
+                try:
+                    item = next(items)
+                except StopIteration:
+                    more = False
+                    break
+                todo.put((index, item))
+                index, pending = index + 1, pending + 1
+            if pending:
+                place, outcome, fatal = ended.get()
+                pending -= 1
+                if fatal:
+                    raise outcome
+                yield place, outcome
+    finally:
+        stop.set()
+        WATCHDOG.stop_all(stop)
+        for _ in threads:
+            todo.put(None)
+        end = time.monotonic() + MAP_STOP_SECS
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+
+
+def map_worker(todo, ended, stop: threading.Event, fn, options: Options, config: tuple,
+               log: str | None, warn) -> None:
+    """One worker of each_answer(): each item's call, until told to stop. Every Call
+    made in this thread holds `stop` (see Call)."""
+    MAP_WORKER.stop = stop
+    while not stop.is_set():
+        job = todo.get()
+        if job is None:
+            return
+        index, item = job
+        try:
+            prompt = item if fn is None else fn(item)
+            if not isinstance(prompt, (str, Context)):
+                raise TypeError(f"map(): a prompt is a str or a Context, not "
+                                f"{type(prompt).__name__}")
+            outcome = drain(answer(prompt, options, False, config=config, log=log, warn=warn))
+        except OmegaError as e:
+            outcome = e
+        except BaseException as e:         # a bug, fn's own error, or the stop: map() raises it
+            ended.put((index, e, True))
+            continue
+        ended.put((index, outcome, False))
 
 
 # =============================================================================

@@ -1968,6 +1968,66 @@ def test_deadline_covers_retries_and_waits(api, monkeypatch):
     assert slept == [] and len(api.requests) == 1       # a wait past the deadline is not taken
 
 
+# --- HTTP: a 429's Retry-After pauses every thread's requests to that server --
+
+def test_a_429_with_retry_after_pauses_every_worker_not_only_its_own(api):
+    """Four map() workers: the first request gets a 429 asking for 0.5 s while the
+    other three are in flight. Nothing reaches the server in that half second, from
+    any worker; then every item is answered, the limited one after its retry."""
+    lock, arrived, replied = threading.Lock(), [], {}
+    all_four, paused = threading.Event(), threading.Event()
+
+    def reply(request):
+        with lock:
+            arrived.append(time.monotonic())
+            n = len(arrived)
+        if n == 4:
+            all_four.set()
+        if n == 1:
+            all_four.wait(10)               # the other three workers' requests are in
+            replied["429"] = time.monotonic()
+            return {"status": 429, "body": openai_error(429, "rate_limit_exceeded"),
+                    "headers": {"retry-after-ms": "500"}}
+        if n <= 4:
+            paused.wait(10)                 # answered once the client knows of the pause
+        return {"body": openai_ok(request.body["messages"][-1]["content"])}
+    api.default = reply
+    statuses = []
+
+    def heard(message):
+        statuses.append(message)
+        paused.set()
+    results = omega.map([f"p{n}" for n in range(8)], workers=4, provider="openai",
+                        config=cfg("openai", api), on_status=heard)
+    assert [r.text for r in results] == [f"p{n}" for n in range(8)]
+    assert statuses == ["openai: 429, retrying in 0.5 s (2/3)"]
+    later = arrived[4:]                     # each sent after the pause began
+    assert len(later) == 5 and min(later) >= replied["429"] + 0.5
+
+
+def test_a_pause_longer_than_the_deadline_fails_at_once_without_a_request(api):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429,
+              headers={"Retry-After": "0.5"})
+    api.reply(openai_ok())
+    other = {}
+
+    def in_another_thread(message):       # while the first call waits out its 0.5 s
+        def call():
+            try:
+                omega.complete("hi", "openai", cfg("openai", api), timeout=0.3)
+            except omega.OmegaError as e:
+                other["error"] = e
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join(10)
+        other["requests"] = len(api.requests)
+    reply = omega.complete("hi", "openai", cfg("openai", api), on_status=in_another_thread)
+    assert reply.metadata.attempts == 2 and len(api.requests) == 2
+    assert isinstance(other["error"], omega.RateLimitError) and other["requests"] == 1
+    assert re.search(r"pause of 0\.\d s more \(Retry-After\), past this call's deadline",
+                     str(other["error"]))
+
+
 # --- HTTP: deadlines against stalls and trickles -----------------------------
 
 def test_stall_past_the_deadline_is_provider_timeout(api):
@@ -4652,6 +4712,235 @@ def test_per_call_settings_win_and_the_key_stays_with_its_call(api, api2):
         omega.complete("hi", "openai", config, max_retries=99)
 
 
+# --- cost: what the backend says, else the configured prices -----------------
+
+@pytest.mark.parametrize("name, body, prices, cost", [
+    ("openai", openai_ok(), {"gpt-4o": [2.5, 10]}, (12 * 2.5 + 5 * 10) / 1e6),
+    ("openai", openai_ok(), {"gpt-4o-2024-08-06": [1, 1], "gpt-4o": [2.5, 10]}, 17 / 1e6),
+    ("openai", CACHE_USAGE["openai"], {"gpt-4o": [2, 8, 0.5]},
+     (176 * 2 + 1024 * 0.5 + 5 * 8) / 1e6),
+    ("anthropic", CACHE_USAGE["anthropic"], {"claude-sonnet-4-20250514": [3, 15, 0.3, 3.75]},
+     (10 * 3 + 1000 * 0.3 + 100 * 3.75 + 4 * 15) / 1e6),
+    ("anthropic", CACHE_USAGE["anthropic"], {"claude-sonnet-4-20250514": [3, 15]},
+     (1110 * 3 + 4 * 15) / 1e6),
+    ("openrouter", CACHE_USAGE["openrouter"], {"anthropic/claude-sonnet-4": [3, 15]}, 0.001),
+    ("openai", openai_ok(), {"gpt-4.1": [2, 8]}, None),
+    ("openai", openai_ok(usage=None), {"gpt-4o": [2.5, 10]}, None),
+    ("ollama", ollama_ok(), None, None),
+], ids=["asked-model", "served-model-first", "cache-reads", "cache-reads-and-writes",
+        "cache-at-input-price", "backend-says-it", "no-price-for-it", "no-counts", "no-prices"])
+def test_cost_is_the_backends_else_from_prices_else_unknown(api, name, body, prices, cost):
+    api.reply(body)
+    m = ask_via(name, api, **({"prices": prices} if prices else {})).metadata
+    assert m.cost_usd == (pytest.approx(cost) if cost is not None else None)
+
+
+def test_a_fallback_is_priced_by_its_own_table(api, api2):
+    api.reply(openai_error(503, "overloaded"), status=503)
+    api2.reply(ollama_ok())
+    config = {"provider": {"default": "openai", "fallback": ["ollama"],
+                           "openai": {**cfg("openai", api, max_retries=0)["provider"]["openai"],
+                                      "prices": {"llama3": [100, 100]}},
+                           "ollama": {"base_url": api2.url, "prices": {"llama3": [1, 2]}}}}
+    m = omega.complete("hi", config=config).metadata
+    assert m.provider_used == "ollama" and m.cost_usd == pytest.approx((7 * 1 + 3 * 2) / 1e6)
+
+
+# --- map(): many prompts at once ---------------------------------------------
+
+def echoing(api, hold=None):
+    """Each request answered with its own prompt; a prompt with "bad" gets a 400, one
+    with "slow" waits until hold (an Event) is set."""
+    def reply(request):
+        prompt = request.body["messages"][-1]["content"]
+        if "bad" in prompt:
+            return {"status": 400, "body": openai_error(400, "invalid_request_error",
+                                                        f"no {prompt}")}
+        if "slow" in prompt:
+            hold.wait(10)
+        return {"body": openai_ok(prompt)}
+    api.default = reply
+
+
+def test_map_answers_in_input_order_with_each_error_in_its_place(api):
+    first_done = threading.Event()
+    echoing(api, hold=first_done)
+    seen = []
+
+    def progress(done, failed, total):
+        seen.append((done, failed, total))
+        first_done.set()                # the slow first item ends after the others began
+    prompts = ["slow 0", "p1", "bad 2", "p3", "p4", "bad 5", "p6"]
+    results = omega.map(prompts, workers=3, provider="openai",
+                        config=cfg("openai", api, max_retries=0), on_progress=progress)
+    assert isinstance(results, list) and len(results) == 7
+    assert [r.text if isinstance(r, omega.OutgoingMessage) else type(r) for r in results] == [
+        "slow 0", "p1", omega.ProviderError, "p3", "p4", omega.ProviderError, "p6"]
+    assert "no bad 5" in str(results[5]) and results.failed == 2
+    assert [done for done, _, _ in seen] == list(range(1, 8)) and seen[-1] == (7, 2, 7)
+    assert {total for _, _, total in seen} == {7}
+
+
+def test_map_takes_a_function_as_pythons_map_does(api):
+    echoing(api)
+    config = cfg("openai", api)
+    as_python = omega.map(lambda row: omega.Context(f"row {row}"), range(3), provider="openai",
+                          config=config)
+    keyword = omega.map((r for r in "ab"), fn=lambda row: f"row {row}", config=config)
+    totals = []
+    plain = omega.map((f"p{n}" for n in range(2)), config=config,
+                      on_progress=lambda *seen: totals.append(seen[2]))
+    assert [r.text for r in as_python] == ["row 0", "row 1", "row 2"]
+    assert [r.text for r in keyword] == ["row a", "row b"]
+    assert [r.text for r in plain] == ["p0", "p1"] and totals == [None, None]  # length unknown
+    assert omega.map([], config=config) == []
+
+
+def test_map_reads_its_input_as_the_work_goes(api):
+    go = threading.Event()
+    echoing(api, hold=go)
+    read = []
+
+    def prompts():
+        for n in range(100):
+            read.append(n)
+            yield f"slow {n}"
+    done = {}
+    thread = threading.Thread(target=lambda: done.update(results=omega.map(
+        prompts(), workers=3, provider="openai", config=cfg("openai", api))))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (len(read) < 6 or len(api.requests) < 3) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(api.requests) == 3 and len(read) == 6     # 3 at work, 3 read ahead
+    finally:
+        go.set()
+        thread.join(30)
+    assert [r.text for r in done["results"]] == [f"slow {n}" for n in range(100)]
+
+
+def test_map_keeps_at_most_workers_requests_in_flight(api):
+    lock, state = threading.Lock(), {"n": 0, "now": 0, "most": 0}
+    together = threading.Barrier(3, timeout=10)
+
+    def reply(request):
+        with lock:
+            state["n"] += 1
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            n = state["n"]
+        if n <= 3:
+            together.wait()             # the first three are in flight at once
+        time.sleep(0.01)                # a fourth sent meanwhile would be counted
+        with lock:
+            state["now"] -= 1
+        return {"body": openai_ok()}
+    api.default = reply
+    results = omega.map(["hi"] * 12, workers=3, provider="openai", config=cfg("openai", api))
+    assert results.failed == 0 and len(api.requests) == 12 and state["most"] == 3
+
+
+def test_a_bug_or_an_error_of_fn_stops_the_map_and_is_raised(api):
+    echoing(api)
+    config = cfg("openai", api)
+
+    def fn(row):
+        if row == 5:
+            raise ValueError("row 5 is broken")
+        return f"row {row}"
+    with pytest.raises(ValueError, match="row 5 is broken"):
+        omega.map(fn, range(50), workers=2, config=config)
+    assert len(api.requests) < 50
+    with pytest.raises(TypeError, match="a prompt is a str or a Context, not int"):
+        omega.map([1], config=config)
+    before = threading.active_count()
+    with pytest.raises(omega.ConfigError, match="unknown provider 'nope'"):
+        omega.map(["hi"], provider="nope", config=config)      # before anything is sent
+    with pytest.raises(omega.ConfigError, match="workers: expected a whole number 1 or more"):
+        omega.map(["hi"], workers=0, config=config)
+    with pytest.raises(TypeError, match="iterable of prompts"):
+        omega.map("hi", config=config)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'jobs'"):
+        omega.map(["hi"], jobs=2, config=config)
+    assert threading.active_count() == before and len(api.requests) < 50
+
+
+def test_map_results_add_up_the_known_costs_and_count_the_failures(api):
+    echoing(api)
+    results = omega.map(["a", "bad b", "c"], config=cfg("openai", api, max_retries=0,
+                                                         prices={"gpt-4o": [1000, 1000]}))
+    assert results.failed == 1 and results.cost_usd == pytest.approx(2 * 17 * 1000 / 1e6)
+    assert sum(r.metadata.cost_usd or 0 for r in results if isinstance(r, omega.OutgoingMessage)
+               ) == pytest.approx(results.cost_usd)
+    assert omega.map(["a"], config=cfg("openai", api)).cost_usd is None      # no price: unknown
+
+
+MAP_CTRL_C = r'''
+import json, os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import omega
+read, stopped = [0], {}
+
+def endless():
+    while True:
+        read[0] += 1
+        yield f"prompt {read[0]}"
+
+def interrupted(signum, frame):
+    stopped["at"] = time.monotonic()
+    raise KeyboardInterrupt
+signal.signal(signal.SIGINT, interrupted)
+try:
+    omega.map(endless(), workers=4, config=json.loads(sys.argv[2]))
+except KeyboardInterrupt:
+    took = time.monotonic() - stopped["at"]
+    sockets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sockets += [fd] if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") else []
+        except OSError:
+            pass
+    print(json.dumps({"took": took, "read": read[0], "sockets": len(sockets), "threads": [
+        t.name for t in threading.enumerate() if t.name.startswith("omega-map")]}))
+'''
+
+
+def test_ctrl_c_stops_a_map_of_an_endless_input_within_a_second_leaving_nothing_open(
+        api, tmp_path):
+    """A real SIGINT while four calls wait on a server that never answers: the map
+    raises KeyboardInterrupt within a second, its workers gone, no socket left open,
+    the endless input read no further than the work needed."""
+    api.default = lambda request: {"action": "stall"}
+    child = subprocess.Popen([sys.executable, "-c", MAP_CTRL_C, HERE,
+                              json.dumps(cfg("openai", api))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 15
+        while len(api.requests) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(api.requests) == 4
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=15)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    found = json.loads(out)
+    assert found["took"] < 1.5, found                   # 1 s, and some slack for a busy machine
+    assert found == {**found, "read": 8, "sockets": 0, "threads": []}
+    assert len(api.requests) == 4
+
+
+def test_omega_never_calls_its_own_map_and_star_imports_leave_pythons_alone():
+    """omega.map shadows Python's map inside omega.py: a call to map() there would
+    send prompts. And `from omega import *` does not take Python's map away."""
+    import ast
+    tree = ast.parse(open(OMEGA_PY, encoding="utf-8").read())
+    calls = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and n.func.id == "map"]
+    assert calls == [] and "map" not in omega.__all__ and "Results" in omega.__all__
+
+
 # =============================================================================
 # 10. Diagnostics
 # =============================================================================
@@ -5125,6 +5414,22 @@ def test_processes_writing_a_fresh_log_at_once_lose_nothing(tmp_path):
     for row in rows:
         by_conversation.setdefault(row["conversation"], []).append(row["prompt"])
     assert sorted(by_conversation.values()) == [[f"{k}-{i}" for i in range(20)] for k in range(4)]
+
+
+def test_a_map_logs_each_item_as_its_own_exchange_from_eight_threads(api, tmp_path):
+    """8 workers x 50 items writing one log file: every row there, each its own
+    conversation, and no "database is locked" (or any warning) on the way."""
+    api.default = lambda request: {"body": openai_ok(request.body["messages"][-1]["content"])}
+    path = str(tmp_path / "log.db")
+    config = {**cfg("openai", api), "omega": {"log": {"enabled": True, "path": path}}}
+    heard = []
+    results = omega.map([f"p{n}" for n in range(400)], workers=8, config=config,
+                        on_status=heard.append)
+    assert results.failed == 0 and heard == []
+    rows = omega.recent_exchanges(path, 1000)
+    assert sorted(row["prompt"] for row in rows) == sorted(f"p{n}" for n in range(400))
+    assert all(row["answer"] == row["prompt"] and row["error"] is None for row in rows)
+    assert len({row["conversation"] for row in rows}) == 400
 
 
 def test_reading_never_creates_the_log(tmp_path):
