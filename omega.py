@@ -4754,6 +4754,11 @@ def parse_args(argv):
     talk.add_argument("--logs", nargs="?", const=3, type=int, metavar="N",
                       help="print the last N logged exchanges (default 3), newest last; "
                            "with --json as JSON lines")
+    talk.add_argument("--each", action="store_true",
+                      help="one prompt per stdin line, the words its template ({} is the "
+                           "line, else the line follows them after a blank line); the answers "
+                           "one a line, in order, newlines written \\n (--json: JSON lines)")
+    add("-j", "--jobs", type=int, metavar="N", help="with --each: N calls at once (default 4)")
     add("--no-log", action="store_true", help="do not write this exchange to the log "
                                               "(~/.omega/log.db)")
     add("-q", "--quiet", action="store_true", help="no status lines on stderr")
@@ -4779,6 +4784,11 @@ def parse_args(argv):
                     "would go nowhere")
     if args.logs is not None and args.logs < 0:
         usage_error(f"--logs: expected a number 0 or more, got {args.logs}")
+    if args.each and (alone or any(isinstance(a, Attachment) for a in args.attach or ())):
+        usage_error(f"--each reads stdin for its lines: not with {alone or '-a -'}")
+    if args.jobs is not None and (not args.each or args.jobs < 1):
+        usage_error("-j: expected a number 1 or more, with --each" if args.each
+                    else "-j goes with --each")
     return args
 
 
@@ -4881,11 +4891,7 @@ def stdin_is_piped() -> bool:
 
 def tell(line: str) -> None:
     """One line on stderr, if there is a stderr: never on stdout instead."""
-    if sys.stderr is not None:
-        try:
-            print(line, file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            pass
+    write_stderr(line + "\n")
 
 
 def continued(log: str, conversation: str | None, ctx: Context, provider: str | None):
@@ -4922,8 +4928,9 @@ def print_logs(log: str, n: int, as_json: bool) -> int:
             continue
         row = {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
         what = "\n".join(x for x in (row["answer"], row["error"] and f"error: {row['error']}") if x)
-        print(f"[{row['conversation']}] {row['time']} {row['provider']} {row['model'] or ''}"
-              .rstrip())
+        cost = dollars(row["cost_usd"]) if number(row["cost_usd"]) else ""
+        print(" ".join(x for x in (f"[{row['conversation']}]", row["time"], row["provider"],
+                                   row["model"], cost) if x))
         print(f"> {row['prompt']}\n{what}\n")
     return 0
 
@@ -4949,16 +4956,179 @@ def print_stream(answer: Stream) -> None:
 
 
 def print_reply(reply: OutgoingMessage, args) -> None:
+    """A whole answer, as reply_text() gives it, on stdout."""
+    sys.stdout.write(reply_text(reply, args) + "\n")
+    sys.stdout.flush()
+
+
+def reply_text(reply: OutgoingMessage, args) -> str:
     """A whole answer: its text; with --json, {"text", "metadata"}; with a schema,
     the JSON answer alone, compact, so that it pipes into jq."""
     if args.json:
-        out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
-    elif args.schema is not None:
-        out = json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
+    if args.schema is not None:
+        return json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return reply.text
+
+
+# -----------------------------------------------------------------------------
+# --each: one prompt per stdin line, through map()'s workers
+# -----------------------------------------------------------------------------
+
+PROGRESS_EVERY_SECS = 0.1    # the progress line is redrawn at most this often
+
+
+def print_each(args, ctx: Context, options: Options, config: tuple, log: str | None) -> int:
+    """--each: a call per stdin line (ctx with the line's prompt), -j at a time. Each
+    answer is printed on its own line as soon as the lines before it have theirs; a
+    failed line prints an empty line (--json: {"error"}) and `omega: line N: error` on
+    stderr. On a terminal stderr shows one progress line; the totals end it (with -q,
+    nothing). Ctrl-C leaves the answers of the lines before the first unfinished one
+    printed. 0 when every line was answered, else 1."""
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:
+        raise ConfigError("--each: there is no stdin to read the lines from")
+    template = "" if args.prompt == ["-"] else " ".join(args.prompt)
+    progress = {"total": lines_left(stdin), "done": 0, "failed": 0, "cost": None,
+                "started": time.monotonic(), "drawn": None, "quiet": args.quiet,
+                "terminal": sys.stderr is not None and sys.stderr.isatty()}
+    warned = set()
+
+    def warn(message):                 # a log warning, once, above the progress line
+        if message not in warned:
+            warned.add(message)
+            tell_above(progress, f"omega: {message}")
+    outcomes = each_answer(stdin, each_prompt(template, ctx), options, args.jobs or 4,
+                           config, log, warn)
+    held, printed = {}, 0
+    try:
+        for index, outcome in outcomes:
+            held[index] = outcome
+            progress["done"] += 1
+            if isinstance(outcome, OmegaError):
+                progress["failed"] += 1
+            elif outcome.metadata.cost_usd is not None:
+                progress["cost"] = (progress["cost"] or 0.0) + outcome.metadata.cost_usd
+            while printed in held:
+                outcome, printed = held.pop(printed), printed + 1
+                if isinstance(outcome, OmegaError):
+                    tell_above(progress, f"omega: line {printed}: {outcome}")
+                sys.stdout.write(each_line(outcome, args) + "\n")
+                sys.stdout.flush()
+            draw_progress(progress)
+    finally:
+        outcomes.close()
+        draw_progress(progress, final=True)
+    return 1 if progress["failed"] else 0
+
+
+def each_prompt(template: str, ctx: Context) -> Callable:
+    """--each: the function from a stdin line (bytes) to its prompt, ctx with the
+    template's {} replaced by the line, or else the line after the template and a
+    blank line. A line that is not UTF-8, or leaves no prompt, is that line's error."""
+    def prompt(line: bytes) -> Context:
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not UTF-8 text (byte {e.start})") from None
+        if "{}" in template:
+            text = template.replace("{}", text)
+        elif template:
+            text = f"{template}\n\n{text}"
+        if not text.strip():
+            raise ConfigError("an empty line: no prompt")
+        return replace(ctx, current_message=text)
+    return prompt
+
+
+def each_line(outcome, args) -> str:
+    """One line of --each's output: the answer as print_reply() shows it, its line
+    breaks written \\n (and \\r); for a failure, nothing (--json: {"error"})."""
+    if isinstance(outcome, OmegaError):
+        return json.dumps({"error": str(outcome)}, ensure_ascii=False) if args.json else ""
+    return reply_text(outcome, args).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def lines_left(stdin) -> int | None:
+    """The lines left in stdin when it is a regular file (a redirect), counted and
+    then read again; None for a pipe or a terminal, whose lines are not known yet."""
+    try:
+        if not stat.S_ISREG(os.fstat(stdin.fileno()).st_mode):
+            return None
+        start = stdin.tell()
+        lines, last = 0, b"\n"
+        while block := stdin.read(READ_SIZE):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+        stdin.seek(start)
+    except (OSError, ValueError):
+        return None
+    return lines + (last != b"\n")
+
+
+def draw_progress(progress: dict, final: bool = False) -> None:
+    """--each's progress on stderr (see print_each's progress dict): on a terminal
+    one line, redrawn in place at most every PROGRESS_EVERY_SECS, and the totals
+    ending it (final); elsewhere only the totals; with -q nothing."""
+    now = time.monotonic()
+    if progress["quiet"] or not (final or progress["terminal"] and (
+            progress["drawn"] is None or now - progress["drawn"] >= PROGRESS_EVERY_SECS)):
+        return
+    progress["drawn"] = now
+    text = "omega: " + progress_text(progress["done"], progress["failed"], progress["total"],
+                                     now - progress["started"], progress["cost"])
+    write_stderr(("\r\x1b[K" if progress["terminal"] else "") + text + ("\n" if final else ""))
+
+
+def tell_above(progress: dict, line: str) -> None:
+    """A line on stderr above --each's progress line, which is then drawn again."""
+    if progress["terminal"] and progress["drawn"] is not None and not progress["quiet"]:
+        write_stderr("\r\x1b[K")
+        tell(line)
+        progress["drawn"] = None
+        draw_progress(progress)
     else:
-        out = reply.text
-    sys.stdout.write(out + "\n")
-    sys.stdout.flush()
+        tell(line)
+
+
+def write_stderr(text: str) -> None:
+    if sys.stderr is not None:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def progress_text(done: int, failed: int, total: int | None, seconds: float,
+                  cost: float | None) -> str:
+    """'37/500 done, 2 failed, 4.1/s, ETA 1m53s, $0.042': without the total and the
+    ETA when the total is not known, and without what is not known yet."""
+    parts = [f"{done}/{total} done" if total is not None else f"{done} done"]
+    if failed:
+        parts.append(f"{failed} failed")
+    rate = done / seconds if seconds > 0 else 0.0
+    if rate:
+        parts.append(f"{rate:.1f}/s")
+        if total is not None and total > done:
+            parts.append("ETA " + duration_text((total - done) / rate))
+    if cost is not None:
+        parts.append(dollars(cost))
+    return ", ".join(parts)
+
+
+def duration_text(seconds: float) -> str:
+    """42s, 1m53s, 2h05m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def dollars(cost: float) -> str:
+    """$0.042, $0.00012, $12.35."""
+    return f"${cost:.2f}" if cost >= 1 else f"${cost:.3g}"
 
 
 def stopped_by_signal(signum, frame):
@@ -5008,8 +5178,8 @@ def run_cli(argv) -> int:
             return print_logs(log_file(raw), args.logs, args.json)   # also with the log off
         if args.models:
             return print_models(args, raw, path)
-        prompt = read_prompt(args.prompt)
-        if not prompt.strip():
+        prompt = "" if args.each else read_prompt(args.prompt)
+        if not prompt.strip() and not args.each:
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
         for flag, value, key, kind in (("--max-tokens", args.max_tokens, "max_tokens", int),
                                        ("--temperature", args.temperature, "temperature", NUMBER),
@@ -5030,6 +5200,9 @@ def run_cli(argv) -> int:
             conversation, ctx, provider = continued(log, args.chat, ctx, provider)
         if args.attach or args.schema is not None:
             ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)
+        if args.each:
+            return print_each(args, ctx, Options(provider=provider, fallback=args.fallback,
+                                                 timeout=args.timeout), (raw, path), log)
         # The config was read and checked above: the call takes it as it is, and
         # logs the exchange itself (a log warning shows even with -q).
         options = Options(provider=provider, on_status=say, fallback=args.fallback,

@@ -37,6 +37,7 @@ import base64
 import gzip
 import http.server
 import io
+import itertools
 import json
 import logging
 import math
@@ -6205,6 +6206,15 @@ def test_cli_logs_shows_stored_text_without_terminal_escapes(tmp_path, cli_main,
     assert json.loads(line)["answer"] == answer           # JSON keeps the text as it was
 
 
+def test_cli_logs_shows_each_exchanges_cost_when_known(tmp_path, cli_main, capsys):
+    path = str(tmp_path / "home" / ".omega" / "log.db")
+    omega.log_exchange(path, exchange(prompt="priced"))
+    omega.log_exchange(path, exchange(prompt="unpriced", cost_usd=None))
+    assert cli_main({}, "--logs", "2") == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert heads[0].endswith(" openai gpt-x $0.0125") and heads[1].endswith(" openai gpt-x")
+
+
 def test_cli_continue_sends_the_model_the_user_asked_for(api, cli_main):
     config = cfg("openai", api)
     api.reply(openai_ok("Four.", model="m"))              # a gateway names another model
@@ -6277,6 +6287,190 @@ def test_cli_attach_and_schema_mistakes_are_one_line_usage_errors(capsys, tmp_pa
         assert cli_main({}, *args) == 2
         err = capsys.readouterr().err
         assert err.startswith("omega: ") and words in err and err.count("\n") == 1, err
+
+
+# --- many prompts: --each and -j ---------------------------------------------
+
+def each_cli(tmp_path, *args, config, stdin, tty=False):
+    """python omega.py --each ARGS, stdin the bytes given (or an open file); with tty
+    its stderr is a pseudo-terminal. (the process, stdout, stderr as text)."""
+    import pty
+    (tmp_path / "cli.toml").write_text(toml_for(config))
+    master, slave = pty.openpty() if tty else (None, subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log", *args],
+                             cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=slave, stdin=stdin if not isinstance(stdin, bytes)
+                             else subprocess.PIPE)
+    try:
+        out, err = child.communicate(stdin if isinstance(stdin, bytes) else None, timeout=30)
+    finally:
+        child.kill()
+    if tty:
+        os.close(slave)
+        err = b""
+        while True:                       # what the terminal got, until its writer is gone
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            err += data
+        os.close(master)
+    return child, out.decode(), err.decode()
+
+
+def test_each_answers_every_line_in_order_one_a_line(api, tmp_path):
+    """The lines' answers, in input order, each on one line (its newlines written
+    \\n); a failed line is an empty line and one line on stderr; exit 1; the totals
+    last on stderr. Three lines are in flight at once (-j 3)."""
+    together = threading.Barrier(3, timeout=10)
+    count = itertools.count(1)
+
+    def reply(request):
+        if next(count) <= 3:
+            together.wait()
+        prompt = request.body["messages"][-1]["content"]
+        if "bad" in prompt:
+            return {"status": 400, "body": openai_error(400, "invalid_request_error", "no")}
+        return {"body": openai_ok(prompt)}
+    api.default = reply
+    config = cfg("openai", api, max_retries=0, prices={"gpt-4o": [1000, 1000]})
+    child, out, err = each_cli(tmp_path, "-j", "3", "Say", "{}", "twice", config=config,
+                               stdin=b"cat\ndog\r\nbad fish\n\xff\ncow")
+    assert out == "Say cat twice\nSay dog twice\n\n\nSay cow twice\n"
+    assert child.returncode == 1
+    lines = err.splitlines()
+    assert lines[:2] == ["omega: line 3: openai: 400 invalid_request_error: no",
+                         "omega: line 4: not UTF-8 text (byte 0)"]
+    assert re.fullmatch(r"omega: 5 done, 2 failed, [\d.]+/s, \$0\.051", lines[2]), err
+    assert len(lines) == 3
+    child, out, err = each_cli(tmp_path, "Translate:", config=config, stdin=b"a\n\n")
+    assert out == "Translate:\\n\\na\nTranslate:\\n\\n\n" and child.returncode == 0
+
+
+def test_each_writes_json_lines_and_counts_a_redirected_file(api, tmp_path):
+    echoing(api)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\nbad two\nthree\n")
+    with open(lines, "rb") as stdin:
+        child, out, err = each_cli(tmp_path, "--json", config=cfg("openai", api, max_retries=0),
+                                   stdin=stdin)
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g.get("text") for g in got] == ["one", None, "three"]
+    assert got[1] == {"error": "openai: 400 invalid_request_error: no bad two"}
+    assert got[0]["metadata"]["provider_used"] == "openai" and child.returncode == 1
+    assert re.search(r"^omega: 3/3 done, 1 failed, [\d.]+/s$", err, re.M), err    # its length known
+
+
+@pytest.mark.parametrize("args, said", [
+    (["-j", "2", "hi"], "-j goes with --each"),
+    (["--each", "-j", "0"], "-j: expected a number 1 or more, with --each"),
+    (["--each", "--logs"], "--logs: not allowed with argument --each"),
+    (["--each", "--check"], "--each reads stdin for its lines: not with --check"),
+    (["--each", "--continue"], "not allowed with argument"),
+], ids=["j-alone", "j-0", "logs", "check", "continue"])
+def test_each_usage_errors(cli_main, capsys, args, said):
+    assert cli_main({}, *args) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_each_refuses_an_attachment_from_stdin(tmp_path):
+    out = run_cli(tmp_path, "--each", "-a", "-", "hi", input="line\n")
+    assert out.returncode == 2 and "--each reads stdin for its lines: not with -a -" in out.stderr
+
+
+def test_each_shows_a_progress_line_on_a_terminal_only(api, tmp_path):
+    echoing(api)
+    config = cfg("openai", api, prices={"gpt-4o": [1000, 1000]})
+    child, out, err = each_cli(tmp_path, config=config, stdin=b"a\nb\nc\n", tty=True)
+    assert out == "a\nb\nc\n" and child.returncode == 0
+    assert err.startswith("\r\x1b[Komega: 1 done, ")               # drawn in place
+    assert re.search(r"\r\x1b\[Komega: 3 done, [\d.]+/s, \$0\.051\r?\n$", err), err
+    child, out, err = each_cli(tmp_path, "-q", config=config, stdin=b"a\nb\nc\n", tty=True)
+    assert (out, err) == ("a\nb\nc\n", "")                          # -q: nothing
+    child, out, err = each_cli(tmp_path, config=config, stdin=b"a\nb\nc\n")
+    assert "\r" not in err and "\x1b" not in err                   # not a terminal: the totals
+    assert re.fullmatch(r"omega: 3 done, [\d.]+/s, \$0\.051\n", err), err
+
+
+def test_progress_text_says_what_is_known():
+    assert omega.progress_text(37, 2, 500, 9.0, 0.042) == \
+        "37/500 done, 2 failed, 4.1/s, ETA 1m53s, $0.042"
+    assert omega.progress_text(37, 0, None, 9.0, None) == "37 done, 4.1/s"
+    assert omega.progress_text(0, 0, 10, 0.0, None) == "0/10 done"
+    assert omega.progress_text(5000, 0, 5001, 1.0, 12.345) == \
+        "5000/5001 done, 5000.0/s, ETA 0s, $12.35"
+    assert [omega.duration_text(s) for s in (42, 113, 7500)] == ["42s", "1m53s", "2h05m"]
+
+
+def test_each_ctrl_c_prints_the_answers_before_the_first_unfinished_line(api, tmp_path):
+    hold = threading.Event()
+    echoing(api, hold=hold)
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    (tmp_path / "lines.txt").write_text("p1\nslow 2\np3\nslow 4\n")
+    with open(tmp_path / "lines.txt") as lines:
+        child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log"], cwd=tmp_path,
+                                 env=cli_env(tmp_path), stdin=lines, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+    try:
+        assert read_until(child.stdout, b"p1\n") == b"p1\n"
+        deadline = time.monotonic() + 10
+        while len(api.requests) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(api.requests) == 4
+        started = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=10)
+        took = time.monotonic() - started
+    finally:
+        child.kill()
+        hold.set()
+    assert child.returncode == 130 and out == b""               # p3 waits behind line 2
+    assert err.decode().endswith("omega: interrupted\n") and took < 2   # 1 s, and slack
+
+
+def fake_claude_processes(claude, but=()):
+    """The live processes whose environment names this fake claude's folder: the
+    fakes and the children they started (and the omega that ran them)."""
+    mark = f"FAKE_CLAUDE_DIR={claude.dir}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (os.getpid(), *but):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0") and alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_each_ctrl_c_stops_every_claude_process_group(claude, tmp_path):
+    claude.plan({"hang": True}, {"hang": True})
+    (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
+    (tmp_path / "lines.txt").write_text("one\ntwo\n")
+    with open(tmp_path / "lines.txt") as lines:
+        child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log", "-j", "2"],
+                                 cwd=tmp_path, stdin=lines, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=cli_env(
+                                     tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
+    try:
+        deadline = time.monotonic() + 15      # two fakes, each with a child of its own
+        while len(fake_claude_processes(claude, [child.pid])) < 4 \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(fake_claude_processes(claude, [child.pid])) == 4
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=10)
+        deadline = time.monotonic() + 3
+        while fake_claude_processes(claude) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert child.returncode == 130 and out == b"" and fake_claude_processes(claude) == []
+    finally:
+        child.kill()
+        kill_leftovers(*fake_claude_processes(claude))
+
 
 
 # --- what ships: an executable omega.py and a README that stands alone -------
