@@ -9,9 +9,11 @@
     omega.ask("Three colours", schema={"type": "array"}) # -> the parsed JSON value
     omega.models("openai")                               # -> ["gpt-4o", ...]
     for piece in omega.stream("Tell me a story"): ...    # the answer as it is written
+    omega.map(["Translate: cat", "Translate: dog"], workers=8)  # many at once, in order
     chat = omega.Chat(provider="anthropic"); chat.ask("Hi"); chat.ask("And?")
 
     python omega.py "Say hi"                             # the same from a shell
+    python omega.py --each "Translate: {}" < lines.txt   # one prompt per line
 
 Backends: the local `claude` CLI (claude-code), Ollama, OpenAI and every
 OpenAI-compatible server, Anthropic, OpenRouter and Gemini. Needs Python 3.11+
@@ -30,7 +32,7 @@ inside a section a function may come before the helpers it calls. To follow a
 call, start reading at 9, Calling.
 
      1. Data               Message, Context, Attachment, MessageMetadata,
-                           OutgoingMessage, Call
+                           OutgoingMessage, Call (with a map's stop)
      2. Errors             OmegaError ... ProviderUnavailable (context given to
                            __init__), LogError, NoConversation; the failure policy:
                            every backend's error bodies -> typed errors, Retry-After
@@ -38,20 +40,21 @@ call, start reading at 9, Calling.
      4. Configuration      read -> validate -> provider settings -> keys -> load_config
      5. Attachments        the kind from the bytes, read once, base64 written once
      6. Transports         HTTP (per-thread session, the deadline watchdog, send, body
-                           reading, the retry loop, SSE and NDJSON framing), then
-                           processes (the claude CLI's process group)
+                           reading, the retry loop and each server's Retry-After pause,
+                           SSE and NDJSON framing), then processes (the claude CLI's
+                           process group)
      7. Backends           shared helpers, JSON answers (a schema in each API's form,
                            the answer parsed), then one banner per backend: its request
                            builder, response parser, stream reader, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
      9. Calling            Options (every call's keywords), status timer, routing,
                            attempt -> rounds (the tool loop's place) -> the provider
-                           chain -> answer(); complete(), stream() and Stream, ask(),
-                           Chat, models()                           <- start here
+                           chain -> answer(), priced; complete(), stream() and Stream,
+                           ask(), Chat, models(); map() and its workers  <- start here
     10. Diagnostics        readiness probes (PROBES), --check, the first-run hint
     11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
                            (SQLite, WAL, schema version); logged() writes a call's row
-    12. Command line       parse_args, prompt reading, main()
+    12. Command line       parse_args, prompt reading, main(); --each and its progress line
 """
 
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
@@ -94,7 +97,7 @@ if sys.version_info < (3, 11):
 # urllib3 and http.client (tens of ms; the first HTTP call), tomllib (a config
 # file), logging (a debug line or -v), socket (the watchdog), email.utils (an
 # HTTP-date Retry-After), argparse (the CLI), traceback (-v), sqlite3 (the
-# conversation log).
+# conversation log), queue (map()).
 
 __version__ = "0.2.0"
 __all__ = [
@@ -243,8 +246,12 @@ class OutgoingMessage:
         return out
 
 
-# In a map() worker's thread (9): .stop, the Event that the map's Ctrl-C sets.
-MAP_WORKER = threading.local()
+class MapWorker(threading.local):
+    """What a thread knows of the map() (9) it works for, if any."""
+    stop = None          # the Event that the map's Ctrl-C sets (a class default: no lookup fails)
+
+
+MAP_WORKER = MapWorker()
 
 
 @dataclass
@@ -259,8 +266,7 @@ class Call:
     seconds: float                         # what the deadline stands for, for messages
     on_status: Callable | None = None
     next_provider: str | None = None
-    stop: threading.Event | None = field(
-        default_factory=lambda: getattr(MAP_WORKER, "stop", None))
+    stop: threading.Event | None = field(default_factory=lambda: MAP_WORKER.stop)
 
     @classmethod
     def starting_now(cls, seconds: float, on_status=None, next_provider=None) -> "Call":
@@ -274,6 +280,7 @@ class Call:
         return self.deadline - time.monotonic()
 
     def stopped(self) -> bool:
+        """True once the map this call belongs to was stopped (Ctrl-C)."""
         return self.stop is not None and self.stop.is_set()
 
     def sleep(self, seconds: float) -> None:
@@ -1736,7 +1743,8 @@ def wait_out_pause(until: float, settings: dict, call: Call) -> None:
         return
     if wait >= call.left():
         raise RateLimitError(f"the server asked for a pause of {wait:.1f} s more (Retry-After), "
-                             "past this call's deadline", settings["name"], reason="rate-limited")
+                             "past this call's deadline", settings["name"],
+                             reason="paused by Retry-After")
     log_debug("%s: paused by Retry-After, waiting %.2f s", settings["name"], wait)
     call.sleep(wait)
 
@@ -3068,7 +3076,8 @@ def claude_code_error(data: dict, settings: dict, **context) -> ProviderError:
     """The error an is_error result stands for, by api_error_status and text."""
     name, subtype, session_id = settings["name"], data.get("subtype"), data.get("session_id")
     errors = data.get("errors") if isinstance(data.get("errors"), list) else ()
-    message = clean(data.get("result") or "; ".join(str(e) for e in errors) or subtype or "error", 500)
+    message = clean(data.get("result") or "; ".join(str(e) for e in errors) or subtype
+                    or "error", 500)
     code = subtype if isinstance(subtype, str) and subtype != "success" else None
     if code == "error_max_structured_output_retries":     # as every other JSON failure
         code = "invalid_json"
@@ -3394,7 +3403,7 @@ def keeps_sessions(name: str | None) -> bool:
 # =============================================================================
 # 9. Calling: options, one attempt, the provider chain, the public API
 # =============================================================================
-# complete(), stream() and its Stream, ask(), Chat and models(): what a user
+# complete(), stream() and its Stream, ask(), Chat, models() and map(): what a user
 # calls, and what they share, in the order a call travels: its keywords become one
 # Options record; answer() checks them, once; try_providers() tries each provider
 # of the chain in turn under one deadline and status timer (auto_route first);
@@ -4709,7 +4718,8 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
 # 12. Command line
 # =============================================================================
 # parse_args, prompt reading, main(): a thin layer over the public API (9) and the
-# conversation log, with one line per error and an exit code per error class.
+# conversation log, with one line per error and an exit code per error class; then
+# --each, one prompt per stdin line through map()'s workers (each_answer).
 
 def parse_args(argv):
     import argparse
