@@ -9,9 +9,11 @@
     omega.ask("Three colours", schema={"type": "array"}) # -> the parsed JSON value
     omega.models("openai")                               # -> ["gpt-4o", ...]
     for piece in omega.stream("Tell me a story"): ...    # the answer as it is written
+    omega.map(["Translate: cat", "Translate: dog"], workers=8)  # many at once, in order
     chat = omega.Chat(provider="anthropic"); chat.ask("Hi"); chat.ask("And?")
 
     python omega.py "Say hi"                             # the same from a shell
+    python omega.py --each "Translate: {}" < lines.txt   # one prompt per line
 
 Backends: the local `claude` CLI (claude-code), Ollama, OpenAI and every
 OpenAI-compatible server, Anthropic, OpenRouter and Gemini. Needs Python 3.11+
@@ -30,7 +32,7 @@ inside a section a function may come before the helpers it calls. To follow a
 call, start reading at 9, Calling.
 
      1. Data               Message, Context, Attachment, MessageMetadata,
-                           OutgoingMessage, Call
+                           OutgoingMessage, Call (with a map's stop)
      2. Errors             OmegaError ... ProviderUnavailable (context given to
                            __init__), LogError, NoConversation; the failure policy:
                            every backend's error bodies -> typed errors, Retry-After
@@ -38,20 +40,21 @@ call, start reading at 9, Calling.
      4. Configuration      read -> validate -> provider settings -> keys -> load_config
      5. Attachments        the kind from the bytes, read once, base64 written once
      6. Transports         HTTP (per-thread session, the deadline watchdog, send, body
-                           reading, the retry loop, SSE and NDJSON framing), then
-                           processes (the claude CLI's process group)
+                           reading, the retry loop and each server's Retry-After pause,
+                           SSE and NDJSON framing), then processes (the claude CLI's
+                           process group)
      7. Backends           shared helpers, JSON answers (a schema in each API's form,
                            the answer parsed), then one banner per backend: its request
                            builder, response parser, stream reader, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
      9. Calling            Options (every call's keywords), status timer, routing,
                            attempt -> rounds (the tool loop's place) -> the provider
-                           chain -> answer(); complete(), stream() and Stream, ask(),
-                           Chat, models()                           <- start here
+                           chain -> answer(), priced; complete(), stream() and Stream,
+                           ask(), Chat, models(); map() and its workers  <- start here
     10. Diagnostics        readiness probes (PROBES), --check, the first-run hint
     11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
                            (SQLite, WAL, schema version); logged() writes a call's row
-    12. Command line       parse_args, prompt reading, main()
+    12. Command line       parse_args, prompt reading, main(); --each and its progress line
 """
 
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
@@ -94,15 +97,15 @@ if sys.version_info < (3, 11):
 # urllib3 and http.client (tens of ms; the first HTTP call), tomllib (a config
 # file), logging (a debug line or -v), socket (the watchdog), email.utils (an
 # HTTP-date Retry-After), argparse (the CLI), traceback (-v), sqlite3 (the
-# conversation log).
+# conversation log), queue (map()).
 
 __version__ = "0.2.0"
 __all__ = [
     "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
-    "ProviderUnavailable", "Attachment", "models", "Options",
-]
+    "ProviderUnavailable", "Attachment", "models", "Options", "Results",
+]   # and map(), left out: `from omega import *` must not take Python's own map away
 
 USER_AGENT = f"omega/{__version__}"
 
@@ -212,9 +215,12 @@ class MessageMetadata:
     request_id: str | None = None
     attempts: int | None = None        # HTTP requests or CLI runs
     fallbacks: list = field(default_factory=list)  # "provider: error" tried before
+    cache_read_tokens: int | None = None   # of input_tokens: read from the provider's cache
+    cache_write_tokens: int | None = None  # of input_tokens: written to it
 
     def __post_init__(self):
-        for name in ("input_tokens", "output_tokens", "tokens_used", "num_turns"):
+        for name in ("input_tokens", "output_tokens", "tokens_used", "num_turns",
+                     "cache_read_tokens", "cache_write_tokens"):
             setattr(self, name, count(getattr(self, name)))
         for name in ("model", "stop_reason", "session_id", "request_id"):
             value = getattr(self, name)
@@ -240,23 +246,49 @@ class OutgoingMessage:
         return out
 
 
+class MapWorker(threading.local):
+    """What a thread knows of the map() (9) it works for, if any."""
+    stop = None          # the Event that the map's Ctrl-C sets (a class default: no lookup fails)
+
+
+MAP_WORKER = MapWorker()
+
+
 @dataclass
 class Call:
     """One call's own state, apart from its configuration: when it must end, who
     hears about progress, and which provider comes next if this one fails (then a
-    refused connection moves on at once instead of retrying)."""
+    refused connection moves on at once instead of retrying). Made in a map()
+    worker, it also holds that map's stop Event: once it is set, the call has no
+    time left, its waits end at once and it ends as interrupted (KeyboardInterrupt),
+    its connection shut by the map (Watchdog.stop_all)."""
     deadline: float                        # time.monotonic() value
     seconds: float                         # what the deadline stands for, for messages
     on_status: Callable | None = None
     next_provider: str | None = None
+    stop: threading.Event | None = field(default_factory=lambda: MAP_WORKER.stop)
 
     @classmethod
     def starting_now(cls, seconds: float, on_status=None, next_provider=None) -> "Call":
         return cls(time.monotonic() + seconds, seconds, on_status, next_provider)
 
     def left(self) -> float:
-        """Seconds until the deadline (negative once it has passed)."""
+        """Seconds until the deadline (negative once it has passed or the call was
+        stopped)."""
+        if self.stop is not None and self.stop.is_set():
+            return -1.0
         return self.deadline - time.monotonic()
+
+    def stopped(self) -> bool:
+        """True once the map this call belongs to was stopped (Ctrl-C)."""
+        return self.stop is not None and self.stop.is_set()
+
+    def sleep(self, seconds: float) -> None:
+        """time.sleep(seconds), ended by a stop (KeyboardInterrupt)."""
+        if self.stop is None:
+            time.sleep(seconds)
+        elif self.stop.wait(seconds):
+            raise KeyboardInterrupt
 
     def notify(self, message: str) -> None:
         if self.on_status is not None:
@@ -388,6 +420,10 @@ class ProviderUnavailable(ProviderError):
 
 
 def timed_out(settings: dict, call: Call, detail: str = "", **context) -> ProviderTimeout:
+    """The error for a call out of time; a call its map() stopped (Ctrl-C) has no
+    time left either, but was interrupted: KeyboardInterrupt is raised instead."""
+    if call.stopped():
+        raise KeyboardInterrupt
     return ProviderTimeout(f"no answer within {call.seconds:g} s{detail}", settings["name"],
                            reason="timed out", **context)
 
@@ -700,6 +736,7 @@ KEY_TYPES = {
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
     "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
+    "prices": dict,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -827,6 +864,7 @@ def validate(raw: dict, where: str) -> None:
     check_keys(providers, {**PROVIDER_KEYS, **{n: dict for n in NAMES}}, where, "provider.")
     for name in NAMES:
         check_keys(providers.get(name, {}), SCHEMA[name], where, f"provider.{name}.")
+        check_prices(providers.get(name, {}).get("prices", {}), f"{where}: provider.{name}.prices")
     if "default" in providers:
         check_provider(providers["default"], f"{where}: provider.default")
     for name in providers.get("fallback", []):
@@ -868,6 +906,18 @@ def check_value(key: str, value, kind, where: str) -> None:
     if rule and not rule[0](value):
         shown = "" if isinstance(value, str) and "key" in key else f", got {value!r}"
         raise ConfigError(f"{where}: expected {rule[1]}{shown}")
+
+
+def check_prices(prices: dict, where: str) -> None:
+    """[provider.<name>.prices]: "<model>" = [input, output] in US dollars per million
+    tokens, optionally then cache reads and cache writes; 2 to 4 numbers, 0 or more."""
+    for model, price in prices.items():
+        if not (isinstance(price, list) and 2 <= len(price) <= 4
+                and all(number(p) and finite(p) and p >= 0 for p in price)):
+            raise ConfigError(f"{where}.{json.dumps(model)}: expected [input, output] US "
+                              "dollars per million tokens, then optionally cache read and "
+                              "cache write prices (2 to 4 numbers 0 or more), got "
+                              + shorten(repr(price), 60))
 
 
 def finite(value) -> bool:
@@ -1253,8 +1303,9 @@ class Watch:
     """One HTTP request's deadline and the socket to shut when it passes."""
     deadline: float
     sock: object = None
-    fired: bool = False       # the deadline passed while the request was open
+    fired: bool = False       # the deadline passed while the request was open (or it was stopped)
     ended: bool = False       # the request is over: its socket is not its to shut
+    stop: object = None       # the stop Event of the map() whose call sent it (see Call)
 
 
 class Watchdog:
@@ -1278,9 +1329,11 @@ class Watchdog:
         self.sending = threading.local()  # .watch: the request this thread is sending
         self.adapter = None
 
-    def start(self, deadline: float) -> Watch:
-        watch = Watch(deadline)
+    def start(self, deadline: float, stop=None) -> Watch:
+        watch = Watch(deadline, stop=stop)
         with self.lock:
+            if stop is not None and stop.is_set():   # stopped after the caller looked:
+                watch.fired = True                   # its socket is shut once known
             while self.queue and self.queue[0][2].ended:          # keep the heap small
                 heapq.heappop(self.queue)
             heapq.heappush(self.queue, (deadline, next(self.order), watch))
@@ -1309,6 +1362,15 @@ class Watchdog:
         """Stop guarding this request: from now on its socket is not the watchdog's."""
         with self.lock:
             watch.ended = True
+
+    def stop_all(self, stop) -> None:
+        """Shut the socket of every request in flight that a map() stopped (stop: its
+        Event, already set): whoever waits on one wakes to an interrupted call."""
+        with self.lock:
+            for _, _, watch in self.queue:
+                if watch.stop is stop and not watch.ended:
+                    watch.fired = True
+                    self.shut(watch.sock)
 
     def run(self) -> None:
         with self.lock:
@@ -1407,9 +1469,12 @@ def send(method: str, url: str, headers: dict, payload: bytes | None, settings: 
     import requests
     if call.left() <= 0:
         raise timed_out(settings, call)
+    paused = PAUSED_UNTIL.get(settings["base_url"])
+    if paused is not None and paused[1] != threading.get_ident():
+        wait_out_pause(paused[0], settings, call)
     session, cache = thread_session()
     close_left_bodies()
-    watch = WATCHDOG.start(call.deadline)
+    watch = WATCHDOG.start(call.deadline, call.stop)
     try:
         request = requests.PreparedRequest()
         request.method, request.url, request.body = method, prepared_url(url, cache), payload
@@ -1628,7 +1693,7 @@ def json_payload(body) -> bytes | list[bytes]:
 
 
 def payload_size(payload: bytes | list[bytes]) -> int:
-    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
+    return len(payload) if isinstance(payload, bytes) else sum(len(piece) for piece in payload)
 
 
 def request_headers(headers: dict, payload: bytes | None, streaming: bool = False) -> dict:
@@ -1663,17 +1728,43 @@ def request_json(method: str, url: str, headers: dict, body, settings: dict,
         pause_before_retry(error, attempt, settings, call)
 
 
+# base_url -> (the time.monotonic() value before which nothing goes to that server,
+# the thread that was told so): a 429 with Retry-After, waited out by the request that
+# got it, pauses every other thread's requests to that server too (map()'s workers,
+# above all), so that they do not each run into it. One dict look-up per request.
+PAUSED_UNTIL: dict = {}
+
+
+def wait_out_pause(until: float, settings: dict, call: Call) -> None:
+    """Wait until the server's pause (PAUSED_UNTIL) ends, or fail at once as
+    rate-limited when it ends after this call's deadline."""
+    wait = until - time.monotonic()
+    if wait <= 0:
+        return
+    if wait >= call.left():
+        raise RateLimitError(f"the server asked for a pause of {wait:.1f} s more (Retry-After), "
+                             "past this call's deadline", settings["name"],
+                             reason="paused by Retry-After")
+    log_debug("%s: paused by Retry-After, waiting %.2f s", settings["name"], wait)
+    call.sleep(wait)
+
+
 def pause_before_retry(error: ProviderError, attempt: int, settings: dict, call: Call) -> None:
     """Wait before the next attempt and say so, or raise error when another try
-    cannot help or would not end before the deadline."""
+    cannot help or would not end before the deadline. A Retry-After of a 429
+    pauses the other requests to that server too (PAUSED_UNTIL)."""
     wait = retry_wait(error, attempt, settings, call)
     if wait is None:
         raise error
+    if isinstance(error, RateLimitError) and error.retry_after is not None:
+        until, url = time.monotonic() + wait, settings["base_url"]
+        if until > PAUSED_UNTIL.get(url, (0.0,))[0]:
+            PAUSED_UNTIL[url] = (until, threading.get_ident())
     call.notify(f"{settings['name']}: {error.status or error.reason}, retrying in {wait:.1f} s "
                 f"({attempt + 1}/{settings['max_retries'] + 1})")
     log_debug("%s: attempt %d failed (%s); waiting %.2f s", settings["name"], attempt,
               error.reason, wait)
-    time.sleep(wait)
+    call.sleep(wait)
 
 
 def retry_wait(error: ProviderError, attempt: int, settings: dict, call: Call) -> float | None:
@@ -2307,7 +2398,7 @@ def strict_ready(schema: dict) -> bool:
             required = node.get("required") or []
             properties = node.get("properties") or {}
             if node.get("additionalProperties") is not False or not isinstance(required, list) \
-                    or sorted(map(str, required)) != sorted(map(str, properties)):
+                    or sorted(str(k) for k in required) != sorted(str(k) for k in properties):
                 return False
     return True
 
@@ -2460,10 +2551,14 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
     if not text:
         raise empty_answer(settings, f"finish_reason={stop}")
     usage = data.get("usage") or {}
+    cached = usage.get("prompt_tokens_details")
+    cached = cached if isinstance(cached, dict) else {}    # OpenRouter says writes too
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
-        stop_reason=stop, cost_usd=usage.get("cost")))
+        stop_reason=stop, cost_usd=usage.get("cost"),
+        cache_read_tokens=cached.get("cached_tokens"),
+        cache_write_tokens=cached.get("cache_write_tokens")))
 
 
 def openai_events(chunks, settings: dict):
@@ -2608,7 +2703,8 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=anthropic_input_tokens(usage), output_tokens=usage.get("output_tokens"),
-        stop_reason=stop))
+        stop_reason=stop, cache_read_tokens=usage.get("cache_read_input_tokens"),
+        cache_write_tokens=usage.get("cache_creation_input_tokens")))
 
 
 def anthropic_events(chunks, settings: dict):
@@ -2733,11 +2829,15 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
         if candidate.get("finishMessage"):
             why += f": {candidate['finishMessage']}"
         raise empty_answer(settings, why)
-    tokens_in, tokens_out = gemini_token_counts(data.get("usageMetadata"))
+    usage = data.get("usageMetadata")
+    tokens_in, tokens_out = gemini_token_counts(usage)
+    cached = count(usage.get("cachedContentTokenCount")) if isinstance(usage, dict) else None
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("modelVersion") or settings["model"],
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=stop,
-        request_id=data.get("responseId")))
+        request_id=data.get("responseId"),
+        # a count of 0 is left out: next to the input count, a missing one is 0
+        cache_read_tokens=cached if cached is not None or tokens_in is None else 0))
 
 
 def gemini_events(chunks, settings: dict):
@@ -2928,7 +3028,7 @@ def claude_code_stdin(prompt: str, files: list) -> bytes | list[bytes]:
     if not files:
         return prompt.encode()
     payload = json_payload({"type": "user", "message": {"role": "user", "content": [
-        *map(anthropic_block, files), {"type": "text", "text": prompt}]},
+        *(anthropic_block(f) for f in files), {"type": "text", "text": prompt}]},
         "parent_tool_use_id": None, "session_id": ""})
     return [*payload, b"\n"] if isinstance(payload, list) else payload + b"\n"
 
@@ -2976,7 +3076,8 @@ def claude_code_error(data: dict, settings: dict, **context) -> ProviderError:
     """The error an is_error result stands for, by api_error_status and text."""
     name, subtype, session_id = settings["name"], data.get("subtype"), data.get("session_id")
     errors = data.get("errors") if isinstance(data.get("errors"), list) else ()
-    message = clean(data.get("result") or "; ".join(map(str, errors)) or subtype or "error", 500)
+    message = clean(data.get("result") or "; ".join(str(e) for e in errors) or subtype
+                    or "error", 500)
     code = subtype if isinstance(subtype, str) and subtype != "success" else None
     if code == "error_max_structured_output_retries":     # as every other JSON failure
         code = "invalid_json"
@@ -3017,6 +3118,8 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
         provider_used=settings["name"], model=model,
         input_tokens=total(anthropic_input_tokens(u) for u in usages),
         output_tokens=total(count(u.get("output_tokens")) for u in usages),
+        cache_read_tokens=total(count(u.get("cache_read_input_tokens")) for u in usages),
+        cache_write_tokens=total(count(u.get("cache_creation_input_tokens")) for u in usages),
         stop_reason=results[-1].get("stop_reason") or results[-1].get("subtype"),
         session_id=session_id,
         cost_usd=total(r.get("total_cost_usd", r.get("cost_usd")) for r in results),
@@ -3156,7 +3259,7 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
                                             f"session_id={session_id})", session_id=session_id)
         call.notify(f"claude-code: reached max turns, resuming ({resumes}/"
                     f"{settings['max_resume_attempts']})")
-        time.sleep(wait)
+        call.sleep(wait)
         prompt, files = RESUME_PROMPT, []
     metadata = claude_code_metadata(results, settings, session_id, ctx)
     if ctx.schema is not None:
@@ -3221,7 +3324,8 @@ class Backend:
 
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
-           "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024}
+           "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024,
+           "prices": None}
 _HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2}
 _KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
 
@@ -3299,7 +3403,7 @@ def keeps_sessions(name: str | None) -> bool:
 # =============================================================================
 # 9. Calling: options, one attempt, the provider chain, the public API
 # =============================================================================
-# complete(), stream() and its Stream, ask(), Chat and models(): what a user
+# complete(), stream() and its Stream, ask(), Chat, models() and map(): what a user
 # calls, and what they share, in the order a call travels: its keywords become one
 # Options record; answer() checks them, once; try_providers() tries each provider
 # of the chain in turn under one deadline and status timer (auto_route first);
@@ -3563,6 +3667,26 @@ def rounds(ctx: Context, settings: dict, call: Call, streaming: bool):
     return attempt(ctx, settings, call, streaming)
 
 
+def priced(meta: MessageMetadata, settings: dict, asked: str) -> float | None:
+    """What an answer cost: what the backend said, else by the provider's prices
+    ([provider.<name>.prices], US dollars per million tokens) for the model the
+    server named or else the one asked for; None without a price or a token count,
+    never a guess. Cache reads and writes are inside input_tokens; without their own
+    prices they cost what input costs."""
+    prices = settings.get("prices") or {}
+    price = prices.get(meta.model) or prices.get(asked)
+    if meta.cost_usd is not None or price is None or None in (meta.input_tokens,
+                                                             meta.output_tokens):
+        return meta.cost_usd
+    input_price, output_price = price[:2]
+    read_price = price[2] if len(price) > 2 else input_price
+    write_price = price[3] if len(price) > 3 else input_price
+    reads, writes = meta.cache_read_tokens or 0, meta.cache_write_tokens or 0
+    fresh = max(0, meta.input_tokens - reads - writes)
+    return (fresh * input_price + reads * read_price + writes * write_price
+            + meta.output_tokens * output_price) / 1e6
+
+
 def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
                   options: Options, streaming: bool):
     """Try each provider of chain in turn until one answers; the first one's error
@@ -3623,6 +3747,8 @@ def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
                 failures.append((name, e))         # a broken fallback is reported, not skipped
                 continue
             reply.metadata.provider_used = name
+            reply.metadata.cost_usd = priced(reply.metadata, settings, model_of(
+                ctx if index == 0 else replace(ctx, model=None), settings))
             reply.metadata.fallbacks = [failure_text(n, e) for n, e in failures]
             reply.metadata.processing_time_ms = round((time.monotonic() - started) * 1000)
             return reply
@@ -3831,6 +3957,150 @@ def model_list(options: Options, raw: dict, path: str | None) -> list[str]:
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise shape_error(settings) from None
     return list(dict.fromkeys(clean(m, 200) for m in found if isinstance(m, str) and m))
+
+
+# -----------------------------------------------------------------------------
+# map(): many prompts at once
+# -----------------------------------------------------------------------------
+# Worker threads (daemons: a worker stuck in the caller's own fn never keeps the
+# process alive) take the items from a queue that the calling thread fills as it
+# reads the input, at most `workers` items ahead of the work; each item is one
+# whole call (answer(), the config read once for all), logged as its own exchange.
+# They share what every call shares: the per-server pause of a 429 (PAUSED_UNTIL)
+# above all. Ctrl-C in the calling thread sets the map's stop Event, which every
+# call of its workers holds (Call.stop): their connections are shut, their waits and
+# claude process groups end, and the workers are given MAP_STOP_SECS to finish.
+# Named after Python's map, which it shadows inside this file: use comprehensions.
+
+MAP_STOP_SECS = 0.8          # after Ctrl-C, how long map() waits for its workers to end
+
+
+class Results(list):
+    """What map() returns: a list, in input order, of each item's OutgoingMessage
+    or the OmegaError it ended with, with the totals."""
+
+    @property
+    def failed(self) -> int:
+        """How many items ended with an error."""
+        return sum(isinstance(r, OmegaError) for r in self)
+
+    @property
+    def cost_usd(self) -> float | None:
+        """The known costs of the answers added up; None when no answer's is known."""
+        costs = [r.metadata.cost_usd for r in self if isinstance(r, OutgoingMessage)
+                 and r.metadata.cost_usd is not None]
+        return sum(costs) if costs else None
+
+
+def map(prompts, fn=None, *, workers: int = 4, on_progress=None, **options) -> Results:
+    """Send many prompts at once, `workers` calls in flight: a Results list, in input
+    order, of each item's OutgoingMessage or the OmegaError that item ended with
+    (one failure loses no other answer). `results.failed` counts the failures,
+    `results.cost_usd` adds up the known costs.
+
+    prompts: any iterable of prompts (str or Context), read as the work goes (never
+    more than about `workers` items ahead, never copied into a list first); or, as
+    with Python's map, map(fn, items) (also map(items, fn=fn)): fn(item) builds each
+    prompt, in a worker thread. Takes every keyword of Options, for every item.
+    on_progress(done, failed, total), called in the calling thread as each item
+    ends: done counts every finished item, failed included; total is len(prompts)
+    for a sized input, else None.
+
+    A 429 with Retry-After pauses every worker's requests to that server; each item
+    keeps its own deadline (timeout) and retries. Ctrl-C stops handing out work,
+    closes the connections and claude processes of the items in flight, and raises
+    KeyboardInterrupt within about a second. An exception from fn, or one that is
+    not an OmegaError (a bug), stops the map the same way and is raised as it is.
+    A ConfigError in the configuration or the provider names is raised before
+    anything is sent."""
+    if callable(prompts) and not callable(fn):
+        prompts, fn = fn, prompts
+    if isinstance(prompts, (str, Context)) or prompts is None:
+        raise TypeError("map() takes an iterable of prompts (for one prompt: complete())")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"workers: expected a whole number 1 or more, got {workers!r}")
+    options = options_of("map", options)
+    raw, path = read_config(options.config)
+    provider_chain(raw, options.provider, options.fallback)      # a wrong name fails once
+    try:
+        total = len(prompts)
+    except TypeError:
+        total = None
+    found, failed = {}, 0
+    outcomes = each_answer(prompts, fn, options, workers, (raw, path),
+                           log_path(raw, for_cli=False), options.on_status)
+    try:
+        for index, outcome in outcomes:
+            found[index] = outcome
+            failed += isinstance(outcome, OmegaError)
+            if on_progress is not None:
+                on_progress(len(found), failed, total)
+    finally:
+        outcomes.close()
+    return Results(found[index] for index in range(len(found)))
+
+
+def each_answer(items, fn, options: Options, workers: int, config: tuple, log: str | None,
+                warn):
+    """(index, outcome) for each item as it ends, in the order they end: the work of
+    map() and of the CLI's --each (see map(); config, log and warn as answer() takes
+    them). Closed or left by an exception (Ctrl-C), it stops its workers first."""
+    import queue
+    todo, ended, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    threads = [threading.Thread(target=map_worker, name=f"omega-map-{n + 1}", daemon=True,
+                                args=(todo, ended, stop, fn, options, config, log, warn))
+               for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    items, index, pending, more = iter(items), 0, 0, True
+    try:
+        while more or pending:
+            while more and pending < 2 * workers:      # `workers` at work, as many waiting
+                try:
+                    item = next(items)
+                except StopIteration:
+                    more = False
+                    break
+                todo.put((index, item))
+                index, pending = index + 1, pending + 1
+            if pending:
+                place, outcome, fatal = ended.get()
+                pending -= 1
+                if fatal:
+                    raise outcome
+                yield place, outcome
+    finally:
+        stop.set()
+        WATCHDOG.stop_all(stop)
+        for _ in threads:
+            todo.put(None)
+        end = time.monotonic() + MAP_STOP_SECS
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+
+
+def map_worker(todo, ended, stop: threading.Event, fn, options: Options, config: tuple,
+               log: str | None, warn) -> None:
+    """One worker of each_answer(): each item's call, until told to stop. Every Call
+    made in this thread holds `stop` (see Call)."""
+    MAP_WORKER.stop = stop
+    while not stop.is_set():
+        job = todo.get()
+        if job is None:
+            return
+        index, item = job
+        try:
+            prompt = item if fn is None else fn(item)
+            if not isinstance(prompt, (str, Context)):
+                raise TypeError(f"map(): a prompt is a str or a Context, not "
+                                f"{type(prompt).__name__}")
+            outcome = drain(answer(prompt, options, False, config=config, log=log, warn=warn))
+        except OmegaError as e:
+            outcome = e
+        except BaseException as e:         # a bug, fn's own error, or the stop: map() raises it
+            ended.put((index, e, True))
+            continue
+        ended.put((index, outcome, False))
 
 
 # =============================================================================
@@ -4448,7 +4718,8 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
 # 12. Command line
 # =============================================================================
 # parse_args, prompt reading, main(): a thin layer over the public API (9) and the
-# conversation log, with one line per error and an exit code per error class.
+# conversation log, with one line per error and an exit code per error class; then
+# --each, one prompt per stdin line through map()'s workers (each_answer).
 
 def parse_args(argv):
     import argparse
@@ -4493,6 +4764,11 @@ def parse_args(argv):
     talk.add_argument("--logs", nargs="?", const=3, type=int, metavar="N",
                       help="print the last N logged exchanges (default 3), newest last; "
                            "with --json as JSON lines")
+    talk.add_argument("--each", action="store_true",
+                      help="one prompt per stdin line, the words its template ({} is the "
+                           "line, else the line follows them after a blank line); the answers "
+                           "one a line, in order, newlines written \\n (--json: JSON lines)")
+    add("-j", "--jobs", type=int, metavar="N", help="with --each: N calls at once (default 4)")
     add("--no-log", action="store_true", help="do not write this exchange to the log "
                                               "(~/.omega/log.db)")
     add("-q", "--quiet", action="store_true", help="no status lines on stderr")
@@ -4518,6 +4794,11 @@ def parse_args(argv):
                     "would go nowhere")
     if args.logs is not None and args.logs < 0:
         usage_error(f"--logs: expected a number 0 or more, got {args.logs}")
+    if args.each and (alone or any(isinstance(a, Attachment) for a in args.attach or ())):
+        usage_error(f"--each reads stdin for its lines: not with {alone or '-a -'}")
+    if args.jobs is not None and (not args.each or args.jobs < 1):
+        usage_error("-j: expected a number 1 or more, with --each" if args.each
+                    else "-j goes with --each")
     return args
 
 
@@ -4620,11 +4901,7 @@ def stdin_is_piped() -> bool:
 
 def tell(line: str) -> None:
     """One line on stderr, if there is a stderr: never on stdout instead."""
-    if sys.stderr is not None:
-        try:
-            print(line, file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            pass
+    write_stderr(line + "\n")
 
 
 def continued(log: str, conversation: str | None, ctx: Context, provider: str | None):
@@ -4661,8 +4938,9 @@ def print_logs(log: str, n: int, as_json: bool) -> int:
             continue
         row = {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
         what = "\n".join(x for x in (row["answer"], row["error"] and f"error: {row['error']}") if x)
-        print(f"[{row['conversation']}] {row['time']} {row['provider']} {row['model'] or ''}"
-              .rstrip())
+        cost = dollars(row["cost_usd"]) if number(row["cost_usd"]) else ""
+        print(" ".join(x for x in (f"[{row['conversation']}]", row["time"], row["provider"],
+                                   row["model"], cost) if x))
         print(f"> {row['prompt']}\n{what}\n")
     return 0
 
@@ -4688,16 +4966,179 @@ def print_stream(answer: Stream) -> None:
 
 
 def print_reply(reply: OutgoingMessage, args) -> None:
+    """A whole answer, as reply_text() gives it, on stdout."""
+    sys.stdout.write(reply_text(reply, args) + "\n")
+    sys.stdout.flush()
+
+
+def reply_text(reply: OutgoingMessage, args) -> str:
     """A whole answer: its text; with --json, {"text", "metadata"}; with a schema,
     the JSON answer alone, compact, so that it pipes into jq."""
     if args.json:
-        out = json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
-    elif args.schema is not None:
-        out = json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
+    if args.schema is not None:
+        return json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return reply.text
+
+
+# -----------------------------------------------------------------------------
+# --each: one prompt per stdin line, through map()'s workers
+# -----------------------------------------------------------------------------
+
+PROGRESS_EVERY_SECS = 0.1    # the progress line is redrawn at most this often
+
+
+def print_each(args, ctx: Context, options: Options, config: tuple, log: str | None) -> int:
+    """--each: a call per stdin line (ctx with the line's prompt), -j at a time. Each
+    answer is printed on its own line as soon as the lines before it have theirs; a
+    failed line prints an empty line (--json: {"error"}) and `omega: line N: error` on
+    stderr. On a terminal stderr shows one progress line; the totals end it (with -q,
+    nothing). Ctrl-C leaves the answers of the lines before the first unfinished one
+    printed. 0 when every line was answered, else 1."""
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:
+        raise ConfigError("--each: there is no stdin to read the lines from")
+    template = "" if args.prompt == ["-"] else " ".join(args.prompt)
+    progress = {"total": lines_left(stdin), "done": 0, "failed": 0, "cost": None,
+                "started": time.monotonic(), "drawn": None, "quiet": args.quiet,
+                "terminal": sys.stderr is not None and sys.stderr.isatty()}
+    warned = set()
+
+    def warn(message):                 # a log warning, once, above the progress line
+        if message not in warned:
+            warned.add(message)
+            tell_above(progress, f"omega: {message}")
+    outcomes = each_answer(stdin, each_prompt(template, ctx), options, args.jobs or 4,
+                           config, log, warn)
+    held, printed = {}, 0
+    try:
+        for index, outcome in outcomes:
+            held[index] = outcome
+            progress["done"] += 1
+            if isinstance(outcome, OmegaError):
+                progress["failed"] += 1
+            elif outcome.metadata.cost_usd is not None:
+                progress["cost"] = (progress["cost"] or 0.0) + outcome.metadata.cost_usd
+            while printed in held:
+                outcome, printed = held.pop(printed), printed + 1
+                if isinstance(outcome, OmegaError):
+                    tell_above(progress, f"omega: line {printed}: {outcome}")
+                sys.stdout.write(each_line(outcome, args) + "\n")
+                sys.stdout.flush()
+            draw_progress(progress)
+    finally:
+        outcomes.close()
+        draw_progress(progress, final=True)
+    return 1 if progress["failed"] else 0
+
+
+def each_prompt(template: str, ctx: Context) -> Callable:
+    """--each: the function from a stdin line (bytes) to its prompt, ctx with the
+    template's {} replaced by the line, or else the line after the template and a
+    blank line. A line that is not UTF-8, or leaves no prompt, is that line's error."""
+    def prompt(line: bytes) -> Context:
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not UTF-8 text (byte {e.start})") from None
+        if "{}" in template:
+            text = template.replace("{}", text)
+        elif template:
+            text = f"{template}\n\n{text}"
+        if not text.strip():
+            raise ConfigError("an empty line: no prompt")
+        return replace(ctx, current_message=text)
+    return prompt
+
+
+def each_line(outcome, args) -> str:
+    """One line of --each's output: the answer as print_reply() shows it, its line
+    breaks written \\n (and \\r); for a failure, nothing (--json: {"error"})."""
+    if isinstance(outcome, OmegaError):
+        return json.dumps({"error": str(outcome)}, ensure_ascii=False) if args.json else ""
+    return reply_text(outcome, args).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def lines_left(stdin) -> int | None:
+    """The lines left in stdin when it is a regular file (a redirect), counted and
+    then read again; None for a pipe or a terminal, whose lines are not known yet."""
+    try:
+        if not stat.S_ISREG(os.fstat(stdin.fileno()).st_mode):
+            return None
+        start = stdin.tell()
+        lines, last = 0, b"\n"
+        while block := stdin.read(READ_SIZE):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+        stdin.seek(start)
+    except (OSError, ValueError):
+        return None
+    return lines + (last != b"\n")
+
+
+def draw_progress(progress: dict, final: bool = False) -> None:
+    """--each's progress on stderr (see print_each's progress dict): on a terminal
+    one line, redrawn in place at most every PROGRESS_EVERY_SECS, and the totals
+    ending it (final); elsewhere only the totals; with -q nothing."""
+    now = time.monotonic()
+    if progress["quiet"] or not (final or progress["terminal"] and (
+            progress["drawn"] is None or now - progress["drawn"] >= PROGRESS_EVERY_SECS)):
+        return
+    progress["drawn"] = now
+    text = "omega: " + progress_text(progress["done"], progress["failed"], progress["total"],
+                                     now - progress["started"], progress["cost"])
+    write_stderr(("\r\x1b[K" if progress["terminal"] else "") + text + ("\n" if final else ""))
+
+
+def tell_above(progress: dict, line: str) -> None:
+    """A line on stderr above --each's progress line, which is then drawn again."""
+    if progress["terminal"] and progress["drawn"] is not None and not progress["quiet"]:
+        write_stderr("\r\x1b[K")
+        tell(line)
+        progress["drawn"] = None
+        draw_progress(progress)
     else:
-        out = reply.text
-    sys.stdout.write(out + "\n")
-    sys.stdout.flush()
+        tell(line)
+
+
+def write_stderr(text: str) -> None:
+    if sys.stderr is not None:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def progress_text(done: int, failed: int, total: int | None, seconds: float,
+                  cost: float | None) -> str:
+    """'37/500 done, 2 failed, 4.1/s, ETA 1m53s, $0.042': without the total and the
+    ETA when the total is not known, and without what is not known yet."""
+    parts = [f"{done}/{total} done" if total is not None else f"{done} done"]
+    if failed:
+        parts.append(f"{failed} failed")
+    rate = done / seconds if seconds > 0 else 0.0
+    if rate:
+        parts.append(f"{rate:.1f}/s")
+        if total is not None and total > done:
+            parts.append("ETA " + duration_text((total - done) / rate))
+    if cost is not None:
+        parts.append(dollars(cost))
+    return ", ".join(parts)
+
+
+def duration_text(seconds: float) -> str:
+    """42s, 1m53s, 2h05m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def dollars(cost: float) -> str:
+    """$0.042, $0.00012, $12.35."""
+    return f"${cost:.2f}" if cost >= 1 else f"${cost:.3g}"
 
 
 def stopped_by_signal(signum, frame):
@@ -4747,8 +5188,8 @@ def run_cli(argv) -> int:
             return print_logs(log_file(raw), args.logs, args.json)   # also with the log off
         if args.models:
             return print_models(args, raw, path)
-        prompt = read_prompt(args.prompt)
-        if not prompt.strip():
+        prompt = "" if args.each else read_prompt(args.prompt)
+        if not prompt.strip() and not args.each:
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
         for flag, value, key, kind in (("--max-tokens", args.max_tokens, "max_tokens", int),
                                        ("--temperature", args.temperature, "temperature", NUMBER),
@@ -4769,6 +5210,9 @@ def run_cli(argv) -> int:
             conversation, ctx, provider = continued(log, args.chat, ctx, provider)
         if args.attach or args.schema is not None:
             ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)
+        if args.each:
+            return print_each(args, ctx, Options(provider=provider, fallback=args.fallback,
+                                                 timeout=args.timeout), (raw, path), log)
         # The config was read and checked above: the call takes it as it is, and
         # logs the exchange itself (a log warning shows even with -q).
         options = Options(provider=provider, on_status=say, fallback=args.fallback,

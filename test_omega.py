@@ -37,6 +37,7 @@ import base64
 import gzip
 import http.server
 import io
+import itertools
 import json
 import logging
 import math
@@ -86,6 +87,7 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setattr(omega, "RETRY_MIN_SECS", 0.01)
     monkeypatch.setattr(omega, "KILL_GRACE_SECS", 0.5)
     monkeypatch.setattr(omega, "_known_secrets", set())
+    monkeypatch.setattr(omega, "PAUSED_UNTIL", {})     # no server paused by an earlier test
     omega._local.__dict__.clear()      # every test starts with fresh sessions
     yield
 
@@ -483,8 +485,16 @@ def toml_for(config):
         for name, sub in section.items():
             if isinstance(sub, dict):
                 lines.append(f"[{table}.{name}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in sub.items()]
+                lines += [f"{k} = {toml_value(v)}" for k, v in sub.items()]
     return "\n".join(lines) + "\n"
+
+
+def toml_value(value):
+    """A value as TOML writes it: JSON's form, but a table inline ({ "k" = v })."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) \
+            + " }"
+    return json.dumps(value)
 
 
 # --- streams -----------------------------------------------------------------
@@ -703,6 +713,29 @@ def test_metadata_sums_tokens_only_when_both_known_and_to_dict_is_json():
     data = json.loads(json.dumps(reply.to_dict()))
     assert data["text"] == "hi" and data["metadata"]["provider_used"] == "x"
     assert data["metadata"]["fallbacks"] == ["a"] and data["metadata"]["cost_usd"] is None
+
+
+def test_metadata_cache_counts_are_unknown_unless_said_and_only_counts_stay():
+    meta = omega.MessageMetadata()
+    assert (meta.cache_read_tokens, meta.cache_write_tokens) == (None, None)
+    meta = omega.MessageMetadata(input_tokens=1100, cache_read_tokens=1000, cache_write_tokens=-1)
+    assert (meta.cache_read_tokens, meta.cache_write_tokens) == (1000, None)
+    assert {"cache_read_tokens", "cache_write_tokens"} <= set(
+        omega.OutgoingMessage("hi", meta).to_dict()["metadata"])
+
+
+def test_a_stopped_call_has_no_time_left_and_its_waits_end_at_once():
+    stop = threading.Event()
+    call = omega.Call.starting_now(60)
+    assert call.stop is None and call.left() > 59
+    stopped = omega.Call(time.monotonic() + 60, 60, stop=stop)
+    started = time.monotonic()
+    threading.Timer(0.05, stop.set).start()
+    with pytest.raises(KeyboardInterrupt):
+        stopped.sleep(30)
+    assert time.monotonic() - started < 10 and stopped.left() < 0
+    with pytest.raises(KeyboardInterrupt):          # interrupted, not timed out
+        omega.timed_out({"name": "openai"}, stopped)
 
 
 # =============================================================================
@@ -1500,6 +1533,38 @@ def test_values_python_cannot_use_are_config_errors(api, tmp_path):
     assert api.requests == []
 
 
+@pytest.mark.parametrize("prices, message", [
+    ('"gpt-4o" = [2.5]', 'provider.openai.prices."gpt-4o": expected [input, output]'),
+    ('"gpt-4o" = [1, 2, 3, 4, 5]', "(2 to 4 numbers 0 or more), got [1, 2, 3, 4, 5]"),
+    ('"gpt-4o" = [1, -2]', "got [1, -2]"),
+    ('"gpt-4o" = [1, nan]', "got [1, nan]"),
+    ('"gpt-4o" = ["1", "2"]', "got ['1', '2']"),
+    ('"gpt-4o" = 3', "got 3"),
+], ids=["one", "five", "negative", "nan", "text", "a-number"])
+def test_prices_are_checked_strictly_naming_the_model(tmp_path, prices, message):
+    path = write(tmp_path / "c.toml", f"[provider.openai.prices]\n{prices}\n")
+    with pytest.raises(omega.ConfigError) as err:
+        omega.load_config(path)
+    assert message in str(err.value) and str(err.value).startswith(path)
+
+
+def test_prices_take_two_to_four_numbers_for_any_provider(tmp_path):
+    path = write(tmp_path / "c.toml", """
+        [provider.openai.prices]
+        "gpt-4o" = [2.5, 10]
+        "gpt-4o-mini" = [0.15, 0.6, 0.075]
+        [provider.anthropic]
+        prices = { "claude-sonnet-4-20250514" = [3, 15, 0.3, 3.75] }
+        [provider.claude-code.prices]
+        sonnet = [0, 0]
+        """)
+    loaded = omega.load_config(path)["provider"]
+    assert loaded["openai"]["prices"]["gpt-4o-mini"] == [0.15, 0.6, 0.075]
+    assert loaded["anthropic"]["prices"] == {"claude-sonnet-4-20250514": [3, 15, 0.3, 3.75]}
+    with pytest.raises(omega.ConfigError, match="provider.openai.prices: expected a table"):
+        omega.load_config({"provider": {"openai": {"prices": [1, 2]}}})
+
+
 # --- keys --------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, section, sent", [
@@ -1902,6 +1967,66 @@ def test_deadline_covers_retries_and_waits(api, monkeypatch):
     with pytest.raises(omega.RateLimitError):
         ask_via("openai", api, timeout_secs=1)
     assert slept == [] and len(api.requests) == 1       # a wait past the deadline is not taken
+
+
+# --- HTTP: a 429's Retry-After pauses every thread's requests to that server --
+
+def test_a_429_with_retry_after_pauses_every_worker_not_only_its_own(api):
+    """Four map() workers: the first request gets a 429 asking for 0.5 s while the
+    other three are in flight. Nothing reaches the server in that half second, from
+    any worker; then every item is answered, the limited one after its retry."""
+    lock, arrived, replied = threading.Lock(), [], {}
+    all_four, paused = threading.Event(), threading.Event()
+
+    def reply(request):
+        with lock:
+            arrived.append(time.monotonic())
+            n = len(arrived)
+        if n == 4:
+            all_four.set()
+        if n == 1:
+            all_four.wait(10)               # the other three workers' requests are in
+            replied["429"] = time.monotonic()
+            return {"status": 429, "body": openai_error(429, "rate_limit_exceeded"),
+                    "headers": {"retry-after-ms": "500"}}
+        if n <= 4:
+            paused.wait(10)                 # answered once the client knows of the pause
+        return {"body": openai_ok(request.body["messages"][-1]["content"])}
+    api.default = reply
+    statuses = []
+
+    def heard(message):
+        statuses.append(message)
+        paused.set()
+    results = omega.map([f"p{n}" for n in range(8)], workers=4, provider="openai",
+                        config=cfg("openai", api), on_status=heard)
+    assert [r.text for r in results] == [f"p{n}" for n in range(8)]
+    assert statuses == ["openai: 429, retrying in 0.5 s (2/3)"]
+    later = arrived[4:]                     # each sent after the pause began
+    assert len(later) == 5 and min(later) >= replied["429"] + 0.5
+
+
+def test_a_pause_longer_than_the_deadline_fails_at_once_without_a_request(api):
+    api.reply(openai_error(429, "rate_limit_exceeded"), status=429,
+              headers={"Retry-After": "0.5"})
+    api.reply(openai_ok())
+    other = {}
+
+    def in_another_thread(message):       # while the first call waits out its 0.5 s
+        def call():
+            try:
+                omega.complete("hi", "openai", cfg("openai", api), timeout=0.3)
+            except omega.OmegaError as e:
+                other["error"] = e
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join(10)
+        other["requests"] = len(api.requests)
+    reply = omega.complete("hi", "openai", cfg("openai", api), on_status=in_another_thread)
+    assert reply.metadata.attempts == 2 and len(api.requests) == 2
+    assert isinstance(other["error"], omega.RateLimitError) and other["requests"] == 1
+    assert re.search(r"pause of 0\.\d s more \(Retry-After\), past this call's deadline",
+                     str(other["error"]))
 
 
 # --- HTTP: deadlines against stalls and trickles -----------------------------
@@ -2498,6 +2623,58 @@ def test_answer_text_that_is_not_a_string_is_a_provider_error(api, name, body):
     with pytest.raises(omega.ProviderError) as err:
         ask_via(name, api)
     assert type(err.value) is omega.ProviderError and "expected shape" in str(err.value)
+
+
+CACHE_USAGE = {
+    "openai": openai_ok(usage={"prompt_tokens": 1200, "completion_tokens": 5,
+                               "prompt_tokens_details": {"cached_tokens": 1024}}),
+    "openrouter": openai_ok(usage={"prompt_tokens": 1200, "completion_tokens": 5, "cost": 0.001,
+                                   "prompt_tokens_details": {"cached_tokens": 1000,
+                                                             "cache_write_tokens": 150}}),
+    "anthropic": anthropic_ok(usage={"input_tokens": 10, "cache_creation_input_tokens": 100,
+                                     "cache_read_input_tokens": 1000, "output_tokens": 4}),
+    "gemini": gemini_ok(usage={"promptTokenCount": 1200, "cachedContentTokenCount": 1024,
+                               "candidatesTokenCount": 3}),
+}
+
+
+@pytest.mark.parametrize("name, body, counts", [
+    ("openai", CACHE_USAGE["openai"], (1200, 1024, None)),
+    ("openai", openai_ok(), (12, None, None)),
+    ("openrouter", CACHE_USAGE["openrouter"], (1200, 1000, 150)),
+    ("anthropic", CACHE_USAGE["anthropic"], (1110, 1000, 100)),
+    ("anthropic", anthropic_ok(), (10, None, None)),
+    ("gemini", CACHE_USAGE["gemini"], (1200, 1024, None)),
+    ("gemini", gemini_ok(), (8, 0, None)),
+    ("gemini", gemini_ok(usage={}), (None, None, None)),
+    ("ollama", ollama_ok(), (7, None, None)),
+], ids=["openai", "openai-unsaid", "openrouter", "anthropic", "anthropic-unsaid", "gemini",
+        "gemini-zero-left-out", "gemini-no-usage", "ollama"])
+def test_cache_reads_and_writes_as_each_backend_says_them(api, name, body, counts):
+    """Inside input_tokens, as each API counts them; None where it does not say."""
+    api.reply(body)
+    m = ask_via(name, api).metadata
+    assert (m.input_tokens, m.cache_read_tokens, m.cache_write_tokens) == counts
+
+
+def test_cache_counts_of_streamed_answers(api):
+    usage = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [],
+             "usage": CACHE_USAGE["openai"]["usage"]}
+    serve_stream(api, sse(oa_chunk("Hi"), oa_chunk(finish="stop"), usage))
+    m = stream_via("openai", api)[1].reply.metadata
+    assert (m.input_tokens, m.cache_read_tokens, m.cache_write_tokens) == (1200, 1024, None)
+
+    def event(kind, **data):
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+    serve_stream(api, b"".join([
+        event("message_start", message={"id": "m", "model": "claude-sonnet-4-20250514",
+                                        "usage": CACHE_USAGE["anthropic"]["usage"]}),
+        event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"}),
+        event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 9}),
+        event("message_stop")]))
+    m = stream_via("anthropic", api)[1].reply.metadata
+    assert (m.input_tokens, m.output_tokens, m.cache_read_tokens, m.cache_write_tokens) == \
+        (1110, 9, 1000, 100)
 
 
 # --- every HTTP backend, streamed --------------------------------------------
@@ -3283,6 +3460,7 @@ def test_claude_code_prompt_on_stdin_and_flags(claude, tmp_path, monkeypatch):
     assert (m.provider_used, m.model, m.input_tokens, m.output_tokens, m.tokens_used) == \
         ("claude-code", "claude-sonnet-4-6", 1105, 20, 1125)
     assert (m.cost_usd, m.num_turns, m.attempts, m.stop_reason) == (0.0125, 1, 1, "end_turn")
+    assert (m.input_tokens, m.cache_read_tokens, m.cache_write_tokens) == (1105, 1000, 100)
     assert (claude.dir / "sessions" / m.session_id).exists()     # the CLI's own session id
 
 
@@ -4535,6 +4713,235 @@ def test_per_call_settings_win_and_the_key_stays_with_its_call(api, api2):
         omega.complete("hi", "openai", config, max_retries=99)
 
 
+# --- cost: what the backend says, else the configured prices -----------------
+
+@pytest.mark.parametrize("name, body, prices, cost", [
+    ("openai", openai_ok(), {"gpt-4o": [2.5, 10]}, (12 * 2.5 + 5 * 10) / 1e6),
+    ("openai", openai_ok(), {"gpt-4o-2024-08-06": [1, 1], "gpt-4o": [2.5, 10]}, 17 / 1e6),
+    ("openai", CACHE_USAGE["openai"], {"gpt-4o": [2, 8, 0.5]},
+     (176 * 2 + 1024 * 0.5 + 5 * 8) / 1e6),
+    ("anthropic", CACHE_USAGE["anthropic"], {"claude-sonnet-4-20250514": [3, 15, 0.3, 3.75]},
+     (10 * 3 + 1000 * 0.3 + 100 * 3.75 + 4 * 15) / 1e6),
+    ("anthropic", CACHE_USAGE["anthropic"], {"claude-sonnet-4-20250514": [3, 15]},
+     (1110 * 3 + 4 * 15) / 1e6),
+    ("openrouter", CACHE_USAGE["openrouter"], {"anthropic/claude-sonnet-4": [3, 15]}, 0.001),
+    ("openai", openai_ok(), {"gpt-4.1": [2, 8]}, None),
+    ("openai", openai_ok(usage=None), {"gpt-4o": [2.5, 10]}, None),
+    ("ollama", ollama_ok(), None, None),
+], ids=["asked-model", "served-model-first", "cache-reads", "cache-reads-and-writes",
+        "cache-at-input-price", "backend-says-it", "no-price-for-it", "no-counts", "no-prices"])
+def test_cost_is_the_backends_else_from_prices_else_unknown(api, name, body, prices, cost):
+    api.reply(body)
+    m = ask_via(name, api, **({"prices": prices} if prices else {})).metadata
+    assert m.cost_usd == (pytest.approx(cost) if cost is not None else None)
+
+
+def test_a_fallback_is_priced_by_its_own_table(api, api2):
+    api.reply(openai_error(503, "overloaded"), status=503)
+    api2.reply(ollama_ok())
+    config = {"provider": {"default": "openai", "fallback": ["ollama"],
+                           "openai": {**cfg("openai", api, max_retries=0)["provider"]["openai"],
+                                      "prices": {"llama3": [100, 100]}},
+                           "ollama": {"base_url": api2.url, "prices": {"llama3": [1, 2]}}}}
+    m = omega.complete("hi", config=config).metadata
+    assert m.provider_used == "ollama" and m.cost_usd == pytest.approx((7 * 1 + 3 * 2) / 1e6)
+
+
+# --- map(): many prompts at once ---------------------------------------------
+
+def echoing(api, hold=None):
+    """Each request answered with its own prompt; a prompt with "bad" gets a 400, one
+    with "slow" waits until hold (an Event) is set."""
+    def reply(request):
+        prompt = request.body["messages"][-1]["content"]
+        if "bad" in prompt:
+            return {"status": 400, "body": openai_error(400, "invalid_request_error",
+                                                        f"no {prompt}")}
+        if "slow" in prompt:
+            hold.wait(10)
+        return {"body": openai_ok(prompt)}
+    api.default = reply
+
+
+def test_map_answers_in_input_order_with_each_error_in_its_place(api):
+    first_done = threading.Event()
+    echoing(api, hold=first_done)
+    seen = []
+
+    def progress(done, failed, total):
+        seen.append((done, failed, total))
+        first_done.set()                # the slow first item ends after the others began
+    prompts = ["slow 0", "p1", "bad 2", "p3", "p4", "bad 5", "p6"]
+    results = omega.map(prompts, workers=3, provider="openai",
+                        config=cfg("openai", api, max_retries=0), on_progress=progress)
+    assert isinstance(results, list) and len(results) == 7
+    assert [r.text if isinstance(r, omega.OutgoingMessage) else type(r) for r in results] == [
+        "slow 0", "p1", omega.ProviderError, "p3", "p4", omega.ProviderError, "p6"]
+    assert "no bad 5" in str(results[5]) and results.failed == 2
+    assert [done for done, _, _ in seen] == list(range(1, 8)) and seen[-1] == (7, 2, 7)
+    assert {total for _, _, total in seen} == {7}
+
+
+def test_map_takes_a_function_as_pythons_map_does(api):
+    echoing(api)
+    config = cfg("openai", api)
+    as_python = omega.map(lambda row: omega.Context(f"row {row}"), range(3), provider="openai",
+                          config=config)
+    keyword = omega.map((r for r in "ab"), fn=lambda row: f"row {row}", config=config)
+    totals = []
+    plain = omega.map((f"p{n}" for n in range(2)), config=config,
+                      on_progress=lambda *seen: totals.append(seen[2]))
+    assert [r.text for r in as_python] == ["row 0", "row 1", "row 2"]
+    assert [r.text for r in keyword] == ["row a", "row b"]
+    assert [r.text for r in plain] == ["p0", "p1"] and totals == [None, None]  # length unknown
+    assert omega.map([], config=config) == []
+
+
+def test_map_reads_its_input_as_the_work_goes(api):
+    go = threading.Event()
+    echoing(api, hold=go)
+    read = []
+
+    def prompts():
+        for n in range(100):
+            read.append(n)
+            yield f"slow {n}"
+    done = {}
+    thread = threading.Thread(target=lambda: done.update(results=omega.map(
+        prompts(), workers=3, provider="openai", config=cfg("openai", api))))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (len(read) < 6 or len(api.requests) < 3) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(api.requests) == 3 and len(read) == 6     # 3 at work, 3 read ahead
+    finally:
+        go.set()
+        thread.join(30)
+    assert [r.text for r in done["results"]] == [f"slow {n}" for n in range(100)]
+
+
+def test_map_keeps_at_most_workers_requests_in_flight(api):
+    lock, state = threading.Lock(), {"n": 0, "now": 0, "most": 0}
+    together = threading.Barrier(3, timeout=10)
+
+    def reply(request):
+        with lock:
+            state["n"] += 1
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            n = state["n"]
+        if n <= 3:
+            together.wait()             # the first three are in flight at once
+        time.sleep(0.01)                # a fourth sent meanwhile would be counted
+        with lock:
+            state["now"] -= 1
+        return {"body": openai_ok()}
+    api.default = reply
+    results = omega.map(["hi"] * 12, workers=3, provider="openai", config=cfg("openai", api))
+    assert results.failed == 0 and len(api.requests) == 12 and state["most"] == 3
+
+
+def test_a_bug_or_an_error_of_fn_stops_the_map_and_is_raised(api):
+    echoing(api)
+    config = cfg("openai", api)
+
+    def fn(row):
+        if row == 5:
+            raise ValueError("row 5 is broken")
+        return f"row {row}"
+    with pytest.raises(ValueError, match="row 5 is broken"):
+        omega.map(fn, range(50), workers=2, config=config)
+    assert len(api.requests) < 50
+    with pytest.raises(TypeError, match="a prompt is a str or a Context, not int"):
+        omega.map([1], config=config)
+    before = threading.active_count()
+    with pytest.raises(omega.ConfigError, match="unknown provider 'nope'"):
+        omega.map(["hi"], provider="nope", config=config)      # before anything is sent
+    with pytest.raises(omega.ConfigError, match="workers: expected a whole number 1 or more"):
+        omega.map(["hi"], workers=0, config=config)
+    with pytest.raises(TypeError, match="iterable of prompts"):
+        omega.map("hi", config=config)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'jobs'"):
+        omega.map(["hi"], jobs=2, config=config)
+    assert threading.active_count() == before and len(api.requests) < 50
+
+
+def test_map_results_add_up_the_known_costs_and_count_the_failures(api):
+    echoing(api)
+    results = omega.map(["a", "bad b", "c"], config=cfg("openai", api, max_retries=0,
+                                                         prices={"gpt-4o": [1000, 1000]}))
+    assert results.failed == 1 and results.cost_usd == pytest.approx(2 * 17 * 1000 / 1e6)
+    assert sum(r.metadata.cost_usd or 0 for r in results if isinstance(r, omega.OutgoingMessage)
+               ) == pytest.approx(results.cost_usd)
+    assert omega.map(["a"], config=cfg("openai", api)).cost_usd is None      # no price: unknown
+
+
+MAP_CTRL_C = r'''
+import json, os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import omega
+read, stopped = [0], {}
+
+def endless():
+    while True:
+        read[0] += 1
+        yield f"prompt {read[0]}"
+
+def interrupted(signum, frame):
+    stopped["at"] = time.monotonic()
+    raise KeyboardInterrupt
+signal.signal(signal.SIGINT, interrupted)
+try:
+    omega.map(endless(), workers=4, config=json.loads(sys.argv[2]))
+except KeyboardInterrupt:
+    took = time.monotonic() - stopped["at"]
+    sockets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sockets += [fd] if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") else []
+        except OSError:
+            pass
+    print(json.dumps({"took": took, "read": read[0], "sockets": len(sockets), "threads": [
+        t.name for t in threading.enumerate() if t.name.startswith("omega-map")]}))
+'''
+
+
+def test_ctrl_c_stops_a_map_of_an_endless_input_within_a_second_leaving_nothing_open(
+        api, tmp_path):
+    """A real SIGINT while four calls wait on a server that never answers: the map
+    raises KeyboardInterrupt within a second, its workers gone, no socket left open,
+    the endless input read no further than the work needed."""
+    api.default = lambda request: {"action": "stall"}
+    child = subprocess.Popen([sys.executable, "-c", MAP_CTRL_C, HERE,
+                              json.dumps(cfg("openai", api))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=cli_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 15
+        while len(api.requests) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(api.requests) == 4
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=15)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    found = json.loads(out)
+    assert found["took"] < 1.5, found                   # 1 s, and some slack for a busy machine
+    assert found == {**found, "read": 8, "sockets": 0, "threads": []}
+    assert len(api.requests) == 4
+
+
+def test_omega_never_calls_its_own_map_and_star_imports_leave_pythons_alone():
+    """omega.map shadows Python's map inside omega.py: a call to map() there would
+    send prompts. And `from omega import *` does not take Python's map away."""
+    import ast
+    tree = ast.parse(open(OMEGA_PY, encoding="utf-8").read())
+    calls = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and n.func.id == "map"]
+    assert calls == [] and "map" not in omega.__all__ and "Results" in omega.__all__
+
+
 # =============================================================================
 # 10. Diagnostics
 # =============================================================================
@@ -5008,6 +5415,22 @@ def test_processes_writing_a_fresh_log_at_once_lose_nothing(tmp_path):
     for row in rows:
         by_conversation.setdefault(row["conversation"], []).append(row["prompt"])
     assert sorted(by_conversation.values()) == [[f"{k}-{i}" for i in range(20)] for k in range(4)]
+
+
+def test_a_map_logs_each_item_as_its_own_exchange_from_eight_threads(api, tmp_path):
+    """8 workers x 50 items writing one log file: every row there, each its own
+    conversation, and no "database is locked" (or any warning) on the way."""
+    api.default = lambda request: {"body": openai_ok(request.body["messages"][-1]["content"])}
+    path = str(tmp_path / "log.db")
+    config = {**cfg("openai", api), "omega": {"log": {"enabled": True, "path": path}}}
+    heard = []
+    results = omega.map([f"p{n}" for n in range(400)], workers=8, config=config,
+                        on_status=heard.append)
+    assert results.failed == 0 and heard == []
+    rows = omega.recent_exchanges(path, 1000)
+    assert sorted(row["prompt"] for row in rows) == sorted(f"p{n}" for n in range(400))
+    assert all(row["answer"] == row["prompt"] and row["error"] is None for row in rows)
+    assert len({row["conversation"] for row in rows}) == 400
 
 
 def test_reading_never_creates_the_log(tmp_path):
@@ -5783,6 +6206,15 @@ def test_cli_logs_shows_stored_text_without_terminal_escapes(tmp_path, cli_main,
     assert json.loads(line)["answer"] == answer           # JSON keeps the text as it was
 
 
+def test_cli_logs_shows_each_exchanges_cost_when_known(tmp_path, cli_main, capsys):
+    path = str(tmp_path / "home" / ".omega" / "log.db")
+    omega.log_exchange(path, exchange(prompt="priced"))
+    omega.log_exchange(path, exchange(prompt="unpriced", cost_usd=None))
+    assert cli_main({}, "--logs", "2") == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert heads[0].endswith(" openai gpt-x $0.0125") and heads[1].endswith(" openai gpt-x")
+
+
 def test_cli_continue_sends_the_model_the_user_asked_for(api, cli_main):
     config = cfg("openai", api)
     api.reply(openai_ok("Four.", model="m"))              # a gateway names another model
@@ -5855,6 +6287,190 @@ def test_cli_attach_and_schema_mistakes_are_one_line_usage_errors(capsys, tmp_pa
         assert cli_main({}, *args) == 2
         err = capsys.readouterr().err
         assert err.startswith("omega: ") and words in err and err.count("\n") == 1, err
+
+
+# --- many prompts: --each and -j ---------------------------------------------
+
+def each_cli(tmp_path, *args, config, stdin, tty=False):
+    """python omega.py --each ARGS, stdin the bytes given (or an open file); with tty
+    its stderr is a pseudo-terminal. (the process, stdout, stderr as text)."""
+    import pty
+    (tmp_path / "cli.toml").write_text(toml_for(config))
+    master, slave = pty.openpty() if tty else (None, subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log", *args],
+                             cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=slave, stdin=stdin if not isinstance(stdin, bytes)
+                             else subprocess.PIPE)
+    try:
+        out, err = child.communicate(stdin if isinstance(stdin, bytes) else None, timeout=30)
+    finally:
+        child.kill()
+    if tty:
+        os.close(slave)
+        err = b""
+        while True:                       # what the terminal got, until its writer is gone
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            err += data
+        os.close(master)
+    return child, out.decode(), err.decode()
+
+
+def test_each_answers_every_line_in_order_one_a_line(api, tmp_path):
+    """The lines' answers, in input order, each on one line (its newlines written
+    \\n); a failed line is an empty line and one line on stderr; exit 1; the totals
+    last on stderr. Three lines are in flight at once (-j 3)."""
+    together = threading.Barrier(3, timeout=10)
+    count = itertools.count(1)
+
+    def reply(request):
+        if next(count) <= 3:
+            together.wait()
+        prompt = request.body["messages"][-1]["content"]
+        if "bad" in prompt:
+            return {"status": 400, "body": openai_error(400, "invalid_request_error", "no")}
+        return {"body": openai_ok(prompt)}
+    api.default = reply
+    config = cfg("openai", api, max_retries=0, prices={"gpt-4o": [1000, 1000]})
+    child, out, err = each_cli(tmp_path, "-j", "3", "Say", "{}", "twice", config=config,
+                               stdin=b"cat\ndog\r\nbad fish\n\xff\ncow")
+    assert out == "Say cat twice\nSay dog twice\n\n\nSay cow twice\n"
+    assert child.returncode == 1
+    lines = err.splitlines()
+    assert lines[:2] == ["omega: line 3: openai: 400 invalid_request_error: no",
+                         "omega: line 4: not UTF-8 text (byte 0)"]
+    assert re.fullmatch(r"omega: 5 done, 2 failed, [\d.]+/s, \$0\.051", lines[2]), err
+    assert len(lines) == 3
+    child, out, err = each_cli(tmp_path, "Translate:", config=config, stdin=b"a\n\n")
+    assert out == "Translate:\\n\\na\nTranslate:\\n\\n\n" and child.returncode == 0
+
+
+def test_each_writes_json_lines_and_counts_a_redirected_file(api, tmp_path):
+    echoing(api)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\nbad two\nthree\n")
+    with open(lines, "rb") as stdin:
+        child, out, err = each_cli(tmp_path, "--json", config=cfg("openai", api, max_retries=0),
+                                   stdin=stdin)
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g.get("text") for g in got] == ["one", None, "three"]
+    assert got[1] == {"error": "openai: 400 invalid_request_error: no bad two"}
+    assert got[0]["metadata"]["provider_used"] == "openai" and child.returncode == 1
+    assert re.search(r"^omega: 3/3 done, 1 failed, [\d.]+/s$", err, re.M), err    # its length known
+
+
+@pytest.mark.parametrize("args, said", [
+    (["-j", "2", "hi"], "-j goes with --each"),
+    (["--each", "-j", "0"], "-j: expected a number 1 or more, with --each"),
+    (["--each", "--logs"], "--logs: not allowed with argument --each"),
+    (["--each", "--check"], "--each reads stdin for its lines: not with --check"),
+    (["--each", "--continue"], "not allowed with argument"),
+], ids=["j-alone", "j-0", "logs", "check", "continue"])
+def test_each_usage_errors(cli_main, capsys, args, said):
+    assert cli_main({}, *args) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_each_refuses_an_attachment_from_stdin(tmp_path):
+    out = run_cli(tmp_path, "--each", "-a", "-", "hi", input="line\n")
+    assert out.returncode == 2 and "--each reads stdin for its lines: not with -a -" in out.stderr
+
+
+def test_each_shows_a_progress_line_on_a_terminal_only(api, tmp_path):
+    echoing(api)
+    config = cfg("openai", api, prices={"gpt-4o": [1000, 1000]})
+    child, out, err = each_cli(tmp_path, config=config, stdin=b"a\nb\nc\n", tty=True)
+    assert out == "a\nb\nc\n" and child.returncode == 0
+    assert err.startswith("\r\x1b[Komega: 1 done, ")               # drawn in place
+    assert re.search(r"\r\x1b\[Komega: 3 done, [\d.]+/s, \$0\.051\r?\n$", err), err
+    child, out, err = each_cli(tmp_path, "-q", config=config, stdin=b"a\nb\nc\n", tty=True)
+    assert (out, err) == ("a\nb\nc\n", "")                          # -q: nothing
+    child, out, err = each_cli(tmp_path, config=config, stdin=b"a\nb\nc\n")
+    assert "\r" not in err and "\x1b" not in err                   # not a terminal: the totals
+    assert re.fullmatch(r"omega: 3 done, [\d.]+/s, \$0\.051\n", err), err
+
+
+def test_progress_text_says_what_is_known():
+    assert omega.progress_text(37, 2, 500, 9.0, 0.042) == \
+        "37/500 done, 2 failed, 4.1/s, ETA 1m53s, $0.042"
+    assert omega.progress_text(37, 0, None, 9.0, None) == "37 done, 4.1/s"
+    assert omega.progress_text(0, 0, 10, 0.0, None) == "0/10 done"
+    assert omega.progress_text(5000, 0, 5001, 1.0, 12.345) == \
+        "5000/5001 done, 5000.0/s, ETA 0s, $12.35"
+    assert [omega.duration_text(s) for s in (42, 113, 7500)] == ["42s", "1m53s", "2h05m"]
+
+
+def test_each_ctrl_c_prints_the_answers_before_the_first_unfinished_line(api, tmp_path):
+    hold = threading.Event()
+    echoing(api, hold=hold)
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    (tmp_path / "lines.txt").write_text("p1\nslow 2\np3\nslow 4\n")
+    with open(tmp_path / "lines.txt") as lines:
+        child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log"], cwd=tmp_path,
+                                 env=cli_env(tmp_path), stdin=lines, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+    try:
+        assert read_until(child.stdout, b"p1\n") == b"p1\n"
+        deadline = time.monotonic() + 10
+        while len(api.requests) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(api.requests) == 4
+        started = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=10)
+        took = time.monotonic() - started
+    finally:
+        child.kill()
+        hold.set()
+    assert child.returncode == 130 and out == b""               # p3 waits behind line 2
+    assert err.decode().endswith("omega: interrupted\n") and took < 2   # 1 s, and slack
+
+
+def fake_claude_processes(claude, but=()):
+    """The live processes whose environment names this fake claude's folder: the
+    fakes and the children they started (and the omega that ran them)."""
+    mark = f"FAKE_CLAUDE_DIR={claude.dir}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (os.getpid(), *but):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0") and alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_each_ctrl_c_stops_every_claude_process_group(claude, tmp_path):
+    claude.plan({"hang": True}, {"hang": True})
+    (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
+    (tmp_path / "lines.txt").write_text("one\ntwo\n")
+    with open(tmp_path / "lines.txt") as lines:
+        child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log", "-j", "2"],
+                                 cwd=tmp_path, stdin=lines, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=cli_env(
+                                     tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
+    try:
+        deadline = time.monotonic() + 15      # two fakes, each with a child of its own
+        while len(fake_claude_processes(claude, [child.pid])) < 4 \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(fake_claude_processes(claude, [child.pid])) == 4
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=10)
+        deadline = time.monotonic() + 3
+        while fake_claude_processes(claude) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert child.returncode == 130 and out == b"" and fake_claude_processes(claude) == []
+    finally:
+        child.kill()
+        kill_leftovers(*fake_claude_processes(claude))
+
 
 
 # --- what ships: an executable omega.py and a README that stands alone -------
