@@ -23,14 +23,14 @@ the backend table (8) is built from the backends' functions, so the code that
 reads it comes first: Secrets' redact() (SECRET_ENV), Configuration (BACKENDS,
 NAMES, SCHEMA), and require_key() and openai_request() in 7 (their own entry);
 clean() and shorten() (3), which every text a server wrote goes through, serve
-Data (1) and Errors (2) too; Calling hands each exchange to the Conversation log
-and, when nothing is set up, asks Diagnostics which providers are ready (both
-below it, so that the public API comes right after what it is built on); and
-inside a section a function may come before the helpers it calls. To follow a
-call, start reading at 9, Calling.
+Data (1) and Errors (2) too; Calling runs the tool loop of Tools, hands each
+exchange to the Conversation log and, when nothing is set up, asks Diagnostics
+which providers are ready (all three below it, so that the public API comes
+right after what it is built on); and inside a section a function may come
+before the helpers it calls. To follow a call, start reading at 9, Calling.
 
-     1. Data               Message, Context, Attachment, MessageMetadata,
-                           OutgoingMessage, Call
+     1. Data               Message, Context, Tool, ToolCall, Attachment,
+                           MessageMetadata, OutgoingMessage, Call
      2. Errors             OmegaError ... ProviderUnavailable (context given to
                            __init__), LogError, NoConversation; the failure policy:
                            every backend's error bodies -> typed errors, Retry-After
@@ -40,18 +40,21 @@ call, start reading at 9, Calling.
      6. Transports         HTTP (per-thread session, the deadline watchdog, send, body
                            reading, the retry loop, SSE and NDJSON framing), then
                            processes (the claude CLI's process group)
-     7. Backends           shared helpers, JSON answers (a schema in each API's form,
-                           the answer parsed), then one banner per backend: its request
-                           builder, response parser, stream reader, model list
+     7. Backends           shared helpers, tool calls, JSON answers (a schema in each
+                           API's form, the answer parsed), then one banner per backend:
+                           its request builder, response parser, stream reader, tool
+                           declarations, calls and round, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
      9. Calling            Options (every call's keywords), status timer, routing,
-                           attempt -> rounds (the tool loop's place) -> the provider
-                           chain -> answer(); complete(), stream() and Stream, ask(),
-                           Chat, models()                           <- start here
-    10. Diagnostics        readiness probes (PROBES), --check, the first-run hint
-    11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
-                           (SQLite, WAL, schema version); logged() writes a call's row
-    12. Command line       parse_args, prompt reading, main()
+                           attempt -> rounds -> the provider chain -> answer();
+                           complete(), stream() and Stream, ask(), Chat, models()
+                                                                    <- start here
+    10. Tools              schemas from type hints and docstrings, run_tool, the tool
+                           loop (tool_rounds) that rounds() runs for a call with tools
+    11. Diagnostics        readiness probes (PROBES), --check, the first-run hint
+    12. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
+                           (SQLite, WAL, schema versions); logged() writes a call's row
+    13. Command line       parse_args, prompt reading, --functions, main()
 """
 
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
@@ -101,7 +104,7 @@ __all__ = [
     "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
-    "ProviderUnavailable", "Attachment", "models", "Options",
+    "ProviderUnavailable", "Attachment", "models", "Options", "Tool", "ToolCall", "ToolFailed",
 ]
 
 USER_AGENT = f"omega/{__version__}"
@@ -130,12 +133,14 @@ class Context:
     model: str | None = None         # overrides the configured model for this request
     complex: bool = False            # use the provider's model_complex
     session_id: str | None = None    # claude-code: resume this CLI session
-    max_turns: int | None = None     # claude-code: agent turns (disables auto-resume)
+    max_turns: int | None = None     # the most model rounds: claude-code's agent turns
+                                     #   (disables auto-resume), the HTTP tool loop's rounds
     allowed_tools: list | None = None  # claude-code: overrides the configured list
     max_tokens: int | None = None
     temperature: float | None = None
     attachments: tuple = ()          # paths, bytes or Attachment, sent with current_message
     schema: dict | None = None       # a JSON Schema the answer must follow: see reply.data
+    tools: tuple = ()                # functions or Tools the model may call (the tool loop)
 
     def to_api_messages(self) -> tuple[str, list[dict]]:
         """(system prompt, [{"role", "content"}, ...]) ready for a chat API: history
@@ -183,6 +188,40 @@ class Attachment:
         return f"Attachment({len(self.data):,} bytes, mime={self.mime!r}, name={self.name!r})"
 
 
+@dataclass
+class Tool:
+    """A function the model may call: its name, the function, what it does (told to
+    the model) and its parameters as a JSON Schema object. A plain function given as
+    a tool becomes one, its schema from its type hints and its docstring (see
+    tool_from); build a Tool to name it otherwise or to write the schema by hand. A
+    Tool whose fn is None is declared only: a call of it gets an error result."""
+    name: str
+    fn: Callable | None
+    description: str = ""
+    parameters: dict | None = None
+
+
+@dataclass
+class ToolCall:
+    """One call the model asked for and what it got: `arguments` as parsed ({} when
+    none came), `result` the text sent back, `error` True when that text reports a
+    failure. `raw_arguments` holds the argument text only when it was not a JSON
+    object, so the model can be told so (never shown in the repr)."""
+    id: str | None
+    name: str
+    arguments: dict
+    result: str | None = None
+    error: bool = False
+    raw_arguments: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """{"id", "name", "arguments", "result", "error"}: the arguments as the model
+        sent them when they were not a JSON object."""
+        arguments = self.arguments if self.raw_arguments is None else self.raw_arguments
+        return {"id": self.id, "name": self.name, "arguments": arguments,
+                "result": self.result, "error": self.error}
+
+
 def number(value) -> bool:
     """True for an int or float (JSON booleans are ints to Python: not here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -192,6 +231,12 @@ def count(value) -> int | None:
     """A token or turn count as a server sent it, or None when it is not one."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
         else None
+
+
+def total(values) -> int | float | None:
+    """The sum of the numbers among values; None when there is none (unknown, not 0)."""
+    values = [v for v in values if number(v)]
+    return sum(values) if values else None
 
 
 @dataclass
@@ -230,13 +275,16 @@ class OutgoingMessage:
     text: str
     metadata: MessageMetadata
     data: object = None     # with Context.schema: the answer parsed (text is the raw JSON)
+    tool_calls: list = field(default_factory=list)   # ToolCalls of every round, in order
 
     def to_dict(self) -> dict:
-        """Plain JSON-able data: {"text": ..., "metadata": {...}}, and "data" when the
-        answer was asked for as JSON."""
+        """Plain JSON-able data: {"text": ..., "metadata": {...}}, "data" when the
+        answer was asked for as JSON, "tool_calls" when tools ran."""
         out = {"text": self.text, "metadata": asdict(self.metadata)}
         if self.data is not None:
             out["data"] = self.data
+        if self.tool_calls:
+            out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
         return out
 
 
@@ -306,8 +354,9 @@ class ProviderError(OmegaError):
     retry_after (seconds the server asked for), retryable (another try may help),
     reason (a few words for the fallback story: "connection refused");
     not_set_up (no key or no CLI: nothing was sent), session_id (claude-code: where
-    to resume), partial_text (what was answered before the failure), fallbacks
-    ("provider: error" for each provider tried after this one).
+    to resume), partial_text (what was answered before the failure), tool_calls (the
+    ToolCalls that ran before it), fallbacks ("provider: error" for each provider
+    tried after this one).
 
     Every text a server could have written is redacted of keys, stripped of control
     characters and capped before it is stored (see clean())."""
@@ -318,7 +367,7 @@ class ProviderError(OmegaError):
                  retry_after: float | None = None, retryable: bool = False,
                  reason: str | None = None, not_set_up: bool = False,
                  session_id: str | None = None, partial_text: str | None = None,
-                 fallbacks=()):
+                 tool_calls=(), fallbacks=()):
         self.message = clean(message, 1000)
         self.provider, self.status = provider, status if count(status) is not None else None
         self.code = clean(code, 100) or None if isinstance(code, str) else None
@@ -327,6 +376,7 @@ class ProviderError(OmegaError):
         self.retry_after, self.retryable, self.not_set_up = retry_after, retryable, not_set_up
         self.reason = clean(reason, 80) if reason else self.short_reason()
         self.partial_text, self.fallbacks = partial_text, list(fallbacks)
+        self.tool_calls = list(tool_calls)
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -357,7 +407,7 @@ class ProviderError(OmegaError):
                        retry_after=self.retry_after, retryable=self.retryable,
                        reason=self.reason, not_set_up=self.not_set_up,
                        session_id=self.session_id, partial_text=self.partial_text,
-                       fallbacks=self.fallbacks)
+                       tool_calls=self.tool_calls, fallbacks=self.fallbacks)
         return type(self)(**{**context, **changes})
 
 
@@ -2240,6 +2290,49 @@ def user_turn(messages: list[dict]) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# tool calls: what every API's declarations, calls and rounds share
+# -----------------------------------------------------------------------------
+# Facts and traps per API: each backend's banner below. What holds for all: whether
+# the model called tools is read from the calls present, never from a stop reason
+# (Gemini says STOP, Ollama stop, some OpenAI-compatible streams say nothing);
+# arguments that are "", null or missing mean {}; the model's turn goes back as it
+# came, every block, id and signature in its place.
+
+def tool_call(call_id, name, arguments) -> ToolCall:
+    """A ToolCall from what a server sent: arguments as an object, as JSON text
+    (OpenAI), or nothing ("", null, a missing key: all mean {}). Anything else
+    keeps its text in raw_arguments, for run_tool to tell the model."""
+    value = arguments
+    if arguments is None or isinstance(arguments, str) and not arguments.strip():
+        value = {}
+    elif isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except (ValueError, RecursionError):
+            pass
+    call_id = call_id if isinstance(call_id, str) else None
+    name = name if isinstance(name, str) else ""
+    if isinstance(value, dict):
+        return ToolCall(call_id, name, value)
+    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return ToolCall(call_id, name, {}, raw_arguments=raw)
+
+
+def declaration(tool: Tool, key: str, parameters: dict) -> dict:
+    """A tool as every API declares it: name, description (if any), and its
+    parameters under the API's own key."""
+    return {"name": tool.name, **({"description": tool.description} if tool.description else {}),
+            key: parameters}
+
+
+def message_calls(message: dict) -> list[ToolCall]:
+    """The calls of a chat message's tool_calls (OpenAI's and Ollama's shape)."""
+    return [tool_call(c.get("id"), (c.get("function") or {}).get("name"),
+                      (c.get("function") or {}).get("arguments"))
+            for c in message.get("tool_calls") or ()]
+
+
+# -----------------------------------------------------------------------------
 # JSON answers: one JSON Schema, each backend's native form, the answer parsed
 # -----------------------------------------------------------------------------
 # No schema library: omega checks that a schema is JSON with known type names
@@ -2357,13 +2450,19 @@ def json_answer(text: str, stop, schema: dict, settings: dict):
 
 def of_schema_type(value, schema: dict, settings: dict, text: str):
     """value, when its JSON type is one the schema's top-level `type` allows."""
-    kinds, kind = schema_types(schema), json_type(value)
-    if kinds and kind not in kinds and not (
-            kind == "integer" and "number" in kinds or
-            kind == "number" and value.is_integer() and "integer" in kinds):
+    if not type_fits(value, schema):
+        kind, kinds = json_type(value), schema_types(schema)
         raise invalid_json(settings, f"the JSON answer is {'an' if kind[0] in 'aeiou' else 'a'} "
                                      f"{kind}, the schema asks for {' or '.join(kinds)}", text)
     return value
+
+
+def type_fits(value, schema: dict) -> bool:
+    """True when value's JSON type is one the schema's top-level `type` allows (an
+    integer is a number; 3.0 is an integer)."""
+    kinds, kind = schema_types(schema), json_type(value)
+    return not kinds or kind in kinds or kind == "integer" and "number" in kinds or \
+        kind == "number" and value.is_integer() and "integer" in kinds
 
 
 def not_a_number(name: str):
@@ -3003,9 +3102,6 @@ def claude_code_json(result: dict, schema: dict, settings: dict) -> tuple[str, o
 
 
 def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -> MessageMetadata:
-    def total(values):
-        values = [v for v in values if number(v)]
-        return sum(values) if values else None
     usages = [r.get("usage") if isinstance(r.get("usage"), dict) else {} for r in results]
     model = model_of(ctx, settings)
     used = results[-1].get("modelUsage")
@@ -3834,7 +3930,228 @@ def model_list(options: Options, raw: dict, path: str | None) -> list[str]:
 
 
 # =============================================================================
-# 10. Diagnostics: --check and the first-run hint
+# 10. Tools: the model calls the caller's functions
+# =============================================================================
+# What a tool is made of (a JSON Schema from type hints and a docstring), how one
+# call runs (every failure an error result the model can act on), and the loop
+# that rounds() runs for a call with tools: one loop for every HTTP backend, each
+# backend adding only its declarations, call reader and round shape (7, 8).
+
+# What every API accepts (OpenAI ^[a-zA-Z0-9_-]+$ ≤ 64, Anthropic the same,
+# Gemini must start with a letter or _).
+TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+HINT_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+# A parameter's line in a docstring: `name: text`, `:param [type] name: text` or,
+# in a Google-style Args: block, `name (type): text`.
+PARAM_LINE = re.compile(r"(?::param\s+(?:\S+\s+)?)?(\w+)\s*(?:\([^)]*\))?\s*:\s*(\S.*)")
+DECLINED = "the user declined this call"
+TOOL_STATUS_CHARS = 72          # a call's status line, after "omega: ", fits 80 columns
+
+
+class ToolFailed(Exception):
+    """Raised by a tool to fail in its own words: the model gets the text as it is,
+    without an exception name in front (any other exception goes as "Name: text")."""
+
+
+def tools_from(items) -> list[Tool]:
+    """Tools from plain functions or Tool records; a ConfigError naming the function
+    for a bad one or a name used twice, before anything is sent."""
+    if isinstance(items, (Tool, str)) or callable(items):
+        raise ConfigError("tools: expected a list of functions or Tools, got "
+                          f"{type(items).__name__}")
+    tools, names = [tool_from(item) for item in items], set()
+    for tool in tools:
+        if tool.name in names:
+            raise ConfigError(f"tools: two tools are named {tool.name!r}")
+        names.add(tool.name)
+    return tools
+
+
+def tool_from(item) -> Tool:
+    """A Tool with its description and parameters filled in: the schema from the
+    type hints (str, int, float, bool, list, list[T], dict, dict[str, T],
+    Literal[...], T | None; a parameter with a default is optional, one without a
+    hint takes any JSON value), the description from the docstring's first paragraph,
+    each parameter's from its `name: text` line. A ConfigError names what is wrong."""
+    if not isinstance(item, Tool):
+        if not callable(item):
+            raise ConfigError(f"tools: {shorten(repr(item), 60)} is neither a function nor "
+                              "a Tool")
+        item = Tool(getattr(item, "__name__", repr(item)), item)
+    name, fn = item.name, item.fn
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        raise ConfigError(f"tool {shorten(repr(name), 80)}: a tool's name is 1 to 64 letters, "
+                          "digits, _ or -, starting with a letter or _")
+    if item.parameters is None:
+        if fn is None:
+            raise ConfigError(f"tool {name}: give it a function or parameters")
+        description, parameters = signature_schema(fn, name)
+    else:
+        try:
+            check_schema(item.parameters)
+        except ConfigError as e:
+            raise ConfigError(f"tool {name}: parameters: {e}") from None
+        if not is_object_schema(item.parameters):
+            raise ConfigError(f"tool {name}: parameters must be a JSON Schema of an object")
+        description, parameters = (docstring_parts(fn, ())[0] if fn else ""), item.parameters
+    return Tool(name, fn, item.description or description, parameters)
+
+
+def signature_schema(fn, name: str) -> tuple[str, dict]:
+    """(description, parameters schema) of a function, or a ConfigError naming it."""
+    import inspect                      # here: `import omega` and calls without tools
+    import typing                       # never need them
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        raise ConfigError(f"tool {name}: its parameters cannot be read") from None
+    try:    # resolves `from __future__ import annotations` strings in fn's module
+        hints = typing.get_type_hints(fn)
+    except Exception as e:      # NameError for an unknown name, or whatever a hint raises
+        raise ConfigError(f"tool {name}: a type hint cannot be resolved ({e})") from None
+    description, notes = docstring_parts(fn, parameters)
+    properties, required = {}, []
+    for param in parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise ConfigError(f"tool {name}: parameter {param} is {param.kind.description}; "
+                              "the model passes arguments by name only")
+        hint = hints.get(param.name, typing.Any)
+        try:
+            schema = hint_schema(hint)
+        except ValueError as e:
+            raise ConfigError(f"tool {name}: parameter {param.name}: no JSON Schema for "
+                              f"{inspect.formatannotation(e.args[0])} (use str, int, float, "
+                              "bool, list, dict, Literal, X | None or Tool(parameters=...))") \
+                from None
+        if param.name in notes:
+            schema["description"] = notes[param.name]
+        properties[param.name] = schema
+        if param.default is param.empty:
+            required.append(param.name)
+    return description, {"type": "object", "properties": properties,
+                         **({"required": required} if required else {})}
+
+
+def hint_schema(hint) -> dict:
+    """The JSON Schema of a type hint; ValueError(the part it cannot express)."""
+    import types
+    import typing
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return {}
+    if origin is typing.Annotated:
+        return hint_schema(args[0])
+    if hint in HINT_TYPES:
+        return {"type": HINT_TYPES[hint]}
+    if hint is list or origin is list:
+        return {"type": "array", **({"items": hint_schema(args[0])} if args else {})}
+    if hint is dict or origin is dict and (not args or args[0] is str):
+        return {"type": "object",
+                **({"additionalProperties": hint_schema(args[1])} if args else {})}
+    if origin is typing.Literal and "unknown" not in map(json_type, args):
+        kinds = list(dict.fromkeys(map(json_type, args)))
+        return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": list(args)}
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        schema = hint_schema(args[args[0] is type(None)])
+        if not schema:              # any value already takes null
+            return schema
+        # A type list, not anyOf: every property keeps a `type` (Gemini refuses one without).
+        schema["type"] = [*schema_types(schema), "null"]
+        if "enum" in schema:
+            schema["enum"] = [*schema["enum"], None]
+        return schema
+    raise ValueError(hint)
+
+
+def docstring_parts(fn, names) -> tuple[str, dict]:
+    """(the first paragraph as one line, {parameter: its description}) from fn's
+    docstring. A parameter's description may go on in more indented lines."""
+    import inspect
+    summary, notes, current, depth, reading = [], {}, None, 0, True
+    for line in (inspect.getdoc(fn) or "").splitlines():
+        text, indent = line.strip(), len(line) - len(line.lstrip())
+        match = PARAM_LINE.fullmatch(text)
+        if match and match[1] in names:
+            current, depth, reading = match[1], indent, False
+            notes[current] = match[2]
+        elif current and text and indent > depth:
+            notes[current] += " " + text
+        else:
+            current = None
+            reading = reading and text and not re.fullmatch(r"\w+:", text)   # "Args:" ends it
+            if reading:
+                summary.append(text)
+    return " ".join(summary), notes
+
+
+def run_tool(tool: Tool | None, call: ToolCall, limit_bytes: int,
+             approve: Callable | None = None) -> ToolCall:
+    """call with its result and error set. Everything that goes wrong becomes a text
+    the model can act on, never an exception of omega's: an unknown tool, arguments
+    that are not a JSON object or do not fit the parameters, a call approve() says
+    no to, and what the function raises ("ValueError: no such city", no traceback;
+    a ToolFailed's own text). approve is asked only for a call that would run.
+    KeyboardInterrupt and ProviderTimeout (a tool that waits for the call's
+    deadline) are not results: they end the call. A result that is not a str goes
+    as JSON; one over limit_bytes (UTF-8) is cut there, with a note."""
+    error = True
+    if tool is None or tool.fn is None:
+        text = f"there is no tool named {call.name!r} that can run"
+    elif call.raw_arguments is not None:
+        text = f"the arguments are not a JSON object: {call.raw_arguments}"
+    elif problem := argument_problem(tool.parameters or {}, call.arguments):
+        text = f"invalid arguments for {tool.name}: {problem}"
+    elif approve is not None and not approve(call):
+        text = DECLINED
+    else:
+        try:
+            result = tool.fn(**call.arguments)
+            text = result if isinstance(result, str) else \
+                json.dumps(result, default=str, ensure_ascii=False)
+            error = False
+        except ProviderTimeout:
+            raise
+        except ToolFailed as e:
+            text = str(e)
+        except Exception as e:      # the model hears of it; KeyboardInterrupt still stops all
+            text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    data = text.encode("utf-8", "replace")
+    if len(data) > limit_bytes:
+        text = data[:limit_bytes].decode("utf-8", "ignore") + \
+            f"\n[cut: the result was {len(data):,} bytes, only the first {limit_bytes:,} are here]"
+    return replace(call, result=text, error=error)
+
+
+def argument_problem(schema: dict, arguments: dict) -> str | None:
+    """What is wrong with arguments against the parameters' top level, or None:
+    a required one missing, one not among the properties (unless the schema allows
+    more), or a value of another JSON type or outside the enum."""
+    properties = schema.get("properties") or {}
+    missing = [name for name in schema.get("required") or () if name not in arguments]
+    if missing:
+        return "missing required " + ", ".join(missing)
+    unknown = [name for name in arguments if name not in properties]
+    if unknown and "properties" in schema and not schema.get("additionalProperties"):
+        return f"unknown {', '.join(unknown)} (the parameters are: " \
+               f"{', '.join(properties) or 'none'})"
+    for name, value in arguments.items():
+        spec = properties.get(name)
+        if isinstance(spec, dict) and not type_fits(value, spec):
+            return f"{name} must be {' or '.join(schema_types(spec))}, not {json_type(value)}"
+        if isinstance(spec, dict) and "enum" in spec and value not in spec["enum"]:
+            return f"{name} must be one of {json.dumps(spec['enum'], ensure_ascii=False)}"
+    return None
+
+
+def takes_tools(name: str) -> None:
+    """A ConfigError, before anything is sent, for a backend that cannot run tools=."""
+    if BACKENDS[name].tools is None:
+        raise ConfigError(f"{name} cannot run tools= functions yet: use an HTTP provider "
+                          "(openai, anthropic, gemini, ollama or openrouter)")
+
+
+# =============================================================================
+# 11. Diagnostics: --check and the first-run hint
 # =============================================================================
 # What this machine has, found without a paid call: the readiness probes that
 # the backend table names (PROBES), each provider's readiness for --check, and for
@@ -3975,7 +4292,7 @@ def shown_value(key: str, value) -> str:
 
 
 # =============================================================================
-# 11. Conversation log: every exchange in SQLite, so a conversation can go on
+# 12. Conversation log: every exchange in SQLite, so a conversation can go on
 # =============================================================================
 # One table, one row per exchange (a prompt and its answer, or its error); the rows
 # of a conversation share its id. Only LOG_FIELDS are ever written, so no key can
@@ -4445,7 +4762,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
 
 
 # =============================================================================
-# 12. Command line
+# 13. Command line
 # =============================================================================
 # parse_args, prompt reading, main(): a thin layer over the public API (9) and the
 # conversation log, with one line per error and an exit code per error class.

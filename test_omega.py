@@ -27,13 +27,15 @@ The sections follow omega.py's own:
      7. Backends           every backend, then one sub-banner per backend
      8. The backend table
      9. Calling            status timer, routing, fallback, complete() and ask(), stream(), Chat
-    10. Diagnostics        --check, the first-run hint
-    11. Conversation log
-    12. Command line       every test of `python omega.py`
-    13. The real claude binary (make test-real)
-    14. Test data          bodies, captures, OpenAPI fragments, files, fake programs
+    10. Tools              schemas from hints, one call's result, the tool loop on every backend
+    11. Diagnostics        --check, the first-run hint
+    12. Conversation log
+    13. Command line       every test of `python omega.py`
+    14. The real claude binary (make test-real)
+    15. Test data          bodies, captures, OpenAPI fragments, files, fake programs, functions
 """
 import base64
+import collections
 import gzip
 import http.server
 import io
@@ -43,6 +45,7 @@ import math
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -52,6 +55,8 @@ import textwrap
 import threading
 import time
 import zlib
+
+from typing import Annotated, Any, List, Literal, Optional
 
 import pytest
 
@@ -528,6 +533,18 @@ def stream_via(name, api, ctx=None, **section):
     return pieces, s
 
 
+def same(ours, theirs):
+    """Equal, and equal as JSON text too: the same keys in the same order."""
+    assert ours == theirs
+    assert json.dumps(ours) == json.dumps(theirs)
+
+
+def ran(functions, calls, limit=65536):
+    """calls, each run as the tool loop runs it."""
+    by_name = {t.name: t for t in omega.tools_from(functions)}
+    return [omega.run_tool(by_name.get(call.name), call, limit) for call in calls]
+
+
 # --- a fake `claude` executable (its program: FAKE_CLAUDE, in Test data) -----
 
 class FakeClaude:
@@ -705,6 +722,20 @@ def test_metadata_sums_tokens_only_when_both_known_and_to_dict_is_json():
     assert data["metadata"]["fallbacks"] == ["a"] and data["metadata"]["cost_usd"] is None
 
 
+def test_tool_calls_are_data_and_a_reply_carries_them():
+    call = omega.tool_call("call_1", "get_weather", '{"city": "Par')
+    assert repr(call) == "ToolCall(id='call_1', name='get_weather', arguments={}, result=None, " \
+                         "error=False)"
+    done = omega.ToolCall("c", "now", {}, "noon")
+    reply = omega.OutgoingMessage("It is noon.", omega.MessageMetadata(), tool_calls=[done, call])
+    assert reply.to_dict()["tool_calls"] == [
+        {"id": "c", "name": "now", "arguments": {}, "result": "noon", "error": False},
+        {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Par', "result": None,
+         "error": False}]
+    assert "tool_calls" not in omega.OutgoingMessage("hi", omega.MessageMetadata()).to_dict()
+    json.dumps(reply.to_dict())
+
+
 # =============================================================================
 # 2. Errors
 # =============================================================================
@@ -735,6 +766,14 @@ def test_provider_error_takes_all_its_context_in_the_constructor():
     assert str(e).startswith("openai: 503 server_error: boom") and "\n" not in str(e)
     plain = omega.ProviderError("x")
     assert list(plain.fallbacks) == [] and plain.not_set_up is False and plain.retryable is False
+
+
+def test_an_error_carries_the_tool_calls_that_ran():
+    ran_before = [omega.ToolCall("c", "now", {}, "noon")]
+    error = omega.ProviderTimeout("late", "openai", tool_calls=ran_before, partial_text="Hm.")
+    again = error.with_context(message="later")
+    assert type(again) is omega.ProviderTimeout and again.tool_calls == ran_before
+    assert again.partial_text == "Hm." and omega.ProviderError("x").tool_calls == []
 
 
 # --- error bodies become typed errors ----------------------------------------
@@ -4536,7 +4575,270 @@ def test_per_call_settings_win_and_the_key_stays_with_its_call(api, api2):
 
 
 # =============================================================================
-# 10. Diagnostics
+# 10. Tools
+# =============================================================================
+
+# --- a tool: schemas from type hints and docstrings --------------------------
+
+@pytest.mark.parametrize("hint, schema", [
+    (str, {"type": "string"}),
+    (int, {"type": "integer"}),
+    (float, {"type": "number"}),
+    (bool, {"type": "boolean"}),
+    (list, {"type": "array"}),
+    (list[int], {"type": "array", "items": {"type": "integer"}}),
+    (List[str], {"type": "array", "items": {"type": "string"}}),
+    (dict, {"type": "object"}),
+    (dict[str, float], {"type": "object", "additionalProperties": {"type": "number"}}),
+    (Literal["c", "f"], {"type": "string", "enum": ["c", "f"]}),
+    (Literal[1, "one"], {"type": ["integer", "string"], "enum": [1, "one"]}),
+    (str | None, {"type": ["string", "null"]}),
+    (Optional[int], {"type": ["integer", "null"]}),
+    (Optional[Literal["c", "f"]], {"type": ["string", "null"], "enum": ["c", "f", None]}),
+    (list[str] | None, {"type": ["array", "null"], "items": {"type": "string"}}),
+    (list[bool | None], {"type": "array", "items": {"type": ["boolean", "null"]}}),
+    (Annotated[str, "extra"], {"type": "string"}),
+    (Any, {}),
+    (Any | None, {}),
+])
+def test_schema_of_each_hint(hint, schema):
+    assert omega.hint_schema(hint) == schema
+
+    def f(x: hint):                                       # through tool_from, as a user writes it
+        pass
+    assert omega.tool_from(f).parameters == {"type": "object", "properties": {"x": schema},
+                                             "required": ["x"]}
+
+
+def test_a_function_becomes_a_tool():
+    def forecast(city: str, days: int = 1, unit: Literal["c", "f"] | None = None, extra=None):
+        """The weather for the next days
+        in a city.
+
+        Longer text that is not the description.
+
+        city: the city's name, e.g. "Paris"
+        days: how many days,
+            counted from today
+        unit: "c" or "f"
+        """
+    tool = omega.tool_from(forecast)
+    assert tool.name == "forecast" and tool.fn is forecast
+    assert tool.description == "The weather for the next days in a city."
+    same(tool.parameters, {"type": "object", "properties": {
+        "city": {"type": "string", "description": 'the city\'s name, e.g. "Paris"'},
+        "days": {"type": "integer", "description": "how many days, counted from today"},
+        "unit": {"type": ["string", "null"], "enum": ["c", "f", None], "description": '"c" or "f"'},
+        "extra": {}}, "required": ["city"]})
+    assert omega.tool_from(llm_version) == omega.Tool("llm_version", llm_version, "",
+                                                      {"type": "object", "properties": {}})
+
+
+@pytest.mark.parametrize("doc", [
+    'Find a city.\n\n:param city: the name\n:param int days: how many\n:type city: str\n',
+    'Find a city.\n\nArgs:\n    city (str): the name\n    days: how\n        many\n\nReturns:\n    text\n',
+    'Find a city.\ncity: the name\ndays: how many',
+    'Find a city.\nArgs:\n    city: the name\n    days: how many\n',
+])
+def test_parameter_descriptions_in_three_styles(doc):
+    def find(city: str, days: int):
+        pass
+    find.__doc__ = doc
+    tool = omega.tool_from(find)
+    assert tool.description == "Find a city."
+    assert tool.parameters["properties"]["city"]["description"] == "the name"
+    assert tool.parameters["properties"]["days"]["description"] == "how many"
+
+
+def test_hints_written_as_text_are_resolved_in_the_functions_module():
+    namespace = {}
+    exec('from __future__ import annotations\nfrom typing import Literal\n'
+         'def forecast(city: str, unit: Literal["c", "f"] | None = None, n: list[int] = ()):\n'
+         '    """Forecast."""\n', namespace)
+    assert omega.tool_from(namespace["forecast"]).parameters == {
+        "type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"type": ["string", "null"],
+                                                 "enum": ["c", "f", None]},
+            "n": {"type": "array", "items": {"type": "integer"}}}, "required": ["city"]}
+
+
+def test_a_tool_by_hand():
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    tool = omega.tool_from(omega.Tool("search", get_weather, parameters=schema))
+    assert tool == omega.Tool("search", get_weather, "Get the weather in a given city", schema)
+    assert omega.tool_from(omega.Tool("search", None, "Search", schema)) == \
+        omega.Tool("search", None, "Search", schema)
+    assert omega.tool_from(omega.Tool("w", get_weather, "Mine")).description == "Mine"
+    assert omega.tool_from(omega.Tool("_" + "a" * 63, now)).name == "_" + "a" * 63
+
+
+def positional_only(city, /):
+    pass
+
+
+def star_args(*cities):
+    pass
+
+
+def star_kwargs(**options):
+    pass
+
+
+def odd_hint(when: complex):
+    pass
+
+
+def union_hint(x: int | str):
+    pass
+
+
+def int_keys(x: dict[int, str]):
+    pass
+
+
+def tuple_hint(x: tuple[int, int]):
+    pass
+
+
+def enum_literal(x: Literal[complex(1, 2)]):
+    pass
+
+
+def a_city(name: str) -> str:
+    return name
+
+
+def test_a_name_used_twice_or_no_list():
+    with pytest.raises(omega.ConfigError, match="two tools are named 'get_weather'"):
+        omega.tools_from([get_weather, omega.Tool("get_weather", now)])
+    assert [t.name for t in omega.tools_from([get_weather, omega.Tool("other", get_weather)])] \
+        == ["get_weather", "other"]
+    with pytest.raises(omega.ConfigError, match="expected a list of functions or Tools"):
+        omega.tools_from(get_weather)
+
+
+def test_a_hint_that_cannot_be_resolved_is_named():
+    namespace = {}
+    exec("from __future__ import annotations\ndef where(city: Cityy) -> str: ...\n", namespace)
+    with pytest.raises(omega.ConfigError, match=r"tool where: a type hint cannot be resolved .*Cityy"):
+        omega.tool_from(namespace["where"])
+
+
+# --- one call: results and error results -------------------------------------
+
+@pytest.mark.parametrize("arguments, result, error", [
+    ({"city": "Paris"}, "12 degrees celsius and rain in Paris", False),
+    ({"city": "Paris", "unit": "fahrenheit", "days": 3.0, "ratio": 2, "when": None},
+     "12 degrees fahrenheit and rain in Paris", False),
+    ({"city": "Atlantis"}, "ValueError: no such city", True),
+    ({"city": "Nowhere"}, "RuntimeError", True),
+    ({"city": "Refused"}, "Refused is not a city I may look up", True),      # ToolFailed: as is
+    ({"city": "Data"}, '{"city": "Data", "temperature": "12°C", "days": [1, 2], '
+                       '"when": "<class \'omega.Message\'>"}', False),
+    ({"city": "Nothing"}, "null", False),
+    ({}, "invalid arguments for weather: missing required city", True),
+    ({"city": "Paris", "country": "FR"}, "invalid arguments for weather: unknown country "
+                                         "(the parameters are: city, unit, days, ratio, when)", True),
+    ({"city": 3}, "invalid arguments for weather: city must be string, not integer", True),
+    ({"city": "Paris", "days": True}, "invalid arguments for weather: days must be integer, "
+                                      "not boolean", True),
+    ({"city": "Paris", "days": 1.5}, "invalid arguments for weather: days must be integer, "
+                                     "not number", True),
+    ({"city": "Paris", "when": 1}, "invalid arguments for weather: when must be string or "
+                                   "null, not integer", True),
+    ({"city": "Paris", "unit": "kelvin"}, 'invalid arguments for weather: unit must be one of '
+                                          '["celsius", "fahrenheit"]', True),
+])
+def test_run_tool(arguments, result, error):
+    call = omega.run_tool(omega.tool_from(weather), omega.ToolCall("c", "weather", arguments),
+                          65536)
+    assert (call.result, call.error) == (result, error) and call.arguments == arguments
+
+
+def test_run_tool_arguments_not_json_unknown_tools_and_schemas_that_allow_more():
+    def run(tool, call, limit=65536):
+        done = omega.run_tool(tool, call, limit)
+        return done.result, done.error
+    assert run(omega.tool_from(weather), omega.tool_call("c", "weather", '{"city": "Par')) == \
+        ('the arguments are not a JSON object: {"city": "Par', True)
+    assert run(None, omega.ToolCall("c", "wether", {})) == \
+        ("there is no tool named 'wether' that can run", True)
+    declared = omega.tool_from(omega.Tool("search", None, "", {"type": "object"}))
+    assert run(declared, omega.ToolCall("c", "search", {}))[1] is True
+
+    def search(**options):
+        return json.dumps(options)
+    tool = omega.Tool("search", search, "", {"type": "object", "properties": {
+        "q": {"type": "string"}}, "additionalProperties": True})
+    assert run(tool, omega.ToolCall("c", "search", {"q": "x", "n": 2})) == ('{"q": "x", "n": 2}',
+                                                                           False)
+    open_tool = omega.Tool("search", search, "", {"type": "object"})
+    assert run(open_tool, omega.ToolCall("c", "search", {"n": 2})) == ('{"n": 2}', False)
+
+
+@pytest.mark.parametrize("arguments", [None, "", "  ", {}, "{}"])
+def test_no_arguments_mean_an_empty_object(arguments):
+    assert omega.tool_call("c", "now", arguments) == omega.ToolCall("c", "now", {})
+
+
+@pytest.mark.parametrize("arguments, raw", [
+    ('{"city": "Par', '{"city": "Par'), ("[1, 2]", "[1, 2]"), ("null", "null"),
+    ('"Paris"', '"Paris"'), ([1, 2], "[1, 2]"), (3, "3")])
+def test_arguments_that_are_no_object_keep_their_text(arguments, raw):
+    call = omega.tool_call("c", "get_weather", arguments)
+    assert call.raw_arguments == raw and call.to_dict()["arguments"] == raw
+    assert "raw_arguments" not in repr(call)
+
+
+def test_results_over_the_limit_are_cut_at_a_character_boundary():
+    def big() -> str:
+        return "é" * 100                             # 200 bytes
+    tool = omega.tool_from(big)
+    assert omega.run_tool(tool, omega.ToolCall(None, "big", {}), 200).result == "é" * 100
+    for limit in range(0, 200):
+        call = omega.run_tool(tool, omega.ToolCall(None, "big", {}), limit)
+        kept, note = call.result.split("\n", 1)
+        assert kept == "é" * (limit // 2) and not call.error
+        assert note == f"[cut: the result was 200 bytes, only the first {limit:,} are here]"
+
+    def fail():
+        raise ValueError("x" * 1000)
+    call = omega.run_tool(omega.tool_from(fail), omega.ToolCall(None, "fail", {}), 20)
+    assert call.error and call.result.startswith("ValueError: xxxxxxxx\n[cut: the result was 1,012")
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, omega.ProviderTimeout("late", "mcp")])
+def test_an_interruption_or_a_deadline_is_not_a_result(error):
+    def stop():
+        raise error
+    with pytest.raises(type(error) if not isinstance(error, type) else error):
+        omega.run_tool(omega.tool_from(stop), omega.ToolCall(None, "stop", {}), 100)
+
+
+def test_approve_is_asked_only_for_a_call_that_would_run():
+    asked, ran_with = [], []
+
+    def approve(call):
+        asked.append(call)
+        return call.arguments["city"] != "Rome"
+
+    def city(city: str) -> str:
+        ran_with.append(city)
+        return city
+    tool = omega.tool_from(city)
+    calls = [omega.run_tool(tool, omega.ToolCall("1", "city", {"city": c}), 100, approve)
+             for c in ("Paris", "Rome")]
+    assert [(c.result, c.error) for c in calls] == [("Paris", False),
+                                                    ("the user declined this call", True)]
+    assert ran_with == ["Paris"] and [c.arguments for c in asked] == [{"city": "Paris"},
+                                                                      {"city": "Rome"}]
+    omega.run_tool(tool, omega.ToolCall("3", "city", {}), 100, approve)          # bad arguments
+    omega.run_tool(None, omega.ToolCall("4", "nope", {}), 100, approve)          # unknown
+    assert len(asked) == 2
+
+
+# =============================================================================
+# 11. Diagnostics
 # =============================================================================
 
 def test_check_reports_readiness_sources_and_masks_keys(api, claude, tmp_path, monkeypatch,
@@ -4675,7 +4977,7 @@ def test_the_first_run_hint_says_python3_as_the_readme_does(tmp_path, monkeypatc
 
 
 # =============================================================================
-# 11. Conversation log
+# 12. Conversation log
 # =============================================================================
 
 # Real files under tmp_path, real SQLite, real processes racing; HOME is tmp_path/home
@@ -5153,7 +5455,7 @@ except omega.LogError as e:
 
 
 # =============================================================================
-# 12. Command line
+# 13. Command line
 # =============================================================================
 
 # --- the prompt: words, stdin, both ------------------------------------------
@@ -5918,7 +6220,7 @@ def test_an_older_python_is_told_in_one_line(tmp_path):
 
 
 # =============================================================================
-# 13. The real claude binary (make test-real)
+# 14. The real claude binary (make test-real)
 # =============================================================================
 
 # The real CLI honours ANTHROPIC_BASE_URL, so it can talk to a local fake of the
@@ -6174,7 +6476,7 @@ def test_real_claude_without_structured_output_is_invalid_json(real_claude, api)
 
 
 # =============================================================================
-# 14. Test data
+# 15. Test data
 # =============================================================================
 
 # What the tests send and are sent, too long to read between them: fake programs, real-shaped
@@ -6927,6 +7229,67 @@ GEMINI_PARTS = [{"inlineData": {"mimeType": "image/png", "data": PNG_B64}},
                 {"text": NOTES_BLOCK}, {"text": QUESTION}]
 # ollama/request_image_and_schema.json and request_text_file_inline.json
 OLLAMA_MESSAGE = {"role": "user", "content": QUESTION + "\n\n" + NOTES_BLOCK, "images": [PNG_B64]}
+
+
+# --- tools: functions, recorded exchanges, a version-1 log -------------------
+
+# The functions the recorded exchanges below offered (their results are the recorded ones).
+def lookup_population(country: str) -> int:
+    "Returns the current population of the specified fictional country"
+    return 123124
+
+
+def can_have_dragons(population: int) -> bool:
+    "Returns True if the specified population can have dragons, False otherwise"
+    return population > 100000
+
+
+def get_weather(city: str) -> str:
+    """Get the weather in a given city
+
+    city: The city to get the weather for
+    """
+    return f"12 degrees celsius and rain in {city}"
+
+
+def GetWeatherArgs(city: str, country: str, units: Literal["c", "f"]) -> str:
+    """Get the temperature for the given country/city combo"""
+    return f"12 degrees {units} and rain in {city}"
+
+
+def get_stock_price(ticker: str, exchange: str) -> dict:
+    """Fetch the latest price for a given ticker"""
+    return {"price": 227.52, "currency": "USD"}
+
+
+def now() -> str:
+    """The current date and time."""
+    return "2025-10-26T09:00:00Z"
+
+
+def fixed_version() -> str:
+    """Return a fixed test version string"""
+    return "0.32a0"
+
+
+def llm_version() -> str:
+    return "0.27"
+
+
+def weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: int = 1,
+            ratio: float = 1.0, when: str | None = None):
+    """The weather: a result of every kind, and every way a tool fails."""
+    if city == "Atlantis":
+        raise ValueError("no such city")
+    if city == "Nowhere":
+        raise RuntimeError
+    if city == "Refused":
+        raise omega.ToolFailed("Refused is not a city I may look up")
+    if city == "Data":
+        return {"city": city, "temperature": "12°C", "days": [1, 2], "when": omega.Message}
+    if city == "Nothing":
+        return None
+    return f"12 degrees {unit} and rain in {city}"
 
 
 # --- the official OpenAPI specs ----------------------------------------------
