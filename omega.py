@@ -2094,10 +2094,15 @@ def group_alive(child: subprocess.Popen) -> bool:
 #   <name>_events(chunks, settings): a generator that reads a streamed body (bytes
 #       as they arrive), yields the answer's text pieces and returns the body the
 #       same answer would have had unstreamed, for <name>_response to read.
+# and three more for the tool loop (10), in each API's shape:
+#   <name>_tools(tools) -> body["tools"], the declarations
+#   <name>_calls(data) -> [ToolCall], the calls an answer asks for
+#   <name>_round(data, calls) -> the messages that go back: the model's turn as it
+#       came, then the results.
 # call_http() and stream_http() run them with the transport; the backend table
-# (8) lists them. First the helpers they share and JSON answers, then one
-# sub-banner per backend: request builder, response parser, stream reader and
-# model list side by side.
+# (8) lists them. First the helpers they share, tool calls and JSON answers, then
+# one sub-banner per backend: request builder, response parser, stream reader,
+# tool declarations, calls and round, model list side by side.
 
 def drain(pieces) -> OutgoingMessage:
     """Run a generator of pieces to its end; what it returns."""
@@ -2556,7 +2561,7 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
     text = answer_text(text, settings)
     if not text and message.get("refusal"):
         text, stop = answer_text(message["refusal"], settings), "refusal"
-    if not text:
+    if not text and not message.get("tool_calls"):
         raise empty_answer(settings, f"finish_reason={stop}")
     usage = data.get("usage") or {}
     return OutgoingMessage(text, MessageMetadata(
@@ -2567,16 +2572,20 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
 
 def openai_events(chunks, settings: dict):
     """SSE `data:` chunks: the content deltas of choice 0 (by its `index`: a second
-    choice is not this answer) are the pieces; a refusal, the finish reason and the
-    usage chunk (after it, choices empty) go into the body; it ends at
-    `data: [DONE]`, with or without a finish reason before it (some compatible
-    servers send none). An `error` in any chunk is raised, even with the finish
-    reason "error" (OpenRouter) or a [DONE] after it (vLLM)."""
-    text, refusal, finish, usage, model = [], [], None, None, None
+    choice is not this answer) are the pieces; a refusal, the tool calls (see
+    openai_tool_deltas), the finish reason and the usage chunk (after it, choices
+    empty) go into the body; it ends at `data: [DONE]`, with or without a finish
+    reason before it (some compatible servers send none, with tool calls too). An
+    `error` in any chunk is raised, even with the finish reason "error" (OpenRouter)
+    or a [DONE] after it (vLLM)."""
+    text, refusal, calls, finish, usage, model = [], [], [], None, None, None
     for name, data in sse_events(chunks, settings):
         if data == b"[DONE]":
-            return {"model": model, "usage": usage, "choices": [{"finish_reason": finish,
-                    "message": {"content": "".join(text), "refusal": "".join(refusal)}}]}
+            message = {"content": "".join(text) or None, "refusal": "".join(refusal)}
+            if calls:
+                message["tool_calls"] = streamed_calls(calls)
+            return {"model": model, "usage": usage,
+                    "choices": [{"finish_reason": finish, "message": message}]}
         chunk = stream_json(data, settings)
         if name == b"error":                  # old llama.cpp: the error object alone
             raise stream_error({"error": chunk}, settings)
@@ -2594,10 +2603,76 @@ def openai_events(chunks, settings: dict):
                 yield piece
             if isinstance(delta.get("refusal"), str):
                 refusal.append(delta["refusal"])
+            if delta.get("tool_calls"):
+                openai_tool_deltas(calls, delta["tool_calls"])
             finish = choice.get("finish_reason") or finish
         usage = chunk.get("usage") or usage
         model = chunk.get("model") or model
     raise ended_early(settings)
+
+
+def openai_tools(tools: list[Tool]) -> list[dict]:
+    """body["tools"] for Chat Completions (OpenRouter and Ollama take the same)."""
+    return [{"type": "function", "function": declaration(t, "parameters", t.parameters)}
+            for t in tools]
+
+
+def openai_calls(data: dict) -> list[ToolCall]:
+    """The calls in a Chat Completions body, in the model's order (arguments arrive
+    as JSON text). Whether there are any is the only sign: streams may never say
+    finish_reason "tool_calls"."""
+    return message_calls((data.get("choices") or [{}])[0].get("message") or {})
+
+
+def openai_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The model's turn as it came, then one `role: tool` message per call. Of the
+    answer's message only what a request takes goes back: content (null allowed),
+    the reasoning DeepSeek (reasoning_content) and OpenRouter (reasoning_details)
+    require on a tool-call turn, and each call's id, type, name and arguments; not
+    refusal, annotations, `reasoning` or a call's stream `index`. Empty arguments go
+    as "{}": servers that template the history parse them as JSON."""
+    message = data["choices"][0]["message"]
+    turn = {"role": "assistant", "content": message.get("content")}
+    if message.get("reasoning_content") is not None:
+        turn["reasoning_content"] = message["reasoning_content"]
+    turn["tool_calls"] = [{"id": c.get("id"), "type": c.get("type") or "function", "function": {
+        "name": c["function"].get("name"), "arguments": c["function"].get("arguments") or "{}"}}
+        for c in message["tool_calls"]]
+    if message.get("reasoning_details"):
+        turn["reasoning_details"] = message["reasoning_details"]
+    return [turn, *({"role": "tool", "tool_call_id": c.id, "content": c.result} for c in calls)]
+
+
+def openai_tool_deltas(calls: list[dict], deltas) -> None:
+    """Fold one chunk's delta.tool_calls into calls (the message's tool_calls as
+    they grow; streamed_calls() makes them whole). Only `arguments` is
+    concatenated: id, type and name may come again in later deltas (OpenRouter), or
+    in every delta with the id in function.id (llama.cpp before May 2025). A delta
+    belongs to the last call with its `index`, or to the last call when index is
+    null or missing; an id new to that index starts another call (several calls on
+    index 0 with distinct ids)."""
+    for delta in deltas if isinstance(deltas, list) else ():
+        if not isinstance(delta, dict):
+            continue
+        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        index, call_id = delta.get("index"), delta.get("id") or function.get("id")
+        call = next((c for c in reversed(calls) if index is None or c["index"] == index), None)
+        if call is None or call_id and call["id"] and call_id != call["id"]:
+            call = {"index": index, "id": None, "type": delta.get("type") or "function",
+                    "function": {"name": "", "arguments": []}}
+            calls.append(call)
+        call["id"] = call["id"] or call_id
+        call["function"]["name"] = call["function"]["name"] or function.get("name") or ""
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"].append(function["arguments"])
+
+
+def streamed_calls(calls: list[dict]) -> list[dict]:
+    """The calls openai_tool_deltas folded, as a non-streamed message holds them:
+    each one's argument pieces joined (kept apart while streaming, so that many
+    small pieces cost their length, not its square)."""
+    return [{**c, "function": {**c["function"], "arguments": "".join(c["function"]["arguments"])}}
+            for c in calls]
 
 
 def openai_compatible_models(settings: dict, call: Call, key: str | None) -> list[str]:
@@ -2699,7 +2774,7 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
     text = "".join(answer_text(b.get("text"), settings) for b in data.get("content") or ()
                    if isinstance(b, dict) and b.get("type") == "text")
     stop = data.get("stop_reason")
-    if not text:
+    if not text and not anthropic_calls(data):
         details = data.get("stop_details") or {}
         why = f"stop_reason={stop}" + (f", {details['category']}" if details.get("category") else "")
         raise empty_answer(settings, why)
@@ -2712,21 +2787,22 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
 
 def anthropic_events(chunks, settings: dict):
     """`event:` + `data:` pairs: text_delta pieces (thinking, signatures and tool
-    input are not answer text); the message from message_start, its stop reason
+    input are not answer text); every content block as a non-streamed answer holds
+    it (see anthropic_block_event); the message from message_start, its stop reason
     and usage from message_delta (cumulative: replaced, never added); it ends at
     message_stop. `event: error` (overloaded_error …) is raised."""
-    message, usage, text = {}, {}, []
+    message, usage, content, growing = {}, {}, [], collections.defaultdict(list)
     for name, data in sse_events(chunks, settings):
         if name == b"ping":
             continue
         event = stream_json(data, settings)
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            piece = delta.get("text") if delta.get("type") == "text_delta" else None
-            if piece and isinstance(piece, str):
-                text.append(piece)
+            piece = anthropic_block_event(content, growing, event)
+            if piece:
                 yield piece
+        elif kind == "content_block_start":
+            anthropic_block_event(content, growing, event)
         elif kind == "error" or name == b"error":
             raise stream_error(event, settings)
         elif kind == "message_start":
@@ -2737,8 +2813,76 @@ def anthropic_events(chunks, settings: dict):
             message.update((k, delta[k]) for k in ("stop_reason", "stop_details") if k in delta)
             usage.update(event.get("usage") or {})
         elif kind == "message_stop":
-            return {**message, "usage": usage, "content": [{"type": "text", "text": "".join(text)}]}
+            return {**message, "usage": usage, "content": anthropic_blocks(content, growing)}
     raise ended_early(settings)
+
+
+# Which field of a content_block_delta grows which field of its block.
+ANTHROPIC_DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
+                    "signature_delta": ("signature", "signature"),
+                    "input_json_delta": ("partial_json", "input")}
+
+
+def anthropic_block_event(content: list, growing: dict, event: dict) -> str | None:
+    """Fold one content_block_start or _delta event into content, the blocks a
+    non-streamed body would hold: the start brings each block whole but empty (a
+    tool_use's `input: {}` there is a placeholder); text, thinking, signature and
+    partial_json deltas grow it, their pieces held in growing (a defaultdict(list)
+    of (index, field) -> pieces) until anthropic_blocks() joins them. Returns a
+    text_delta's text: the answer's piece."""
+    if event["type"] == "content_block_start":
+        content.append(dict(event["content_block"]))
+        return None
+    delta = event.get("delta") or {}
+    source, target = ANTHROPIC_DELTAS.get(delta.get("type"), (None, None))
+    value = delta.get(source)
+    if not isinstance(value, str):
+        return None
+    growing[event["index"], target].append(value)
+    return value if source == "text" else None
+
+
+def anthropic_blocks(content: list, growing: dict) -> list:
+    """content with the pieces of growing joined into their blocks: a tool_use's
+    input parsed from its partial_json (none, or "", is {}; text that is not a JSON
+    object stays a str, for anthropic_calls to report)."""
+    for (index, target), pieces in growing.items():
+        block, text = content[index], "".join(pieces)
+        if target != "input":
+            block[target] = (block.get(target) or "") + text
+            continue
+        try:
+            value = json.loads(text) if text.strip() else {}
+        except (ValueError, RecursionError):
+            value = None
+        block["input"] = value if isinstance(value, dict) else text
+    return content
+
+
+def anthropic_tools(tools: list[Tool]) -> list[dict]:
+    """body["tools"] for the Messages API."""
+    return [declaration(t, "input_schema", t.parameters) for t in tools]
+
+
+def anthropic_calls(data: dict) -> list[ToolCall]:
+    """The tool_use blocks of a Messages body (input is an object; a str input is
+    streamed text that was not JSON, see anthropic_blocks)."""
+    return [tool_call(b.get("id"), b.get("name"), b.get("input"))
+            for b in data.get("content") or () if isinstance(b, dict)
+            and b.get("type") == "tool_use"]
+
+
+def anthropic_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The assistant turn with every block as it came (thinking and its signature,
+    redacted_thinking, text, tool_use with its id and caller), in order: a changed
+    or missing thinking block is a 400. Then ONE user turn holding one tool_result
+    per call, is_error on failures. Only a tool_use whose streamed input was not
+    JSON changes: it goes back with input {} (the API wants an object)."""
+    blocks = [{**b, "input": {}} if b.get("type") == "tool_use" and isinstance(b.get("input"), str)
+              else b for b in data["content"]]
+    results = [{"type": "tool_result", "tool_use_id": c.id, "content": c.result,
+                **({"is_error": True} if c.error else {})} for c in calls]
+    return [{"role": "assistant", "content": blocks}, {"role": "user", "content": results}]
 
 
 def anthropic_models(settings: dict, call: Call) -> list[str]:
@@ -2827,7 +2971,7 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
     parts = (candidate.get("content") or {}).get("parts") or ()
     text = "".join(answer_text(p.get("text"), settings) for p in parts if not p.get("thought"))
     stop = candidate.get("finishReason")
-    if not text:
+    if not text and not any("functionCall" in p for p in parts):
         why = f"finishReason={stop}"
         if candidate.get("finishMessage"):
             why += f": {candidate['finishMessage']}"
@@ -2841,10 +2985,12 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
 
 def gemini_events(chunks, settings: dict):
     """`data:` events (CRLF), each a whole GenerateContentResponse holding only new
-    parts: non-thought text parts are the pieces; usage is the last snapshot seen.
-    No end marker but a finishReason (or a blocked prompt) before the body ends.
-    An error arrives as a bare JSON object outside any `data:` field."""
-    text, candidate, feedback, usage, model, response_id = [], {}, {}, None, None, None
+    parts: non-thought text parts are the pieces; every part goes into the body's
+    model turn (see gemini_turn); usage is the last snapshot seen. No end marker but
+    a finishReason (or a blocked prompt) before the body ends; a turn that calls
+    tools says STOP too. An error arrives as a bare JSON object outside any `data:`
+    field."""
+    parts, candidate, feedback, usage, model, response_id = [], {}, {}, None, None, None
     for name, data in sse_events(chunks, settings):
         chunk = stream_json(data, settings)
         if name == b"raw" or not isinstance(chunk, dict) or "error" in chunk:
@@ -2853,9 +2999,9 @@ def gemini_events(chunks, settings: dict):
         if candidates:
             candidate = candidates[0]            # the last one holds the finish reason
             for part in (candidate.get("content") or {}).get("parts") or ():
+                parts.append(part)
                 piece = part.get("text")
                 if piece and isinstance(piece, str) and not part.get("thought"):
-                    text.append(piece)
                     yield piece
         feedback = chunk.get("promptFeedback") or feedback
         usage = chunk.get("usageMetadata") or usage
@@ -2866,8 +3012,67 @@ def gemini_events(chunks, settings: dict):
     body = {"usageMetadata": usage, "modelVersion": model, "responseId": response_id,
             "promptFeedback": feedback}
     if candidate:
-        body["candidates"] = [{**candidate, "content": {"parts": [{"text": "".join(text)}]}}]
+        body["candidates"] = [{**candidate, "content": {"role": "model",
+                                                        "parts": gemini_turn(parts)}}]
     return body
+
+
+def gemini_turn(parts: list) -> list:
+    """The parts of a streamed model turn as a non-streamed body holds them, and as
+    they must go back: every part as it came and in order (a functionCall part
+    arrives whole, with its thoughtSignature; Gemini 3 refuses a turn whose
+    signature moved); only runs of plain text pieces of one kind (thought or answer)
+    are joined."""
+    turn = []
+    for kind, run in itertools.groupby(parts, gemini_text_kind):
+        if kind is True or kind is False:
+            run = list(run)
+            turn.append({**run[0], "text": "".join(p["text"] for p in run)} if len(run) > 1
+                        else run[0])
+        else:
+            turn += run
+    return turn
+
+
+GEMINI_PLAIN_KEYS = frozenset(("text", "thought"))
+
+
+def gemini_text_kind(part: dict):
+    """Whether a plain text part is thought (True) or answer (False); any other
+    part is its own kind (itself)."""
+    if part.keys() <= GEMINI_PLAIN_KEYS and isinstance(part.get("text"), str):
+        return bool(part.get("thought"))
+    return part
+
+
+def gemini_tools(tools: list[Tool]) -> list[dict]:
+    """body["tools"]: the declarations with `parametersJsonSchema` (plain JSON Schema,
+    as sent to the other APIs) rather than `parameters`, an OpenAPI subset that
+    refuses type lists, additionalProperties, $ref and (Gemini 3) a property without
+    a type, and fails the whole request for one such tool. `$schema` is left out,
+    as for responseJsonSchema."""
+    return [{"functionDeclarations": [declaration(t, "parametersJsonSchema", {
+        k: v for k, v in t.parameters.items() if k != "$schema"}) for t in tools]}]
+
+
+def gemini_calls(data: dict) -> list[ToolCall]:
+    """The functionCall parts of the first candidate: `args` may be absent, `id`
+    is usually absent. finishReason says STOP either way."""
+    parts = ((data.get("candidates") or [{}])[0].get("content") or {}).get("parts") or ()
+    return [tool_call(p["functionCall"].get("id"), p["functionCall"].get("name"),
+                      p["functionCall"].get("args")) for p in parts
+            if isinstance(p, dict) and isinstance(p.get("functionCall"), dict)]
+
+
+def gemini_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The model turn with every part as it came (thought parts, empty text parts,
+    each thoughtSignature on its own part: Gemini 3 answers 400 without it), then
+    ONE user turn of functionResponse parts, in call order; `response` must be an
+    object: {"result": text} or {"error": text}; `id` when the call had one."""
+    return [{"role": "model", "parts": data["candidates"][0]["content"]["parts"]},
+            {"role": "user", "parts": [{"functionResponse": {
+                "name": c.name, "response": {"error" if c.error else "result": c.result},
+                **({"id": c.id} if c.id else {})}} for c in calls]}]
 
 
 def gemini_models(settings: dict, call: Call) -> list[str]:
@@ -2931,7 +3136,7 @@ def ollama_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
 
 def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
     text = answer_text((data.get("message") or {}).get("content"), settings)  # not `thinking`
-    if not text:
+    if not text and not (data.get("message") or {}).get("tool_calls"):
         raise empty_answer(settings, f"done_reason={data.get('done_reason')}")
     tokens_in, tokens_out = token_counts(data.get("prompt_eval_count"), data.get("eval_count"))
     return OutgoingMessage(text, MessageMetadata(
@@ -2940,20 +3145,39 @@ def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
 
 
 def ollama_events(chunks, settings: dict):
-    """NDJSON lines: message.content pieces (never `thinking`); the last line has
-    `done: true`, the stop reason and the counts. An `{"error"}` line is raised."""
-    text = []
+    """NDJSON lines: message.content pieces (never `thinking`); tool calls, each
+    whole on a line before the last; the last line has `done: true`, the stop
+    reason and the counts. An `{"error"}` line is raised."""
+    text, calls = [], []
     for line in ndjson_lines(chunks, settings):
         data = stream_json(line, settings)
         if not isinstance(data, dict) or data.get("error"):
             raise stream_error(data, settings)
-        piece = (data.get("message") or {}).get("content")
+        message = data.get("message") or {}
+        piece = message.get("content")
         if piece and isinstance(piece, str):
             text.append(piece)
             yield piece
+        if "tool_calls" in message and isinstance(message["tool_calls"], list):
+            calls += message["tool_calls"]
         if data.get("done"):
-            return {**data, "message": {"role": "assistant", "content": "".join(text)}}
+            message = {"role": "assistant", "content": "".join(text)}
+            if calls:
+                message["tool_calls"] = calls
+            return {**data, "message": message}
     raise ended_early(settings)
+
+
+def ollama_calls(data: dict) -> list[ToolCall]:
+    """message.tool_calls: arguments an object; `id` only since Ollama 0.12.10."""
+    return message_calls(data.get("message") or {})
+
+
+def ollama_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The assistant message as it came (content, thinking, tool_calls), then one
+    `role: tool` message per call with tool_name, and tool_call_id when it had one."""
+    return [data["message"], *({"role": "tool", "content": c.result, "tool_name": c.name,
+                                **({"tool_call_id": c.id} if c.id else {})} for c in calls)]
 
 
 def ollama_models(settings: dict, call: Call) -> list[str]:
@@ -3278,7 +3502,8 @@ def claude_code_models(settings: dict, call: Call) -> list[str]:
 # =============================================================================
 # 8. The backend table
 # =============================================================================
-# Everything omega knows about a backend is its entry here: how it is called,
+# Everything omega knows about a backend is its entry here: how it is called (and
+# for the tool loop, how it declares tools, reads calls and sends results back),
 # every config key it accepts (with its default), where its key and base URL may
 # come from in the environment, whether it keeps the conversation itself, and
 # which readiness check --check runs. Code outside a backend's own functions asks
@@ -3296,6 +3521,10 @@ class Backend:
     run: Callable | None = None      # not HTTP: (ctx, settings, call, streaming) -> pieces,
                                      #   returns OutgoingMessage
     models: Callable | None = None   # (settings, call) -> the model names it offers
+    tools: Callable | None = None    # HTTP: (tools) -> body["tools"]; None: takes no tools=
+    calls: Callable | None = None    # HTTP: (data) -> the ToolCalls the answer asks for
+    round: Callable | None = None    # HTTP: (data, calls) -> the messages that go back
+    turns: str = "messages"          # where those messages go in the request body
     key_env: tuple = ()              # environment variables that may hold its API key
     secret_env: tuple = ()           # other variables holding its credentials (redacted)
     base_url_env: str | None = None  # environment variable that may hold its base_url
@@ -3331,12 +3560,14 @@ BACKENDS = {
                   "resume_delay_secs": 2, "working_dir": None, "oauth_token": None}),
     "ollama": Backend(
         request=ollama_request, response=ollama_response, events=ollama_events,
+        tools=openai_tools, calls=ollama_calls, round=ollama_round,
         models=ollama_models, probe="ollama",
         base_url_env="OLLAMA_HOST", base_url_from_env=ollama_host,
         defaults={**_HTTP, "model": "llama3", "base_url": "http://localhost:11434",
                   "num_ctx": None, "keep_alive": None}),
     "openai": Backend(
         request=openai_request, response=openai_response, events=openai_events,
+        tools=openai_tools, calls=openai_calls, round=openai_round,
         models=openai_models, key_env=("OPENAI_API_KEY",),
         base_url_env="OPENAI_BASE_URL",
         keyless_off_official=True,
@@ -3344,18 +3575,21 @@ BACKENDS = {
                   "stream_usage": True}),
     "anthropic": Backend(
         request=anthropic_request, response=anthropic_response, events=anthropic_events,
+        tools=anthropic_tools, calls=anthropic_calls, round=anthropic_round,
         models=anthropic_models,
         key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
         defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
                   "base_url": "https://api.anthropic.com"}),
     "openrouter": Backend(
         request=openrouter_request, response=openrouter_response, events=openrouter_events,
+        tools=openai_tools, calls=openai_calls, round=openai_round,
         models=openrouter_models, key_env=("OPENROUTER_API_KEY",),
         defaults={**_KEYED, "model": "anthropic/claude-sonnet-4",
                   "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None,
                   "stream_usage": True}),
     "gemini": Backend(
         request=gemini_request, response=gemini_response, events=gemini_events,
+        tools=gemini_tools, calls=gemini_calls, round=gemini_round, turns="contents",
         models=gemini_models,
         key_env=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
         defaults={**_KEYED, "model": "gemini-2.0-flash",

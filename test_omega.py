@@ -539,6 +539,16 @@ def same(ours, theirs):
     assert json.dumps(ours) == json.dumps(theirs)
 
 
+def in_slices(body: bytes, seed: int, most: int = 7) -> list[bytes]:
+    """body cut as a transport might read it: random slices of 1 to `most` bytes."""
+    rnd, i, pieces = random.Random(seed), 0, []
+    while i < len(body):
+        n = rnd.randint(1, most)
+        pieces.append(body[i:i + n])
+        i += n
+    return pieces
+
+
 def ran(functions, calls, limit=65536):
     """calls, each run as the tool loop runs it."""
     by_name = {t.name: t for t in omega.tools_from(functions)}
@@ -2986,6 +2996,281 @@ def test_models_failures_are_typed_and_the_key_stays_home(api, api2):
         omega.models("ollama", cfg("ollama", api))
     with pytest.raises(omega.AuthError, match="no API key"):
         omega.models("gemini", {"provider": {"gemini": {"base_url": api.url}}})
+
+
+# --- every HTTP backend: tool calls, by recorded exchanges -------------------
+
+
+def test_openai_declarations_and_a_recorded_single_call():
+    assert omega.openai_tools(omega.tools_from([lookup_population, can_have_dragons])) == \
+        OPENAI_REQUEST_TWO_TOOLS["tools"]                 # (llm sorted the schema's keys)
+    calls = ran([lookup_population], omega.openai_calls(OPENAI_SINGLE_CALL))
+    turn, result = omega.openai_round(OPENAI_SINGLE_CALL, calls)
+    same(result, OPENAI_ROUND2["messages"][2])
+    # The recorded client (simonw/llm) re-serialized the arguments and left content
+    # out; the model's own text goes back here, as it came.
+    same(turn, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_TTY8UFNo7rNCaOBUNtlRSvMG", "type": "function", "function": {
+            "name": "lookup_population", "arguments": '{"country":"Crumpet"}'}}]})
+
+
+def test_deepseek_reasoning_content_goes_back():
+    turn = DEEPSEEK_ROUND2["messages"][1]
+    data = {"choices": [{"message": {**turn, "refusal": None, "annotations": []}}]}
+    calls = omega.openai_calls(data)
+    assert calls == [omega.ToolCall("call_00_aB3dE5fG7hJ9kL1mN3pQ5rS7", "get_date", {})]
+    calls[0].result = "2026-08-21"
+    same(omega.openai_round(data, calls), DEEPSEEK_ROUND2["messages"][1:])
+
+
+def test_llamacpp_call_and_empty_arguments_go_back_as_an_object():
+    calls = omega.openai_calls(LLAMACPP_CALL)
+    assert calls == [omega.ToolCall("a0b2a9fb4", "get_current_weather",
+                                    {"location": "Istanbul, Turkey."})]
+    calls[0].result = "sunny"
+    same(omega.openai_round(LLAMACPP_CALL, calls)[0]["tool_calls"], [
+        {"id": "a0b2a9fb4", "type": "function", "function": {
+            "name": "get_current_weather", "arguments": '{"location":"Istanbul, Turkey."}'}}])
+    data = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "0", "type": "function", "function": {"name": "llm_version", "arguments": ""}}]}}]}
+    calls = ran([llm_version], omega.openai_calls(data))
+    assert calls == [omega.ToolCall("0", "llm_version", {}, "0.27")]
+    assert omega.openai_round(data, calls)[0]["tool_calls"][0]["function"]["arguments"] == "{}"
+    answer = {"choices": [{"message": {"role": "assistant", "content": "Hi"}}]}
+    assert omega.openai_calls(answer) == [] == omega.openai_calls({"choices": []})
+
+
+@pytest.mark.parametrize("body, calls", [
+    ("OPENAI_STREAM_SINGLE", [("call_1EYWDzueHEp8OsB8jJSEp7WB", "multiply", {"a": 1231, "b": 2331})]),
+    ("OPENAI_STREAM_PARALLEL", [
+        ("call_JMW1whyEaYG438VE1OIflxA2", "GetWeatherArgs",
+         {"city": "Edinburgh", "country": "GB", "units": "c"}),
+        ("call_DNYTawLBoN8fj3KN6qU9N1Ou", "get_stock_price", {"ticker": "AAPL", "exchange": "NASDAQ"})]),
+    ("LLAMACPP_STREAM", [("Kq9wZ3xT0bY7nL2mR5vC8dF1gH4jP6sA", "get_weather", {"city": "Paris"})]),
+    ("OPENROUTER_STREAM_A", [("0", "llm_version", {})]),            # id, name repeated
+    ("OPENROUTER_STREAM_C", [("llm_version:0", "llm_version", {})]),  # no arguments key
+    ("OPENROUTER_STREAM_D", [("0", "llm_version", {})]),            # arguments null
+])
+def test_openai_streamed_calls_read_at_any_cut(body, calls):
+    body = globals()[body]
+    for seed in range(20):                               # the transport's reads, any size
+        data = omega.drain(omega.openai_events(in_slices(body, seed), FRAMING))
+        assert omega.openai_calls(data) == [omega.ToolCall(*c) for c in calls]
+    turn = omega.openai_round(data, omega.openai_calls(data))[0]
+    assert all(list(c) == ["id", "type", "function"] for c in turn["tool_calls"])  # no index
+
+
+ARGUMENTS = '{"city": "Zürich — 東京", "days": 3}'
+
+
+def openai_delta_calls(*deltas):
+    """The calls OpenAI-style deltas give, each delta in a chunk of its own."""
+    calls = []
+    for delta in deltas:
+        omega.openai_tool_deltas(calls, [delta])
+    return omega.openai_calls({"choices": [{"message": {"tool_calls": omega.streamed_calls(calls)}}]})
+
+
+def test_openai_argument_deltas_cut_at_every_position():
+    for i in range(len(ARGUMENTS) + 1):
+        for j in range(i, len(ARGUMENTS) + 1):
+            assert openai_delta_calls(
+                {"index": 0, "id": "call_1", "type": "function",
+                 "function": {"name": "weather", "arguments": ""}},
+                {"index": 0, "function": {"arguments": ARGUMENTS[:i]}},
+                {"index": 0, "id": "call_1", "function": {"name": "weather",
+                                                         "arguments": ARGUMENTS[i:j]}},
+                {"index": 0, "type": "function", "function": {"arguments": ARGUMENTS[j:]}}) == \
+                [omega.ToolCall("call_1", "weather", {"city": "Zürich — 東京", "days": 3})]
+
+
+def test_openai_utf8_cut_inside_a_character_by_the_transport():
+    body = ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function",
+         "function": {"name": "weather", "arguments": ARGUMENTS}}]}}]}, ensure_ascii=False)
+        + "\n\ndata: [DONE]\n\n").encode()
+    for cut in range(1, len(body)):
+        data = omega.drain(omega.openai_events(iter([body[:cut], body[cut:]]), FRAMING))
+        assert omega.openai_calls(data) == [
+            omega.ToolCall("call_1", "weather", {"city": "Zürich — 東京", "days": 3})]
+
+
+DELTA_VARIANTS = [
+    # index null, then missing: the last call
+    ([{"index": None, "id": "a", "function": {"name": "now", "arguments": "{"}},
+      {"index": None, "function": {"arguments": "}"}}, {"function": {"arguments": " "}}],
+     [("a", "now", {})]),
+    # index 0, then null and missing (openai-python #2806, any-llm #1148): still call 0
+    ([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": '{"city"'}},
+      {"index": None, "function": {"arguments": ': "Par'}}, {"function": {"arguments": 'is"}'}}],
+     [("a", "weather", {"city": "Paris"})]),
+    # several calls on index 0, told apart by their ids (smolagents #1958)
+    ([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+      {"index": 0, "id": "b", "function": {"name": "weather", "arguments": '{"city":'}},
+      {"index": 0, "function": {"arguments": ' "Rome"}'}}],
+     [("a", "weather", {"city": "Paris"}), ("b", "weather", {"city": "Rome"})]),
+    # llama.cpp before May 2025: the id in function.id, the name in every delta, no type
+    ([{"index": 0, "function": {"id": "x", "name": "weather", "arguments": '{"ci'}},
+      {"index": 0, "function": {"id": "x", "name": "weather", "arguments": 'ty": "Oslo"}'}}],
+     [("x", "weather", {"city": "Oslo"})]),
+    # a new index without an id starts a call; arguments never sent, or "{}", are {}
+    ([{"index": 0, "id": "a", "function": {"name": "now"}},
+      {"index": 1, "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
+      {"index": 0, "function": {"arguments": None}},
+      {"index": 2, "id": "c", "function": {"name": "now", "arguments": "{}"}}],
+     [("a", "now", {}), (None, "weather", {"city": "Oslo"}), ("c", "now", {})]),
+]
+
+
+@pytest.mark.parametrize("deltas, calls", DELTA_VARIANTS)
+def test_openai_delta_variants(deltas, calls):
+    assert openai_delta_calls(*deltas) == [omega.ToolCall(*c) for c in calls]
+    state = []
+    omega.openai_tool_deltas(state, None)                  # a delta without tool_calls
+    omega.openai_tool_deltas(state, ["junk", 3])
+    assert state == []
+
+
+def test_anthropic_declarations_and_an_error_result():
+    tool = omega.tool_from(omega.Tool("get_weather", get_weather,
+                                      ANTHROPIC_REQUEST_TOOLS["tools"][0]["description"],
+                                      ANTHROPIC_REQUEST_TOOLS["tools"][0]["input_schema"]))
+    same(omega.anthropic_tools([tool]), ANTHROPIC_REQUEST_TOOLS["tools"])
+    data = {"content": ANTHROPIC_ROUND2_IS_ERROR["messages"][1]["content"]}
+    calls = omega.anthropic_calls(data)
+    calls[0].result, calls[0].error = "RuntimeError('Unexpected error, try again')", True
+    same(omega.anthropic_round(data, calls), ANTHROPIC_ROUND2_IS_ERROR["messages"][1:])
+    # The SDK re-ordered the block's keys; the blocks go back in the order they came.
+    calls = omega.anthropic_calls(ANTHROPIC_SINGLE_CALL)
+    same(omega.anthropic_round(ANTHROPIC_SINGLE_CALL, calls)[0]["content"],
+         ANTHROPIC_SINGLE_CALL["content"])
+
+
+def test_anthropic_streams_give_every_block_at_any_cut():
+    for body in (ANTHROPIC_STREAM_PARALLEL, ANTHROPIC_STREAM_SINGLE):
+        whole = omega.drain(omega.anthropic_events(iter([body]), FRAMING))
+        for seed in range(20):
+            assert omega.drain(omega.anthropic_events(in_slices(body, seed), FRAMING)) == whole
+    parallel = omega.drain(omega.anthropic_events(iter([ANTHROPIC_STREAM_PARALLEL]), FRAMING))
+    assert [(c.id, c.arguments) for c in omega.anthropic_calls(parallel)] == [
+        ("toolu_01LtHJmixrs9NcWQkK8hu8hj", {}), ("toolu_01N8a4jWyf116qKTMqKKmjyt", {})]
+    single = omega.drain(omega.anthropic_events(iter([ANTHROPIC_STREAM_SINGLE]), FRAMING))
+    same(single["content"], [{"type": "tool_use", "id": "toolu_01TJoxvFknVdnV9XpWFPaRmY",
+                              "name": "get_weather", "input": {"location": "San Francisco, CA",
+                                                               "units": "f"},
+                              "caller": {"type": "direct"}}])
+
+
+def anthropic_fold(*events):
+    content, growing = [], collections.defaultdict(list)
+    for event in events:
+        omega.anthropic_block_event(content, growing, event)
+    return omega.anthropic_blocks(content, growing)
+
+
+def test_anthropic_partial_json_cut_at_every_position():
+    for i in range(len(ARGUMENTS) + 1):
+        same(anthropic_fold(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text",
+                                                                         "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta",
+                                                                 "text": "Let me look."}},
+            {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                                 "partial_json": ""}},
+            {"type": "content_block_delta", "index": 1, "delta": {
+                "type": "input_json_delta", "partial_json": ARGUMENTS[:i]}},
+            {"type": "content_block_delta", "index": 1, "delta": {
+                "type": "input_json_delta", "partial_json": ARGUMENTS[i:]}}),
+            [{"type": "text", "text": "Let me look."},
+             {"type": "tool_use", "id": "toolu_1", "name": "weather",
+              "input": {"city": "Zürich — 東京", "days": 3}}])
+
+
+def test_anthropic_redacted_thinking_and_input_that_is_not_json():
+    assert anthropic_fold({"type": "content_block_start", "index": 0, "content_block": {
+        "type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}}) == \
+        [{"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}]
+    data = {"content": anthropic_fold(
+        {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta",
+                                                             "partial_json": '{"city": '}})}
+    calls = ran([weather], omega.anthropic_calls(data))
+    assert calls[0].error and calls[0].result == 'the arguments are not a JSON object: {"city": '
+    assert omega.anthropic_round(data, calls)[0]["content"][0]["input"] == {}
+
+
+def test_gemini_declarations_parallel_calls_and_an_error():
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "properties": {"q": {"type": ["string", "null"]}}, "additionalProperties": False}
+    sent = omega.gemini_tools([omega.tool_from(omega.Tool("search", None, "", schema))])
+    assert sent[0]["functionDeclarations"][0]["parametersJsonSchema"] == {
+        "type": "object", "properties": {"q": {"type": ["string", "null"]}},
+        "additionalProperties": False}
+    assert "$schema" in schema                            # the caller's dict is left alone
+    calls = omega.gemini_calls(GEMINI_PARALLEL)
+    assert calls == [omega.ToolCall(None, "sum", {"y": 1, "x": 2}),
+                     omega.ToolCall(None, "multiply", {"y": 3, "x": 4}),
+                     omega.ToolCall(None, "subtract", {"y": 5, "x": 6})]
+    for call, result in zip(calls, ("3", "12", "ZeroDivisionError: oops")):
+        call.result, call.error = result, result.startswith("Zero")
+    model, results = omega.gemini_round(GEMINI_PARALLEL, calls)
+    same(model, {"role": "model", "parts": GEMINI_PARALLEL["candidates"][0]["content"]["parts"]})
+    same(results, {"role": "user", "parts": [
+        {"functionResponse": {"name": "sum", "response": {"result": "3"}}},
+        {"functionResponse": {"name": "multiply", "response": {"result": "12"}}},
+        {"functionResponse": {"name": "subtract", "response": {"error": "ZeroDivisionError: oops"}}}]})
+
+
+def test_gemini_call_without_args_and_with_an_id():
+    assert omega.gemini_calls(GEMINI_ARGS_ABSENT) == [omega.ToolCall(None, "current_time", {})]
+    data = {"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"name": "now", "args": {}, "id": "call_27db"}}]}}]}
+    calls = ran([now], omega.gemini_calls(data))
+    same(omega.gemini_round(data, calls)[1], {"role": "user", "parts": [{"functionResponse": {
+        "name": "now", "response": {"result": "2025-10-26T09:00:00Z"}, "id": "call_27db"}}]})
+
+
+def test_gemini_streams_keep_every_part_at_any_cut():
+    body = GEMINI_STREAM.replace(b"\n", b"\r\n")          # as recorded: CRLF
+    whole = omega.drain(omega.gemini_events(iter([body]), FRAMING))
+    for seed in range(20):
+        assert omega.drain(omega.gemini_events(in_slices(body, seed), FRAMING)) == whole
+    gemini3 = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in GEMINI3_STREAM_ARRAY)
+    data = omega.drain(omega.gemini_events(iter([gemini3]), FRAMING))
+    calls = omega.gemini_calls(data)
+    assert calls == [omega.ToolCall(None, "multiply", {"y": 3, "x": 5})]
+    calls[0].result = "15"
+    model, results = omega.gemini_round(data, calls)
+    recorded = GEMINI3_ROUND2["contents"][1]["parts"]     # llm-gemini: text first, snake_case
+    assert model["parts"] == [{"functionCall": recorded[1]["function_call"],
+                               "thoughtSignature": recorded[1]["thoughtSignature"]}, recorded[0]]
+    assert results["parts"][0]["functionResponse"]["response"] == {"result": "15"}
+
+
+def test_gemini_text_pieces_join_but_signed_parts_stay():
+    parts = [{"text": "It "}, {"text": "rains", "thoughtSignature": "S1"}, {"text": "."},
+             {"text": "!"}, {"text": "hm", "thought": True}, {"text": "m", "thought": True},
+             {"text": ""}]
+    assert omega.gemini_turn(parts) == [
+        {"text": "It "}, {"text": "rains", "thoughtSignature": "S1"}, {"text": ".!"},
+        {"text": "hmm", "thought": True}, {"text": ""}]
+    assert omega.gemini_turn([]) == []
+
+
+def test_ollama_declarations_and_the_documented_round():
+    same(omega.openai_tools(omega.tools_from([get_weather])), OLLAMA_ROUND2["tools"])
+    assert omega.ollama_calls(OLLAMA_CALL) == [omega.ToolCall(None, "get_weather",
+                                                              {"city": "Tokyo"})]
+    data = {"message": OLLAMA_ROUND2["messages"][1]}     # the docs' round 2 asks about Toronto
+    calls = omega.ollama_calls(data)
+    calls[0].result = "11 degrees celsius"
+    same(omega.ollama_round(data, calls), OLLAMA_ROUND2["messages"][1:])
+    for seed in range(10):
+        data = omega.drain(omega.ollama_events(in_slices(OLLAMA_STREAM, seed), FRAMING))
+        assert omega.ollama_calls(data) == [omega.ToolCall(None, "get_weather", {"city": "Tokyo"})]
 
 
 # --- OpenAI and compatible servers -------------------------------------------
@@ -7290,6 +7575,362 @@ def weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days:
     if city == "Nothing":
         return None
     return f"12 degrees {unit} and rain in {city}"
+
+
+# Tool-calling bodies copied from the wire-format notes' recordings (real traffic of the
+# official SDKs' and simonw/llm's tests, the APIs' docs, Google's SDK test data; BUILT:
+# made by hand in the documented shape): answers that ask for tools, whole and streamed,
+# and the second-round requests a correct client sends.
+
+# openai/request-two-tools.json (REAL)
+OPENAI_REQUEST_TWO_TOOLS = json.loads(r'''{"messages":[{"role":"user","content":"Can the country of Crumpet have dragons? Answer with only YES or NO"}],"model":"gpt-4o-mini","stream":false,"tools":[{"type":"function","function":{"name":"lookup_population","description":"Returns the current population of the specified fictional country","parameters":{"properties":{"country":{"type":"string"}},"required":["country"],"type":"object"}}},{"type":"function","function":{"name":"can_have_dragons","description":"Returns True if the specified population can have dragons, False otherwise","parameters":{"properties":{"population":{"type":"integer"}},"required":["population"],"type":"object"}}}]}''')
+
+# openai/response-single-call-raw.json (REAL)
+OPENAI_SINGLE_CALL = json.loads(r'''{"id":"chatcmpl-BWpGNGdPONTwxHkZVxbqctQSBDmTn","object":"chat.completion","created":1747163251,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_TTY8UFNo7rNCaOBUNtlRSvMG","type":"function","function":{"name":"lookup_population","arguments":"{\"country\":\"Crumpet\"}"}}],"refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":92,"completion_tokens":17,"total_tokens":109,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_0392822090"}''')
+
+# openai/round2-request.json (REAL, built by simonw/llm)
+OPENAI_ROUND2 = json.loads(r'''{"messages":[{"role":"user","content":"Can the country of Crumpet have dragons? Answer with only YES or NO"},{"role":"assistant","tool_calls":[{"type":"function","id":"call_TTY8UFNo7rNCaOBUNtlRSvMG","function":{"name":"lookup_population","arguments":"{\"country\": \"Crumpet\"}"}}]},{"role":"tool","tool_call_id":"call_TTY8UFNo7rNCaOBUNtlRSvMG","content":"123124"}],"model":"gpt-4o-mini","stream":false,"tools":[{"type":"function","function":{"name":"lookup_population","description":"Returns the current population of the specified fictional country","parameters":{"properties":{"country":{"type":"string"}},"required":["country"],"type":"object"}}},{"type":"function","function":{"name":"can_have_dragons","description":"Returns True if the specified population can have dragons, False otherwise","parameters":{"properties":{"population":{"type":"integer"}},"required":["population"],"type":"object"}}}]}''')
+
+# openai/response-parallel-calls.json (REAL, re-serialized)
+OPENAI_PARALLEL = json.loads(r'''{"id":"chatcmpl-ABfvyvfNWKcl7Ohqos4UFrmMs1v4C","object":"chat.completion","created":1727346166,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_fdNz3vOBKYgOIpMdWotB9MjY","type":"function","function":{"name":"GetWeatherArgs","arguments":"{\"city\": \"Edinburgh\", \"country\": \"GB\", \"units\": \"c\"}"}},{"id":"call_h1DWI1POMJLb0KwIyQHWXD4p","type":"function","function":{"name":"get_stock_price","arguments":"{\"ticker\": \"AAPL\", \"exchange\": \"NASDAQ\"}"}}],"refusal":null},"logprobs":null,"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":149,"completion_tokens":60,"total_tokens":209,"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_b40fb1c6fb"}''')
+
+# openai/round2-request-parallel.json (BUILT)
+OPENAI_ROUND2_PARALLEL = json.loads(r'''{"model":"gpt-4o-2024-08-06","messages":[{"role":"user","content":"What's the weather like in Edinburgh?"},{"role":"user","content":"What's the price of AAPL?"},{"role":"assistant","content":null,"tool_calls":[{"id":"call_fdNz3vOBKYgOIpMdWotB9MjY","type":"function","function":{"name":"GetWeatherArgs","arguments":"{\"city\": \"Edinburgh\", \"country\": \"GB\", \"units\": \"c\"}"}},{"id":"call_h1DWI1POMJLb0KwIyQHWXD4p","type":"function","function":{"name":"get_stock_price","arguments":"{\"ticker\": \"AAPL\", \"exchange\": \"NASDAQ\"}"}}]},{"role":"tool","tool_call_id":"call_fdNz3vOBKYgOIpMdWotB9MjY","content":"12 degrees c and rain in Edinburgh"},{"role":"tool","tool_call_id":"call_h1DWI1POMJLb0KwIyQHWXD4p","content":"{\"price\": 227.52, \"currency\": \"USD\"}"}],"tools":[{"type":"function","function":{"name":"GetWeatherArgs","description":"Get the temperature for the given country/city combo","parameters":{"type":"object","properties":{"city":{"type":"string"},"country":{"type":"string"},"units":{"type":"string","enum":["c","f"]}},"required":["city","country","units"],"additionalProperties":false},"strict":true}},{"type":"function","function":{"name":"get_stock_price","description":"Fetch the latest price for a given ticker","parameters":{"type":"object","properties":{"ticker":{"type":"string"},"exchange":{"type":"string"}},"required":["ticker","exchange"],"additionalProperties":false},"strict":true}}]}''')
+
+# openai/stream-single-call-gpt-4o-mini.sse (REAL)
+OPENAI_STREAM_SINGLE = rb'''data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_1EYWDzueHEp8OsB8jJSEp7WB","type":"function","function":{"name":"multiply","arguments":""}}],"refusal":null},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\""}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"a"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\":"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"123"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":",\""}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"b"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\":"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"233"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"}"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"tool_calls"}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[],"usage":{"prompt_tokens":54,"completion_tokens":20,"total_tokens":74,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openai/stream-parallel-calls.sse (REAL)
+OPENAI_STREAM_PARALLEL = rb'''data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"role":"assistant","content":null},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_JMW1whyEaYG438VE1OIflxA2","type":"function","function":{"name":"GetWeatherArgs","arguments":""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"ci"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ty\": "}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Edinb"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"urgh"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\", \"c"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ountry"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\": \""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"GB\", "}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"units"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\": \""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"c\"}"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_DNYTawLBoN8fj3KN6qU9N1Ou","type":"function","function":{"name":"get_stock_price","arguments":""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{\"ti"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"cker\""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":": \"AAP"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"L\", "}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"\"exch"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"ange\":"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":" \"NA"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"SDAQ\""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"}"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"tool_calls"}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[],"usage":{"prompt_tokens":149,"completion_tokens":60,"total_tokens":209,"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openai-compatible/llamacpp-response-tool-call.json (REAL)
+LLAMACPP_CALL = json.loads(r'''{"choices":[{"finish_reason":"tool_calls","index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"type":"function","function":{"name":"get_current_weather","arguments":"{\"location\":\"Istanbul, Turkey.\"}"},"id":"a0b2a9fb4"}]}}],"created":1750711340,"model":"mistralai_Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf","system_fingerprint":"b5697-ef035803","object":"chat.completion","usage":{"completion_tokens":39,"prompt_tokens":120,"total_tokens":159},"id":"chatcmpl-rdyqGaribJmnaex1JO4tMR46XfvLGQlL","timings":{"prompt_n":100,"prompt_ms":100.287,"prompt_per_token_ms":1.0028700000000002,"prompt_per_second":997.1382133277492,"predicted_n":39,"predicted_ms":904.706,"predicted_per_token_ms":23.197589743589745,"predicted_per_second":43.10792677400172}}''')
+
+# openai-compatible/llamacpp-stream-reasoning-tool-call.sse (BUILT)
+LLAMACPP_STREAM = rb'''data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"The user asks for Paris weather; "}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"call get_weather."}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"id":"Kq9wZ3xT0bY7nL2mR5vC8dF1gH4jP6sA","type":"function","function":{"name":"get_weather","arguments":""}}]}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":"tool_calls","index":0,"delta":{}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk","choices":[],"usage":{"completion_tokens":38,"prompt_tokens":181,"total_tokens":219}}
+
+data: [DONE]
+
+'''
+
+# openai-compatible/deepseek-round2-request-thinking-tool.json (BUILT)
+DEEPSEEK_ROUND2 = json.loads(r'''{"model":"deepseek-v4-pro","messages":[{"role":"user","content":"What's the weather in Paris tomorrow?"},{"role":"assistant","content":"","reasoning_content":"I need the date first, then the weather. Call get_date.","tool_calls":[{"id":"call_00_aB3dE5fG7hJ9kL1mN3pQ5rS7","type":"function","function":{"name":"get_date","arguments":"{}"}}]},{"role":"tool","tool_call_id":"call_00_aB3dE5fG7hJ9kL1mN3pQ5rS7","content":"2026-08-21"}],"tools":[{"type":"function","function":{"name":"get_date","description":"Today's date","parameters":{"type":"object","properties":{}}}},{"type":"function","function":{"name":"get_weather","description":"Weather for a city and date","parameters":{"type":"object","properties":{"city":{"type":"string"},"date":{"type":"string"}},"required":["city","date"]}}}],"thinking":{"type":"enabled"},"reasoning_effort":"high"}''')
+
+# openrouter/stream-no-args-variant-a.sse (REAL)
+OPENROUTER_STREAM_A = rb'''data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"0","type":"function","function":{"name":"llm_version","arguments":""}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"0","type":"function","function":{"name":"llm_version","arguments":"{}"}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"usage":{"prompt_tokens":57,"completion_tokens":17,"total_tokens":74,"cost":0.00007159,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null},"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openrouter/stream-no-args-variant-c.sse (REAL; first line begins with a space)
+OPENROUTER_STREAM_C = rb''' data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"llm_version:0","type":"function","function":{"name":"llm_version"}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"function":{"arguments":"{}"},"type":"function"}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"tool_calls","native_finish_reason":"tool_calls","logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"usage":{"prompt_tokens":56,"completion_tokens":12,"total_tokens":68,"cost":0.00005952,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null},"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openrouter/stream-no-args-arguments-null-variant-d.sse (CONSTRUCTED upstream)
+OPENROUTER_STREAM_D = rb'''data: {"id":"gen-1753242299-DdArgsNullVariantD00","provider":"Meta","model":"muse-spark-1.1","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-DdArgsNullVariantD00","provider":"Meta","model":"muse-spark-1.1","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"0","type":"function","function":{"name":"llm_version","arguments":null}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-DdArgsNullVariantD00","provider":"Meta","model":"muse-spark-1.1","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"tool_calls","native_finish_reason":"tool_calls","logprobs":null}],"usage":{"prompt_tokens":57,"completion_tokens":17,"total_tokens":74,"cost":0.00007159,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null},"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openrouter/response-reasoning-tool-call.json (BUILT)
+OPENROUTER_REASONING_CALL = json.loads(r'''{"id":"gen-1756000000-AbCdEfGhIjKlMnOpQrSt","provider":"Anthropic","model":"anthropic/claude-sonnet-4.5","object":"chat.completion","created":1756000000,"choices":[{"logprobs":null,"finish_reason":"tool_calls","native_finish_reason":"tool_use","index":0,"message":{"role":"assistant","content":"","refusal":null,"reasoning":"The user wants Paris weather; call get_weather with city Paris.","reasoning_details":[{"type":"reasoning.text","text":"The user wants Paris weather; call get_weather with city Paris.","signature":"EvkDCpMBCA8YAipA...(opaque)...","format":"anthropic-claude-v1","index":0}],"tool_calls":[{"id":"toolu_01ESed5hCdyBEf6xWqtpMKwH","index":0,"type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]}}],"usage":{"prompt_tokens":610,"completion_tokens":92,"total_tokens":702,"cost":0.00321,"completion_tokens_details":{"reasoning_tokens":41}}}''')
+
+# openrouter/round2-request-reasoning-details.json (BUILT)
+OPENROUTER_ROUND2 = json.loads(r'''{"model":"anthropic/claude-sonnet-4.5","messages":[{"role":"user","content":"What is the weather in Paris? You must use the tool."},{"role":"assistant","content":"","tool_calls":[{"id":"toolu_01ESed5hCdyBEf6xWqtpMKwH","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}],"reasoning_details":[{"type":"reasoning.text","text":"The user wants Paris weather; call get_weather with city Paris.","signature":"EvkDCpMBCA8YAipA...(opaque)...","format":"anthropic-claude-v1","index":0}]},{"role":"tool","tool_call_id":"toolu_01ESed5hCdyBEf6xWqtpMKwH","content":"12 degrees celsius and rain"}],"tools":[{"type":"function","function":{"name":"get_weather","description":"Weather for a city","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}],"reasoning":{"max_tokens":2048},"max_tokens":4096}''')
+
+# anthropic/request-tools.json (REAL)
+ANTHROPIC_REQUEST_TOOLS = json.loads(r'''{"max_tokens":1024,"messages":[{"role":"user","content":"What is the weather in SF?"}],"model":"claude-haiku-4-5","tools":[{"name":"get_weather","description":"Lookup the weather for a given city in either celsius or fahrenheit","input_schema":{"additionalProperties":false,"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","title":"Location","type":"string"},"units":{"description":"Unit for the output, either 'c' for celsius or 'f' for fahrenheit","enum":["c","f"],"title":"Units","type":"string"}},"required":["location","units"],"type":"object"}}]}''')
+
+# anthropic/response-single-call.json (REAL)
+ANTHROPIC_SINGLE_CALL = json.loads(r'''{"model":"claude-haiku-4-5-20251001","id":"msg_01YPmXusvsWu64vxcNZf1uJq","type":"message","role":"assistant","content":[{"type":"tool_use","id":"toolu_016xm9m1i3NcGW5xFMMZJTqY","name":"get_weather","input":{"location":"San Francisco, CA","units":"f"},"caller":{"type":"direct"}}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":656,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":74,"service_tier":"standard","inference_geo":"not_available"}}''')
+
+# anthropic/round2-request.json (REAL, the SDK's key order)
+ANTHROPIC_ROUND2 = json.loads(r'''{"max_tokens":1024,"messages":[{"role":"user","content":"What is the weather in SF?"},{"role":"assistant","content":[{"id":"toolu_016xm9m1i3NcGW5xFMMZJTqY","input":{"location":"San Francisco, CA","units":"f"},"name":"get_weather","type":"tool_use","caller":{"type":"direct"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_016xm9m1i3NcGW5xFMMZJTqY","content":"{\"location\": \"San Francisco, CA\", \"temperature\": \"68\\u00b0F\", \"condition\": \"Sunny\"}"}]}],"model":"claude-haiku-4-5","tools":[{"name":"get_weather","description":"Lookup the weather for a given city in either celsius or fahrenheit","input_schema":{"additionalProperties":false,"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","title":"Location","type":"string"},"units":{"description":"Unit for the output, either 'c' for celsius or 'f' for fahrenheit","enum":["c","f"],"title":"Units","type":"string"}},"required":["location","units"],"type":"object"}}]}''')
+
+# anthropic/round2-request-is-error.json (REAL)
+ANTHROPIC_ROUND2_IS_ERROR = json.loads(r'''{"max_tokens":1024,"messages":[{"role":"user","content":"What is the weather in SF?"},{"role":"assistant","content":[{"id":"toolu_01A9HHF5Ezy3oBrKmSgfASm9","input":{"location":"San Francisco, CA","units":"f"},"name":"get_weather","type":"tool_use","caller":{"type":"direct"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_01A9HHF5Ezy3oBrKmSgfASm9","content":"RuntimeError('Unexpected error, try again')","is_error":true}]}],"model":"claude-haiku-4-5","tools":[{"name":"get_weather","description":"Lookup the weather for a given city in either celsius or fahrenheit","input_schema":{"additionalProperties":false,"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","title":"Location","type":"string"},"units":{"description":"Unit for the output, either 'c' for celsius or 'f' for fahrenheit","enum":["c","f"],"title":"Units","type":"string"}},"required":["location","units"],"type":"object"}}]}''')
+
+# anthropic/round2-request-thinking.json (REAL, built by llm-anthropic)
+ANTHROPIC_ROUND2_THINKING = json.loads(r'''{"max_tokens":64000,"messages":[{"role":"user","content":[{"type":"text","text":"Use the fixed_version tool. Then tell me the version and make one short joke about it. Think about it first."}]},{"role":"assistant","content":[{"type":"thinking","thinking":"The user wants me to:\n1. Use the fixed_version tool\n2. Tell them the version\n3. Make a short joke about it\n\nLet me first call the fixed_version tool to see what version it returns.","signature":"EoQDCm0IDhgCKkCDzGs2kL2PgnDCZU/nM2wG2P1VIXCRHVnhDDzBQxNF1fl4QBXEKLxRItNJ2MwFdW9eeZPhsxSQIxD54cv3zs29MhljbGF1ZGUtaGFpa3UtNC01LTIwMjUxMDAxOABCCHRoaW5raW5nEgy/OWlwTmmqUjC6L70aDJ4P0R5NfuIe9U5zAiIwCxPduXS2UxCNxJCee3i91qK3cAyAgxCjL2wkQ5UD56iX1hXGOyuNaiH5k+dF5OCQKsQBxiAo+NjC61hV8nRYtaiP+C4inOcuMKuTG9Z1rysxTXkKBTl3oMiOlnEPHHPpKpg4sYF2G5VoTg8JTon20hdZw4GfTEVupnU1qAmnMqyAgke9SoV7HBW/PyA/FxL/q33xJ2gKFiD+BsgI9Z0koMmFKCvm2MoYE6u+ONEwKdFQXL1FKRW6t/bYbJGrLJLwxilsL82h9j4xjggjMn8Npvpn+zsrDPW/8PuLd4Pu+/EsjoneYwyxQQtUVgzhVGhhANWRjSBwUxgB"},{"type":"tool_use","id":"toolu_01825dXWLSoJwCst1qTsiWdb","name":"fixed_version","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_01825dXWLSoJwCst1qTsiWdb","content":"0.32a0"}]}],"model":"claude-haiku-4-5-20251001","temperature":1.0,"tools":[{"name":"fixed_version","description":"Return a fixed test version string","input_schema":{"properties":{},"type":"object"}}],"thinking":{"type":"enabled","budget_tokens":1024,"display":"summarized"},"stream":true}''')
+
+# anthropic/stream-parallel-no-args.sse (REAL)
+ANTHROPIC_STREAM_PARALLEL = rb'''event: message_start
+data: {"type":"message_start","message":{"model":"claude-haiku-4-5-20251001","id":"msg_01V2noLbAb2NgKnjaNw6Cn3w","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"stop_details":null,"usage":{"input_tokens":542,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":62,"service_tier":"standard","inference_geo":"not_available"}}  }
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_01LtHJmixrs9NcWQkK8hu8hj","name":"pelican_name_generator","input":{},"caller":{"type":"direct"}}     }
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":""}               }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0       }
+
+event: content_block_start
+data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01N8a4jWyf116qKTMqKKmjyt","name":"pelican_name_generator","input":{},"caller":{"type":"direct"}}         }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}  }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":1   }
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null,"stop_details":null},"usage":{"input_tokens":542,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":62}               }
+
+event: message_stop
+data: {"type":"message_stop"     }
+
+'''
+
+# anthropic/stream-single-call-input-json-delta.sse (REAL)
+ANTHROPIC_STREAM_SINGLE = rb'''event: message_start
+data: {"type":"message_start","message":{"model":"claude-haiku-4-5-20251001","id":"msg_01R4hRKPvDP3eyHsaAgs1gBn","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":656,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":26,"service_tier":"standard","inference_geo":"not_available"}}  }
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_01TJoxvFknVdnV9XpWFPaRmY","name":"get_weather","input":{},"caller":{"type":"direct"}}              }
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":""}           }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"location\":"}           }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":" \"San"}     }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":" Francisco, "}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"CA\""}     }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":", \"units\": "}     }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"f\"}"}             }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0      }
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"input_tokens":656,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":74}              }
+
+event: message_stop
+data: {"type":"message_stop"       }
+
+'''
+
+# anthropic/stream-thinking-tool-use.sse (REAL)
+ANTHROPIC_STREAM_THINKING = rb'''event: message_start
+data: {"type":"message_start","message":{"model":"claude-haiku-4-5-20251001","id":"msg_01JdU4xqNHXL9QCFWkwCDKGr","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"stop_details":null,"usage":{"input_tokens":598,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":8,"service_tier":"standard","inference_geo":"not_available"}}             }
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":"","signature":""}  }
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"The user wants me to:\n1"}         }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":". Use the fixed_version tool\n2. Tell them the version\n3. Make a short joke about it\n\nLet me first call the fixed_version tool to see what version it returns."}               }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":""}             }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EoQDCm0IDhgCKkCDzGs2kL2PgnDCZU/nM2wG2P1VIXCRHVnhDDzBQxNF1fl4QBXEKLxRItNJ2MwFdW9eeZPhsxSQIxD54cv3zs29MhljbGF1ZGUtaGFpa3UtNC01LTIwMjUxMDAxOABCCHRoaW5raW5nEgy/OWlwTmmqUjC6L70aDJ4P0R5NfuIe9U5zAiIwCxPduXS2UxCNxJCee3i91qK3cAyAgxCjL2wkQ5UD56iX1hXGOyuNaiH5k+dF5OCQKsQBxiAo+NjC61hV8nRYtaiP+C4inOcuMKuTG9Z1rysxTXkKBTl3oMiOlnEPHHPpKpg4sYF2G5VoTg8JTon20hdZw4GfTEVupnU1qAmnMqyAgke9SoV7HBW/PyA/FxL/q33xJ2gKFiD+BsgI9Z0koMmFKCvm2MoYE6u+ONEwKdFQXL1FKRW6t/bYbJGrLJLwxilsL82h9j4xjggjMn8Npvpn+zsrDPW/8PuLd4Pu+/EsjoneYwyxQQtUVgzhVGhhANWRjSBwUxgB"}               }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0           }
+
+event: content_block_start
+data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01825dXWLSoJwCst1qTsiWdb","name":"fixed_version","input":{},"caller":{"type":"direct"}}             }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}             }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":1       }
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null,"stop_details":null},"usage":{"input_tokens":598,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":92,"output_tokens_details":{"thinking_tokens":53}}}
+
+event: message_stop
+data: {"type":"message_stop"    }
+
+'''
+
+# gemini/response-thinking-call-signature.json (Google SDK test data)
+GEMINI_THINKING_CALL = json.loads(r'''{"candidates":[{"content":{"parts":[{"text":"**Thinking Through the New Year's Eve Calculation**\n\nOkay, so the user wants to know how many days until New Year's Eve.  My first thought is, \"Right, I need the current date.\" The `now()` tool seems perfect for that. It takes no parameters, which makes it simple. I'll call `now()`.\n\nTo actually *answer* the question though, I'll need a bit more.  I'll have to figure out the date of the *next* New Year's Eve. And then, crucially, calculate the difference in days between *today's* date (from `now()`) and that New Year's Eve.\n\nThe user is asking *until* New Year's Eve, so that clarifies it. I'll determine the year, and if it's already after December 31st of the current year, then it's December 31st of the *next* year.  That's how I need to do it.\n\nFor instance, if it's October 26, 2023, the answer is 66 days to December 31, 2023. But if it's January 1, 2024, the answer will be 365, because 2024 is a leap year, and I'll be calculating to December 31, 2024.\n\nThe plan is straightforward: get the current date, then perform the calculation. The final output will be a clear sentence stating the number of days.\n\nI also need to consider some edge cases.  If it *is* New Year's Eve, then it's 0 days. If it's December 30th, then it's 1 day. I'll need to check for leap years as well. I think this will all work.\n","thought":true},{"functionCall":{"name":"now","args":{}},"thoughtSignature":"CtQOAVSoXO74PmYr9AFurEIJNTAtfagOIxtRA5FcMPow3t+9ZhbhilokxHpmxmgnjFgyuOV/VCoF1mwTRcWrqItOVgV8sOR1NmRi9ENW/B7uWJTh0hMHsHPy62KwaDG1hJNFs+MXhPkGE7JFD7pzrlVAi6ZitQfr3vEKHqCnE9/uWk+EUebwNOO1Ej1AhDXeMgGbSHqNK+7FQqgnrzy6WVIEKCUBAqDvvb5VXXSYkYP+AvuM9/4PluCHrVeB4bYt4LKc1HVAZtKOH4+k4cNG7+Z9qoGVke/ua528n6KnnoRJRKXikLlkAhbDDFCEbCEjJFr0NPEImX8dYyiUjCcdIWHj6FdRUInYPov02SlqoaE5cI1BhZkvW5kaQoNPfq5nS5gQ/y9HJAouMsy83yAI8G1qjzNICeaw5hsZTg89Z9x7gF+LJrGOxAOSefoV7MhQFtzj+pHVEhRCfzkDKgiPPHTL29FGBxI+FuCI+kF4VONQJnF+sqK57XuGysgyqODw/kJJSwxp9ihqzlfuKAK4QYeLURf2yroFEVujWN6n36hwqIsYpKNfQrbzXJbkV8xgZlKBvmzBfmt9ycFrBzeU+8SNCLYdV2GReaK4bt/fX2SHTpmqhwAvqRArZ1Cdat+yozn1KA8+nGH9SMnfUP2qn0Kj28fzbG0AsP8nZgVlXdOXCVkeUUSUqtRQEMQOSXzqidJbg5KUAQnadsuJ1deTZwBJv1YWCU2lisW/k6vlB2M05OoUaC7L4vx12+Fx3D+e04Hd3vaVj8HE2q5xAseDiCPmuXPulNVByGdVlUdczc6hJ0eFwbZtV33nWSqUPts9XeY6RMfWqabmUg/qY/npD1fhszlqWG5hkuzUv8q4BuGLniFHz6hXmbr274aO++6+cxMEiRwgpZBLGxFukELIQ2HKtUTcdTe+2Q6J2BcznmsK7h31fcp6lyZlzPjZ6/glBczy0xxhQJyVtcfuDPsPwfRCEIKkNlrYPGNW/Edtp/nU6avZ3Dq9g18Dmlrhw1NffqP98lUt1xj1K+TM1Pa0IltSatI5hf/y4O6wRv/EeAIck6imZyJmWEhxO6SBbBy5Cmo7rh83wyRNr8NNHzJoE1/dMRhz9LnygekZsCxQqT+MOmQZsA5pu7O3ZnxFajCRPTSii8OVcseGK65/riQ1zwIJoM/K5//KnvE/GtFtbdn7wBmOU/XaglYaApIlZioxioy4qAzbM8T5kijXGj7E0AFkLsM3XC3hdhehNwNHwbaEicZW7ubnMJmlZi+AfZq+tMkiPG898Xxm+ZUSkcLQy4fsufKQWiQ1Xa960/dd/iQnF2dYSaMKiKCRw9OZt3+gnroziayEgsFei2m6urGJCTII3D3HBxLnMbuZyg2PzZeaYKAigsxb5MSx8ULz1/+dYQFkpIGMzUHz/gs2IVAvEy0NUS/K8agKP1HRNq8KLOqWrmBR07OOjClOI3EtHnEMY5QIi7NqRDl7H9QFHYaJE9ed2p94oepq8gXaP2/HrJrV/Nbe5puge+qbc8vvYPKWLi9EWOQ/avBFGD3kh5rlPnX/MNybIUf4GViIjnLykQS31Wt2V+E0gY5OFqPwVHLamQMEuQ+fNpb/w9goEk4Br5ZDvVNXri7CMWXYvv8/6hPzJLwPsiAd9hYvdbUQ4EGyOT3zdtVuz8nD7Npo7dG3BFCw9FMh1ebh2IhRSkWgSgvPrh099tc7pLOqM1/tu3FxLWu4rYIJjf76IS8gcu+Wd3xJcOjPtDzOMbay6gNKuJiUzAu/ue9fUP7WwCE8WZmzX8qvKdNMyY/YnDF1pemTjcF3oxixipAsTPOUdxkkjrxAOT7NEXq9pFPGpN4ZEBRx6aq+vXovp3nQu9jSnTBNdBpDkG8/Gc4r3IYQJP0rWa9ya8eKRicUElrAUn2J5dvQBwAZVFfMKurtRshZoI5eN71Q9EhLcls4EM8Yxb+7Tg7ERkV1dpztGqMEBqwmfcnfq7a4nN88Sx89qSzyE/qzdVnE8giE7di8h0DtE+Y3bH8y+58T7iPymS+BWDBk9Sjm40QRi2yINVQYqLot+2tUER5AzbbwylLixObauJUFa8Y99mbzKR41M1myKSofnfZ3nmjsr1TcC9fL/Q01fyTM7q7oORP2yvLGFzf0yeJ9CgtH6zcBc5x7X7bCn5KnEcMiN8RTumDOHOzxwPj2xflWGC/HjCSRRLymFWoDWh8bhajylMzLsWb7NBWyP4HGKel21YJ43RhjwcALr363V1XjoIbhZlI8eWH1fFsDxUoEf06XUL/mbrjV0LHeqHHabKG054Xb6TcH0unO1lwGk/KuSzj7dQTZ44EahkGfoQQi8cElnwsOhQfnsoCrpFh4+Vxyrqa1IEGpX3Apv+qp+IL9sUYViKFbYyslfbpxxCdK9UkRM8BHB28UBlrCb4rbzpCt1eZvFZ+5ERB5PAutjZ5U4yP9ca6tg2eJw7a1aQzMTaa20acqLL8AgwXDPHYhBUvGlQbIC1+Zdw=="}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":38,"candidatesTokenCount":8,"totalTokenCount":547,"promptTokensDetails":[{"modality":"TEXT","tokenCount":38}],"thoughtsTokenCount":501},"modelVersion":"gemini-2.5-pro","responseId":"38CHaLjMG6TujrEPtvTiuQk"}''')
+
+# gemini/round2-request-camel-case.json (BUILT)
+GEMINI_ROUND2 = json.loads(r'''{"contents":[{"role":"user","parts":[{"text":"How many days until New Year's Eve?"}]},{"role":"model","parts":[{"text":"**Thinking Through the New Year's Eve Calculation**\n\nOkay, so the user wants to know how many days until New Year's Eve.  My first thought is, \"Right, I need the current date.\" The `now()` tool seems perfect for that. It takes no parameters, which makes it simple. I'll call `now()`.\n\nTo actually *answer* the question though, I'll need a bit more.  I'll have to figure out the date of the *next* New Year's Eve. And then, crucially, calculate the difference in days between *today's* date (from `now()`) and that New Year's Eve.\n\nThe user is asking *until* New Year's Eve, so that clarifies it. I'll determine the year, and if it's already after December 31st of the current year, then it's December 31st of the *next* year.  That's how I need to do it.\n\nFor instance, if it's October 26, 2023, the answer is 66 days to December 31, 2023. But if it's January 1, 2024, the answer will be 365, because 2024 is a leap year, and I'll be calculating to December 31, 2024.\n\nThe plan is straightforward: get the current date, then perform the calculation. The final output will be a clear sentence stating the number of days.\n\nI also need to consider some edge cases.  If it *is* New Year's Eve, then it's 0 days. If it's December 30th, then it's 1 day. I'll need to check for leap years as well. I think this will all work.\n","thought":true},{"functionCall":{"name":"now","args":{}},"thoughtSignature":"CtQOAVSoXO74PmYr9AFurEIJNTAtfagOIxtRA5FcMPow3t+9ZhbhilokxHpmxmgnjFgyuOV/VCoF1mwTRcWrqItOVgV8sOR1NmRi9ENW/B7uWJTh0hMHsHPy62KwaDG1hJNFs+MXhPkGE7JFD7pzrlVAi6ZitQfr3vEKHqCnE9/uWk+EUebwNOO1Ej1AhDXeMgGbSHqNK+7FQqgnrzy6WVIEKCUBAqDvvb5VXXSYkYP+AvuM9/4PluCHrVeB4bYt4LKc1HVAZtKOH4+k4cNG7+Z9qoGVke/ua528n6KnnoRJRKXikLlkAhbDDFCEbCEjJFr0NPEImX8dYyiUjCcdIWHj6FdRUInYPov02SlqoaE5cI1BhZkvW5kaQoNPfq5nS5gQ/y9HJAouMsy83yAI8G1qjzNICeaw5hsZTg89Z9x7gF+LJrGOxAOSefoV7MhQFtzj+pHVEhRCfzkDKgiPPHTL29FGBxI+FuCI+kF4VONQJnF+sqK57XuGysgyqODw/kJJSwxp9ihqzlfuKAK4QYeLURf2yroFEVujWN6n36hwqIsYpKNfQrbzXJbkV8xgZlKBvmzBfmt9ycFrBzeU+8SNCLYdV2GReaK4bt/fX2SHTpmqhwAvqRArZ1Cdat+yozn1KA8+nGH9SMnfUP2qn0Kj28fzbG0AsP8nZgVlXdOXCVkeUUSUqtRQEMQOSXzqidJbg5KUAQnadsuJ1deTZwBJv1YWCU2lisW/k6vlB2M05OoUaC7L4vx12+Fx3D+e04Hd3vaVj8HE2q5xAseDiCPmuXPulNVByGdVlUdczc6hJ0eFwbZtV33nWSqUPts9XeY6RMfWqabmUg/qY/npD1fhszlqWG5hkuzUv8q4BuGLniFHz6hXmbr274aO++6+cxMEiRwgpZBLGxFukELIQ2HKtUTcdTe+2Q6J2BcznmsK7h31fcp6lyZlzPjZ6/glBczy0xxhQJyVtcfuDPsPwfRCEIKkNlrYPGNW/Edtp/nU6avZ3Dq9g18Dmlrhw1NffqP98lUt1xj1K+TM1Pa0IltSatI5hf/y4O6wRv/EeAIck6imZyJmWEhxO6SBbBy5Cmo7rh83wyRNr8NNHzJoE1/dMRhz9LnygekZsCxQqT+MOmQZsA5pu7O3ZnxFajCRPTSii8OVcseGK65/riQ1zwIJoM/K5//KnvE/GtFtbdn7wBmOU/XaglYaApIlZioxioy4qAzbM8T5kijXGj7E0AFkLsM3XC3hdhehNwNHwbaEicZW7ubnMJmlZi+AfZq+tMkiPG898Xxm+ZUSkcLQy4fsufKQWiQ1Xa960/dd/iQnF2dYSaMKiKCRw9OZt3+gnroziayEgsFei2m6urGJCTII3D3HBxLnMbuZyg2PzZeaYKAigsxb5MSx8ULz1/+dYQFkpIGMzUHz/gs2IVAvEy0NUS/K8agKP1HRNq8KLOqWrmBR07OOjClOI3EtHnEMY5QIi7NqRDl7H9QFHYaJE9ed2p94oepq8gXaP2/HrJrV/Nbe5puge+qbc8vvYPKWLi9EWOQ/avBFGD3kh5rlPnX/MNybIUf4GViIjnLykQS31Wt2V+E0gY5OFqPwVHLamQMEuQ+fNpb/w9goEk4Br5ZDvVNXri7CMWXYvv8/6hPzJLwPsiAd9hYvdbUQ4EGyOT3zdtVuz8nD7Npo7dG3BFCw9FMh1ebh2IhRSkWgSgvPrh099tc7pLOqM1/tu3FxLWu4rYIJjf76IS8gcu+Wd3xJcOjPtDzOMbay6gNKuJiUzAu/ue9fUP7WwCE8WZmzX8qvKdNMyY/YnDF1pemTjcF3oxixipAsTPOUdxkkjrxAOT7NEXq9pFPGpN4ZEBRx6aq+vXovp3nQu9jSnTBNdBpDkG8/Gc4r3IYQJP0rWa9ya8eKRicUElrAUn2J5dvQBwAZVFfMKurtRshZoI5eN71Q9EhLcls4EM8Yxb+7Tg7ERkV1dpztGqMEBqwmfcnfq7a4nN88Sx89qSzyE/qzdVnE8giE7di8h0DtE+Y3bH8y+58T7iPymS+BWDBk9Sjm40QRi2yINVQYqLot+2tUER5AzbbwylLixObauJUFa8Y99mbzKR41M1myKSofnfZ3nmjsr1TcC9fL/Q01fyTM7q7oORP2yvLGFzf0yeJ9CgtH6zcBc5x7X7bCn5KnEcMiN8RTumDOHOzxwPj2xflWGC/HjCSRRLymFWoDWh8bhajylMzLsWb7NBWyP4HGKel21YJ43RhjwcALr363V1XjoIbhZlI8eWH1fFsDxUoEf06XUL/mbrjV0LHeqHHabKG054Xb6TcH0unO1lwGk/KuSzj7dQTZ44EahkGfoQQi8cElnwsOhQfnsoCrpFh4+Vxyrqa1IEGpX3Apv+qp+IL9sUYViKFbYyslfbpxxCdK9UkRM8BHB28UBlrCb4rbzpCt1eZvFZ+5ERB5PAutjZ5U4yP9ca6tg2eJw7a1aQzMTaa20acqLL8AgwXDPHYhBUvGlQbIC1+Zdw=="}]},{"role":"user","parts":[{"functionResponse":{"name":"now","response":{"result":"2025-10-26T09:00:00Z"}}}]}],"tools":[{"functionDeclarations":[{"name":"now","description":"The current date and time.","parameters":{"type":"object","properties":{}}}]}],"generationConfig":{"thinkingConfig":{"includeThoughts":true,"thinkingBudget":1024}}}''')
+
+# gemini/response-parallel-calls.json (Google SDK test data)
+GEMINI_PARALLEL = json.loads(r'''{"candidates":[{"content":{"parts":[{"functionCall":{"name":"sum","args":{"y":1,"x":2}}},{"functionCall":{"name":"multiply","args":{"y":3,"x":4}}},{"functionCall":{"name":"subtract","args":{"y":5,"x":6}}}],"role":"model"},"finishReason":"STOP","index":0}]}''')
+
+# gemini/response-call-args-absent.json (Google SDK test data)
+GEMINI_ARGS_ABSENT = json.loads(r'''{"candidates":[{"content":{"parts":[{"functionCall":{"name":"current_time"}}],"role":"model"},"finishReason":"STOP","index":0}]}''')
+
+# gemini/stream-thinking-call-signature.sse (Google SDK test data; CRLF restored below)
+GEMINI_STREAM = rb'''data: {"candidates": [{"content": {"parts": [{"text": "**Calculating the Days**\n\nI've determined the user's request involves calculating the days until New Year's Eve. I need to get the current date and the date of New Year's Eve. My plan involves using `default_api.now()` to get the current date and time. Then, I can perform the calculation to find the time difference.\n\n\n","thought": true}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 38,"totalTokenCount": 106,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 38}],"thoughtsTokenCount": 68},"modelVersion": "gemini-2.5-flash","responseId": "48SHaPHpHKbG-8YPtZCawAk"}
+
+data: {"candidates": [{"content": {"parts": [{"text": "**Determining the Approach**\n\nI'm now zeroing in on the best method. Having established the core requirement -- the number of days until New Year's Eve -- I've identified `default_api.now()` as my primary tool for retrieving the current date. I'll need to define December 31st of the current year. I've also recognized the need to calculate the difference, which isn't a direct function. I'll calculate this myself after getting today's date.\n\n\n","thought": true}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 38,"totalTokenCount": 206,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 38}],"thoughtsTokenCount": 168},"modelVersion": "gemini-2.5-flash","responseId": "48SHaPHpHKbG-8YPtZCawAk"}
+
+data: {"candidates": [{"content": {"parts": [{"functionCall": {"name": "now","args": {}},"thoughtSignature": "CiIBVKhc7vB+vaaq6rA/KC79Ts7iXagIOA4EBOyBFDpl+pxPCmcBVKhc7gYyIw6X0IsswYK3hRIlOqJqLuw/CA777RLwVhbkj5IXXM6JPdtsso69K/H8aVi6ThxLZkLoQYapEKm4jpotk9HFJ1LnyOFHeQcKdXia2iBBNjb6LTZU/+Pib0zJbWnttT57Ct8BAVSoXO6n/xiy62ll0Bb/4DRtdUMN6l5WhI/yNCH0nVn5o7XWCT9ltApMM3MB2VEkId1U1lMu5d78n0juWxqYh7RvjqN3wCT1KMHeC9Yx6slplr27i/J9qzruq/X6y0ZbUvrv607cWrff53jfgJ7qvSHopN9ZD/kuwUn2lzXhvgIBHvAcLIEwHUcfsIYX5WPonf2aST1Ti1ui2dWw8eQpogiSIytX0L734L9nT0zj3VGlWJIxgeOA4IDH4ZjhWeU73K0P1YUjrla+RWQ7WAmga27KOtO1Zw3faShHT7esSAryAQFUqFzuPbTNs0g+Gt+7+kId/JtIdDKmBmZXIzHotCMUEj82J+3CQbaIjD15XVB8wBQjqwYSsWjWq01jMWqfbs10IS9WBhOeUewFfvqfoZUNxUcZkm314D9wt2eVFvkO4pIRDJs7oV7w0v7M3TaiovtI6hNz087wCtRy0cEF/0narcw1l1pFNSHxAK8Y9rbAVbrsNFglkI/oC0eOPbBn1K/F+dPnOiKgFaMg1v858aMx1rafr665kbrT3H/HcBMRrS9urjtYPXoseBpakOG+X/F6RUp9pHgMyuxCFxAstL2dCJ2UDX4LwZvvR+uQUkZ94smaCvABAVSoXO5wl+s/MoiArjmga1WCjBvsIAsE0Zqmw02g8ID8BfyjTXIHqZ6Z1cklDFg/MxYs/oQVW2fW0D6z0Nqg+38JcSpjl6e6P9oHF891mUuPKhP8HsWD+ZvQy6Wuh4IkeSwooBTHRoo2wIIqXLwseNPHCXg1M+9jE9feqdGWefq1jI3c5tc2yr5777IEQ/5BwrAMlL3Gsrq1pDptbuBOi4ZPWDhiaZmbdn1Zoh1CXZZNyqu9CH/hpFkzAtoN87vfYELHVQoV2wyzM+8JEDGoPvkvw27VuKsQEahGHHuAtMjf5kxA7Qyqd8kXMlLleEs0"}],"role": "model"},"finishReason": "STOP","index": 0}],"usageMetadata": {"promptTokenCount": 38,"candidatesTokenCount": 6,"totalTokenCount": 212,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 38}],"thoughtsTokenCount": 168},"modelVersion": "gemini-2.5-flash","responseId": "48SHaPHpHKbG-8YPtZCawAk"}
+
+'''
+
+# gemini/stream-json-array-gemini3-call.json (REAL, the elements of the array)
+GEMINI3_STREAM_ARRAY = json.loads(r'''[{"candidates":[{"content":{"parts":[{"functionCall":{"name":"multiply","args":{"y":3,"x":5}},"thoughtSignature":"Et0BCtoBAXLI2nwMB4momyXTj+K3OPELPDi5Mq6bA5ZHuiKVF9m94gyxd+zdlC+s73nWxHx1ImnA9wPRG1sKMAvENS5i0Bef0VxMS31QE4PbbJw81tSto0OCC+AJdHF0i7x3uHqBuj91gBPwmy3rhAQM+8kxmaF4FeJ0rvICgjIIjG7rBgCE8vOD9Glt/sy3WPKo//jOukERM0rVGAPpMogXNtQbJWUQ8469alaZN67hbYJNaL5XSNcsbsu4ub04B2aFPc6NJld2EWK/enYFPnarMNwobDsSstlzuMygTHQ="}],"role":"model"},"index":0}],"usageMetadata":{"promptTokenCount":60,"candidatesTokenCount":16,"totalTokenCount":108,"promptTokensDetails":[{"modality":"TEXT","tokenCount":60}],"thoughtsTokenCount":32},"modelVersion":"gemini-3-flash-preview","responseId":"6XJFadi3PJOx-sAPgJ3S6Qs"},{"candidates":[{"content":{"parts":[{"text":""}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":60,"candidatesTokenCount":16,"totalTokenCount":108,"promptTokensDetails":[{"modality":"TEXT","tokenCount":60}],"thoughtsTokenCount":32},"modelVersion":"gemini-3-flash-preview","responseId":"6XJFadi3PJOx-sAPgJ3S6Qs"}]''')
+
+# gemini/round2-request-gemini3.json (REAL, built by llm-gemini, snake_case)
+GEMINI3_ROUND2 = json.loads(r'''{"contents":[{"role":"user","parts":[{"text":"What is 5 times 3?"}]},{"role":"model","parts":[{"text":""},{"function_call":{"name":"multiply","args":{"y":3,"x":5}},"thoughtSignature":"Et0BCtoBAXLI2nwMB4momyXTj+K3OPELPDi5Mq6bA5ZHuiKVF9m94gyxd+zdlC+s73nWxHx1ImnA9wPRG1sKMAvENS5i0Bef0VxMS31QE4PbbJw81tSto0OCC+AJdHF0i7x3uHqBuj91gBPwmy3rhAQM+8kxmaF4FeJ0rvICgjIIjG7rBgCE8vOD9Glt/sy3WPKo//jOukERM0rVGAPpMogXNtQbJWUQ8469alaZN67hbYJNaL5XSNcsbsu4ub04B2aFPc6NJld2EWK/enYFPnarMNwobDsSstlzuMygTHQ="}]},{"role":"user","parts":[{"function_response":{"name":"multiply","response":{"output":"15"}}}]}],"safetySettings":[{"category":"HARM_CATEGORY_DANGEROUS_CONTENT","threshold":"BLOCK_NONE"},{"category":"HARM_CATEGORY_SEXUALLY_EXPLICIT","threshold":"BLOCK_NONE"},{"category":"HARM_CATEGORY_HATE_SPEECH","threshold":"BLOCK_NONE"},{"category":"HARM_CATEGORY_HARASSMENT","threshold":"BLOCK_NONE"}],"tools":[{"functionDeclarations":[{"name":"multiply","description":"Multiply two numbers.","parameters":{"properties":{"x":{"type":"integer"},"y":{"type":"integer"}},"required":["x","y"],"type":"object"}}]}]}''')
+
+# ollama/response-tool-call-docs.json (DOCS)
+OLLAMA_CALL = json.loads(r'''{"model":"llama3.2","created_at":"2025-07-07T20:32:53.844124Z","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Tokyo"}}}]},"done_reason":"stop","done":true,"total_duration":3244883583,"load_duration":2969184542,"prompt_eval_count":169,"prompt_eval_duration":141656333,"eval_count":18,"eval_duration":133293625}''')
+
+# ollama/stream-tool-call-docs.ndjson (DOCS)
+OLLAMA_STREAM = rb'''{"model":"llama3.2","created_at":"2025-07-07T20:22:19.184789Z","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Tokyo"}}}]},"done":false}
+{"model":"llama3.2","created_at":"2025-07-07T20:22:19.19314Z","message":{"role":"assistant","content":""},"done_reason":"stop","done":true,"total_duration":182242375,"load_duration":41295167,"prompt_eval_count":169,"prompt_eval_duration":24573166,"eval_count":15,"eval_duration":115959084}
+'''
+
+# ollama/response-parallel-calls-current.json (BUILT)
+OLLAMA_PARALLEL = json.loads(r'''{"model":"qwen3","created_at":"2026-08-21T10:00:00.000000Z","message":{"role":"assistant","content":"","thinking":"The user wants the weather in Paris and in Tokyo. I will call get_weather twice.","tool_calls":[{"id":"call_k3v9x0qa","function":{"index":0,"name":"get_weather","arguments":{"city":"Paris"}}},{"id":"call_7m2pd4zt","function":{"index":1,"name":"get_weather","arguments":{"city":"Tokyo"}}}]},"done_reason":"stop","done":true,"total_duration":2140000000,"load_duration":41000000,"prompt_eval_count":182,"prompt_eval_duration":120000000,"eval_count":61,"eval_duration":1900000000}''')
+
+# ollama/round2-request-docs.json (DOCS)
+OLLAMA_ROUND2 = json.loads(r'''{"model":"llama3.2","messages":[{"role":"user","content":"what is the weather in Toronto?"},{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Toronto"}}}]},{"role":"tool","content":"11 degrees celsius","tool_name":"get_weather"}],"stream":false,"tools":[{"type":"function","function":{"name":"get_weather","description":"Get the weather in a given city","parameters":{"type":"object","properties":{"city":{"type":"string","description":"The city to get the weather for"}},"required":["city"]}}}]}''')
 
 
 # --- the official OpenAPI specs ----------------------------------------------
