@@ -10,6 +10,7 @@
     omega.models("openai")                               # -> ["gpt-4o", ...]
     for piece in omega.stream("Tell me a story"): ...    # the answer as it is written
     chat = omega.Chat(provider="anthropic"); chat.ask("Hi"); chat.ask("And?")
+    omega.ask("Umbrella in Paris?", tools=[get_weather])  # the model calls your function
 
     python omega.py "Say hi"                             # the same from a shell
 
@@ -750,6 +751,7 @@ KEY_TYPES = {
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
     "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
+    "max_tool_result_bytes": int,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -779,6 +781,7 @@ RULES = {
     "num_ctx": (lambda v: v > 0, "a number greater than 0"),
     "max_response_bytes": (lambda v: v > 0, "a number greater than 0"),
     "max_attachment_bytes": (lambda v: v > 0, "a number greater than 0"),
+    "max_tool_result_bytes": (lambda v: v > 0, "a number greater than 0"),
     "max_retries": (lambda v: 0 <= v <= MAX_RETRIES_CAP,
                     f"a number from 0 to {MAX_RETRIES_CAP}"),
     "max_resume_attempts": (lambda v: v >= 0, "a number 0 or more"),
@@ -2113,11 +2116,13 @@ def drain(pieces) -> OutgoingMessage:
             return end.value
 
 
-def call_http(backend, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
-    """One HTTP backend call: build, send with retries, parse."""
-    url, headers, body = backend.request(ctx, settings)
+def call_http(backend, request: tuple, settings: dict, call: Call,
+              schema: dict | None = None) -> tuple[OutgoingMessage, dict]:
+    """One HTTP backend call: send request (url, headers, body) with retries, parse.
+    Returns (the reply, the body it was read from)."""
+    url, headers, body = request
     data, reply_headers, attempts = request_json("POST", url, headers, body, settings, call)
-    return parsed(backend, data, reply_headers, attempts, settings, ctx.schema)
+    return parsed(backend, data, reply_headers, attempts, settings, schema), data
 
 
 def parsed(backend, data, headers, attempts: int, settings: dict,
@@ -2139,13 +2144,16 @@ def parsed(backend, data, headers, attempts: int, settings: dict,
     return reply
 
 
-def stream_http(backend, ctx: Context, settings: dict, call: Call):
-    """One streamed HTTP backend call: yields text pieces as they arrive and returns
-    the OutgoingMessage. Failures before the first piece (a status, an error event,
-    a cut connection, an early end) are retried as in call_http; after it they are
-    raised, since the text is already on the caller's screen. Reading ends at the
-    answer's end marker: what the server sends after it is not waited for."""
-    url, headers, body = backend.request(ctx, settings, streaming=True)
+def stream_http(backend, request: tuple, settings: dict, call: Call,
+                schema: dict | None = None):
+    """One streamed HTTP backend call of request (url, headers, body): yields text
+    pieces as they arrive and returns (the reply, the body it was read from).
+    Failures before the first piece (a status, an error event, a cut connection, an
+    early end) are retried as in call_http; after it they are raised, since the text
+    is already on the caller's screen. Reading ends at the answer's end marker: what
+    the server sends after it is not waited for. An answer with no text (one that
+    only calls tools) yields nothing."""
+    url, headers, body = request
     payload = json_payload(body)
     headers = request_headers(headers, payload, streaming=True)
     for attempt in itertools.count(1):
@@ -2164,11 +2172,12 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 if status >= 300:
                     raise http_error(status, reply_headers, content, settings)
                 # Some gateways answer a stream request with one plain body.
-                reply = parsed(backend, parse_json(content, status, reply_headers, settings),
-                               reply_headers, attempt, settings, ctx.schema)
+                data = parse_json(content, status, reply_headers, settings)
+                reply = parsed(backend, data, reply_headers, attempt, settings, schema)
                 shown = True
-                yield reply.text
-                return reply
+                if reply.text:
+                    yield reply.text
+                return reply, data
             body = body_pieces(response, settings)
             pieces = backend.events(body, settings)
             try:
@@ -2183,10 +2192,10 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 raise timed_out(settings, call)
             finish_body(body, response, watch)
             WATCHDOG.end(watch)
-            reply = parsed(backend, data, reply_headers, attempt, settings, ctx.schema)
-            if not shown:
+            reply = parsed(backend, data, reply_headers, attempt, settings, schema)
+            if not shown and reply.text:
                 yield reply.text
-            return reply
+            return reply, data
         except ProviderError as e:
             error = timed_out(settings, call) if watch.fired else e
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
@@ -3536,18 +3545,15 @@ class Backend:
                                      #   "key" is a key there or none needed, no request
 
     def call(self, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
+        """One call of ctx, without tools (PROVIDERS, classify)."""
         return drain(self.run(ctx, settings, call)) if self.run \
-            else call_http(self, ctx, settings, call)
-
-    def stream(self, ctx: Context, settings: dict, call: Call):
-        """A generator of text pieces that returns the OutgoingMessage."""
-        return self.run(ctx, settings, call, streaming=True) if self.run \
-            else stream_http(self, ctx, settings, call)
+            else call_http(self, self.request(ctx, settings), settings, call, ctx.schema)[0]
 
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
            "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024}
-_HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2}
+_HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2, "max_turns": 10,
+         "max_tool_result_bytes": 65536}
 _KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
 
 BACKENDS = {
@@ -3633,8 +3639,8 @@ def keeps_sessions(name: str | None) -> bool:
 # calls, and what they share, in the order a call travels: its keywords become one
 # Options record; answer() checks them, once; try_providers() tries each provider
 # of the chain in turn under one deadline and status timer (auto_route first);
-# rounds() is a provider's part (where the tool loop goes); attempt() is one
-# request to one provider. Everything above serves this section: to follow a
+# rounds() is a provider's part (with tools, the tool loop of 10); attempt() is
+# one request to one provider. Everything above serves this section: to follow a
 # call, start reading here.
 
 @dataclass(frozen=True)
@@ -3646,8 +3652,10 @@ class Options:
         "claude-code"); config: a TOML path, a dict shaped like the file, or None
         for the usual search.
     model, system (the system prompt), history, attachments, schema, max_tokens,
-        temperature, and complex, session_id, max_turns, allowed_tools: Context
-        fields, set on the Context given (a keyword given wins).
+        temperature, tools, and complex, session_id, max_turns, allowed_tools:
+        Context fields, set on the Context given (a keyword given wins).
+    approve: called with each ToolCall before it runs; False sends the model "the
+        user declined this call" instead.
     timeout: seconds for the whole call, fallbacks included (each provider's own
         timeout_secs bounds its part).
     base_url, api_key, max_retries: for the chosen provider in this call only, over
@@ -3670,6 +3678,8 @@ class Options:
     session_id: str | None = None
     max_turns: int | None = None
     allowed_tools: list | None = None
+    tools: tuple | list | None = None
+    approve: Callable | None = None
     timeout: float | None = None
     base_url: str | None = None
     api_key: str | None = None
@@ -3688,7 +3698,7 @@ class Options:
                 value = mask(value)
             elif name == "config" and isinstance(value, dict):
                 value = "{…}"
-            elif name in ("history", "attachments"):
+            elif name in ("history", "attachments", "tools"):
                 value = f"<{len(value)}>"
             else:
                 value = repr(value)
@@ -3815,6 +3825,9 @@ FALLBACK_ERRORS = (ProviderUnavailable, ProviderTimeout, RateLimitError, AuthErr
 
 
 def worth_falling_back(error: OmegaError) -> bool:
+    """Another provider may answer: never once a tool has run (it would run again)."""
+    if getattr(error, "tool_calls", None):
+        return False
     return isinstance(error, FALLBACK_ERRORS) or (getattr(error, "status", 0) or 0) >= 500 \
         and getattr(error, "reason", None) != NO_IMAGES
 
@@ -3874,23 +3887,34 @@ def with_call_settings(raw: dict, name: str, settings: dict) -> dict:
     return raw
 
 
-def attempt(ctx: Context, settings: dict, call: Call, streaming: bool):
-    """One request to one provider, its own retries included: a generator that
-    yields the answer's text pieces as they arrive (streaming; none otherwise) and
-    returns the OutgoingMessage."""
-    backend = BACKENDS[settings["name"]]
+def attempt(backend, request: tuple, settings: dict, call: Call, streaming: bool,
+            schema: dict | None = None):
+    """One request (url, headers, body, built already) to one HTTP provider, its own
+    retries included, each resending that same body: a generator that yields the
+    answer's text pieces (streaming; none otherwise) and returns (the
+    OutgoingMessage, the body it was read from)."""
     if streaming:
-        return (yield from backend.stream(ctx, settings, call))
-    return backend.call(ctx, settings, call)
+        return (yield from stream_http(backend, request, settings, call, schema))
+    return call_http(backend, request, settings, call, schema)
 
 
-def rounds(ctx: Context, settings: dict, call: Call, streaming: bool):
-    """A provider's part of the call, as attempt() gives it: today one attempt.
-    The tool loop goes here, between one attempt and the provider chain: a round is
-    one attempt (its retries its own); when its answer asks for tools, they run,
-    their results join ctx, and the next round goes out, until an answer without
-    tool calls. The chain above sees one answer; streamed text passes through."""
-    return attempt(ctx, settings, call, streaming)
+def rounds(ctx: Context, settings: dict, call: Call, streaming: bool,
+           approve: Callable | None = None):
+    """A provider's part of the call: a generator of the answer's text pieces that
+    returns the OutgoingMessage. Without tools, one attempt (claude-code: its CLI
+    runs). With tools, the tool loop (tool_rounds, in 10): a round is one attempt
+    (its retries its own); when its answer asks for tools, they run, the model's
+    turn and their results join the request, and the next round goes out, until an
+    answer without tool calls. The chain above sees one answer; streamed text
+    passes through."""
+    backend = BACKENDS[settings["name"]]
+    if ctx.tools:
+        takes_tools(settings["name"])
+        return (yield from tool_rounds(backend, ctx, settings, call, streaming, approve))
+    if backend.run:
+        return (yield from backend.run(ctx, settings, call, streaming))
+    request = backend.request(ctx, settings, streaming)
+    return (yield from attempt(backend, request, settings, call, streaming, ctx.schema))[0]
 
 
 def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
@@ -3923,7 +3947,7 @@ def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
                         and not ctx.model and not ctx.complex:
                     ctx = routed(ctx, raw, path, name, call)
                 pieces = rounds(ctx if index == 0 else replace(ctx, model=None),
-                                settings, call, streaming)
+                                settings, call, streaming, options.approve)
                 try:
                     piece = next(pieces)
                 except StopIteration as end:             # a whole answer
@@ -3991,6 +4015,9 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         raw = with_call_settings(raw, chain[0], settings)
     if ctx.schema is not None:
         check_schema(ctx.schema)
+    if ctx.tools:                # a bad definition names its function before anything is sent
+        ctx = replace(ctx, tools=tuple(tools_from(ctx.tools)))
+        takes_tools(chain[0])
     if ctx.attachments:          # read once for the whole chain, under the first one's limit
         ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
             raw, chain[0], path))))
@@ -4382,6 +4409,104 @@ def takes_tools(name: str) -> None:
     if BACKENDS[name].tools is None:
         raise ConfigError(f"{name} cannot run tools= functions yet: use an HTTP provider "
                           "(openai, anthropic, gemini, ollama or openrouter)")
+
+
+def call_text(call: dict) -> str:
+    """get_weather(city="Paris"): a call (ToolCall.to_dict(), or one the log holds)
+    as the status lines, --approve and --logs show it."""
+    arguments = call.get("arguments")
+    if not isinstance(arguments, dict):            # the text the model sent, not an object
+        return f"{call.get('name')}({arguments})"
+    return f"{call.get('name')}(" + ", ".join(
+        f"{name}={json.dumps(value, ensure_ascii=False, default=str)}"
+        for name, value in arguments.items()) + ")"
+
+
+def tool_line(call: dict, limit: int = TOOL_STATUS_CHARS) -> str:
+    """get_weather(city="Paris") -> 12 degrees…: a call and what it gave, on one
+    line, redacted, without control characters, cut to limit characters."""
+    outcome = f"failed: {call.get('result')}" if call.get("error") else call.get("result")
+    return clean(f"{call_text(call)} -> {outcome}", limit)
+
+
+def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bool,
+                approve: Callable | None):
+    """The tool loop (see rounds()): a generator of the answer's text pieces that
+    returns the OutgoingMessage of the last round, its metadata summed over the
+    rounds and its tool_calls those of every round.
+
+    The request is built once, with the declarations; each round appends the
+    model's turn exactly as it came and the results, in the backend's shapes, and
+    sends the whole again: a retry inside a round resends the results already
+    computed, and no tool ever runs twice because of omega. The calls of a round
+    run in the model's order, in this thread; each is told to call.notify. A
+    failure after a tool ran carries partial_text and tool_calls (and is never
+    sent to a fallback provider); so does the round limit (max_turns) and the
+    deadline passing while a tool ran. Streamed rounds are separated by a blank
+    line when text came before."""
+    url, headers, body = backend.request(ctx, settings, streaming)
+    body["tools"] = backend.tools(ctx.tools)
+    tools = {tool.name: tool for tool in ctx.tools}
+    most = requested(ctx, settings, "max_turns")
+    replies, ran, texts = [], [], []
+    try:
+        for turn in range(1, most + 1):
+            pieces = attempt(backend, (url, headers, body), settings, call, streaming)
+            reply, data = yield from after_blank_line(pieces, bool(texts) and streaming)
+            replies.append(reply)
+            texts += [reply.text] * bool(reply.text)
+            calls = read_shaped(backend.calls, settings, reply, data)
+            if not calls:
+                break
+            if turn == most:            # those calls are not run: nothing would read them
+                raise ProviderError(f"the model still asked for tools after {most} rounds "
+                                    "(max_turns); raise max_turns or Context.max_turns",
+                                    settings["name"], code="max_turns", reason="max turns")
+            done = []
+            for asked in calls:
+                done.append(run_tool(tools.get(asked.name), asked,
+                                     settings["max_tool_result_bytes"], approve))
+                ran.append(done[-1])
+                call.notify(tool_line(done[-1].to_dict()))
+                if call.left() <= 0:
+                    raise timed_out(settings, call, f" (the tool {asked.name} ran past it)")
+            body[backend.turns] += read_shaped(backend.round, settings, reply, data, done)
+        reply = replies[-1]
+        if ctx.schema is not None:
+            reply.data = json_answer(reply.text, reply.metadata.stop_reason, ctx.schema,
+                                     settings)
+    except ProviderError as e:
+        if not (ran or texts):
+            raise
+        raise e.with_context(partial_text="\n\n".join(texts) or None, tool_calls=ran) from None
+    reply.metadata = replace(
+        reply.metadata, num_turns=len(replies), tokens_used=None,
+        **{name: total(getattr(r.metadata, name) for r in replies)
+           for name in ("input_tokens", "output_tokens", "cost_usd", "attempts")})
+    reply.tool_calls = ran
+    return reply
+
+
+def read_shaped(read: Callable, settings: dict, reply: OutgoingMessage, *args):
+    """read(*args) of a backend's body, or the error of a body without the shape
+    its calls should have (as parsed() says it of its text)."""
+    try:
+        return read(*args)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise shape_error(settings, reply.metadata.request_id) from None
+
+
+def after_blank_line(pieces, blank: bool):
+    """pieces, the first after a blank line when blank; returns what pieces return."""
+    try:
+        piece = next(pieces)
+    except StopIteration as end:
+        return end.value
+    try:
+        yield "\n\n" + piece if blank else piece
+        return (yield from pieces)
+    finally:
+        pieces.close()
 
 
 # =============================================================================

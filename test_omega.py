@@ -533,6 +533,139 @@ def stream_via(name, api, ctx=None, **section):
     return pieces, s
 
 
+# --- tool calls in each API's wire format ------------------------------------
+
+def answer_with(name, text="", calls=()):
+    """A body of backend `name`: text, then calls [(id, function, arguments)] when
+    given (Gemini's carry no id, as recorded; Ollama's one when given)."""
+    if name in ("openai", "openrouter"):
+        body = answer_of(name, text, "tool_calls" if calls else None)
+        message = body["choices"][0]["message"]
+        message["content"] = text or None
+        if calls:
+            message["tool_calls"] = [{"id": i, "type": "function", "function": {
+                "name": f, "arguments": json.dumps(a)}} for i, f, a in calls]
+        return body
+    if name == "anthropic":
+        return anthropic_ok(*[{"type": "text", "text": text}] * bool(text),
+                            *({"type": "tool_use", "id": i, "name": f, "input": a}
+                              for i, f, a in calls), stop="tool_use" if calls else "end_turn")
+    if name == "gemini":
+        return gemini_ok(*[{"text": text}] * bool(text),
+                         *({"functionCall": {"name": f, "args": a}} for _, f, a in calls))
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [{**({"id": i} if i else {}), "function": {
+            "name": f, "arguments": a}} for i, f, a in calls]
+    return ollama_ok(text, message=message)
+
+
+def stream_with(name, text="", calls=()):
+    """The answer of answer_with(), streamed in the API's framing, text in two pieces
+    and each call's arguments (OpenAI, Anthropic) in 4-character deltas."""
+    half = len(text) // 2
+    texts = [t for t in (text[:half], text[half:]) if t]
+    if name in ("openai", "openrouter"):
+        chunks = [oa_chunk(t) for t in texts]
+        for n, (i, f, a) in enumerate(calls):
+            arguments = json.dumps(a, ensure_ascii=False)
+            chunks.append(oa_chunk())
+            chunks[-1]["choices"][0]["delta"] = {"tool_calls": [{
+                "index": n, "id": i, "type": "function", "function": {"name": f, "arguments": ""}}]}
+            for k in range(0, len(arguments), 4):
+                chunks.append(oa_chunk())
+                chunks[-1]["choices"][0]["delta"] = {"tool_calls": [{
+                    "index": n, "function": {"arguments": arguments[k:k + 4]}}]}
+        chunks.append(oa_chunk(finish="tool_calls" if calls else "stop"))
+        chunks.append({"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                       "usage": {"prompt_tokens": 12, "completion_tokens": 5}})
+        return b"".join(b"data: " + utf8_json(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+    def event(kind, **data):
+        return b"event: " + kind.encode() + b"\ndata: " + utf8_json({"type": kind, **data}) + b"\n\n"
+    if name == "anthropic":
+        out = [event("message_start", message={
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [], "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}})]
+        blocks = [({"type": "text", "text": ""}, [("text_delta", "text", t) for t in texts])] \
+            * bool(text)
+        for i, f, a in calls:
+            arguments = json.dumps(a, ensure_ascii=False)
+            blocks.append(({"type": "tool_use", "id": i, "name": f, "input": {}},
+                           [("input_json_delta", "partial_json", arguments[k:k + 4])
+                            for k in range(0, len(arguments), 4)] or
+                           [("input_json_delta", "partial_json", "")]))
+        for index, (start, deltas) in enumerate(blocks):
+            out.append(event("content_block_start", index=index, content_block=start))
+            out += [event("content_block_delta", index=index, delta={"type": kind, key: value})
+                    for kind, key, value in deltas]
+            out.append(event("content_block_stop", index=index))
+        out.append(event("message_delta", delta={"stop_reason": "tool_use" if calls
+                                                  else "end_turn"}, usage={"output_tokens": 4}))
+        return b"".join(out) + event("message_stop")
+    if name == "gemini":
+        chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": t}]},
+                                   "index": 0}]} for t in texts]
+        chunks.append({"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": f, "args": a}} for _, f, a in calls] or [{"text": ""}]},
+            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 3}})
+        return b"".join(b"data: " + utf8_json(c) + b"\r\n\r\n" for c in chunks)
+    lines = [{"model": "llama3", "message": {"role": "assistant", "content": t}, "done": False}
+             for t in texts]
+    if calls:
+        lines.append({"model": "llama3", "done": False, "message": {
+            "role": "assistant", "content": "", "tool_calls": [
+                {**({"id": i} if i else {}), "function": {"name": f, "arguments": a}}
+                for i, f, a in calls]}})
+    lines.append({"model": "llama3", "message": {"role": "assistant", "content": ""},
+                  "done": True, "done_reason": "stop", "prompt_eval_count": 7, "eval_count": 3})
+    return b"".join(utf8_json(line) + b"\n" for line in lines)
+
+
+def utf8_json(value):
+    """JSON as servers send it: UTF-8, non-ASCII characters as they are."""
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+def queue(api, name, streaming, text="", calls=(), **extra):
+    """Queue the next answer of api: answer_with(), or stream_with() served in slices."""
+    if streaming:
+        return serve_stream(api, stream_with(name, text, calls), **extra)
+    return api.reply(answer_with(name, text, calls), **extra)
+
+
+def sent_results(name, body):
+    """The tool results a request carries, last round's only, in order: (text, error),
+    error None where the API has no flag for it (OpenAI, Ollama)."""
+    if name == "anthropic":
+        return [(b["content"], b.get("is_error", False)) for b in body["messages"][-1]["content"]]
+    if name == "gemini":
+        return [(p["functionResponse"]["response"].get("result",
+                                                       p["functionResponse"]["response"].get("error")),
+                 "error" in p["functionResponse"]["response"])
+                for p in body["contents"][-1]["parts"]]
+    results = []
+    for message in reversed(body["messages"]):
+        if message["role"] != "tool":
+            break
+        results.insert(0, (message["content"], None))
+    return results
+
+
+def with_tools(name, api, streaming, tools, prompt="Weather?", section=None, config=None,
+               **keywords):
+    """complete() or stream() of prompt with tools against api: (reply, pieces or None)."""
+    config = config or cfg(name, api, **(section or {}))
+    if not streaming:
+        return omega.complete(prompt, provider=name, config=config, tools=tools, **keywords), None
+    s = omega.stream(prompt, provider=name, config=config, tools=tools, **keywords)
+    with s:
+        pieces = list(s)
+    assert "".join(pieces) == s.text
+    return s.reply, pieces
+
+
 def same(ours, theirs):
     """Equal, and equal as JSON text too: the same keys in the same order."""
     assert ours == theirs
@@ -1547,6 +1680,16 @@ def test_values_python_cannot_use_are_config_errors(api, tmp_path):
             call()
         assert message in str(err.value), err.value
     assert api.requests == []
+
+
+@pytest.mark.parametrize("key, bad", [("max_turns", 0), ("max_tool_result_bytes", 0),
+                                      ("max_tool_result_bytes", "big"), ("max_turns", 1.5)])
+def test_the_tool_loops_keys_are_checked(key, bad):
+    with pytest.raises(omega.ConfigError, match=f"provider.openai.{key}"):
+        omega.load_config({"provider": {"openai": {key: bad}}})
+    for name in ("ollama", "openai", "anthropic", "openrouter", "gemini"):
+        assert (omega.DEFAULTS[name]["max_turns"],
+                omega.DEFAULTS[name]["max_tool_result_bytes"]) == (10, 65536)
 
 
 # --- keys --------------------------------------------------------------------
@@ -3000,6 +3143,128 @@ def test_models_failures_are_typed_and_the_key_stays_home(api, api2):
 
 # --- every HTTP backend: tool calls, by recorded exchanges -------------------
 
+# Each backend, complete and stream: round 1 is a recorded answer that asks for tools
+# (Test data), round 2 must carry the first request with the model's turn exactly as it
+# came and the results in the API's shape (the second-round request a correct client
+# sends, recorded or built), then the answer. (round 1, its tools, what round 2 appends,
+# the calls, round 1's (input, output, cost)).
+
+def recorded_tool(name, result, parameters=None):
+    """A tool named as in a recording, whose function gives the recorded result."""
+    return omega.Tool(name, lambda **arguments: result, parameters=parameters or {
+        "type": "object"})
+
+
+def tool_round_trip(name, streaming):
+    if name == "openai" and not streaming:
+        calls = [("call_fdNz3vOBKYgOIpMdWotB9MjY", "GetWeatherArgs",
+                  {"city": "Edinburgh", "country": "GB", "units": "c"},
+                  "12 degrees c and rain in Edinburgh"),
+                 ("call_h1DWI1POMJLb0KwIyQHWXD4p", "get_stock_price",
+                  {"ticker": "AAPL", "exchange": "NASDAQ"}, '{"price": 227.52, "currency": "USD"}')]
+        return (OPENAI_PARALLEL, [GetWeatherArgs, get_stock_price],
+                OPENAI_ROUND2_PARALLEL["messages"][2:], calls, (149, 60, None))
+    if name == "openai":
+        ids = ("call_JMW1whyEaYG438VE1OIflxA2", "call_DNYTawLBoN8fj3KN6qU9N1Ou")
+        appended = json.loads(json.dumps(OPENAI_ROUND2_PARALLEL["messages"][2:]))
+        for call, result, id_ in zip(appended[0]["tool_calls"], appended[1:], ids):
+            call["id"] = result["tool_call_id"] = id_
+        return (OPENAI_STREAM_PARALLEL, [GetWeatherArgs, get_stock_price], appended,
+                [(ids[0], "GetWeatherArgs", {"city": "Edinburgh", "country": "GB", "units": "c"},
+                  "12 degrees c and rain in Edinburgh"),
+                 (ids[1], "get_stock_price", {"ticker": "AAPL", "exchange": "NASDAQ"},
+                  '{"price": 227.52, "currency": "USD"}')], (149, 60, None))
+    if name == "openrouter" and not streaming:         # reasoning_details go back as they came
+        return (OPENROUTER_REASONING_CALL,
+                [recorded_tool("get_weather", "12 degrees celsius and rain")],
+                OPENROUTER_ROUND2["messages"][1:],
+                [("toolu_01ESed5hCdyBEf6xWqtpMKwH", "get_weather", {"city": "Paris"},
+                  "12 degrees celsius and rain")], (610, 92, 0.00321))
+    if name == "openrouter":                  # id and name repeated, no finish reason, no args
+        return (OPENROUTER_STREAM_A, [llm_version],
+                [{"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "0", "type": "function", "function": {"name": "llm_version",
+                                                                 "arguments": "{}"}}]},
+                 {"role": "tool", "tool_call_id": "0", "content": "0.27"}],
+                [("0", "llm_version", {}, "0.27")], (57, 17, 7.159e-05))
+    if name == "anthropic" and not streaming:
+        result = ANTHROPIC_ROUND2["messages"][2]["content"][0]["content"]
+        tool = recorded_tool("get_weather", result, ANTHROPIC_REQUEST_TOOLS["tools"][0]["input_schema"])
+        appended = [{"role": "assistant", "content": ANTHROPIC_SINGLE_CALL["content"]},
+                    ANTHROPIC_ROUND2["messages"][2]]
+        assert appended == ANTHROPIC_ROUND2["messages"][1:]    # the SDK's keys, in its order
+        return (ANTHROPIC_SINGLE_CALL, [tool], appended,
+                [("toolu_016xm9m1i3NcGW5xFMMZJTqY", "get_weather",
+                  {"location": "San Francisco, CA", "units": "f"}, result)], (656, 74, None))
+    if name == "anthropic":                    # the thinking block and its signature go back
+        turn = json.loads(json.dumps(ANTHROPIC_ROUND2_THINKING["messages"][1]))
+        turn["content"][1]["caller"] = {"type": "direct"}      # llm-anthropic dropped it
+        return (ANTHROPIC_STREAM_THINKING, [fixed_version],
+                [turn, ANTHROPIC_ROUND2_THINKING["messages"][2]],
+                [("toolu_01825dXWLSoJwCst1qTsiWdb", "fixed_version", {}, "0.32a0")],
+                (598, 92, None))
+    if name == "gemini" and not streaming:      # thoughtSignature on its part, finishReason STOP
+        return (GEMINI_THINKING_CALL, [now], GEMINI_ROUND2["contents"][1:],
+                [(None, "now", {}, "2025-10-26T09:00:00Z")], (38, 509, None))
+    if name == "gemini":
+        chunks = [json.loads(line[6:]) for line in GEMINI_STREAM.split(b"\n") if line]
+        thoughts = [c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks[:2]]
+        return (GEMINI_STREAM.replace(b"\n", b"\r\n"), [now],
+                [{"role": "model", "parts": [{"text": "".join(thoughts), "thought": True},
+                                             chunks[2]["candidates"][0]["content"]["parts"][0]]},
+                 {"role": "user", "parts": [{"functionResponse": {
+                     "name": "now", "response": {"result": "2025-10-26T09:00:00Z"}}}]}],
+                [(None, "now", {}, "2025-10-26T09:00:00Z")], (38, 174, None))
+    if name == "ollama" and not streaming:       # ids, thinking, two calls
+        results = [f"12 degrees celsius and rain in {city}" for city in ("Paris", "Tokyo")]
+        return (OLLAMA_PARALLEL, [get_weather],
+                [OLLAMA_PARALLEL["message"], *({"role": "tool", "content": result,
+                                                 "tool_name": "get_weather", "tool_call_id": id_}
+                                                for result, id_ in zip(results, ("call_k3v9x0qa",
+                                                                                 "call_7m2pd4zt")))],
+                [("call_k3v9x0qa", "get_weather", {"city": "Paris"}, results[0]),
+                 ("call_7m2pd4zt", "get_weather", {"city": "Tokyo"}, results[1])], (182, 61, None))
+    return (OLLAMA_STREAM, [get_weather],                                  # no ids
+            [{"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]},
+             {"role": "tool", "content": "12 degrees celsius and rain in Tokyo",
+              "tool_name": "get_weather"}],
+            [(None, "get_weather", {"city": "Tokyo"}, "12 degrees celsius and rain in Tokyo")],
+            (169, 15, None))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_a_tool_round_trip_sends_the_models_turn_as_it_came(api, name, streaming):
+    first, tools, appended, calls, (tokens_in, tokens_out, cost) = \
+        tool_round_trip(name, streaming)
+    for seed, most in ((1, 1), (2, 7), (3, 4096)) if streaming else ((0, 0),):
+        if streaming:
+            serve_stream(api, first, seed=seed, most=most)
+        else:
+            api.reply(first)
+        queue(api, name, streaming, "It rains: take an umbrella.")
+        reply, pieces = with_tools(name, api, streaming, tools,
+                                   section={"max_tokens": 100, "temperature": 0.5})
+        one, two = api.requests[-2:]
+        assert (two.method, two.path) == (one.method, one.path)
+        assert two.headers == {**one.headers, "content-length": two.headers["content-length"]}
+        body = json.loads(json.dumps(one.body))        # round 2 = round 1 + the turn + results
+        body[omega.BACKENDS[name].turns] += appended
+        assert two.body == body
+        assert json.dumps(two.body[omega.BACKENDS[name].turns][-len(appended):]) == \
+            json.dumps(appended)                       # the same keys in the same order
+        assert one.body["tools"] == omega.BACKENDS[name].tools(omega.tools_from(tools))
+        assert reply.text == "It rains: take an umbrella."
+        assert [(c.id, c.name, c.arguments, c.result, c.error) for c in reply.tool_calls] == \
+            [(*c, False) for c in calls]
+        m = reply.metadata
+        second = {"ollama": (7, 3), "gemini": (8, 3), "anthropic": (10, 4)}.get(name, (12, 5))
+        assert (m.input_tokens, m.output_tokens) == (tokens_in + second[0], tokens_out + second[1])
+        assert (m.cost_usd, m.attempts, m.num_turns) == (cost, 2, 2)
+        if streaming:                            # round 1 wrote no text: no blank line
+            assert len(pieces) == 2 and "".join(pieces) == reply.text
+
 
 def test_openai_declarations_and_a_recorded_single_call():
     assert omega.openai_tools(omega.tools_from([lookup_population, can_have_dragons])) == \
@@ -3129,6 +3394,25 @@ def test_openai_delta_variants(deltas, calls):
     omega.openai_tool_deltas(state, None)                  # a delta without tool_calls
     omega.openai_tool_deltas(state, ["junk", 3])
     assert state == []
+
+
+@pytest.mark.parametrize("case", range(5), ids=["index-null-then-missing",
+                                                "index-0-then-null", "several-on-index-0",
+                                                "llamacpp-id-in-function", "no-arguments"])
+def test_streamed_call_variants_against_a_server(api, case):
+    """test_openai_delta_variants' deltas, each in a chunk, served byte by byte, then
+    the round that goes back: ids, names and arguments whole, empty arguments as {}."""
+    deltas, calls = DELTA_VARIANTS[case]
+    body = b"".join(b"data: " + utf8_json({"choices": [{"index": 0, "delta": {
+        "tool_calls": [delta]}}]}) + b"\n\n" for delta in deltas) + b"data: [DONE]\n\n"
+    serve_stream(api, body, most=1)
+    queue(api, "openai", True, "ok")
+    tools = [weather, now]
+    reply, _ = with_tools("openai", api, True, tools)
+    assert [(c.id, c.name, c.arguments) for c in reply.tool_calls] == calls
+    turn = api.last().body["messages"][-1 - len(calls)]
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in turn["tool_calls"]] == calls
 
 
 def test_anthropic_declarations_and_an_error_result():
@@ -4571,6 +4855,41 @@ def test_a_chat_says_it_belongs_to_one_thread_at_a_time():
     assert "one thread at a time" in " ".join(omega.Chat.__doc__.split())
 
 
+def test_tools_and_approve_are_keywords_of_every_call_and_a_chat_sends_them_every_turn(api):
+    asked = []
+
+    def approve(call):
+        asked.append(call.name)
+        return True
+
+    def answer_or_call(request):
+        if request.body["messages"][-1]["role"] == "tool" or request.body["messages"][-1][
+                "content"] == "And now?":
+            return {"body": openai_ok("Noon.")}
+        return {"body": answer_with("openai", calls=[("c1", "now", {})])}
+    api.default = answer_or_call
+    config = cfg("openai", api)
+    ways = {"complete": lambda: omega.complete("hi", "openai", config, tools=[now],
+                                               approve=approve).text,
+            "stream": lambda: "".join(omega.stream("hi", "openai", config, tools=[now],
+                                                   approve=approve)),
+            "ask": lambda: omega.ask("hi", "openai", config=config, tools=[now], approve=approve),
+            "Chat": lambda: omega.Chat("openai", config=config, tools=[now],
+                                       approve=approve).ask("hi"),
+            "a Chat turn": lambda: omega.Chat("openai", config=config).ask(
+                "hi", tools=[now], approve=approve)}
+    for way, call in ways.items():
+        assert call() == "Noon.", way
+        assert api.last().body["tools"][0]["function"]["name"] == "now"
+        assert asked.pop() == "now" and asked == []
+    chat = omega.Chat("openai", config=config, tools=[now])
+    assert chat.ask("hi") == "Noon." and chat.ask("And now?") == "Noon."
+    assert api.last().body["tools"][0]["function"]["name"] == "now"      # every turn
+    assert [m["role"] for m in api.last().body["messages"]] == ["user", "assistant", "user"]
+    assert chat.replies[0].tool_calls[0].result == "2025-10-26T09:00:00Z"
+    assert "tools=<1>" in repr(omega.Options(tools=[now]))
+
+
 # --- complete() and ask() ----------------------------------------------------
 
 def test_ask_returns_the_text_and_passes_everything_on(api):
@@ -4993,6 +5312,38 @@ def a_city(name: str) -> str:
     return name
 
 
+@pytest.mark.parametrize("item, words", [
+    (lambda city: city, ["'<lambda>'", "name"]),
+    (omega.Tool("get.weather", a_city), ["'get.weather'", "name"]),
+    (omega.Tool("1weather", a_city), ["'1weather'"]),
+    (omega.Tool("-weather", a_city), ["'-weather'"]),
+    (omega.Tool("w" * 65, a_city), ["w" * 60]),
+    (omega.Tool("", a_city), ["''"]),
+    (omega.Tool("a b", a_city), ["'a b'"]),
+    (star_args, ["star_args", "*cities", "variadic positional"]),
+    (star_kwargs, ["star_kwargs", "**options", "variadic keyword"]),
+    (positional_only, ["positional_only", "city", "positional-only"]),
+    (odd_hint, ["odd_hint", "when", "complex"]),
+    (union_hint, ["union_hint", "int | str"]),
+    (int_keys, ["int_keys", "dict[int, str]"]),
+    (tuple_hint, ["tuple_hint", "tuple[int, int]"]),
+    (enum_literal, ["enum_literal", "Literal"]),
+    (omega.Tool("search", None), ["search", "function or parameters"]),
+    (omega.Tool("search", None, parameters={"type": "array"}), ["search", "object"]),
+    (omega.Tool("search", None, parameters={"type": "thing"}), ["search", "unknown type 'thing'"]),
+    ("get_weather", ["'get_weather'", "neither a function nor a Tool"]),
+], ids=lambda x: x if isinstance(x, str) else getattr(x, "__name__", None))
+def test_bad_definitions_are_config_errors_naming_the_function_before_anything_is_sent(
+        api, item, words):
+    with pytest.raises(omega.ConfigError) as e:
+        omega.tools_from([item])
+    for word in words:
+        assert word in str(e.value)
+    with pytest.raises(omega.ConfigError) as again:
+        omega.complete("hi", "openai", cfg("openai", api), tools=[get_weather, item])
+    assert str(again.value) == str(e.value) and api.requests == []
+
+
 def test_a_name_used_twice_or_no_list():
     with pytest.raises(omega.ConfigError, match="two tools are named 'get_weather'"):
         omega.tools_from([get_weather, omega.Tool("get_weather", now)])
@@ -5120,6 +5471,214 @@ def test_approve_is_asked_only_for_a_call_that_would_run():
     omega.run_tool(tool, omega.ToolCall("3", "city", {}), 100, approve)          # bad arguments
     omega.run_tool(None, omega.ToolCall("4", "nope", {}), 100, approve)          # unknown
     assert len(asked) == 2
+
+
+# --- the loop, on every HTTP backend ------------------------------------------
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_parallel_calls_run_in_order_and_every_failure_is_a_result(api, name, streaming):
+    order = []
+
+    def weather_logged(**arguments):
+        order.append(arguments.get("city"))
+        return weather(**arguments)
+    tool = omega.Tool("weather", weather_logged, parameters=omega.tool_from(weather).parameters)
+    queue(api, name, streaming, calls=[
+        ("c1", "weather", {"city": "Paris"}), ("c2", "weather", {"city": "Atlantis"}),
+        ("c3", "wether", {"city": "Oslo"}), ("c4", "weather", {"city": 3}),
+        ("c5", "weather", {"city": "Data"}), ("c6", "weather", {"city": "Refused"})])
+    queue(api, name, streaming, "Rain in Paris.")
+    reply, _ = with_tools(name, api, streaming, [tool])
+    assert reply.text == "Rain in Paris." and order == ["Paris", "Atlantis", "Data", "Refused"]
+    flag = name in ("anthropic", "gemini")                # the APIs that mark an error result
+    assert sent_results(name, api.last().body) == [
+        ("12 degrees celsius and rain in Paris", False if flag else None),
+        ("ValueError: no such city", True if flag else None),
+        ("there is no tool named 'wether' that can run", True if flag else None),
+        ("invalid arguments for weather: city must be string, not integer", True if flag else None),
+        ('{"city": "Data", "temperature": "12°C", "days": [1, 2], '
+         '"when": "<class \'omega.Message\'>"}', False if flag else None),
+        ("Refused is not a city I may look up", True if flag else None)]
+    assert [c.error for c in reply.tool_calls] == [False, True, True, True, False, True]
+    assert len(api.requests) == 2
+
+
+def test_arguments_that_are_not_json_are_an_error_result(api):
+    body = answer_with("openai", calls=[("c1", "weather", {})])
+    body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] = '{"city": "Par'
+    api.reply(body)
+    api.reply(openai_ok("Sorry."))
+    reply = omega.complete("hi", "openai", cfg("openai", api), tools=[weather])
+    assert sent_results("openai", api.last().body) == [
+        ('the arguments are not a JSON object: {"city": "Par', None)]
+    echoed = api.last().body["messages"][-2]["tool_calls"][0]["function"]["arguments"]
+    assert echoed == '{"city": "Par' and reply.tool_calls[0].to_dict()["arguments"] == echoed
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_results_over_max_tool_result_bytes_are_cut_with_a_note(api, name):
+    def long_text() -> str:
+        return "ab" * 100
+    queue(api, name, False, calls=[("c1", "long_text", {})])
+    queue(api, name, False, "ok")
+    with_tools(name, api, False, [long_text], section={"max_tool_result_bytes": 50})
+    assert sent_results(name, api.last().body)[0][0] == \
+        "ab" * 25 + "\n[cut: the result was 200 bytes, only the first 50 are here]"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_a_503_in_round_2_is_retried_with_the_same_results_and_no_tool_runs_twice(
+        api, name, streaming):
+    runs = []
+
+    def counted(city: str) -> str:
+        runs.append(city)
+        return f"sunny in {city}"
+    queue(api, name, streaming, calls=[("c1", "counted", {"city": "Paris"})])
+    api.reply(openai_error(503, "overloaded"), status=503)
+    queue(api, name, streaming, "Sunny.")
+    reply, _ = with_tools(name, api, streaming, [counted])
+    first, failed, retried = api.requests
+    assert runs == ["Paris"] and failed.raw == retried.raw and reply.text == "Sunny."
+    assert sent_results(name, retried.body)[0][0] == "sunny in Paris"
+    assert (reply.metadata.attempts, reply.metadata.num_turns) == (3, 2)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_after_a_tool_ran_a_failure_is_never_sent_to_a_fallback(api, api2, name, streaming):
+    other = "ollama" if name != "ollama" else "openai"
+    config = cfg(name, api, max_retries=0)
+    config["provider"][other] = cfg(other, api2)["provider"][other]
+    runs = []
+
+    def counted(city: str) -> str:
+        runs.append(city)
+        return "sunny"
+    # Streamed, round 1 writes no text: only the tool that ran keeps the call here.
+    text = "" if streaming else "Let me look."
+    queue(api, name, streaming, text, calls=[("c1", "counted", {"city": "Paris"})])
+    api.reply(openai_error(500, "server_error"), status=500)
+    with pytest.raises(omega.ProviderError) as err:
+        with_tools(name, api, streaming, [counted], section={"max_retries": 0},
+                   fallback=[other], config=config)
+    assert api2.requests == [] and runs == ["Paris"] and err.value.status == 500
+    assert err.value.partial_text == (text or None) and err.value.fallbacks == []
+    assert [(c.name, c.result) for c in err.value.tool_calls] == [("counted", "sunny")]
+    api.reply(openai_error(500, "server_error"), status=500)    # no tool ran yet: it may
+    queue(api2, other, False, "From the fallback.")
+    reply, _ = with_tools(name, api, False, [counted], fallback=[other], config=config)
+    assert reply.text == "From the fallback." and runs == ["Paris"]
+    assert "counted" in json.dumps(api2.last().body["tools"])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_max_turns_ends_after_exactly_that_many_rounds(api, name, streaming):
+    runs = []
+
+    def again(n: int) -> str:
+        runs.append(n)
+        return "ask again"
+    def ask_again(request):
+        text, calls = f"Round {len(api.requests)}.", [("c", "again", {"n": len(runs)})]
+        if not streaming:
+            return {"body": answer_with(name, text, calls)}
+        return {"raw": stream_with(name, text, calls), "action": "stream", "framing": "chunked",
+                "headers": {"Content-Type": STREAM_TYPES["ndjson" if name == "ollama" else "sse"]}}
+    api.default = ask_again
+    for rounds, section, keywords in ((3, {"max_turns": 3}, {}), (2, {}, {"max_turns": 2})):
+        del api.requests[:], runs[:]
+        with pytest.raises(omega.ProviderError) as err:
+            with_tools(name, api, streaming, [again], section=section, **keywords)
+        assert err.value.code == "max_turns" and len(api.requests) == rounds
+        assert runs == list(range(rounds - 1))             # the last round's calls never run
+        assert [c.result for c in err.value.tool_calls] == ["ask again"] * (rounds - 1)
+        assert err.value.partial_text == "\n\n".join(f"Round {n}." for n in range(1, rounds + 1))
+        assert f"after {rounds} rounds" in str(err.value)
+    assert omega.DEFAULTS[name]["max_turns"] == 10
+
+
+def test_a_tool_that_runs_past_the_deadline_ends_the_call(api):
+    passed = threading.Event()
+
+    def slow() -> str:
+        passed.wait(0.4)                                  # the call's deadline is 0.2 s
+        return "late"
+    api.reply(answer_with("openai", calls=[("c1", "slow", {}), ("c2", "slow", {})]))
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout) as err:
+        omega.complete("hi", "openai", cfg("openai", api), tools=[slow], timeout=0.2)
+    assert "slow ran past it" in str(err.value) and len(api.requests) == 1
+    assert [c.result for c in err.value.tool_calls] == ["late"]    # the second never ran
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_streamed_rounds_show_answer_text_only_with_a_blank_line_between(api, name):
+    queue(api, name, True, "Let me look.", calls=[("c1", "weather", {"city": "SECRET-ARG"})])
+    queue(api, name, True, "It rains.")
+    reply, pieces = with_tools(name, api, True, [weather])
+    assert "".join(pieces) == "Let me look.\n\nIt rains." and reply.text == "It rains."
+    assert not any("SECRET" in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_arguments_split_inside_a_character_are_whole(api, name):
+    city = "Zürich — 東京"
+    queue(api, name, True, calls=[("c1", "weather", {"city": city})], most=1)
+    queue(api, name, True, "Rain.")
+    reply, _ = with_tools(name, api, True, [weather])
+    assert reply.tool_calls[0].arguments == {"city": city}
+    assert sent_results(name, api.last().body)[0][0] == f"12 degrees celsius and rain in {city}"
+
+
+@pytest.mark.parametrize("name", ["openai", "gemini", "anthropic"])
+def test_tools_with_a_schema_the_final_answer_follows_it(api, name):
+    queue(api, name, False, calls=[("c1", "now", {})])
+    queue(api, name, False, '{"days": 66}')
+    reply, _ = with_tools(name, api, False, [now], schema={"type": "object"})
+    assert reply.data == {"days": 66} and len(api.requests) == 2
+
+
+def test_a_server_without_tool_support_is_one_provider_error(api):
+    api.reply({"error": "registry.ollama.ai/library/gemma3:4b does not support tools"}, status=400)
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete("hi", "ollama", cfg("ollama", api), tools=[now])
+    assert "does not support tools" in str(err.value) and err.value.status == 400
+    assert len(api.requests) == 1 and err.value.tool_calls == []
+
+
+def test_claude_code_takes_no_tools_yet(claude):
+    with pytest.raises(omega.ConfigError, match="claude-code cannot run tools= functions"):
+        omega.complete("hi", "claude-code", claude.config(), tools=[now])
+    assert claude.calls() == []
+
+
+def test_approve_false_sends_declined_and_the_loop_goes_on(api):
+    asked = []
+
+    def approve(call):
+        asked.append((call.name, call.arguments))
+        return False
+    queue(api, "anthropic", False, calls=[("t1", "weather", {"city": "Paris"})])
+    queue(api, "anthropic", False, "Declined, fine.")
+    reply = omega.complete("hi", "anthropic", cfg("anthropic", api), tools=[weather],
+                           approve=approve)
+    assert asked == [("weather", {"city": "Paris"})] and reply.text == "Declined, fine."
+    assert sent_results("anthropic", api.last().body) == [("the user declined this call", True)]
+
+
+def test_each_call_is_one_status_line(api):
+    heard = []
+    queue(api, "openai", False, calls=[("c1", "weather", {"city": "Paris"}),
+                                       ("c2", "weather", {"city": "Atlantis"})])
+    queue(api, "openai", False, "ok")
+    omega.complete("hi", "openai", cfg("openai", api), tools=[weather], on_status=heard.append)
+    assert heard == ['weather(city="Paris") -> 12 degrees celsius and rain in Paris',
+                     'weather(city="Atlantis") -> failed: ValueError: no such city']
 
 
 # =============================================================================
