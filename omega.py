@@ -4660,12 +4660,14 @@ def shown_value(key: str, value) -> str:
 # side, the busy timeout makes writers queue, and each row is one transaction.
 # logged() at the end is how a call writes to it, a CLI call's too (via record()).
 
-LOG_SCHEMA_VERSION = 1       # PRAGMA user_version: what a later release migrates from
+LOG_SCHEMA_VERSION = 2       # PRAGMA user_version: 2 added tool_calls; 1 is upgraded
 LOG_BUSY_SECS = 5.0          # how long a run waits for another one's write, in all
 LOG_OFF = ("0", "false", "no", "off")           # OMEGA_LOG values that turn the log off
+LOGGED_RESULT_BYTES = 4096   # of a tool call's result, in the log
+LOGGED_CALL_CHARS = 200      # a logged tool call's line in --logs
 LOG_FIELDS = ("provider", "model", "system_prompt", "prompt", "answer", "input_tokens",
               "output_tokens", "cost_usd", "duration_ms", "stop_reason", "session_id",
-              "error", "asked_model")
+              "error", "asked_model", "tool_calls")
 LOG_COLUMNS = ("conversation", "time", *LOG_FIELDS)
 LOG_SCHEMA = """CREATE TABLE exchanges (
     id INTEGER PRIMARY KEY,          -- the order rows were written in
@@ -4682,16 +4684,17 @@ LOG_SCHEMA = """CREATE TABLE exchanges (
     duration_ms INTEGER,
     stop_reason TEXT,
     session_id TEXT,
-    error TEXT                       -- one line when it failed or was stopped, else NULL
+    error TEXT,                      -- one line when it failed or was stopped, else NULL
+    asked_model TEXT,                -- the model the user asked for (-m, Context.model),
+                                     -- else NULL: what --continue sends
+    tool_calls TEXT                  -- JSON: [{"name", "arguments", "result" (at most
+                                     -- 4 KB), "error"}] of every call, or NULL
 )"""
 LOG_INDEX = "CREATE INDEX exchanges_by_conversation ON exchanges (conversation, id)"
-# Columns added to schema 1 since it first shipped. They change no version: a file
-# without them gets them the next time it is written (ALTER TABLE, one statement in
-# the write's transaction, no row lost), reads as NULL there until then, and older
-# omegas go on reading and writing the file by the columns they know.
-LOG_ADDED_COLUMNS = {
-    "asked_model": "TEXT",      # the model the user asked for (-m, Context.model), else
-}                               #   NULL: what --continue sends, not what a server said
+# What an older file lacks, added the next time it is written (ALTER TABLE, in the
+# write's transaction, no row lost); until then it reads as NULL. A version-1 file
+# may lack both (asked_model came late in version 1) and becomes version 2.
+LOG_ADDED_COLUMNS = {"asked_model": "TEXT", "tool_calls": "TEXT"}
 # A conversation with an exchange that was answered: one that --continue may go on.
 ANSWERED = "answer IS NOT NULL AND error IS NULL"
 # The files SQLite keeps for the log: itself, its write-ahead log, its shared
@@ -4832,6 +4835,8 @@ def log_row(entry: dict) -> tuple:
         value = entry.get(name)
         if name == "error":
             value = error
+        elif name == "tool_calls":
+            value = logged_calls(value) if value else None
         elif name in ("input_tokens", "output_tokens", "duration_ms"):
             value = round(value) if number(value) and math.isfinite(value) and value >= 0 \
                 else None
@@ -4841,6 +4846,21 @@ def log_row(entry: dict) -> tuple:
             value = redact(value) if isinstance(value, str) else None
         values.append(value)
     return tuple(values)
+
+
+def logged_calls(calls) -> str:
+    """ToolCalls (or their dicts) as the tool_calls column holds them: JSON of name,
+    arguments, result (its first LOGGED_RESULT_BYTES, whole characters) and error,
+    every key omega knows redacted."""
+    rows = []
+    for call in calls:
+        call = call.to_dict() if isinstance(call, ToolCall) else call
+        result = call.get("result")
+        if isinstance(result, str) and len(result.encode()) > LOGGED_RESULT_BYTES:
+            result = result.encode()[:LOGGED_RESULT_BYTES].decode("utf-8", "ignore") + "…"
+        rows.append({"name": call.get("name"), "arguments": call.get("arguments"),
+                     "result": result, "error": bool(call.get("error"))})
+    return redact(json.dumps(rows, ensure_ascii=False, default=str))
 
 
 def open_log(path: str, create: bool, as_it_stands: bool = False):
@@ -4929,14 +4949,16 @@ def append(conn, path: str, conversation: str | None, row: tuple) -> str:
     # damage the newest rows (the log is a convenience, not a ledger).
     conn.execute("PRAGMA synchronous = OFF")
     conn.execute("BEGIN IMMEDIATE")      # the write lock first: id check and insert are one step
-    if schema_version(conn, path) == 0:  # asked again: another run may just have set it up
+    version = schema_version(conn, path)  # asked again: another run may just have set it up
+    if version == 0:
         conn.execute(LOG_SCHEMA)
         conn.execute(LOG_INDEX)
-        conn.execute(f"PRAGMA user_version = {LOG_SCHEMA_VERSION}")
     present = log_columns(conn)
     for column, kind in LOG_ADDED_COLUMNS.items():
         if column not in present:        # a file from before it was added
             conn.execute(f"ALTER TABLE exchanges ADD COLUMN {column} {kind}")
+    if version < LOG_SCHEMA_VERSION:
+        conn.execute(f"PRAGMA user_version = {LOG_SCHEMA_VERSION}")
     while conversation is None:
         candidate = new_conversation_id()
         if not conn.execute("SELECT 1 FROM exchanges WHERE conversation = ? LIMIT 1",
@@ -4962,7 +4984,10 @@ def read_log(path: str, query: str, params: tuple) -> list[dict] | None:
         present = log_columns(conn)
         columns = ", ".join(c if c in present else f"NULL AS {c}" for c in LOG_COLUMNS)
         found = conn.execute(f"SELECT {columns} FROM exchanges {query}", params)
-        return [dict(zip(LOG_COLUMNS, row, strict=True)) for row in found.fetchall()]
+        rows = [dict(zip(LOG_COLUMNS, row, strict=True)) for row in found.fetchall()]
+        for row in rows:
+            row["tool_calls"] = json_or_none(row["tool_calls"]) if row["tool_calls"] else None
+        return rows
 
     def read(as_it_stands):
         conn = open_log(path, create=False, as_it_stands=as_it_stands)
@@ -5068,12 +5093,15 @@ def record(log: str, ctx: Context, provider: str, outcome, received: str, starte
              "provider": meta.provider_used or getattr(outcome, "provider", None) or provider,
              "model": meta.model or ctx.model, "asked_model": ctx.model,
              "system_prompt": ctx.system_prompt,
-             "prompt": ctx.current_message, "answer": reply.text if reply else received or None,
+             "prompt": ctx.current_message,
+             "answer": reply.text if reply else received or getattr(outcome, "partial_text",
+                                                                    None) or None,
              "input_tokens": meta.input_tokens, "output_tokens": meta.output_tokens,
              "cost_usd": meta.cost_usd, "duration_ms": round((time.time() - started) * 1000),
              "stop_reason": meta.stop_reason,
              "session_id": meta.session_id or getattr(outcome, "session_id", None),
-             "error": error}
+             "error": error,
+             "tool_calls": reply.tool_calls if reply else getattr(outcome, "tool_calls", None)}
     try:
         written = log_exchange(log, entry)
     except OmegaError as e:
@@ -5335,8 +5363,11 @@ def print_logs(log: str, n: int, as_json: bool) -> int:
             print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}",
                          json.dumps(row, ensure_ascii=False)))
             continue
+        calls = [f"  {tool_line(c, LOGGED_CALL_CHARS)}" for c in row["tool_calls"] or ()
+                 if isinstance(c, dict)]
         row = {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
-        what = "\n".join(x for x in (row["answer"], row["error"] and f"error: {row['error']}") if x)
+        what = "\n".join(x for x in (*calls, row["answer"],
+                                     row["error"] and f"error: {row['error']}") if x)
         print(f"[{row['conversation']}] {row['time']} {row['provider']} {row['model'] or ''}"
               .rstrip())
         print(f"> {row['prompt']}\n{what}\n")

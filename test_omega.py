@@ -5877,7 +5877,8 @@ def test_log_round_trip(tmp_path):
                        "model": "gpt-x", "system_prompt": "Be brief", "prompt": "hi",
                        "answer": "hello", "input_tokens": 3, "output_tokens": 5,
                        "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
-                       "session_id": None, "error": None, "asked_model": None}
+                       "session_id": None, "error": None, "asked_model": None,
+                       "tool_calls": None}
     assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
     assert rows[1]["answer"] == "partial" and rows[1]["error"] == "openai: 500 boom"   # failed
     # after some text: both are kept (issue 17, item 4)
@@ -5894,13 +5895,13 @@ def test_log_is_wal_versioned_and_private(tmp_path):
     path = tmp_path / "new" / "log.db"
     omega.log_exchange(str(path), exchange())
     assert sql(path, "PRAGMA journal_mode") == [("wal",)]
-    assert sql(path, "PRAGMA user_version") == [(omega.LOG_SCHEMA_VERSION,)] == [(1,)]
+    assert sql(path, "PRAGMA user_version") == [(omega.LOG_SCHEMA_VERSION,)] == [(2,)]
     assert os.stat(path.parent).st_mode & 0o777 == 0o700
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("setup, says", [
-    ("PRAGMA user_version = 2; CREATE TABLE exchanges (future)", "newer omega (log schema 2"),
+    ("PRAGMA user_version = 3; CREATE TABLE exchanges (future)", "newer omega (log schema 3"),
     ("CREATE TABLE notes (text)", "another program's database"),
 ])
 def test_a_log_that_is_not_ours_to_change_is_refused_untouched(tmp_path, setup, says):
@@ -6230,22 +6231,6 @@ def test_continue_goes_on_with_a_conversation_that_was_answered(tmp_path):
     assert "nothing to continue" in str(err.value) and err.value.exit_code == 2
 
 
-def test_a_log_from_before_asked_model_is_read_and_upgraded_in_place(tmp_path):
-    import sqlite3
-    path = tmp_path / "log.db"
-    db = sqlite3.connect(path)
-    db.executescript(omega.LOG_SCHEMA + ";" + omega.LOG_INDEX + ";PRAGMA user_version = 1;"
-                     "INSERT INTO exchanges (conversation, time, model, prompt, answer) "
-                     "VALUES ('0123abcd', '2025-01-01T00:00:00.000Z', 'm', 'old', 'yes')")
-    db.close()
-    conversation, rows = omega.logged_conversation(str(path), None)
-    assert conversation == "0123abcd" and rows[0]["asked_model"] is None
-    omega.log_exchange(str(path), exchange(conversation="0123abcd", asked_model="gpt-x"))
-    assert [(r["prompt"], r["asked_model"]) for r in omega.recent_exchanges(str(path), 5)] == [
-        ("old", None), ("hi", "gpt-x")]
-    assert sql(path, "PRAGMA user_version") == [(1,)]
-
-
 LOG_READER = textwrap.dedent("""
     import sys, omega
     path = sys.argv[1]
@@ -6296,6 +6281,66 @@ except omega.LogError as e:
     out = unshared(f"mount -t tmpfs -o size=512k tmpfs {disk} && {write_one} && {fill} && "
                    f"{write_one}", tmp_path)
     assert out.stdout == f"conversation log {disk}/log.db: the disk is full\n", out
+
+
+@pytest.mark.parametrize("asked_model", [False, True], ids=["first-v1", "v1-with-asked_model"])
+def test_a_version_1_log_is_upgraded_in_place_without_losing_a_row(tmp_path, asked_model):
+    import sqlite3
+    path = tmp_path / "log.db"
+    db = sqlite3.connect(path, isolation_level=None)      # as omega 0.2 (schema 1) made it
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(LOG_SCHEMA_V1 + ";" + omega.LOG_INDEX + ";PRAGMA user_version = 1;")
+    if asked_model:                                        # added late in version 1
+        db.execute("ALTER TABLE exchanges ADD COLUMN asked_model TEXT")
+    for n in range(3):
+        db.execute("INSERT INTO exchanges (conversation, time, provider, model, prompt, answer) "
+                   "VALUES ('0123abcd', ?, 'openai', 'm', ?, 'yes')",
+                   (f"2025-01-01T00:00:0{n}.000Z", f"old {n}"))
+    db.close()
+    conversation, rows = omega.logged_conversation(str(path), None)      # read as it stands
+    assert conversation == "0123abcd" and [r["prompt"] for r in rows] == ["old 0", "old 1",
+                                                                         "old 2"]
+    assert rows[0]["asked_model"] is None and rows[0]["tool_calls"] is None
+    assert sql(path, "PRAGMA user_version") == [(1,)]                     # reading changes nothing
+    omega.log_exchange(str(path), exchange(conversation="0123abcd", asked_model="gpt-x",
+                                           tool_calls=[omega.ToolCall("c", "now", {}, "noon")]))
+    rows = omega.recent_exchanges(str(path), 10)
+    assert [(r["prompt"], r["asked_model"], r["tool_calls"]) for r in rows] == [
+        ("old 0", None, None), ("old 1", None, None), ("old 2", None, None),
+        ("hi", "gpt-x", [{"name": "now", "arguments": {}, "result": "noon", "error": False}])]
+    assert sql(path, "PRAGMA user_version") == [(2,)]
+    assert [c[1] for c in sql(path, "PRAGMA table_info(exchanges)")][-2:] == \
+        ["asked_model", "tool_calls"]
+
+
+def test_a_calls_tool_calls_are_logged_redacted_and_cut(api, tmp_path):
+    path = tmp_path / "log.db"
+    config = cfg("openai", api)
+    config["omega"] = {"log": {"enabled": True, "path": str(path)}}
+
+    def long_text(word: str) -> str:
+        return "é" * 3000 + word
+    api.reply(answer_with("openai", calls=[("c1", "long_text", {"word": "@KEY@"})]), echo=True)
+    api.reply(openai_ok("Done."))
+    omega.complete("hi", "openai", config, tools=[long_text])
+    (row,) = omega.recent_exchanges(str(path), 1)
+    (call,) = row["tool_calls"]
+    assert call["arguments"] == {"word": omega.mask(KEY)} and call["error"] is False
+    assert call["result"] == "é" * 2048 + "…" and len(call["result"].encode()) <= 4096 + 3
+    assert KEY.encode() not in path.read_bytes() and row["answer"] == "Done."
+
+
+def test_a_failed_call_logs_the_tool_calls_that_ran(api, tmp_path):
+    path = tmp_path / "log.db"
+    config = cfg("openai", api, max_retries=0)
+    config["omega"] = {"log": {"enabled": True, "path": str(path)}}
+    api.reply(answer_with("openai", "Looking.", calls=[("c1", "now", {})]))
+    api.reply(openai_error(400, "invalid_request_error"), status=400)
+    with pytest.raises(omega.ProviderError):
+        omega.complete("hi", "openai", config, tools=[now])
+    (row,) = omega.recent_exchanges(str(path), 1)
+    assert row["error"].startswith("openai: 400") and row["answer"] == "Looking."
+    assert [c["result"] for c in row["tool_calls"]] == ["2025-10-26T09:00:00Z"]
 
 
 # =============================================================================
@@ -8135,6 +8180,25 @@ def weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days:
         return None
     return f"12 degrees {unit} and rain in {city}"
 
+
+# The log's table as omega 0.2 made it (schema version 1, before asked_model came).
+LOG_SCHEMA_V1 = """CREATE TABLE exchanges (
+    id INTEGER PRIMARY KEY,          -- the order rows were written in
+    conversation TEXT NOT NULL,      -- 8 lowercase hex characters
+    time TEXT NOT NULL,              -- UTC, ISO 8601: 2026-12-02T09:50:23.123Z
+    provider TEXT,
+    model TEXT,
+    system_prompt TEXT,
+    prompt TEXT,
+    answer TEXT,                     -- with an error: the text received before it
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cost_usd REAL,
+    duration_ms INTEGER,
+    stop_reason TEXT,
+    session_id TEXT,
+    error TEXT                       -- one line when it failed or was stopped, else NULL
+)"""
 
 # Tool-calling bodies copied from the wire-format notes' recordings (real traffic of the
 # official SDKs' and simonw/llm's tests, the APIs' docs, Google's SDK test data; BUILT:
