@@ -5187,7 +5187,8 @@ def parse_args(argv):
         help="deadline for the whole call in seconds, fallbacks included")
     add("--fallback", metavar="P,P", type=provider_list,
         help="providers to try in order if the first fails (with -p, only these)")
-    add("--json", action="store_true", help="print {\"text\", \"metadata\"} as JSON (never streamed)")
+    add("--json", action="store_true", help="print {\"text\", \"metadata\"} (and \"tool_calls\") "
+                                            "as JSON (never streamed)")
     add("--no-stream", action="store_true", help="print the answer when it is complete "
                                                  "(default: as it is written)")
     talk = parser.add_mutually_exclusive_group()
@@ -5211,7 +5212,15 @@ def parse_args(argv):
         help="answer as JSON following this JSON Schema (a file, or the JSON itself); "
              "prints the JSON alone, compact")
     add("--models", action="store_true", help="list the provider's models, one a line")
+    # Tools
+    add("--functions", action="append", metavar="FILE.py|CODE", type=text_arg,
+        help="offer the model every top-level public function of this Python file (or "
+             "code) as a tool it may call; repeatable; one status line on stderr per call")
+    add("--approve", action="store_true",
+        help="ask on the terminal before each tool call runs (no terminal: declined)")
     args = parser.parse_args(argv)
+    if args.approve and not args.functions:
+        usage_error("--approve asks before each tool call: give --functions too")
     if any(isinstance(a, Attachment) for a in args.attach or ()) and args.prompt in ([], ["-"]):
         usage_error("-a - reads the attachment from stdin: give the prompt as words")
     alone = next((flag for flag, given in (("--logs", args.logs is not None),
@@ -5272,6 +5281,68 @@ def schema_arg(text: str) -> dict:
         raise ConfigError(f"{where}: not valid JSON ({e})") from None
     check_schema(schema)
     return schema
+
+
+def functions_from(sources: list[str]) -> list:
+    """--functions: every top-level public function (not an imported one) of each
+    Python file or piece of code, in the order they are defined. The code runs
+    here, once, as a module of its own; an error in it is a ConfigError naming it."""
+    import types
+    found = []
+    for number, source in enumerate(sources, 1):
+        is_path = os.path.isfile(source) or re.fullmatch(r"[^\s()=:;'\"]+\.py", source)
+        shown = shorten(source if is_path else " ".join(source.split()), 60)
+        try:
+            if is_path:
+                with open(source, "rb") as f:
+                    code = f.read().decode("utf-8")
+            else:
+                code = source
+            name = f"omega_functions_{number}"
+            module = types.ModuleType(name)
+            module.__file__ = os.path.abspath(source) if is_path else "<--functions>"
+            sys.modules[name] = module     # dataclasses and typing find a module by name
+            exec(compile(code, module.__file__, "exec"), vars(module))
+        except FileNotFoundError:
+            raise ConfigError(f"--functions {shown}: no such file (give a .py file or the "
+                              "code itself)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--functions {shown}: cannot read it as UTF-8 text "
+                              f"({getattr(e, 'strerror', None) or e.reason})") from None
+        except Exception as e:             # a syntax error, a failed import, what it raises
+            raise ConfigError(f"--functions {shown}: {type(e).__name__}: {e}") from None
+        functions = [value for key, value in vars(module).items() if not key.startswith("_")
+                     and isinstance(value, types.FunctionType) and value.__module__ == name]
+        if not functions:
+            raise ConfigError(f"--functions {shown}: defines no public function")
+        found += functions
+    return found
+
+
+def terminal_approval(warn: Callable, tty_path: str = "/dev/tty") -> Callable:
+    """--approve: approve(call), which asks `Run get_weather(city="Paris")? [y/N]` on
+    the terminal (never stdin, which may be the prompt's pipe). Where there is no
+    terminal, every call is declined, and warn hears so once."""
+    warned = []
+
+    def approve(call: ToolCall) -> bool:
+        try:       # unbuffered: a terminal cannot seek; and never made our controlling one
+            with open(tty_path, "r+b", buffering=0,
+                      opener=lambda path, flags: os.open(path, flags | os.O_NOCTTY)) as tty:
+                return asked_on(tty, call)
+        except OSError:
+            if not warned:
+                warned.append(True)
+                warn("warning: --approve: no terminal to ask on, so every tool call is declined")
+            return False
+    return approve
+
+
+def asked_on(tty, call: ToolCall) -> bool:
+    """Ask on tty (a binary file) whether call may run, on one line, redacted; yes is
+    y or yes."""
+    tty.write(f"Run {clean(call_text(call.to_dict()), 500)}? [y/N] ".encode())
+    return tty.readline().decode(errors="replace").strip().lower() in ("y", "yes")
 
 
 def print_models(args, raw: dict, path: str | None) -> int:
@@ -5454,6 +5525,7 @@ def run_cli(argv) -> int:
             return print_logs(log_file(raw), args.logs, args.json)   # also with the log off
         if args.models:
             return print_models(args, raw, path)
+        tools = functions_from(args.functions) if args.functions else None
         prompt = read_prompt(args.prompt)
         if not prompt.strip():
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
@@ -5478,8 +5550,9 @@ def run_cli(argv) -> int:
             ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)
         # The config was read and checked above: the call takes it as it is, and
         # logs the exchange itself (a log warning shows even with -q).
+        approve = terminal_approval(lambda m: tell(f"omega: {m}")) if args.approve else None
         options = Options(provider=provider, on_status=say, fallback=args.fallback,
-                          timeout=args.timeout)
+                          timeout=args.timeout, tools=tools, approve=approve)
         streaming = args.schema is None and not args.json and not args.no_stream
         pieces = answer(ctx, options, streaming, conversation={"id": conversation},
                         config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"),

@@ -6343,6 +6343,23 @@ def test_a_failed_call_logs_the_tool_calls_that_ran(api, tmp_path):
     assert [c["result"] for c in row["tool_calls"]] == ["2025-10-26T09:00:00Z"]
 
 
+def test_a_log_newer_than_omega_is_left_alone_with_one_warning_line(api, tmp_path, cli_main,
+                                                                  capsys):
+    import sqlite3
+    path = tmp_path / "home" / ".omega" / "log.db"
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path)
+    db.executescript("PRAGMA user_version = 3; CREATE TABLE exchanges (future)")
+    db.close()
+    before = path.read_bytes()
+    api.reply(answer_with("openai", calls=[("c1", "now", {})]))
+    api.reply(openai_ok("Noon."))
+    assert cli_main(cfg("openai", api), "-q", "--functions", NOW_PY, "time?") == 0
+    out, err = capsys.readouterr()
+    assert out == "Noon.\n" and path.read_bytes() == before
+    assert err.count("\n") == 1 and "newer omega (log schema 3" in err
+
+
 # =============================================================================
 # 13. Command line
 # =============================================================================
@@ -7046,6 +7063,116 @@ def test_cli_attach_and_schema_mistakes_are_one_line_usage_errors(capsys, tmp_pa
         assert cli_main({}, *args) == 2
         err = capsys.readouterr().err
         assert err.startswith("omega: ") and words in err and err.count("\n") == 1, err
+
+
+# --- tools: --functions, --approve, status lines ------------------------------
+
+def functions_file(tmp_path, text=None):
+    path = tmp_path / "tools.py"
+    path.write_text(TOOLS_PY if text is None else text)
+    return str(path)
+
+
+def test_functions_from_a_file_status_lines_and_json(api, tmp_path, cli_main, capsys):
+    tools = functions_file(tmp_path)
+    for args in ([], ["-q"], ["--json"]):
+        api.reply(answer_with("openai", calls=[("c1", "get_weather", {"city": "Paris"})]))
+        api.reply(openai_ok("Take an umbrella."))
+        assert cli_main(cfg("openai", api), *args, "--functions", tools,
+                        "What is the weather in Paris?") == 0
+        out, err = capsys.readouterr()
+        first = api.requests[-2].body
+        assert [t["function"]["name"] for t in first["tools"]] == ["get_weather", "shout"]
+        assert first["tools"][0]["function"]["description"] == "The current weather in a city."
+        if args == ["--json"]:
+            data = json.loads(out)
+            assert data["text"] == "Take an umbrella." and data["tool_calls"] == [{
+                "id": "c1", "name": "get_weather", "arguments": {"city": "Paris"},
+                "result": "12 degrees celsius and rain in Paris", "error": False}]
+        else:
+            assert out == "Take an umbrella.\n"
+        status = 'omega: get_weather(city="Paris") -> 12 degrees celsius and rain in Paris\n'
+        assert err == ("" if args == ["-q"] else status)
+    assert cli_main(cfg("openai", api), "--logs", "1") == 0            # the log kept the call
+    assert '> What is the weather in Paris?\n  get_weather(city="Paris") -> 12 degrees ' \
+        'celsius and rain in Paris\nTake an umbrella.\n' in capsys.readouterr().out
+
+
+def test_functions_as_code_repeated_and_status_lines_cut_to_fit(api, cli_main, capsys):
+    api.reply(answer_with("openai", calls=[("c1", "echo", {"text": "x" * 300}),
+                                           ("c2", "twice", {"n": 2})]))
+    api.reply(openai_ok("ok"))
+    assert cli_main(cfg("openai", api), "--functions", "def echo(text: str):\n    return text",
+                    "--functions", "def twice(n: int) -> int:\n    return 2 * n", "go") == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith('omega: echo(text="xxx') and lines[0].endswith("…")
+    assert len(lines[0]) <= 80 and lines[1] == "omega: twice(n=2) -> 4" and len(lines) == 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--functions", "missing.py"], "--functions missing.py: no such file"),
+    (["--functions", "def f(:\n  pass"], "--functions def f(: pass: SyntaxError"),
+    (["--functions", "import os"], "defines no public function"),
+    (["--functions", "def f(*a): pass"], "tool f: parameter *a is variadic positional"),
+    (["--functions", "def f(): pass", "--functions", "def f(): pass"], "two tools are named 'f'"),
+    (["--functions", "raise RuntimeError('boom')"], "RuntimeError: boom"),
+    (["--approve"], "--approve asks before each tool call: give --functions too"),
+    (["-p", "claude-code", "--functions", "def f(): pass"], "claude-code cannot run tools="),
+])
+def test_bad_functions_are_one_usage_error_line(api, cli_main, capsys, args, says):
+    assert cli_main(cfg("openai", api), *args, "hi") == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and api.requests == []
+
+
+def test_a_key_echoed_in_arguments_never_reaches_stderr_or_the_log(api, tmp_path, cli_main,
+                                                                  capsys):
+    api.reply(answer_with("openai", "Checking @KEY@.", calls=[
+        ("c1", "get_weather", {"city": "@KEY@\x1b[2J"})]), echo=True)
+    api.reply(openai_ok("Done."))
+    assert cli_main(cfg("openai", api), "--functions", functions_file(tmp_path), "hi") == 0
+    err = capsys.readouterr().err
+    assert not leaks(err) and omega.mask(KEY) in err and "\x1b" not in err
+    for file in (tmp_path / "home" / ".omega").iterdir():
+        assert KEY.encode() not in file.read_bytes()
+
+
+def test_approve_asks_on_the_terminal(tmp_path):
+    import pty
+    omega.remember_secret(KEY)                        # a key of the config, say
+    master, slave = pty.openpty()
+    try:
+        approve = omega.terminal_approval(pytest.fail, os.ttyname(slave))
+        call = omega.ToolCall("c1", "get_weather", {"city": "Paris"})
+        os.write(master, b"y\n")
+        assert approve(call) is True
+        os.write(master, b"no\n")
+        assert approve(omega.ToolCall("c2", "get_weather", {"city": KEY})) is False
+        shown = b""
+        while shown.count(b"[y/N]") < 2:
+            assert select.select([master], [], [], 5)[0], shown      # both prompts came
+            shown += os.read(master, 4096)
+    finally:
+        os.close(master)
+        os.close(slave)
+    text = shown.decode()
+    assert 'Run get_weather(city="Paris")? [y/N] ' in text and not leaks(text)
+    assert f'Run get_weather(city="{omega.mask(KEY)}")? [y/N] ' in text
+
+
+def test_approve_without_a_terminal_declines_every_call_with_one_warning(api, tmp_path):
+    api.reply(answer_with("openai", calls=[("c1", "get_weather", {"city": "Paris"}),
+                                           ("c2", "get_weather", {"city": "Rome"})]))
+    api.reply(openai_ok("Nothing ran."))
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    out = subprocess.run([sys.executable, OMEGA_PY, "--functions", functions_file(tmp_path),
+                          "--approve", "-q", "hi"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=30, env=cli_env(tmp_path), stdin=subprocess.DEVNULL,
+                         start_new_session=True)              # no controlling terminal
+    assert out.returncode == 0 and out.stdout == "Nothing ran.\n"
+    assert out.stderr == ("omega: warning: --approve: no terminal to ask on, so every tool "
+                          "call is declined\n")
+    assert sent_results("openai", api.last().body) == [("the user declined this call", None)] * 2
 
 
 # --- what ships: an executable omega.py and a README that stands alone -------
@@ -8180,6 +8307,27 @@ def weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days:
         return None
     return f"12 degrees {unit} and rain in {city}"
 
+
+# --functions: a file with a public function, a helper and an import (neither offered).
+TOOLS_PY = '''from os.path import join
+
+
+def get_weather(city: str) -> str:
+    """The current weather in a city.
+
+    city: the city's name, e.g. "Paris"
+    """
+    return f"12 degrees celsius and rain in {city}"
+
+
+def _helper():
+    return join("a", "b")
+
+
+def shout(text: str) -> str:
+    return text.upper()
+'''
+NOW_PY = 'def now() -> str:\n    return "noon"\n'
 
 # The log's table as omega 0.2 made it (schema version 1, before asked_model came).
 LOG_SCHEMA_V1 = """CREATE TABLE exchanges (
