@@ -2806,12 +2806,10 @@ def anthropic_events(chunks, settings: dict):
             continue
         event = stream_json(data, settings)
         kind = event.get("type") if isinstance(event, dict) else None
-        if kind == "content_block_delta":
+        if kind == "content_block_delta" or kind == "content_block_start":
             piece = anthropic_block_event(content, growing, event)
             if piece:
                 yield piece
-        elif kind == "content_block_start":
-            anthropic_block_event(content, growing, event)
         elif kind == "error" or name == b"error":
             raise stream_error(event, settings)
         elif kind == "message_start":
