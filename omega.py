@@ -11,6 +11,7 @@
     for piece in omega.stream("Tell me a story"): ...    # the answer as it is written
     omega.map(["Translate: cat", "Translate: dog"], workers=8)  # many at once, in order
     chat = omega.Chat(provider="anthropic"); chat.ask("Hi"); chat.ask("And?")
+    omega.ask("Umbrella in Paris?", tools=[get_weather])  # the model calls your function
 
     python omega.py "Say hi"                             # the same from a shell
     python omega.py --each "Translate: {}" < lines.txt   # one prompt per line
@@ -25,14 +26,14 @@ the backend table (8) is built from the backends' functions, so the code that
 reads it comes first: Secrets' redact() (SECRET_ENV), Configuration (BACKENDS,
 NAMES, SCHEMA), and require_key() and openai_request() in 7 (their own entry);
 clean() and shorten() (3), which every text a server wrote goes through, serve
-Data (1) and Errors (2) too; Calling hands each exchange to the Conversation log
-and, when nothing is set up, asks Diagnostics which providers are ready (both
-below it, so that the public API comes right after what it is built on); and
-inside a section a function may come before the helpers it calls. To follow a
-call, start reading at 9, Calling.
+Data (1) and Errors (2) too; Calling runs the tool loop of Tools, hands each
+exchange to the Conversation log and, when nothing is set up, asks Diagnostics
+which providers are ready (all three below it, so that the public API comes
+right after what it is built on); and inside a section a function may come
+before the helpers it calls. To follow a call, start reading at 9, Calling.
 
-     1. Data               Message, Context, Attachment, MessageMetadata,
-                           OutgoingMessage, Call (with a map's stop)
+     1. Data               Message, Context, Tool, ToolCall, Attachment,
+                           MessageMetadata, OutgoingMessage, Call (with a map's stop)
      2. Errors             OmegaError ... ProviderUnavailable (context given to
                            __init__), LogError, NoConversation; the failure policy:
                            every backend's error bodies -> typed errors, Retry-After
@@ -43,18 +44,22 @@ call, start reading at 9, Calling.
                            reading, the retry loop and each server's Retry-After pause,
                            SSE and NDJSON framing), then processes (the claude CLI's
                            process group)
-     7. Backends           shared helpers, JSON answers (a schema in each API's form,
-                           the answer parsed), then one banner per backend: its request
-                           builder, response parser, stream reader, model list
+     7. Backends           shared helpers, tool calls, JSON answers (a schema in each
+                           API's form, the answer parsed), then one banner per backend:
+                           its request builder, response parser, stream reader, tool
+                           declarations, calls and round, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
      9. Calling            Options (every call's keywords), status timer, routing,
-                           attempt -> rounds (the tool loop's place) -> the provider
-                           chain -> answer(), priced; complete(), stream() and Stream,
-                           ask(), Chat, models(); map() and its workers  <- start here
-    10. Diagnostics        readiness probes (PROBES), --check, the first-run hint
-    11. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
-                           (SQLite, WAL, schema version); logged() writes a call's row
-    12. Command line       parse_args, prompt reading, main(); --each and its progress line
+                           attempt -> rounds (the tool loop) -> the provider chain ->
+                           answer(), priced; complete(), stream() and Stream, ask(),
+                           Chat, models(); map() and its workers        <- start here
+    10. Tools              schemas from type hints and docstrings, run_tool, the tool
+                           loop (tool_rounds) that rounds() runs for a call with tools
+    11. Diagnostics        readiness probes (PROBES), --check, the first-run hint
+    12. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
+                           (SQLite, WAL, schema versions); logged() writes a call's row
+    13. Command line       parse_args, prompt reading, --functions, main(); --each and
+                           its progress line
 """
 
 from __future__ import annotations   # annotations stay text: subprocess is imported lazily
@@ -104,7 +109,8 @@ __all__ = [
     "ask", "complete", "stream", "Stream", "Chat", "classify", "route", "load_config", "Message", "Context",
     "MessageMetadata", "OutgoingMessage", "PROVIDERS", "OmegaError", "ConfigError",
     "ProviderError", "AuthError", "RateLimitError", "ProviderTimeout", "EmptyResponse",
-    "ProviderUnavailable", "Attachment", "models", "Options", "Results",
+    "ProviderUnavailable", "Attachment", "models", "Options", "Results", "Tool", "ToolCall",
+    "ToolFailed",
 ]   # and map(), left out: `from omega import *` must not take Python's own map away
 
 USER_AGENT = f"omega/{__version__}"
@@ -133,12 +139,14 @@ class Context:
     model: str | None = None         # overrides the configured model for this request
     complex: bool = False            # use the provider's model_complex
     session_id: str | None = None    # claude-code: resume this CLI session
-    max_turns: int | None = None     # claude-code: agent turns (disables auto-resume)
+    max_turns: int | None = None     # the most model rounds: claude-code's agent turns
+                                     #   (disables auto-resume), the HTTP tool loop's rounds
     allowed_tools: list | None = None  # claude-code: overrides the configured list
     max_tokens: int | None = None
     temperature: float | None = None
     attachments: tuple = ()          # paths, bytes or Attachment, sent with current_message
     schema: dict | None = None       # a JSON Schema the answer must follow: see reply.data
+    tools: tuple = ()                # functions or Tools the model may call (the tool loop)
 
     def to_api_messages(self) -> tuple[str, list[dict]]:
         """(system prompt, [{"role", "content"}, ...]) ready for a chat API: history
@@ -186,6 +194,40 @@ class Attachment:
         return f"Attachment({len(self.data):,} bytes, mime={self.mime!r}, name={self.name!r})"
 
 
+@dataclass
+class Tool:
+    """A function the model may call: its name, the function, what it does (told to
+    the model) and its parameters as a JSON Schema object. A plain function given as
+    a tool becomes one, its schema from its type hints and its docstring (see
+    tool_from); build a Tool to name it otherwise or to write the schema by hand. A
+    Tool whose fn is None is declared only: a call of it gets an error result."""
+    name: str
+    fn: Callable | None
+    description: str = ""
+    parameters: dict | None = None
+
+
+@dataclass
+class ToolCall:
+    """One call the model asked for and what it got: `arguments` as parsed ({} when
+    none came), `result` the text sent back, `error` True when that text reports a
+    failure. `raw_arguments` holds the argument text only when it was not a JSON
+    object, so the model can be told so (never shown in the repr)."""
+    id: str | None
+    name: str
+    arguments: dict
+    result: str | None = None
+    error: bool = False
+    raw_arguments: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """{"id", "name", "arguments", "result", "error"}: the arguments as the model
+        sent them when they were not a JSON object."""
+        arguments = self.arguments if self.raw_arguments is None else self.raw_arguments
+        return {"id": self.id, "name": self.name, "arguments": arguments,
+                "result": self.result, "error": self.error}
+
+
 def number(value) -> bool:
     """True for an int or float (JSON booleans are ints to Python: not here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -195,6 +237,12 @@ def count(value) -> int | None:
     """A token or turn count as a server sent it, or None when it is not one."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
         else None
+
+
+def total(values) -> int | float | None:
+    """The sum of the numbers among values; None when there is none (unknown, not 0)."""
+    values = [v for v in values if number(v)]
+    return sum(values) if values else None
 
 
 @dataclass
@@ -236,13 +284,16 @@ class OutgoingMessage:
     text: str
     metadata: MessageMetadata
     data: object = None     # with Context.schema: the answer parsed (text is the raw JSON)
+    tool_calls: list = field(default_factory=list)   # ToolCalls of every round, in order
 
     def to_dict(self) -> dict:
-        """Plain JSON-able data: {"text": ..., "metadata": {...}}, and "data" when the
-        answer was asked for as JSON."""
+        """Plain JSON-able data: {"text": ..., "metadata": {...}}, "data" when the
+        answer was asked for as JSON, "tool_calls" when tools ran."""
         out = {"text": self.text, "metadata": asdict(self.metadata)}
         if self.data is not None:
             out["data"] = self.data
+        if self.tool_calls:
+            out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
         return out
 
 
@@ -338,8 +389,9 @@ class ProviderError(OmegaError):
     retry_after (seconds the server asked for), retryable (another try may help),
     reason (a few words for the fallback story: "connection refused");
     not_set_up (no key or no CLI: nothing was sent), session_id (claude-code: where
-    to resume), partial_text (what was answered before the failure), fallbacks
-    ("provider: error" for each provider tried after this one).
+    to resume), partial_text (what was answered before the failure), tool_calls (the
+    ToolCalls that ran before it), fallbacks ("provider: error" for each provider
+    tried after this one).
 
     Every text a server could have written is redacted of keys, stripped of control
     characters and capped before it is stored (see clean())."""
@@ -350,7 +402,7 @@ class ProviderError(OmegaError):
                  retry_after: float | None = None, retryable: bool = False,
                  reason: str | None = None, not_set_up: bool = False,
                  session_id: str | None = None, partial_text: str | None = None,
-                 fallbacks=()):
+                 tool_calls=(), fallbacks=()):
         self.message = clean(message, 1000)
         self.provider, self.status = provider, status if count(status) is not None else None
         self.code = clean(code, 100) or None if isinstance(code, str) else None
@@ -359,6 +411,7 @@ class ProviderError(OmegaError):
         self.retry_after, self.retryable, self.not_set_up = retry_after, retryable, not_set_up
         self.reason = clean(reason, 80) if reason else self.short_reason()
         self.partial_text, self.fallbacks = partial_text, list(fallbacks)
+        self.tool_calls = list(tool_calls)
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -389,7 +442,7 @@ class ProviderError(OmegaError):
                        retry_after=self.retry_after, retryable=self.retryable,
                        reason=self.reason, not_set_up=self.not_set_up,
                        session_id=self.session_id, partial_text=self.partial_text,
-                       fallbacks=self.fallbacks)
+                       tool_calls=self.tool_calls, fallbacks=self.fallbacks)
         return type(self)(**{**context, **changes})
 
 
@@ -736,7 +789,7 @@ KEY_TYPES = {
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
     "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
-    "prices": dict,
+    "prices": dict, "max_tool_result_bytes": int,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -766,6 +819,7 @@ RULES = {
     "num_ctx": (lambda v: v > 0, "a number greater than 0"),
     "max_response_bytes": (lambda v: v > 0, "a number greater than 0"),
     "max_attachment_bytes": (lambda v: v > 0, "a number greater than 0"),
+    "max_tool_result_bytes": (lambda v: v > 0, "a number greater than 0"),
     "max_retries": (lambda v: 0 <= v <= MAX_RETRIES_CAP,
                     f"a number from 0 to {MAX_RETRIES_CAP}"),
     "max_resume_attempts": (lambda v: v >= 0, "a number 0 or more"),
@@ -2135,10 +2189,15 @@ def group_alive(child: subprocess.Popen) -> bool:
 #   <name>_events(chunks, settings): a generator that reads a streamed body (bytes
 #       as they arrive), yields the answer's text pieces and returns the body the
 #       same answer would have had unstreamed, for <name>_response to read.
+# and three more for the tool loop (10), in each API's shape:
+#   <name>_tools(tools) -> body["tools"], the declarations
+#   <name>_calls(data) -> [ToolCall], the calls an answer asks for
+#   <name>_round(data, calls) -> the messages that go back: the model's turn as it
+#       came, then the results.
 # call_http() and stream_http() run them with the transport; the backend table
-# (8) lists them. First the helpers they share and JSON answers, then one
-# sub-banner per backend: request builder, response parser, stream reader and
-# model list side by side.
+# (8) lists them. First the helpers they share, tool calls and JSON answers, then
+# one sub-banner per backend: request builder, response parser, stream reader,
+# tool declarations, calls and round, model list side by side.
 
 def drain(pieces) -> OutgoingMessage:
     """Run a generator of pieces to its end; what it returns."""
@@ -2149,11 +2208,13 @@ def drain(pieces) -> OutgoingMessage:
             return end.value
 
 
-def call_http(backend, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
-    """One HTTP backend call: build, send with retries, parse."""
-    url, headers, body = backend.request(ctx, settings)
+def call_http(backend, request: tuple, settings: dict, call: Call,
+              schema: dict | None = None) -> tuple[OutgoingMessage, dict]:
+    """One HTTP backend call: send request (url, headers, body) with retries, parse.
+    Returns (the reply, the body it was read from)."""
+    url, headers, body = request
     data, reply_headers, attempts = request_json("POST", url, headers, body, settings, call)
-    return parsed(backend, data, reply_headers, attempts, settings, ctx.schema)
+    return parsed(backend, data, reply_headers, attempts, settings, schema), data
 
 
 def parsed(backend, data, headers, attempts: int, settings: dict,
@@ -2175,13 +2236,16 @@ def parsed(backend, data, headers, attempts: int, settings: dict,
     return reply
 
 
-def stream_http(backend, ctx: Context, settings: dict, call: Call):
-    """One streamed HTTP backend call: yields text pieces as they arrive and returns
-    the OutgoingMessage. Failures before the first piece (a status, an error event,
-    a cut connection, an early end) are retried as in call_http; after it they are
-    raised, since the text is already on the caller's screen. Reading ends at the
-    answer's end marker: what the server sends after it is not waited for."""
-    url, headers, body = backend.request(ctx, settings, streaming=True)
+def stream_http(backend, request: tuple, settings: dict, call: Call,
+                schema: dict | None = None):
+    """One streamed HTTP backend call of request (url, headers, body): yields text
+    pieces as they arrive and returns (the reply, the body it was read from).
+    Failures before the first piece (a status, an error event, a cut connection, an
+    early end) are retried as in call_http; after it they are raised, since the text
+    is already on the caller's screen. Reading ends at the answer's end marker: what
+    the server sends after it is not waited for. An answer with no text (one that
+    only calls tools) yields nothing."""
+    url, headers, body = request
     payload = json_payload(body)
     headers = request_headers(headers, payload, streaming=True)
     for attempt in itertools.count(1):
@@ -2200,11 +2264,12 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 if status >= 300:
                     raise http_error(status, reply_headers, content, settings)
                 # Some gateways answer a stream request with one plain body.
-                reply = parsed(backend, parse_json(content, status, reply_headers, settings),
-                               reply_headers, attempt, settings, ctx.schema)
+                data = parse_json(content, status, reply_headers, settings)
+                reply = parsed(backend, data, reply_headers, attempt, settings, schema)
                 shown = True
-                yield reply.text
-                return reply
+                if reply.text:
+                    yield reply.text
+                return reply, data
             body = body_pieces(response, settings)
             pieces = backend.events(body, settings)
             try:
@@ -2219,10 +2284,10 @@ def stream_http(backend, ctx: Context, settings: dict, call: Call):
                 raise timed_out(settings, call)
             finish_body(body, response, watch)
             WATCHDOG.end(watch)
-            reply = parsed(backend, data, reply_headers, attempt, settings, ctx.schema)
-            if not shown:
+            reply = parsed(backend, data, reply_headers, attempt, settings, schema)
+            if not shown and reply.text:
                 yield reply.text
-            return reply
+            return reply, data
         except ProviderError as e:
             error = timed_out(settings, call) if watch.fired else e
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
@@ -2328,6 +2393,49 @@ def user_turn(messages: list[dict]) -> dict:
     if not messages or messages[-1]["role"] != "user":
         messages.append({"role": "user", "content": ""})
     return messages[-1]
+
+
+# -----------------------------------------------------------------------------
+# tool calls: what every API's declarations, calls and rounds share
+# -----------------------------------------------------------------------------
+# Facts and traps per API: each backend's banner below. What holds for all: whether
+# the model called tools is read from the calls present, never from a stop reason
+# (Gemini says STOP, Ollama stop, some OpenAI-compatible streams say nothing);
+# arguments that are "", null or missing mean {}; the model's turn goes back as it
+# came, every block, id and signature in its place.
+
+def tool_call(call_id, name, arguments) -> ToolCall:
+    """A ToolCall from what a server sent: arguments as an object, as JSON text
+    (OpenAI), or nothing ("", null, a missing key: all mean {}). Anything else
+    keeps its text in raw_arguments, for run_tool to tell the model."""
+    value = arguments
+    if arguments is None or isinstance(arguments, str) and not arguments.strip():
+        value = {}
+    elif isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except (ValueError, RecursionError):
+            pass
+    call_id = call_id if isinstance(call_id, str) else None
+    name = name if isinstance(name, str) else ""
+    if isinstance(value, dict):
+        return ToolCall(call_id, name, value)
+    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return ToolCall(call_id, name, {}, raw_arguments=raw)
+
+
+def declaration(tool: Tool, key: str, parameters: dict) -> dict:
+    """A tool as every API declares it: name, description (if any), and its
+    parameters under the API's own key."""
+    return {"name": tool.name, **({"description": tool.description} if tool.description else {}),
+            key: parameters}
+
+
+def message_calls(message: dict) -> list[ToolCall]:
+    """The calls of a chat message's tool_calls (OpenAI's and Ollama's shape)."""
+    return [tool_call(c.get("id"), (c.get("function") or {}).get("name"),
+                      (c.get("function") or {}).get("arguments"))
+            for c in message.get("tool_calls") or ()]
 
 
 # -----------------------------------------------------------------------------
@@ -2448,13 +2556,19 @@ def json_answer(text: str, stop, schema: dict, settings: dict):
 
 def of_schema_type(value, schema: dict, settings: dict, text: str):
     """value, when its JSON type is one the schema's top-level `type` allows."""
-    kinds, kind = schema_types(schema), json_type(value)
-    if kinds and kind not in kinds and not (
-            kind == "integer" and "number" in kinds or
-            kind == "number" and value.is_integer() and "integer" in kinds):
+    if not type_fits(value, schema):
+        kind, kinds = json_type(value), schema_types(schema)
         raise invalid_json(settings, f"the JSON answer is {'an' if kind[0] in 'aeiou' else 'a'} "
                                      f"{kind}, the schema asks for {' or '.join(kinds)}", text)
     return value
+
+
+def type_fits(value, schema: dict) -> bool:
+    """True when value's JSON type is one the schema's top-level `type` allows (an
+    integer is a number; 3.0 is an integer)."""
+    kinds, kind = schema_types(schema), json_type(value)
+    return not kinds or kind in kinds or kind == "integer" and "number" in kinds or \
+        kind == "number" and value.is_integer() and "integer" in kinds
 
 
 def not_a_number(name: str):
@@ -2548,7 +2662,7 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
     text = answer_text(text, settings)
     if not text and message.get("refusal"):
         text, stop = answer_text(message["refusal"], settings), "refusal"
-    if not text:
+    if not text and not message.get("tool_calls"):
         raise empty_answer(settings, f"finish_reason={stop}")
     usage = data.get("usage") or {}
     cached = usage.get("prompt_tokens_details")
@@ -2563,16 +2677,20 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
 
 def openai_events(chunks, settings: dict):
     """SSE `data:` chunks: the content deltas of choice 0 (by its `index`: a second
-    choice is not this answer) are the pieces; a refusal, the finish reason and the
-    usage chunk (after it, choices empty) go into the body; it ends at
-    `data: [DONE]`, with or without a finish reason before it (some compatible
-    servers send none). An `error` in any chunk is raised, even with the finish
-    reason "error" (OpenRouter) or a [DONE] after it (vLLM)."""
-    text, refusal, finish, usage, model = [], [], None, None, None
+    choice is not this answer) are the pieces; a refusal, the tool calls (see
+    openai_tool_deltas), the finish reason and the usage chunk (after it, choices
+    empty) go into the body; it ends at `data: [DONE]`, with or without a finish
+    reason before it (some compatible servers send none, with tool calls too). An
+    `error` in any chunk is raised, even with the finish reason "error" (OpenRouter)
+    or a [DONE] after it (vLLM)."""
+    text, refusal, calls, finish, usage, model = [], [], [], None, None, None
     for name, data in sse_events(chunks, settings):
         if data == b"[DONE]":
-            return {"model": model, "usage": usage, "choices": [{"finish_reason": finish,
-                    "message": {"content": "".join(text), "refusal": "".join(refusal)}}]}
+            message = {"content": "".join(text) or None, "refusal": "".join(refusal)}
+            if calls:
+                message["tool_calls"] = streamed_calls(calls)
+            return {"model": model, "usage": usage,
+                    "choices": [{"finish_reason": finish, "message": message}]}
         chunk = stream_json(data, settings)
         if name == b"error":                  # old llama.cpp: the error object alone
             raise stream_error({"error": chunk}, settings)
@@ -2590,10 +2708,76 @@ def openai_events(chunks, settings: dict):
                 yield piece
             if isinstance(delta.get("refusal"), str):
                 refusal.append(delta["refusal"])
+            if delta.get("tool_calls"):
+                openai_tool_deltas(calls, delta["tool_calls"])
             finish = choice.get("finish_reason") or finish
         usage = chunk.get("usage") or usage
         model = chunk.get("model") or model
     raise ended_early(settings)
+
+
+def openai_tools(tools: list[Tool]) -> list[dict]:
+    """body["tools"] for Chat Completions (OpenRouter and Ollama take the same)."""
+    return [{"type": "function", "function": declaration(t, "parameters", t.parameters)}
+            for t in tools]
+
+
+def openai_calls(data: dict) -> list[ToolCall]:
+    """The calls in a Chat Completions body, in the model's order (arguments arrive
+    as JSON text). Whether there are any is the only sign: streams may never say
+    finish_reason "tool_calls"."""
+    return message_calls((data.get("choices") or [{}])[0].get("message") or {})
+
+
+def openai_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The model's turn as it came, then one `role: tool` message per call. Of the
+    answer's message only what a request takes goes back: content (null allowed),
+    the reasoning DeepSeek (reasoning_content) and OpenRouter (reasoning_details)
+    require on a tool-call turn, and each call's id, type, name and arguments; not
+    refusal, annotations, `reasoning` or a call's stream `index`. Empty arguments go
+    as "{}": servers that template the history parse them as JSON."""
+    message = data["choices"][0]["message"]
+    turn = {"role": "assistant", "content": message.get("content")}
+    if message.get("reasoning_content") is not None:
+        turn["reasoning_content"] = message["reasoning_content"]
+    turn["tool_calls"] = [{"id": c.get("id"), "type": c.get("type") or "function", "function": {
+        "name": c["function"].get("name"), "arguments": c["function"].get("arguments") or "{}"}}
+        for c in message["tool_calls"]]
+    if message.get("reasoning_details"):
+        turn["reasoning_details"] = message["reasoning_details"]
+    return [turn, *({"role": "tool", "tool_call_id": c.id, "content": c.result} for c in calls)]
+
+
+def openai_tool_deltas(calls: list[dict], deltas) -> None:
+    """Fold one chunk's delta.tool_calls into calls (the message's tool_calls as
+    they grow; streamed_calls() makes them whole). Only `arguments` is
+    concatenated: id, type and name may come again in later deltas (OpenRouter), or
+    in every delta with the id in function.id (llama.cpp before May 2025). A delta
+    belongs to the last call with its `index`, or to the last call when index is
+    null or missing; an id new to that index starts another call (several calls on
+    index 0 with distinct ids)."""
+    for delta in deltas if isinstance(deltas, list) else ():
+        if not isinstance(delta, dict):
+            continue
+        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        index, call_id = delta.get("index"), delta.get("id") or function.get("id")
+        call = next((c for c in reversed(calls) if index is None or c["index"] == index), None)
+        if call is None or call_id and call["id"] and call_id != call["id"]:
+            call = {"index": index, "id": None, "type": delta.get("type") or "function",
+                    "function": {"name": "", "arguments": []}}
+            calls.append(call)
+        call["id"] = call["id"] or call_id
+        call["function"]["name"] = call["function"]["name"] or function.get("name") or ""
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"].append(function["arguments"])
+
+
+def streamed_calls(calls: list[dict]) -> list[dict]:
+    """The calls openai_tool_deltas folded, as a non-streamed message holds them:
+    each one's argument pieces joined (kept apart while streaming, so that many
+    small pieces cost their length, not its square)."""
+    return [{**c, "function": {**c["function"], "arguments": "".join(c["function"]["arguments"])}}
+            for c in calls]
 
 
 def openai_compatible_models(settings: dict, call: Call, key: str | None) -> list[str]:
@@ -2695,7 +2879,7 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
     text = "".join(answer_text(b.get("text"), settings) for b in data.get("content") or ()
                    if isinstance(b, dict) and b.get("type") == "text")
     stop = data.get("stop_reason")
-    if not text:
+    if not text and not anthropic_calls(data):
         details = data.get("stop_details") or {}
         why = f"stop_reason={stop}" + (f", {details['category']}" if details.get("category") else "")
         raise empty_answer(settings, why)
@@ -2709,20 +2893,19 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
 
 def anthropic_events(chunks, settings: dict):
     """`event:` + `data:` pairs: text_delta pieces (thinking, signatures and tool
-    input are not answer text); the message from message_start, its stop reason
+    input are not answer text); every content block as a non-streamed answer holds
+    it (see anthropic_block_event); the message from message_start, its stop reason
     and usage from message_delta (cumulative: replaced, never added); it ends at
     message_stop. `event: error` (overloaded_error …) is raised."""
-    message, usage, text = {}, {}, []
+    message, usage, content, growing = {}, {}, [], collections.defaultdict(list)
     for name, data in sse_events(chunks, settings):
         if name == b"ping":
             continue
         event = stream_json(data, settings)
         kind = event.get("type") if isinstance(event, dict) else None
-        if kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            piece = delta.get("text") if delta.get("type") == "text_delta" else None
-            if piece and isinstance(piece, str):
-                text.append(piece)
+        if kind == "content_block_delta" or kind == "content_block_start":
+            piece = anthropic_block_event(content, growing, event)
+            if piece:
                 yield piece
         elif kind == "error" or name == b"error":
             raise stream_error(event, settings)
@@ -2734,8 +2917,76 @@ def anthropic_events(chunks, settings: dict):
             message.update((k, delta[k]) for k in ("stop_reason", "stop_details") if k in delta)
             usage.update(event.get("usage") or {})
         elif kind == "message_stop":
-            return {**message, "usage": usage, "content": [{"type": "text", "text": "".join(text)}]}
+            return {**message, "usage": usage, "content": anthropic_blocks(content, growing)}
     raise ended_early(settings)
+
+
+# Which field of a content_block_delta grows which field of its block.
+ANTHROPIC_DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
+                    "signature_delta": ("signature", "signature"),
+                    "input_json_delta": ("partial_json", "input")}
+
+
+def anthropic_block_event(content: list, growing: dict, event: dict) -> str | None:
+    """Fold one content_block_start or _delta event into content, the blocks a
+    non-streamed body would hold: the start brings each block whole but empty (a
+    tool_use's `input: {}` there is a placeholder); text, thinking, signature and
+    partial_json deltas grow it, their pieces held in growing (a defaultdict(list)
+    of (index, field) -> pieces) until anthropic_blocks() joins them. Returns a
+    text_delta's text: the answer's piece."""
+    if event["type"] == "content_block_start":
+        content.append(dict(event["content_block"]))
+        return None
+    delta = event.get("delta") or {}
+    source, target = ANTHROPIC_DELTAS.get(delta.get("type"), (None, None))
+    value = delta.get(source)
+    if not isinstance(value, str):
+        return None
+    growing[event["index"], target].append(value)
+    return value if source == "text" else None
+
+
+def anthropic_blocks(content: list, growing: dict) -> list:
+    """content with the pieces of growing joined into their blocks: a tool_use's
+    input parsed from its partial_json (none, or "", is {}; text that is not a JSON
+    object stays a str, for anthropic_calls to report)."""
+    for (index, target), pieces in growing.items():
+        block, text = content[index], "".join(pieces)
+        if target != "input":
+            block[target] = (block.get(target) or "") + text
+            continue
+        try:
+            value = json.loads(text) if text.strip() else {}
+        except (ValueError, RecursionError):
+            value = None
+        block["input"] = value if isinstance(value, dict) else text
+    return content
+
+
+def anthropic_tools(tools: list[Tool]) -> list[dict]:
+    """body["tools"] for the Messages API."""
+    return [declaration(t, "input_schema", t.parameters) for t in tools]
+
+
+def anthropic_calls(data: dict) -> list[ToolCall]:
+    """The tool_use blocks of a Messages body (input is an object; a str input is
+    streamed text that was not JSON, see anthropic_blocks)."""
+    return [tool_call(b.get("id"), b.get("name"), b.get("input"))
+            for b in data.get("content") or () if isinstance(b, dict)
+            and b.get("type") == "tool_use"]
+
+
+def anthropic_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The assistant turn with every block as it came (thinking and its signature,
+    redacted_thinking, text, tool_use with its id and caller), in order: a changed
+    or missing thinking block is a 400. Then ONE user turn holding one tool_result
+    per call, is_error on failures. Only a tool_use whose streamed input was not
+    JSON changes: it goes back with input {} (the API wants an object)."""
+    blocks = [{**b, "input": {}} if b.get("type") == "tool_use" and isinstance(b.get("input"), str)
+              else b for b in data["content"]]
+    results = [{"type": "tool_result", "tool_use_id": c.id, "content": c.result,
+                **({"is_error": True} if c.error else {})} for c in calls]
+    return [{"role": "assistant", "content": blocks}, {"role": "user", "content": results}]
 
 
 def anthropic_models(settings: dict, call: Call) -> list[str]:
@@ -2824,7 +3075,7 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
     parts = (candidate.get("content") or {}).get("parts") or ()
     text = "".join(answer_text(p.get("text"), settings) for p in parts if not p.get("thought"))
     stop = candidate.get("finishReason")
-    if not text:
+    if not text and not any("functionCall" in p for p in parts):
         why = f"finishReason={stop}"
         if candidate.get("finishMessage"):
             why += f": {candidate['finishMessage']}"
@@ -2842,10 +3093,12 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
 
 def gemini_events(chunks, settings: dict):
     """`data:` events (CRLF), each a whole GenerateContentResponse holding only new
-    parts: non-thought text parts are the pieces; usage is the last snapshot seen.
-    No end marker but a finishReason (or a blocked prompt) before the body ends.
-    An error arrives as a bare JSON object outside any `data:` field."""
-    text, candidate, feedback, usage, model, response_id = [], {}, {}, None, None, None
+    parts: non-thought text parts are the pieces; every part goes into the body's
+    model turn (see gemini_turn); usage is the last snapshot seen. No end marker but
+    a finishReason (or a blocked prompt) before the body ends; a turn that calls
+    tools says STOP too. An error arrives as a bare JSON object outside any `data:`
+    field."""
+    parts, candidate, feedback, usage, model, response_id = [], {}, {}, None, None, None
     for name, data in sse_events(chunks, settings):
         chunk = stream_json(data, settings)
         if name == b"raw" or not isinstance(chunk, dict) or "error" in chunk:
@@ -2854,9 +3107,9 @@ def gemini_events(chunks, settings: dict):
         if candidates:
             candidate = candidates[0]            # the last one holds the finish reason
             for part in (candidate.get("content") or {}).get("parts") or ():
+                parts.append(part)
                 piece = part.get("text")
                 if piece and isinstance(piece, str) and not part.get("thought"):
-                    text.append(piece)
                     yield piece
         feedback = chunk.get("promptFeedback") or feedback
         usage = chunk.get("usageMetadata") or usage
@@ -2867,8 +3120,67 @@ def gemini_events(chunks, settings: dict):
     body = {"usageMetadata": usage, "modelVersion": model, "responseId": response_id,
             "promptFeedback": feedback}
     if candidate:
-        body["candidates"] = [{**candidate, "content": {"parts": [{"text": "".join(text)}]}}]
+        body["candidates"] = [{**candidate, "content": {"role": "model",
+                                                        "parts": gemini_turn(parts)}}]
     return body
+
+
+def gemini_turn(parts: list) -> list:
+    """The parts of a streamed model turn as a non-streamed body holds them, and as
+    they must go back: every part as it came and in order (a functionCall part
+    arrives whole, with its thoughtSignature; Gemini 3 refuses a turn whose
+    signature moved); only runs of plain text pieces of one kind (thought or answer)
+    are joined."""
+    turn = []
+    for kind, run in itertools.groupby(parts, gemini_text_kind):
+        if kind is True or kind is False:
+            run = list(run)
+            turn.append({**run[0], "text": "".join(p["text"] for p in run)} if len(run) > 1
+                        else run[0])
+        else:
+            turn += run
+    return turn
+
+
+GEMINI_PLAIN_KEYS = frozenset(("text", "thought"))
+
+
+def gemini_text_kind(part: dict):
+    """Whether a plain text part is thought (True) or answer (False); any other
+    part is its own kind (itself)."""
+    if part.keys() <= GEMINI_PLAIN_KEYS and isinstance(part.get("text"), str):
+        return bool(part.get("thought"))
+    return part
+
+
+def gemini_tools(tools: list[Tool]) -> list[dict]:
+    """body["tools"]: the declarations with `parametersJsonSchema` (plain JSON Schema,
+    as sent to the other APIs) rather than `parameters`, an OpenAPI subset that
+    refuses type lists, additionalProperties, $ref and (Gemini 3) a property without
+    a type, and fails the whole request for one such tool. `$schema` is left out,
+    as for responseJsonSchema."""
+    return [{"functionDeclarations": [declaration(t, "parametersJsonSchema", {
+        k: v for k, v in t.parameters.items() if k != "$schema"}) for t in tools]}]
+
+
+def gemini_calls(data: dict) -> list[ToolCall]:
+    """The functionCall parts of the first candidate: `args` may be absent, `id`
+    is usually absent. finishReason says STOP either way."""
+    parts = ((data.get("candidates") or [{}])[0].get("content") or {}).get("parts") or ()
+    return [tool_call(p["functionCall"].get("id"), p["functionCall"].get("name"),
+                      p["functionCall"].get("args")) for p in parts
+            if isinstance(p, dict) and isinstance(p.get("functionCall"), dict)]
+
+
+def gemini_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The model turn with every part as it came (thought parts, empty text parts,
+    each thoughtSignature on its own part: Gemini 3 answers 400 without it), then
+    ONE user turn of functionResponse parts, in call order; `response` must be an
+    object: {"result": text} or {"error": text}; `id` when the call had one."""
+    return [{"role": "model", "parts": data["candidates"][0]["content"]["parts"]},
+            {"role": "user", "parts": [{"functionResponse": {
+                "name": c.name, "response": {"error" if c.error else "result": c.result},
+                **({"id": c.id} if c.id else {})}} for c in calls]}]
 
 
 def gemini_models(settings: dict, call: Call) -> list[str]:
@@ -2932,7 +3244,7 @@ def ollama_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
 
 def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
     text = answer_text((data.get("message") or {}).get("content"), settings)  # not `thinking`
-    if not text:
+    if not text and not (data.get("message") or {}).get("tool_calls"):
         raise empty_answer(settings, f"done_reason={data.get('done_reason')}")
     tokens_in, tokens_out = token_counts(data.get("prompt_eval_count"), data.get("eval_count"))
     return OutgoingMessage(text, MessageMetadata(
@@ -2941,20 +3253,39 @@ def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
 
 
 def ollama_events(chunks, settings: dict):
-    """NDJSON lines: message.content pieces (never `thinking`); the last line has
-    `done: true`, the stop reason and the counts. An `{"error"}` line is raised."""
-    text = []
+    """NDJSON lines: message.content pieces (never `thinking`); tool calls, each
+    whole on a line before the last; the last line has `done: true`, the stop
+    reason and the counts. An `{"error"}` line is raised."""
+    text, calls = [], []
     for line in ndjson_lines(chunks, settings):
         data = stream_json(line, settings)
         if not isinstance(data, dict) or data.get("error"):
             raise stream_error(data, settings)
-        piece = (data.get("message") or {}).get("content")
+        message = data.get("message") or {}
+        piece = message.get("content")
         if piece and isinstance(piece, str):
             text.append(piece)
             yield piece
+        if "tool_calls" in message and isinstance(message["tool_calls"], list):
+            calls += message["tool_calls"]
         if data.get("done"):
-            return {**data, "message": {"role": "assistant", "content": "".join(text)}}
+            message = {"role": "assistant", "content": "".join(text)}
+            if calls:
+                message["tool_calls"] = calls
+            return {**data, "message": message}
     raise ended_early(settings)
+
+
+def ollama_calls(data: dict) -> list[ToolCall]:
+    """message.tool_calls: arguments an object; `id` only since Ollama 0.12.10."""
+    return message_calls(data.get("message") or {})
+
+
+def ollama_round(data: dict, calls: list[ToolCall]) -> list[dict]:
+    """The assistant message as it came (content, thinking, tool_calls), then one
+    `role: tool` message per call with tool_name, and tool_call_id when it had one."""
+    return [data["message"], *({"role": "tool", "content": c.result, "tool_name": c.name,
+                                **({"tool_call_id": c.id} if c.id else {})} for c in calls)]
 
 
 def ollama_models(settings: dict, call: Call) -> list[str]:
@@ -3104,9 +3435,6 @@ def claude_code_json(result: dict, schema: dict, settings: dict) -> tuple[str, o
 
 
 def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -> MessageMetadata:
-    def total(values):
-        values = [v for v in values if number(v)]
-        return sum(values) if values else None
     usages = [r.get("usage") if isinstance(r.get("usage"), dict) else {} for r in results]
     model = model_of(ctx, settings)
     used = results[-1].get("modelUsage")
@@ -3285,7 +3613,8 @@ def claude_code_models(settings: dict, call: Call) -> list[str]:
 # =============================================================================
 # 8. The backend table
 # =============================================================================
-# Everything omega knows about a backend is its entry here: how it is called,
+# Everything omega knows about a backend is its entry here: how it is called (and
+# for the tool loop, how it declares tools, reads calls and sends results back),
 # every config key it accepts (with its default), where its key and base URL may
 # come from in the environment, whether it keeps the conversation itself, and
 # which readiness check --check runs. Code outside a backend's own functions asks
@@ -3303,6 +3632,10 @@ class Backend:
     run: Callable | None = None      # not HTTP: (ctx, settings, call, streaming) -> pieces,
                                      #   returns OutgoingMessage
     models: Callable | None = None   # (settings, call) -> the model names it offers
+    tools: Callable | None = None    # HTTP: (tools) -> body["tools"]; None: takes no tools=
+    calls: Callable | None = None    # HTTP: (data) -> the ToolCalls the answer asks for
+    round: Callable | None = None    # HTTP: (data, calls) -> the messages that go back
+    turns: str = "messages"          # where those messages go in the request body
     key_env: tuple = ()              # environment variables that may hold its API key
     secret_env: tuple = ()           # other variables holding its credentials (redacted)
     base_url_env: str | None = None  # environment variable that may hold its base_url
@@ -3314,19 +3647,16 @@ class Backend:
                                      #   "key" is a key there or none needed, no request
 
     def call(self, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
+        """One call of ctx, without tools (PROVIDERS, classify)."""
         return drain(self.run(ctx, settings, call)) if self.run \
-            else call_http(self, ctx, settings, call)
-
-    def stream(self, ctx: Context, settings: dict, call: Call):
-        """A generator of text pieces that returns the OutgoingMessage."""
-        return self.run(ctx, settings, call, streaming=True) if self.run \
-            else stream_http(self, ctx, settings, call)
+            else call_http(self, self.request(ctx, settings), settings, call, ctx.schema)[0]
 
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
            "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024,
            "prices": None}
-_HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2}
+_HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2, "max_turns": 10,
+         "max_tool_result_bytes": 65536}
 _KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
 
 BACKENDS = {
@@ -3339,12 +3669,14 @@ BACKENDS = {
                   "resume_delay_secs": 2, "working_dir": None, "oauth_token": None}),
     "ollama": Backend(
         request=ollama_request, response=ollama_response, events=ollama_events,
+        tools=openai_tools, calls=ollama_calls, round=ollama_round,
         models=ollama_models, probe="ollama",
         base_url_env="OLLAMA_HOST", base_url_from_env=ollama_host,
         defaults={**_HTTP, "model": "llama3", "base_url": "http://localhost:11434",
                   "num_ctx": None, "keep_alive": None}),
     "openai": Backend(
         request=openai_request, response=openai_response, events=openai_events,
+        tools=openai_tools, calls=openai_calls, round=openai_round,
         models=openai_models, key_env=("OPENAI_API_KEY",),
         base_url_env="OPENAI_BASE_URL",
         keyless_off_official=True,
@@ -3352,18 +3684,21 @@ BACKENDS = {
                   "stream_usage": True}),
     "anthropic": Backend(
         request=anthropic_request, response=anthropic_response, events=anthropic_events,
+        tools=anthropic_tools, calls=anthropic_calls, round=anthropic_round,
         models=anthropic_models,
         key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
         defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
                   "base_url": "https://api.anthropic.com"}),
     "openrouter": Backend(
         request=openrouter_request, response=openrouter_response, events=openrouter_events,
+        tools=openai_tools, calls=openai_calls, round=openai_round,
         models=openrouter_models, key_env=("OPENROUTER_API_KEY",),
         defaults={**_KEYED, "model": "anthropic/claude-sonnet-4",
                   "base_url": "https://openrouter.ai/api/v1", "referer": None, "title": None,
                   "stream_usage": True}),
     "gemini": Backend(
         request=gemini_request, response=gemini_response, events=gemini_events,
+        tools=gemini_tools, calls=gemini_calls, round=gemini_round, turns="contents",
         models=gemini_models,
         key_env=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
         defaults={**_KEYED, "model": "gemini-2.0-flash",
@@ -3407,8 +3742,8 @@ def keeps_sessions(name: str | None) -> bool:
 # calls, and what they share, in the order a call travels: its keywords become one
 # Options record; answer() checks them, once; try_providers() tries each provider
 # of the chain in turn under one deadline and status timer (auto_route first);
-# rounds() is a provider's part (where the tool loop goes); attempt() is one
-# request to one provider. Everything above serves this section: to follow a
+# rounds() is a provider's part (with tools, the tool loop of 10); attempt() is
+# one request to one provider. Everything above serves this section: to follow a
 # call, start reading here.
 
 @dataclass(frozen=True)
@@ -3420,8 +3755,10 @@ class Options:
         "claude-code"); config: a TOML path, a dict shaped like the file, or None
         for the usual search.
     model, system (the system prompt), history, attachments, schema, max_tokens,
-        temperature, and complex, session_id, max_turns, allowed_tools: Context
-        fields, set on the Context given (a keyword given wins).
+        temperature, tools, and complex, session_id, max_turns, allowed_tools:
+        Context fields, set on the Context given (a keyword given wins).
+    approve: called with each ToolCall before it runs; False sends the model "the
+        user declined this call" instead.
     timeout: seconds for the whole call, fallbacks included (each provider's own
         timeout_secs bounds its part).
     base_url, api_key, max_retries: for the chosen provider in this call only, over
@@ -3444,6 +3781,8 @@ class Options:
     session_id: str | None = None
     max_turns: int | None = None
     allowed_tools: list | None = None
+    tools: tuple | list | None = None
+    approve: Callable | None = None
     timeout: float | None = None
     base_url: str | None = None
     api_key: str | None = None
@@ -3462,7 +3801,7 @@ class Options:
                 value = mask(value)
             elif name == "config" and isinstance(value, dict):
                 value = "{…}"
-            elif name in ("history", "attachments"):
+            elif name in ("history", "attachments", "tools"):
                 value = f"<{len(value)}>"
             else:
                 value = repr(value)
@@ -3589,6 +3928,9 @@ FALLBACK_ERRORS = (ProviderUnavailable, ProviderTimeout, RateLimitError, AuthErr
 
 
 def worth_falling_back(error: OmegaError) -> bool:
+    """Another provider may answer: never once a tool has run (it would run again)."""
+    if getattr(error, "tool_calls", None):
+        return False
     return isinstance(error, FALLBACK_ERRORS) or (getattr(error, "status", 0) or 0) >= 500 \
         and getattr(error, "reason", None) != NO_IMAGES
 
@@ -3648,23 +3990,34 @@ def with_call_settings(raw: dict, name: str, settings: dict) -> dict:
     return raw
 
 
-def attempt(ctx: Context, settings: dict, call: Call, streaming: bool):
-    """One request to one provider, its own retries included: a generator that
-    yields the answer's text pieces as they arrive (streaming; none otherwise) and
-    returns the OutgoingMessage."""
-    backend = BACKENDS[settings["name"]]
+def attempt(backend, request: tuple, settings: dict, call: Call, streaming: bool,
+            schema: dict | None = None):
+    """One request (url, headers, body, built already) to one HTTP provider, its own
+    retries included, each resending that same body: a generator that yields the
+    answer's text pieces (streaming; none otherwise) and returns (the
+    OutgoingMessage, the body it was read from)."""
     if streaming:
-        return (yield from backend.stream(ctx, settings, call))
-    return backend.call(ctx, settings, call)
+        return (yield from stream_http(backend, request, settings, call, schema))
+    return call_http(backend, request, settings, call, schema)
 
 
-def rounds(ctx: Context, settings: dict, call: Call, streaming: bool):
-    """A provider's part of the call, as attempt() gives it: today one attempt.
-    The tool loop goes here, between one attempt and the provider chain: a round is
-    one attempt (its retries its own); when its answer asks for tools, they run,
-    their results join ctx, and the next round goes out, until an answer without
-    tool calls. The chain above sees one answer; streamed text passes through."""
-    return attempt(ctx, settings, call, streaming)
+def rounds(ctx: Context, settings: dict, call: Call, streaming: bool,
+           approve: Callable | None = None):
+    """A provider's part of the call: a generator of the answer's text pieces that
+    returns the OutgoingMessage. Without tools, one attempt (claude-code: its CLI
+    runs). With tools, the tool loop (tool_rounds, in 10): a round is one attempt
+    (its retries its own); when its answer asks for tools, they run, the model's
+    turn and their results join the request, and the next round goes out, until an
+    answer without tool calls. The chain above sees one answer; streamed text
+    passes through."""
+    backend = BACKENDS[settings["name"]]
+    if ctx.tools:
+        takes_tools(settings["name"])
+        return (yield from tool_rounds(backend, ctx, settings, call, streaming, approve))
+    if backend.run:
+        return (yield from backend.run(ctx, settings, call, streaming))
+    request = backend.request(ctx, settings, streaming)
+    return (yield from attempt(backend, request, settings, call, streaming, ctx.schema))[0]
 
 
 def priced(meta: MessageMetadata, settings: dict, asked: str) -> float | None:
@@ -3717,7 +4070,7 @@ def try_providers(ctx: Context, chain: list[str], raw: dict, path: str | None,
                         and not ctx.model and not ctx.complex:
                     ctx = routed(ctx, raw, path, name, call)
                 pieces = rounds(ctx if index == 0 else replace(ctx, model=None),
-                                settings, call, streaming)
+                                settings, call, streaming, options.approve)
                 try:
                     piece = next(pieces)
                 except StopIteration as end:             # a whole answer
@@ -3787,6 +4140,9 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         raw = with_call_settings(raw, chain[0], settings)
     if ctx.schema is not None:
         check_schema(ctx.schema)
+    if ctx.tools:                # a bad definition names its function before anything is sent
+        ctx = replace(ctx, tools=tuple(tools_from(ctx.tools)))
+        takes_tools(chain[0])
     if ctx.attachments:          # read once for the whole chain, under the first one's limit
         ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
             raw, chain[0], path))))
@@ -4104,7 +4460,326 @@ def map_worker(todo, ended, stop: threading.Event, fn, options: Options, config:
 
 
 # =============================================================================
-# 10. Diagnostics: --check and the first-run hint
+# 10. Tools: the model calls the caller's functions
+# =============================================================================
+# What a tool is made of (a JSON Schema from type hints and a docstring), how one
+# call runs (every failure an error result the model can act on), and the loop
+# that rounds() runs for a call with tools: one loop for every HTTP backend, each
+# backend adding only its declarations, call reader and round shape (7, 8).
+
+# What every API accepts (OpenAI ^[a-zA-Z0-9_-]+$ ≤ 64, Anthropic the same,
+# Gemini must start with a letter or _).
+TOOL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+HINT_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+# A parameter's line in a docstring: `name: text`, `:param [type] name: text` or,
+# in a Google-style Args: block, `name (type): text`.
+PARAM_LINE = re.compile(r"(?::param\s+(?:\S+\s+)?)?(\w+)\s*(?:\([^)]*\))?\s*:\s*(\S.*)")
+DECLINED = "the user declined this call"
+TOOL_STATUS_CHARS = 72          # a call's status line, after "omega: ", fits 80 columns
+
+
+class ToolFailed(Exception):
+    """Raised by a tool to fail in its own words: the model gets the text as it is,
+    without an exception name in front (any other exception goes as "Name: text")."""
+
+
+def tools_from(items) -> list[Tool]:
+    """Tools from plain functions or Tool records; a ConfigError naming the function
+    for a bad one or a name used twice, before anything is sent."""
+    if isinstance(items, (Tool, str)) or callable(items):
+        raise ConfigError("tools: expected a list of functions or Tools, got "
+                          f"{type(items).__name__}")
+    tools, names = [tool_from(item) for item in items], set()
+    for tool in tools:
+        if tool.name in names:
+            raise ConfigError(f"tools: two tools are named {tool.name!r}")
+        names.add(tool.name)
+    return tools
+
+
+def tool_from(item) -> Tool:
+    """A Tool with its description and parameters filled in: the schema from the
+    type hints (str, int, float, bool, list, list[T], dict, dict[str, T],
+    Literal[...], T | None; a parameter with a default is optional, one without a
+    hint takes any JSON value), the description from the docstring's first paragraph,
+    each parameter's from its `name: text` line. A ConfigError names what is wrong."""
+    if not isinstance(item, Tool):
+        if not callable(item):
+            raise ConfigError(f"tools: {shorten(repr(item), 60)} is neither a function nor "
+                              "a Tool")
+        item = Tool(getattr(item, "__name__", repr(item)), item)
+    name, fn = item.name, item.fn
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        raise ConfigError(f"tool {shorten(repr(name), 80)}: a tool's name is 1 to 64 letters, "
+                          "digits, _ or -, starting with a letter or _")
+    if item.parameters is None:
+        if fn is None:
+            raise ConfigError(f"tool {name}: give it a function or parameters")
+        description, parameters = signature_schema(fn, name)
+    else:
+        try:
+            check_schema(item.parameters)
+        except ConfigError as e:
+            raise ConfigError(f"tool {name}: parameters: {e}") from None
+        if not is_object_schema(item.parameters):
+            raise ConfigError(f"tool {name}: parameters must be a JSON Schema of an object")
+        description, parameters = (docstring_parts(fn, ())[0] if fn else ""), item.parameters
+    return Tool(name, fn, item.description or description, parameters)
+
+
+def signature_schema(fn, name: str) -> tuple[str, dict]:
+    """(description, parameters schema) of a function, or a ConfigError naming it."""
+    import inspect                      # here: `import omega` and calls without tools
+    import typing                       # never need them
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        raise ConfigError(f"tool {name}: its parameters cannot be read") from None
+    try:    # resolves `from __future__ import annotations` strings in fn's module
+        hints = typing.get_type_hints(fn)
+    except Exception as e:      # NameError for an unknown name, or whatever a hint raises
+        raise ConfigError(f"tool {name}: a type hint cannot be resolved ({e})") from None
+    description, notes = docstring_parts(fn, parameters)
+    properties, required = {}, []
+    for param in parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise ConfigError(f"tool {name}: parameter {param} is {param.kind.description}; "
+                              "the model passes arguments by name only")
+        hint = hints.get(param.name, typing.Any)
+        try:
+            schema = hint_schema(hint)
+        except ValueError as e:
+            raise ConfigError(f"tool {name}: parameter {param.name}: no JSON Schema for "
+                              f"{inspect.formatannotation(e.args[0])} (use str, int, float, "
+                              "bool, list, dict, Literal, X | None or Tool(parameters=...))") \
+                from None
+        if param.name in notes:
+            schema["description"] = notes[param.name]
+        properties[param.name] = schema
+        if param.default is param.empty:
+            required.append(param.name)
+    return description, {"type": "object", "properties": properties,
+                         **({"required": required} if required else {})}
+
+
+def hint_schema(hint) -> dict:
+    """The JSON Schema of a type hint; ValueError(the part it cannot express)."""
+    import types
+    import typing
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return {}
+    if origin is typing.Annotated:
+        return hint_schema(args[0])
+    if hint in HINT_TYPES:
+        return {"type": HINT_TYPES[hint]}
+    if hint is list or origin is list:
+        return {"type": "array", **({"items": hint_schema(args[0])} if args else {})}
+    if hint is dict or origin is dict and (not args or args[0] is str):
+        return {"type": "object",
+                **({"additionalProperties": hint_schema(args[1])} if args else {})}
+    if origin is typing.Literal and "unknown" not in map(json_type, args):
+        kinds = list(dict.fromkeys(map(json_type, args)))
+        return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": list(args)}
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        schema = hint_schema(args[args[0] is type(None)])
+        if not schema:              # any value already takes null
+            return schema
+        # A type list, not anyOf: every property keeps a `type` (Gemini refuses one without).
+        schema["type"] = [*schema_types(schema), "null"]
+        if "enum" in schema:
+            schema["enum"] = [*schema["enum"], None]
+        return schema
+    raise ValueError(hint)
+
+
+def docstring_parts(fn, names) -> tuple[str, dict]:
+    """(the first paragraph as one line, {parameter: its description}) from fn's
+    docstring. A parameter's description may go on in more indented lines."""
+    import inspect
+    summary, notes, current, depth, reading = [], {}, None, 0, True
+    for line in (inspect.getdoc(fn) or "").splitlines():
+        text, indent = line.strip(), len(line) - len(line.lstrip())
+        match = PARAM_LINE.fullmatch(text)
+        if match and match[1] in names:
+            current, depth, reading = match[1], indent, False
+            notes[current] = match[2]
+        elif current and text and indent > depth:
+            notes[current] += " " + text
+        else:
+            current = None
+            reading = reading and text and not re.fullmatch(r"\w+:", text)   # "Args:" ends it
+            if reading:
+                summary.append(text)
+    return " ".join(summary), notes
+
+
+def run_tool(tool: Tool | None, call: ToolCall, limit_bytes: int,
+             approve: Callable | None = None) -> ToolCall:
+    """call with its result and error set. Everything that goes wrong becomes a text
+    the model can act on, never an exception of omega's: an unknown tool, arguments
+    that are not a JSON object or do not fit the parameters, a call approve() says
+    no to, and what the function raises ("ValueError: no such city", no traceback;
+    a ToolFailed's own text). approve is asked only for a call that would run.
+    KeyboardInterrupt and ProviderTimeout (a tool that waits for the call's
+    deadline) are not results: they end the call. A result that is not a str goes
+    as JSON; one over limit_bytes (UTF-8) is cut there, with a note."""
+    error = True
+    if tool is None or tool.fn is None:
+        text = f"there is no tool named {call.name!r} that can run"
+    elif call.raw_arguments is not None:
+        text = f"the arguments are not a JSON object: {call.raw_arguments}"
+    elif problem := argument_problem(tool.parameters or {}, call.arguments):
+        text = f"invalid arguments for {tool.name}: {problem}"
+    elif approve is not None and not approve(call):
+        text = DECLINED
+    else:
+        try:
+            result = tool.fn(**call.arguments)
+            text = result if isinstance(result, str) else \
+                json.dumps(result, default=str, ensure_ascii=False)
+            error = False
+        except ProviderTimeout:
+            raise
+        except ToolFailed as e:
+            text = str(e)
+        except Exception as e:      # the model hears of it; KeyboardInterrupt still stops all
+            text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    data = text.encode("utf-8", "replace")
+    if len(data) > limit_bytes:
+        text = data[:limit_bytes].decode("utf-8", "ignore") + \
+            f"\n[cut: the result was {len(data):,} bytes, only the first {limit_bytes:,} are here]"
+    return replace(call, result=text, error=error)
+
+
+def argument_problem(schema: dict, arguments: dict) -> str | None:
+    """What is wrong with arguments against the parameters' top level, or None:
+    a required one missing, one not among the properties (unless the schema allows
+    more), or a value of another JSON type or outside the enum."""
+    properties = schema.get("properties") or {}
+    missing = [name for name in schema.get("required") or () if name not in arguments]
+    if missing:
+        return "missing required " + ", ".join(missing)
+    unknown = [name for name in arguments if name not in properties]
+    if unknown and "properties" in schema and not schema.get("additionalProperties"):
+        return f"unknown {', '.join(unknown)} (the parameters are: " \
+               f"{', '.join(properties) or 'none'})"
+    for name, value in arguments.items():
+        spec = properties.get(name)
+        if isinstance(spec, dict) and not type_fits(value, spec):
+            return f"{name} must be {' or '.join(schema_types(spec))}, not {json_type(value)}"
+        if isinstance(spec, dict) and "enum" in spec and value not in spec["enum"]:
+            return f"{name} must be one of {json.dumps(spec['enum'], ensure_ascii=False)}"
+    return None
+
+
+def takes_tools(name: str) -> None:
+    """A ConfigError, before anything is sent, for a backend that cannot run tools=."""
+    if BACKENDS[name].tools is None:
+        raise ConfigError(f"{name} cannot run tools= functions yet: use an HTTP provider "
+                          "(openai, anthropic, gemini, ollama or openrouter)")
+
+
+def call_text(call: dict) -> str:
+    """get_weather(city="Paris"): a call (ToolCall.to_dict(), or one the log holds)
+    as the status lines, --approve and --logs show it."""
+    arguments = call.get("arguments")
+    if not isinstance(arguments, dict):            # the text the model sent, not an object
+        return f"{call.get('name')}({arguments})"
+    return f"{call.get('name')}(" + ", ".join(
+        f"{name}={json.dumps(value, ensure_ascii=False, default=str)}"
+        for name, value in arguments.items()) + ")"
+
+
+def tool_line(call: dict, limit: int = TOOL_STATUS_CHARS) -> str:
+    """get_weather(city="Paris") -> 12 degrees…: a call and what it gave, on one
+    line, redacted, without control characters, cut to limit characters."""
+    outcome = f"failed: {call.get('result')}" if call.get("error") else call.get("result")
+    return clean(f"{call_text(call)} -> {outcome}", limit)
+
+
+def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bool,
+                approve: Callable | None):
+    """The tool loop (see rounds()): a generator of the answer's text pieces that
+    returns the OutgoingMessage of the last round, its metadata summed over the
+    rounds and its tool_calls those of every round.
+
+    The request is built once, with the declarations; each round appends the
+    model's turn exactly as it came and the results, in the backend's shapes, and
+    sends the whole again: a retry inside a round resends the results already
+    computed, and no tool ever runs twice because of omega. The calls of a round
+    run in the model's order, in this thread; each is told to call.notify. A
+    failure after a tool ran carries partial_text and tool_calls (and is never
+    sent to a fallback provider); so does the round limit (max_turns) and the
+    deadline passing while a tool ran. Streamed rounds are separated by a blank
+    line when text came before."""
+    url, headers, body = backend.request(ctx, settings, streaming)
+    body["tools"] = backend.tools(ctx.tools)
+    tools = {tool.name: tool for tool in ctx.tools}
+    most = requested(ctx, settings, "max_turns")
+    replies, ran, texts = [], [], []
+    try:
+        for turn in range(1, most + 1):
+            pieces = attempt(backend, (url, headers, body), settings, call, streaming)
+            reply, data = yield from after_blank_line(pieces, bool(texts) and streaming)
+            replies.append(reply)
+            texts += [reply.text] * bool(reply.text)
+            calls = read_shaped(backend.calls, settings, reply, data)
+            if not calls:
+                break
+            if turn == most:            # those calls are not run: nothing would read them
+                raise ProviderError(f"the model still asked for tools after {most} rounds "
+                                    "(max_turns); raise max_turns or Context.max_turns",
+                                    settings["name"], code="max_turns", reason="max turns")
+            done = []
+            for asked in calls:
+                done.append(run_tool(tools.get(asked.name), asked,
+                                     settings["max_tool_result_bytes"], approve))
+                ran.append(done[-1])
+                call.notify(tool_line(done[-1].to_dict()))
+                if call.left() <= 0:
+                    raise timed_out(settings, call, f" (the tool {asked.name} ran past it)")
+            body[backend.turns] += read_shaped(backend.round, settings, reply, data, done)
+        reply = replies[-1]
+        if ctx.schema is not None:
+            reply.data = json_answer(reply.text, reply.metadata.stop_reason, ctx.schema,
+                                     settings)
+    except ProviderError as e:
+        if not (ran or texts):
+            raise
+        raise e.with_context(partial_text="\n\n".join(texts) or None, tool_calls=ran) from None
+    reply.metadata = replace(
+        reply.metadata, num_turns=len(replies), tokens_used=None,
+        **{name: total(getattr(r.metadata, name) for r in replies)
+           for name in ("input_tokens", "output_tokens", "cost_usd", "attempts")})
+    reply.tool_calls = ran
+    return reply
+
+
+def read_shaped(read: Callable, settings: dict, reply: OutgoingMessage, *args):
+    """read(*args) of a backend's body, or the error of a body without the shape
+    its calls should have (as parsed() says it of its text)."""
+    try:
+        return read(*args)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise shape_error(settings, reply.metadata.request_id) from None
+
+
+def after_blank_line(pieces, blank: bool):
+    """pieces, the first after a blank line when blank; returns what pieces return."""
+    try:
+        piece = next(pieces)
+    except StopIteration as end:
+        return end.value
+    try:
+        yield "\n\n" + piece if blank else piece
+        return (yield from pieces)
+    finally:
+        pieces.close()
+
+
+# =============================================================================
+# 11. Diagnostics: --check and the first-run hint
 # =============================================================================
 # What this machine has, found without a paid call: the readiness probes that
 # the backend table names (PROBES), each provider's readiness for --check, and for
@@ -4245,7 +4920,7 @@ def shown_value(key: str, value) -> str:
 
 
 # =============================================================================
-# 11. Conversation log: every exchange in SQLite, so a conversation can go on
+# 12. Conversation log: every exchange in SQLite, so a conversation can go on
 # =============================================================================
 # One table, one row per exchange (a prompt and its answer, or its error); the rows
 # of a conversation share its id. Only LOG_FIELDS are ever written, so no key can
@@ -4254,12 +4929,14 @@ def shown_value(key: str, value) -> str:
 # side, the busy timeout makes writers queue, and each row is one transaction.
 # logged() at the end is how a call writes to it, a CLI call's too (via record()).
 
-LOG_SCHEMA_VERSION = 1       # PRAGMA user_version: what a later release migrates from
+LOG_SCHEMA_VERSION = 2       # PRAGMA user_version: 2 added tool_calls; 1 is upgraded
 LOG_BUSY_SECS = 5.0          # how long a run waits for another one's write, in all
 LOG_OFF = ("0", "false", "no", "off")           # OMEGA_LOG values that turn the log off
+LOGGED_RESULT_BYTES = 4096   # of a tool call's result, in the log
+LOGGED_CALL_CHARS = 200      # a logged tool call's line in --logs
 LOG_FIELDS = ("provider", "model", "system_prompt", "prompt", "answer", "input_tokens",
               "output_tokens", "cost_usd", "duration_ms", "stop_reason", "session_id",
-              "error", "asked_model")
+              "error", "asked_model", "tool_calls")
 LOG_COLUMNS = ("conversation", "time", *LOG_FIELDS)
 LOG_SCHEMA = """CREATE TABLE exchanges (
     id INTEGER PRIMARY KEY,          -- the order rows were written in
@@ -4276,16 +4953,17 @@ LOG_SCHEMA = """CREATE TABLE exchanges (
     duration_ms INTEGER,
     stop_reason TEXT,
     session_id TEXT,
-    error TEXT                       -- one line when it failed or was stopped, else NULL
+    error TEXT,                      -- one line when it failed or was stopped, else NULL
+    asked_model TEXT,                -- the model the user asked for (-m, Context.model),
+                                     -- else NULL: what --continue sends
+    tool_calls TEXT                  -- JSON: [{"name", "arguments", "result" (at most
+                                     -- 4 KB), "error"}] of every call, or NULL
 )"""
 LOG_INDEX = "CREATE INDEX exchanges_by_conversation ON exchanges (conversation, id)"
-# Columns added to schema 1 since it first shipped. They change no version: a file
-# without them gets them the next time it is written (ALTER TABLE, one statement in
-# the write's transaction, no row lost), reads as NULL there until then, and older
-# omegas go on reading and writing the file by the columns they know.
-LOG_ADDED_COLUMNS = {
-    "asked_model": "TEXT",      # the model the user asked for (-m, Context.model), else
-}                               #   NULL: what --continue sends, not what a server said
+# What an older file lacks, added the next time it is written (ALTER TABLE, in the
+# write's transaction, no row lost); until then it reads as NULL. A version-1 file
+# may lack both (asked_model came late in version 1) and becomes version 2.
+LOG_ADDED_COLUMNS = {"asked_model": "TEXT", "tool_calls": "TEXT"}
 # A conversation with an exchange that was answered: one that --continue may go on.
 ANSWERED = "answer IS NOT NULL AND error IS NULL"
 # The files SQLite keeps for the log: itself, its write-ahead log, its shared
@@ -4426,6 +5104,8 @@ def log_row(entry: dict) -> tuple:
         value = entry.get(name)
         if name == "error":
             value = error
+        elif name == "tool_calls":
+            value = logged_calls(value) if value else None
         elif name in ("input_tokens", "output_tokens", "duration_ms"):
             value = round(value) if number(value) and math.isfinite(value) and value >= 0 \
                 else None
@@ -4435,6 +5115,21 @@ def log_row(entry: dict) -> tuple:
             value = redact(value) if isinstance(value, str) else None
         values.append(value)
     return tuple(values)
+
+
+def logged_calls(calls) -> str:
+    """ToolCalls (or their dicts) as the tool_calls column holds them: JSON of name,
+    arguments, result (its first LOGGED_RESULT_BYTES, whole characters) and error,
+    every key omega knows redacted."""
+    rows = []
+    for call in calls:
+        call = call.to_dict() if isinstance(call, ToolCall) else call
+        result = call.get("result")
+        if isinstance(result, str) and len(result.encode()) > LOGGED_RESULT_BYTES:
+            result = result.encode()[:LOGGED_RESULT_BYTES].decode("utf-8", "ignore") + "…"
+        rows.append({"name": call.get("name"), "arguments": call.get("arguments"),
+                     "result": result, "error": bool(call.get("error"))})
+    return redact(json.dumps(rows, ensure_ascii=False, default=str))
 
 
 def open_log(path: str, create: bool, as_it_stands: bool = False):
@@ -4523,14 +5218,16 @@ def append(conn, path: str, conversation: str | None, row: tuple) -> str:
     # damage the newest rows (the log is a convenience, not a ledger).
     conn.execute("PRAGMA synchronous = OFF")
     conn.execute("BEGIN IMMEDIATE")      # the write lock first: id check and insert are one step
-    if schema_version(conn, path) == 0:  # asked again: another run may just have set it up
+    version = schema_version(conn, path)  # asked again: another run may just have set it up
+    if version == 0:
         conn.execute(LOG_SCHEMA)
         conn.execute(LOG_INDEX)
-        conn.execute(f"PRAGMA user_version = {LOG_SCHEMA_VERSION}")
     present = log_columns(conn)
     for column, kind in LOG_ADDED_COLUMNS.items():
         if column not in present:        # a file from before it was added
             conn.execute(f"ALTER TABLE exchanges ADD COLUMN {column} {kind}")
+    if version < LOG_SCHEMA_VERSION:
+        conn.execute(f"PRAGMA user_version = {LOG_SCHEMA_VERSION}")
     while conversation is None:
         candidate = new_conversation_id()
         if not conn.execute("SELECT 1 FROM exchanges WHERE conversation = ? LIMIT 1",
@@ -4556,7 +5253,10 @@ def read_log(path: str, query: str, params: tuple) -> list[dict] | None:
         present = log_columns(conn)
         columns = ", ".join(c if c in present else f"NULL AS {c}" for c in LOG_COLUMNS)
         found = conn.execute(f"SELECT {columns} FROM exchanges {query}", params)
-        return [dict(zip(LOG_COLUMNS, row, strict=True)) for row in found.fetchall()]
+        rows = [dict(zip(LOG_COLUMNS, row, strict=True)) for row in found.fetchall()]
+        for row in rows:
+            row["tool_calls"] = json_or_none(row["tool_calls"]) if row["tool_calls"] else None
+        return rows
 
     def read(as_it_stands):
         conn = open_log(path, create=False, as_it_stands=as_it_stands)
@@ -4662,12 +5362,15 @@ def record(log: str, ctx: Context, provider: str, outcome, received: str, starte
              "provider": meta.provider_used or getattr(outcome, "provider", None) or provider,
              "model": meta.model or ctx.model, "asked_model": ctx.model,
              "system_prompt": ctx.system_prompt,
-             "prompt": ctx.current_message, "answer": reply.text if reply else received or None,
+             "prompt": ctx.current_message,
+             "answer": reply.text if reply else received or getattr(outcome, "partial_text",
+                                                                    None) or None,
              "input_tokens": meta.input_tokens, "output_tokens": meta.output_tokens,
              "cost_usd": meta.cost_usd, "duration_ms": round((time.time() - started) * 1000),
              "stop_reason": meta.stop_reason,
              "session_id": meta.session_id or getattr(outcome, "session_id", None),
-             "error": error}
+             "error": error,
+             "tool_calls": reply.tool_calls if reply else getattr(outcome, "tool_calls", None)}
     try:
         written = log_exchange(log, entry)
     except OmegaError as e:
@@ -4715,7 +5418,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
 
 
 # =============================================================================
-# 12. Command line
+# 13. Command line
 # =============================================================================
 # parse_args, prompt reading, main(): a thin layer over the public API (9) and the
 # conversation log, with one line per error and an exit code per error class; then
@@ -4754,7 +5457,8 @@ def parse_args(argv):
         help="deadline for the whole call in seconds, fallbacks included")
     add("--fallback", metavar="P,P", type=provider_list,
         help="providers to try in order if the first fails (with -p, only these)")
-    add("--json", action="store_true", help="print {\"text\", \"metadata\"} as JSON (never streamed)")
+    add("--json", action="store_true", help="print {\"text\", \"metadata\"} (and \"tool_calls\") "
+                                            "as JSON (never streamed)")
     add("--no-stream", action="store_true", help="print the answer when it is complete "
                                                  "(default: as it is written)")
     talk = parser.add_mutually_exclusive_group()
@@ -4783,7 +5487,15 @@ def parse_args(argv):
         help="answer as JSON following this JSON Schema (a file, or the JSON itself); "
              "prints the JSON alone, compact")
     add("--models", action="store_true", help="list the provider's models, one a line")
+    # Tools
+    add("--functions", action="append", metavar="FILE.py|CODE", type=text_arg,
+        help="offer the model every top-level public function of this Python file (or "
+             "code) as a tool it may call; repeatable; one status line on stderr per call")
+    add("--approve", action="store_true",
+        help="ask on the terminal before each tool call runs (no terminal: declined)")
     args = parser.parse_args(argv)
+    if args.approve and not args.functions:
+        usage_error("--approve asks before each tool call: give --functions too")
     if any(isinstance(a, Attachment) for a in args.attach or ()) and args.prompt in ([], ["-"]):
         usage_error("-a - reads the attachment from stdin: give the prompt as words")
     alone = next((flag for flag, given in (("--logs", args.logs is not None),
@@ -4796,6 +5508,8 @@ def parse_args(argv):
         usage_error(f"--logs: expected a number 0 or more, got {args.logs}")
     if args.each and (alone or any(isinstance(a, Attachment) for a in args.attach or ())):
         usage_error(f"--each reads stdin for its lines: not with {alone or '-a -'}")
+    if args.each and args.approve:     # many workers cannot share one terminal's questions
+        usage_error("--approve asks one call at a time: not with --each")
     if args.jobs is not None and (not args.each or args.jobs < 1):
         usage_error("-j: expected a number 1 or more, with --each" if args.each
                     else "-j goes with --each")
@@ -4849,6 +5563,68 @@ def schema_arg(text: str) -> dict:
         raise ConfigError(f"{where}: not valid JSON ({e})") from None
     check_schema(schema)
     return schema
+
+
+def functions_from(sources: list[str]) -> list:
+    """--functions: every top-level public function (not an imported one) of each
+    Python file or piece of code, in the order they are defined. The code runs
+    here, once, as a module of its own; an error in it is a ConfigError naming it."""
+    import types
+    found = []
+    for number, source in enumerate(sources, 1):
+        is_path = os.path.isfile(source) or re.fullmatch(r"[^\s()=:;'\"]+\.py", source)
+        shown = shorten(source if is_path else " ".join(source.split()), 60)
+        try:
+            if is_path:
+                with open(source, "rb") as f:
+                    code = f.read().decode("utf-8")
+            else:
+                code = source
+            name = f"omega_functions_{number}"
+            module = types.ModuleType(name)
+            module.__file__ = os.path.abspath(source) if is_path else "<--functions>"
+            sys.modules[name] = module     # dataclasses and typing find a module by name
+            exec(compile(code, module.__file__, "exec"), vars(module))
+        except FileNotFoundError:
+            raise ConfigError(f"--functions {shown}: no such file (give a .py file or the "
+                              "code itself)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--functions {shown}: cannot read it as UTF-8 text "
+                              f"({getattr(e, 'strerror', None) or e.reason})") from None
+        except Exception as e:             # a syntax error, a failed import, what it raises
+            raise ConfigError(f"--functions {shown}: {type(e).__name__}: {e}") from None
+        functions = [value for key, value in vars(module).items() if not key.startswith("_")
+                     and isinstance(value, types.FunctionType) and value.__module__ == name]
+        if not functions:
+            raise ConfigError(f"--functions {shown}: defines no public function")
+        found += functions
+    return found
+
+
+def terminal_approval(warn: Callable, tty_path: str = "/dev/tty") -> Callable:
+    """--approve: approve(call), which asks `Run get_weather(city="Paris")? [y/N]` on
+    the terminal (never stdin, which may be the prompt's pipe). Where there is no
+    terminal, every call is declined, and warn hears so once."""
+    warned = []
+
+    def approve(call: ToolCall) -> bool:
+        try:       # unbuffered: a terminal cannot seek; and never made our controlling one
+            with open(tty_path, "r+b", buffering=0,
+                      opener=lambda path, flags: os.open(path, flags | os.O_NOCTTY)) as tty:
+                return asked_on(tty, call)
+        except OSError:
+            if not warned:
+                warned.append(True)
+                warn("warning: --approve: no terminal to ask on, so every tool call is declined")
+            return False
+    return approve
+
+
+def asked_on(tty, call: ToolCall) -> bool:
+    """Ask on tty (a binary file) whether call may run, on one line, redacted; yes is
+    y or yes."""
+    tty.write(f"Run {clean(call_text(call.to_dict()), 500)}? [y/N] ".encode())
+    return tty.readline().decode(errors="replace").strip().lower() in ("y", "yes")
 
 
 def print_models(args, raw: dict, path: str | None) -> int:
@@ -4936,8 +5712,11 @@ def print_logs(log: str, n: int, as_json: bool) -> int:
             print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}",
                          json.dumps(row, ensure_ascii=False)))
             continue
+        calls = [f"  {tool_line(c, LOGGED_CALL_CHARS)}" for c in row["tool_calls"] or ()
+                 if isinstance(c, dict)]
         row = {k: printable(v) if isinstance(v, str) else v for k, v in row.items()}
-        what = "\n".join(x for x in (row["answer"], row["error"] and f"error: {row['error']}") if x)
+        what = "\n".join(x for x in (*calls, row["answer"],
+                                     row["error"] and f"error: {row['error']}") if x)
         cost = dollars(row["cost_usd"]) if number(row["cost_usd"]) else ""
         print(" ".join(x for x in (f"[{row['conversation']}]", row["time"], row["provider"],
                                    row["model"], cost) if x))
@@ -5188,6 +5967,7 @@ def run_cli(argv) -> int:
             return print_logs(log_file(raw), args.logs, args.json)   # also with the log off
         if args.models:
             return print_models(args, raw, path)
+        tools = functions_from(args.functions) if args.functions else None
         prompt = "" if args.each else read_prompt(args.prompt)
         if not prompt.strip() and not args.each:
             raise ConfigError("no prompt: give it as words or on stdin (see --help)")
@@ -5212,11 +5992,13 @@ def run_cli(argv) -> int:
             ctx = replace(ctx, attachments=tuple(args.attach or ()), schema=args.schema)
         if args.each:
             return print_each(args, ctx, Options(provider=provider, fallback=args.fallback,
-                                                 timeout=args.timeout), (raw, path), log)
+                                                 timeout=args.timeout, tools=tools),
+                              (raw, path), log)
         # The config was read and checked above: the call takes it as it is, and
         # logs the exchange itself (a log warning shows even with -q).
+        approve = terminal_approval(lambda m: tell(f"omega: {m}")) if args.approve else None
         options = Options(provider=provider, on_status=say, fallback=args.fallback,
-                          timeout=args.timeout)
+                          timeout=args.timeout, tools=tools, approve=approve)
         streaming = args.schema is None and not args.json and not args.no_stream
         pieces = answer(ctx, options, streaming, conversation={"id": conversation},
                         config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"),

@@ -27,13 +27,15 @@ The sections follow omega.py's own:
      7. Backends           every backend, then one sub-banner per backend
      8. The backend table
      9. Calling            status timer, routing, fallback, complete() and ask(), stream(), Chat
-    10. Diagnostics        --check, the first-run hint
-    11. Conversation log
-    12. Command line       every test of `python omega.py`
-    13. The real claude binary (make test-real)
-    14. Test data          bodies, captures, OpenAPI fragments, files, fake programs
+    10. Tools              schemas from hints, one call's result, the tool loop on every backend
+    11. Diagnostics        --check, the first-run hint
+    12. Conversation log
+    13. Command line       every test of `python omega.py`
+    14. The real claude binary (make test-real)
+    15. Test data          bodies, captures, OpenAPI fragments, files, fake programs, functions
 """
 import base64
+import collections
 import gzip
 import http.server
 import io
@@ -44,6 +46,7 @@ import math
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -53,6 +56,8 @@ import textwrap
 import threading
 import time
 import zlib
+
+from typing import Annotated, Any, List, Literal, Optional
 
 import pytest
 
@@ -538,6 +543,161 @@ def stream_via(name, api, ctx=None, **section):
     return pieces, s
 
 
+# --- tool calls in each API's wire format ------------------------------------
+
+def answer_with(name, text="", calls=()):
+    """A body of backend `name`: text, then calls [(id, function, arguments)] when
+    given (Gemini's carry no id, as recorded; Ollama's one when given)."""
+    if name in ("openai", "openrouter"):
+        body = answer_of(name, text, "tool_calls" if calls else None)
+        message = body["choices"][0]["message"]
+        message["content"] = text or None
+        if calls:
+            message["tool_calls"] = [{"id": i, "type": "function", "function": {
+                "name": f, "arguments": json.dumps(a)}} for i, f, a in calls]
+        return body
+    if name == "anthropic":
+        return anthropic_ok(*[{"type": "text", "text": text}] * bool(text),
+                            *({"type": "tool_use", "id": i, "name": f, "input": a}
+                              for i, f, a in calls), stop="tool_use" if calls else "end_turn")
+    if name == "gemini":
+        return gemini_ok(*[{"text": text}] * bool(text),
+                         *({"functionCall": {"name": f, "args": a}} for _, f, a in calls))
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [{**({"id": i} if i else {}), "function": {
+            "name": f, "arguments": a}} for i, f, a in calls]
+    return ollama_ok(text, message=message)
+
+
+def stream_with(name, text="", calls=()):
+    """The answer of answer_with(), streamed in the API's framing, text in two pieces
+    and each call's arguments (OpenAI, Anthropic) in 4-character deltas."""
+    half = len(text) // 2
+    texts = [t for t in (text[:half], text[half:]) if t]
+    if name in ("openai", "openrouter"):
+        chunks = [oa_chunk(t) for t in texts]
+        for n, (i, f, a) in enumerate(calls):
+            arguments = json.dumps(a, ensure_ascii=False)
+            chunks.append(oa_chunk())
+            chunks[-1]["choices"][0]["delta"] = {"tool_calls": [{
+                "index": n, "id": i, "type": "function", "function": {"name": f, "arguments": ""}}]}
+            for k in range(0, len(arguments), 4):
+                chunks.append(oa_chunk())
+                chunks[-1]["choices"][0]["delta"] = {"tool_calls": [{
+                    "index": n, "function": {"arguments": arguments[k:k + 4]}}]}
+        chunks.append(oa_chunk(finish="tool_calls" if calls else "stop"))
+        chunks.append({"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                       "usage": {"prompt_tokens": 12, "completion_tokens": 5}})
+        return b"".join(b"data: " + utf8_json(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+    def event(kind, **data):
+        return b"event: " + kind.encode() + b"\ndata: " + utf8_json({"type": kind, **data}) + b"\n\n"
+    if name == "anthropic":
+        out = [event("message_start", message={
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [], "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}})]
+        blocks = [({"type": "text", "text": ""}, [("text_delta", "text", t) for t in texts])] \
+            * bool(text)
+        for i, f, a in calls:
+            arguments = json.dumps(a, ensure_ascii=False)
+            blocks.append(({"type": "tool_use", "id": i, "name": f, "input": {}},
+                           [("input_json_delta", "partial_json", arguments[k:k + 4])
+                            for k in range(0, len(arguments), 4)] or
+                           [("input_json_delta", "partial_json", "")]))
+        for index, (start, deltas) in enumerate(blocks):
+            out.append(event("content_block_start", index=index, content_block=start))
+            out += [event("content_block_delta", index=index, delta={"type": kind, key: value})
+                    for kind, key, value in deltas]
+            out.append(event("content_block_stop", index=index))
+        out.append(event("message_delta", delta={"stop_reason": "tool_use" if calls
+                                                  else "end_turn"}, usage={"output_tokens": 4}))
+        return b"".join(out) + event("message_stop")
+    if name == "gemini":
+        chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": t}]},
+                                   "index": 0}]} for t in texts]
+        chunks.append({"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": f, "args": a}} for _, f, a in calls] or [{"text": ""}]},
+            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 3}})
+        return b"".join(b"data: " + utf8_json(c) + b"\r\n\r\n" for c in chunks)
+    lines = [{"model": "llama3", "message": {"role": "assistant", "content": t}, "done": False}
+             for t in texts]
+    if calls:
+        lines.append({"model": "llama3", "done": False, "message": {
+            "role": "assistant", "content": "", "tool_calls": [
+                {**({"id": i} if i else {}), "function": {"name": f, "arguments": a}}
+                for i, f, a in calls]}})
+    lines.append({"model": "llama3", "message": {"role": "assistant", "content": ""},
+                  "done": True, "done_reason": "stop", "prompt_eval_count": 7, "eval_count": 3})
+    return b"".join(utf8_json(line) + b"\n" for line in lines)
+
+
+def utf8_json(value):
+    """JSON as servers send it: UTF-8, non-ASCII characters as they are."""
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+def queue(api, name, streaming, text="", calls=(), **extra):
+    """Queue the next answer of api: answer_with(), or stream_with() served in slices."""
+    if streaming:
+        return serve_stream(api, stream_with(name, text, calls), **extra)
+    return api.reply(answer_with(name, text, calls), **extra)
+
+
+def sent_results(name, body):
+    """The tool results a request carries, last round's only, in order: (text, error),
+    error None where the API has no flag for it (OpenAI, Ollama)."""
+    if name == "anthropic":
+        return [(b["content"], b.get("is_error", False)) for b in body["messages"][-1]["content"]]
+    if name == "gemini":
+        return [(p["functionResponse"]["response"].get("result",
+                                                       p["functionResponse"]["response"].get("error")),
+                 "error" in p["functionResponse"]["response"])
+                for p in body["contents"][-1]["parts"]]
+    results = []
+    for message in reversed(body["messages"]):
+        if message["role"] != "tool":
+            break
+        results.insert(0, (message["content"], None))
+    return results
+
+
+def with_tools(name, api, streaming, tools, prompt="Weather?", section=None, config=None,
+               **keywords):
+    """complete() or stream() of prompt with tools against api: (reply, pieces or None)."""
+    config = config or cfg(name, api, **(section or {}))
+    if not streaming:
+        return omega.complete(prompt, provider=name, config=config, tools=tools, **keywords), None
+    s = omega.stream(prompt, provider=name, config=config, tools=tools, **keywords)
+    with s:
+        pieces = list(s)
+    assert "".join(pieces) == s.text
+    return s.reply, pieces
+
+
+def same(ours, theirs):
+    """Equal, and equal as JSON text too: the same keys in the same order."""
+    assert ours == theirs
+    assert json.dumps(ours) == json.dumps(theirs)
+
+
+def in_slices(body: bytes, seed: int, most: int = 7) -> list[bytes]:
+    """body cut as a transport might read it: random slices of 1 to `most` bytes."""
+    rnd, i, pieces = random.Random(seed), 0, []
+    while i < len(body):
+        n = rnd.randint(1, most)
+        pieces.append(body[i:i + n])
+        i += n
+    return pieces
+
+
+def ran(functions, calls, limit=65536):
+    """calls, each run as the tool loop runs it."""
+    by_name = {t.name: t for t in omega.tools_from(functions)}
+    return [omega.run_tool(by_name.get(call.name), call, limit) for call in calls]
+
+
 # --- a fake `claude` executable (its program: FAKE_CLAUDE, in Test data) -----
 
 class FakeClaude:
@@ -738,6 +898,20 @@ def test_a_stopped_call_has_no_time_left_and_its_waits_end_at_once():
         omega.timed_out({"name": "openai"}, stopped)
 
 
+def test_tool_calls_are_data_and_a_reply_carries_them():
+    call = omega.tool_call("call_1", "get_weather", '{"city": "Par')
+    assert repr(call) == "ToolCall(id='call_1', name='get_weather', arguments={}, result=None, " \
+                         "error=False)"
+    done = omega.ToolCall("c", "now", {}, "noon")
+    reply = omega.OutgoingMessage("It is noon.", omega.MessageMetadata(), tool_calls=[done, call])
+    assert reply.to_dict()["tool_calls"] == [
+        {"id": "c", "name": "now", "arguments": {}, "result": "noon", "error": False},
+        {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Par', "result": None,
+         "error": False}]
+    assert "tool_calls" not in omega.OutgoingMessage("hi", omega.MessageMetadata()).to_dict()
+    json.dumps(reply.to_dict())
+
+
 # =============================================================================
 # 2. Errors
 # =============================================================================
@@ -768,6 +942,14 @@ def test_provider_error_takes_all_its_context_in_the_constructor():
     assert str(e).startswith("openai: 503 server_error: boom") and "\n" not in str(e)
     plain = omega.ProviderError("x")
     assert list(plain.fallbacks) == [] and plain.not_set_up is False and plain.retryable is False
+
+
+def test_an_error_carries_the_tool_calls_that_ran():
+    ran_before = [omega.ToolCall("c", "now", {}, "noon")]
+    error = omega.ProviderTimeout("late", "openai", tool_calls=ran_before, partial_text="Hm.")
+    again = error.with_context(message="later")
+    assert type(again) is omega.ProviderTimeout and again.tool_calls == ran_before
+    assert again.partial_text == "Hm." and omega.ProviderError("x").tool_calls == []
 
 
 # --- error bodies become typed errors ----------------------------------------
@@ -1563,6 +1745,16 @@ def test_prices_take_two_to_four_numbers_for_any_provider(tmp_path):
     assert loaded["anthropic"]["prices"] == {"claude-sonnet-4-20250514": [3, 15, 0.3, 3.75]}
     with pytest.raises(omega.ConfigError, match="provider.openai.prices: expected a table"):
         omega.load_config({"provider": {"openai": {"prices": [1, 2]}}})
+
+
+@pytest.mark.parametrize("key, bad", [("max_turns", 0), ("max_tool_result_bytes", 0),
+                                      ("max_tool_result_bytes", "big"), ("max_turns", 1.5)])
+def test_the_tool_loops_keys_are_checked(key, bad):
+    with pytest.raises(omega.ConfigError, match=f"provider.openai.{key}"):
+        omega.load_config({"provider": {"openai": {key: bad}}})
+    for name in ("ollama", "openai", "anthropic", "openrouter", "gemini"):
+        assert (omega.DEFAULTS[name]["max_turns"],
+                omega.DEFAULTS[name]["max_tool_result_bytes"]) == (10, 65536)
 
 
 # --- keys --------------------------------------------------------------------
@@ -3126,6 +3318,422 @@ def test_models_failures_are_typed_and_the_key_stays_home(api, api2):
         omega.models("gemini", {"provider": {"gemini": {"base_url": api.url}}})
 
 
+# --- every HTTP backend: tool calls, by recorded exchanges -------------------
+
+# Each backend, complete and stream: round 1 is a recorded answer that asks for tools
+# (Test data), round 2 must carry the first request with the model's turn exactly as it
+# came and the results in the API's shape (the second-round request a correct client
+# sends, recorded or built), then the answer. (round 1, its tools, what round 2 appends,
+# the calls, round 1's (input, output, cost)).
+
+def recorded_tool(name, result, parameters=None):
+    """A tool named as in a recording, whose function gives the recorded result."""
+    return omega.Tool(name, lambda **arguments: result, parameters=parameters or {
+        "type": "object"})
+
+
+def tool_round_trip(name, streaming):
+    if name == "openai" and not streaming:
+        calls = [("call_fdNz3vOBKYgOIpMdWotB9MjY", "GetWeatherArgs",
+                  {"city": "Edinburgh", "country": "GB", "units": "c"},
+                  "12 degrees c and rain in Edinburgh"),
+                 ("call_h1DWI1POMJLb0KwIyQHWXD4p", "get_stock_price",
+                  {"ticker": "AAPL", "exchange": "NASDAQ"}, '{"price": 227.52, "currency": "USD"}')]
+        return (OPENAI_PARALLEL, [GetWeatherArgs, get_stock_price],
+                OPENAI_ROUND2_PARALLEL["messages"][2:], calls, (149, 60, None))
+    if name == "openai":
+        ids = ("call_JMW1whyEaYG438VE1OIflxA2", "call_DNYTawLBoN8fj3KN6qU9N1Ou")
+        appended = json.loads(json.dumps(OPENAI_ROUND2_PARALLEL["messages"][2:]))
+        for call, result, id_ in zip(appended[0]["tool_calls"], appended[1:], ids):
+            call["id"] = result["tool_call_id"] = id_
+        return (OPENAI_STREAM_PARALLEL, [GetWeatherArgs, get_stock_price], appended,
+                [(ids[0], "GetWeatherArgs", {"city": "Edinburgh", "country": "GB", "units": "c"},
+                  "12 degrees c and rain in Edinburgh"),
+                 (ids[1], "get_stock_price", {"ticker": "AAPL", "exchange": "NASDAQ"},
+                  '{"price": 227.52, "currency": "USD"}')], (149, 60, None))
+    if name == "openrouter" and not streaming:         # reasoning_details go back as they came
+        return (OPENROUTER_REASONING_CALL,
+                [recorded_tool("get_weather", "12 degrees celsius and rain")],
+                OPENROUTER_ROUND2["messages"][1:],
+                [("toolu_01ESed5hCdyBEf6xWqtpMKwH", "get_weather", {"city": "Paris"},
+                  "12 degrees celsius and rain")], (610, 92, 0.00321))
+    if name == "openrouter":                  # id and name repeated, no finish reason, no args
+        return (OPENROUTER_STREAM_A, [llm_version],
+                [{"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "0", "type": "function", "function": {"name": "llm_version",
+                                                                 "arguments": "{}"}}]},
+                 {"role": "tool", "tool_call_id": "0", "content": "0.27"}],
+                [("0", "llm_version", {}, "0.27")], (57, 17, 7.159e-05))
+    if name == "anthropic" and not streaming:
+        result = ANTHROPIC_ROUND2["messages"][2]["content"][0]["content"]
+        tool = recorded_tool("get_weather", result, ANTHROPIC_REQUEST_TOOLS["tools"][0]["input_schema"])
+        appended = [{"role": "assistant", "content": ANTHROPIC_SINGLE_CALL["content"]},
+                    ANTHROPIC_ROUND2["messages"][2]]
+        assert appended == ANTHROPIC_ROUND2["messages"][1:]    # the SDK's keys, in its order
+        return (ANTHROPIC_SINGLE_CALL, [tool], appended,
+                [("toolu_016xm9m1i3NcGW5xFMMZJTqY", "get_weather",
+                  {"location": "San Francisco, CA", "units": "f"}, result)], (656, 74, None))
+    if name == "anthropic":                    # the thinking block and its signature go back
+        turn = json.loads(json.dumps(ANTHROPIC_ROUND2_THINKING["messages"][1]))
+        turn["content"][1]["caller"] = {"type": "direct"}      # llm-anthropic dropped it
+        return (ANTHROPIC_STREAM_THINKING, [fixed_version],
+                [turn, ANTHROPIC_ROUND2_THINKING["messages"][2]],
+                [("toolu_01825dXWLSoJwCst1qTsiWdb", "fixed_version", {}, "0.32a0")],
+                (598, 92, None))
+    if name == "gemini" and not streaming:      # thoughtSignature on its part, finishReason STOP
+        return (GEMINI_THINKING_CALL, [now], GEMINI_ROUND2["contents"][1:],
+                [(None, "now", {}, "2025-10-26T09:00:00Z")], (38, 509, None))
+    if name == "gemini":
+        chunks = [json.loads(line[6:]) for line in GEMINI_STREAM.split(b"\n") if line]
+        thoughts = [c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks[:2]]
+        return (GEMINI_STREAM.replace(b"\n", b"\r\n"), [now],
+                [{"role": "model", "parts": [{"text": "".join(thoughts), "thought": True},
+                                             chunks[2]["candidates"][0]["content"]["parts"][0]]},
+                 {"role": "user", "parts": [{"functionResponse": {
+                     "name": "now", "response": {"result": "2025-10-26T09:00:00Z"}}}]}],
+                [(None, "now", {}, "2025-10-26T09:00:00Z")], (38, 174, None))
+    if name == "ollama" and not streaming:       # ids, thinking, two calls
+        results = [f"12 degrees celsius and rain in {city}" for city in ("Paris", "Tokyo")]
+        return (OLLAMA_PARALLEL, [get_weather],
+                [OLLAMA_PARALLEL["message"], *({"role": "tool", "content": result,
+                                                 "tool_name": "get_weather", "tool_call_id": id_}
+                                                for result, id_ in zip(results, ("call_k3v9x0qa",
+                                                                                 "call_7m2pd4zt")))],
+                [("call_k3v9x0qa", "get_weather", {"city": "Paris"}, results[0]),
+                 ("call_7m2pd4zt", "get_weather", {"city": "Tokyo"}, results[1])], (182, 61, None))
+    return (OLLAMA_STREAM, [get_weather],                                  # no ids
+            [{"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]},
+             {"role": "tool", "content": "12 degrees celsius and rain in Tokyo",
+              "tool_name": "get_weather"}],
+            [(None, "get_weather", {"city": "Tokyo"}, "12 degrees celsius and rain in Tokyo")],
+            (169, 15, None))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_a_tool_round_trip_sends_the_models_turn_as_it_came(api, name, streaming):
+    first, tools, appended, calls, (tokens_in, tokens_out, cost) = \
+        tool_round_trip(name, streaming)
+    for seed, most in ((1, 1), (2, 7), (3, 4096)) if streaming else ((0, 0),):
+        if streaming:
+            serve_stream(api, first, seed=seed, most=most)
+        else:
+            api.reply(first)
+        queue(api, name, streaming, "It rains: take an umbrella.")
+        reply, pieces = with_tools(name, api, streaming, tools,
+                                   section={"max_tokens": 100, "temperature": 0.5})
+        one, two = api.requests[-2:]
+        assert (two.method, two.path) == (one.method, one.path)
+        assert two.headers == {**one.headers, "content-length": two.headers["content-length"]}
+        body = json.loads(json.dumps(one.body))        # round 2 = round 1 + the turn + results
+        body[omega.BACKENDS[name].turns] += appended
+        assert two.body == body
+        assert json.dumps(two.body[omega.BACKENDS[name].turns][-len(appended):]) == \
+            json.dumps(appended)                       # the same keys in the same order
+        assert one.body["tools"] == omega.BACKENDS[name].tools(omega.tools_from(tools))
+        assert reply.text == "It rains: take an umbrella."
+        assert [(c.id, c.name, c.arguments, c.result, c.error) for c in reply.tool_calls] == \
+            [(*c, False) for c in calls]
+        m = reply.metadata
+        second = {"ollama": (7, 3), "gemini": (8, 3), "anthropic": (10, 4)}.get(name, (12, 5))
+        assert (m.input_tokens, m.output_tokens) == (tokens_in + second[0], tokens_out + second[1])
+        assert (m.cost_usd, m.attempts, m.num_turns) == (cost, 2, 2)
+        if streaming:                            # round 1 wrote no text: no blank line
+            assert len(pieces) == 2 and "".join(pieces) == reply.text
+
+
+def test_openai_declarations_and_a_recorded_single_call():
+    assert omega.openai_tools(omega.tools_from([lookup_population, can_have_dragons])) == \
+        OPENAI_REQUEST_TWO_TOOLS["tools"]                 # (llm sorted the schema's keys)
+    calls = ran([lookup_population], omega.openai_calls(OPENAI_SINGLE_CALL))
+    turn, result = omega.openai_round(OPENAI_SINGLE_CALL, calls)
+    same(result, OPENAI_ROUND2["messages"][2])
+    # The recorded client (simonw/llm) re-serialized the arguments and left content
+    # out; the model's own text goes back here, as it came.
+    same(turn, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_TTY8UFNo7rNCaOBUNtlRSvMG", "type": "function", "function": {
+            "name": "lookup_population", "arguments": '{"country":"Crumpet"}'}}]})
+
+
+def test_deepseek_reasoning_content_goes_back():
+    turn = DEEPSEEK_ROUND2["messages"][1]
+    data = {"choices": [{"message": {**turn, "refusal": None, "annotations": []}}]}
+    calls = omega.openai_calls(data)
+    assert calls == [omega.ToolCall("call_00_aB3dE5fG7hJ9kL1mN3pQ5rS7", "get_date", {})]
+    calls[0].result = "2026-08-21"
+    same(omega.openai_round(data, calls), DEEPSEEK_ROUND2["messages"][1:])
+
+
+def test_llamacpp_call_and_empty_arguments_go_back_as_an_object():
+    calls = omega.openai_calls(LLAMACPP_CALL)
+    assert calls == [omega.ToolCall("a0b2a9fb4", "get_current_weather",
+                                    {"location": "Istanbul, Turkey."})]
+    calls[0].result = "sunny"
+    same(omega.openai_round(LLAMACPP_CALL, calls)[0]["tool_calls"], [
+        {"id": "a0b2a9fb4", "type": "function", "function": {
+            "name": "get_current_weather", "arguments": '{"location":"Istanbul, Turkey."}'}}])
+    data = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "0", "type": "function", "function": {"name": "llm_version", "arguments": ""}}]}}]}
+    calls = ran([llm_version], omega.openai_calls(data))
+    assert calls == [omega.ToolCall("0", "llm_version", {}, "0.27")]
+    assert omega.openai_round(data, calls)[0]["tool_calls"][0]["function"]["arguments"] == "{}"
+    answer = {"choices": [{"message": {"role": "assistant", "content": "Hi"}}]}
+    assert omega.openai_calls(answer) == [] == omega.openai_calls({"choices": []})
+
+
+@pytest.mark.parametrize("body, calls", [
+    ("OPENAI_STREAM_SINGLE", [("call_1EYWDzueHEp8OsB8jJSEp7WB", "multiply", {"a": 1231, "b": 2331})]),
+    ("OPENAI_STREAM_PARALLEL", [
+        ("call_JMW1whyEaYG438VE1OIflxA2", "GetWeatherArgs",
+         {"city": "Edinburgh", "country": "GB", "units": "c"}),
+        ("call_DNYTawLBoN8fj3KN6qU9N1Ou", "get_stock_price", {"ticker": "AAPL", "exchange": "NASDAQ"})]),
+    ("LLAMACPP_STREAM", [("Kq9wZ3xT0bY7nL2mR5vC8dF1gH4jP6sA", "get_weather", {"city": "Paris"})]),
+    ("OPENROUTER_STREAM_A", [("0", "llm_version", {})]),            # id, name repeated
+    ("OPENROUTER_STREAM_C", [("llm_version:0", "llm_version", {})]),  # no arguments key
+    ("OPENROUTER_STREAM_D", [("0", "llm_version", {})]),            # arguments null
+])
+def test_openai_streamed_calls_read_at_any_cut(body, calls):
+    body = globals()[body]
+    for seed in range(20):                               # the transport's reads, any size
+        data = omega.drain(omega.openai_events(in_slices(body, seed), FRAMING))
+        assert omega.openai_calls(data) == [omega.ToolCall(*c) for c in calls]
+    turn = omega.openai_round(data, omega.openai_calls(data))[0]
+    assert all(list(c) == ["id", "type", "function"] for c in turn["tool_calls"])  # no index
+
+
+ARGUMENTS = '{"city": "Zürich — 東京", "days": 3}'
+
+
+def openai_delta_calls(*deltas):
+    """The calls OpenAI-style deltas give, each delta in a chunk of its own."""
+    calls = []
+    for delta in deltas:
+        omega.openai_tool_deltas(calls, [delta])
+    return omega.openai_calls({"choices": [{"message": {"tool_calls": omega.streamed_calls(calls)}}]})
+
+
+def test_openai_argument_deltas_cut_at_every_position():
+    for i in range(len(ARGUMENTS) + 1):
+        for j in range(i, len(ARGUMENTS) + 1):
+            assert openai_delta_calls(
+                {"index": 0, "id": "call_1", "type": "function",
+                 "function": {"name": "weather", "arguments": ""}},
+                {"index": 0, "function": {"arguments": ARGUMENTS[:i]}},
+                {"index": 0, "id": "call_1", "function": {"name": "weather",
+                                                         "arguments": ARGUMENTS[i:j]}},
+                {"index": 0, "type": "function", "function": {"arguments": ARGUMENTS[j:]}}) == \
+                [omega.ToolCall("call_1", "weather", {"city": "Zürich — 東京", "days": 3})]
+
+
+def test_openai_utf8_cut_inside_a_character_by_the_transport():
+    body = ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function",
+         "function": {"name": "weather", "arguments": ARGUMENTS}}]}}]}, ensure_ascii=False)
+        + "\n\ndata: [DONE]\n\n").encode()
+    for cut in range(1, len(body)):
+        data = omega.drain(omega.openai_events(iter([body[:cut], body[cut:]]), FRAMING))
+        assert omega.openai_calls(data) == [
+            omega.ToolCall("call_1", "weather", {"city": "Zürich — 東京", "days": 3})]
+
+
+DELTA_VARIANTS = [
+    # index null, then missing: the last call
+    ([{"index": None, "id": "a", "function": {"name": "now", "arguments": "{"}},
+      {"index": None, "function": {"arguments": "}"}}, {"function": {"arguments": " "}}],
+     [("a", "now", {})]),
+    # index 0, then null and missing (openai-python #2806, any-llm #1148): still call 0
+    ([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": '{"city"'}},
+      {"index": None, "function": {"arguments": ': "Par'}}, {"function": {"arguments": 'is"}'}}],
+     [("a", "weather", {"city": "Paris"})]),
+    # several calls on index 0, told apart by their ids (smolagents #1958)
+    ([{"index": 0, "id": "a", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+      {"index": 0, "id": "b", "function": {"name": "weather", "arguments": '{"city":'}},
+      {"index": 0, "function": {"arguments": ' "Rome"}'}}],
+     [("a", "weather", {"city": "Paris"}), ("b", "weather", {"city": "Rome"})]),
+    # llama.cpp before May 2025: the id in function.id, the name in every delta, no type
+    ([{"index": 0, "function": {"id": "x", "name": "weather", "arguments": '{"ci'}},
+      {"index": 0, "function": {"id": "x", "name": "weather", "arguments": 'ty": "Oslo"}'}}],
+     [("x", "weather", {"city": "Oslo"})]),
+    # a new index without an id starts a call; arguments never sent, or "{}", are {}
+    ([{"index": 0, "id": "a", "function": {"name": "now"}},
+      {"index": 1, "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
+      {"index": 0, "function": {"arguments": None}},
+      {"index": 2, "id": "c", "function": {"name": "now", "arguments": "{}"}}],
+     [("a", "now", {}), (None, "weather", {"city": "Oslo"}), ("c", "now", {})]),
+]
+
+
+@pytest.mark.parametrize("deltas, calls", DELTA_VARIANTS)
+def test_openai_delta_variants(deltas, calls):
+    assert openai_delta_calls(*deltas) == [omega.ToolCall(*c) for c in calls]
+    state = []
+    omega.openai_tool_deltas(state, None)                  # a delta without tool_calls
+    omega.openai_tool_deltas(state, ["junk", 3])
+    assert state == []
+
+
+@pytest.mark.parametrize("case", range(5), ids=["index-null-then-missing",
+                                                "index-0-then-null", "several-on-index-0",
+                                                "llamacpp-id-in-function", "no-arguments"])
+def test_streamed_call_variants_against_a_server(api, case):
+    """test_openai_delta_variants' deltas, each in a chunk, served byte by byte, then
+    the round that goes back: ids, names and arguments whole, empty arguments as {}."""
+    deltas, calls = DELTA_VARIANTS[case]
+    body = b"".join(b"data: " + utf8_json({"choices": [{"index": 0, "delta": {
+        "tool_calls": [delta]}}]}) + b"\n\n" for delta in deltas) + b"data: [DONE]\n\n"
+    serve_stream(api, body, most=1)
+    queue(api, "openai", True, "ok")
+    tools = [weather, now]
+    reply, _ = with_tools("openai", api, True, tools)
+    assert [(c.id, c.name, c.arguments) for c in reply.tool_calls] == calls
+    turn = api.last().body["messages"][-1 - len(calls)]
+    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in turn["tool_calls"]] == calls
+
+
+def test_anthropic_declarations_and_an_error_result():
+    tool = omega.tool_from(omega.Tool("get_weather", get_weather,
+                                      ANTHROPIC_REQUEST_TOOLS["tools"][0]["description"],
+                                      ANTHROPIC_REQUEST_TOOLS["tools"][0]["input_schema"]))
+    same(omega.anthropic_tools([tool]), ANTHROPIC_REQUEST_TOOLS["tools"])
+    data = {"content": ANTHROPIC_ROUND2_IS_ERROR["messages"][1]["content"]}
+    calls = omega.anthropic_calls(data)
+    calls[0].result, calls[0].error = "RuntimeError('Unexpected error, try again')", True
+    same(omega.anthropic_round(data, calls), ANTHROPIC_ROUND2_IS_ERROR["messages"][1:])
+    # The SDK re-ordered the block's keys; the blocks go back in the order they came.
+    calls = omega.anthropic_calls(ANTHROPIC_SINGLE_CALL)
+    same(omega.anthropic_round(ANTHROPIC_SINGLE_CALL, calls)[0]["content"],
+         ANTHROPIC_SINGLE_CALL["content"])
+
+
+def test_anthropic_streams_give_every_block_at_any_cut():
+    for body in (ANTHROPIC_STREAM_PARALLEL, ANTHROPIC_STREAM_SINGLE):
+        whole = omega.drain(omega.anthropic_events(iter([body]), FRAMING))
+        for seed in range(20):
+            assert omega.drain(omega.anthropic_events(in_slices(body, seed), FRAMING)) == whole
+    parallel = omega.drain(omega.anthropic_events(iter([ANTHROPIC_STREAM_PARALLEL]), FRAMING))
+    assert [(c.id, c.arguments) for c in omega.anthropic_calls(parallel)] == [
+        ("toolu_01LtHJmixrs9NcWQkK8hu8hj", {}), ("toolu_01N8a4jWyf116qKTMqKKmjyt", {})]
+    single = omega.drain(omega.anthropic_events(iter([ANTHROPIC_STREAM_SINGLE]), FRAMING))
+    same(single["content"], [{"type": "tool_use", "id": "toolu_01TJoxvFknVdnV9XpWFPaRmY",
+                              "name": "get_weather", "input": {"location": "San Francisco, CA",
+                                                               "units": "f"},
+                              "caller": {"type": "direct"}}])
+
+
+def anthropic_fold(*events):
+    content, growing = [], collections.defaultdict(list)
+    for event in events:
+        omega.anthropic_block_event(content, growing, event)
+    return omega.anthropic_blocks(content, growing)
+
+
+def test_anthropic_partial_json_cut_at_every_position():
+    for i in range(len(ARGUMENTS) + 1):
+        same(anthropic_fold(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text",
+                                                                         "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta",
+                                                                 "text": "Let me look."}},
+            {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                                 "partial_json": ""}},
+            {"type": "content_block_delta", "index": 1, "delta": {
+                "type": "input_json_delta", "partial_json": ARGUMENTS[:i]}},
+            {"type": "content_block_delta", "index": 1, "delta": {
+                "type": "input_json_delta", "partial_json": ARGUMENTS[i:]}}),
+            [{"type": "text", "text": "Let me look."},
+             {"type": "tool_use", "id": "toolu_1", "name": "weather",
+              "input": {"city": "Zürich — 東京", "days": 3}}])
+
+
+def test_anthropic_redacted_thinking_and_input_that_is_not_json():
+    assert anthropic_fold({"type": "content_block_start", "index": 0, "content_block": {
+        "type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}}) == \
+        [{"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}]
+    data = {"content": anthropic_fold(
+        {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta",
+                                                             "partial_json": '{"city": '}})}
+    calls = ran([weather], omega.anthropic_calls(data))
+    assert calls[0].error and calls[0].result == 'the arguments are not a JSON object: {"city": '
+    assert omega.anthropic_round(data, calls)[0]["content"][0]["input"] == {}
+
+
+def test_gemini_declarations_parallel_calls_and_an_error():
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "properties": {"q": {"type": ["string", "null"]}}, "additionalProperties": False}
+    sent = omega.gemini_tools([omega.tool_from(omega.Tool("search", None, "", schema))])
+    assert sent[0]["functionDeclarations"][0]["parametersJsonSchema"] == {
+        "type": "object", "properties": {"q": {"type": ["string", "null"]}},
+        "additionalProperties": False}
+    assert "$schema" in schema                            # the caller's dict is left alone
+    calls = omega.gemini_calls(GEMINI_PARALLEL)
+    assert calls == [omega.ToolCall(None, "sum", {"y": 1, "x": 2}),
+                     omega.ToolCall(None, "multiply", {"y": 3, "x": 4}),
+                     omega.ToolCall(None, "subtract", {"y": 5, "x": 6})]
+    for call, result in zip(calls, ("3", "12", "ZeroDivisionError: oops")):
+        call.result, call.error = result, result.startswith("Zero")
+    model, results = omega.gemini_round(GEMINI_PARALLEL, calls)
+    same(model, {"role": "model", "parts": GEMINI_PARALLEL["candidates"][0]["content"]["parts"]})
+    same(results, {"role": "user", "parts": [
+        {"functionResponse": {"name": "sum", "response": {"result": "3"}}},
+        {"functionResponse": {"name": "multiply", "response": {"result": "12"}}},
+        {"functionResponse": {"name": "subtract", "response": {"error": "ZeroDivisionError: oops"}}}]})
+
+
+def test_gemini_call_without_args_and_with_an_id():
+    assert omega.gemini_calls(GEMINI_ARGS_ABSENT) == [omega.ToolCall(None, "current_time", {})]
+    data = {"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"name": "now", "args": {}, "id": "call_27db"}}]}}]}
+    calls = ran([now], omega.gemini_calls(data))
+    same(omega.gemini_round(data, calls)[1], {"role": "user", "parts": [{"functionResponse": {
+        "name": "now", "response": {"result": "2025-10-26T09:00:00Z"}, "id": "call_27db"}}]})
+
+
+def test_gemini_streams_keep_every_part_at_any_cut():
+    body = GEMINI_STREAM.replace(b"\n", b"\r\n")          # as recorded: CRLF
+    whole = omega.drain(omega.gemini_events(iter([body]), FRAMING))
+    for seed in range(20):
+        assert omega.drain(omega.gemini_events(in_slices(body, seed), FRAMING)) == whole
+    gemini3 = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in GEMINI3_STREAM_ARRAY)
+    data = omega.drain(omega.gemini_events(iter([gemini3]), FRAMING))
+    calls = omega.gemini_calls(data)
+    assert calls == [omega.ToolCall(None, "multiply", {"y": 3, "x": 5})]
+    calls[0].result = "15"
+    model, results = omega.gemini_round(data, calls)
+    recorded = GEMINI3_ROUND2["contents"][1]["parts"]     # llm-gemini: text first, snake_case
+    assert model["parts"] == [{"functionCall": recorded[1]["function_call"],
+                               "thoughtSignature": recorded[1]["thoughtSignature"]}, recorded[0]]
+    assert results["parts"][0]["functionResponse"]["response"] == {"result": "15"}
+
+
+def test_gemini_text_pieces_join_but_signed_parts_stay():
+    parts = [{"text": "It "}, {"text": "rains", "thoughtSignature": "S1"}, {"text": "."},
+             {"text": "!"}, {"text": "hm", "thought": True}, {"text": "m", "thought": True},
+             {"text": ""}]
+    assert omega.gemini_turn(parts) == [
+        {"text": "It "}, {"text": "rains", "thoughtSignature": "S1"}, {"text": ".!"},
+        {"text": "hmm", "thought": True}, {"text": ""}]
+    assert omega.gemini_turn([]) == []
+
+
+def test_ollama_declarations_and_the_documented_round():
+    same(omega.openai_tools(omega.tools_from([get_weather])), OLLAMA_ROUND2["tools"])
+    assert omega.ollama_calls(OLLAMA_CALL) == [omega.ToolCall(None, "get_weather",
+                                                              {"city": "Tokyo"})]
+    data = {"message": OLLAMA_ROUND2["messages"][1]}     # the docs' round 2 asks about Toronto
+    calls = omega.ollama_calls(data)
+    calls[0].result = "11 degrees celsius"
+    same(omega.ollama_round(data, calls), OLLAMA_ROUND2["messages"][1:])
+    for seed in range(10):
+        data = omega.drain(omega.ollama_events(in_slices(OLLAMA_STREAM, seed), FRAMING))
+        assert omega.ollama_calls(data) == [omega.ToolCall(None, "get_weather", {"city": "Tokyo"})]
+
+
 # --- OpenAI and compatible servers -------------------------------------------
 
 def test_openai_request_on_the_wire(api):
@@ -4425,6 +5033,41 @@ def test_a_chat_says_it_belongs_to_one_thread_at_a_time():
     assert "one thread at a time" in " ".join(omega.Chat.__doc__.split())
 
 
+def test_tools_and_approve_are_keywords_of_every_call_and_a_chat_sends_them_every_turn(api):
+    asked = []
+
+    def approve(call):
+        asked.append(call.name)
+        return True
+
+    def answer_or_call(request):
+        if request.body["messages"][-1]["role"] == "tool" or request.body["messages"][-1][
+                "content"] == "And now?":
+            return {"body": openai_ok("Noon.")}
+        return {"body": answer_with("openai", calls=[("c1", "now", {})])}
+    api.default = answer_or_call
+    config = cfg("openai", api)
+    ways = {"complete": lambda: omega.complete("hi", "openai", config, tools=[now],
+                                               approve=approve).text,
+            "stream": lambda: "".join(omega.stream("hi", "openai", config, tools=[now],
+                                                   approve=approve)),
+            "ask": lambda: omega.ask("hi", "openai", config=config, tools=[now], approve=approve),
+            "Chat": lambda: omega.Chat("openai", config=config, tools=[now],
+                                       approve=approve).ask("hi"),
+            "a Chat turn": lambda: omega.Chat("openai", config=config).ask(
+                "hi", tools=[now], approve=approve)}
+    for way, call in ways.items():
+        assert call() == "Noon.", way
+        assert api.last().body["tools"][0]["function"]["name"] == "now"
+        assert asked.pop() == "now" and asked == []
+    chat = omega.Chat("openai", config=config, tools=[now])
+    assert chat.ask("hi") == "Noon." and chat.ask("And now?") == "Noon."
+    assert api.last().body["tools"][0]["function"]["name"] == "now"      # every turn
+    assert [m["role"] for m in api.last().body["messages"]] == ["user", "assistant", "user"]
+    assert chat.replies[0].tool_calls[0].result == "2025-10-26T09:00:00Z"
+    assert "tools=<1>" in repr(omega.Options(tools=[now]))
+
+
 # --- complete() and ask() ----------------------------------------------------
 
 def test_ask_returns_the_text_and_passes_everything_on(api):
@@ -4943,7 +5586,510 @@ def test_omega_never_calls_its_own_map_and_star_imports_leave_pythons_alone():
 
 
 # =============================================================================
-# 10. Diagnostics
+# 10. Tools
+# =============================================================================
+
+# --- a tool: schemas from type hints and docstrings --------------------------
+
+@pytest.mark.parametrize("hint, schema", [
+    (str, {"type": "string"}),
+    (int, {"type": "integer"}),
+    (float, {"type": "number"}),
+    (bool, {"type": "boolean"}),
+    (list, {"type": "array"}),
+    (list[int], {"type": "array", "items": {"type": "integer"}}),
+    (List[str], {"type": "array", "items": {"type": "string"}}),
+    (dict, {"type": "object"}),
+    (dict[str, float], {"type": "object", "additionalProperties": {"type": "number"}}),
+    (Literal["c", "f"], {"type": "string", "enum": ["c", "f"]}),
+    (Literal[1, "one"], {"type": ["integer", "string"], "enum": [1, "one"]}),
+    (str | None, {"type": ["string", "null"]}),
+    (Optional[int], {"type": ["integer", "null"]}),
+    (Optional[Literal["c", "f"]], {"type": ["string", "null"], "enum": ["c", "f", None]}),
+    (list[str] | None, {"type": ["array", "null"], "items": {"type": "string"}}),
+    (list[bool | None], {"type": "array", "items": {"type": ["boolean", "null"]}}),
+    (Annotated[str, "extra"], {"type": "string"}),
+    (Any, {}),
+    (Any | None, {}),
+])
+def test_schema_of_each_hint(hint, schema):
+    assert omega.hint_schema(hint) == schema
+
+    def f(x: hint):                                       # through tool_from, as a user writes it
+        pass
+    assert omega.tool_from(f).parameters == {"type": "object", "properties": {"x": schema},
+                                             "required": ["x"]}
+
+
+def test_a_function_becomes_a_tool():
+    def forecast(city: str, days: int = 1, unit: Literal["c", "f"] | None = None, extra=None):
+        """The weather for the next days
+        in a city.
+
+        Longer text that is not the description.
+
+        city: the city's name, e.g. "Paris"
+        days: how many days,
+            counted from today
+        unit: "c" or "f"
+        """
+    tool = omega.tool_from(forecast)
+    assert tool.name == "forecast" and tool.fn is forecast
+    assert tool.description == "The weather for the next days in a city."
+    same(tool.parameters, {"type": "object", "properties": {
+        "city": {"type": "string", "description": 'the city\'s name, e.g. "Paris"'},
+        "days": {"type": "integer", "description": "how many days, counted from today"},
+        "unit": {"type": ["string", "null"], "enum": ["c", "f", None], "description": '"c" or "f"'},
+        "extra": {}}, "required": ["city"]})
+    assert omega.tool_from(llm_version) == omega.Tool("llm_version", llm_version, "",
+                                                      {"type": "object", "properties": {}})
+
+
+@pytest.mark.parametrize("doc", [
+    'Find a city.\n\n:param city: the name\n:param int days: how many\n:type city: str\n',
+    'Find a city.\n\nArgs:\n    city (str): the name\n    days: how\n        many\n\nReturns:\n    text\n',
+    'Find a city.\ncity: the name\ndays: how many',
+    'Find a city.\nArgs:\n    city: the name\n    days: how many\n',
+])
+def test_parameter_descriptions_in_three_styles(doc):
+    def find(city: str, days: int):
+        pass
+    find.__doc__ = doc
+    tool = omega.tool_from(find)
+    assert tool.description == "Find a city."
+    assert tool.parameters["properties"]["city"]["description"] == "the name"
+    assert tool.parameters["properties"]["days"]["description"] == "how many"
+
+
+def test_hints_written_as_text_are_resolved_in_the_functions_module():
+    namespace = {}
+    exec('from __future__ import annotations\nfrom typing import Literal\n'
+         'def forecast(city: str, unit: Literal["c", "f"] | None = None, n: list[int] = ()):\n'
+         '    """Forecast."""\n', namespace)
+    assert omega.tool_from(namespace["forecast"]).parameters == {
+        "type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"type": ["string", "null"],
+                                                 "enum": ["c", "f", None]},
+            "n": {"type": "array", "items": {"type": "integer"}}}, "required": ["city"]}
+
+
+def test_a_tool_by_hand():
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    tool = omega.tool_from(omega.Tool("search", get_weather, parameters=schema))
+    assert tool == omega.Tool("search", get_weather, "Get the weather in a given city", schema)
+    assert omega.tool_from(omega.Tool("search", None, "Search", schema)) == \
+        omega.Tool("search", None, "Search", schema)
+    assert omega.tool_from(omega.Tool("w", get_weather, "Mine")).description == "Mine"
+    assert omega.tool_from(omega.Tool("_" + "a" * 63, now)).name == "_" + "a" * 63
+
+
+def positional_only(city, /):
+    pass
+
+
+def star_args(*cities):
+    pass
+
+
+def star_kwargs(**options):
+    pass
+
+
+def odd_hint(when: complex):
+    pass
+
+
+def union_hint(x: int | str):
+    pass
+
+
+def int_keys(x: dict[int, str]):
+    pass
+
+
+def tuple_hint(x: tuple[int, int]):
+    pass
+
+
+def enum_literal(x: Literal[complex(1, 2)]):
+    pass
+
+
+def a_city(name: str) -> str:
+    return name
+
+
+@pytest.mark.parametrize("item, words", [
+    (lambda city: city, ["'<lambda>'", "name"]),
+    (omega.Tool("get.weather", a_city), ["'get.weather'", "name"]),
+    (omega.Tool("1weather", a_city), ["'1weather'"]),
+    (omega.Tool("-weather", a_city), ["'-weather'"]),
+    (omega.Tool("w" * 65, a_city), ["w" * 60]),
+    (omega.Tool("", a_city), ["''"]),
+    (omega.Tool("a b", a_city), ["'a b'"]),
+    (star_args, ["star_args", "*cities", "variadic positional"]),
+    (star_kwargs, ["star_kwargs", "**options", "variadic keyword"]),
+    (positional_only, ["positional_only", "city", "positional-only"]),
+    (odd_hint, ["odd_hint", "when", "complex"]),
+    (union_hint, ["union_hint", "int | str"]),
+    (int_keys, ["int_keys", "dict[int, str]"]),
+    (tuple_hint, ["tuple_hint", "tuple[int, int]"]),
+    (enum_literal, ["enum_literal", "Literal"]),
+    (omega.Tool("search", None), ["search", "function or parameters"]),
+    (omega.Tool("search", None, parameters={"type": "array"}), ["search", "object"]),
+    (omega.Tool("search", None, parameters={"type": "thing"}), ["search", "unknown type 'thing'"]),
+    ("get_weather", ["'get_weather'", "neither a function nor a Tool"]),
+], ids=lambda x: x if isinstance(x, str) else getattr(x, "__name__", None))
+def test_bad_definitions_are_config_errors_naming_the_function_before_anything_is_sent(
+        api, item, words):
+    with pytest.raises(omega.ConfigError) as e:
+        omega.tools_from([item])
+    for word in words:
+        assert word in str(e.value)
+    with pytest.raises(omega.ConfigError) as again:
+        omega.complete("hi", "openai", cfg("openai", api), tools=[get_weather, item])
+    assert str(again.value) == str(e.value) and api.requests == []
+
+
+def test_a_name_used_twice_or_no_list():
+    with pytest.raises(omega.ConfigError, match="two tools are named 'get_weather'"):
+        omega.tools_from([get_weather, omega.Tool("get_weather", now)])
+    assert [t.name for t in omega.tools_from([get_weather, omega.Tool("other", get_weather)])] \
+        == ["get_weather", "other"]
+    with pytest.raises(omega.ConfigError, match="expected a list of functions or Tools"):
+        omega.tools_from(get_weather)
+
+
+def test_a_hint_that_cannot_be_resolved_is_named():
+    namespace = {}
+    exec("from __future__ import annotations\ndef where(city: Cityy) -> str: ...\n", namespace)
+    with pytest.raises(omega.ConfigError, match=r"tool where: a type hint cannot be resolved .*Cityy"):
+        omega.tool_from(namespace["where"])
+
+
+# --- one call: results and error results -------------------------------------
+
+@pytest.mark.parametrize("arguments, result, error", [
+    ({"city": "Paris"}, "12 degrees celsius and rain in Paris", False),
+    ({"city": "Paris", "unit": "fahrenheit", "days": 3.0, "ratio": 2, "when": None},
+     "12 degrees fahrenheit and rain in Paris", False),
+    ({"city": "Atlantis"}, "ValueError: no such city", True),
+    ({"city": "Nowhere"}, "RuntimeError", True),
+    ({"city": "Refused"}, "Refused is not a city I may look up", True),      # ToolFailed: as is
+    ({"city": "Data"}, '{"city": "Data", "temperature": "12°C", "days": [1, 2], '
+                       '"when": "<class \'omega.Message\'>"}', False),
+    ({"city": "Nothing"}, "null", False),
+    ({}, "invalid arguments for weather: missing required city", True),
+    ({"city": "Paris", "country": "FR"}, "invalid arguments for weather: unknown country "
+                                         "(the parameters are: city, unit, days, ratio, when)", True),
+    ({"city": 3}, "invalid arguments for weather: city must be string, not integer", True),
+    ({"city": "Paris", "days": True}, "invalid arguments for weather: days must be integer, "
+                                      "not boolean", True),
+    ({"city": "Paris", "days": 1.5}, "invalid arguments for weather: days must be integer, "
+                                     "not number", True),
+    ({"city": "Paris", "when": 1}, "invalid arguments for weather: when must be string or "
+                                   "null, not integer", True),
+    ({"city": "Paris", "unit": "kelvin"}, 'invalid arguments for weather: unit must be one of '
+                                          '["celsius", "fahrenheit"]', True),
+])
+def test_run_tool(arguments, result, error):
+    call = omega.run_tool(omega.tool_from(weather), omega.ToolCall("c", "weather", arguments),
+                          65536)
+    assert (call.result, call.error) == (result, error) and call.arguments == arguments
+
+
+def test_run_tool_arguments_not_json_unknown_tools_and_schemas_that_allow_more():
+    def run(tool, call, limit=65536):
+        done = omega.run_tool(tool, call, limit)
+        return done.result, done.error
+    assert run(omega.tool_from(weather), omega.tool_call("c", "weather", '{"city": "Par')) == \
+        ('the arguments are not a JSON object: {"city": "Par', True)
+    assert run(None, omega.ToolCall("c", "wether", {})) == \
+        ("there is no tool named 'wether' that can run", True)
+    declared = omega.tool_from(omega.Tool("search", None, "", {"type": "object"}))
+    assert run(declared, omega.ToolCall("c", "search", {}))[1] is True
+
+    def search(**options):
+        return json.dumps(options)
+    tool = omega.Tool("search", search, "", {"type": "object", "properties": {
+        "q": {"type": "string"}}, "additionalProperties": True})
+    assert run(tool, omega.ToolCall("c", "search", {"q": "x", "n": 2})) == ('{"q": "x", "n": 2}',
+                                                                           False)
+    open_tool = omega.Tool("search", search, "", {"type": "object"})
+    assert run(open_tool, omega.ToolCall("c", "search", {"n": 2})) == ('{"n": 2}', False)
+
+
+@pytest.mark.parametrize("arguments", [None, "", "  ", {}, "{}"])
+def test_no_arguments_mean_an_empty_object(arguments):
+    assert omega.tool_call("c", "now", arguments) == omega.ToolCall("c", "now", {})
+
+
+@pytest.mark.parametrize("arguments, raw", [
+    ('{"city": "Par', '{"city": "Par'), ("[1, 2]", "[1, 2]"), ("null", "null"),
+    ('"Paris"', '"Paris"'), ([1, 2], "[1, 2]"), (3, "3")])
+def test_arguments_that_are_no_object_keep_their_text(arguments, raw):
+    call = omega.tool_call("c", "get_weather", arguments)
+    assert call.raw_arguments == raw and call.to_dict()["arguments"] == raw
+    assert "raw_arguments" not in repr(call)
+
+
+def test_results_over_the_limit_are_cut_at_a_character_boundary():
+    def big() -> str:
+        return "é" * 100                             # 200 bytes
+    tool = omega.tool_from(big)
+    assert omega.run_tool(tool, omega.ToolCall(None, "big", {}), 200).result == "é" * 100
+    for limit in range(0, 200):
+        call = omega.run_tool(tool, omega.ToolCall(None, "big", {}), limit)
+        kept, note = call.result.split("\n", 1)
+        assert kept == "é" * (limit // 2) and not call.error
+        assert note == f"[cut: the result was 200 bytes, only the first {limit:,} are here]"
+
+    def fail():
+        raise ValueError("x" * 1000)
+    call = omega.run_tool(omega.tool_from(fail), omega.ToolCall(None, "fail", {}), 20)
+    assert call.error and call.result.startswith("ValueError: xxxxxxxx\n[cut: the result was 1,012")
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, omega.ProviderTimeout("late", "mcp")])
+def test_an_interruption_or_a_deadline_is_not_a_result(error):
+    def stop():
+        raise error
+    with pytest.raises(type(error) if not isinstance(error, type) else error):
+        omega.run_tool(omega.tool_from(stop), omega.ToolCall(None, "stop", {}), 100)
+
+
+def test_approve_is_asked_only_for_a_call_that_would_run():
+    asked, ran_with = [], []
+
+    def approve(call):
+        asked.append(call)
+        return call.arguments["city"] != "Rome"
+
+    def city(city: str) -> str:
+        ran_with.append(city)
+        return city
+    tool = omega.tool_from(city)
+    calls = [omega.run_tool(tool, omega.ToolCall("1", "city", {"city": c}), 100, approve)
+             for c in ("Paris", "Rome")]
+    assert [(c.result, c.error) for c in calls] == [("Paris", False),
+                                                    ("the user declined this call", True)]
+    assert ran_with == ["Paris"] and [c.arguments for c in asked] == [{"city": "Paris"},
+                                                                      {"city": "Rome"}]
+    omega.run_tool(tool, omega.ToolCall("3", "city", {}), 100, approve)          # bad arguments
+    omega.run_tool(None, omega.ToolCall("4", "nope", {}), 100, approve)          # unknown
+    assert len(asked) == 2
+
+
+# --- the loop, on every HTTP backend ------------------------------------------
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_parallel_calls_run_in_order_and_every_failure_is_a_result(api, name, streaming):
+    order = []
+
+    def weather_logged(**arguments):
+        order.append(arguments.get("city"))
+        return weather(**arguments)
+    tool = omega.Tool("weather", weather_logged, parameters=omega.tool_from(weather).parameters)
+    queue(api, name, streaming, calls=[
+        ("c1", "weather", {"city": "Paris"}), ("c2", "weather", {"city": "Atlantis"}),
+        ("c3", "wether", {"city": "Oslo"}), ("c4", "weather", {"city": 3}),
+        ("c5", "weather", {"city": "Data"}), ("c6", "weather", {"city": "Refused"})])
+    queue(api, name, streaming, "Rain in Paris.")
+    reply, _ = with_tools(name, api, streaming, [tool])
+    assert reply.text == "Rain in Paris." and order == ["Paris", "Atlantis", "Data", "Refused"]
+    flag = name in ("anthropic", "gemini")                # the APIs that mark an error result
+    assert sent_results(name, api.last().body) == [
+        ("12 degrees celsius and rain in Paris", False if flag else None),
+        ("ValueError: no such city", True if flag else None),
+        ("there is no tool named 'wether' that can run", True if flag else None),
+        ("invalid arguments for weather: city must be string, not integer", True if flag else None),
+        ('{"city": "Data", "temperature": "12°C", "days": [1, 2], '
+         '"when": "<class \'omega.Message\'>"}', False if flag else None),
+        ("Refused is not a city I may look up", True if flag else None)]
+    assert [c.error for c in reply.tool_calls] == [False, True, True, True, False, True]
+    assert len(api.requests) == 2
+
+
+def test_arguments_that_are_not_json_are_an_error_result(api):
+    body = answer_with("openai", calls=[("c1", "weather", {})])
+    body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] = '{"city": "Par'
+    api.reply(body)
+    api.reply(openai_ok("Sorry."))
+    reply = omega.complete("hi", "openai", cfg("openai", api), tools=[weather])
+    assert sent_results("openai", api.last().body) == [
+        ('the arguments are not a JSON object: {"city": "Par', None)]
+    echoed = api.last().body["messages"][-2]["tool_calls"][0]["function"]["arguments"]
+    assert echoed == '{"city": "Par' and reply.tool_calls[0].to_dict()["arguments"] == echoed
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_results_over_max_tool_result_bytes_are_cut_with_a_note(api, name):
+    def long_text() -> str:
+        return "ab" * 100
+    queue(api, name, False, calls=[("c1", "long_text", {})])
+    queue(api, name, False, "ok")
+    with_tools(name, api, False, [long_text], section={"max_tool_result_bytes": 50})
+    assert sent_results(name, api.last().body)[0][0] == \
+        "ab" * 25 + "\n[cut: the result was 200 bytes, only the first 50 are here]"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_a_503_in_round_2_is_retried_with_the_same_results_and_no_tool_runs_twice(
+        api, name, streaming):
+    runs = []
+
+    def counted(city: str) -> str:
+        runs.append(city)
+        return f"sunny in {city}"
+    queue(api, name, streaming, calls=[("c1", "counted", {"city": "Paris"})])
+    api.reply(openai_error(503, "overloaded"), status=503)
+    queue(api, name, streaming, "Sunny.")
+    reply, _ = with_tools(name, api, streaming, [counted])
+    first, failed, retried = api.requests
+    assert runs == ["Paris"] and failed.raw == retried.raw and reply.text == "Sunny."
+    assert sent_results(name, retried.body)[0][0] == "sunny in Paris"
+    assert (reply.metadata.attempts, reply.metadata.num_turns) == (3, 2)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_after_a_tool_ran_a_failure_is_never_sent_to_a_fallback(api, api2, name, streaming):
+    other = "ollama" if name != "ollama" else "openai"
+    config = cfg(name, api, max_retries=0)
+    config["provider"][other] = cfg(other, api2)["provider"][other]
+    runs = []
+
+    def counted(city: str) -> str:
+        runs.append(city)
+        return "sunny"
+    # Streamed, round 1 writes no text: only the tool that ran keeps the call here.
+    text = "" if streaming else "Let me look."
+    queue(api, name, streaming, text, calls=[("c1", "counted", {"city": "Paris"})])
+    api.reply(openai_error(500, "server_error"), status=500)
+    with pytest.raises(omega.ProviderError) as err:
+        with_tools(name, api, streaming, [counted], section={"max_retries": 0},
+                   fallback=[other], config=config)
+    assert api2.requests == [] and runs == ["Paris"] and err.value.status == 500
+    assert err.value.partial_text == (text or None) and err.value.fallbacks == []
+    assert [(c.name, c.result) for c in err.value.tool_calls] == [("counted", "sunny")]
+    api.reply(openai_error(500, "server_error"), status=500)    # no tool ran yet: it may
+    queue(api2, other, False, "From the fallback.")
+    reply, _ = with_tools(name, api, False, [counted], fallback=[other], config=config)
+    assert reply.text == "From the fallback." and runs == ["Paris"]
+    assert "counted" in json.dumps(api2.last().body["tools"])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_max_turns_ends_after_exactly_that_many_rounds(api, name, streaming):
+    runs = []
+
+    def again(n: int) -> str:
+        runs.append(n)
+        return "ask again"
+    def ask_again(request):
+        text, calls = f"Round {len(api.requests)}.", [("c", "again", {"n": len(runs)})]
+        if not streaming:
+            return {"body": answer_with(name, text, calls)}
+        return {"raw": stream_with(name, text, calls), "action": "stream", "framing": "chunked",
+                "headers": {"Content-Type": STREAM_TYPES["ndjson" if name == "ollama" else "sse"]}}
+    api.default = ask_again
+    for rounds, section, keywords in ((3, {"max_turns": 3}, {}), (2, {}, {"max_turns": 2})):
+        del api.requests[:], runs[:]
+        with pytest.raises(omega.ProviderError) as err:
+            with_tools(name, api, streaming, [again], section=section, **keywords)
+        assert err.value.code == "max_turns" and len(api.requests) == rounds
+        assert runs == list(range(rounds - 1))             # the last round's calls never run
+        assert [c.result for c in err.value.tool_calls] == ["ask again"] * (rounds - 1)
+        assert err.value.partial_text == "\n\n".join(f"Round {n}." for n in range(1, rounds + 1))
+        assert f"after {rounds} rounds" in str(err.value)
+    assert omega.DEFAULTS[name]["max_turns"] == 10
+
+
+def test_a_tool_that_runs_past_the_deadline_ends_the_call(api):
+    passed = threading.Event()
+
+    def slow() -> str:
+        passed.wait(0.4)                                  # the call's deadline is 0.2 s
+        return "late"
+    api.reply(answer_with("openai", calls=[("c1", "slow", {}), ("c2", "slow", {})]))
+    started = time.monotonic()
+    with pytest.raises(omega.ProviderTimeout) as err:
+        omega.complete("hi", "openai", cfg("openai", api), tools=[slow], timeout=0.2)
+    assert "slow ran past it" in str(err.value) and len(api.requests) == 1
+    assert [c.result for c in err.value.tool_calls] == ["late"]    # the second never ran
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_streamed_rounds_show_answer_text_only_with_a_blank_line_between(api, name):
+    queue(api, name, True, "Let me look.", calls=[("c1", "weather", {"city": "SECRET-ARG"})])
+    queue(api, name, True, "It rains.")
+    reply, pieces = with_tools(name, api, True, [weather])
+    assert "".join(pieces) == "Let me look.\n\nIt rains." and reply.text == "It rains."
+    assert not any("SECRET" in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_arguments_split_inside_a_character_are_whole(api, name):
+    city = "Zürich — 東京"
+    queue(api, name, True, calls=[("c1", "weather", {"city": city})], most=1)
+    queue(api, name, True, "Rain.")
+    reply, _ = with_tools(name, api, True, [weather])
+    assert reply.tool_calls[0].arguments == {"city": city}
+    assert sent_results(name, api.last().body)[0][0] == f"12 degrees celsius and rain in {city}"
+
+
+@pytest.mark.parametrize("name", ["openai", "gemini", "anthropic"])
+def test_tools_with_a_schema_the_final_answer_follows_it(api, name):
+    queue(api, name, False, calls=[("c1", "now", {})])
+    queue(api, name, False, '{"days": 66}')
+    reply, _ = with_tools(name, api, False, [now], schema={"type": "object"})
+    assert reply.data == {"days": 66} and len(api.requests) == 2
+
+
+def test_a_server_without_tool_support_is_one_provider_error(api):
+    api.reply({"error": "registry.ollama.ai/library/gemma3:4b does not support tools"}, status=400)
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete("hi", "ollama", cfg("ollama", api), tools=[now])
+    assert "does not support tools" in str(err.value) and err.value.status == 400
+    assert len(api.requests) == 1 and err.value.tool_calls == []
+
+
+def test_claude_code_takes_no_tools_yet(claude):
+    with pytest.raises(omega.ConfigError, match="claude-code cannot run tools= functions"):
+        omega.complete("hi", "claude-code", claude.config(), tools=[now])
+    assert claude.calls() == []
+
+
+def test_approve_false_sends_declined_and_the_loop_goes_on(api):
+    asked = []
+
+    def approve(call):
+        asked.append((call.name, call.arguments))
+        return False
+    queue(api, "anthropic", False, calls=[("t1", "weather", {"city": "Paris"})])
+    queue(api, "anthropic", False, "Declined, fine.")
+    reply = omega.complete("hi", "anthropic", cfg("anthropic", api), tools=[weather],
+                           approve=approve)
+    assert asked == [("weather", {"city": "Paris"})] and reply.text == "Declined, fine."
+    assert sent_results("anthropic", api.last().body) == [("the user declined this call", True)]
+
+
+def test_each_call_is_one_status_line(api):
+    heard = []
+    queue(api, "openai", False, calls=[("c1", "weather", {"city": "Paris"}),
+                                       ("c2", "weather", {"city": "Atlantis"})])
+    queue(api, "openai", False, "ok")
+    omega.complete("hi", "openai", cfg("openai", api), tools=[weather], on_status=heard.append)
+    assert heard == ['weather(city="Paris") -> 12 degrees celsius and rain in Paris',
+                     'weather(city="Atlantis") -> failed: ValueError: no such city']
+
+
+# =============================================================================
+# 11. Diagnostics
 # =============================================================================
 
 def test_check_reports_readiness_sources_and_masks_keys(api, claude, tmp_path, monkeypatch,
@@ -5082,7 +6228,7 @@ def test_the_first_run_hint_says_python3_as_the_readme_does(tmp_path, monkeypatc
 
 
 # =============================================================================
-# 11. Conversation log
+# 12. Conversation log
 # =============================================================================
 
 # Real files under tmp_path, real SQLite, real processes racing; HOME is tmp_path/home
@@ -5138,7 +6284,8 @@ def test_log_round_trip(tmp_path):
                        "model": "gpt-x", "system_prompt": "Be brief", "prompt": "hi",
                        "answer": "hello", "input_tokens": 3, "output_tokens": 5,
                        "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
-                       "session_id": None, "error": None, "asked_model": None}
+                       "session_id": None, "error": None, "asked_model": None,
+                       "tool_calls": None}
     assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
     assert rows[1]["answer"] == "partial" and rows[1]["error"] == "openai: 500 boom"   # failed
     # after some text: both are kept (issue 17, item 4)
@@ -5155,13 +6302,13 @@ def test_log_is_wal_versioned_and_private(tmp_path):
     path = tmp_path / "new" / "log.db"
     omega.log_exchange(str(path), exchange())
     assert sql(path, "PRAGMA journal_mode") == [("wal",)]
-    assert sql(path, "PRAGMA user_version") == [(omega.LOG_SCHEMA_VERSION,)] == [(1,)]
+    assert sql(path, "PRAGMA user_version") == [(omega.LOG_SCHEMA_VERSION,)] == [(2,)]
     assert os.stat(path.parent).st_mode & 0o777 == 0o700
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("setup, says", [
-    ("PRAGMA user_version = 2; CREATE TABLE exchanges (future)", "newer omega (log schema 2"),
+    ("PRAGMA user_version = 3; CREATE TABLE exchanges (future)", "newer omega (log schema 3"),
     ("CREATE TABLE notes (text)", "another program's database"),
 ])
 def test_a_log_that_is_not_ours_to_change_is_refused_untouched(tmp_path, setup, says):
@@ -5507,22 +6654,6 @@ def test_continue_goes_on_with_a_conversation_that_was_answered(tmp_path):
     assert "nothing to continue" in str(err.value) and err.value.exit_code == 2
 
 
-def test_a_log_from_before_asked_model_is_read_and_upgraded_in_place(tmp_path):
-    import sqlite3
-    path = tmp_path / "log.db"
-    db = sqlite3.connect(path)
-    db.executescript(omega.LOG_SCHEMA + ";" + omega.LOG_INDEX + ";PRAGMA user_version = 1;"
-                     "INSERT INTO exchanges (conversation, time, model, prompt, answer) "
-                     "VALUES ('0123abcd', '2025-01-01T00:00:00.000Z', 'm', 'old', 'yes')")
-    db.close()
-    conversation, rows = omega.logged_conversation(str(path), None)
-    assert conversation == "0123abcd" and rows[0]["asked_model"] is None
-    omega.log_exchange(str(path), exchange(conversation="0123abcd", asked_model="gpt-x"))
-    assert [(r["prompt"], r["asked_model"]) for r in omega.recent_exchanges(str(path), 5)] == [
-        ("old", None), ("hi", "gpt-x")]
-    assert sql(path, "PRAGMA user_version") == [(1,)]
-
-
 LOG_READER = textwrap.dedent("""
     import sys, omega
     path = sys.argv[1]
@@ -5575,8 +6706,85 @@ except omega.LogError as e:
     assert out.stdout == f"conversation log {disk}/log.db: the disk is full\n", out
 
 
+@pytest.mark.parametrize("asked_model", [False, True], ids=["first-v1", "v1-with-asked_model"])
+def test_a_version_1_log_is_upgraded_in_place_without_losing_a_row(tmp_path, asked_model):
+    import sqlite3
+    path = tmp_path / "log.db"
+    db = sqlite3.connect(path, isolation_level=None)      # as omega 0.2 (schema 1) made it
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(LOG_SCHEMA_V1 + ";" + omega.LOG_INDEX + ";PRAGMA user_version = 1;")
+    if asked_model:                                        # added late in version 1
+        db.execute("ALTER TABLE exchanges ADD COLUMN asked_model TEXT")
+    for n in range(3):
+        db.execute("INSERT INTO exchanges (conversation, time, provider, model, prompt, answer) "
+                   "VALUES ('0123abcd', ?, 'openai', 'm', ?, 'yes')",
+                   (f"2025-01-01T00:00:0{n}.000Z", f"old {n}"))
+    db.close()
+    conversation, rows = omega.logged_conversation(str(path), None)      # read as it stands
+    assert conversation == "0123abcd" and [r["prompt"] for r in rows] == ["old 0", "old 1",
+                                                                         "old 2"]
+    assert rows[0]["asked_model"] is None and rows[0]["tool_calls"] is None
+    assert sql(path, "PRAGMA user_version") == [(1,)]                     # reading changes nothing
+    omega.log_exchange(str(path), exchange(conversation="0123abcd", asked_model="gpt-x",
+                                           tool_calls=[omega.ToolCall("c", "now", {}, "noon")]))
+    rows = omega.recent_exchanges(str(path), 10)
+    assert [(r["prompt"], r["asked_model"], r["tool_calls"]) for r in rows] == [
+        ("old 0", None, None), ("old 1", None, None), ("old 2", None, None),
+        ("hi", "gpt-x", [{"name": "now", "arguments": {}, "result": "noon", "error": False}])]
+    assert sql(path, "PRAGMA user_version") == [(2,)]
+    assert [c[1] for c in sql(path, "PRAGMA table_info(exchanges)")][-2:] == \
+        ["asked_model", "tool_calls"]
+
+
+def test_a_calls_tool_calls_are_logged_redacted_and_cut(api, tmp_path):
+    path = tmp_path / "log.db"
+    config = cfg("openai", api)
+    config["omega"] = {"log": {"enabled": True, "path": str(path)}}
+
+    def long_text(word: str) -> str:
+        return "é" * 3000 + word
+    api.reply(answer_with("openai", calls=[("c1", "long_text", {"word": "@KEY@"})]), echo=True)
+    api.reply(openai_ok("Done."))
+    omega.complete("hi", "openai", config, tools=[long_text])
+    (row,) = omega.recent_exchanges(str(path), 1)
+    (call,) = row["tool_calls"]
+    assert call["arguments"] == {"word": omega.mask(KEY)} and call["error"] is False
+    assert call["result"] == "é" * 2048 + "…" and len(call["result"].encode()) <= 4096 + 3
+    assert KEY.encode() not in path.read_bytes() and row["answer"] == "Done."
+
+
+def test_a_failed_call_logs_the_tool_calls_that_ran(api, tmp_path):
+    path = tmp_path / "log.db"
+    config = cfg("openai", api, max_retries=0)
+    config["omega"] = {"log": {"enabled": True, "path": str(path)}}
+    api.reply(answer_with("openai", "Looking.", calls=[("c1", "now", {})]))
+    api.reply(openai_error(400, "invalid_request_error"), status=400)
+    with pytest.raises(omega.ProviderError):
+        omega.complete("hi", "openai", config, tools=[now])
+    (row,) = omega.recent_exchanges(str(path), 1)
+    assert row["error"].startswith("openai: 400") and row["answer"] == "Looking."
+    assert [c["result"] for c in row["tool_calls"]] == ["2025-10-26T09:00:00Z"]
+
+
+def test_a_log_newer_than_omega_is_left_alone_with_one_warning_line(api, tmp_path, cli_main,
+                                                                  capsys):
+    import sqlite3
+    path = tmp_path / "home" / ".omega" / "log.db"
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path)
+    db.executescript("PRAGMA user_version = 3; CREATE TABLE exchanges (future)")
+    db.close()
+    before = path.read_bytes()
+    api.reply(answer_with("openai", calls=[("c1", "now", {})]))
+    api.reply(openai_ok("Noon."))
+    assert cli_main(cfg("openai", api), "-q", "--functions", NOW_PY, "time?") == 0
+    out, err = capsys.readouterr()
+    assert out == "Noon.\n" and path.read_bytes() == before
+    assert err.count("\n") == 1 and "newer omega (log schema 3" in err
+
+
 # =============================================================================
-# 12. Command line
+# 13. Command line
 # =============================================================================
 
 # --- the prompt: words, stdin, both ------------------------------------------
@@ -6472,6 +7680,115 @@ def test_each_ctrl_c_stops_every_claude_process_group(claude, tmp_path):
         kill_leftovers(*fake_claude_processes(claude))
 
 
+# --- tools: --functions, --approve, status lines ------------------------------
+
+def functions_file(tmp_path, text=None):
+    path = tmp_path / "tools.py"
+    path.write_text(TOOLS_PY if text is None else text)
+    return str(path)
+
+
+def test_functions_from_a_file_status_lines_and_json(api, tmp_path, cli_main, capsys):
+    tools = functions_file(tmp_path)
+    for args in ([], ["-q"], ["--json"]):
+        api.reply(answer_with("openai", calls=[("c1", "get_weather", {"city": "Paris"})]))
+        api.reply(openai_ok("Take an umbrella."))
+        assert cli_main(cfg("openai", api), *args, "--functions", tools,
+                        "What is the weather in Paris?") == 0
+        out, err = capsys.readouterr()
+        first = api.requests[-2].body
+        assert [t["function"]["name"] for t in first["tools"]] == ["get_weather", "shout"]
+        assert first["tools"][0]["function"]["description"] == "The current weather in a city."
+        if args == ["--json"]:
+            data = json.loads(out)
+            assert data["text"] == "Take an umbrella." and data["tool_calls"] == [{
+                "id": "c1", "name": "get_weather", "arguments": {"city": "Paris"},
+                "result": "12 degrees celsius and rain in Paris", "error": False}]
+        else:
+            assert out == "Take an umbrella.\n"
+        status = 'omega: get_weather(city="Paris") -> 12 degrees celsius and rain in Paris\n'
+        assert err == ("" if args == ["-q"] else status)
+    assert cli_main(cfg("openai", api), "--logs", "1") == 0            # the log kept the call
+    assert '> What is the weather in Paris?\n  get_weather(city="Paris") -> 12 degrees ' \
+        'celsius and rain in Paris\nTake an umbrella.\n' in capsys.readouterr().out
+
+
+def test_functions_as_code_repeated_and_status_lines_cut_to_fit(api, cli_main, capsys):
+    api.reply(answer_with("openai", calls=[("c1", "echo", {"text": "x" * 300}),
+                                           ("c2", "twice", {"n": 2})]))
+    api.reply(openai_ok("ok"))
+    assert cli_main(cfg("openai", api), "--functions", "def echo(text: str):\n    return text",
+                    "--functions", "def twice(n: int) -> int:\n    return 2 * n", "go") == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith('omega: echo(text="xxx') and lines[0].endswith("…")
+    assert len(lines[0]) <= 80 and lines[1] == "omega: twice(n=2) -> 4" and len(lines) == 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--functions", "missing.py"], "--functions missing.py: no such file"),
+    (["--functions", "def f(:\n  pass"], "--functions def f(: pass: SyntaxError"),
+    (["--functions", "import os"], "defines no public function"),
+    (["--functions", "def f(*a): pass"], "tool f: parameter *a is variadic positional"),
+    (["--functions", "def f(): pass", "--functions", "def f(): pass"], "two tools are named 'f'"),
+    (["--functions", "raise RuntimeError('boom')"], "RuntimeError: boom"),
+    (["--approve"], "--approve asks before each tool call: give --functions too"),
+    (["-p", "claude-code", "--functions", "def f(): pass"], "claude-code cannot run tools="),
+])
+def test_bad_functions_are_one_usage_error_line(api, cli_main, capsys, args, says):
+    assert cli_main(cfg("openai", api), *args, "hi") == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and api.requests == []
+
+
+def test_a_key_echoed_in_arguments_never_reaches_stderr_or_the_log(api, tmp_path, cli_main,
+                                                                  capsys):
+    api.reply(answer_with("openai", "Checking @KEY@.", calls=[
+        ("c1", "get_weather", {"city": "@KEY@\x1b[2J"})]), echo=True)
+    api.reply(openai_ok("Done."))
+    assert cli_main(cfg("openai", api), "--functions", functions_file(tmp_path), "hi") == 0
+    err = capsys.readouterr().err
+    assert not leaks(err) and omega.mask(KEY) in err and "\x1b" not in err
+    for file in (tmp_path / "home" / ".omega").iterdir():
+        assert KEY.encode() not in file.read_bytes()
+
+
+def test_approve_asks_on_the_terminal(tmp_path):
+    import pty
+    omega.remember_secret(KEY)                        # a key of the config, say
+    master, slave = pty.openpty()
+    try:
+        approve = omega.terminal_approval(pytest.fail, os.ttyname(slave))
+        call = omega.ToolCall("c1", "get_weather", {"city": "Paris"})
+        os.write(master, b"y\n")
+        assert approve(call) is True
+        os.write(master, b"no\n")
+        assert approve(omega.ToolCall("c2", "get_weather", {"city": KEY})) is False
+        shown = b""
+        while shown.count(b"[y/N]") < 2:
+            assert select.select([master], [], [], 5)[0], shown      # both prompts came
+            shown += os.read(master, 4096)
+    finally:
+        os.close(master)
+        os.close(slave)
+    text = shown.decode()
+    assert 'Run get_weather(city="Paris")? [y/N] ' in text and not leaks(text)
+    assert f'Run get_weather(city="{omega.mask(KEY)}")? [y/N] ' in text
+
+
+def test_approve_without_a_terminal_declines_every_call_with_one_warning(api, tmp_path):
+    api.reply(answer_with("openai", calls=[("c1", "get_weather", {"city": "Paris"}),
+                                           ("c2", "get_weather", {"city": "Rome"})]))
+    api.reply(openai_ok("Nothing ran."))
+    (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
+    out = subprocess.run([sys.executable, OMEGA_PY, "--functions", functions_file(tmp_path),
+                          "--approve", "-q", "hi"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=30, env=cli_env(tmp_path), stdin=subprocess.DEVNULL,
+                         start_new_session=True)              # no controlling terminal
+    assert out.returncode == 0 and out.stdout == "Nothing ran.\n"
+    assert out.stderr == ("omega: warning: --approve: no terminal to ask on, so every tool "
+                          "call is declined\n")
+    assert sent_results("openai", api.last().body) == [("the user declined this call", None)] * 2
+
 
 # --- what ships: an executable omega.py and a README that stands alone -------
 
@@ -6534,7 +7851,7 @@ def test_an_older_python_is_told_in_one_line(tmp_path):
 
 
 # =============================================================================
-# 13. The real claude binary (make test-real)
+# 14. The real claude binary (make test-real)
 # =============================================================================
 
 # The real CLI honours ANTHROPIC_BASE_URL, so it can talk to a local fake of the
@@ -6790,7 +8107,7 @@ def test_real_claude_without_structured_output_is_invalid_json(real_claude, api)
 
 
 # =============================================================================
-# 14. Test data
+# 15. Test data
 # =============================================================================
 
 # What the tests send and are sent, too long to read between them: fake programs, real-shaped
@@ -7543,6 +8860,463 @@ GEMINI_PARTS = [{"inlineData": {"mimeType": "image/png", "data": PNG_B64}},
                 {"text": NOTES_BLOCK}, {"text": QUESTION}]
 # ollama/request_image_and_schema.json and request_text_file_inline.json
 OLLAMA_MESSAGE = {"role": "user", "content": QUESTION + "\n\n" + NOTES_BLOCK, "images": [PNG_B64]}
+
+
+# --- tools: functions, recorded exchanges, a version-1 log -------------------
+
+# The functions the recorded exchanges below offered (their results are the recorded ones).
+def lookup_population(country: str) -> int:
+    "Returns the current population of the specified fictional country"
+    return 123124
+
+
+def can_have_dragons(population: int) -> bool:
+    "Returns True if the specified population can have dragons, False otherwise"
+    return population > 100000
+
+
+def get_weather(city: str) -> str:
+    """Get the weather in a given city
+
+    city: The city to get the weather for
+    """
+    return f"12 degrees celsius and rain in {city}"
+
+
+def GetWeatherArgs(city: str, country: str, units: Literal["c", "f"]) -> str:
+    """Get the temperature for the given country/city combo"""
+    return f"12 degrees {units} and rain in {city}"
+
+
+def get_stock_price(ticker: str, exchange: str) -> dict:
+    """Fetch the latest price for a given ticker"""
+    return {"price": 227.52, "currency": "USD"}
+
+
+def now() -> str:
+    """The current date and time."""
+    return "2025-10-26T09:00:00Z"
+
+
+def fixed_version() -> str:
+    """Return a fixed test version string"""
+    return "0.32a0"
+
+
+def llm_version() -> str:
+    return "0.27"
+
+
+def weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: int = 1,
+            ratio: float = 1.0, when: str | None = None):
+    """The weather: a result of every kind, and every way a tool fails."""
+    if city == "Atlantis":
+        raise ValueError("no such city")
+    if city == "Nowhere":
+        raise RuntimeError
+    if city == "Refused":
+        raise omega.ToolFailed("Refused is not a city I may look up")
+    if city == "Data":
+        return {"city": city, "temperature": "12°C", "days": [1, 2], "when": omega.Message}
+    if city == "Nothing":
+        return None
+    return f"12 degrees {unit} and rain in {city}"
+
+
+# --functions: a file with a public function, a helper and an import (neither offered).
+TOOLS_PY = '''from os.path import join
+
+
+def get_weather(city: str) -> str:
+    """The current weather in a city.
+
+    city: the city's name, e.g. "Paris"
+    """
+    return f"12 degrees celsius and rain in {city}"
+
+
+def _helper():
+    return join("a", "b")
+
+
+def shout(text: str) -> str:
+    return text.upper()
+'''
+NOW_PY = 'def now() -> str:\n    return "noon"\n'
+
+# The log's table as omega 0.2 made it (schema version 1, before asked_model came).
+LOG_SCHEMA_V1 = """CREATE TABLE exchanges (
+    id INTEGER PRIMARY KEY,          -- the order rows were written in
+    conversation TEXT NOT NULL,      -- 8 lowercase hex characters
+    time TEXT NOT NULL,              -- UTC, ISO 8601: 2026-12-02T09:50:23.123Z
+    provider TEXT,
+    model TEXT,
+    system_prompt TEXT,
+    prompt TEXT,
+    answer TEXT,                     -- with an error: the text received before it
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    cost_usd REAL,
+    duration_ms INTEGER,
+    stop_reason TEXT,
+    session_id TEXT,
+    error TEXT                       -- one line when it failed or was stopped, else NULL
+)"""
+
+# Tool-calling bodies copied from the wire-format notes' recordings (real traffic of the
+# official SDKs' and simonw/llm's tests, the APIs' docs, Google's SDK test data; BUILT:
+# made by hand in the documented shape): answers that ask for tools, whole and streamed,
+# and the second-round requests a correct client sends.
+
+# openai/request-two-tools.json (REAL)
+OPENAI_REQUEST_TWO_TOOLS = json.loads(r'''{"messages":[{"role":"user","content":"Can the country of Crumpet have dragons? Answer with only YES or NO"}],"model":"gpt-4o-mini","stream":false,"tools":[{"type":"function","function":{"name":"lookup_population","description":"Returns the current population of the specified fictional country","parameters":{"properties":{"country":{"type":"string"}},"required":["country"],"type":"object"}}},{"type":"function","function":{"name":"can_have_dragons","description":"Returns True if the specified population can have dragons, False otherwise","parameters":{"properties":{"population":{"type":"integer"}},"required":["population"],"type":"object"}}}]}''')
+
+# openai/response-single-call-raw.json (REAL)
+OPENAI_SINGLE_CALL = json.loads(r'''{"id":"chatcmpl-BWpGNGdPONTwxHkZVxbqctQSBDmTn","object":"chat.completion","created":1747163251,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_TTY8UFNo7rNCaOBUNtlRSvMG","type":"function","function":{"name":"lookup_population","arguments":"{\"country\":\"Crumpet\"}"}}],"refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":92,"completion_tokens":17,"total_tokens":109,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_0392822090"}''')
+
+# openai/round2-request.json (REAL, built by simonw/llm)
+OPENAI_ROUND2 = json.loads(r'''{"messages":[{"role":"user","content":"Can the country of Crumpet have dragons? Answer with only YES or NO"},{"role":"assistant","tool_calls":[{"type":"function","id":"call_TTY8UFNo7rNCaOBUNtlRSvMG","function":{"name":"lookup_population","arguments":"{\"country\": \"Crumpet\"}"}}]},{"role":"tool","tool_call_id":"call_TTY8UFNo7rNCaOBUNtlRSvMG","content":"123124"}],"model":"gpt-4o-mini","stream":false,"tools":[{"type":"function","function":{"name":"lookup_population","description":"Returns the current population of the specified fictional country","parameters":{"properties":{"country":{"type":"string"}},"required":["country"],"type":"object"}}},{"type":"function","function":{"name":"can_have_dragons","description":"Returns True if the specified population can have dragons, False otherwise","parameters":{"properties":{"population":{"type":"integer"}},"required":["population"],"type":"object"}}}]}''')
+
+# openai/response-parallel-calls.json (REAL, re-serialized)
+OPENAI_PARALLEL = json.loads(r'''{"id":"chatcmpl-ABfvyvfNWKcl7Ohqos4UFrmMs1v4C","object":"chat.completion","created":1727346166,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"call_fdNz3vOBKYgOIpMdWotB9MjY","type":"function","function":{"name":"GetWeatherArgs","arguments":"{\"city\": \"Edinburgh\", \"country\": \"GB\", \"units\": \"c\"}"}},{"id":"call_h1DWI1POMJLb0KwIyQHWXD4p","type":"function","function":{"name":"get_stock_price","arguments":"{\"ticker\": \"AAPL\", \"exchange\": \"NASDAQ\"}"}}],"refusal":null},"logprobs":null,"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":149,"completion_tokens":60,"total_tokens":209,"completion_tokens_details":{"reasoning_tokens":0}},"system_fingerprint":"fp_b40fb1c6fb"}''')
+
+# openai/round2-request-parallel.json (BUILT)
+OPENAI_ROUND2_PARALLEL = json.loads(r'''{"model":"gpt-4o-2024-08-06","messages":[{"role":"user","content":"What's the weather like in Edinburgh?"},{"role":"user","content":"What's the price of AAPL?"},{"role":"assistant","content":null,"tool_calls":[{"id":"call_fdNz3vOBKYgOIpMdWotB9MjY","type":"function","function":{"name":"GetWeatherArgs","arguments":"{\"city\": \"Edinburgh\", \"country\": \"GB\", \"units\": \"c\"}"}},{"id":"call_h1DWI1POMJLb0KwIyQHWXD4p","type":"function","function":{"name":"get_stock_price","arguments":"{\"ticker\": \"AAPL\", \"exchange\": \"NASDAQ\"}"}}]},{"role":"tool","tool_call_id":"call_fdNz3vOBKYgOIpMdWotB9MjY","content":"12 degrees c and rain in Edinburgh"},{"role":"tool","tool_call_id":"call_h1DWI1POMJLb0KwIyQHWXD4p","content":"{\"price\": 227.52, \"currency\": \"USD\"}"}],"tools":[{"type":"function","function":{"name":"GetWeatherArgs","description":"Get the temperature for the given country/city combo","parameters":{"type":"object","properties":{"city":{"type":"string"},"country":{"type":"string"},"units":{"type":"string","enum":["c","f"]}},"required":["city","country","units"],"additionalProperties":false},"strict":true}},{"type":"function","function":{"name":"get_stock_price","description":"Fetch the latest price for a given ticker","parameters":{"type":"object","properties":{"ticker":{"type":"string"},"exchange":{"type":"string"}},"required":["ticker","exchange"],"additionalProperties":false},"strict":true}}]}''')
+
+# openai/stream-single-call-gpt-4o-mini.sse (REAL)
+OPENAI_STREAM_SINGLE = rb'''data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_1EYWDzueHEp8OsB8jJSEp7WB","type":"function","function":{"name":"multiply","arguments":""}}],"refusal":null},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\""}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"a"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\":"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"123"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":",\""}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"b"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\":"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"233"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"}"}}]},"logprobs":null,"finish_reason":null}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"tool_calls"}],"usage":null}
+
+data: {"id":"chatcmpl-BWlJBDk2xe66hjff60joVYpXi1hh4","object":"chat.completion.chunk","created":1747148049,"model":"gpt-4o-mini-2024-07-18","service_tier":"default","system_fingerprint":"fp_dbaca60df0","choices":[],"usage":{"prompt_tokens":54,"completion_tokens":20,"total_tokens":74,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openai/stream-parallel-calls.sse (REAL)
+OPENAI_STREAM_PARALLEL = rb'''data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"role":"assistant","content":null},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_JMW1whyEaYG438VE1OIflxA2","type":"function","function":{"name":"GetWeatherArgs","arguments":""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"ci"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ty\": "}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Edinb"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"urgh"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\", \"c"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"ountry"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\": \""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"GB\", "}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"units"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\": \""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"c\"}"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_DNYTawLBoN8fj3KN6qU9N1Ou","type":"function","function":{"name":"get_stock_price","arguments":""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{\"ti"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"cker\""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":": \"AAP"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"L\", "}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"\"exch"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"ange\":"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":" \"NA"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"SDAQ\""}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"}"}}]},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"tool_calls"}]}
+
+data: {"id":"chatcmpl-ABfwAwrNePHUgBBezonVC6MX3zd63","object":"chat.completion.chunk","created":1727346178,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_5050236cbd","choices":[],"usage":{"prompt_tokens":149,"completion_tokens":60,"total_tokens":209,"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openai-compatible/llamacpp-response-tool-call.json (REAL)
+LLAMACPP_CALL = json.loads(r'''{"choices":[{"finish_reason":"tool_calls","index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"type":"function","function":{"name":"get_current_weather","arguments":"{\"location\":\"Istanbul, Turkey.\"}"},"id":"a0b2a9fb4"}]}}],"created":1750711340,"model":"mistralai_Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf","system_fingerprint":"b5697-ef035803","object":"chat.completion","usage":{"completion_tokens":39,"prompt_tokens":120,"total_tokens":159},"id":"chatcmpl-rdyqGaribJmnaex1JO4tMR46XfvLGQlL","timings":{"prompt_n":100,"prompt_ms":100.287,"prompt_per_token_ms":1.0028700000000002,"prompt_per_second":997.1382133277492,"predicted_n":39,"predicted_ms":904.706,"predicted_per_token_ms":23.197589743589745,"predicted_per_second":43.10792677400172}}''')
+
+# openai-compatible/llamacpp-stream-reasoning-tool-call.sse (BUILT)
+LLAMACPP_STREAM = rb'''data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"The user asks for Paris weather; "}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"reasoning_content":"call get_weather."}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"id":"Kq9wZ3xT0bY7nL2mR5vC8dF1gH4jP6sA","type":"function","function":{"name":"get_weather","arguments":""}}]}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"choices":[{"finish_reason":"tool_calls","index":0,"delta":{}}],"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk"}
+
+data: {"created":1756000000,"id":"chatcmpl-Q1xZ8vK2mLpR4tN6wY0aB3cD5eF7gH9j","model":"qwen3-8b-q4_k_m.gguf","system_fingerprint":"b6200-abcdef12","object":"chat.completion.chunk","choices":[],"usage":{"completion_tokens":38,"prompt_tokens":181,"total_tokens":219}}
+
+data: [DONE]
+
+'''
+
+# openai-compatible/deepseek-round2-request-thinking-tool.json (BUILT)
+DEEPSEEK_ROUND2 = json.loads(r'''{"model":"deepseek-v4-pro","messages":[{"role":"user","content":"What's the weather in Paris tomorrow?"},{"role":"assistant","content":"","reasoning_content":"I need the date first, then the weather. Call get_date.","tool_calls":[{"id":"call_00_aB3dE5fG7hJ9kL1mN3pQ5rS7","type":"function","function":{"name":"get_date","arguments":"{}"}}]},{"role":"tool","tool_call_id":"call_00_aB3dE5fG7hJ9kL1mN3pQ5rS7","content":"2026-08-21"}],"tools":[{"type":"function","function":{"name":"get_date","description":"Today's date","parameters":{"type":"object","properties":{}}}},{"type":"function","function":{"name":"get_weather","description":"Weather for a city and date","parameters":{"type":"object","properties":{"city":{"type":"string"},"date":{"type":"string"}},"required":["city","date"]}}}],"thinking":{"type":"enabled"},"reasoning_effort":"high"}''')
+
+# openrouter/stream-no-args-variant-a.sse (REAL)
+OPENROUTER_STREAM_A = rb'''data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"0","type":"function","function":{"name":"llm_version","arguments":""}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"0","type":"function","function":{"name":"llm_version","arguments":"{}"}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-QZRAt5HJHd1ptY8sdS0s","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"usage":{"prompt_tokens":57,"completion_tokens":17,"total_tokens":74,"cost":0.00007159,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null},"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openrouter/stream-no-args-variant-c.sse (REAL; first line begins with a space)
+OPENROUTER_STREAM_C = rb''' data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"llm_version:0","type":"function","function":{"name":"llm_version"}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"function":{"arguments":"{}"},"type":"function"}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"tool_calls","native_finish_reason":"tool_calls","logprobs":null}],"system_fingerprint":"fpv0_170758dd"}
+
+data: {"id":"gen-1753248108-FGOxpkEzFEwhNKSPpI4a","provider":"Novita","model":"moonshotai/kimi-k2","object":"chat.completion.chunk","created":1753248108,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"usage":{"prompt_tokens":56,"completion_tokens":12,"total_tokens":68,"cost":0.00005952,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null},"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openrouter/stream-no-args-arguments-null-variant-d.sse (CONSTRUCTED upstream)
+OPENROUTER_STREAM_D = rb'''data: {"id":"gen-1753242299-DdArgsNullVariantD00","provider":"Meta","model":"muse-spark-1.1","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-DdArgsNullVariantD00","provider":"Meta","model":"muse-spark-1.1","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"0","type":"function","function":{"name":"llm_version","arguments":null}}]},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":""}
+
+data: {"id":"gen-1753242299-DdArgsNullVariantD00","provider":"Meta","model":"muse-spark-1.1","object":"chat.completion.chunk","created":1753242299,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"tool_calls","native_finish_reason":"tool_calls","logprobs":null}],"usage":{"prompt_tokens":57,"completion_tokens":17,"total_tokens":74,"cost":0.00007159,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},"cost_details":{"upstream_inference_cost":null},"completion_tokens_details":{"reasoning_tokens":0}}}
+
+data: [DONE]
+
+'''
+
+# openrouter/response-reasoning-tool-call.json (BUILT)
+OPENROUTER_REASONING_CALL = json.loads(r'''{"id":"gen-1756000000-AbCdEfGhIjKlMnOpQrSt","provider":"Anthropic","model":"anthropic/claude-sonnet-4.5","object":"chat.completion","created":1756000000,"choices":[{"logprobs":null,"finish_reason":"tool_calls","native_finish_reason":"tool_use","index":0,"message":{"role":"assistant","content":"","refusal":null,"reasoning":"The user wants Paris weather; call get_weather with city Paris.","reasoning_details":[{"type":"reasoning.text","text":"The user wants Paris weather; call get_weather with city Paris.","signature":"EvkDCpMBCA8YAipA...(opaque)...","format":"anthropic-claude-v1","index":0}],"tool_calls":[{"id":"toolu_01ESed5hCdyBEf6xWqtpMKwH","index":0,"type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]}}],"usage":{"prompt_tokens":610,"completion_tokens":92,"total_tokens":702,"cost":0.00321,"completion_tokens_details":{"reasoning_tokens":41}}}''')
+
+# openrouter/round2-request-reasoning-details.json (BUILT)
+OPENROUTER_ROUND2 = json.loads(r'''{"model":"anthropic/claude-sonnet-4.5","messages":[{"role":"user","content":"What is the weather in Paris? You must use the tool."},{"role":"assistant","content":"","tool_calls":[{"id":"toolu_01ESed5hCdyBEf6xWqtpMKwH","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}],"reasoning_details":[{"type":"reasoning.text","text":"The user wants Paris weather; call get_weather with city Paris.","signature":"EvkDCpMBCA8YAipA...(opaque)...","format":"anthropic-claude-v1","index":0}]},{"role":"tool","tool_call_id":"toolu_01ESed5hCdyBEf6xWqtpMKwH","content":"12 degrees celsius and rain"}],"tools":[{"type":"function","function":{"name":"get_weather","description":"Weather for a city","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}],"reasoning":{"max_tokens":2048},"max_tokens":4096}''')
+
+# anthropic/request-tools.json (REAL)
+ANTHROPIC_REQUEST_TOOLS = json.loads(r'''{"max_tokens":1024,"messages":[{"role":"user","content":"What is the weather in SF?"}],"model":"claude-haiku-4-5","tools":[{"name":"get_weather","description":"Lookup the weather for a given city in either celsius or fahrenheit","input_schema":{"additionalProperties":false,"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","title":"Location","type":"string"},"units":{"description":"Unit for the output, either 'c' for celsius or 'f' for fahrenheit","enum":["c","f"],"title":"Units","type":"string"}},"required":["location","units"],"type":"object"}}]}''')
+
+# anthropic/response-single-call.json (REAL)
+ANTHROPIC_SINGLE_CALL = json.loads(r'''{"model":"claude-haiku-4-5-20251001","id":"msg_01YPmXusvsWu64vxcNZf1uJq","type":"message","role":"assistant","content":[{"type":"tool_use","id":"toolu_016xm9m1i3NcGW5xFMMZJTqY","name":"get_weather","input":{"location":"San Francisco, CA","units":"f"},"caller":{"type":"direct"}}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":656,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":74,"service_tier":"standard","inference_geo":"not_available"}}''')
+
+# anthropic/round2-request.json (REAL, the SDK's key order)
+ANTHROPIC_ROUND2 = json.loads(r'''{"max_tokens":1024,"messages":[{"role":"user","content":"What is the weather in SF?"},{"role":"assistant","content":[{"id":"toolu_016xm9m1i3NcGW5xFMMZJTqY","input":{"location":"San Francisco, CA","units":"f"},"name":"get_weather","type":"tool_use","caller":{"type":"direct"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_016xm9m1i3NcGW5xFMMZJTqY","content":"{\"location\": \"San Francisco, CA\", \"temperature\": \"68\\u00b0F\", \"condition\": \"Sunny\"}"}]}],"model":"claude-haiku-4-5","tools":[{"name":"get_weather","description":"Lookup the weather for a given city in either celsius or fahrenheit","input_schema":{"additionalProperties":false,"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","title":"Location","type":"string"},"units":{"description":"Unit for the output, either 'c' for celsius or 'f' for fahrenheit","enum":["c","f"],"title":"Units","type":"string"}},"required":["location","units"],"type":"object"}}]}''')
+
+# anthropic/round2-request-is-error.json (REAL)
+ANTHROPIC_ROUND2_IS_ERROR = json.loads(r'''{"max_tokens":1024,"messages":[{"role":"user","content":"What is the weather in SF?"},{"role":"assistant","content":[{"id":"toolu_01A9HHF5Ezy3oBrKmSgfASm9","input":{"location":"San Francisco, CA","units":"f"},"name":"get_weather","type":"tool_use","caller":{"type":"direct"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_01A9HHF5Ezy3oBrKmSgfASm9","content":"RuntimeError('Unexpected error, try again')","is_error":true}]}],"model":"claude-haiku-4-5","tools":[{"name":"get_weather","description":"Lookup the weather for a given city in either celsius or fahrenheit","input_schema":{"additionalProperties":false,"properties":{"location":{"description":"The city and state, e.g. San Francisco, CA","title":"Location","type":"string"},"units":{"description":"Unit for the output, either 'c' for celsius or 'f' for fahrenheit","enum":["c","f"],"title":"Units","type":"string"}},"required":["location","units"],"type":"object"}}]}''')
+
+# anthropic/round2-request-thinking.json (REAL, built by llm-anthropic)
+ANTHROPIC_ROUND2_THINKING = json.loads(r'''{"max_tokens":64000,"messages":[{"role":"user","content":[{"type":"text","text":"Use the fixed_version tool. Then tell me the version and make one short joke about it. Think about it first."}]},{"role":"assistant","content":[{"type":"thinking","thinking":"The user wants me to:\n1. Use the fixed_version tool\n2. Tell them the version\n3. Make a short joke about it\n\nLet me first call the fixed_version tool to see what version it returns.","signature":"EoQDCm0IDhgCKkCDzGs2kL2PgnDCZU/nM2wG2P1VIXCRHVnhDDzBQxNF1fl4QBXEKLxRItNJ2MwFdW9eeZPhsxSQIxD54cv3zs29MhljbGF1ZGUtaGFpa3UtNC01LTIwMjUxMDAxOABCCHRoaW5raW5nEgy/OWlwTmmqUjC6L70aDJ4P0R5NfuIe9U5zAiIwCxPduXS2UxCNxJCee3i91qK3cAyAgxCjL2wkQ5UD56iX1hXGOyuNaiH5k+dF5OCQKsQBxiAo+NjC61hV8nRYtaiP+C4inOcuMKuTG9Z1rysxTXkKBTl3oMiOlnEPHHPpKpg4sYF2G5VoTg8JTon20hdZw4GfTEVupnU1qAmnMqyAgke9SoV7HBW/PyA/FxL/q33xJ2gKFiD+BsgI9Z0koMmFKCvm2MoYE6u+ONEwKdFQXL1FKRW6t/bYbJGrLJLwxilsL82h9j4xjggjMn8Npvpn+zsrDPW/8PuLd4Pu+/EsjoneYwyxQQtUVgzhVGhhANWRjSBwUxgB"},{"type":"tool_use","id":"toolu_01825dXWLSoJwCst1qTsiWdb","name":"fixed_version","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_01825dXWLSoJwCst1qTsiWdb","content":"0.32a0"}]}],"model":"claude-haiku-4-5-20251001","temperature":1.0,"tools":[{"name":"fixed_version","description":"Return a fixed test version string","input_schema":{"properties":{},"type":"object"}}],"thinking":{"type":"enabled","budget_tokens":1024,"display":"summarized"},"stream":true}''')
+
+# anthropic/stream-parallel-no-args.sse (REAL)
+ANTHROPIC_STREAM_PARALLEL = rb'''event: message_start
+data: {"type":"message_start","message":{"model":"claude-haiku-4-5-20251001","id":"msg_01V2noLbAb2NgKnjaNw6Cn3w","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"stop_details":null,"usage":{"input_tokens":542,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":62,"service_tier":"standard","inference_geo":"not_available"}}  }
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_01LtHJmixrs9NcWQkK8hu8hj","name":"pelican_name_generator","input":{},"caller":{"type":"direct"}}     }
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":""}               }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0       }
+
+event: content_block_start
+data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01N8a4jWyf116qKTMqKKmjyt","name":"pelican_name_generator","input":{},"caller":{"type":"direct"}}         }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}  }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":1   }
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null,"stop_details":null},"usage":{"input_tokens":542,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":62}               }
+
+event: message_stop
+data: {"type":"message_stop"     }
+
+'''
+
+# anthropic/stream-single-call-input-json-delta.sse (REAL)
+ANTHROPIC_STREAM_SINGLE = rb'''event: message_start
+data: {"type":"message_start","message":{"model":"claude-haiku-4-5-20251001","id":"msg_01R4hRKPvDP3eyHsaAgs1gBn","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":656,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":26,"service_tier":"standard","inference_geo":"not_available"}}  }
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_01TJoxvFknVdnV9XpWFPaRmY","name":"get_weather","input":{},"caller":{"type":"direct"}}              }
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":""}           }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"location\":"}           }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":" \"San"}     }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":" Francisco, "}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"CA\""}     }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":", \"units\": "}     }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\"f\"}"}             }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0      }
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"input_tokens":656,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":74}              }
+
+event: message_stop
+data: {"type":"message_stop"       }
+
+'''
+
+# anthropic/stream-thinking-tool-use.sse (REAL)
+ANTHROPIC_STREAM_THINKING = rb'''event: message_start
+data: {"type":"message_start","message":{"model":"claude-haiku-4-5-20251001","id":"msg_01JdU4xqNHXL9QCFWkwCDKGr","type":"message","role":"assistant","content":[],"stop_reason":null,"stop_sequence":null,"stop_details":null,"usage":{"input_tokens":598,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":8,"service_tier":"standard","inference_geo":"not_available"}}             }
+
+event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":"","signature":""}  }
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"The user wants me to:\n1"}         }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":". Use the fixed_version tool\n2. Tell them the version\n3. Make a short joke about it\n\nLet me first call the fixed_version tool to see what version it returns."}               }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":""}             }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EoQDCm0IDhgCKkCDzGs2kL2PgnDCZU/nM2wG2P1VIXCRHVnhDDzBQxNF1fl4QBXEKLxRItNJ2MwFdW9eeZPhsxSQIxD54cv3zs29MhljbGF1ZGUtaGFpa3UtNC01LTIwMjUxMDAxOABCCHRoaW5raW5nEgy/OWlwTmmqUjC6L70aDJ4P0R5NfuIe9U5zAiIwCxPduXS2UxCNxJCee3i91qK3cAyAgxCjL2wkQ5UD56iX1hXGOyuNaiH5k+dF5OCQKsQBxiAo+NjC61hV8nRYtaiP+C4inOcuMKuTG9Z1rysxTXkKBTl3oMiOlnEPHHPpKpg4sYF2G5VoTg8JTon20hdZw4GfTEVupnU1qAmnMqyAgke9SoV7HBW/PyA/FxL/q33xJ2gKFiD+BsgI9Z0koMmFKCvm2MoYE6u+ONEwKdFQXL1FKRW6t/bYbJGrLJLwxilsL82h9j4xjggjMn8Npvpn+zsrDPW/8PuLd4Pu+/EsjoneYwyxQQtUVgzhVGhhANWRjSBwUxgB"}               }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":0           }
+
+event: content_block_start
+data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01825dXWLSoJwCst1qTsiWdb","name":"fixed_version","input":{},"caller":{"type":"direct"}}             }
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}             }
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":1       }
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null,"stop_details":null},"usage":{"input_tokens":598,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":92,"output_tokens_details":{"thinking_tokens":53}}}
+
+event: message_stop
+data: {"type":"message_stop"    }
+
+'''
+
+# gemini/response-thinking-call-signature.json (Google SDK test data)
+GEMINI_THINKING_CALL = json.loads(r'''{"candidates":[{"content":{"parts":[{"text":"**Thinking Through the New Year's Eve Calculation**\n\nOkay, so the user wants to know how many days until New Year's Eve.  My first thought is, \"Right, I need the current date.\" The `now()` tool seems perfect for that. It takes no parameters, which makes it simple. I'll call `now()`.\n\nTo actually *answer* the question though, I'll need a bit more.  I'll have to figure out the date of the *next* New Year's Eve. And then, crucially, calculate the difference in days between *today's* date (from `now()`) and that New Year's Eve.\n\nThe user is asking *until* New Year's Eve, so that clarifies it. I'll determine the year, and if it's already after December 31st of the current year, then it's December 31st of the *next* year.  That's how I need to do it.\n\nFor instance, if it's October 26, 2023, the answer is 66 days to December 31, 2023. But if it's January 1, 2024, the answer will be 365, because 2024 is a leap year, and I'll be calculating to December 31, 2024.\n\nThe plan is straightforward: get the current date, then perform the calculation. The final output will be a clear sentence stating the number of days.\n\nI also need to consider some edge cases.  If it *is* New Year's Eve, then it's 0 days. If it's December 30th, then it's 1 day. I'll need to check for leap years as well. I think this will all work.\n","thought":true},{"functionCall":{"name":"now","args":{}},"thoughtSignature":"CtQOAVSoXO74PmYr9AFurEIJNTAtfagOIxtRA5FcMPow3t+9ZhbhilokxHpmxmgnjFgyuOV/VCoF1mwTRcWrqItOVgV8sOR1NmRi9ENW/B7uWJTh0hMHsHPy62KwaDG1hJNFs+MXhPkGE7JFD7pzrlVAi6ZitQfr3vEKHqCnE9/uWk+EUebwNOO1Ej1AhDXeMgGbSHqNK+7FQqgnrzy6WVIEKCUBAqDvvb5VXXSYkYP+AvuM9/4PluCHrVeB4bYt4LKc1HVAZtKOH4+k4cNG7+Z9qoGVke/ua528n6KnnoRJRKXikLlkAhbDDFCEbCEjJFr0NPEImX8dYyiUjCcdIWHj6FdRUInYPov02SlqoaE5cI1BhZkvW5kaQoNPfq5nS5gQ/y9HJAouMsy83yAI8G1qjzNICeaw5hsZTg89Z9x7gF+LJrGOxAOSefoV7MhQFtzj+pHVEhRCfzkDKgiPPHTL29FGBxI+FuCI+kF4VONQJnF+sqK57XuGysgyqODw/kJJSwxp9ihqzlfuKAK4QYeLURf2yroFEVujWN6n36hwqIsYpKNfQrbzXJbkV8xgZlKBvmzBfmt9ycFrBzeU+8SNCLYdV2GReaK4bt/fX2SHTpmqhwAvqRArZ1Cdat+yozn1KA8+nGH9SMnfUP2qn0Kj28fzbG0AsP8nZgVlXdOXCVkeUUSUqtRQEMQOSXzqidJbg5KUAQnadsuJ1deTZwBJv1YWCU2lisW/k6vlB2M05OoUaC7L4vx12+Fx3D+e04Hd3vaVj8HE2q5xAseDiCPmuXPulNVByGdVlUdczc6hJ0eFwbZtV33nWSqUPts9XeY6RMfWqabmUg/qY/npD1fhszlqWG5hkuzUv8q4BuGLniFHz6hXmbr274aO++6+cxMEiRwgpZBLGxFukELIQ2HKtUTcdTe+2Q6J2BcznmsK7h31fcp6lyZlzPjZ6/glBczy0xxhQJyVtcfuDPsPwfRCEIKkNlrYPGNW/Edtp/nU6avZ3Dq9g18Dmlrhw1NffqP98lUt1xj1K+TM1Pa0IltSatI5hf/y4O6wRv/EeAIck6imZyJmWEhxO6SBbBy5Cmo7rh83wyRNr8NNHzJoE1/dMRhz9LnygekZsCxQqT+MOmQZsA5pu7O3ZnxFajCRPTSii8OVcseGK65/riQ1zwIJoM/K5//KnvE/GtFtbdn7wBmOU/XaglYaApIlZioxioy4qAzbM8T5kijXGj7E0AFkLsM3XC3hdhehNwNHwbaEicZW7ubnMJmlZi+AfZq+tMkiPG898Xxm+ZUSkcLQy4fsufKQWiQ1Xa960/dd/iQnF2dYSaMKiKCRw9OZt3+gnroziayEgsFei2m6urGJCTII3D3HBxLnMbuZyg2PzZeaYKAigsxb5MSx8ULz1/+dYQFkpIGMzUHz/gs2IVAvEy0NUS/K8agKP1HRNq8KLOqWrmBR07OOjClOI3EtHnEMY5QIi7NqRDl7H9QFHYaJE9ed2p94oepq8gXaP2/HrJrV/Nbe5puge+qbc8vvYPKWLi9EWOQ/avBFGD3kh5rlPnX/MNybIUf4GViIjnLykQS31Wt2V+E0gY5OFqPwVHLamQMEuQ+fNpb/w9goEk4Br5ZDvVNXri7CMWXYvv8/6hPzJLwPsiAd9hYvdbUQ4EGyOT3zdtVuz8nD7Npo7dG3BFCw9FMh1ebh2IhRSkWgSgvPrh099tc7pLOqM1/tu3FxLWu4rYIJjf76IS8gcu+Wd3xJcOjPtDzOMbay6gNKuJiUzAu/ue9fUP7WwCE8WZmzX8qvKdNMyY/YnDF1pemTjcF3oxixipAsTPOUdxkkjrxAOT7NEXq9pFPGpN4ZEBRx6aq+vXovp3nQu9jSnTBNdBpDkG8/Gc4r3IYQJP0rWa9ya8eKRicUElrAUn2J5dvQBwAZVFfMKurtRshZoI5eN71Q9EhLcls4EM8Yxb+7Tg7ERkV1dpztGqMEBqwmfcnfq7a4nN88Sx89qSzyE/qzdVnE8giE7di8h0DtE+Y3bH8y+58T7iPymS+BWDBk9Sjm40QRi2yINVQYqLot+2tUER5AzbbwylLixObauJUFa8Y99mbzKR41M1myKSofnfZ3nmjsr1TcC9fL/Q01fyTM7q7oORP2yvLGFzf0yeJ9CgtH6zcBc5x7X7bCn5KnEcMiN8RTumDOHOzxwPj2xflWGC/HjCSRRLymFWoDWh8bhajylMzLsWb7NBWyP4HGKel21YJ43RhjwcALr363V1XjoIbhZlI8eWH1fFsDxUoEf06XUL/mbrjV0LHeqHHabKG054Xb6TcH0unO1lwGk/KuSzj7dQTZ44EahkGfoQQi8cElnwsOhQfnsoCrpFh4+Vxyrqa1IEGpX3Apv+qp+IL9sUYViKFbYyslfbpxxCdK9UkRM8BHB28UBlrCb4rbzpCt1eZvFZ+5ERB5PAutjZ5U4yP9ca6tg2eJw7a1aQzMTaa20acqLL8AgwXDPHYhBUvGlQbIC1+Zdw=="}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":38,"candidatesTokenCount":8,"totalTokenCount":547,"promptTokensDetails":[{"modality":"TEXT","tokenCount":38}],"thoughtsTokenCount":501},"modelVersion":"gemini-2.5-pro","responseId":"38CHaLjMG6TujrEPtvTiuQk"}''')
+
+# gemini/round2-request-camel-case.json (BUILT)
+GEMINI_ROUND2 = json.loads(r'''{"contents":[{"role":"user","parts":[{"text":"How many days until New Year's Eve?"}]},{"role":"model","parts":[{"text":"**Thinking Through the New Year's Eve Calculation**\n\nOkay, so the user wants to know how many days until New Year's Eve.  My first thought is, \"Right, I need the current date.\" The `now()` tool seems perfect for that. It takes no parameters, which makes it simple. I'll call `now()`.\n\nTo actually *answer* the question though, I'll need a bit more.  I'll have to figure out the date of the *next* New Year's Eve. And then, crucially, calculate the difference in days between *today's* date (from `now()`) and that New Year's Eve.\n\nThe user is asking *until* New Year's Eve, so that clarifies it. I'll determine the year, and if it's already after December 31st of the current year, then it's December 31st of the *next* year.  That's how I need to do it.\n\nFor instance, if it's October 26, 2023, the answer is 66 days to December 31, 2023. But if it's January 1, 2024, the answer will be 365, because 2024 is a leap year, and I'll be calculating to December 31, 2024.\n\nThe plan is straightforward: get the current date, then perform the calculation. The final output will be a clear sentence stating the number of days.\n\nI also need to consider some edge cases.  If it *is* New Year's Eve, then it's 0 days. If it's December 30th, then it's 1 day. I'll need to check for leap years as well. I think this will all work.\n","thought":true},{"functionCall":{"name":"now","args":{}},"thoughtSignature":"CtQOAVSoXO74PmYr9AFurEIJNTAtfagOIxtRA5FcMPow3t+9ZhbhilokxHpmxmgnjFgyuOV/VCoF1mwTRcWrqItOVgV8sOR1NmRi9ENW/B7uWJTh0hMHsHPy62KwaDG1hJNFs+MXhPkGE7JFD7pzrlVAi6ZitQfr3vEKHqCnE9/uWk+EUebwNOO1Ej1AhDXeMgGbSHqNK+7FQqgnrzy6WVIEKCUBAqDvvb5VXXSYkYP+AvuM9/4PluCHrVeB4bYt4LKc1HVAZtKOH4+k4cNG7+Z9qoGVke/ua528n6KnnoRJRKXikLlkAhbDDFCEbCEjJFr0NPEImX8dYyiUjCcdIWHj6FdRUInYPov02SlqoaE5cI1BhZkvW5kaQoNPfq5nS5gQ/y9HJAouMsy83yAI8G1qjzNICeaw5hsZTg89Z9x7gF+LJrGOxAOSefoV7MhQFtzj+pHVEhRCfzkDKgiPPHTL29FGBxI+FuCI+kF4VONQJnF+sqK57XuGysgyqODw/kJJSwxp9ihqzlfuKAK4QYeLURf2yroFEVujWN6n36hwqIsYpKNfQrbzXJbkV8xgZlKBvmzBfmt9ycFrBzeU+8SNCLYdV2GReaK4bt/fX2SHTpmqhwAvqRArZ1Cdat+yozn1KA8+nGH9SMnfUP2qn0Kj28fzbG0AsP8nZgVlXdOXCVkeUUSUqtRQEMQOSXzqidJbg5KUAQnadsuJ1deTZwBJv1YWCU2lisW/k6vlB2M05OoUaC7L4vx12+Fx3D+e04Hd3vaVj8HE2q5xAseDiCPmuXPulNVByGdVlUdczc6hJ0eFwbZtV33nWSqUPts9XeY6RMfWqabmUg/qY/npD1fhszlqWG5hkuzUv8q4BuGLniFHz6hXmbr274aO++6+cxMEiRwgpZBLGxFukELIQ2HKtUTcdTe+2Q6J2BcznmsK7h31fcp6lyZlzPjZ6/glBczy0xxhQJyVtcfuDPsPwfRCEIKkNlrYPGNW/Edtp/nU6avZ3Dq9g18Dmlrhw1NffqP98lUt1xj1K+TM1Pa0IltSatI5hf/y4O6wRv/EeAIck6imZyJmWEhxO6SBbBy5Cmo7rh83wyRNr8NNHzJoE1/dMRhz9LnygekZsCxQqT+MOmQZsA5pu7O3ZnxFajCRPTSii8OVcseGK65/riQ1zwIJoM/K5//KnvE/GtFtbdn7wBmOU/XaglYaApIlZioxioy4qAzbM8T5kijXGj7E0AFkLsM3XC3hdhehNwNHwbaEicZW7ubnMJmlZi+AfZq+tMkiPG898Xxm+ZUSkcLQy4fsufKQWiQ1Xa960/dd/iQnF2dYSaMKiKCRw9OZt3+gnroziayEgsFei2m6urGJCTII3D3HBxLnMbuZyg2PzZeaYKAigsxb5MSx8ULz1/+dYQFkpIGMzUHz/gs2IVAvEy0NUS/K8agKP1HRNq8KLOqWrmBR07OOjClOI3EtHnEMY5QIi7NqRDl7H9QFHYaJE9ed2p94oepq8gXaP2/HrJrV/Nbe5puge+qbc8vvYPKWLi9EWOQ/avBFGD3kh5rlPnX/MNybIUf4GViIjnLykQS31Wt2V+E0gY5OFqPwVHLamQMEuQ+fNpb/w9goEk4Br5ZDvVNXri7CMWXYvv8/6hPzJLwPsiAd9hYvdbUQ4EGyOT3zdtVuz8nD7Npo7dG3BFCw9FMh1ebh2IhRSkWgSgvPrh099tc7pLOqM1/tu3FxLWu4rYIJjf76IS8gcu+Wd3xJcOjPtDzOMbay6gNKuJiUzAu/ue9fUP7WwCE8WZmzX8qvKdNMyY/YnDF1pemTjcF3oxixipAsTPOUdxkkjrxAOT7NEXq9pFPGpN4ZEBRx6aq+vXovp3nQu9jSnTBNdBpDkG8/Gc4r3IYQJP0rWa9ya8eKRicUElrAUn2J5dvQBwAZVFfMKurtRshZoI5eN71Q9EhLcls4EM8Yxb+7Tg7ERkV1dpztGqMEBqwmfcnfq7a4nN88Sx89qSzyE/qzdVnE8giE7di8h0DtE+Y3bH8y+58T7iPymS+BWDBk9Sjm40QRi2yINVQYqLot+2tUER5AzbbwylLixObauJUFa8Y99mbzKR41M1myKSofnfZ3nmjsr1TcC9fL/Q01fyTM7q7oORP2yvLGFzf0yeJ9CgtH6zcBc5x7X7bCn5KnEcMiN8RTumDOHOzxwPj2xflWGC/HjCSRRLymFWoDWh8bhajylMzLsWb7NBWyP4HGKel21YJ43RhjwcALr363V1XjoIbhZlI8eWH1fFsDxUoEf06XUL/mbrjV0LHeqHHabKG054Xb6TcH0unO1lwGk/KuSzj7dQTZ44EahkGfoQQi8cElnwsOhQfnsoCrpFh4+Vxyrqa1IEGpX3Apv+qp+IL9sUYViKFbYyslfbpxxCdK9UkRM8BHB28UBlrCb4rbzpCt1eZvFZ+5ERB5PAutjZ5U4yP9ca6tg2eJw7a1aQzMTaa20acqLL8AgwXDPHYhBUvGlQbIC1+Zdw=="}]},{"role":"user","parts":[{"functionResponse":{"name":"now","response":{"result":"2025-10-26T09:00:00Z"}}}]}],"tools":[{"functionDeclarations":[{"name":"now","description":"The current date and time.","parameters":{"type":"object","properties":{}}}]}],"generationConfig":{"thinkingConfig":{"includeThoughts":true,"thinkingBudget":1024}}}''')
+
+# gemini/response-parallel-calls.json (Google SDK test data)
+GEMINI_PARALLEL = json.loads(r'''{"candidates":[{"content":{"parts":[{"functionCall":{"name":"sum","args":{"y":1,"x":2}}},{"functionCall":{"name":"multiply","args":{"y":3,"x":4}}},{"functionCall":{"name":"subtract","args":{"y":5,"x":6}}}],"role":"model"},"finishReason":"STOP","index":0}]}''')
+
+# gemini/response-call-args-absent.json (Google SDK test data)
+GEMINI_ARGS_ABSENT = json.loads(r'''{"candidates":[{"content":{"parts":[{"functionCall":{"name":"current_time"}}],"role":"model"},"finishReason":"STOP","index":0}]}''')
+
+# gemini/stream-thinking-call-signature.sse (Google SDK test data; CRLF restored below)
+GEMINI_STREAM = rb'''data: {"candidates": [{"content": {"parts": [{"text": "**Calculating the Days**\n\nI've determined the user's request involves calculating the days until New Year's Eve. I need to get the current date and the date of New Year's Eve. My plan involves using `default_api.now()` to get the current date and time. Then, I can perform the calculation to find the time difference.\n\n\n","thought": true}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 38,"totalTokenCount": 106,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 38}],"thoughtsTokenCount": 68},"modelVersion": "gemini-2.5-flash","responseId": "48SHaPHpHKbG-8YPtZCawAk"}
+
+data: {"candidates": [{"content": {"parts": [{"text": "**Determining the Approach**\n\nI'm now zeroing in on the best method. Having established the core requirement -- the number of days until New Year's Eve -- I've identified `default_api.now()` as my primary tool for retrieving the current date. I'll need to define December 31st of the current year. I've also recognized the need to calculate the difference, which isn't a direct function. I'll calculate this myself after getting today's date.\n\n\n","thought": true}],"role": "model"},"index": 0}],"usageMetadata": {"promptTokenCount": 38,"totalTokenCount": 206,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 38}],"thoughtsTokenCount": 168},"modelVersion": "gemini-2.5-flash","responseId": "48SHaPHpHKbG-8YPtZCawAk"}
+
+data: {"candidates": [{"content": {"parts": [{"functionCall": {"name": "now","args": {}},"thoughtSignature": "CiIBVKhc7vB+vaaq6rA/KC79Ts7iXagIOA4EBOyBFDpl+pxPCmcBVKhc7gYyIw6X0IsswYK3hRIlOqJqLuw/CA777RLwVhbkj5IXXM6JPdtsso69K/H8aVi6ThxLZkLoQYapEKm4jpotk9HFJ1LnyOFHeQcKdXia2iBBNjb6LTZU/+Pib0zJbWnttT57Ct8BAVSoXO6n/xiy62ll0Bb/4DRtdUMN6l5WhI/yNCH0nVn5o7XWCT9ltApMM3MB2VEkId1U1lMu5d78n0juWxqYh7RvjqN3wCT1KMHeC9Yx6slplr27i/J9qzruq/X6y0ZbUvrv607cWrff53jfgJ7qvSHopN9ZD/kuwUn2lzXhvgIBHvAcLIEwHUcfsIYX5WPonf2aST1Ti1ui2dWw8eQpogiSIytX0L734L9nT0zj3VGlWJIxgeOA4IDH4ZjhWeU73K0P1YUjrla+RWQ7WAmga27KOtO1Zw3faShHT7esSAryAQFUqFzuPbTNs0g+Gt+7+kId/JtIdDKmBmZXIzHotCMUEj82J+3CQbaIjD15XVB8wBQjqwYSsWjWq01jMWqfbs10IS9WBhOeUewFfvqfoZUNxUcZkm314D9wt2eVFvkO4pIRDJs7oV7w0v7M3TaiovtI6hNz087wCtRy0cEF/0narcw1l1pFNSHxAK8Y9rbAVbrsNFglkI/oC0eOPbBn1K/F+dPnOiKgFaMg1v858aMx1rafr665kbrT3H/HcBMRrS9urjtYPXoseBpakOG+X/F6RUp9pHgMyuxCFxAstL2dCJ2UDX4LwZvvR+uQUkZ94smaCvABAVSoXO5wl+s/MoiArjmga1WCjBvsIAsE0Zqmw02g8ID8BfyjTXIHqZ6Z1cklDFg/MxYs/oQVW2fW0D6z0Nqg+38JcSpjl6e6P9oHF891mUuPKhP8HsWD+ZvQy6Wuh4IkeSwooBTHRoo2wIIqXLwseNPHCXg1M+9jE9feqdGWefq1jI3c5tc2yr5777IEQ/5BwrAMlL3Gsrq1pDptbuBOi4ZPWDhiaZmbdn1Zoh1CXZZNyqu9CH/hpFkzAtoN87vfYELHVQoV2wyzM+8JEDGoPvkvw27VuKsQEahGHHuAtMjf5kxA7Qyqd8kXMlLleEs0"}],"role": "model"},"finishReason": "STOP","index": 0}],"usageMetadata": {"promptTokenCount": 38,"candidatesTokenCount": 6,"totalTokenCount": 212,"promptTokensDetails": [{"modality": "TEXT","tokenCount": 38}],"thoughtsTokenCount": 168},"modelVersion": "gemini-2.5-flash","responseId": "48SHaPHpHKbG-8YPtZCawAk"}
+
+'''
+
+# gemini/stream-json-array-gemini3-call.json (REAL, the elements of the array)
+GEMINI3_STREAM_ARRAY = json.loads(r'''[{"candidates":[{"content":{"parts":[{"functionCall":{"name":"multiply","args":{"y":3,"x":5}},"thoughtSignature":"Et0BCtoBAXLI2nwMB4momyXTj+K3OPELPDi5Mq6bA5ZHuiKVF9m94gyxd+zdlC+s73nWxHx1ImnA9wPRG1sKMAvENS5i0Bef0VxMS31QE4PbbJw81tSto0OCC+AJdHF0i7x3uHqBuj91gBPwmy3rhAQM+8kxmaF4FeJ0rvICgjIIjG7rBgCE8vOD9Glt/sy3WPKo//jOukERM0rVGAPpMogXNtQbJWUQ8469alaZN67hbYJNaL5XSNcsbsu4ub04B2aFPc6NJld2EWK/enYFPnarMNwobDsSstlzuMygTHQ="}],"role":"model"},"index":0}],"usageMetadata":{"promptTokenCount":60,"candidatesTokenCount":16,"totalTokenCount":108,"promptTokensDetails":[{"modality":"TEXT","tokenCount":60}],"thoughtsTokenCount":32},"modelVersion":"gemini-3-flash-preview","responseId":"6XJFadi3PJOx-sAPgJ3S6Qs"},{"candidates":[{"content":{"parts":[{"text":""}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":60,"candidatesTokenCount":16,"totalTokenCount":108,"promptTokensDetails":[{"modality":"TEXT","tokenCount":60}],"thoughtsTokenCount":32},"modelVersion":"gemini-3-flash-preview","responseId":"6XJFadi3PJOx-sAPgJ3S6Qs"}]''')
+
+# gemini/round2-request-gemini3.json (REAL, built by llm-gemini, snake_case)
+GEMINI3_ROUND2 = json.loads(r'''{"contents":[{"role":"user","parts":[{"text":"What is 5 times 3?"}]},{"role":"model","parts":[{"text":""},{"function_call":{"name":"multiply","args":{"y":3,"x":5}},"thoughtSignature":"Et0BCtoBAXLI2nwMB4momyXTj+K3OPELPDi5Mq6bA5ZHuiKVF9m94gyxd+zdlC+s73nWxHx1ImnA9wPRG1sKMAvENS5i0Bef0VxMS31QE4PbbJw81tSto0OCC+AJdHF0i7x3uHqBuj91gBPwmy3rhAQM+8kxmaF4FeJ0rvICgjIIjG7rBgCE8vOD9Glt/sy3WPKo//jOukERM0rVGAPpMogXNtQbJWUQ8469alaZN67hbYJNaL5XSNcsbsu4ub04B2aFPc6NJld2EWK/enYFPnarMNwobDsSstlzuMygTHQ="}]},{"role":"user","parts":[{"function_response":{"name":"multiply","response":{"output":"15"}}}]}],"safetySettings":[{"category":"HARM_CATEGORY_DANGEROUS_CONTENT","threshold":"BLOCK_NONE"},{"category":"HARM_CATEGORY_SEXUALLY_EXPLICIT","threshold":"BLOCK_NONE"},{"category":"HARM_CATEGORY_HATE_SPEECH","threshold":"BLOCK_NONE"},{"category":"HARM_CATEGORY_HARASSMENT","threshold":"BLOCK_NONE"}],"tools":[{"functionDeclarations":[{"name":"multiply","description":"Multiply two numbers.","parameters":{"properties":{"x":{"type":"integer"},"y":{"type":"integer"}},"required":["x","y"],"type":"object"}}]}]}''')
+
+# ollama/response-tool-call-docs.json (DOCS)
+OLLAMA_CALL = json.loads(r'''{"model":"llama3.2","created_at":"2025-07-07T20:32:53.844124Z","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Tokyo"}}}]},"done_reason":"stop","done":true,"total_duration":3244883583,"load_duration":2969184542,"prompt_eval_count":169,"prompt_eval_duration":141656333,"eval_count":18,"eval_duration":133293625}''')
+
+# ollama/stream-tool-call-docs.ndjson (DOCS)
+OLLAMA_STREAM = rb'''{"model":"llama3.2","created_at":"2025-07-07T20:22:19.184789Z","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Tokyo"}}}]},"done":false}
+{"model":"llama3.2","created_at":"2025-07-07T20:22:19.19314Z","message":{"role":"assistant","content":""},"done_reason":"stop","done":true,"total_duration":182242375,"load_duration":41295167,"prompt_eval_count":169,"prompt_eval_duration":24573166,"eval_count":15,"eval_duration":115959084}
+'''
+
+# ollama/response-parallel-calls-current.json (BUILT)
+OLLAMA_PARALLEL = json.loads(r'''{"model":"qwen3","created_at":"2026-08-21T10:00:00.000000Z","message":{"role":"assistant","content":"","thinking":"The user wants the weather in Paris and in Tokyo. I will call get_weather twice.","tool_calls":[{"id":"call_k3v9x0qa","function":{"index":0,"name":"get_weather","arguments":{"city":"Paris"}}},{"id":"call_7m2pd4zt","function":{"index":1,"name":"get_weather","arguments":{"city":"Tokyo"}}}]},"done_reason":"stop","done":true,"total_duration":2140000000,"load_duration":41000000,"prompt_eval_count":182,"prompt_eval_duration":120000000,"eval_count":61,"eval_duration":1900000000}''')
+
+# ollama/round2-request-docs.json (DOCS)
+OLLAMA_ROUND2 = json.loads(r'''{"model":"llama3.2","messages":[{"role":"user","content":"what is the weather in Toronto?"},{"role":"assistant","content":"","tool_calls":[{"function":{"name":"get_weather","arguments":{"city":"Toronto"}}}]},{"role":"tool","content":"11 degrees celsius","tool_name":"get_weather"}],"stream":false,"tools":[{"type":"function","function":{"name":"get_weather","description":"Get the weather in a given city","parameters":{"type":"object","properties":{"city":{"type":"string","description":"The city to get the weather for"}},"required":["city"]}}}]}''')
 
 
 # --- the official OpenAPI specs ----------------------------------------------
