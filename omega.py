@@ -4578,8 +4578,8 @@ def hint_schema(hint) -> dict:
     if hint is dict or origin is dict and (not args or args[0] is str):
         return {"type": "object",
                 **({"additionalProperties": hint_schema(args[1])} if args else {})}
-    if origin is typing.Literal and "unknown" not in map(json_type, args):
-        kinds = list(dict.fromkeys(map(json_type, args)))
+    kinds = list(dict.fromkeys(json_type(a) for a in args))
+    if origin is typing.Literal and "unknown" not in kinds:
         return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": list(args)}
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
         schema = hint_schema(args[args[0] is type(None)])

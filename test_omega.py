@@ -2861,6 +2861,7 @@ def test_cache_counts_of_streamed_answers(api):
     serve_stream(api, b"".join([
         event("message_start", message={"id": "m", "model": "claude-sonnet-4-20250514",
                                         "usage": CACHE_USAGE["anthropic"]["usage"]}),
+        event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
         event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hi"}),
         event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 9}),
         event("message_stop")]))
