@@ -2659,9 +2659,9 @@ def signals_sent(monkeypatch):
 def test_claude_code_hang_kills_the_whole_group_at_the_deadline(claude, signals_sent):
     claude.plan({"hang": True})
     started = time.monotonic()
-    outcome = bounded(lambda: cc(claude, timeout_secs=0.5), within=10)
+    outcome = bounded(lambda: cc(claude, timeout_secs=0.3), within=10)
     assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
-    assert "within 0.5 s" in str(outcome["error"]) and time.monotonic() - started < 5
+    assert "within 0.3 s" in str(outcome["error"]) and time.monotonic() - started < 5
     pids = read_pids(claude.dir / "pids")
     try:
         assert gone(*pids) and signals_sent[0] == "SIGTERM"
@@ -2669,7 +2669,8 @@ def test_claude_code_hang_kills_the_whole_group_at_the_deadline(claude, signals_
         kill_leftovers(*pids)
 
 
-def test_claude_that_ignores_sigterm_gets_sigkill(claude, signals_sent):
+def test_claude_that_ignores_sigterm_gets_sigkill(claude, signals_sent, monkeypatch):
+    monkeypatch.setattr(omega, "KILL_GRACE_SECS", 0.2)
     claude.plan({"hang": True, "ignore_term": True})
     started = time.monotonic()
     outcome = bounded(lambda: cc(claude, timeout_secs=0.3), within=10)
@@ -2678,7 +2679,7 @@ def test_claude_that_ignores_sigterm_gets_sigkill(claude, signals_sent):
         assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
         assert signals_sent == ["SIGTERM", "SIGKILL"]
         assert gone(*pids, within=1)                  # the child and its grandchild
-        assert time.monotonic() - started < 5          # deadline 0.3 s + grace 0.5 s
+        assert time.monotonic() - started < 5          # deadline 0.3 s + grace 0.2 s
     finally:
         kill_leftovers(*pids)
 
@@ -2745,12 +2746,12 @@ def test_claude_ignoring_sigterm_ends_within_a_second_of_the_deadline(claude, mo
     monkeypatch.setattr(omega, "KILL_GRACE_SECS", REAL["KILL_GRACE_SECS"])    # 2 s, not 0.5
     claude.plan({"hang": True, "ignore_term": True})
     started = time.monotonic()
-    outcome = bounded(lambda: cc(claude, timeout_secs=1), within=15)
+    outcome = bounded(lambda: cc(claude, timeout_secs=0.5), within=15)
     took = time.monotonic() - started
     pids = read_pids(claude.dir / "pids")
     try:
         assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
-        assert took < 2, took                                  # the deadline + 1 s
+        assert took < 1.5, took                                # the deadline + 1 s
         assert gone(*pids, within=1)
     finally:
         kill_leftovers(*pids)
@@ -7195,7 +7196,7 @@ def test_cli_repeated_ctrl_c_still_kills_a_child_that_ignores_sigterm(claude, tm
     try:
         child.send_signal(signal.SIGINT)
         for _ in range(3):                   # more Ctrl-Cs during the grace period
-            time.sleep(0.2)
+            time.sleep(0.1)
             if child.poll() is None:
                 child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=20)
