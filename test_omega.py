@@ -4842,7 +4842,7 @@ def test_one_deadline_for_the_whole_chain(api, cli_main):
     assert len(api.requests) == 1          # the first used it all: no time left for the rest
 
 
-def test_the_final_error_names_every_provider_tried(api2, tmp_path):
+def test_the_final_error_names_every_provider_tried(api2, cli_main, capsys):
     api2.default = lambda request: {"status": 401, "body": {"type": "error", "error": {
         "type": "authentication_error", "message": "invalid x-api-key"}}}
     config = chain(refused_url(), api2, fallback=("anthropic", "gemini"))
@@ -4853,9 +4853,10 @@ def test_the_final_error_names_every_provider_tried(api2, tmp_path):
     assert e.provider == "openai"
     assert [f.split(":")[0] for f in e.fallbacks] == ["anthropic", "gemini"]
     assert all(name in str(e) for name in ("openai", "anthropic", "gemini")), str(e)
-    out = run_cli(tmp_path, "-q", "hi", config=config)
-    last = out.stderr.splitlines()[-1]
-    assert out.returncode == 7 and all(n in last for n in ("openai", "anthropic", "gemini"))
+    capsys.readouterr()
+    code = cli_main(config, "-q", "hi")
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert code == 7 and all(n in last for n in ("openai", "anthropic", "gemini"))
 
 
 def cut_words(line, text):
@@ -6894,11 +6895,11 @@ def test_cli_status_lines_on_stderr_and_quiet(api, cli_main, capsys):
     assert capsys.readouterr() == ("Hello from OpenAI\n", "")
 
 
-def test_cli_retry_lines_on_stderr(api, tmp_path):
+def test_cli_retry_lines_on_stderr(api, cli_main, capsys, real_retry_floor):
     api.reply(openai_error(429, "rate_limit_exceeded"), status=429, headers={"Retry-After": "0"})
     api.reply(openai_ok())
-    out = run_cli(tmp_path, "hi", config=cfg("openai", api))
-    assert out.stderr == "omega: openai: 429, retrying in 0.1 s (2/3)\n"
+    assert cli_main(cfg("openai", api), "hi") == 0
+    assert capsys.readouterr().err == "omega: openai: 429, retrying in 0.1 s (2/3)\n"
 
 
 def test_cli_verbose_shows_debug_and_traceback_but_no_key(api, tmp_path):
@@ -6909,26 +6910,27 @@ def test_cli_verbose_shows_debug_and_traceback_but_no_key(api, tmp_path):
     assert KEY not in out.stderr and KEY not in out.stdout
 
 
-def test_cli_prints_one_line_per_fallback_step(api2, tmp_path):
+def test_cli_prints_one_line_per_fallback_step(api2, cli_main, capsys):
     api2.reply(anthropic_ok())
-    out = run_cli(tmp_path, "hi", config=chain(refused_url(), api2, max_retries=0))
-    assert out.returncode == 0 and out.stdout == "Hello from Claude\n"
-    assert out.stderr == "omega: openai unavailable (connection refused), trying anthropic\n"
+    assert cli_main(chain(refused_url(), api2, max_retries=0), "hi") == 0
+    assert capsys.readouterr() == (
+        "Hello from Claude\n", "omega: openai unavailable (connection refused), trying anthropic\n")
 
 
-def test_cli_p_stays_put_and_fallback_flag_moves_on(api2, tmp_path):
+def test_cli_p_stays_put_and_fallback_flag_moves_on(api2, cli_main, capsys):
     api2.default = lambda request: {"body": anthropic_ok()}
     config = {"provider": {"default": "openai", "fallback": ["anthropic"],
                            "ollama": {"base_url": refused_url(), "max_retries": 0},
                            "openrouter": {"base_url": refused_url(), "api_key": KEY},
                            "anthropic": {"base_url": api2.url, "api_key": KEY}}}
-    out = run_cli(tmp_path, "-q", "-p", "ollama", "hi", config=config)
-    assert (out.returncode, out.stdout) == (7, "") and api2.requests == []
-    assert "connection refused" in out.stderr and out.stderr.count("\n") == 1
-    out = run_cli(tmp_path, "-p", "ollama", "--fallback", "openrouter,anthropic", "hi",
-                  config=config)
-    assert (out.returncode, out.stdout) == (0, "Hello from Claude\n"), out.stderr
-    assert out.stderr == ("omega: ollama unavailable (connection refused), trying openrouter\n"
+    code = cli_main(config, "-q", "-p", "ollama", "hi")
+    out = capsys.readouterr()
+    assert (code, out.out) == (7, "") and api2.requests == []
+    assert "connection refused" in out.err and out.err.count("\n") == 1
+    code = cli_main(config, "-p", "ollama", "--fallback", "openrouter,anthropic", "hi")
+    out = capsys.readouterr()
+    assert (code, out.out) == (0, "Hello from Claude\n"), out.err
+    assert out.err == ("omega: ollama unavailable (connection refused), trying openrouter\n"
                           "omega: openrouter unavailable (connection refused), trying anthropic\n")
     assert len(api2.requests) == 1
 
@@ -7220,10 +7222,10 @@ def log_rows(tmp_path):
                                     "error FROM exchanges ORDER BY id")]
 
 
-def test_cli_logs_each_exchange_and_never_the_key(api, tmp_path):
+def test_cli_logs_each_exchange_and_never_the_key(api, tmp_path, cli_main, capsys):
     api.reply(openai_ok("Four."))
-    out = run_cli(tmp_path, "What is 2+2?", config=cfg("openai", api))
-    assert (out.returncode, out.stdout, out.stderr) == (0, "Four.\n", "")
+    assert cli_main(cfg("openai", api), "What is 2+2?") == 0
+    assert capsys.readouterr() == ("Four.\n", "")
     rows = log_rows(tmp_path)
     assert [(r["provider"], r["prompt"], r["answer"]) for r in rows] == [
         ("openai", "What is 2+2?", "Four.")]
@@ -7232,8 +7234,8 @@ def test_cli_logs_each_exchange_and_never_the_key(api, tmp_path):
         assert KEY.encode() not in file.read_bytes() and not leaks(file.read_bytes().decode(
             "latin-1"))
     api.reply(openai_error(401, "invalid_api_key", f"bad key {KEY}"), status=401)
-    out = run_cli(tmp_path, "again", config=cfg("openai", api))
-    assert out.returncode == 3 and "invalid_api_key" in log_rows(tmp_path)[-1]["error"]
+    assert cli_main(cfg("openai", api), "again") == 3
+    assert "invalid_api_key" in log_rows(tmp_path)[-1]["error"]
     assert not leaks(log_rows(tmp_path)[-1]["error"])
 
 
