@@ -334,25 +334,31 @@ def gzip_bomb():
     return _GZIP_BOMB[0]
 
 
-@pytest.fixture
-def api():
-    server = FakeAPI()
-    thread = threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True)
-    thread.start()
-    yield server
+def serving(server=None):
+    """A FakeAPI (or the given one) serving from a thread of its own."""
+    server = server or FakeAPI()
+    threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True).start()
+    return server
+
+
+def stop_serving(server):
     server.release.set()
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def api():
+    server = serving()
+    yield server
+    stop_serving(server)
 
 
 @pytest.fixture
 def api2():
-    server = FakeAPI()
-    threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True).start()
+    server = serving()
     yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
+    stop_serving(server)
 
 
 @pytest.fixture(scope="session")
@@ -378,11 +384,8 @@ def tls_api(tls_cert):
     context.load_cert_chain(*tls_cert)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     server.scheme = "https"
-    threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True).start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
+    yield serving(server)
+    stop_serving(server)
 
 
 def refused_url():
@@ -2397,33 +2400,47 @@ def hostile_cases():
     ]
 
 
-def test_millions_of_tiny_pieces_cost_a_small_multiple_of_their_bytes(api, tmp_path):
+def test_millions_of_tiny_pieces_cost_a_small_multiple_of_their_bytes(tmp_path):
     """Each case runs in a child of its own whose address space may grow by 4 x
     max_response_bytes (and 16 MiB) at most: a reader that holds a list of millions
-    of small objects (15-50 x their bytes) dies there of MemoryError."""
+    of small objects (15-50 x their bytes) dies there of MemoryError. The children
+    run at once (each with a server of its own): most of their time is start-up."""
     script = tmp_path / "json-lines-claude"
     script.write_text(JSON_LINES_CLAUDE.replace("PYTHON", sys.executable))
     script.chmod(0o755)
-    for what, limit, reply, name, streamed, with_file, expected in hostile_cases():
-        api.reply(openai_ok("warm"))
-        if name == "claude-code":
-            config = {"provider": {"default": name, name: {
-                "command": f"{script} {(limit - 1000) // 3} {reply}",
-                "max_response_bytes": limit}}}
-        else:
-            api.reply(**reply)
-            config = cfg(name, api, max_response_bytes=limit, max_retries=0)
-        case = {"provider": name, "config": config, "stream": streamed, "file": with_file,
-                "allowance": 4 * limit + 16 * MiB, "warm_up": cfg("openai", api)}
-        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, HERE, json.dumps(case)],
-                             capture_output=True, text=True, timeout=60,
-                             env=cli_env(tmp_path, MALLOC_ARENA_MAX="1"))
-        assert out.stdout, (what, out.stderr[-2000:])
-        outcome = json.loads(out.stdout)
-        assert outcome.get("error", outcome.get("text")) == expected, (what, outcome)
-        if expected == "ProviderError":
-            assert "larger than" in outcome["message"] or "more objects than" in \
-                outcome["message"], (what, outcome)
+    runs = []
+    try:
+        for what, limit, reply, name, streamed, with_file, expected in hostile_cases():
+            api = serving()
+            runs.append([what, expected, api, None])
+            api.reply(openai_ok("warm"))
+            if name == "claude-code":
+                config = {"provider": {"default": name, name: {
+                    "command": f"{script} {(limit - 1000) // 3} {reply}",
+                    "max_response_bytes": limit}}}
+            else:
+                api.reply(**reply)
+                config = cfg(name, api, max_response_bytes=limit, max_retries=0)
+            case = {"provider": name, "config": config, "stream": streamed, "file": with_file,
+                    "allowance": 4 * limit + 16 * MiB, "warm_up": cfg("openai", api)}
+            runs[-1][3] = subprocess.Popen(
+                [sys.executable, "-c", MEMORY_CHILD, HERE, json.dumps(case)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=cli_env(tmp_path, MALLOC_ARENA_MAX="1"))
+        for what, expected, api, child in runs:
+            out, err = child.communicate(timeout=60)
+            assert out, (what, err[-2000:])
+            outcome = json.loads(out)
+            assert outcome.get("error", outcome.get("text")) == expected, (what, outcome)
+            if expected == "ProviderError":
+                assert "larger than" in outcome["message"] or "more objects than" in \
+                    outcome["message"], (what, outcome)
+    finally:
+        for what, expected, api, child in runs:
+            if child is not None:
+                child.kill()
+                child.communicate()
+            stop_serving(api)
 
 
 # --- HTTP: stream framing (SSE, NDJSON, chunked) -----------------------------
