@@ -97,6 +97,20 @@ def clean_env(monkeypatch, tmp_path):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def children_share_their_bytecode(tmp_path_factory):
+    """The suite's Python children (a score of them import omega) share one bytecode
+    cache, outside the repository: where PYTHONDONTWRITEBYTECODE is set, each of them
+    would compile omega.py again."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        yield                            # they write and read it beside omega.py
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+        patch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+        yield
+
+
 @pytest.fixture
 def real_retry_floor(monkeypatch):
     """The real shortest wait (clean_env shortens it to keep retrying tests fast)."""
