@@ -4544,12 +4544,21 @@ def test_request_and_response_functions_are_plain_and_separate():
 # --- the status timer --------------------------------------------------------
 
 def test_status_timer_reports_then_repeats_then_stops(api):
-    api.reply(openai_ok(), delay=0.45)
-    statuses = []
+    statuses, twice = [], threading.Event()
+
+    def heard(message):
+        statuses.append(message)
+        if len(statuses) == 2:
+            twice.set()
+
+    def reply(request):                   # the answer once the timer has spoken twice
+        twice.wait(10)
+        return {"body": openai_ok()}
+    api.default = reply
     config = cfg("openai", api)
     config["omega"] = {"status": {"delay_secs": 0.1, "repeat_secs": 0.1, "message": "slow...",
                                   "repeat_message": "still..."}}
-    omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
+    omega.complete(omega.Context("hi"), "openai", config, on_status=heard)
     seen = list(statuses)
     assert seen[0] == "slow..." and set(seen[1:]) == {"still..."} and 2 <= len(seen) <= 5
     time.sleep(0.25)
@@ -4560,12 +4569,20 @@ def test_status_timer_stops_on_failure_and_makes_no_thread_without_callback(api)
     before = threading.active_count()
     stop = omega.start_status_timer(None, omega.STATUS_DEFAULTS)
     assert threading.active_count() == before and stop() is None
-    api.reply(openai_error(400, "bad"), status=400, delay=0.3)
-    statuses = []
+    statuses, said = [], threading.Event()
+
+    def heard(message):
+        statuses.append(message)
+        said.set()
+
+    def reply(request):                   # the error once the timer has spoken
+        said.wait(10)
+        return {"status": 400, "body": openai_error(400, "bad")}
+    api.default = reply
     config = cfg("openai", api)
     config["omega"] = {"status": {"delay_secs": 0.1, "repeat_secs": 0.1}}
     with pytest.raises(omega.ProviderError):
-        omega.complete(omega.Context("hi"), "openai", config, on_status=statuses.append)
+        omega.complete(omega.Context("hi"), "openai", config, on_status=heard)
     count = len(statuses)
     assert count >= 1 and statuses[0] == omega.STATUS_DEFAULTS["message"]
     time.sleep(0.25)
@@ -4613,7 +4630,7 @@ def test_status_timer_schedule_and_a_timer_that_fires_as_it_is_stopped(monkeypat
 def test_status_timer_works_for_claude_code(claude):
     claude.plan({"raw": "", "hang": True})
     statuses = []
-    config = claude.config(timeout_secs=0.4)
+    config = claude.config(timeout_secs=0.3)
     config["omega"] = {"status": {"delay_secs": 0.1, "repeat_secs": 10}}
     with pytest.raises(omega.ProviderTimeout):
         omega.complete(omega.Context("hi"), config=config, on_status=statuses.append)
