@@ -2181,8 +2181,8 @@ def test_deadline_covers_retries_and_waits(api, monkeypatch):
 # --- HTTP: a 429's Retry-After pauses every thread's requests to that server --
 
 def test_a_429_with_retry_after_pauses_every_worker_not_only_its_own(api):
-    """Four map() workers: the first request gets a 429 asking for 0.5 s while the
-    other three are in flight. Nothing reaches the server in that half second, from
+    """Four map() workers: the first request gets a 429 asking for 0.2 s while the
+    other three are in flight. Nothing reaches the server in those 0.2 s, from
     any worker; then every item is answered, the limited one after its retry."""
     lock, arrived, replied = threading.Lock(), [], {}
     all_four, paused = threading.Event(), threading.Event()
@@ -2197,7 +2197,7 @@ def test_a_429_with_retry_after_pauses_every_worker_not_only_its_own(api):
             all_four.wait(10)               # the other three workers' requests are in
             replied["429"] = time.monotonic()
             return {"status": 429, "body": openai_error(429, "rate_limit_exceeded"),
-                    "headers": {"retry-after-ms": "500"}}
+                    "headers": {"retry-after-ms": "200"}}
         if n <= 4:
             paused.wait(10)                 # answered once the client knows of the pause
         return {"body": openai_ok(request.body["messages"][-1]["content"])}
@@ -2210,21 +2210,21 @@ def test_a_429_with_retry_after_pauses_every_worker_not_only_its_own(api):
     results = omega.map([f"p{n}" for n in range(8)], workers=4, provider="openai",
                         config=cfg("openai", api), on_status=heard)
     assert [r.text for r in results] == [f"p{n}" for n in range(8)]
-    assert statuses == ["openai: 429, retrying in 0.5 s (2/3)"]
+    assert statuses == ["openai: 429, retrying in 0.2 s (2/3)"]
     later = arrived[4:]                     # each sent after the pause began
-    assert len(later) == 5 and min(later) >= replied["429"] + 0.5
+    assert len(later) == 5 and min(later) >= replied["429"] + 0.2
 
 
 def test_a_pause_longer_than_the_deadline_fails_at_once_without_a_request(api):
     api.reply(openai_error(429, "rate_limit_exceeded"), status=429,
-              headers={"Retry-After": "0.5"})
+              headers={"Retry-After": "0.3"})
     api.reply(openai_ok())
     other = {}
 
-    def in_another_thread(message):       # while the first call waits out its 0.5 s
+    def in_another_thread(message):       # while the first call waits out its 0.3 s
         def call():
             try:
-                omega.complete("hi", "openai", cfg("openai", api), timeout=0.3)
+                omega.complete("hi", "openai", cfg("openai", api), timeout=0.1)
             except omega.OmegaError as e:
                 other["error"] = e
         thread = threading.Thread(target=call)
@@ -6559,10 +6559,10 @@ def test_a_writer_waits_for_another_then_gives_up_in_one_line(tmp_path, monkeypa
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     holder.execute("INSERT INTO exchanges (conversation, time) VALUES ('00000000', 'now')")
-    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 0.3)
+    monkeypatch.setattr(omega, "LOG_BUSY_SECS", 0.1)
     started = time.monotonic()
     text = one_line_log_error(lambda: omega.log_exchange(path, exchange()), path)
-    assert "locked by another process for more than 0.3 s" in text
+    assert "locked by another process for more than 0.1 s" in text
     assert time.monotonic() - started < 2
     assert [r["prompt"] for r in omega.recent_exchanges(path, 5)] == ["before"]  # WAL: reads go on
     threading.Timer(0.1, holder.rollback).start()                      # released in time
