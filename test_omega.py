@@ -6183,13 +6183,16 @@ def test_check_reports_readiness_sources_and_masks_keys(api, claude, tmp_path, m
     assert "api_key=…cdef (file)" in sources
 
 
-def test_check_without_any_file_and_exit_1_when_default_is_not_ready(tmp_path):
-    out = run_cli(tmp_path, "--check", PATH=str(tmp_path / "empty"),
-                  OMEGA_CONFIG="", OLLAMA_HOST=refused_url())
-    assert out.returncode == 1, out.stderr
-    assert "default provider: claude-code" in out.stdout
-    assert "'claude' not found on PATH" in out.stdout
-    assert "connection refused" in out.stdout
+def test_check_without_any_file_and_exit_1_when_default_is_not_ready(tmp_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("OLLAMA_HOST", refused_url())
+    code = omega.main(["--check"])
+    out = capsys.readouterr()
+    assert code == 1, out.err
+    assert "default provider: claude-code" in out.out
+    assert "'claude' not found on PATH" in out.out
+    assert "connection refused" in out.out
 
 
 @pytest.mark.parametrize("default, env, code", [
@@ -6880,11 +6883,13 @@ def test_cli_binary_stdin_is_a_one_line_config_error(api, tmp_path, words):
 
 # --- flags and output --------------------------------------------------------
 
-def test_cli_help_and_version_touch_nothing(tmp_path):
-    out = run_cli(tmp_path, "--version", OMEGA_CONFIG="/nonexistent.toml")
-    assert (out.returncode, out.stdout.strip()) == (0, f"omega {omega.__version__}")
-    out = run_cli(tmp_path, "--help", OMEGA_CONFIG="/nonexistent.toml")
-    assert out.returncode == 0 and "--max-tokens" in out.stdout and "exit codes" in out.stdout.lower()
+def test_cli_help_and_version_touch_nothing(monkeypatch, capsys):
+    monkeypatch.setenv("OMEGA_CONFIG", "/nonexistent.toml")
+    assert omega.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"omega {omega.__version__}"
+    assert omega.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--max-tokens" in out and "exit codes" in out.lower()
 
 
 def test_cli_flags_reach_the_wire(api, capsys, cli_main):
