@@ -5399,16 +5399,16 @@ def mcp_trouble(settings: dict, name: str, what: str, status: int | None = None,
 
 
 def stop_mcp_server(server: McpServer, call: Call) -> None:
-    """MCP shutdown: close its stdin, give it MCP_EXIT_SECS to go, then stop its
-    whole process group (6: SIGTERM, SIGKILL after the grace), past the deadline
-    within a second."""
+    """MCP shutdown: close its stdin, give it MCP_EXIT_SECS to go (none past the
+    deadline), then stop its whole process group (6: SIGTERM, SIGKILL after the
+    grace), past the deadline within a second."""
     import subprocess
     try:
         server.child.stdin.close()
     except OSError:
         pass
     try:
-        server.child.wait(min(MCP_EXIT_SECS, kill_grace(call)))
+        server.child.wait(max(min(MCP_EXIT_SECS, call.left()), 0))
     except subprocess.TimeoutExpired:
         pass
     stop_group(server.child, kill_grace(call))
