@@ -6609,8 +6609,8 @@ def print_reply(reply: OutgoingMessage, args) -> None:
 def reply_text(reply: OutgoingMessage, args) -> str:
     """A whole answer: its text; with --json, {"text", "metadata"}; with a schema,
     the JSON answer alone, compact, so that it pipes into jq."""
-    if args.json:
-        return json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
+    if args.json:               # redacted: a tool's result may hold a key it read
+        return redact(json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False))
     if args.schema is not None:
         return json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return reply.text

@@ -7419,8 +7419,9 @@ def test_cli_ctrl_c_mid_stream_exits_130_and_hangs_up(api, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
                          ids=["SIGTERM", "SIGHUP"])
 def test_cli_sigterm_and_sighup_stop_the_claude_group(claude, tmp_path, sig, code):
-    claude.plan({"hang": True})
-    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
+    claude.plan({"mcp": [["omega", "now", {}]], "hang": True})     # the bridge goes too
+    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "--functions", NOW_PY, "hi")
+    pids = (*pids, int((claude.dir / "mcp_pids").read_text()))
     try:
         child.send_signal(sig)
         out, err = child.communicate(timeout=15)
@@ -7992,6 +7993,37 @@ def test_a_key_echoed_in_arguments_never_reaches_stderr_or_the_log(api, tmp_path
     assert cli_main(cfg("openai", api), "--functions", functions_file(tmp_path), "hi") == 0
     err = capsys.readouterr().err
     assert not leaks(err) and omega.mask(KEY) in err and "\x1b" not in err
+    for file in (tmp_path / "home" / ".omega").iterdir():
+        assert KEY.encode() not in file.read_bytes()
+
+
+def test_functions_on_claude_code_status_lines_json_and_the_log(claude, tmp_path, cli_main,
+                                                                capsys):
+    claude.plan({"mcp": [["omega", "get_weather", {"city": "Paris"}]], "result": "Rain."})
+    assert cli_main(claude.config(), "--functions", functions_file(tmp_path), "--json",
+                    "hi") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tool_calls"] == [{
+        "id": "toolu_2", "name": "get_weather", "arguments": {"city": "Paris"},
+        "result": "12 degrees celsius and rain in Paris", "error": False}]
+    assert err == 'omega: get_weather(city="Paris") -> 12 degrees celsius and rain in Paris\n'
+    assert cli_main(claude.config(), "--logs", "1") == 0
+    assert '  get_weather(city="Paris") -> 12 degrees celsius and rain in Paris\nRain.\n' in \
+        capsys.readouterr().out
+
+
+def test_a_key_an_agent_tool_reads_never_reaches_the_screen_or_the_log(api, tmp_path,
+                                                                         cli_main, capsys):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")
+    api.reply(answer_with("openai", calls=[("c1", "Read", {"file_path": ".env"})]))
+    api.reply(openai_ok("Found it."))
+    config = cfg("openai", api, allowed_tools=["Read"], working_dir=str(tmp_path / "work"))
+    assert cli_main(config, "--json", "hi") == 0
+    out, err = capsys.readouterr()
+    assert err.startswith('omega: Read(file_path=".env") -> ') and omega.mask(KEY) in err
+    assert json.loads(out)["tool_calls"][0]["name"] == "Read"
+    assert not leaks(out) and not leaks(err)
     for file in (tmp_path / "home" / ".omega").iterdir():
         assert KEY.encode() not in file.read_bytes()
 
