@@ -8382,6 +8382,43 @@ def test_real_claude_without_structured_output_is_invalid_json(real_claude, api)
     assert err.value.code == "invalid_json"
 
 
+def forecast(city: str) -> str:
+    """The weather in a city."""
+    if city == "Atlantis":
+        raise ValueError("no such city")
+    return f"12 degrees and rain in {city}"
+
+
+@pytest.mark.real_claude
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+def test_real_claude_runs_a_python_function_through_the_bridge(real_claude, api, streaming):
+    calls = [{"type": "tool_use", "id": "toolu_01", "name": "mcp__omega__forecast",
+              "input": {"city": "Paris"}},
+             {"type": "tool_use", "id": "toolu_02", "name": "mcp__omega__forecast",
+              "input": {"city": "Atlantis"}}]
+    messages_api(api, calls, text("Rain in Paris."))
+    ctx = omega.Context("Weather in Paris and Atlantis?", tools=[forecast])
+    if streaming:
+        s, got = real_stream(real_claude, ctx)
+        reply = s.reply
+        assert "".join(p for p, _ in got) == "Rain in Paris."
+    else:
+        reply = omega.complete(ctx, config=real_claude)
+    assert reply.text == "Rain in Paris." and reply.metadata.num_turns >= 2     # the CLI's count
+    assert [(c.id, c.name, c.arguments, c.result, c.error) for c in reply.tool_calls] == [
+        ("toolu_01", "forecast", {"city": "Paris"}, "12 degrees and rain in Paris", False),
+        ("toolu_02", "forecast", {"city": "Atlantis"}, "ValueError: no such city", True)]
+    posts = [r for r in api.requests if r.method == "POST" and r.path.startswith("/v1/messages")]
+    offered = {t["name"]: t for t in posts[0].body["tools"]}
+    assert offered["mcp__omega__forecast"]["input_schema"]["properties"] == {
+        "city": {"type": "string"}}
+    results = {b["tool_use_id"]: b for b in sent_blocks(api) if b.get("type") == "tool_result"}
+    assert json.dumps(results["toolu_01"]["content"]).count("12 degrees and rain in Paris") == 1
+    assert not results["toolu_01"].get("is_error")
+    assert "ValueError: no such city" in json.dumps(results["toolu_02"]["content"])
+    assert results["toolu_02"]["is_error"] is True
+
+
 # =============================================================================
 # 15. Test data
 # =============================================================================
