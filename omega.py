@@ -5585,7 +5585,8 @@ def bash_tool(root: str, max_bytes: int, call: Call, /, command: str, timeout=No
     call's deadline, whichever is first, and on Ctrl-C (SIGTERM and SIGHUP too,
     which the CLI turns into KeyboardInterrupt). description is for the user."""
     import subprocess
-    seconds = min(float(timeout) / 1000 if timeout else BASH_DEFAULT_SECS, call.left())
+    seconds = min(float(timeout) / 1000 if timeout and finite(timeout) else BASH_DEFAULT_SECS,
+                  call.left())
     if seconds <= 0:
         raise ToolFailed(f"not run: {seconds:g} s left (the timeout, or the call's deadline)")
     try:
@@ -5597,7 +5598,7 @@ def bash_tool(root: str, max_bytes: int, call: Call, /, command: str, timeout=No
         raise ToolFailed(f"bash: {e.strerror or e}") from None
     room = max(max_bytes - BASH_NOTES_BYTES, 0)
     try:
-        kept, total, stopped = command_output(child, time.monotonic() + seconds, room)
+        kept, total, stopped = command_output(child, time.monotonic() + seconds, room, call)
     finally:
         stop_group(child, kill_grace(call))
     # Cut again after decoding: each byte that is not UTF-8 grows to three.
@@ -5611,10 +5612,12 @@ def bash_tool(root: str, max_bytes: int, call: Call, /, command: str, timeout=No
     return text
 
 
-def command_output(child, end: float, max_bytes: int) -> tuple[bytearray, int, bool]:
-    """(the first max_bytes of the output, its size, whether end came first), read
-    until the leader exits (not until the pipe closes: a background process may
-    hold it open), then what the pipe still holds, up to BASH_DRAIN_BYTES more."""
+def command_output(child, end: float, max_bytes: int,
+                   call: Call) -> tuple[bytearray, int, bool]:
+    """(the first max_bytes of the output, its size, whether end or the stop of the
+    call's map came first), read until the leader exits (not until the pipe closes:
+    a background process may hold it open), then what the pipe still holds, up to
+    BASH_DRAIN_BYTES more."""
     fd, kept, total, ended_at = child.stdout.fileno(), bytearray(), 0, None
     os.set_blocking(fd, False)
     with selectors.DefaultSelector() as selector:
@@ -5623,7 +5626,7 @@ def command_output(child, end: float, max_bytes: int) -> tuple[bytearray, int, b
             if ended_at is None:
                 if child.poll() is not None:
                     ended_at = total
-                elif time.monotonic() >= end:
+                elif time.monotonic() >= end or call.stopped():
                     return kept, total, True
             # Polled, since a leader's exit wakes no selector while others hold the pipe.
             wait = 0 if ended_at is not None else max(min(end - time.monotonic(), 0.1), 0)

@@ -6300,18 +6300,23 @@ def test_mcp_servers_tools_on_an_http_backend(api, tmp_path, mcp_server, name):
     assert gone(int((tmp_path / "docs.pid").read_text()))
 
 
-@pytest.mark.parametrize("mode, says", [
-    ("missing", "MCP server 'docs' cannot start"),
-    ("exit", "MCP server 'docs' exited (exit status 3): docs: cannot open the index"),
-    ("garbage", "MCP server 'docs' answered garbage: '<html>hello</html>'"),
-    ("hang", "(waiting for MCP server 'docs')"),
+@pytest.mark.parametrize("mode, seconds, says", [
+    ("missing", 20, "MCP server 'docs' cannot start"),
+    ("exit", 20, "MCP server 'docs' exited (exit status 3): docs: cannot open the index"),
+    ("garbage", 20, "MCP server 'docs' answered garbage: '<html>hello</html>'"),
+    ("hang", 20, "MCP server 'docs' did not answer initialize within 0.2 s"),
+    ("hang", 0.3, "within 0.3 s (waiting for MCP server 'docs')"),
 ])
-def test_an_mcp_server_that_fails_is_one_line_naming_it(api, tmp_path, mcp_server, mode, says):
+def test_an_mcp_server_that_fails_is_one_line_naming_it(api, tmp_path, mcp_server, monkeypatch,
+                                                        mode, seconds, says):
+    monkeypatch.setattr(omega, "MCP_ANSWER_SECS", 0.2 if seconds > 1 else 10)
+    monkeypatch.setattr(omega, "MCP_EXIT_SECS", 0.05)     # a hung server reads no EOF
     spec = mcp_server(mode)
     if mode == "missing":
         spec["command"] = str(tmp_path / "no-such-server")
     with pytest.raises(omega.ProviderError) as err:
-        omega.complete("hi", "openai", cfg("openai", api, mcp_servers=[spec], timeout_secs=0.3))
+        omega.complete("hi", "openai", cfg("openai", api, mcp_servers=[spec],
+                                           timeout_secs=seconds))
     assert says in str(err.value) and "\n" not in str(err.value) and api.requests == []
     if mode == "hang":
         assert gone(int((tmp_path / "docs.pid").read_text()))
