@@ -6,7 +6,10 @@ How it works:
   attacks the client (endless bodies, gzip bombs, trickled headers, streams cut short).
 - claude-code runs a fake `claude` executable that each test writes (the `claude` fixture, its
   program FAKE_CLAUDE in Test data): the prompt read from stdin, JSON or stream-json on stdout,
-  exit 1 on errors, sessions for --resume, and a plan of what each run does.
+  exit 1 on errors, sessions for --resume, and a plan of what each run does; given
+  --mcp-config it starts every server there (omega's bridge too) and calls their tools.
+- User MCP servers run FAKE_MCP_SERVER (the `mcp_server` fixture), in a mode: ok, exit,
+  garbage, hang.
 - The command line runs in-process through the `cli_main` fixture (omega.main with a config
   written as TOML); a real `python omega.py` child (run_cli, start_cli) runs only where the
   process itself is what is tested: pipes, exit status, buffering, signals.
@@ -27,7 +30,8 @@ The sections follow omega.py's own:
      7. Backends           every backend, then one sub-banner per backend
      8. The backend table
      9. Calling            status timer, routing, fallback, complete() and ask(), stream(), Chat
-    10. Tools              schemas from hints, one call's result, the tool loop on every backend
+    10. Tools              schemas from hints, one call's result, the tool loop on every backend,
+                           claude-code's bridge, the agent tools, MCP servers
     11. Diagnostics        --check, the first-run hint
     12. Conversation log
     13. Command line       every test of `python omega.py`
@@ -737,6 +741,18 @@ def claude(tmp_path, monkeypatch):
 def cc(claude, ctx=None, on_status=None, **section):
     return omega.complete(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section),
                           on_status=on_status)
+
+
+# --- a user's MCP server (its program: FAKE_MCP_SERVER, in Test data) ------
+
+@pytest.fixture
+def mcp_server(tmp_path):
+    """mcp_server(mode): an mcp_servers entry running FAKE_MCP_SERVER in that mode."""
+    path = tmp_path / "mcp_server.py"
+    path.write_text(FAKE_MCP_SERVER)
+    return lambda mode, name="docs": {"name": name, "command": sys.executable,
+                                      "args": [str(path), mode, str(tmp_path / f"{name}.pid")],
+                                      "env": {"DOCS_TAG": name}}
 
 
 # --- processes ---------------------------------------------------------------
@@ -6272,16 +6288,6 @@ def test_agent_tools_are_off_by_default_and_named_ones_only(api, tmp_path):
 
 # --- MCP servers as tools ------------------------------------------------------
 
-@pytest.fixture
-def mcp_server(tmp_path):
-    """mcp_server(mode): an mcp_servers entry running FAKE_MCP_SERVER in that mode."""
-    path = tmp_path / "mcp_server.py"
-    path.write_text(FAKE_MCP_SERVER)
-    return lambda mode, name="docs": {"name": name, "command": sys.executable,
-                                      "args": [str(path), mode, str(tmp_path / f"{name}.pid")],
-                                      "env": {"DOCS_TAG": name}}
-
-
 @pytest.mark.parametrize("name", ["openai", "anthropic"])
 def test_mcp_servers_tools_on_an_http_backend(api, tmp_path, mcp_server, name):
     queue(api, name, False, calls=[("c1", "docs__echo", {"text": "hi"}),
@@ -8017,17 +8023,22 @@ def test_functions_on_claude_code_status_lines_json_and_the_log(claude, tmp_path
         capsys.readouterr().out
 
 
-def test_a_key_an_agent_tool_reads_never_reaches_the_screen_or_the_log(api, tmp_path,
-                                                                         cli_main, capsys):
+def test_agent_tools_and_mcp_servers_from_the_config_file_keys_redacted(api, tmp_path,
+                                                                         cli_main, capsys,
+                                                                         mcp_server):
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")
-    api.reply(answer_with("openai", calls=[("c1", "Read", {"file_path": ".env"})]))
+    api.reply(answer_with("openai", calls=[("c1", "Read", {"file_path": ".env"}),
+                                           ("c2", "docs__echo", {"text": "hi"})]))
     api.reply(openai_ok("Found it."))
-    config = cfg("openai", api, allowed_tools=["Read"], working_dir=str(tmp_path / "work"))
+    config = cfg("openai", api, allowed_tools=["Read"], working_dir=str(tmp_path / "work"),
+                 mcp_servers=[mcp_server("ok")])
     assert cli_main(config, "--json", "hi") == 0
     out, err = capsys.readouterr()
-    assert err.startswith('omega: Read(file_path=".env") -> ') and omega.mask(KEY) in err
-    assert json.loads(out)["tool_calls"][0]["name"] == "Read"
+    first, second = err.splitlines()
+    assert first.startswith('omega: Read(file_path=".env") -> ') and omega.mask(KEY) in first
+    assert second == 'omega: docs__echo(text="hi") -> echo: hi (docs)'
+    assert [c["name"] for c in json.loads(out)["tool_calls"]] == ["Read", "docs__echo"]
     assert not leaks(out) and not leaks(err)
     for file in (tmp_path / "home" / ".omega").iterdir():
         assert KEY.encode() not in file.read_bytes()
