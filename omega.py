@@ -54,7 +54,9 @@ before the helpers it calls. To follow a call, start reading at 9, Calling.
                            answer(), priced; complete(), stream() and Stream, ask(),
                            Chat, models(); map() and its workers        <- start here
     10. Tools              schemas from type hints and docstrings, run_tool, the tool
-                           loop (tool_rounds) that rounds() runs for a call with tools
+                           loop (tool_rounds) that rounds() runs for a call with tools;
+                           MCP: the bridge that runs them for claude-code (--mcp-bridge)
+                           and the client of the user's MCP servers; the agent tools
     11. Diagnostics        readiness probes (PROBES), --check, the first-run hint
     12. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
                            (SQLite, WAL, schema versions); logged() writes a call's row
@@ -4556,6 +4558,8 @@ def map_worker(todo, ended, stop: threading.Event, fn, options: Options, config:
 # call runs (every failure an error result the model can act on), and the loop
 # that rounds() runs for a call with tools: one loop for every HTTP backend, each
 # backend adding only its declarations, call reader and round shape (7, 8).
+# claude-code runs its own loop: its tools come through the MCP bridge below. The
+# HTTP backends' tools may also be the agent tools and MCP servers' tools (below).
 
 # What every API accepts (OpenAI ^[a-zA-Z0-9_-]+$ ≤ 64, Anthropic the same,
 # Gemini must start with a letter or _).
@@ -4787,6 +4791,7 @@ def tool_line(call: dict, limit: int = TOOL_STATUS_CHARS) -> str:
     outcome = f"failed: {call.get('result')}" if call.get("error") else call.get("result")
     return clean(f"{call_text(call)} -> {outcome}", limit)
 
+
 @contextlib.contextmanager
 def offered_tools(ctx: Context, settings: dict, call: Call):
     """The tools an HTTP backend offers in a call: ctx.tools, the agent tools that
@@ -4797,9 +4802,6 @@ def offered_tools(ctx: Context, settings: dict, call: Call):
     with mcp_server_tools(requested(ctx, settings, "mcp_servers") or (), settings,
                           call) as relayed:
         yield [*ctx.tools, *agent, *relayed]
-
-
-
 
 
 def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bool,
