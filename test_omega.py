@@ -785,6 +785,19 @@ def gone(*pids, within=3):
     return not any(alive(p) for p in pids)
 
 
+def running_with(text):
+    """The live processes whose command line holds text."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read() and alive(int(entry)):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
 def kill_leftovers(*pids):
     """After a failing run: no process of ours outlives the test."""
     for pid in pids:
@@ -6154,23 +6167,17 @@ def test_claude_code_streams_with_tools_and_mcp_servers(claude, mcp_server):
     assert seen["config"]["mcpServers"]["docs"]["env"] == {"DOCS_TAG": "docs"}
 
 
-def test_claude_code_bridge_ends_with_the_cli_at_the_deadline(claude):
-    claude.plan({"mcp": [["omega", "now", {}]], "hang": True})
-    outcome = bounded(lambda: omega.complete("hi", "claude-code", claude.config(timeout_secs=0.5),
-                                             tools=[now]), within=10)
-    pids = [*read_pids(claude.dir / "pids"), int((claude.dir / "mcp_pids").read_text())]
+def test_claude_code_failing_after_a_call_leaves_no_bridge_running(claude):
+    claude.plan({"mcp": [["omega", "now", {}]], "orphan": True,     # the CLI leaves it running
+                 "set": {"is_error": True, "result": "API Error: 500 boom"}})
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete("hi", "claude-code", claude.config(), tools=[now])
+    bridge = int((claude.dir / "mcp_pids").read_text())
     try:
-        assert isinstance(outcome.get("error"), omega.ProviderTimeout), outcome
-        assert [c.name for c in outcome["error"].tool_calls] == ["now"]
-        assert gone(*pids)
+        assert "boom" in str(err.value) and [c.name for c in err.value.tool_calls] == ["now"]
+        assert gone(bridge)
     finally:
-        kill_leftovers(*pids)
-
-
-def test_a_bridge_started_by_hand_runs_nothing(tmp_path):
-    out = subprocess.run([sys.executable, OMEGA_PY, "--mcp-bridge", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=30, input="")
-    assert out.returncode == 1 and out.stdout == "" and out.stderr.count("\n") == 1
+        kill_leftovers(bridge)
 
 
 # --- the agent tools: Read, Write, Edit, Bash in working_dir -----------------
@@ -6245,16 +6252,16 @@ def test_bash_runs_in_working_dir_and_leaves_nothing_running(agent):
     assert agent("Bash", command="exit 3") == ("[exit code 3]", True)
     result, error = agent("Bash", command="sleep 300 & echo $!")
     assert not error and gone(int(result.split()[0]))
-    result, error = agent("Bash", command="yes", timeout=300)       # endless output
-    assert error and len(result.encode()) <= 4096 and result.endswith("[stopped after 0.3 s]")
+    result, error = agent("Bash", command="yes", timeout=100)       # endless output
+    assert error and len(result.encode()) <= 4096 and result.endswith("[stopped after 0.1 s]")
     assert "[output cut: the first 3,996 of" in result
 
 
 def test_bash_stops_at_the_calls_deadline(tmp_path):
-    tools = omega.agent_tools(["Bash"], str(tmp_path), 4096, omega.Call.starting_now(0.3))
+    tools = omega.agent_tools(["Bash"], str(tmp_path), 4096, omega.Call.starting_now(0.2))
     done = omega.run_tool(tools[0], omega.ToolCall("c1", "Bash", {
-        "command": "echo $$ > pid; sleep 30"}), 4096)
-    assert done.error and done.result.endswith("[stopped after 0.3 s]")
+        "command": "sleep 30 & echo $! > pid; wait"}), 4096)
+    assert done.error and done.result.endswith("[stopped after 0.2 s]")
     assert gone(int((tmp_path / "pid").read_text()))
 
 
@@ -6311,7 +6318,7 @@ def test_mcp_servers_tools_on_an_http_backend(api, tmp_path, mcp_server, name):
     ("exit", 20, "MCP server 'docs' exited (exit status 3): docs: cannot open the index"),
     ("garbage", 20, "MCP server 'docs' answered garbage: '<html>hello</html>'"),
     ("hang", 20, "MCP server 'docs' did not answer initialize within 0.2 s"),
-    ("hang", 0.3, "within 0.3 s (waiting for MCP server 'docs')"),
+    ("hang", 0.2, "within 0.2 s (waiting for MCP server 'docs')"),
 ])
 def test_an_mcp_server_that_fails_is_one_line_naming_it(api, tmp_path, mcp_server, monkeypatch,
                                                         mode, seconds, says):
@@ -6324,8 +6331,7 @@ def test_an_mcp_server_that_fails_is_one_line_naming_it(api, tmp_path, mcp_serve
         omega.complete("hi", "openai", cfg("openai", api, mcp_servers=[spec],
                                            timeout_secs=seconds))
     assert says in str(err.value) and "\n" not in str(err.value) and api.requests == []
-    if mode == "hang":
-        assert gone(int((tmp_path / "docs.pid").read_text()))
+    assert running_with(str(tmp_path / "mcp_server.py")) == []     # stopped, whatever it did
 
 
 @pytest.mark.parametrize("servers, says", [
@@ -8566,7 +8572,7 @@ if flag("--mcp-config"):                     # as the real CLI: start every serv
         seen["second"] = [second.returncode, second.stdout.decode(), second.stderr.decode()]
     open(os.path.join(state, "mcp_pids"), "w").write(
         " ".join(str(server.pid) for server in servers.values()))
-    if not step.get("hang"):                 # what Claude Code 2.1.197 sends when it is done
+    if not step.get("hang") and not step.get("orphan"):   # what Claude Code 2.1.197 sends
         for server in servers.values():
             server.send_signal(signal.SIGINT)
         seen["exits"] = [server.wait() for server in servers.values()]
