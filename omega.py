@@ -54,7 +54,9 @@ before the helpers it calls. To follow a call, start reading at 9, Calling.
                            answer(), priced; complete(), stream() and Stream, ask(),
                            Chat, models(); map() and its workers        <- start here
     10. Tools              schemas from type hints and docstrings, run_tool, the tool
-                           loop (tool_rounds) that rounds() runs for a call with tools
+                           loop (tool_rounds) that rounds() runs for a call with tools;
+                           MCP: the bridge that runs them for claude-code (--mcp-bridge)
+                           and the client of the user's MCP servers; the agent tools
     11. Diagnostics        readiness probes (PROBES), --check, the first-run hint
     12. Conversation log   log_path, log_exchange, logged_conversation, recent_exchanges
                            (SQLite, WAL, schema versions); logged() writes a call's row
@@ -66,7 +68,9 @@ from __future__ import annotations   # annotations stay text: subprocess is impo
 
 import binascii
 import collections
+import contextlib
 import errno
+import functools
 import heapq
 import itertools
 import json
@@ -141,12 +145,15 @@ class Context:
     session_id: str | None = None    # claude-code: resume this CLI session
     max_turns: int | None = None     # the most model rounds: claude-code's agent turns
                                      #   (disables auto-resume), the HTTP tool loop's rounds
-    allowed_tools: list | None = None  # claude-code: overrides the configured list
+    allowed_tools: list | None = None  # overrides the provider's: claude-code's own tools,
+                                       #   the HTTP backends' agent tools (Read, Bash …)
     max_tokens: int | None = None
     temperature: float | None = None
     attachments: tuple = ()          # paths, bytes or Attachment, sent with current_message
     schema: dict | None = None       # a JSON Schema the answer must follow: see reply.data
     tools: tuple = ()                # functions or Tools the model may call (the tool loop)
+    mcp_servers: list | None = None  # [{name, command, args, env}] whose tools the model
+                                     #   may call; overrides the provider's
 
     def to_api_messages(self) -> tuple[str, list[dict]]:
         """(system prompt, [{"role", "content"}, ...]) ready for a chat API: history
@@ -789,7 +796,7 @@ KEY_TYPES = {
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
     "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
-    "prices": dict, "max_tool_result_bytes": int,
+    "prices": dict, "max_tool_result_bytes": int, "mcp_servers": list,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -919,6 +926,8 @@ def validate(raw: dict, where: str) -> None:
     for name in NAMES:
         check_keys(providers.get(name, {}), SCHEMA[name], where, f"provider.{name}.")
         check_prices(providers.get(name, {}).get("prices", {}), f"{where}: provider.{name}.prices")
+        check_mcp_servers(providers.get(name, {}).get("mcp_servers", []),
+                          f"{where}: provider.{name}.mcp_servers")
     if "default" in providers:
         check_provider(providers["default"], f"{where}: provider.default")
     for name in providers.get("fallback", []):
@@ -972,6 +981,42 @@ def check_prices(prices: dict, where: str) -> None:
                               "dollars per million tokens, then optionally cache read and "
                               "cache write prices (2 to 4 numbers 0 or more), got "
                               + shorten(repr(price), 60))
+
+
+def check_mcp_servers(servers: list, where: str) -> None:
+    """mcp_servers: a list of {name, command, args, env} tables; args (a list of
+    strings) and env (a table of strings) optional; each name a tool name's first
+    part, used once, not "omega" (the bridge's). Values are never shown: an env
+    may hold a token."""
+    if not isinstance(servers, list):
+        raise ConfigError(f"{where}: expected a list of {{name, command, args, env}} tables")
+    names = set()
+    for place, spec in enumerate(servers, 1):
+        problem = mcp_server_problem(spec, names)
+        if problem:
+            raise ConfigError(f"{where}: entry {place}: {problem}")
+
+
+def mcp_server_problem(spec, names: set) -> str | None:
+    if not isinstance(spec, dict):
+        return "expected a table {name, command, args, env}"
+    name, args, env = spec.get("name"), spec.get("args", []), spec.get("env", {})
+    extra = sorted(str(key) for key in set(spec) - {"name", "command", "args", "env"})
+    if extra:
+        return f"unknown key {shorten(extra[0], 40)} (known: name, command, args, env)"
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name) or name == BRIDGE_SERVER:
+        return "name: expected 1 to 64 letters, digits, _ or -, starting with a letter or _ " \
+               f"(and not {BRIDGE_SERVER!r})"
+    if name in names:
+        return f"the name {name!r} is used twice"
+    names.add(name)
+    if not isinstance(spec.get("command"), str) or not spec["command"]:
+        return "command: expected a string"
+    if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        return "args: expected a list of strings"
+    if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
+        return "env: expected a table of strings"
+    return None
 
 
 def finite(value) -> bool:
@@ -2005,8 +2050,9 @@ def log_debug(message: str, *args) -> None:
 # processes: the claude CLI in its own process group
 # -----------------------------------------------------------------------------
 # run_claude() and start_claude() + child_output() run the CLI with its stdin fed
-# and its output read without blocking, until it exits or the deadline passes;
-# stop_group() then stops whatever is left of its process group.
+# and its output read without blocking (and the MCP bridge of its tools served,
+# in 10), until it exits or the deadline passes; stop_group() then stops whatever
+# is left of its process group: the CLI's, an MCP server's, a Bash tool's.
 
 KILL_GRACE_SECS = 2.0            # between SIGTERM and SIGKILL for the CLI's process group
 LATE_GRACE_SECS = 0.5            # the same past the deadline, which holds within a second
@@ -2043,11 +2089,13 @@ def claude_code_env(settings: dict) -> dict:
 
 
 def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], settings: dict,
-                 call: Call, errors: list):
+                 call: Call, errors: list, tools: ToolServer | None = None):
     """Feed the child stdin_data (bytes, or pieces of bytes written one after the
     other, never joined); yield its stdout as it comes and collect its stderr into
     errors, each at most max_response_bytes; until the child exits (not until its
-    pipes close: a grandchild may hold them open) or the deadline."""
+    pipes close: a grandchild may hold them open) or the deadline. tools: the
+    bridge's sockets are served in the same loop, so the calls the CLI makes run
+    here, in the calling thread, one at a time (serve_ready, in 10)."""
     limit, sizes = settings["max_response_bytes"], {}
     pieces = [memoryview(p) for p in ([stdin_data] if isinstance(stdin_data, bytes)
                                       else stdin_data) if p]
@@ -2061,10 +2109,15 @@ def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], setti
             selector.register(child.stdin, selectors.EVENT_WRITE)
         else:
             child.stdin.close()
+        if tools is not None:
+            selector.register(tools.listener, selectors.EVENT_READ, tools)
         while True:
             exited = child.poll() is not None       # then read what is left, and stop
             for key, _ in selector.select(0 if exited else max(0, min(call.left(), 0.1))):
                 pipe = key.fileobj
+                if key.data is not None:            # the bridge's listener or a bridge
+                    serve_ready(key.data, pipe, selector)
+                    continue
                 if pipe is child.stdin:
                     try:
                         written = os.write(pipe.fileno(), pieces[0][:READ_SIZE])
@@ -2097,7 +2150,8 @@ def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], setti
                         errors.append(data)
                     if not exited:
                         break
-            readers = [k for k in selector.get_map().values() if k.fileobj is not child.stdin]
+            readers = [k for k in selector.get_map().values()
+                       if k.fileobj is not child.stdin and k.data is None]
             if exited or not readers:
                 break
             if call.left() <= 0:
@@ -2110,16 +2164,17 @@ def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], setti
 
 
 def run_claude(argv: list[str], stdin: str | bytes | list, settings: dict,
-               call: Call) -> tuple[int, str, str]:
+               call: Call, tools: ToolServer | None = None) -> tuple[int, str, str]:
     """Run the CLI once in its own process group, stdin (text, bytes or pieces of
-    bytes) on its stdin; (exit code, stdout, stderr). The run ends when the CLI
-    exits, even if a grandchild still holds its output open; then, or at the
-    deadline, or on Ctrl-C, whatever is left of the group is stopped."""
+    bytes) on its stdin, its tools served (see child_output); (exit code, stdout,
+    stderr). The run ends when the CLI exits, even if a grandchild (an MCP server)
+    still holds its output open; then, or at the deadline, or on Ctrl-C, whatever
+    is left of the group is stopped."""
     child = start_claude(argv, settings, call)
     errors: list[bytes] = []
     try:
         out = b"".join(child_output(child, stdin.encode() if isinstance(stdin, str) else stdin,
-                                    settings, call, errors))
+                                    settings, call, errors, tools))
     finally:
         stop_group(child, kill_grace(call))
     return child.returncode, out.decode(errors="replace"), b"".join(errors).decode(errors="replace")
@@ -2143,10 +2198,11 @@ def stop_group(child: subprocess.Popen, grace: float) -> None:
     finally:
         signal_group(child, signal.SIGKILL)
         for pipe in (child.stdin, child.stdout, child.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
+            if pipe is not None:            # a Bash tool has no stdin or stderr pipe
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
         child.wait()
 
 
@@ -2356,8 +2412,9 @@ def model_of(ctx: Context, settings: dict) -> str:
 
 
 def requested(ctx: Context, settings: dict, key: str):
-    """max_tokens / temperature: the request's value, checked as the config's is
-    (a NaN would go out as invalid JSON), else the configured one."""
+    """max_tokens, temperature, max_turns, allowed_tools, mcp_servers: the request's
+    value, checked as the config's is (a NaN would go out as invalid JSON), else
+    the configured one."""
     value = getattr(ctx, key)
     if value is None:
         return settings.get(key)
@@ -3318,9 +3375,11 @@ TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
 
 
 def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
-                     streaming: bool = False, files: bool = False) -> list[str]:
+                     streaming: bool = False, files: bool = False,
+                     tools: ToolServer | None = None) -> list[str]:
     """files: the prompt comes as a stream-json message (claude_code_stdin), which the
-    CLI reads only with stream-json output, and that only with --verbose."""
+    CLI reads only with stream-json output, and that only with --verbose.
+    tools: the MCP config that gives the CLI the bridge and the MCP servers."""
     output = ["stream-json", "--verbose", "--include-partial-messages"] if streaming else \
         ["stream-json", "--verbose"] if files else ["json"]
     argv = [*shlex.split(settings["command"]), "-p",
@@ -3333,10 +3392,16 @@ def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
         argv.append("--dangerously-skip-permissions")
     if ctx.schema is not None:
         argv += ["--json-schema", claude_code_schema(ctx.schema, settings)]
-    tools = settings["allowed_tools"] if ctx.allowed_tools is None else ctx.allowed_tools
-    if tools:
+    allowed = list(requested(ctx, settings, "allowed_tools") or ())
+    if tools is not None:
+        # The config by path (its secret never in an argv), and only it: a server named
+        # omega in the user's own MCP settings cannot stand in for the bridge. Its tools
+        # must be allowed too, else in -p mode the CLI refuses every call.
+        argv += ["--mcp-config", tools.config, "--strict-mcp-config"]
+        allowed += tools.allowed
+    if allowed:
         # Last and as one word: list flags swallow every following word.
-        argv += ["--allowedTools", ",".join(tools)]
+        argv += ["--allowedTools", ",".join(allowed)]
     return argv
 
 
@@ -3455,7 +3520,7 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
 
 
 def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: dict,
-                       call: Call, before: str):
+                       call: Call, before: str, tools: ToolServer | None = None):
     """Run the CLI once with stream-json output; yield the main agent's text as it
     is written (before: a piece to send ahead of the first one) and return (the
     result object, whether anything was yielded). Only `text_delta`s of the main
@@ -3470,7 +3535,7 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
     child = start_claude(argv, settings, call)
     errors: list[bytes] = []
     result, shown, partial, streamed, new_message = None, False, "", set(), False
-    lines = ndjson_lines(child_output(child, stdin, settings, call, errors), settings)
+    lines = ndjson_lines(child_output(child, stdin, settings, call, errors, tools), settings)
     try:
         for line in lines:
             if too_many_objects(line):
@@ -3542,8 +3607,31 @@ def claude_code_answer(result: dict, settings: dict) -> str:
     return ""
 
 
-def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = False):
-    """claude_code() as a generator: with streaming, the CLI's text as it is
+def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = False,
+                    approve: Callable | None = None):
+    """claude_code() as a generator (see claude_code_runs). With tools= or
+    mcp_servers, the CLI gets them in an MCP config (serve_tools, in 10): the
+    user's functions run in this thread while the CLI runs, approve asked before
+    each; the reply's tool_calls records them, as does an error after one ran
+    (never then sent to a fallback)."""
+    servers = requested(ctx, settings, "mcp_servers")
+    if not (ctx.tools or servers):
+        return (yield from claude_code_runs(ctx, settings, call, streaming))
+    with serve_tools(ctx.tools, approve, call, settings["max_tool_result_bytes"],
+                     servers or ()) as tools:
+        try:
+            reply = yield from claude_code_runs(ctx, settings, call, streaming, tools)
+        except ProviderError as e:
+            if not tools.calls:
+                raise
+            raise e.with_context(tool_calls=tools.calls) from None
+        reply.tool_calls = tools.calls
+        return reply
+
+
+def claude_code_runs(ctx: Context, settings: dict, call: Call, streaming: bool,
+                     tools: ToolServer | None = None):
+    """The CLI's runs of one call: with streaming, the CLI's text as it is
     written (see claude_code_events), and a TURN_SEPARATOR piece before each
     auto-resumed run's text; returns the OutgoingMessage either way. Attachments
     go with the first run only: a resumed run continues the session that has them
@@ -3555,17 +3643,17 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
     live = streaming and ctx.schema is None
     texts, results, resumes, shown = [], [], 0, False
     while True:
-        argv = claude_code_argv(ctx, settings, session_id, live, bool(files))
+        argv = claude_code_argv(ctx, settings, session_id, live, bool(files), tools)
         log_debug("claude-code: running %s", argv[:4] + ["…"])
         stdin = claude_code_stdin(prompt, files)
         if live:
             data, shown_now = yield from claude_code_events(argv, stdin, settings, call,
-                                                            TURN_SEPARATOR if shown else "")
+                                                            TURN_SEPARATOR if shown else "", tools)
             shown = shown or shown_now
         elif files:
-            data = drain(claude_code_events(argv, stdin, settings, call, ""))[0]
+            data = drain(claude_code_events(argv, stdin, settings, call, "", tools))[0]
         else:
-            data = claude_code_result(*run_claude(argv, stdin, settings, call), settings)
+            data = claude_code_result(*run_claude(argv, stdin, settings, call, tools), settings)
         results.append(data)
         if isinstance(data.get("session_id"), str):
             session_id = data["session_id"]
@@ -3629,10 +3717,10 @@ class Backend:
     request: Callable | None = None  # HTTP: (ctx, settings, streaming) -> (url, headers, body)
     response: Callable | None = None  # HTTP: (data, settings) -> OutgoingMessage
     events: Callable | None = None   # HTTP: (chunks, settings) -> pieces, returns data
-    run: Callable | None = None      # not HTTP: (ctx, settings, call, streaming) -> pieces,
-                                     #   returns OutgoingMessage
+    run: Callable | None = None      # not HTTP: (ctx, settings, call, streaming, approve)
+                                     #   -> pieces, returns OutgoingMessage
     models: Callable | None = None   # (settings, call) -> the model names it offers
-    tools: Callable | None = None    # HTTP: (tools) -> body["tools"]; None: takes no tools=
+    tools: Callable | None = None    # HTTP: (tools) -> body["tools"] (claude-code: its run)
     calls: Callable | None = None    # HTTP: (data) -> the ToolCalls the answer asks for
     round: Callable | None = None    # HTTP: (data, calls) -> the messages that go back
     turns: str = "messages"          # where those messages go in the request body
@@ -3654,9 +3742,9 @@ class Backend:
 
 _COMMON = {"enabled": True, "model_complex": None, "max_tokens": None, "temperature": None,
            "max_response_bytes": 32 * 1024 * 1024, "max_attachment_bytes": 32 * 1024 * 1024,
-           "prices": None}
-_HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2, "max_turns": 10,
-         "max_tool_result_bytes": 65536}
+           "prices": None, "max_tool_result_bytes": 65536, "allowed_tools": [],
+           "working_dir": None, "mcp_servers": []}
+_HTTP = {**_COMMON, "timeout_secs": 600, "max_retries": 2, "max_turns": 10}
 _KEYED = {**_HTTP, "api_key": None, "api_key_env": None}
 
 BACKENDS = {
@@ -3665,8 +3753,8 @@ BACKENDS = {
         secret_env=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"),
         defaults={**_COMMON, "model": "claude-sonnet-4-6", "model_complex": "claude-opus-4-6",
                   "timeout_secs": 3600, "command": "claude", "max_turns": 25,
-                  "allowed_tools": [], "skip_permissions": False, "max_resume_attempts": 5,
-                  "resume_delay_secs": 2, "working_dir": None, "oauth_token": None}),
+                  "skip_permissions": False, "max_resume_attempts": 5,
+                  "resume_delay_secs": 2, "oauth_token": None}),
     "ollama": Backend(
         request=ollama_request, response=ollama_response, events=ollama_events,
         tools=openai_tools, calls=ollama_calls, round=ollama_round,
@@ -3755,8 +3843,8 @@ class Options:
         "claude-code"); config: a TOML path, a dict shaped like the file, or None
         for the usual search.
     model, system (the system prompt), history, attachments, schema, max_tokens,
-        temperature, tools, and complex, session_id, max_turns, allowed_tools:
-        Context fields, set on the Context given (a keyword given wins).
+        temperature, tools, and complex, session_id, max_turns, allowed_tools,
+        mcp_servers: Context fields, set on the Context given (a keyword given wins).
     approve: called with each ToolCall before it runs; False sends the model "the
         user declined this call" instead.
     timeout: seconds for the whole call, fallbacks included (each provider's own
@@ -3781,6 +3869,7 @@ class Options:
     session_id: str | None = None
     max_turns: int | None = None
     allowed_tools: list | None = None
+    mcp_servers: list | None = None
     tools: tuple | list | None = None
     approve: Callable | None = None
     timeout: float | None = None
@@ -3801,7 +3890,7 @@ class Options:
                 value = mask(value)
             elif name == "config" and isinstance(value, dict):
                 value = "{…}"
-            elif name in ("history", "attachments", "tools"):
+            elif name in ("history", "attachments", "tools", "mcp_servers"):
                 value = f"<{len(value)}>"
             else:
                 value = repr(value)
@@ -4004,18 +4093,20 @@ def attempt(backend, request: tuple, settings: dict, call: Call, streaming: bool
 def rounds(ctx: Context, settings: dict, call: Call, streaming: bool,
            approve: Callable | None = None):
     """A provider's part of the call: a generator of the answer's text pieces that
-    returns the OutgoingMessage. Without tools, one attempt (claude-code: its CLI
-    runs). With tools, the tool loop (tool_rounds, in 10): a round is one attempt
-    (its retries its own); when its answer asks for tools, they run, the model's
-    turn and their results join the request, and the next round goes out, until an
-    answer without tool calls. The chain above sees one answer; streamed text
-    passes through."""
+    returns the OutgoingMessage. claude-code: its CLI runs (the tools through its
+    MCP bridge, in 10). Without tools, one attempt. With tools (ctx.tools, the
+    agent tools, MCP servers' tools: offered_tools, in 10), the tool loop
+    (tool_rounds): a round is one attempt (its retries its own); when its answer
+    asks for tools, they run, the model's turn and their results join the request,
+    and the next round goes out, until an answer without tool calls. The chain
+    above sees one answer; streamed text passes through."""
     backend = BACKENDS[settings["name"]]
-    if ctx.tools:
-        takes_tools(settings["name"])
-        return (yield from tool_rounds(backend, ctx, settings, call, streaming, approve))
     if backend.run:
-        return (yield from backend.run(ctx, settings, call, streaming))
+        return (yield from backend.run(ctx, settings, call, streaming, approve))
+    with offered_tools(ctx, settings, call) as tools:
+        if tools:
+            return (yield from tool_rounds(backend, replace(ctx, tools=tuple(tools)), settings,
+                                           call, streaming, approve))
     request = backend.request(ctx, settings, streaming)
     return (yield from attempt(backend, request, settings, call, streaming, ctx.schema))[0]
 
@@ -4142,7 +4233,8 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         check_schema(ctx.schema)
     if ctx.tools:                # a bad definition names its function before anything is sent
         ctx = replace(ctx, tools=tuple(tools_from(ctx.tools)))
-        takes_tools(chain[0])
+    if ctx.mcp_servers is not None:
+        check_mcp_servers(ctx.mcp_servers, "mcp_servers")
     if ctx.attachments:          # read once for the whole chain, under the first one's limit
         ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
             raw, chain[0], path))))
@@ -4466,6 +4558,8 @@ def map_worker(todo, ended, stop: threading.Event, fn, options: Options, config:
 # call runs (every failure an error result the model can act on), and the loop
 # that rounds() runs for a call with tools: one loop for every HTTP backend, each
 # backend adding only its declarations, call reader and round shape (7, 8).
+# claude-code runs its own loop: its tools come through the MCP bridge below. The
+# HTTP backends' tools may also be the agent tools and MCP servers' tools (below).
 
 # What every API accepts (OpenAI ^[a-zA-Z0-9_-]+$ ≤ 64, Anthropic the same,
 # Gemini must start with a letter or _).
@@ -4489,12 +4583,19 @@ def tools_from(items) -> list[Tool]:
     if isinstance(items, (Tool, str)) or callable(items):
         raise ConfigError("tools: expected a list of functions or Tools, got "
                           f"{type(items).__name__}")
-    tools, names = [tool_from(item) for item in items], set()
-    for tool in tools:
-        if tool.name in names:
-            raise ConfigError(f"tools: two tools are named {tool.name!r}")
-        names.add(tool.name)
+    tools = [tool_from(item) for item in items]
+    tools_by_name(tools)
     return tools
+
+
+def tools_by_name(tools) -> dict:
+    """{name: Tool}; a ConfigError for a name used twice (the user's functions, the
+    agent tools and the MCP servers' tools share one namespace)."""
+    by_name = {}
+    for tool in tools:
+        if by_name.setdefault(tool.name, tool) is not tool:
+            raise ConfigError(f"tools: two tools are named {tool.name!r}")
+    return by_name
 
 
 def tool_from(item) -> Tool:
@@ -4673,13 +4774,6 @@ def argument_problem(schema: dict, arguments: dict) -> str | None:
     return None
 
 
-def takes_tools(name: str) -> None:
-    """A ConfigError, before anything is sent, for a backend that cannot run tools=."""
-    if BACKENDS[name].tools is None:
-        raise ConfigError(f"{name} cannot run tools= functions yet: use an HTTP provider "
-                          "(openai, anthropic, gemini, ollama or openrouter)")
-
-
 def call_text(call: dict) -> str:
     """get_weather(city="Paris"): a call (ToolCall.to_dict(), or one the log holds)
     as the status lines, --approve and --logs show it."""
@@ -4696,6 +4790,18 @@ def tool_line(call: dict, limit: int = TOOL_STATUS_CHARS) -> str:
     line, redacted, without control characters, cut to limit characters."""
     outcome = f"failed: {call.get('result')}" if call.get("error") else call.get("result")
     return clean(f"{call_text(call)} -> {outcome}", limit)
+
+
+@contextlib.contextmanager
+def offered_tools(ctx: Context, settings: dict, call: Call):
+    """The tools an HTTP backend offers in a call: ctx.tools, the agent tools that
+    allowed_tools names and the tools of every MCP server (Context's, else the
+    provider's), which run until the block ends."""
+    agent = agent_tools(requested(ctx, settings, "allowed_tools") or (),
+                        settings.get("working_dir"), settings["max_tool_result_bytes"], call)
+    with mcp_server_tools(requested(ctx, settings, "mcp_servers") or (), settings,
+                          call) as relayed:
+        yield [*ctx.tools, *agent, *relayed]
 
 
 def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bool,
@@ -4715,7 +4821,7 @@ def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bo
     line when text came before."""
     url, headers, body = backend.request(ctx, settings, streaming)
     body["tools"] = backend.tools(ctx.tools)
-    tools = {tool.name: tool for tool in ctx.tools}
+    tools = tools_by_name(ctx.tools)
     most = requested(ctx, settings, "max_turns")
     replies, ran, texts = [], [], []
     try:
@@ -4776,6 +4882,763 @@ def after_blank_line(pieces, blank: bool):
         return (yield from pieces)
     finally:
         pieces.close()
+
+
+# -----------------------------------------------------------------------------
+# MCP: JSON-RPC 2.0 over stdio, one message a line
+# -----------------------------------------------------------------------------
+# omega speaks it both ways: it answers the claude CLI (through the bridge) and asks
+# the user's MCP servers (the client, for the HTTP backends).
+
+MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")   # newest first
+MCP_LINE_BYTES = 16 * MIB       # the longest message read from an MCP peer
+MCP_ANSWER_SECS = 10.0          # for a user's server to answer each setup step, and for
+                                # the calling omega to take a bridge's secret
+
+
+class RpcError(Exception):
+    """A JSON-RPC error answer: its code and message."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def rpc_error(id_, code: int, message: str) -> dict:
+    return {"jsonrpc": "2.0", "id": id_, "error": {"code": code, "message": message}}
+
+
+def rpc_line(message: dict) -> bytes:
+    """One message, framed: json.dumps never writes a raw newline (strings escape it)."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+# -----------------------------------------------------------------------------
+# the bridge: claude-code runs the caller's functions
+# -----------------------------------------------------------------------------
+# The CLI starts `python omega.py --mcp-bridge SOCKET` from the MCP config that
+# serve_tools() writes. The bridge proves it was started from that config (the
+# secret, which only the 0600 config in the 0700 folder and the bridge's
+# environment hold, never an argv), then relays the CLI's MCP lines to the calling
+# process and the answers back. Everything MCP is answered in the calling process
+# (mcp_reply): the functions run there, with their state, in the thread that reads
+# the CLI's output (child_output, 6), one at a time.
+
+BRIDGE_SECRET_ENV = "OMEGA_BRIDGE_SECRET"
+BRIDGE_SERVER = "omega"             # the CLI names the tools mcp__omega__<name>
+BRIDGE_SECRET_LINE_BYTES = 200      # a first line longer than that is not our secret
+
+
+@dataclass
+class ToolServer:
+    """The calling process's end of the bridge while a claude-code call runs: the
+    tools by name, the 0700 folder with the socket and the MCP config, the secret,
+    the --allowedTools words, the bridges connected (with what each sent that is
+    not a whole line yet), and the calls run, in order."""
+    tools: dict
+    approve: Callable | None
+    call: Call
+    limit: int
+    folder: str
+    config: str
+    secret: bytes
+    listener: object                # socket.socket, listening, non-blocking
+    allowed: list
+    peers: dict = field(default_factory=dict)      # socket -> bytearray
+    trusted: set = field(default_factory=set)      # sockets that gave the secret
+    calls: list = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def serve_tools(tools, approve: Callable | None, call: Call, limit: int, mcp_servers=()):
+    """A ToolServer for one claude-code call: a fresh 0700 folder holding a Unix
+    socket and the MCP config that tells the CLI to start the bridge on it (and the
+    user's mcp_servers), with a new random secret in the config's `env` only. On
+    exit, also on an exception, the sockets are closed and the folder removed: a
+    bridge still running sees its socket close and ends."""
+    import secrets
+    import socket
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="omega-")      # mode 0700, made atomically
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = None
+    try:
+        path = os.path.join(folder, "s")
+        listener.bind(path)
+        listener.listen()
+        listener.setblocking(False)
+        secret = secrets.token_hex(32)
+        servers = {spec["name"]: {"command": spec["command"], "args": list(spec.get("args", ())),
+                                  "env": dict(spec.get("env", {}))} for spec in mcp_servers}
+        if tools:
+            servers[BRIDGE_SERVER] = {"command": sys.executable,
+                                      "args": [os.path.abspath(__file__), "--mcp-bridge", path],
+                                      "env": {BRIDGE_SECRET_ENV: secret}}
+        config = os.path.join(folder, "mcp.json")
+        with open(os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump({"mcpServers": servers}, f)
+        allowed = [f"mcp__{BRIDGE_SERVER}__{tool.name}" for tool in tools] + \
+                  [f"mcp__{spec['name']}" for spec in mcp_servers]
+        server = ToolServer({tool.name: tool for tool in tools}, approve, call, limit, folder,
+                            config, secret.encode(), listener, allowed)
+        yield server
+    finally:
+        for peer in server.peers if server else ():
+            peer.close()
+        listener.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def serve_ready(server: ToolServer, sock, selector) -> None:
+    """Serve what waits on sock, the listener or a connected bridge, registered in
+    selector with `server` as its data: accept a bridge (of our user, where the
+    platform tells), or answer what it sent. A peer that hangs up or must not
+    stay is dropped; nothing it sent runs."""
+    if sock is server.listener:
+        try:
+            peer, _ = sock.accept()
+        except BlockingIOError:         # the peer gave up already
+            return
+        if not same_user(peer):
+            peer.close()
+            return
+        peer.settimeout(MCP_ANSWER_SECS)     # for sendall; reads wait for readiness
+        server.peers[peer] = bytearray()
+        selector.register(peer, selectors.EVENT_READ, server)
+        return
+    try:
+        data = sock.recv(READ_SIZE)
+        keep = bool(data) and answer_lines(server, sock, data)
+    except OSError:                     # the bridge went away mid-answer
+        keep = False
+    if not keep:
+        selector.unregister(sock)
+        server.trusted.discard(sock)
+        del server.peers[sock]
+        sock.close()
+
+
+def answer_lines(server: ToolServer, sock, data: bytes) -> bool:
+    """Answer every whole line a bridge has sent; False when it must go: its first
+    line is not the secret, or it sends a longer line than allowed."""
+    import hmac
+    buffer = server.peers[sock]
+    buffer += data
+    while (end := buffer.find(b"\n")) >= 0:
+        line = bytes(buffer[:end])
+        del buffer[:end + 1]
+        if sock in server.trusted:
+            if line.strip() and (answer := mcp_reply(server, line)) is not None:
+                sock.sendall(rpc_line(answer))
+        elif hmac.compare_digest(line, server.secret):
+            server.trusted.add(sock)
+            sock.sendall(b"ok\n")
+        else:
+            return False
+    return len(buffer) <= (MCP_LINE_BYTES if sock in server.trusted else BRIDGE_SECRET_LINE_BYTES)
+
+
+def same_user(peer) -> bool:
+    """Whether the connected process runs as our user, where the platform says
+    (SO_PEERCRED: Linux). Elsewhere the 0700 folder alone keeps other users out."""
+    import socket
+    import struct
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    credentials = peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", credentials)[1] == os.getuid()
+
+
+def mcp_reply(server: ToolServer, line: bytes) -> dict | None:
+    """The answer to one JSON-RPC line from the CLI; None for a notification, which
+    is never answered (`id: 0` is a request), and for a response to nothing asked."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return rpc_error(None, -32700, "Parse error")
+    if not isinstance(message, dict):
+        return rpc_error(None, -32600, "Invalid Request")
+    if "id" not in message or "method" not in message:
+        return None
+    method, params = message["method"], message.get("params", {})
+    try:
+        if not isinstance(method, str) or not isinstance(params, dict):
+            raise RpcError(-32600, "Invalid Request")
+        if method not in MCP_METHODS:
+            raise RpcError(-32601, f"Method not found: {clean(method, 100)}")
+        result = MCP_METHODS[method](server, params)
+    except RpcError as e:
+        return rpc_error(message["id"], e.code, e.message)
+    return {"jsonrpc": "2.0", "id": message["id"], "result": result}
+
+
+def mcp_initialize(server: ToolServer, params: dict) -> dict:
+    """The client's version when we know it, else our newest (MCP lifecycle)."""
+    asked = params.get("protocolVersion")
+    return {"protocolVersion": asked if asked in MCP_VERSIONS else MCP_VERSIONS[0],
+            "capabilities": {"tools": {"listChanged": False}},
+            "serverInfo": {"name": BRIDGE_SERVER, "version": __version__}}
+
+
+def mcp_list(server: ToolServer, params: dict) -> dict:
+    return {"tools": [{"name": tool.name, "description": tool.description,
+                       "inputSchema": tool.parameters or {"type": "object", "properties": {}}}
+                      for tool in server.tools.values()]}
+
+
+def mcp_call(server: ToolServer, params: dict) -> dict:
+    """Run one call the model made through the CLI, as the tool loop runs one
+    (run_tool: approve first; a failure is a result with isError, which the model
+    sees); an unknown tool is a JSON-RPC error. ToolCall.name is the user's name."""
+    name, arguments = params.get("name"), params.get("arguments") or {}
+    if name not in server.tools or not isinstance(arguments, dict):
+        raise RpcError(-32602, "arguments: expected an object" if name in server.tools
+                       else f"Unknown tool: {clean(name, 100)}")
+    meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+    asked = ToolCall(str(meta.get("claudecode/toolUseId") or f"call_{len(server.calls) + 1}"),
+                     name, arguments)
+    done = run_tool(server.tools[name], asked, server.limit, server.approve)
+    server.calls.append(done)
+    server.call.notify(tool_line(done.to_dict()))
+    return {"content": [{"type": "text", "text": done.result}], "isError": done.error}
+
+
+MCP_METHODS = {"initialize": mcp_initialize, "ping": lambda server, params: {},
+               "tools/list": mcp_list, "tools/call": mcp_call}
+
+
+def bridge_main(argv: list[str]) -> int:
+    """`omega.py --mcp-bridge SOCKET`, started by the claude CLI: connect to the
+    calling omega, give it the secret from the environment, then relay MCP lines
+    both ways until either side hangs up. Ends quietly on EOF and on the SIGINT
+    the CLI sends when it finishes; SIGTERM and SIGHUP end it as they would."""
+    import socket
+    if len(argv) != 1:
+        sys.stderr.write("usage: omega.py --mcp-bridge SOCKET (started by omega for the "
+                         "claude CLI, not by hand)\n")
+        return 2
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(MCP_ANSWER_SECS)
+            sock.connect(argv[0])
+            sock.sendall(os.environ.get(BRIDGE_SECRET_ENV, "").encode() + b"\n")
+            welcome = b""
+            while len(welcome) < 3 and (data := sock.recv(3 - len(welcome))):
+                welcome += data
+            if welcome != b"ok\n":
+                sys.stderr.write("omega --mcp-bridge: the calling omega refused this bridge "
+                                 f"(no or wrong {BRIDGE_SECRET_ENV})\n")
+                return 1
+            sock.settimeout(None)
+            relay(sock)
+        return 0
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
+    except OSError as e:
+        sys.stderr.write(f"omega --mcp-bridge: {argv[0]}: {e.strerror or e}\n")
+        return 1
+
+
+def relay(sock) -> None:
+    """Copy stdin to sock and sock to stdout as bytes come, until the calling
+    process hangs up (after the CLI closed stdin, once the answers are out)."""
+    import socket
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    with selectors.DefaultSelector() as selector:
+        selector.register(stdin, selectors.EVENT_READ)
+        selector.register(sock, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is sock:
+                    data = memoryview(sock.recv(READ_SIZE))
+                    if not data:
+                        return
+                    while data:
+                        data = data[os.write(stdout, data):]
+                elif data := os.read(stdin, READ_SIZE):
+                    sock.sendall(data)
+                else:
+                    selector.unregister(stdin)
+                    sock.shutdown(socket.SHUT_WR)
+
+
+# -----------------------------------------------------------------------------
+# the MCP client: the user's MCP servers as tools of the HTTP backends
+# -----------------------------------------------------------------------------
+# Each server runs in its own process group for one call; every read waits in a
+# selector, a setup step never past MCP_ANSWER_SECS, nothing past the deadline.
+
+MCP_EXIT_SECS = 1.0             # after its stdin closes, before SIGTERM (MCP shutdown)
+MCP_STDERR_KEPT_BYTES = 4096    # the tail of a server's stderr, for the error naming it
+
+
+@dataclass
+class McpServer:
+    """A running user MCP server: its name, its process, what it wrote that is not
+    a whole line yet, the tail of its stderr, the last request id used."""
+    name: str
+    child: object                   # subprocess.Popen
+    pending: bytearray = field(default_factory=bytearray)
+    errors: bytes = b""
+    last_id: int = 0
+
+
+@contextlib.contextmanager
+def mcp_server_tools(specs, settings: dict, call: Call):
+    """Start every server of specs ({name, command, args, env}), yield their tools
+    as `<server>__<tool>` Tools, and stop them all on exit, whatever happens."""
+    with contextlib.ExitStack() as running:
+        tools = []
+        for spec in specs:
+            server = start_mcp_server(spec, settings, call)
+            running.callback(stop_mcp_server, server, call)
+            tools += mcp_tools(server, settings, call)
+        yield tools
+
+
+def start_mcp_server(spec: dict, settings: dict, call: Call) -> McpServer:
+    """The server started in its own process group, in working_dir, initialized."""
+    import subprocess
+    name = spec["name"]
+    try:
+        child = subprocess.Popen([spec["command"], *spec.get("args", ())], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env={**os.environ, **spec.get("env", {})},
+                                 cwd=settings.get("working_dir"), start_new_session=True)
+    except OSError as e:
+        raise mcp_trouble(settings, name, f"cannot start {spec['command']!r}: "
+                                          f"{e.strerror or e}") from None
+    server = McpServer(name, child)
+    for pipe in (child.stdin, child.stdout, child.stderr):
+        os.set_blocking(pipe.fileno(), False)
+    try:
+        result = mcp_setup(server, "initialize", {
+            "protocolVersion": MCP_VERSIONS[0], "capabilities": {},
+            "clientInfo": {"name": "omega", "version": __version__}}, settings, call)
+        if not isinstance(result.get("protocolVersion"), str):
+            raise mcp_trouble(settings, name, "answered initialize without a protocolVersion")
+        send_all(server, rpc_line({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+                 settings, call)
+    except BaseException:
+        stop_mcp_server(server, call)
+        raise
+    return server
+
+
+def mcp_tools(server: McpServer, settings: dict, call: Call) -> list[Tool]:
+    """The server's tools (every page), each a Tool named `<server>__<tool>` that
+    calls the tool by its own name."""
+    tools, cursor = [], None
+    for _ in range(MAX_PAGES):
+        result = mcp_setup(server, "tools/list", {"cursor": cursor} if cursor else {},
+                           settings, call)
+        items = result.get("tools")
+        if not isinstance(items, list) or not all(
+                isinstance(item, dict) and isinstance(item.get("name"), str) for item in items):
+            raise mcp_trouble(settings, server.name, "answered tools/list without a tools list")
+        for item in items:
+            schema, description = item.get("inputSchema"), item.get("description")
+            tools.append(Tool(mcp_tool_name(server.name, item["name"]),
+                              functools.partial(call_mcp_tool, server, item["name"], settings,
+                                                call),
+                              description if isinstance(description, str) else "",
+                              schema if isinstance(schema, dict) else {"type": "object"}))
+        cursor = result.get("nextCursor")
+        if not cursor:
+            return tools
+    raise mcp_trouble(settings, server.name, f"listed more than {MAX_PAGES} pages of tools")
+
+
+def mcp_setup(server: McpServer, method: str, params: dict, settings: dict, call: Call) -> dict:
+    """A request of the setup: answered within MCP_ANSWER_SECS; an error answer is
+    the server failing."""
+    try:
+        return mcp_request(server, method, params, settings, call,
+                           time.monotonic() + MCP_ANSWER_SECS)
+    except RpcError as e:
+        raise mcp_trouble(settings, server.name, f"refused {method}: {e.message}") from None
+
+
+def mcp_tool_name(server: str, tool: str) -> str:
+    """`<server>__<tool>` when that fits the name rule; else (MCP names may have dots
+    and be 128 long) the refused characters become `_`, cut to leave room for 8 hex
+    of the original's hash: the same tool always gets the same name, two never one."""
+    name = f"{server}__{tool}"
+    if TOOL_NAME.fullmatch(name):
+        return name
+    import hashlib
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:55]
+    return f"{safe}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def call_mcp_tool(server: McpServer, tool: str, settings: dict, call: Call, /,
+                  **arguments) -> str:
+    """The tool's text; its isError result or a JSON-RPC error are the tool failing.
+    A tool may take its time: it waits for the call's deadline only."""
+    try:
+        result = mcp_request(server, "tools/call", {"name": tool, "arguments": arguments},
+                             settings, call, call.deadline)
+    except RpcError as e:
+        raise ToolFailed(f"MCP error {e.code}: {clean(e.message, 1000)}") from None
+    texts = [str(item.get("text")) if item.get("type") == "text" else
+             f"[{item.get('type')} content]"
+             for item in result.get("content") or () if isinstance(item, dict)]
+    if not texts and "structuredContent" in result:
+        texts = [json.dumps(result["structuredContent"], ensure_ascii=False)]
+    if result.get("isError"):
+        raise ToolFailed("\n".join(texts))
+    return "\n".join(texts)
+
+
+def mcp_request(server: McpServer, method: str, params: dict, settings: dict, call: Call,
+                deadline: float) -> dict:
+    """Send one request and wait for its answer's result (RpcError for its error),
+    answering the server's own requests meanwhile (ping; the rest "not found") and
+    skipping its notifications. deadline (monotonic) is cut to the call's."""
+    server.last_id += 1
+    send_all(server, rpc_line({"jsonrpc": "2.0", "id": server.last_id, "method": method,
+                               "params": params}), settings, call)
+    deadline = min(deadline, call.deadline)
+    while True:
+        message = read_message(server, method, settings, call, deadline)
+        if "method" in message and "id" in message:         # the server asks us
+            answer = {"jsonrpc": "2.0", "id": message["id"], "result": {}} \
+                if message["method"] == "ping" else \
+                rpc_error(message["id"], -32601, "Method not found")
+            send_all(server, rpc_line(answer), settings, call)
+        elif message.get("id") == server.last_id and "method" not in message:
+            if isinstance(message.get("error"), dict):
+                raise RpcError(message["error"].get("code"), str(message["error"].get("message")))
+            if not isinstance(message.get("result"), dict):
+                raise mcp_trouble(settings, server.name, f"answered {method} without a result")
+            return message["result"]
+
+
+def read_message(server: McpServer, method: str, settings: dict, call: Call,
+                 deadline: float) -> dict:
+    """The server's next message, read in a selector until deadline."""
+    child = server.child
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        selector.register(child.stderr, selectors.EVENT_READ)
+        while (end := server.pending.find(b"\n")) < 0:
+            if len(server.pending) > MCP_LINE_BYTES:
+                raise mcp_trouble(settings, server.name, f"wrote a line longer than "
+                                                         f"{MCP_LINE_BYTES // MIB} MiB")
+            left = deadline - time.monotonic()
+            if call.left() <= 0:
+                raise timed_out(settings, call, f" (waiting for MCP server {server.name!r})")
+            if left <= 0:
+                raise mcp_trouble(settings, server.name,
+                                  f"did not answer {method} within {MCP_ANSWER_SECS:g} s")
+            for key, _ in selector.select(left):
+                data = read_some(key.fileobj)
+                if key.fileobj is child.stderr:
+                    server.errors = (server.errors + (data or b""))[-MCP_STDERR_KEPT_BYTES:]
+                    if data == b"":
+                        selector.unregister(child.stderr)
+                elif data:
+                    server.pending += data
+                elif data == b"":
+                    said = server.errors + (read_some(child.stderr) or b"")  # its last words
+                    raise mcp_trouble(settings, server.name, "exited", exit_status(child), said)
+    line = bytes(server.pending[:end])
+    del server.pending[:end + 1]
+    try:
+        message = json.loads(line)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        shown = clean(line[:200].decode(errors="replace"), 80)
+        raise mcp_trouble(settings, server.name, f"answered garbage: {shown!r}")
+    return message
+
+
+def read_some(pipe) -> bytes | None:
+    """What a non-blocking pipe has now: b"" at EOF, None when nothing waits."""
+    try:
+        return os.read(pipe.fileno(), READ_SIZE)
+    except BlockingIOError:
+        return None
+
+
+def send_all(server: McpServer, data: bytes, settings: dict, call: Call) -> None:
+    """Write data to the server's stdin, waiting for room until the deadline (a
+    server that reads nothing must not hang the call)."""
+    view = memoryview(data)
+    with selectors.DefaultSelector() as selector:
+        selector.register(server.child.stdin, selectors.EVENT_WRITE)
+        while view:
+            if call.left() <= 0:
+                raise timed_out(settings, call, f" (writing to MCP server {server.name!r})")
+            if selector.select(call.left()):
+                try:
+                    view = view[os.write(server.child.stdin.fileno(), view):]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    raise mcp_trouble(settings, server.name, "exited", exit_status(server.child),
+                                      server.errors) from None
+
+
+def exit_status(child) -> int | None:
+    """The status of a child that closed its end, given MCP_EXIT_SECS to finish."""
+    import subprocess
+    try:
+        return child.wait(MCP_EXIT_SECS)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def mcp_trouble(settings: dict, name: str, what: str, status: int | None = None,
+                said: bytes = b"") -> ProviderError:
+    """One line naming the server, with its exit status and last stderr line if any."""
+    lines = said.decode(errors="replace").strip().splitlines()
+    return ProviderError(f"MCP server {name!r} {what}"
+                         + (f" (exit status {status})" if status is not None else "")
+                         + (f": {clean(lines[-1], 200)}" if lines else ""),
+                         settings["name"], reason="MCP server failed")
+
+
+def stop_mcp_server(server: McpServer, call: Call) -> None:
+    """MCP shutdown: close its stdin, give it MCP_EXIT_SECS to go (none past the
+    deadline), then stop its whole process group (6: SIGTERM, SIGKILL after the
+    grace), past the deadline within a second."""
+    import subprocess
+    try:
+        server.child.stdin.close()
+    except OSError:
+        pass
+    try:
+        server.child.wait(max(min(MCP_EXIT_SECS, call.left()), 0))
+    except subprocess.TimeoutExpired:
+        pass
+    stop_group(server.child, kill_grace(call))
+
+
+# -----------------------------------------------------------------------------
+# the agent tools: Read, Write, Edit, Bash in working_dir
+# -----------------------------------------------------------------------------
+# Claude Code's names and arguments (models are trained on them). A path must be
+# inside working_dir after its symlinks are resolved, and is then opened one
+# component at a time with O_NOFOLLOW from the resolved working_dir, so that a
+# folder swapped for a symlink between the check and the open fails instead of
+# leading out. A hard link inside to a file outside is that file (a path cannot
+# tell). Bash is not confined: it runs as the user, in working_dir.
+
+READ_DEFAULT_LINES = 2000       # as Claude Code's Read
+READ_LINE_BYTES = 2000          # a longer line is cut there
+EDIT_MAX_BYTES = 16 * MIB       # a larger file is not edited in memory
+BASH_DEFAULT_SECS = 120.0
+BASH_DRAIN_BYTES = MIB          # read after the command ends: what the pipe still holds
+BASH_NOTES_BYTES = 100          # kept free under max_tool_result_bytes for the notes
+
+PATH_ARG = {"type": "string", "description": "The path of the file, relative to the working "
+                                             "directory or absolute inside it"}
+AGENT_TOOLS = {   # name: (description, properties, required)
+    "Read": ("Reads a file in the working directory, as `cat -n` shows it (line numbers from "
+             f"1), up to {READ_DEFAULT_LINES} lines from offset.",
+             {"file_path": PATH_ARG,
+              "offset": {"type": "number", "description": "The line number to start reading "
+                                                          "from (the first line is 1)"},
+              "limit": {"type": "number", "description": "The number of lines to read"}},
+             ["file_path"]),
+    "Write": ("Writes a file in the working directory (created with its folders, or replaced).",
+              {"file_path": PATH_ARG,
+               "content": {"type": "string", "description": "The content to write to the file"}},
+              ["file_path", "content"]),
+    "Edit": ("Replaces old_string by new_string in a file of the working directory. Fails when "
+             "old_string is missing, or found more than once without replace_all.",
+             {"file_path": PATH_ARG,
+              "old_string": {"type": "string", "description": "The text to replace"},
+              "new_string": {"type": "string", "description": "The text to replace it with "
+                                                              "(different from old_string)"},
+              "replace_all": {"type": "boolean", "description": "Replace all occurrences of "
+                                                                "old_string (default false)"}},
+             ["file_path", "old_string", "new_string"]),
+    "Bash": ("Runs a command with `bash -c` in the working directory; stdout and stderr "
+             "together, then the exit code. Nothing it starts outlives it.",
+             {"command": {"type": "string", "description": "The command to execute"},
+              "timeout": {"type": "number", "description": "Optional timeout in milliseconds "
+                                                           f"(default {BASH_DEFAULT_SECS:.0f}000)"},
+              "description": {"type": "string",
+                              "description": "What this command does, in 5-10 words"}},
+             ["command"]),
+}
+
+
+def agent_tools(names, working_dir: str | None, limit: int, call: Call) -> list[Tool]:
+    """The agent tools named (others are not offered), working in working_dir (None:
+    the current directory), Bash's output cut at limit bytes and its run ending by
+    the call's deadline. A name omega has no tool for is a ConfigError."""
+    unknown = [name for name in names if name not in AGENT_TOOLS]
+    if unknown:
+        raise ConfigError(f"allowed_tools: {shorten(repr(unknown[0]), 60)} is not an agent tool "
+                          f"of the HTTP backends (they have {', '.join(AGENT_TOOLS)})")
+    if not names:
+        return []
+    root = os.path.realpath(working_dir or ".")
+    if not os.path.isdir(root):
+        raise ConfigError(f"working_dir: {working_dir!r} is not a directory")
+    runs = {"Read": functools.partial(read_tool, root, limit),
+            "Write": functools.partial(write_tool, root),
+            "Edit": functools.partial(edit_tool, root),
+            "Bash": functools.partial(bash_tool, root, limit, call)}
+    return [Tool(name, runs[name], description, {"type": "object", "properties": properties,
+                                                 "required": required})
+            for name, (description, properties, required) in AGENT_TOOLS.items()
+            if name in names]
+
+
+def open_inside(root: str, file_path: str, flags: int, make_folders: bool = False) -> int:
+    """A descriptor of the regular file file_path names inside root (relative to it
+    or absolute inside it). Inside means by path components after every symlink
+    is resolved (`/srv/work-evil` is not inside `/srv/work`); the open then walks
+    the resolved path from root with O_NOFOLLOW at each step."""
+    real = os.path.realpath(os.path.join(root, file_path))
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise ToolFailed(f"{file_path}: outside the working directory {root}")
+    *folders, name = os.path.relpath(real, root).split(os.sep)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            if make_folders:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder, dir_fd=fd)
+            inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        # O_NONBLOCK: a FIFO must not hang the call; it is refused below anyway.
+        opened = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666,
+                         dir_fd=fd)
+    except OSError as e:
+        raise ToolFailed(f"{file_path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(opened).st_mode):
+        os.close(opened)
+        raise ToolFailed(f"{file_path}: not a regular file")
+    os.set_blocking(opened, True)
+    return opened
+
+
+def read_tool(root: str, max_bytes: int, /, file_path: str, offset: int | None = None,
+              limit: int | None = None) -> str:
+    """Lines offset.. (from 1) of the file, at most limit of them, numbered as `cat
+    -n` does; read a line at a time, each cut at READ_LINE_BYTES, and no more than
+    max_bytes in all: a huge file or a huge line costs no memory."""
+    first, count = max(int(offset or 1), 1), max(int(limit or READ_DEFAULT_LINES), 1)
+    shown, size = [], 0
+    with os.fdopen(open_inside(root, file_path, os.O_RDONLY), "rb") as f:
+        for number in itertools.count(1):
+            line = f.readline(READ_LINE_BYTES)
+            if not line or number >= first + count or size > max_bytes:
+                break
+            rest = line
+            while not rest.endswith(b"\n") and (rest := f.readline(READ_LINE_BYTES)):
+                pass                                    # the rest of a long line, skipped
+            if number >= first:
+                shown.append(f"{number:6}\t" + line.rstrip(b"\r\n").decode(errors="replace"))
+                size += len(shown[-1]) + 1
+    if shown:
+        return "\n".join(shown)
+    return "(the file is empty)" if first == 1 else f"(the file has fewer than {first} lines)"
+
+
+def write_tool(root: str, /, file_path: str, content: str) -> str:
+    data = content.encode()
+    with os.fdopen(open_inside(root, file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                               make_folders=True), "wb") as f:
+        f.write(data)
+    return f"wrote {len(data):,} bytes to {file_path}"
+
+
+def edit_tool(root: str, /, file_path: str, old_string: str, new_string: str,
+              replace_all: bool = False) -> str:
+    """old_string replaced by new_string: once, where it is unique, or everywhere
+    with replace_all. Read and written through one descriptor."""
+    if not old_string or old_string == new_string:
+        raise ToolFailed("old_string must be non-empty and different from new_string")
+    with os.fdopen(open_inside(root, file_path, os.O_RDWR), "r+b") as f:
+        if os.fstat(f.fileno()).st_size > EDIT_MAX_BYTES:
+            raise ToolFailed(f"{file_path}: larger than {EDIT_MAX_BYTES // MIB} MiB, not edited")
+        try:
+            text = f.read().decode()
+        except UnicodeDecodeError:
+            raise ToolFailed(f"{file_path}: not UTF-8 text") from None
+        found = text.count(old_string)
+        if not found:
+            raise ToolFailed(f"{file_path}: old_string not found")
+        if found > 1 and not replace_all:
+            raise ToolFailed(f"{file_path}: old_string found {found} times; give more context "
+                             "to make it unique, or set replace_all")
+        f.seek(0)
+        f.write(text.replace(old_string, new_string, -1 if replace_all else 1).encode())
+        f.truncate()
+    return f"{file_path}: replaced {found if replace_all else 1} occurrence(s)"
+
+
+def bash_tool(root: str, max_bytes: int, call: Call, /, command: str, timeout=None,
+              description: str = "") -> str:
+    """Run command with `bash -c` in root, in its own process group, stdin empty,
+    without the environment's API keys; stdout and stderr together, kept up to
+    max_bytes with the notes (the rest counted, not held). The group is stopped
+    (6) when bash exits (a `sleep 300 &` dies with it), at the timeout or the
+    call's deadline, whichever is first, and on Ctrl-C (SIGTERM and SIGHUP too,
+    which the CLI turns into KeyboardInterrupt). description is for the user."""
+    import subprocess
+    seconds = min(float(timeout) / 1000 if timeout and finite(timeout) else BASH_DEFAULT_SECS,
+                  call.left())
+    if seconds <= 0:
+        raise ToolFailed(f"not run: {seconds:g} s left (the timeout, or the call's deadline)")
+    try:
+        child = subprocess.Popen(["bash", "-c", command], cwd=root, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 env={k: v for k, v in os.environ.items() if k not in SECRET_ENV},
+                                 start_new_session=True)
+    except OSError as e:
+        raise ToolFailed(f"bash: {e.strerror or e}") from None
+    room = max(max_bytes - BASH_NOTES_BYTES, 0)
+    try:
+        kept, total, stopped = command_output(child, time.monotonic() + seconds, room, call)
+    finally:
+        stop_group(child, kill_grace(call))
+    # Cut again after decoding: each byte that is not UTF-8 grows to three.
+    text = kept.decode(errors="replace").encode()[:room].decode(errors="ignore")
+    notes = [f"[output cut: the first {room:,} of {total:,} bytes]"] if total > room else []
+    notes.append(f"[stopped after {round(seconds, 1):g} s]" if stopped else
+                 f"[exit code {child.returncode}]")
+    text = "\n".join([text.rstrip("\n"), *notes]) if text else "\n".join(notes)
+    if stopped or child.returncode:
+        raise ToolFailed(text)
+    return text
+
+
+def command_output(child, end: float, max_bytes: int,
+                   call: Call) -> tuple[bytearray, int, bool]:
+    """(the first max_bytes of the output, its size, whether end or the stop of the
+    call's map came first), read until the leader exits (not until the pipe closes:
+    a background process may hold it open), then what the pipe still holds, up to
+    BASH_DRAIN_BYTES more."""
+    fd, kept, total, ended_at = child.stdout.fileno(), bytearray(), 0, None
+    os.set_blocking(fd, False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            if ended_at is None:
+                if child.poll() is not None:
+                    ended_at = total
+                elif time.monotonic() >= end or call.stopped():
+                    return kept, total, True
+            # Polled, since a leader's exit wakes no selector while others hold the pipe.
+            wait = 0 if ended_at is not None else max(min(end - time.monotonic(), 0.1), 0)
+            data = read_some(child.stdout) if selector.select(wait) else None
+            if data == b"" or ended_at is not None and (
+                    data is None or total - ended_at > BASH_DRAIN_BYTES):
+                return kept, total, False
+            if data:
+                total += len(data)
+                kept += data[:max(0, max_bytes - len(kept))]
 
 
 # =============================================================================
@@ -5494,8 +6357,6 @@ def parse_args(argv):
     add("--approve", action="store_true",
         help="ask on the terminal before each tool call runs (no terminal: declined)")
     args = parser.parse_args(argv)
-    if args.approve and not args.functions:
-        usage_error("--approve asks before each tool call: give --functions too")
     if any(isinstance(a, Attachment) for a in args.attach or ()) and args.prompt in ([], ["-"]):
         usage_error("-a - reads the attachment from stdin: give the prompt as words")
     alone = next((flag for flag, given in (("--logs", args.logs is not None),
@@ -5753,8 +6614,8 @@ def print_reply(reply: OutgoingMessage, args) -> None:
 def reply_text(reply: OutgoingMessage, args) -> str:
     """A whole answer: its text; with --json, {"text", "metadata"}; with a schema,
     the JSON answer alone, compact, so that it pipes into jq."""
-    if args.json:
-        return json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False)
+    if args.json:               # redacted: a tool's result may hold a key it read
+        return redact(json.dumps(reply.to_dict(), ensure_ascii=False, allow_nan=False))
     if args.schema is not None:
         return json.dumps(reply.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return reply.text
@@ -5929,6 +6790,8 @@ def stopped_by_signal(signum, frame):
 def main(argv=None) -> int:
     """The command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--mcp-bridge"]:        # started by the claude CLI for its tools (10)
+        return bridge_main(argv[1:])
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):

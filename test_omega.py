@@ -6,7 +6,10 @@ How it works:
   attacks the client (endless bodies, gzip bombs, trickled headers, streams cut short).
 - claude-code runs a fake `claude` executable that each test writes (the `claude` fixture, its
   program FAKE_CLAUDE in Test data): the prompt read from stdin, JSON or stream-json on stdout,
-  exit 1 on errors, sessions for --resume, and a plan of what each run does.
+  exit 1 on errors, sessions for --resume, and a plan of what each run does; given
+  --mcp-config it starts every server there (omega's bridge too) and calls their tools.
+- User MCP servers run FAKE_MCP_SERVER (the `mcp_server` fixture), in a mode: ok, exit,
+  garbage, hang.
 - The command line runs in-process through the `cli_main` fixture (omega.main with a config
   written as TOML); a real `python omega.py` child (run_cli, start_cli) runs only where the
   process itself is what is tested: pipes, exit status, buffering, signals.
@@ -27,7 +30,8 @@ The sections follow omega.py's own:
      7. Backends           every backend, then one sub-banner per backend
      8. The backend table
      9. Calling            status timer, routing, fallback, complete() and ask(), stream(), Chat
-    10. Tools              schemas from hints, one call's result, the tool loop on every backend
+    10. Tools              schemas from hints, one call's result, the tool loop on every backend,
+                           claude-code's bridge, the agent tools, MCP servers
     11. Diagnostics        --check, the first-run hint
     12. Conversation log
     13. Command line       every test of `python omega.py`
@@ -516,6 +520,8 @@ def toml_value(value):
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) \
             + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(value)
 
 
@@ -727,6 +733,10 @@ class FakeClaude:
     def plan(self, *steps):
         (self.dir / "plan.json").write_text(json.dumps(list(steps)))
 
+    def mcp(self):
+        """What it saw of its MCP servers: config, tools, answers, exits (FAKE_CLAUDE)."""
+        return json.loads((self.dir / "mcp.json").read_text())
+
     def calls(self):
         path = self.dir / "calls.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -748,6 +758,18 @@ def claude(tmp_path, monkeypatch):
 def cc(claude, ctx=None, on_status=None, **section):
     return omega.complete(ctx or omega.Context("Say hi"), "claude-code", claude.config(**section),
                           on_status=on_status)
+
+
+# --- a user's MCP server (its program: FAKE_MCP_SERVER, in Test data) ------
+
+@pytest.fixture
+def mcp_server(tmp_path):
+    """mcp_server(mode): an mcp_servers entry running FAKE_MCP_SERVER in that mode."""
+    path = tmp_path / "mcp_server.py"
+    path.write_text(FAKE_MCP_SERVER)
+    return lambda mode, name="docs": {"name": name, "command": sys.executable,
+                                      "args": [str(path), mode, str(tmp_path / f"{name}.pid")],
+                                      "env": {"DOCS_TAG": name}}
 
 
 # --- processes ---------------------------------------------------------------
@@ -778,6 +800,19 @@ def gone(*pids, within=3):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     return not any(alive(p) for p in pids)
+
+
+def running_with(text):
+    """The live processes whose command line holds text."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read() and alive(int(entry)):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
 
 
 def kill_leftovers(*pids):
@@ -6110,12 +6145,6 @@ def test_a_server_without_tool_support_is_one_provider_error(api):
     assert len(api.requests) == 1 and err.value.tool_calls == []
 
 
-def test_claude_code_takes_no_tools_yet(claude):
-    with pytest.raises(omega.ConfigError, match="claude-code cannot run tools= functions"):
-        omega.complete("hi", "claude-code", claude.config(), tools=[now])
-    assert claude.calls() == []
-
-
 def test_approve_false_sends_declined_and_the_loop_goes_on(api):
     asked = []
 
@@ -6138,6 +6167,239 @@ def test_each_call_is_one_status_line(api):
     omega.complete("hi", "openai", cfg("openai", api), tools=[weather], on_status=heard.append)
     assert heard == ['weather(city="Paris") -> 12 degrees celsius and rain in Paris',
                      'weather(city="Atlantis") -> failed: ValueError: no such city']
+
+
+# --- claude-code: the user's functions through the MCP bridge ----------------
+
+def test_claude_code_runs_the_functions_through_the_bridge(claude):
+    claude.plan({"mcp": [["omega", "weather", {"city": "Paris"}],
+                         ["omega", "weather", {"city": "Atlantis"}], ["omega", "now", {}],
+                         ["omega", "nope", {}]], "intruder": True})
+    heard = []
+    reply = omega.complete("hi", "claude-code", claude.config(), tools=[weather, now],
+                           approve=lambda call: call.name != "now", on_status=heard.append)
+    seen, argv = claude.mcp(), claude.calls()[0]["argv"]
+    bridge = seen["config"]["mcpServers"]["omega"]
+    secret = bridge["env"]["OMEGA_BRIDGE_SECRET"]
+    assert bridge["args"][:2] == [OMEGA_PY, "--mcp-bridge"] and len(secret) >= 32
+    assert secret not in json.dumps(argv) and seen["mode"] == "0o700"
+    at = argv.index("--mcp-config")
+    assert argv[at + 2] == "--strict-mcp-config" and not os.path.exists(argv[at + 1])
+    assert seen["allowed"] == ["mcp__omega__weather", "mcp__omega__now"]
+    assert [t["name"] for t in seen["tools"]["omega"]] == ["weather", "now"]
+    assert seen["tools"]["omega"][1]["inputSchema"] == {"type": "object", "properties": {}}
+    assert [a.get("result", a) if isinstance(a, dict) else a for a in seen["answers"]] == [
+        {"content": [{"type": "text", "text": "12 degrees celsius and rain in Paris"}],
+         "isError": False},
+        {"content": [{"type": "text", "text": "ValueError: no such city"}], "isError": True},
+        {"content": [{"type": "text", "text": "the user declined this call"}], "isError": True},
+        "denied"]                                          # not in --allowedTools
+    assert seen["intruder"] == "" and seen["exits"] == [0]        # hung up on, nothing ran
+    assert seen["second"][:2] == [1, ""] and "refused" in seen["second"][2]
+    assert [(c.id, c.name, c.arguments, c.error) for c in reply.tool_calls] == [
+        ("toolu_2", "weather", {"city": "Paris"}, False),
+        ("toolu_3", "weather", {"city": "Atlantis"}, True), ("toolu_4", "now", {}, True)]
+    assert heard[0] == 'weather(city="Paris") -> 12 degrees celsius and rain in Paris'
+
+
+def test_claude_code_streams_with_tools_and_mcp_servers(claude, mcp_server):
+    claude.plan({"mcp": [["omega", "now", {}], ["docs", "echo", {"text": "hi"}]],
+                 "result": "It is noon."})
+    s = omega.stream("hi", "claude-code", claude.config(mcp_servers=[mcp_server("ok")]),
+                     tools=[now])
+    with s:
+        pieces = list(s)
+    seen = claude.mcp()
+    assert "".join(pieces) == s.reply.text == "It is noon." and len(pieces) == 2
+    assert [c.result for c in s.reply.tool_calls] == ["2025-10-26T09:00:00Z"]
+    assert seen["allowed"] == ["mcp__omega__now", "mcp__docs"]
+    assert list(seen["config"]["mcpServers"]) == ["docs", "omega"] and seen["exits"][1] == 0
+    assert seen["answers"][1]["result"]["content"][0]["text"] == "echo: hi (docs)"
+    assert seen["config"]["mcpServers"]["docs"]["env"] == {"DOCS_TAG": "docs"}
+
+
+def test_claude_code_failing_after_a_call_leaves_no_bridge_running(claude):
+    claude.plan({"mcp": [["omega", "now", {}]], "orphan": True,     # the CLI leaves it running
+                 "set": {"is_error": True, "result": "API Error: 500 boom"}})
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete("hi", "claude-code", claude.config(), tools=[now])
+    bridge = int((claude.dir / "mcp_pids").read_text())
+    try:
+        assert "boom" in str(err.value) and [c.name for c in err.value.tool_calls] == ["now"]
+        assert gone(bridge)
+    finally:
+        kill_leftovers(bridge)
+
+
+# --- the agent tools: Read, Write, Edit, Bash in working_dir -----------------
+
+@pytest.fixture
+def agent(tmp_path):
+    """The four agent tools working in tmp_path/work, by name; outside/ is beside it."""
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    (work / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (tmp_path / "work-evil").mkdir()
+    (tmp_path / "work-evil" / "x.txt").write_text("evil")
+    (outside / "secret.txt").write_text("outside secret")
+    (work / "notes.txt").write_text("one\ntwo\nthree\ntwo\n")
+    (work / "link.txt").symlink_to(outside / "secret.txt")
+    (work / "out").symlink_to(outside)
+    call = omega.Call.starting_now(20)
+    tools = omega.agent_tools(["Read", "Write", "Edit", "Bash"], str(work), 4096, call)
+
+    def run(name, **arguments):
+        result = omega.run_tool(tools[[t.name for t in tools].index(name)],
+                                omega.ToolCall("c1", name, arguments), 4096)
+        return result.result, result.error
+    run.work, run.outside = work, outside
+    return run
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("Read", {"file_path": "../../etc/passwd"}),
+    ("Read", {"file_path": "/etc/passwd"}),
+    ("Read", {"file_path": "link.txt"}),                       # a symlink planted inside
+    ("Read", {"file_path": "out/secret.txt"}),
+    ("Read", {"file_path": "../work-evil/x.txt"}),              # a prefix is not inside
+    ("Write", {"file_path": "out/new.txt", "content": "x"}),    # through a symlinked folder
+    ("Write", {"file_path": "link.txt", "content": "x"}),
+    ("Write", {"file_path": "../outside/new.txt", "content": "x"}),
+    ("Edit", {"file_path": "link.txt", "old_string": "outside", "new_string": "x"}),
+    ("Read", {"file_path": "."}),
+    ("Read", {"file_path": "sub"}),
+])
+def test_agent_tools_never_leave_working_dir(agent, name, arguments):
+    result, error = agent(name, **arguments)
+    assert error and "outside secret" not in result
+    assert (agent.outside / "secret.txt").read_text() == "outside secret"
+    assert sorted(os.listdir(agent.outside)) == ["secret.txt"]
+    assert (agent.work.parent / "work-evil" / "x.txt").read_text() == "evil"
+
+
+def test_agent_tools_read_write_and_edit(agent):
+    assert agent("Read", file_path="notes.txt") == (
+        "     1\tone\n     2\ttwo\n     3\tthree\n     4\ttwo", False)
+    assert agent("Read", file_path=str(agent.work / "notes.txt"), offset=2, limit=1) == \
+        ("     2\ttwo", False)
+    assert agent("Write", file_path="new/deep/a.txt", content="héllo")[1] is False
+    assert (agent.work / "new" / "deep" / "a.txt").read_text() == "héllo"
+    assert agent("Edit", file_path="notes.txt", old_string="two", new_string="2") == \
+        ("notes.txt: old_string found 2 times; give more context to make it unique, or set "
+         "replace_all", True)
+    assert agent("Edit", file_path="notes.txt", old_string="four", new_string="4") == \
+        ("notes.txt: old_string not found", True)
+    assert agent("Edit", file_path="notes.txt", old_string="two", new_string="2",
+                 replace_all=True)[1] is False
+    assert agent("Edit", file_path="notes.txt", old_string="three", new_string="3")[1] is False
+    assert (agent.work / "notes.txt").read_text() == "one\n2\n3\n2\n"
+    os.mkfifo(agent.work / "fifo")                 # would hang a blocking open
+    assert agent("Read", file_path="fifo") == ("fifo: not a regular file", True)
+
+
+def test_bash_runs_in_working_dir_and_leaves_nothing_running(agent):
+    assert agent("Bash", command="pwd; echo oops >&2") == (
+        f"{agent.work}\noops\n[exit code 0]", False)
+    assert agent("Bash", command="exit 3") == ("[exit code 3]", True)
+    result, error = agent("Bash", command="sleep 300 & echo $!")
+    assert not error and gone(int(result.split()[0]))
+    result, error = agent("Bash", command="yes", timeout=100)       # endless output
+    assert error and len(result.encode()) <= 4096 and result.endswith("[stopped after 0.1 s]")
+    assert "[output cut: the first 3,996 of" in result
+
+
+def test_bash_stops_at_the_calls_deadline(tmp_path):
+    tools = omega.agent_tools(["Bash"], str(tmp_path), 4096, omega.Call.starting_now(0.2))
+    done = omega.run_tool(tools[0], omega.ToolCall("c1", "Bash", {
+        "command": "sleep 30 & echo $! > pid; wait"}), 4096)
+    assert done.error and done.result.endswith("[stopped after 0.2 s]")
+    assert gone(int((tmp_path / "pid").read_text()))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_agent_tools_on_an_http_backend(api, tmp_path, streaming):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    queue(api, "openai", streaming, calls=[("c1", "Read", {"file_path": "a.txt"}),
+                                           ("c2", "Bash", {"command": "echo $OPENAI_API_KEY"})])
+    queue(api, "openai", streaming, "Read it.")
+    reply, _ = with_tools("openai", api, streaming, [now], section={
+        "allowed_tools": ["Read", "Bash"], "working_dir": str(tmp_path),
+        "api_key_env": "OPENAI_API_KEY"}, config=None)
+    offered = [t["function"]["name"] for t in api.requests[0].body["tools"]]
+    assert offered == ["now", "Read", "Bash"] and reply.text == "Read it."
+    assert sent_results("openai", api.last().body) == [("     1\talpha", None),
+                                                        ("\n[exit code 0]", None)]
+
+
+def test_agent_tools_are_off_by_default_and_named_ones_only(api, tmp_path):
+    api.reply(openai_ok("plain"))
+    omega.complete("hi", "openai", cfg("openai", api))
+    assert "tools" not in api.last().body
+    api.reply(openai_ok("only Write"))
+    omega.complete(omega.Context("hi", allowed_tools=["Write"]), "openai",
+                   cfg("openai", api, allowed_tools=["Read", "Bash"], working_dir=str(tmp_path)))
+    assert [t["function"]["name"] for t in api.last().body["tools"]] == ["Write"]
+    with pytest.raises(omega.ConfigError, match="'WebSearch' is not an agent tool"):
+        omega.complete("hi", "openai", cfg("openai", api, allowed_tools=["WebSearch"]))
+    assert len(api.requests) == 2
+
+
+# --- MCP servers as tools ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+def test_mcp_servers_tools_on_an_http_backend(api, tmp_path, mcp_server, name):
+    queue(api, name, False, calls=[("c1", "docs__echo", {"text": "hi"}),
+                                   ("c2", "docs__fail", {}),
+                                   ("c3", omega.mcp_tool_name("docs", "a.b.c"), {})])
+    queue(api, name, False, "Done.")
+    reply = omega.complete(omega.Context("hi", mcp_servers=[mcp_server("ok")]), name,
+                           cfg(name, api))
+    offered = api.requests[0].body["tools"]
+    names = [t.get("name") or t["function"]["name"] for t in offered]
+    assert names[:2] == ["docs__echo", "docs__fail"] and names[2].startswith("docs__a_b_c_")
+    assert (offered[0].get("input_schema") or offered[0]["function"]["parameters"]) == \
+        {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    assert [(c.result, c.error) for c in reply.tool_calls] == [
+        ("echo: hi (docs)", False), ("no such page", True), ("dotted", False)]
+    assert gone(int((tmp_path / "docs.pid").read_text()))
+
+
+@pytest.mark.parametrize("mode, seconds, says", [
+    ("missing", 20, "MCP server 'docs' cannot start"),
+    ("exit", 20, "MCP server 'docs' exited (exit status 3): docs: cannot open the index"),
+    ("garbage", 20, "MCP server 'docs' answered garbage: '<html>hello</html>'"),
+    ("hang", 20, "MCP server 'docs' did not answer initialize within 0.2 s"),
+    ("hang", 0.2, "within 0.2 s (waiting for MCP server 'docs')"),
+])
+def test_an_mcp_server_that_fails_is_one_line_naming_it(api, tmp_path, mcp_server, monkeypatch,
+                                                        mode, seconds, says):
+    monkeypatch.setattr(omega, "MCP_ANSWER_SECS", 0.2 if seconds > 1 else 10)
+    monkeypatch.setattr(omega, "MCP_EXIT_SECS", 0.05)     # a hung server reads no EOF
+    spec = mcp_server(mode)
+    if mode == "missing":
+        spec["command"] = str(tmp_path / "no-such-server")
+    with pytest.raises(omega.ProviderError) as err:
+        omega.complete("hi", "openai", cfg("openai", api, mcp_servers=[spec],
+                                           timeout_secs=seconds))
+    assert says in str(err.value) and "\n" not in str(err.value) and api.requests == []
+    assert running_with(str(tmp_path / "mcp_server.py")) == []     # stopped, whatever it did
+
+
+@pytest.mark.parametrize("servers, says", [
+    ({"name": "docs"}, "expected a list"),
+    ([{"name": "docs"}], "entry 1: command: expected a string"),
+    ([{"name": "omega", "command": "x"}], "entry 1: name: expected"),
+    ([{"name": "d", "command": "x"}, {"name": "d", "command": "y"}], "entry 2: the name 'd'"),
+    ([{"name": "d", "command": "x", "args": "-v"}], "args: expected a list of strings"),
+    ([{"name": "d", "command": "x", "env": {"K": 1}}], "env: expected a table of strings"),
+    ([{"name": "d", "command": "x", "cwd": "/"}], "unknown key cwd"),
+])
+def test_bad_mcp_servers_are_a_config_error(api, servers, says):
+    with pytest.raises(omega.ConfigError, match=re.escape(says)):
+        omega.complete("hi", "openai", cfg("openai", api, mcp_servers=servers))
+    with pytest.raises(omega.ConfigError, match=re.escape(says)):
+        omega.complete(omega.Context("hi", mcp_servers=servers), "openai", cfg("openai", api))
+    assert api.requests == []
 
 
 # =============================================================================
@@ -7231,8 +7493,9 @@ def test_cli_ctrl_c_mid_stream_exits_130_and_hangs_up(api, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)],
                          ids=["SIGTERM", "SIGHUP"])
 def test_cli_sigterm_and_sighup_stop_the_claude_group(claude, tmp_path, sig, code):
-    claude.plan({"hang": True})
-    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "hi")
+    claude.plan({"mcp": [["omega", "now", {}]], "hang": True})     # the bridge goes too
+    child, pids = start_cli_with_claude(claude, tmp_path, "-q", "--functions", NOW_PY, "hi")
+    pids = (*pids, int((claude.dir / "mcp_pids").read_text()))
     try:
         child.send_signal(sig)
         out, err = child.communicate(timeout=15)
@@ -7789,8 +8052,6 @@ def test_functions_as_code_repeated_and_status_lines_cut_to_fit(api, cli_main, c
     (["--functions", "def f(*a): pass"], "tool f: parameter *a is variadic positional"),
     (["--functions", "def f(): pass", "--functions", "def f(): pass"], "two tools are named 'f'"),
     (["--functions", "raise RuntimeError('boom')"], "RuntimeError: boom"),
-    (["--approve"], "--approve asks before each tool call: give --functions too"),
-    (["-p", "claude-code", "--functions", "def f(): pass"], "claude-code cannot run tools="),
 ])
 def test_bad_functions_are_one_usage_error_line(api, cli_main, capsys, args, says):
     assert cli_main(cfg("openai", api), *args, "hi") == 2
@@ -7806,6 +8067,42 @@ def test_a_key_echoed_in_arguments_never_reaches_stderr_or_the_log(api, tmp_path
     assert cli_main(cfg("openai", api), "--functions", functions_file(tmp_path), "hi") == 0
     err = capsys.readouterr().err
     assert not leaks(err) and omega.mask(KEY) in err and "\x1b" not in err
+    for file in (tmp_path / "home" / ".omega").iterdir():
+        assert KEY.encode() not in file.read_bytes()
+
+
+def test_functions_on_claude_code_status_lines_json_and_the_log(claude, tmp_path, cli_main,
+                                                                capsys):
+    claude.plan({"mcp": [["omega", "get_weather", {"city": "Paris"}]], "result": "Rain."})
+    assert cli_main(claude.config(), "--functions", functions_file(tmp_path), "--json",
+                    "hi") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tool_calls"] == [{
+        "id": "toolu_2", "name": "get_weather", "arguments": {"city": "Paris"},
+        "result": "12 degrees celsius and rain in Paris", "error": False}]
+    assert err == 'omega: get_weather(city="Paris") -> 12 degrees celsius and rain in Paris\n'
+    assert cli_main(claude.config(), "--logs", "1") == 0
+    assert '  get_weather(city="Paris") -> 12 degrees celsius and rain in Paris\nRain.\n' in \
+        capsys.readouterr().out
+
+
+def test_agent_tools_and_mcp_servers_from_the_config_file_keys_redacted(api, tmp_path,
+                                                                         cli_main, capsys,
+                                                                         mcp_server):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")
+    api.reply(answer_with("openai", calls=[("c1", "Read", {"file_path": ".env"}),
+                                           ("c2", "docs__echo", {"text": "hi"})]))
+    api.reply(openai_ok("Found it."))
+    config = cfg("openai", api, allowed_tools=["Read"], working_dir=str(tmp_path / "work"),
+                 mcp_servers=[mcp_server("ok")])
+    assert cli_main(config, "--json", "hi") == 0
+    out, err = capsys.readouterr()
+    first, second = err.splitlines()
+    assert first.startswith('omega: Read(file_path=".env") -> ') and omega.mask(KEY) in first
+    assert second == 'omega: docs__echo(text="hi") -> echo: hi (docs)'
+    assert [c["name"] for c in json.loads(out)["tool_calls"]] == ["Read", "docs__echo"]
+    assert not leaks(out) and not leaks(err)
     for file in (tmp_path / "home" / ".omega").iterdir():
         assert KEY.encode() not in file.read_bytes()
 
@@ -8164,6 +8461,43 @@ def test_real_claude_without_structured_output_is_invalid_json(real_claude, api)
     assert err.value.code == "invalid_json"
 
 
+def forecast(city: str) -> str:
+    """The weather in a city."""
+    if city == "Atlantis":
+        raise ValueError("no such city")
+    return f"12 degrees and rain in {city}"
+
+
+@pytest.mark.real_claude
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+def test_real_claude_runs_a_python_function_through_the_bridge(real_claude, api, streaming):
+    calls = [{"type": "tool_use", "id": "toolu_01", "name": "mcp__omega__forecast",
+              "input": {"city": "Paris"}},
+             {"type": "tool_use", "id": "toolu_02", "name": "mcp__omega__forecast",
+              "input": {"city": "Atlantis"}}]
+    messages_api(api, calls, text("Rain in Paris."))
+    ctx = omega.Context("Weather in Paris and Atlantis?", tools=[forecast])
+    if streaming:
+        s, got = real_stream(real_claude, ctx)
+        reply = s.reply
+        assert "".join(p for p, _ in got) == "Rain in Paris."
+    else:
+        reply = omega.complete(ctx, config=real_claude)
+    assert reply.text == "Rain in Paris." and reply.metadata.num_turns >= 2     # the CLI's count
+    assert [(c.id, c.name, c.arguments, c.result, c.error) for c in reply.tool_calls] == [
+        ("toolu_01", "forecast", {"city": "Paris"}, "12 degrees and rain in Paris", False),
+        ("toolu_02", "forecast", {"city": "Atlantis"}, "ValueError: no such city", True)]
+    posts = [r for r in api.requests if r.method == "POST" and r.path.startswith("/v1/messages")]
+    offered = {t["name"]: t for t in posts[0].body["tools"]}
+    assert offered["mcp__omega__forecast"]["input_schema"]["properties"] == {
+        "city": {"type": "string"}}
+    results = {b["tool_use_id"]: b for b in sent_blocks(api) if b.get("type") == "tool_result"}
+    assert json.dumps(results["toolu_01"]["content"]).count("12 degrees and rain in Paris") == 1
+    assert not results["toolu_01"].get("is_error")
+    assert "ValueError: no such city" in json.dumps(results["toolu_02"]["content"])
+    assert results["toolu_02"]["is_error"] is True
+
+
 # =============================================================================
 # 15. Test data
 # =============================================================================
@@ -8176,6 +8510,44 @@ def test_real_claude_without_structured_output_is_invalid_json(real_claude, api)
 
 
 # --- fake programs -----------------------------------------------------------
+
+FAKE_MCP_SERVER = r'''
+"""A user's MCP server (stdio), in a mode: ok (tools echo, fail and a.b.c over two pages of
+tools/list, a ping to the client first), exit, garbage, hang. Its pid goes to argv[2]."""
+import json, os, sys, time
+mode, pidfile = sys.argv[1], sys.argv[2]
+open(pidfile, "w").write(str(os.getpid()))
+if mode == "exit":
+    sys.stderr.write("docs: starting\ndocs: cannot open the index\n")
+    sys.exit(3)
+TEXT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+for line in sys.stdin:
+    message = json.loads(line)
+    if mode == "garbage":
+        print("<html>hello</html>", flush=True)
+    if mode == "hang":
+        time.sleep(60)
+    if "id" not in message or "method" not in message:
+        continue
+    method, params = message["method"], message.get("params") or {}
+    if method == "initialize":
+        result = {"protocolVersion": params["protocolVersion"], "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "docs", "version": "1"}}
+    elif method == "tools/list" and not params.get("cursor"):
+        print(json.dumps({"jsonrpc": "2.0", "id": "p1", "method": "ping"}), flush=True)
+        result = {"tools": [{"name": "echo", "description": "Echo.", "inputSchema": TEXT}],
+                  "nextCursor": "2"}
+    elif method == "tools/list":
+        result = {"tools": [{"name": "fail", "inputSchema": {"type": "object"}},
+                            {"name": "a.b.c", "inputSchema": {"type": "object"}}]}
+    elif params.get("name") == "echo":
+        result = {"content": [{"type": "text", "text": f"echo: {params['arguments']['text']} "
+                                                       f"({os.environ['DOCS_TAG']})"}]}
+    else:
+        result = {"content": [{"type": "text", "text": "no such page" if params.get("name") ==
+                               "fail" else "dotted"}], "isError": params.get("name") == "fail"}
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+'''
 
 # The fake programs need only the standard library: `python -S` (no site-packages, no .pth
 # files) starts them in half the time, and the suite runs them about a hundred times.
@@ -8223,6 +8595,48 @@ session = flag("--resume")
 if session and not os.path.exists(os.path.join(sessions, session)):
     sys.stderr.write(f"No conversation found with session ID: {session}\n")
     sys.exit(1)
+if flag("--mcp-config"):                     # as the real CLI: start every server first
+    servers, seen = {}, {"tools": {}, "answers": [], "config": json.load(open(flag(
+        "--mcp-config"))), "allowed": (flag("--allowedTools") or "").split(","),
+        "mode": oct(os.stat(os.path.dirname(flag("--mcp-config"))).st_mode & 0o777)}
+    def ask(server, message):
+        server.stdin.write(json.dumps(message).encode() + b"\n")
+        server.stdin.flush()
+        while "id" in message:               # the server's own requests skipped
+            answer = json.loads(server.stdout.readline())
+            if "method" not in answer:
+                return answer
+    for name, spec in seen["config"]["mcpServers"].items():
+        servers[name] = subprocess.Popen([spec["command"], *spec["args"]], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env={**os.environ, **spec["env"]})
+        ask(servers[name], {"method": "initialize", "params": {"protocolVersion": "2025-11-25",
+            "capabilities": {}, "clientInfo": {"name": "claude-code"}}, "jsonrpc": "2.0", "id": 0})
+        ask(servers[name], {"method": "notifications/initialized", "jsonrpc": "2.0"})
+        seen["tools"][name] = ask(servers[name], {"method": "tools/list", "jsonrpc": "2.0",
+                                                  "id": 1})["result"]["tools"]
+    for number, (name, tool, arguments) in enumerate(step.get("mcp", []), 2):
+        seen["answers"].append(ask(servers[name], {"method": "tools/call", "jsonrpc": "2.0",
+            "id": number, "params": {"name": tool, "arguments": arguments,
+                                     "_meta": {"claudecode/toolUseId": f"toolu_{number}"}}})
+            if {f"mcp__{name}__{tool}", f"mcp__{name}"} & set(seen["allowed"]) else "denied")
+    if step.get("intruder"):                 # another process of ours calls in
+        import socket
+        bridge = seen["config"]["mcpServers"]["omega"]
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(bridge["args"][-1])
+            sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":'
+                         b'{"name":"weather","arguments":{"city":"Intruder"}}}\n')
+            seen["intruder"] = sock.recv(100).decode()
+        second = subprocess.run([bridge["command"], *bridge["args"]], capture_output=True,
+                                input=b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}\n')
+        seen["second"] = [second.returncode, second.stdout.decode(), second.stderr.decode()]
+    open(os.path.join(state, "mcp_pids"), "w").write(
+        " ".join(str(server.pid) for server in servers.values()))
+    if not step.get("hang") and not step.get("orphan"):   # what Claude Code 2.1.197 sends
+        for server in servers.values():
+            server.send_signal(signal.SIGINT)
+        seen["exits"] = [server.wait() for server in servers.values()]
+    json.dump(seen, open(os.path.join(state, "mcp.json"), "w"))
 if step.get("hang"):
     if step.get("ignore_term"):              # inherited by the grandchild too
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
