@@ -7514,7 +7514,7 @@ def test_cli_repeated_ctrl_c_still_kills_a_child_that_ignores_sigterm(claude, tm
     try:
         child.send_signal(signal.SIGINT)
         for _ in range(3):                   # more Ctrl-Cs during the grace period
-            time.sleep(0.1)
+            time.sleep(0.2)
             if child.poll() is None:
                 child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=20)
