@@ -147,6 +147,8 @@ class Context:
     attachments: tuple = ()          # paths, bytes or Attachment, sent with current_message
     schema: dict | None = None       # a JSON Schema the answer must follow: see reply.data
     tools: tuple = ()                # functions or Tools the model may call (the tool loop)
+    reasoning: str | int | None = None  # "off", "low", "medium", "high" or a token budget;
+                                     #   None: the backend's default (see reply.reasoning)
 
     def to_api_messages(self) -> tuple[str, list[dict]]:
         """(system prompt, [{"role", "content"}, ...]) ready for a chat API: history
@@ -285,16 +287,27 @@ class OutgoingMessage:
     metadata: MessageMetadata
     data: object = None     # with Context.schema: the answer parsed (text is the raw JSON)
     tool_calls: list = field(default_factory=list)   # ToolCalls of every round, in order
+    reasoning: str | None = None    # the model's visible reasoning, never part of text
 
     def to_dict(self) -> dict:
         """Plain JSON-able data: {"text": ..., "metadata": {...}}, "data" when the
-        answer was asked for as JSON, "tool_calls" when tools ran."""
+        answer was asked for as JSON, "tool_calls" when tools ran, "reasoning" when
+        the model's reasoning came back."""
         out = {"text": self.text, "metadata": asdict(self.metadata)}
         if self.data is not None:
             out["data"] = self.data
         if self.tool_calls:
             out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning
         return out
+
+
+class ReasoningPiece(str):
+    """A piece of the model's reasoning, as the stream generators yield it among the
+    answer's text pieces: marked by its type, so that it reaches s.reasoning (and
+    --show-reasoning), never s.text. Only the text pieces of a stream are answer."""
+    __slots__ = ()
 
 
 class MapWorker(threading.local):
@@ -789,7 +802,7 @@ KEY_TYPES = {
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
     "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
-    "prices": dict, "max_tool_result_bytes": int,
+    "prices": dict, "max_tool_result_bytes": int, "thinking": str,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -830,6 +843,7 @@ RULES = {
     "base_url": (is_url, "an http:// or https:// URL"),
     "command": (is_command, "a command, such as \"claude\""),
     "allowed_tools": (lambda v: all(isinstance(x, str) for x in v), "a list of strings"),
+    "thinking": (lambda v: v in ("enabled", "adaptive"), '"enabled" or "adaptive"'),
 }
 
 
@@ -960,6 +974,37 @@ def check_value(key: str, value, kind, where: str) -> None:
     if rule and not rule[0](value):
         shown = "" if isinstance(value, str) and "key" in key else f", got {value!r}"
         raise ConfigError(f"{where}: expected {rule[1]}{shown}")
+
+
+# Anthropic's manual budgets for the three efforts (SPEC 14); also the scale on
+# which a token budget finds its nearest effort, for APIs that take only efforts.
+EFFORT_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
+MIN_THINKING_BUDGET = 1024      # Anthropic: "budget_tokens: Input should be >= 1024"
+
+
+def check_reasoning(value) -> str | int | None:
+    """The reasoning value as given, or a ConfigError: None (the backend's own
+    default), "off", "low", "medium", "high" or a token budget (an int above 0;
+    True is no budget, though Python counts it an int)."""
+    if value is None or isinstance(value, str) and (value == "off" or value in EFFORT_BUDGETS) \
+            or type(value) is int and value > 0:
+        return value
+    raise ConfigError(f'reasoning: expected "off", "low", "medium", "high" or a number of '
+                      f'tokens above 0, not {clean(repr(value), 60)}')
+
+
+def effort_of(reasoning: str | int) -> str:
+    """An effort, or the effort whose budget is nearest a token budget on a log
+    scale (ties go to the lower): for APIs that take no budget."""
+    if reasoning in EFFORT_BUDGETS:
+        return reasoning
+    return min(EFFORT_BUDGETS, key=lambda e: abs(math.log(reasoning / EFFORT_BUDGETS[e])))
+
+
+def thinking_budget(reasoning: str | int) -> int:
+    """Anthropic's budget_tokens for an effort or a budget (below the API's floor:
+    the floor). The claude CLI forwards MAX_THINKING_TOKENS as budget_tokens."""
+    return max(EFFORT_BUDGETS.get(reasoning, reasoning), MIN_THINKING_BUDGET)
 
 
 def check_prices(prices: dict, where: str) -> None:
@@ -2013,7 +2058,10 @@ LATE_GRACE_SECS = 0.5            # the same past the deadline, which holds withi
 CLI_EXIT_GRACE_SECS = 0.5        # after its result line, for the CLI to exit by itself
 
 
-def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Popen:
+def start_claude(argv: list[str], settings: dict, call: Call,
+                 env: dict | None = None) -> subprocess.Popen:
+    """Start the CLI in its own process group; env: variables set for it on top of
+    claude_code_env's."""
     import subprocess      # only claude-code needs it: 0.5 MB and a few ms spared elsewhere
     name = settings["name"]
     if call.left() <= 0:
@@ -2023,7 +2071,8 @@ def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Pope
         raise ConfigError(f"provider.claude-code.working_dir: {cwd!r} is not a directory")
     try:
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=cwd, env=claude_code_env(settings),
+                                stderr=subprocess.PIPE, cwd=cwd,
+                                env={**claude_code_env(settings), **(env or {})},
                                 start_new_session=True)
     except FileNotFoundError:
         raise ProviderUnavailable(
@@ -2110,12 +2159,13 @@ def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], setti
 
 
 def run_claude(argv: list[str], stdin: str | bytes | list, settings: dict,
-               call: Call) -> tuple[int, str, str]:
+               call: Call, env: dict | None = None) -> tuple[int, str, str]:
     """Run the CLI once in its own process group, stdin (text, bytes or pieces of
     bytes) on its stdin; (exit code, stdout, stderr). The run ends when the CLI
     exits, even if a grandchild still holds its output open; then, or at the
-    deadline, or on Ctrl-C, whatever is left of the group is stopped."""
-    child = start_claude(argv, settings, call)
+    deadline, or on Ctrl-C, whatever is left of the group is stopped. env: as
+    start_claude takes it."""
+    child = start_claude(argv, settings, call, env)
     errors: list[bytes] = []
     try:
         out = b"".join(child_output(child, stdin.encode() if isinstance(stdin, str) else stdin,
@@ -2632,9 +2682,40 @@ def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
     """What only OpenAI asks: its official endpoint rejects max_tokens for o-series
     and gpt-5 models (other servers know only max_tokens), and it has image limits."""
     official = settings["base_url"] == BACKENDS["openai"].defaults["base_url"]
-    return openai_compatible_request(
+    url, headers, body = openai_compatible_request(
         ctx, settings, streaming, "max_completion_tokens" if official else "max_tokens",
         image_limits=(20 * MIB, 50 * MIB))
+    openai_reasoning_effort(body, ctx.reasoning)
+    return url, headers, body
+
+
+def openai_reasoning_effort(body: dict, reasoning: str | int | None) -> None:
+    """Set reasoning_effort in a Chat Completions body. A budget becomes its nearest
+    effort. "off" is what the model's family can say nearest to no reasoning: see
+    openai_off. DeepSeek's switch is `thinking` (its efforts go beside it)."""
+    if reasoning is None:
+        return
+    model = body["model"].rsplit("/", 1)[-1].lower()
+    if model.startswith("deepseek"):
+        body["thinking"] = {"type": "disabled" if reasoning == "off" else "enabled"}
+        if reasoning == "off":
+            return
+    effort = openai_off(model) if reasoning == "off" else effort_of(reasoning)
+    if effort:
+        body["reasoning_effort"] = effort
+
+
+def openai_off(model: str) -> str | None:
+    """The reasoning_effort nearest to none for a model name: "none" for gpt-5.1 and
+    later (they refuse "minimal"), "minimal" for gpt-5 (it has no "none"), "low" for
+    models that always reason (o-series, codex, gpt-oss), nothing for models that
+    do not reason (gpt-4o, gpt-4.1, *-chat-latest: they refuse the field). Any other
+    name (a compatible server's model) gets the spec's "none"."""
+    if re.match(r"gpt-[34]|chatgpt", model) or "-chat" in model:
+        return None
+    if re.match(r"o\d", model) or "codex" in model or "gpt-oss" in model:
+        return "low"
+    return "minimal" if re.match(r"gpt-5(-|$)", model) else "none"
 
 
 def openai_part(attachment: Attachment) -> dict:
@@ -2813,6 +2894,9 @@ def openrouter_request(ctx: Context, settings: dict,
     url, headers, body = openai_compatible_request(ctx, settings, streaming)
     if ctx.schema is not None:       # else a provider that cannot follow it may be chosen
         body["provider"] = {"require_parameters": True}
+    if ctx.reasoning is not None:    # its own object, which it translates for every upstream
+        body["reasoning"] = {"max_tokens": ctx.reasoning} if type(ctx.reasoning) is int \
+            else {"effort": "none" if ctx.reasoning == "off" else ctx.reasoning}
     if settings.get("referer"):
         headers["HTTP-Referer"] = settings["referer"]
     if settings.get("title"):
@@ -2857,9 +2941,38 @@ def anthropic_request(ctx: Context, settings: dict,
             + [{"type": "text", "text": turn["content"]}] * bool(turn["content"])
     if ctx.schema is not None:
         body["output_config"] = {"format": {"type": "json_schema", "schema": closed(ctx.schema)}}
+    anthropic_thinking(body, ctx.reasoning, settings)
     if streaming:
         body["stream"] = True
     return settings["base_url"] + "/v1/messages", headers, body
+
+
+def anthropic_thinking(body: dict, reasoning: str | int | None, settings: dict) -> None:
+    """Set `thinking` in a Messages body (after output_config, which it extends).
+    Manual (the default): type enabled with budget_tokens, max_tokens raised above
+    the budget by the room the answer had. With `thinking = "adaptive"` in the
+    section: type adaptive and output_config.effort, a budget as its nearest effort.
+    Thinking text is asked for as "summarized" (Opus 4.7 and later omit it unless
+    asked). "off" is type disabled; with adaptive thinking it is no `thinking` at
+    all, which is the API's default, since adaptive-only models refuse "disabled".
+    A temperature with thinking is a ConfigError: the API refuses it."""
+    if reasoning is None or reasoning == "off" and settings.get("thinking") == "adaptive":
+        return
+    if reasoning == "off":
+        body["thinking"] = {"type": "disabled"}
+        return
+    if body.get("temperature") is not None:
+        raise ConfigError(f"{settings['name']}: a temperature cannot go with reasoning "
+                          f"(the API takes none with thinking): leave temperature unset or "
+                          f'use reasoning="off"')
+    if settings.get("thinking") == "adaptive":
+        body["thinking"] = {"type": "adaptive", "display": "summarized"}
+        body.setdefault("output_config", {})["effort"] = effort_of(reasoning)
+        return
+    budget = thinking_budget(reasoning)
+    body["thinking"] = {"type": "enabled", "budget_tokens": budget, "display": "summarized"}
+    if body["max_tokens"] <= budget:
+        body["max_tokens"] += budget
 
 
 def anthropic_block(attachment: Attachment) -> dict:
@@ -3051,11 +3164,42 @@ def gemini_request(ctx: Context, settings: dict,
     if ctx.schema is not None:
         config["responseMimeType"] = "application/json"
         config["responseJsonSchema"] = {k: v for k, v in ctx.schema.items() if k != "$schema"}
+    gemini_thinking(config, ctx.reasoning, model_of(ctx, settings))
     if config:
         body["generationConfig"] = config
     model = quote(model_of(ctx, settings).removeprefix("models/"), safe="")
     method = "streamGenerateContent?alt=sse" if streaming else "generateContent"
     return f"{settings['base_url']}/v1beta/models/{model}:{method}", headers, body
+
+
+GEMINI_LEVELS = {"low": "LOW", "medium": "MEDIUM", "high": "HIGH"}
+
+
+def gemini_thinking(config: dict, reasoning: str | int | None, model: str) -> None:
+    """Set thinkingConfig in a generationConfig. By the model name: Gemini 3 and
+    later take thinkingLevel, 2.5 (and a name without a version: an alias such as
+    gemini-flash-latest, which Gemini 3 also serves with a budget) take
+    thinkingBudget; never both (400). Models before 2.5 do not think: nothing.
+    includeThoughts asks for the thought summaries, also with reasoning None (the
+    amount stays the model's default). "off": budget 0, level MINIMAL; Pro models
+    cannot stop thinking, so their least (budget 128, level LOW)."""
+    found = re.search(r"gemini-(\d+(?:\.\d+)?)", model)
+    version = float(found[1]) if found else None
+    if version is not None and version < 2.5:
+        return
+    pro = "-pro" in model
+    if reasoning is None:
+        config["thinkingConfig"] = {"includeThoughts": True}
+    elif version is not None and version >= 3:
+        level = ("LOW" if pro else "MINIMAL") if reasoning == "off" \
+            else GEMINI_LEVELS[effort_of(reasoning)]
+        config["thinkingConfig"] = {"thinkingLevel": level}
+    else:
+        budget = (128 if pro else 0) if reasoning == "off" \
+            else EFFORT_BUDGETS.get(reasoning, reasoning)
+        config["thinkingConfig"] = {"thinkingBudget": budget}
+    if reasoning != "off":
+        config["thinkingConfig"]["includeThoughts"] = True
 
 
 def gemini_part(attachment: Attachment) -> dict:
@@ -3239,6 +3383,13 @@ def ollama_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
         body["options"] = options
     if settings.get("keep_alive") is not None:
         body["keep_alive"] = settings["keep_alive"]
+    # `think`: an effort as its level (a budget as the nearest), "off" as false, but
+    # gpt-oss ignores false and cannot stop thinking: "low". Unset (None), the server
+    # turns thinking on for the models that can think.
+    if ctx.reasoning == "off":
+        body["think"] = "low" if "gpt-oss" in body["model"] else False
+    elif ctx.reasoning is not None:
+        body["think"] = effort_of(ctx.reasoning)
     return settings["base_url"] + "/api/chat", {}, body
 
 
@@ -3320,9 +3471,10 @@ TURN_SEPARATOR = "\n\n---\n\n"   # between the texts of resumed runs
 def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
                      streaming: bool = False, files: bool = False) -> list[str]:
     """files: the prompt comes as a stream-json message (claude_code_stdin), which the
-    CLI reads only with stream-json output, and that only with --verbose."""
+    CLI reads only with stream-json output, and that only with --verbose. Reasoning
+    asked for is read from the same events: --output-format json carries none."""
     output = ["stream-json", "--verbose", "--include-partial-messages"] if streaming else \
-        ["stream-json", "--verbose"] if files else ["json"]
+        ["stream-json", "--verbose"] if files or thinks(ctx) else ["json"]
     argv = [*shlex.split(settings["command"]), "-p",
             *(["--input-format", "stream-json"] if files else []), "--output-format", *output,
             "--max-turns", str(ctx.max_turns or settings["max_turns"]),
@@ -3333,11 +3485,30 @@ def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
         argv.append("--dangerously-skip-permissions")
     if ctx.schema is not None:
         argv += ["--json-schema", claude_code_schema(ctx.schema, settings)]
+    if thinks(ctx):
+        argv += ["--effort", effort_of(ctx.reasoning)]
     tools = settings["allowed_tools"] if ctx.allowed_tools is None else ctx.allowed_tools
     if tools:
         # Last and as one word: list flags swallow every following word.
         argv += ["--allowedTools", ",".join(tools)]
     return argv
+
+
+def thinks(ctx: Context) -> bool:
+    """True when ctx asks for reasoning: an effort or a budget (not None, not "off")."""
+    return ctx.reasoning is not None and ctx.reasoning != "off"
+
+
+def claude_code_thinking(reasoning: str | int | None) -> dict:
+    """The environment the CLI gets for a reasoning value, beside --effort (see
+    claude_code_argv). Its two knobs work on different models (CLI 2.1.197,
+    wire-reasoning.md 8): --effort on adaptive ones, which ignore
+    MAX_THINKING_TOKENS except 0; MAX_THINKING_TOKENS on budget ones, which ignore
+    --effort. So every value but "off" sets both: an effort and its budget, or a
+    budget and its nearest effort. "off" is MAX_THINKING_TOKENS=0, which both obey."""
+    if reasoning is None:
+        return {}
+    return {"MAX_THINKING_TOKENS": "0" if reasoning == "off" else str(thinking_budget(reasoning))}
 
 
 def claude_code_schema(schema: dict, settings: dict) -> str:
@@ -3455,21 +3626,27 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
 
 
 def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: dict,
-                       call: Call, before: str):
-    """Run the CLI once with stream-json output; yield the main agent's text as it
-    is written (before: a piece to send ahead of the first one) and return (the
-    result object, whether anything was yielded). Only `text_delta`s of the main
-    agent are text: never tool input, thinking, or the CLI's synthetic error
-    messages. A new message's text after earlier text starts with a blank line. A
+                       call: Call, before: str, thoughts: list, env: dict | None = None):
+    """Run the CLI once with stream-json output (env: as start_claude takes it);
+    yield the main agent's text as it is written (before: a piece to send ahead of
+    the first one) and its reasoning as ReasoningPieces, each also added to
+    thoughts (the call's reasoning so far); return (the result object, whether
+    any text was yielded). Only `text_delta`s of the main agent are text: never
+    tool input, thinking, or the CLI's synthetic error messages. Its reasoning is
+    the `thinking_delta`s of a streamed message, or the thinking blocks of an
+    assistant line whose message was not streamed (one block a line: the lines of
+    one message join as they are); a later message's, or run's, starts with a
+    blank line. A new message's text after earlier text starts with a blank line. A
     text that comes whole, after part of it was streamed (the CLI retries without
     streaming after a mid-stream overload) or only in the `result` line (a CLI that
     streams no deltas, a resumed run), yields what extends the text shown, or if it
     does not extend it, a blank line and the text whole: nothing of the answer goes
     unshown. Reading ends at the `result` line; the CLI then has CLI_EXIT_GRACE_SECS
     to exit before its process group is stopped."""
-    child = start_claude(argv, settings, call)
+    child = start_claude(argv, settings, call, env)
     errors: list[bytes] = []
     result, shown, partial, streamed, new_message = None, False, "", set(), False
+    started, current, thought_in = set(), None, object()     # for the reasoning
     lines = ndjson_lines(child_output(child, stdin, settings, call, errors), settings)
     try:
         for line in lines:
@@ -3478,28 +3655,41 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
             event = json_or_none(line)
             if not isinstance(event, dict) or event.get("parent_tool_use_id"):
                 continue          # a debug line (some builds); a subagent's work is not the answer
-            kind, piece = event.get("type"), ""
+            kind, piece, thought = event.get("type"), "", None
             if kind == "stream_event":
                 inner = event.get("event") if isinstance(event.get("event"), dict) else {}
                 delta = inner.get("delta") if isinstance(inner.get("delta"), dict) else {}
                 if inner.get("type") == "message_start":
-                    streamed.add((inner.get("message") or {}).get("id"))
+                    current = (inner.get("message") or {}).get("id")
+                    streamed.add(current)
+                    started.add(current)
                     partial, new_message = "", True
                 elif delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                     piece = ("\n\n" if new_message and shown else "") + delta["text"]
                     partial += delta["text"]
                     new_message = False
+                else:
+                    thought, message_id = thinking_delta(inner), current
             elif kind == "assistant" and not event.get("error"):
                 message = event.get("message") if isinstance(event.get("message"), dict) else {}
-                if message.get("id") not in streamed and message.get("model") != "<synthetic>":
+                message_id = message.get("id")
+                if message_id not in started and message.get("model") != "<synthetic>":
+                    thought = anthropic_reasoning(message.get("content"))
+                if message_id not in streamed and message.get("model") != "<synthetic>":
                     whole = "".join(b.get("text") or "" for b in message.get("content") or ()
                                     if isinstance(b, dict) and b.get("type") == "text"
                                     and isinstance(b.get("text"), str))
-                    streamed.add(message.get("id"))
+                    streamed.add(message_id)
                     piece, partial, new_message = unshown(whole, partial, shown), whole, False
             elif kind == "result":
                 result = event
                 piece = unshown(claude_code_answer(event, settings), partial, shown)
+            if thought:
+                if thoughts and message_id != thought_in:
+                    thought = "\n\n" + thought
+                thought_in = message_id
+                thoughts.append(thought)
+                yield ReasoningPiece(thought)
             if piece:
                 if not shown and before:
                     yield before
@@ -3522,6 +3712,21 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
             raise ended_early(settings)
         result = claude_code_result(child.returncode, "", err, settings)
     return result, shown
+
+
+def reasoning_only(pieces):
+    """The reasoning pieces among pieces (a generator), the text left out; returns
+    what pieces return."""
+    try:
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                return end.value
+            if type(piece) is ReasoningPiece:
+                yield piece
+    finally:
+        pieces.close()
 
 
 def unshown(whole: str, partial: str, shown: bool) -> str:
@@ -3549,23 +3754,31 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
     go with the first run only: a resumed run continues the session that has them
     (their stream-json output is read line by line too, as a stream's).
     With a schema the answer is the CLI's structured_output, not the model's prose
-    around it: streamed, its JSON text comes whole at the end."""
+    around it: streamed, its JSON text comes whole at the end. Reasoning asked for
+    is read from stream-json events, also when not streaming (then only its
+    pieces are yielded while streaming), and set in the environment of every run,
+    resumed ones too (claude_code_thinking)."""
     prompt, session_id = ctx.to_prompt_string(), ctx.session_id
     files = attachments_of(ctx, settings)
     live = streaming and ctx.schema is None
     texts, results, resumes, shown = [], [], 0, False
+    env, thoughts = claude_code_thinking(ctx.reasoning), []
     while True:
         argv = claude_code_argv(ctx, settings, session_id, live, bool(files))
         log_debug("claude-code: running %s", argv[:4] + ["…"])
         stdin = claude_code_stdin(prompt, files)
         if live:
-            data, shown_now = yield from claude_code_events(argv, stdin, settings, call,
-                                                            TURN_SEPARATOR if shown else "")
+            data, shown_now = yield from claude_code_events(
+                argv, stdin, settings, call, TURN_SEPARATOR if shown else "", thoughts, env)
             shown = shown or shown_now
-        elif files:
-            data = drain(claude_code_events(argv, stdin, settings, call, ""))[0]
+        elif files or thinks(ctx):
+            events = claude_code_events(argv, stdin, settings, call, "", thoughts, env)
+            if streaming:
+                data = (yield from reasoning_only(events))[0]
+            else:
+                data = drain(events)[0]
         else:
-            data = claude_code_result(*run_claude(argv, stdin, settings, call), settings)
+            data = claude_code_result(*run_claude(argv, stdin, settings, call, env), settings)
         results.append(data)
         if isinstance(data.get("session_id"), str):
             session_id = data["session_id"]
@@ -3590,14 +3803,15 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
         call.sleep(wait)
         prompt, files = RESUME_PROMPT, []
     metadata = claude_code_metadata(results, settings, session_id, ctx)
+    reasoning = "".join(thoughts) or None
     if ctx.schema is not None:
         text, value = claude_code_json(results[-1], ctx.schema, settings)
         if streaming:
             yield text
-        return OutgoingMessage(text, metadata, value)
+        return OutgoingMessage(text, metadata, value, reasoning=reasoning)
     if not texts:
         raise empty_answer(settings, "the CLI returned an empty result")
-    return OutgoingMessage(TURN_SEPARATOR.join(texts), metadata)
+    return OutgoingMessage(TURN_SEPARATOR.join(texts), metadata, reasoning=reasoning)
 
 
 def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
