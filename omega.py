@@ -982,14 +982,17 @@ EFFORT_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
 MIN_THINKING_BUDGET = 1024      # Anthropic: "budget_tokens: Input should be >= 1024"
 
 
-def check_reasoning(value) -> str | int | None:
+def check_reasoning(value, where: str = "reasoning") -> str | int | None:
     """The reasoning value as given, or a ConfigError: None (the backend's own
     default), "off", "low", "medium", "high" or a token budget (an int above 0;
-    True is no budget, though Python counts it an int)."""
+    True is no budget, though Python counts it an int). The CLI's -r gives text:
+    digits there are a budget."""
+    if isinstance(value, str) and value.isdigit() and where != "reasoning":
+        value = int(value)
     if value is None or isinstance(value, str) and (value == "off" or value in EFFORT_BUDGETS) \
             or type(value) is int and value > 0:
         return value
-    raise ConfigError(f'reasoning: expected "off", "low", "medium", "high" or a number of '
+    raise ConfigError(f'{where}: expected "off", "low", "medium", "high" or a number of '
                       f'tokens above 0, not {clean(repr(value), 60)}')
 
 
@@ -2289,7 +2292,7 @@ def parsed(backend, data, headers, attempts: int, settings: dict,
 def stream_http(backend, request: tuple, settings: dict, call: Call,
                 schema: dict | None = None):
     """One streamed HTTP backend call of request (url, headers, body): yields text
-    pieces as they arrive and returns (the reply, the body it was read from).
+    pieces (and ReasoningPieces) as they arrive and returns (the reply, the body it was read from).
     Failures before the first piece (a status, an error event, a cut connection, an
     early end) are retried as in call_http; after it they are raised, since the text
     is already on the caller's screen. Reading ends at the answer's end marker: what
@@ -2317,6 +2320,8 @@ def stream_http(backend, request: tuple, settings: dict, call: Call,
                 data = parse_json(content, status, reply_headers, settings)
                 reply = parsed(backend, data, reply_headers, attempt, settings, schema)
                 shown = True
+                if reply.reasoning:
+                    yield ReasoningPiece(reply.reasoning)
                 if reply.text:
                     yield reply.text
                 return reply, data
@@ -2443,6 +2448,72 @@ def user_turn(messages: list[dict]) -> dict:
     if not messages or messages[-1]["role"] != "user":
         messages.append({"role": "user", "content": ""})
     return messages[-1]
+
+
+# Where a chat message or stream delta holds reasoning text (SPEC 14), in order of
+# trust: DeepSeek and llama.cpp (and vLLM before its rename), vLLM now and
+# OpenRouter, Ollama. A server that sends two of them sends the same text twice.
+CHAT_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+DETAIL_TEXT = {"reasoning.text": "text", "reasoning.summary": "summary"}
+
+
+def joined_reasoning(texts) -> str | None:
+    """The reasoning of several answers (tool-loop rounds) as one text, a blank line
+    between; None when none had any."""
+    return "\n\n".join(t for t in texts if t) or None
+
+
+def chat_reasoning(message: dict) -> str | None:
+    """The reasoning text of a Chat Completions message or stream delta, or of an
+    Ollama message: the first key of CHAT_REASONING_KEYS that holds text, else the
+    readable items of OpenRouter's reasoning_details (encrypted ones are not).
+    OpenAI's own API sends none: it only counts reasoning tokens."""
+    for key in CHAT_REASONING_KEYS:
+        if isinstance(message.get(key), str) and message[key]:
+            return message[key]
+    details = message.get("reasoning_details")
+    texts = [item.get(DETAIL_TEXT.get(item.get("type"))) for item in details
+             if isinstance(item, dict)] if isinstance(details, list) else ()
+    return "".join(t for t in texts if isinstance(t, str)) or None
+
+
+def chat_reasoning_fold(held: dict, delta: dict) -> ReasoningPiece | None:
+    """Fold one stream delta (or Ollama line's message) into held, the reasoning
+    fields the streamed message will carry as an unstreamed one would: each text
+    grown under the key it came in (openai_round sends reasoning_content back to
+    DeepSeek, ollama_round sends `thinking`), reasoning_details merged (OpenRouter).
+    Returns the delta's reasoning piece, if any."""
+    for key in CHAT_REASONING_KEYS:
+        if isinstance(delta.get(key), str):
+            held[key] = held.get(key, "") + delta[key]
+    if isinstance(delta.get("reasoning_details"), list):
+        merge_reasoning_details(held.setdefault("reasoning_details", []),
+                                delta["reasoning_details"])
+    thought = chat_reasoning(delta)
+    return ReasoningPiece(thought) if thought else None
+
+
+def merge_reasoning_details(details: list, items: list) -> None:
+    """Add streamed reasoning_details items to details, the list an unstreamed answer
+    holds. OpenRouter streams one block as many items with the same type and index
+    (every item index 0, in fact), its signature alone in the last: an item that
+    continues a text or summary block without a signature yet is merged into it
+    (text concatenated, keys it lacked added); anything else (encrypted data, a new
+    index, text after a signature) is an item of its own. Sending back fragments,
+    or items rebuilt from the text, makes Claude refuse the signature."""
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        last, key = details[-1] if details else {}, DETAIL_TEXT.get(item.get("type"))
+        if key and last.get("type") == item["type"] and last.get("index") == item.get("index") \
+                and not last.get("signature"):
+            for name, value in item.items():
+                if name == key and isinstance(value, str):
+                    last[key] = (last.get(key) or "") + value
+                elif last.get(name) is None:
+                    last[name] = value
+        else:
+            details.append(dict(item))
 
 
 # -----------------------------------------------------------------------------
@@ -2753,7 +2824,7 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
         input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
         stop_reason=stop, cost_usd=usage.get("cost"),
         cache_read_tokens=cached.get("cached_tokens"),
-        cache_write_tokens=cached.get("cache_write_tokens")))
+        cache_write_tokens=cached.get("cache_write_tokens")), reasoning=chat_reasoning(message))
 
 
 def openai_events(chunks, settings: dict):
@@ -2763,11 +2834,12 @@ def openai_events(chunks, settings: dict):
     empty) go into the body; it ends at `data: [DONE]`, with or without a finish
     reason before it (some compatible servers send none, with tool calls too). An
     `error` in any chunk is raised, even with the finish reason "error" (OpenRouter)
-    or a [DONE] after it (vLLM)."""
-    text, refusal, calls, finish, usage, model = [], [], [], None, None, None
+    or a [DONE] after it (vLLM). Reasoning deltas are ReasoningPieces, their fields
+    kept in the message as they came (chat_reasoning_fold), for openai_round."""
+    text, refusal, calls, finish, usage, model, held = [], [], [], None, None, None, {}
     for name, data in sse_events(chunks, settings):
         if data == b"[DONE]":
-            message = {"content": "".join(text) or None, "refusal": "".join(refusal)}
+            message = {"content": "".join(text) or None, "refusal": "".join(refusal), **held}
             if calls:
                 message["tool_calls"] = streamed_calls(calls)
             return {"model": model, "usage": usage,
@@ -2783,6 +2855,9 @@ def openai_events(chunks, settings: dict):
             if choice.get("index", 0) != 0:
                 choice = next((c for c in choices if c.get("index") == 0), {})
             delta = choice.get("delta") or {}
+            thought = chat_reasoning_fold(held, delta)
+            if thought:
+                yield thought
             piece = delta.get("content")
             if piece and isinstance(piece, str):
                 text.append(piece)
@@ -3001,12 +3076,33 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=anthropic_input_tokens(usage), output_tokens=usage.get("output_tokens"),
         stop_reason=stop, cache_read_tokens=usage.get("cache_read_input_tokens"),
-        cache_write_tokens=usage.get("cache_creation_input_tokens")))
+        cache_write_tokens=usage.get("cache_creation_input_tokens")),
+        reasoning=anthropic_reasoning(data.get("content")))
+
+
+def anthropic_reasoning(content: list | None) -> str | None:
+    """The text of the thinking blocks in Messages API content: an answer's, or a
+    claude CLI assistant message's. redacted_thinking is opaque (kept only for the
+    round trip); a block sent with display "omitted" has empty text."""
+    return "".join(b["thinking"] for b in content or () if isinstance(b, dict)
+                   and b.get("type") == "thinking" and isinstance(b.get("thinking"), str)) \
+        or None
+
+
+def thinking_delta(event: dict) -> str | None:
+    """The reasoning piece of one Messages API stream event (the claude CLI's
+    stream_event lines carry the same events): a thinking_delta's text. A
+    signature_delta is no text; an empty delta happens."""
+    delta = event.get("delta") if event.get("type") == "content_block_delta" else None
+    if isinstance(delta, dict) and delta.get("type") == "thinking_delta" \
+            and isinstance(delta.get("thinking"), str):
+        return delta["thinking"] or None
+    return None
 
 
 def anthropic_events(chunks, settings: dict):
-    """`event:` + `data:` pairs: text_delta pieces (thinking, signatures and tool
-    input are not answer text); every content block as a non-streamed answer holds
+    """`event:` + `data:` pairs: text_delta pieces, thinking_delta ReasoningPieces
+    (signatures and tool input are neither); every content block as a non-streamed answer holds
     it (see anthropic_block_event); the message from message_start, its stop reason
     and usage from message_delta (cumulative: replaced, never added); it ends at
     message_stop. `event: error` (overloaded_error …) is raised."""
@@ -3046,7 +3142,7 @@ def anthropic_block_event(content: list, growing: dict, event: dict) -> str | No
     tool_use's `input: {}` there is a placeholder); text, thinking, signature and
     partial_json deltas grow it, their pieces held in growing (a defaultdict(list)
     of (index, field) -> pieces) until anthropic_blocks() joins them. Returns a
-    text_delta's text: the answer's piece."""
+    text_delta's text (the answer's piece) or a thinking_delta's (a ReasoningPiece)."""
     if event["type"] == "content_block_start":
         content.append(dict(event["content_block"]))
         return None
@@ -3056,7 +3152,7 @@ def anthropic_block_event(content: list, growing: dict, event: dict) -> str | No
     if not isinstance(value, str):
         return None
     growing[event["index"], target].append(value)
-    return value if source == "text" else None
+    return value if source == "text" else ReasoningPiece(value) if source == "thinking" else None
 
 
 def anthropic_blocks(content: list, growing: dict) -> list:
@@ -3179,18 +3275,16 @@ def gemini_thinking(config: dict, reasoning: str | int | None, model: str) -> No
     """Set thinkingConfig in a generationConfig. By the model name: Gemini 3 and
     later take thinkingLevel, 2.5 (and a name without a version: an alias such as
     gemini-flash-latest, which Gemini 3 also serves with a budget) take
-    thinkingBudget; never both (400). Models before 2.5 do not think: nothing.
-    includeThoughts asks for the thought summaries, also with reasoning None (the
-    amount stays the model's default). "off": budget 0, level MINIMAL; Pro models
-    cannot stop thinking, so their least (budget 128, level LOW)."""
+    thinkingBudget; never both (400). Models before 2.5 do not think, and None is
+    the model's default: nothing. includeThoughts asks for the thought summaries.
+    "off": budget 0, level MINIMAL; Pro models cannot stop thinking, so their
+    least (budget 128, level LOW)."""
     found = re.search(r"gemini-(\d+(?:\.\d+)?)", model)
     version = float(found[1]) if found else None
-    if version is not None and version < 2.5:
+    if reasoning is None or version is not None and version < 2.5:
         return
     pro = "-pro" in model
-    if reasoning is None:
-        config["thinkingConfig"] = {"includeThoughts": True}
-    elif version is not None and version >= 3:
+    if version is not None and version >= 3:
         level = ("LOW" if pro else "MINIMAL") if reasoning == "off" \
             else GEMINI_LEVELS[effort_of(reasoning)]
         config["thinkingConfig"] = {"thinkingLevel": level}
@@ -3232,12 +3326,21 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=stop,
         request_id=data.get("responseId"),
         # a count of 0 is left out: next to the input count, a missing one is 0
-        cache_read_tokens=cached if cached is not None or tokens_in is None else 0))
+        cache_read_tokens=cached if cached is not None or tokens_in is None else 0),
+        reasoning=gemini_reasoning(parts))
+
+
+def gemini_reasoning(parts) -> str | None:
+    """The thought summaries among Gemini parts (`thought: true`, sent only with
+    includeThoughts)."""
+    return "".join(p["text"] for p in parts or () if isinstance(p, dict) and p.get("thought")
+                   and isinstance(p.get("text"), str)) or None
 
 
 def gemini_events(chunks, settings: dict):
     """`data:` events (CRLF), each a whole GenerateContentResponse holding only new
-    parts: non-thought text parts are the pieces; every part goes into the body's
+    parts: non-thought text parts are the pieces, thought parts ReasoningPieces;
+    every part goes into the body's
     model turn (see gemini_turn); usage is the last snapshot seen. No end marker but
     a finishReason (or a blocked prompt) before the body ends; a turn that calls
     tools says STOP too. An error arrives as a bare JSON object outside any `data:`
@@ -3253,8 +3356,8 @@ def gemini_events(chunks, settings: dict):
             for part in (candidate.get("content") or {}).get("parts") or ():
                 parts.append(part)
                 piece = part.get("text")
-                if piece and isinstance(piece, str) and not part.get("thought"):
-                    yield piece
+                if piece and isinstance(piece, str):
+                    yield ReasoningPiece(piece) if part.get("thought") else piece
         feedback = chunk.get("promptFeedback") or feedback
         usage = chunk.get("usageMetadata") or usage
         model = chunk.get("modelVersion") or model
@@ -3394,25 +3497,31 @@ def ollama_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
 
 
 def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
-    text = answer_text((data.get("message") or {}).get("content"), settings)  # not `thinking`
-    if not text and not (data.get("message") or {}).get("tool_calls"):
+    message = data.get("message") or {}
+    text = answer_text(message.get("content"), settings)      # not `thinking`
+    if not text and not message.get("tool_calls"):
         raise empty_answer(settings, f"done_reason={data.get('done_reason')}")
     tokens_in, tokens_out = token_counts(data.get("prompt_eval_count"), data.get("eval_count"))
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
-        input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")))
+        input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")),
+        reasoning=chat_reasoning(message))
 
 
 def ollama_events(chunks, settings: dict):
-    """NDJSON lines: message.content pieces (never `thinking`); tool calls, each
-    whole on a line before the last; the last line has `done: true`, the stop
-    reason and the counts. An `{"error"}` line is raised."""
-    text, calls = [], []
+    """NDJSON lines: message.content pieces, message.thinking ReasoningPieces (kept in
+    the message for ollama_round); tool calls, each whole on a line before the last;
+    the last line has `done: true`, the stop reason and the counts. An `{"error"}`
+    line is raised."""
+    text, calls, held = [], [], {}
     for line in ndjson_lines(chunks, settings):
         data = stream_json(line, settings)
         if not isinstance(data, dict) or data.get("error"):
             raise stream_error(data, settings)
         message = data.get("message") or {}
+        thought = chat_reasoning_fold(held, message)
+        if thought:
+            yield thought
         piece = message.get("content")
         if piece and isinstance(piece, str):
             text.append(piece)
@@ -3420,7 +3529,7 @@ def ollama_events(chunks, settings: dict):
         if "tool_calls" in message and isinstance(message["tool_calls"], list):
             calls += message["tool_calls"]
         if data.get("done"):
-            message = {"role": "assistant", "content": "".join(text)}
+            message = {"role": "assistant", "content": "".join(text), **held}
             if calls:
                 message["tool_calls"] = calls
             return {**data, "message": message}
@@ -3714,21 +3823,6 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
     return result, shown
 
 
-def reasoning_only(pieces):
-    """The reasoning pieces among pieces (a generator), the text left out; returns
-    what pieces return."""
-    try:
-        while True:
-            try:
-                piece = next(pieces)
-            except StopIteration as end:
-                return end.value
-            if type(piece) is ReasoningPiece:
-                yield piece
-    finally:
-        pieces.close()
-
-
 def unshown(whole: str, partial: str, shown: bool) -> str:
     """What of a message's whole text is still to show, after partial (the part of
     it streamed so far): the rest, if whole extends partial; else whole, after a
@@ -3773,10 +3867,8 @@ def claude_code_run(ctx: Context, settings: dict, call: Call, streaming: bool = 
             shown = shown or shown_now
         elif files or thinks(ctx):
             events = claude_code_events(argv, stdin, settings, call, "", thoughts, env)
-            if streaming:
-                data = (yield from reasoning_only(events))[0]
-            else:
-                data = drain(events)[0]
+            data = (yield from after_blank_line(events, False, text=False))[0] if streaming \
+                else drain(events)[0]
         else:
             data = claude_code_result(*run_claude(argv, stdin, settings, call, env), settings)
         results.append(data)
@@ -3902,7 +3994,7 @@ BACKENDS = {
         models=anthropic_models,
         key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
         defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
-                  "base_url": "https://api.anthropic.com"}),
+                  "base_url": "https://api.anthropic.com", "thinking": "enabled"}),
     "openrouter": Backend(
         request=openrouter_request, response=openrouter_response, events=openrouter_events,
         tools=openai_tools, calls=openai_calls, round=openai_round,
@@ -3969,8 +4061,8 @@ class Options:
         "claude-code"); config: a TOML path, a dict shaped like the file, or None
         for the usual search.
     model, system (the system prompt), history, attachments, schema, max_tokens,
-        temperature, tools, and complex, session_id, max_turns, allowed_tools:
-        Context fields, set on the Context given (a keyword given wins).
+        temperature, tools, reasoning, and complex, session_id, max_turns,
+        allowed_tools: Context fields, set on the Context given (a keyword given wins).
     approve: called with each ToolCall before it runs; False sends the model "the
         user declined this call" instead.
     timeout: seconds for the whole call, fallbacks included (each provider's own
@@ -3996,6 +4088,7 @@ class Options:
     max_turns: int | None = None
     allowed_tools: list | None = None
     tools: tuple | list | None = None
+    reasoning: str | int | None = None
     approve: Callable | None = None
     timeout: float | None = None
     base_url: str | None = None
@@ -4348,6 +4441,7 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         raw, path = config
     ctx = context_of(ctx, options)
     check_history(ctx.history)
+    check_reasoning(ctx.reasoning)
     chain = provider_chain(raw, options.provider, options.fallback)
     settings = call_settings(options)
     if settings:
@@ -4391,37 +4485,49 @@ def stream(ctx: Context | str, provider: str | None = None, config=None, on_stat
 
 
 class Stream:
-    """Text pieces as they arrive (see stream()). `text` is the text so far;
-    `reply` is the OutgoingMessage once the answer ended well, else None.
+    """Text pieces as they arrive (see stream()). `text` is the text so far,
+    `reasoning` the model's reasoning so far (None: none yet), never among the
+    pieces; `reply` is the OutgoingMessage once the answer ended well, else None.
+    on_reasoning: called with each piece of reasoning as it arrives.
 
     The Stream keeps its own record of both, and what makes the pieces never
     refers back to it: a stream left unfinished (a `break`, an exception) is
     closed the moment the last reference to it goes (its connection hung up, its
     claude process stopped), not whenever the garbage collector runs."""
 
-    def __init__(self, pieces):
-        self._pieces, self._shown, self.reply = pieces, [], None
+    def __init__(self, pieces, on_reasoning: Callable | None = None):
+        self._pieces, self._shown, self._thoughts, self.reply = pieces, [], [], None
+        self._on_reasoning = on_reasoning
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
-        try:
-            piece = next(self._pieces)
-        except StopIteration as end:
-            if end.value is not None:
-                self.reply = end.value
-            raise StopIteration from None
-        except ProviderError as e:
-            if not self._shown:
-                raise
-            raise e.with_context(partial_text="".join(self._shown)) from None
-        self._shown.append(piece)
-        return piece
+        while True:
+            try:
+                piece = next(self._pieces)
+            except StopIteration as end:
+                if end.value is not None:
+                    self.reply = end.value
+                raise StopIteration from None
+            except ProviderError as e:
+                if not self._shown:
+                    raise
+                raise e.with_context(partial_text="".join(self._shown)) from None
+            if type(piece) is not ReasoningPiece:
+                self._shown.append(piece)
+                return piece
+            self._thoughts.append(piece)
+            if self._on_reasoning is not None:
+                self._on_reasoning(str(piece))
 
     @property
     def text(self) -> str:
         return "".join(self._shown)
+
+    @property
+    def reasoning(self) -> str | None:
+        return "".join(self._thoughts) or None
 
     def close(self) -> None:
         """Stop now: the connection is closed, the claude process group stopped."""
@@ -4926,7 +5032,10 @@ def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bo
     failure after a tool ran carries partial_text and tool_calls (and is never
     sent to a fallback provider); so does the round limit (max_turns) and the
     deadline passing while a tool ran. Streamed rounds are separated by a blank
-    line when text came before."""
+    line when text came before, their reasoning likewise. The request, and so the
+    reasoning setting, stays the same for the whole loop (Anthropic refuses a
+    change), and the model's turn goes back with its reasoning as the API needs it
+    (<name>_round); nothing of it reaches another provider."""
     url, headers, body = backend.request(ctx, settings, streaming)
     body["tools"] = backend.tools(ctx.tools)
     tools = {tool.name: tool for tool in ctx.tools}
@@ -4935,7 +5044,8 @@ def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bo
     try:
         for turn in range(1, most + 1):
             pieces = attempt(backend, (url, headers, body), settings, call, streaming)
-            reply, data = yield from after_blank_line(pieces, bool(texts) and streaming)
+            reply, data = yield from after_blank_line(
+                pieces, bool(texts) and streaming, any(r.reasoning for r in replies))
             replies.append(reply)
             texts += [reply.text] * bool(reply.text)
             calls = read_shaped(backend.calls, settings, reply, data)
@@ -4967,6 +5077,7 @@ def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bo
         **{name: total(getattr(r.metadata, name) for r in replies)
            for name in ("input_tokens", "output_tokens", "cost_usd", "attempts")})
     reply.tool_calls = ran
+    reply.reasoning = joined_reasoning(r.reasoning for r in replies)
     return reply
 
 
@@ -4979,15 +5090,24 @@ def read_shaped(read: Callable, settings: dict, reply: OutgoingMessage, *args):
         raise shape_error(settings, reply.metadata.request_id) from None
 
 
-def after_blank_line(pieces, blank: bool):
-    """pieces, the first after a blank line when blank; returns what pieces return."""
+def after_blank_line(pieces, blank: bool, blank_reasoning: bool = False, text: bool = True):
+    """pieces, the first text piece after a blank line when blank, the first
+    ReasoningPiece when blank_reasoning (a round after others); text=False leaves
+    the text pieces out. Returns what pieces return."""
     try:
-        piece = next(pieces)
-    except StopIteration as end:
-        return end.value
-    try:
-        yield "\n\n" + piece if blank else piece
-        return (yield from pieces)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                return end.value
+            if type(piece) is ReasoningPiece:
+                if blank_reasoning:
+                    piece, blank_reasoning = ReasoningPiece("\n\n" + piece), False
+            elif not text:
+                continue
+            elif blank:
+                piece, blank = "\n\n" + piece, False
+            yield piece
     finally:
         pieces.close()
 
@@ -5150,7 +5270,7 @@ LOGGED_RESULT_BYTES = 4096   # of a tool call's result, in the log
 LOGGED_CALL_CHARS = 200      # a logged tool call's line in --logs
 LOG_FIELDS = ("provider", "model", "system_prompt", "prompt", "answer", "input_tokens",
               "output_tokens", "cost_usd", "duration_ms", "stop_reason", "session_id",
-              "error", "asked_model", "tool_calls")
+              "error", "asked_model", "tool_calls", "reasoning")
 LOG_COLUMNS = ("conversation", "time", *LOG_FIELDS)
 LOG_SCHEMA = """CREATE TABLE exchanges (
     id INTEGER PRIMARY KEY,          -- the order rows were written in
@@ -5170,14 +5290,16 @@ LOG_SCHEMA = """CREATE TABLE exchanges (
     error TEXT,                      -- one line when it failed or was stopped, else NULL
     asked_model TEXT,                -- the model the user asked for (-m, Context.model),
                                      -- else NULL: what --continue sends
-    tool_calls TEXT                  -- JSON: [{"name", "arguments", "result" (at most
+    tool_calls TEXT,                 -- JSON: [{"name", "arguments", "result" (at most
                                      -- 4 KB), "error"}] of every call, or NULL
+    reasoning TEXT                   -- the model's reasoning (received), or NULL
 )"""
 LOG_INDEX = "CREATE INDEX exchanges_by_conversation ON exchanges (conversation, id)"
 # What an older file lacks, added the next time it is written (ALTER TABLE, in the
 # write's transaction, no row lost); until then it reads as NULL. A version-1 file
-# may lack both (asked_model came late in version 1) and becomes version 2.
-LOG_ADDED_COLUMNS = {"asked_model": "TEXT", "tool_calls": "TEXT"}
+# may lack both (asked_model came late in version 1) and becomes version 2; a file
+# of either version may lack reasoning, which an older omega leaves alone.
+LOG_ADDED_COLUMNS = {"asked_model": "TEXT", "tool_calls": "TEXT", "reasoning": "TEXT"}
 # A conversation with an exchange that was answered: one that --continue may go on.
 ANSWERED = "answer IS NOT NULL AND error IS NULL"
 # The files SQLite keeps for the log: itself, its write-ahead log, its shared
@@ -5563,10 +5685,10 @@ def interruption(stop: BaseException) -> str:
 
 
 def record(log: str, ctx: Context, provider: str, outcome, received: str, started: float,
-           conversation: dict | None, warn) -> None:
+           conversation: dict | None, warn, thought: str | None = None) -> None:
     """Write one exchange to the log. outcome: the reply, or the error or the
     interruption (KeyboardInterrupt, GeneratorExit) it ended with, after the text
-    `received`; provider: the one asked first, for a row that nothing else names a
+    `received` and the reasoning `thought`; provider: the one asked first, for a row that nothing else names a
     provider for. A failure to write is said to warn (or the debug log), not raised."""
     reply = outcome if isinstance(outcome, OutgoingMessage) else None
     meta = reply.metadata if reply else MessageMetadata()
@@ -5584,7 +5706,8 @@ def record(log: str, ctx: Context, provider: str, outcome, received: str, starte
              "stop_reason": meta.stop_reason,
              "session_id": meta.session_id or getattr(outcome, "session_id", None),
              "error": error,
-             "tool_calls": reply.tool_calls if reply else getattr(outcome, "tool_calls", None)}
+             "tool_calls": reply.tool_calls if reply else getattr(outcome, "tool_calls", None),
+             "reasoning": reply.reasoning if reply else thought}
     try:
         written = log_exchange(log, entry)
     except OmegaError as e:
@@ -5605,7 +5728,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
     provider: no row. A log that cannot be written never fails the call. show: told
     the reply once it is whole, before its row is written (the CLI prints it there,
     so that the log never delays the answer)."""
-    started, received, outcome = time.time(), [], None
+    started, received, thoughts, outcome = time.time(), [], [], None
     try:
         while True:
             try:
@@ -5613,7 +5736,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
             except StopIteration as end:
                 outcome = end.value
                 break
-            received.append(piece)
+            (thoughts if type(piece) is ReasoningPiece else received).append(piece)
             yield piece
         if show is not None:
             show(outcome)
@@ -5628,7 +5751,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
         pieces.close()          # hung up before the row is written, not after
         if log and outcome is not None:
             record(log, ctx, provider, outcome, "".join(received), started, conversation,
-                   warn)
+                   warn, "".join(thoughts) or None)
 
 
 # =============================================================================
@@ -5701,6 +5824,12 @@ def parse_args(argv):
         help="answer as JSON following this JSON Schema (a file, or the JSON itself); "
              "prints the JSON alone, compact")
     add("--models", action="store_true", help="list the provider's models, one a line")
+    # Reasoning
+    add("-r", "--reasoning", metavar="EFFORT|N", type=lambda v: check_reasoning(v, "-r"),
+        help="how much the model may think: off, low, medium, high, or N tokens "
+             "(default: the backend's own)")
+    add("--show-reasoning", action="store_true",
+        help="write the model's reasoning to stderr as it arrives (dim on a terminal)")
     # Tools
     add("--functions", action="append", metavar="FILE.py|CODE", type=text_arg,
         help="offer the model every top-level public function of this Python file (or "
@@ -5938,13 +6067,36 @@ def print_logs(log: str, n: int, as_json: bool) -> int:
     return 0
 
 
-def print_stream(answer: Stream) -> None:
+class ReasoningShown:
+    """--show-reasoning: the reasoning on stderr as it arrives, dim on a terminal,
+    redacted and without escape sequences as any text from a server; a line break
+    ends it before answer text follows (stdout and stderr may share a terminal)."""
+
+    def __init__(self):
+        self.open = False
+
+    def __call__(self, piece: str) -> None:
+        piece = printable(piece)
+        dim = sys.stderr is not None and sys.stderr.isatty()
+        write_stderr(f"\x1b[2m{piece}\x1b[0m" if dim else piece)
+        self.open = True
+
+    def end(self) -> None:
+        if self.open:
+            write_stderr("\n")
+            self.open = False
+
+
+def print_stream(answer: Stream, thought: ReasoningShown | None = None) -> None:
     """Write each piece as it arrives, then a newline. When the answer breaks off
     (an error, Ctrl-C), the line is ended and the error says how much arrived; the
-    stream is closed whatever happens (the connection, the claude process group)."""
+    stream is closed whatever happens (the connection, the claude process group).
+    thought: shows the reasoning (Stream's on_reasoning)."""
     with answer:
         try:
             for piece in answer:
+                if thought is not None:
+                    thought.end()
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except (OmegaError, KeyboardInterrupt) as e:
@@ -5958,8 +6110,12 @@ def print_stream(answer: Stream) -> None:
     sys.stdout.write("\n")
 
 
-def print_reply(reply: OutgoingMessage, args) -> None:
-    """A whole answer, as reply_text() gives it, on stdout."""
+def print_reply(reply: OutgoingMessage, args, thought: ReasoningShown | None = None) -> None:
+    """A whole answer, as reply_text() gives it, on stdout; thought: shows its
+    reasoning first."""
+    if thought is not None and reply.reasoning:
+        thought(reply.reasoning)
+        thought.end()
     sys.stdout.write(reply_text(reply, args) + "\n")
     sys.stdout.flush()
 
@@ -6194,7 +6350,7 @@ def run_cli(argv) -> int:
             raw = {**raw, "provider": {**raw.get("provider", {}), "auto_route": True}}
         ctx = Context(prompt, system_prompt=args.system, model=args.model,
                       complex=args.complex, max_tokens=args.max_tokens,
-                      temperature=args.temperature)
+                      temperature=args.temperature, reasoning=args.reasoning)
         provider, conversation = args.provider, None
         if args.go_on or args.chat:
             if not log:
@@ -6214,11 +6370,13 @@ def run_cli(argv) -> int:
         options = Options(provider=provider, on_status=say, fallback=args.fallback,
                           timeout=args.timeout, tools=tools, approve=approve)
         streaming = args.schema is None and not args.json and not args.no_stream
+        thought = ReasoningShown() if args.show_reasoning else None
         pieces = answer(ctx, options, streaming, conversation={"id": conversation},
                         config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"),
-                        show=None if streaming else lambda reply: print_reply(reply, args))
+                        show=None if streaming else lambda reply: print_reply(reply, args,
+                                                                             thought))
         if streaming:
-            print_stream(Stream(pieces))
+            print_stream(Stream(pieces, thought), thought)
         else:
             drain(pieces)                    # printed by print_reply, before the log
         sys.stdout.flush()
