@@ -6286,7 +6286,7 @@ def test_log_round_trip(tmp_path):
                        "answer": "hello", "input_tokens": 3, "output_tokens": 5,
                        "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
                        "session_id": None, "error": None, "asked_model": None,
-                       "tool_calls": None}
+                       "tool_calls": None, "reasoning": None}
     assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
     assert rows[1]["answer"] == "partial" and rows[1]["error"] == "openai: 500 boom"   # failed
     # after some text: both are kept (issue 17, item 4)
@@ -6733,8 +6733,8 @@ def test_a_version_1_log_is_upgraded_in_place_without_losing_a_row(tmp_path, ask
         ("old 0", None, None), ("old 1", None, None), ("old 2", None, None),
         ("hi", "gpt-x", [{"name": "now", "arguments": {}, "result": "noon", "error": False}])]
     assert sql(path, "PRAGMA user_version") == [(2,)]
-    assert [c[1] for c in sql(path, "PRAGMA table_info(exchanges)")][-2:] == \
-        ["asked_model", "tool_calls"]
+    assert [c[1] for c in sql(path, "PRAGMA table_info(exchanges)")][-3:] == \
+        ["asked_model", "tool_calls", "reasoning"]
 
 
 def test_a_calls_tool_calls_are_logged_redacted_and_cut(api, tmp_path):
