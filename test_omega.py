@@ -545,38 +545,73 @@ def stream_via(name, api, ctx=None, **section):
 
 # --- tool calls in each API's wire format ------------------------------------
 
-def answer_with(name, text="", calls=()):
+# The reasoning of answer_with(..., thought=THOUGHT) and stream_with(), and what
+# each API asks to have back with it: Anthropic's signature and a redacted block,
+# OpenRouter's signed reasoning_details, Gemini's signature on the call's part.
+THOUGHT = "Weigh it: 2 + 2 = 4, ça va."
+SIGNATURE = "EqQBCkgIBxABGAIiQL0+7sig/naTure=="
+REDACTED = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/redacted=="}
+DETAILS = [{"type": "reasoning.text", "text": THOUGHT, "format": "anthropic-claude-v1",
+            "index": 0, "signature": SIGNATURE}]
+# Where each backend's answer holds it: the OpenAI wire as DeepSeek sends it.
+THOUGHT_KEY = {"openai": "reasoning_content", "openrouter": "reasoning", "ollama": "thinking"}
+
+
+def answer_with(name, text="", calls=(), thought=None):
     """A body of backend `name`: text, then calls [(id, function, arguments)] when
-    given (Gemini's carry no id, as recorded; Ollama's one when given)."""
+    given (Gemini's carry no id, as recorded; Ollama's one when given); thought: its
+    reasoning first, in the API's shape (see THOUGHT)."""
     if name in ("openai", "openrouter"):
         body = answer_of(name, text, "tool_calls" if calls else None)
         message = body["choices"][0]["message"]
         message["content"] = text or None
+        if thought:
+            message[THOUGHT_KEY[name]] = thought
+            if name == "openrouter":
+                message["reasoning_details"] = [{**DETAILS[0], "text": thought}]
         if calls:
             message["tool_calls"] = [{"id": i, "type": "function", "function": {
                 "name": f, "arguments": json.dumps(a)}} for i, f, a in calls]
         return body
     if name == "anthropic":
-        return anthropic_ok(*[{"type": "text", "text": text}] * bool(text),
+        return anthropic_ok(*[{"type": "thinking", "thinking": thought, "signature": SIGNATURE},
+                              REDACTED] * bool(thought),
+                            *[{"type": "text", "text": text}] * bool(text),
                             *({"type": "tool_use", "id": i, "name": f, "input": a}
                               for i, f, a in calls), stop="tool_use" if calls else "end_turn")
     if name == "gemini":
-        return gemini_ok(*[{"text": text}] * bool(text),
-                         *({"functionCall": {"name": f, "args": a}} for _, f, a in calls))
-    message = {"role": "assistant", "content": text}
+        return gemini_ok(*[{"text": thought, "thought": True}] * bool(thought),
+                         *[{"text": text}] * bool(text),
+                         *({"functionCall": {"name": f, "args": a},
+                            **({"thoughtSignature": SIGNATURE} if thought else {})}
+                           for _, f, a in calls))
+    message = {"role": "assistant", "content": text, **({"thinking": thought} if thought else {})}
     if calls:
         message["tool_calls"] = [{**({"id": i} if i else {}), "function": {
             "name": f, "arguments": a}} for i, f, a in calls]
     return ollama_ok(text, message=message)
 
 
-def stream_with(name, text="", calls=()):
-    """The answer of answer_with(), streamed in the API's framing, text in two pieces
-    and each call's arguments (OpenAI, Anthropic) in 4-character deltas."""
-    half = len(text) // 2
+def stream_with(name, text="", calls=(), thought=None):
+    """The answer of answer_with(), streamed in the API's framing, text and thought
+    in two pieces each and each call's arguments (OpenAI, Anthropic) in 4-character
+    deltas."""
+    half, middle = len(text) // 2, len(thought or "") // 2
     texts = [t for t in (text[:half], text[half:]) if t]
+    thoughts = [t for t in (thought[:middle], thought[middle:])] if thought else []
     if name in ("openai", "openrouter"):
-        chunks = [oa_chunk(t) for t in texts]
+        chunks = [oa_chunk() for t in thoughts]
+        for chunk, t in zip(chunks, thoughts):
+            chunk["choices"][0]["delta"] = {THOUGHT_KEY[name]: t}
+            if name == "openrouter":        # as OpenRouter streams them, the signature last
+                chunk["choices"][0]["delta"]["reasoning_details"] = [
+                    {k: t if k == "text" else v for k, v in DETAILS[0].items() if k != "signature"}]
+        if thought and name == "openrouter":
+            chunks.append(oa_chunk())
+            chunks[-1]["choices"][0]["delta"] = {"reasoning_details": [
+                {"type": "reasoning.text", "signature": SIGNATURE, "format": "anthropic-claude-v1",
+                 "index": 0}]}
+        chunks += [oa_chunk(t) for t in texts]
         for n, (i, f, a) in enumerate(calls):
             arguments = json.dumps(a, ensure_ascii=False)
             chunks.append(oa_chunk())
@@ -597,7 +632,11 @@ def stream_with(name, text="", calls=()):
         out = [event("message_start", message={
             "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
             "content": [], "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}})]
-        blocks = [({"type": "text", "text": ""}, [("text_delta", "text", t) for t in texts])] \
+        blocks = [({"type": "thinking", "thinking": "", "signature": ""},
+                   [*(("thinking_delta", "thinking", t) for t in thoughts),
+                    ("signature_delta", "signature", SIGNATURE)]),
+                  (REDACTED, [])] * bool(thought)
+        blocks += [({"type": "text", "text": ""}, [("text_delta", "text", t) for t in texts])] \
             * bool(text)
         for i, f, a in calls:
             arguments = json.dumps(a, ensure_ascii=False)
@@ -614,15 +653,20 @@ def stream_with(name, text="", calls=()):
                                                   else "end_turn"}, usage={"output_tokens": 4}))
         return b"".join(out) + event("message_stop")
     if name == "gemini":
-        chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": t}]},
-                                   "index": 0}]} for t in texts]
+        chunks = [{"candidates": [{"content": {"role": "model", "parts": [part]}, "index": 0}]}
+                  for part in [*({"text": t, "thought": True} for t in thoughts),
+                               *({"text": t} for t in texts)]]
         chunks.append({"candidates": [{"content": {"role": "model", "parts": [
-            {"functionCall": {"name": f, "args": a}} for _, f, a in calls] or [{"text": ""}]},
+            {"functionCall": {"name": f, "args": a},
+             **({"thoughtSignature": SIGNATURE} if thought else {})}
+            for _, f, a in calls] or [{"text": ""}]},
             "finishReason": "STOP", "index": 0}],
             "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 3}})
         return b"".join(b"data: " + utf8_json(c) + b"\r\n\r\n" for c in chunks)
-    lines = [{"model": "llama3", "message": {"role": "assistant", "content": t}, "done": False}
-             for t in texts]
+    lines = [{"model": "llama3", "message": {"role": "assistant", "content": "", "thinking": t},
+              "done": False} for t in thoughts]
+    lines += [{"model": "llama3", "message": {"role": "assistant", "content": t}, "done": False}
+              for t in texts]
     if calls:
         lines.append({"model": "llama3", "done": False, "message": {
             "role": "assistant", "content": "", "tool_calls": [
@@ -638,11 +682,11 @@ def utf8_json(value):
     return json.dumps(value, ensure_ascii=False).encode()
 
 
-def queue(api, name, streaming, text="", calls=(), **extra):
+def queue(api, name, streaming, text="", calls=(), thought=None, **extra):
     """Queue the next answer of api: answer_with(), or stream_with() served in slices."""
     if streaming:
-        return serve_stream(api, stream_with(name, text, calls), **extra)
-    return api.reply(answer_with(name, text, calls), **extra)
+        return serve_stream(api, stream_with(name, text, calls, thought), **extra)
+    return api.reply(answer_with(name, text, calls, thought), **extra)
 
 
 def sent_results(name, body):
@@ -3733,6 +3777,171 @@ def test_ollama_declarations_and_the_documented_round():
     for seed in range(10):
         data = omega.drain(omega.ollama_events(in_slices(OLLAMA_STREAM, seed), FRAMING))
         assert omega.ollama_calls(data) == [omega.ToolCall(None, "get_weather", {"city": "Tokyo"})]
+
+
+# --- every backend: reasoning, its knob and its text -------------------------
+
+# What each reasoning value becomes in a backend's request (the README's table), for
+# (model, section, reasoning): the request's reasoning fields (see sent_knob).
+KNOBS = {
+    "openai": [("gpt-5.1", {}, None, {}), ("gpt-5.1", {}, "off", {"reasoning_effort": "none"}),
+               ("gpt-5", {}, "off", {"reasoning_effort": "minimal"}),
+               ("o4-mini", {}, "off", {"reasoning_effort": "low"}),
+               ("gpt-4o", {}, "off", {}), ("gpt-5.1", {}, "low", {"reasoning_effort": "low"}),
+               ("gpt-5.1", {}, "medium", {"reasoning_effort": "medium"}),
+               ("gpt-5.1", {}, "high", {"reasoning_effort": "high"}),
+               ("gpt-5.1", {}, 2048, {"reasoning_effort": "low"}),
+               ("gpt-5.1", {}, 3000, {"reasoning_effort": "medium"}),
+               ("gpt-5.1", {}, 100000, {"reasoning_effort": "high"}),
+               ("deepseek-chat", {}, "high", {"reasoning_effort": "high",
+                                              "thinking": {"type": "enabled"}}),
+               ("deepseek-chat", {}, "off", {"thinking": {"type": "disabled"}})],
+    "openrouter": [("x/y", {}, None, {}), ("x/y", {}, "off", {"reasoning": {"effort": "none"}}),
+                   ("x/y", {}, "low", {"reasoning": {"effort": "low"}}),
+                   ("x/y", {}, 5000, {"reasoning": {"max_tokens": 5000}})],
+    "anthropic": [
+        ("claude-x", {}, None, {"max_tokens": 8192}),
+        ("claude-x", {}, "off", {"thinking": {"type": "disabled"}, "max_tokens": 8192}),
+        ("claude-x", {}, "low", {"thinking": {"type": "enabled", "budget_tokens": 1024,
+                                              "display": "summarized"}, "max_tokens": 8192}),
+        ("claude-x", {}, "high", {"thinking": {"type": "enabled", "budget_tokens": 16384,
+                                               "display": "summarized"}, "max_tokens": 24576}),
+        ("claude-x", {"max_tokens": 2000}, 500, {"thinking": {
+            "type": "enabled", "budget_tokens": 1024, "display": "summarized"}, "max_tokens": 2000}),
+        ("claude-x", {"thinking": "adaptive"}, "medium", {
+            "thinking": {"type": "adaptive", "display": "summarized"},
+            "output_config": {"effort": "medium"}, "max_tokens": 8192}),
+        ("claude-x", {"thinking": "adaptive"}, 20000, {
+            "thinking": {"type": "adaptive", "display": "summarized"},
+            "output_config": {"effort": "high"}, "max_tokens": 8192}),
+        ("claude-x", {"thinking": "adaptive"}, "off", {"max_tokens": 8192})],
+    "gemini": [("gemini-2.5-flash", {}, None, {}),
+               ("gemini-2.5-flash", {}, "off", {"thinkingBudget": 0}),
+               ("gemini-2.5-flash", {}, "low", {"thinkingBudget": 1024, "includeThoughts": True}),
+               ("gemini-flash-latest", {}, 3000, {"thinkingBudget": 3000, "includeThoughts": True}),
+               ("gemini-2.5-pro", {}, "off", {"thinkingBudget": 128}),
+               ("gemini-3-pro-preview", {}, "high", {"thinkingLevel": "HIGH",
+                                                     "includeThoughts": True}),
+               ("gemini-3-pro-preview", {}, "off", {"thinkingLevel": "LOW"}),
+               ("gemini-3-flash", {}, "off", {"thinkingLevel": "MINIMAL"}),
+               ("gemini-2.0-flash", {}, "high", {})],
+    "ollama": [("qwen3", {}, None, {}), ("qwen3", {}, "off", {"think": False}),
+               ("gpt-oss:20b", {}, "off", {"think": "low"}),
+               ("qwen3", {}, "medium", {"think": "medium"}),
+               ("qwen3", {}, 20000, {"think": "high"})],
+}
+
+
+def sent_knob(name, body):
+    """The reasoning fields of a request body (see KNOBS)."""
+    if name == "gemini":
+        return body.get("generationConfig", {}).get("thinkingConfig", {})
+    keys = {"openai": ("reasoning_effort", "thinking"), "openrouter": ("reasoning",),
+            "anthropic": ("thinking", "output_config", "max_tokens"), "ollama": ("think",)}[name]
+    return {k: body[k] for k in keys if k in body}
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_each_reasoning_value_becomes_the_backends_own_knob(api, name):
+    for model, section, reasoning, knob in KNOBS[name]:
+        for streaming in (False, True):
+            queue(api, name, streaming, "Four.")
+            config = cfg(name, api, model=model, **section)
+            if streaming:
+                with omega.stream("2+2?", name, config, reasoning=reasoning) as s:
+                    list(s)
+            else:
+                omega.complete(omega.Context("2+2?", reasoning=reasoning), name, config)
+            assert sent_knob(name, api.last().body) == knob, (model, section, reasoning)
+
+
+@pytest.mark.parametrize("where", ["context", "section"])
+def test_anthropic_refuses_a_temperature_with_thinking_before_sending(api, where):
+    config = cfg("anthropic", api, **({"temperature": 0.5} if where == "section" else {}))
+    ctx = omega.Context("hi", temperature=0.5 if where == "context" else None, reasoning=4096)
+    with pytest.raises(omega.ConfigError, match="temperature cannot go with reasoning"):
+        omega.complete(ctx, "anthropic", config)
+    api.reply(anthropic_ok())
+    assert omega.complete(ctx, "anthropic", config, reasoning="off").text
+    assert len(api.requests) == 1 and api.last().body["temperature"] == 0.5
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_reasoning_text_comes_apart_from_the_answer(api, name, streaming):
+    queue(api, name, streaming, "Four.", thought=THOUGHT)
+    ctx = omega.Context("2+2?", reasoning="high")
+    if streaming:
+        pieces, s = stream_via(name, api, ctx)
+        assert "".join(pieces) == s.text == "Four." and s.reasoning == THOUGHT
+        reply = s.reply
+    else:
+        reply = ask_via(name, api, ctx)
+    assert reply.text == "Four." and reply.reasoning == THOUGHT
+    assert reply.to_dict()["reasoning"] == THOUGHT
+    queue(api, name, streaming, "Four.")                  # none: None, and no key
+    reply = stream_via(name, api)[1].reply if streaming else ask_via(name, api)
+    assert reply.reasoning is None and "reasoning" not in reply.to_dict()
+
+
+def test_vllm_and_openrouter_reasoning_fields_are_read_too():
+    assert omega.chat_reasoning({"content": "x", "reasoning": "vLLM"}) == "vLLM"
+    assert omega.chat_reasoning({"reasoning_details": [
+        {"type": "reasoning.summary", "summary": "A"}, {"type": "reasoning.encrypted", "data": "z"},
+        {"type": "reasoning.text", "text": "B"}]}) == "AB"
+    held = {}                         # the encrypted item stays its own, after the signed one
+    for items in ([{**DETAILS[0], "signature": None}], [{"type": "reasoning.encrypted",
+                                                         "data": "z", "index": 0}]):
+        omega.chat_reasoning_fold(held, {"reasoning_details": items})
+    assert [d["type"] for d in held["reasoning_details"]] == ["reasoning.text",
+                                                              "reasoning.encrypted"]
+
+
+def echoed_reasoning(name, turn):
+    """What of a model's turn, sent back in the next round, is its reasoning."""
+    if name == "anthropic":
+        return turn["content"]
+    if name == "gemini":
+        return turn["parts"]
+    return turn["reasoning_details"] if name == "openrouter" else turn[THOUGHT_KEY[name]]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_reasoning_goes_back_exactly_within_the_tool_loop(api, name, streaming):
+    calls = [("call_1", "get_weather", {"city": "Paris"})]
+    queue(api, name, streaming, "", calls, thought=THOUGHT)
+    queue(api, name, streaming, "It rains.", thought="Then: an umbrella.")
+    reply, pieces = with_tools(name, api, streaming, [get_weather], reasoning="low")
+    turn = api.last().body[omega.BACKENDS[name].turns][-2]
+    came = answer_with(name, "", calls, THOUGHT)    # what a whole answer holds, byte for byte
+    came = came if name == "anthropic" else came["candidates"][0]["content"] if name == "gemini" \
+        else came["message"] if name == "ollama" else came["choices"][0]["message"]
+    same(echoed_reasoning(name, turn), echoed_reasoning(name, came))
+    assert reply.reasoning == THOUGHT + "\n\nThen: an umbrella." and reply.text == "It rains."
+    assert sent_knob(name, api.requests[0].body) == sent_knob(name, api.last().body)
+
+
+def test_a_fallback_sends_none_of_the_first_providers_reasoning(api, api2):
+    api.reply({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+              status=529)
+    api2.reply(answer_with("openai", "Four.", thought=THOUGHT))
+    config = {"provider": {"default": "anthropic", "fallback": ["openai"],
+                           "anthropic": cfg("anthropic", api, max_retries=0)["provider"]["anthropic"],
+                           "openai": cfg("openai", api2)["provider"]["openai"]}}
+    reply = omega.complete("2+2?", config=config, reasoning="high")
+    assert reply.metadata.provider_used == "openai" and reply.reasoning == THOUGHT
+    assert api.last().body["thinking"]["budget_tokens"] == 16384
+    sent = api2.last().body
+    assert sent["reasoning_effort"] == "high" and "thinking" not in sent
+    # Reasoning once shown is shown: a stream that breaks after it goes nowhere else.
+    serve_stream(api, stream_with("anthropic", "Four.", thought=THOUGHT).split(b"event: content_block_stop")[0]
+                 + b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+                   b'"message": "Overloaded"}}\n\n')
+    s = omega.stream("2+2?", config=config, reasoning="high")
+    with pytest.raises(omega.ProviderError, match="Overloaded"):
+        list(s)
+    assert s.reasoning == THOUGHT and s.text == "" and len(api2.requests) == 1
 
 
 # --- OpenAI and compatible servers -------------------------------------------
