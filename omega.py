@@ -3781,13 +3781,13 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
                     thought, message_id = thinking_delta(inner), current
             elif kind == "assistant" and not event.get("error"):
                 message = event.get("message") if isinstance(event.get("message"), dict) else {}
-                message_id = message.get("id")
-                if message_id not in started and message.get("model") != "<synthetic>":
+                message_id, own = message.get("id"), message.get("model") != "<synthetic>"
+                texts = [b["text"] for b in message.get("content") or () if isinstance(b, dict)
+                         and b.get("type") == "text" and isinstance(b.get("text"), str)]
+                if own and message_id not in started:
                     thought = anthropic_reasoning(message.get("content"))
-                if message_id not in streamed and message.get("model") != "<synthetic>":
-                    whole = "".join(b.get("text") or "" for b in message.get("content") or ()
-                                    if isinstance(b, dict) and b.get("type") == "text"
-                                    and isinstance(b.get("text"), str))
+                if own and texts and message_id not in streamed:   # one block a line: text's
+                    whole = "".join(texts)
                     streamed.add(message_id)
                     piece, partial, new_message = unshown(whole, partial, shown), whole, False
             elif kind == "result":

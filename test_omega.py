@@ -4701,6 +4701,65 @@ def test_claude_code_refuses_a_schema_longer_than_one_argument_may_be(claude, ap
     assert len(claude.calls()) == 1 and api.requests == []        # nothing ran, no fallback
 
 
+# --- claude-code: reasoning (--effort, MAX_THINKING_TOKENS, thinking blocks) --
+
+def cli_thinking(streamed):
+    """The lines of a stream-json run that thinks: message m1 (thinking, then its answer,
+    as the real CLI writes them, one block a line), a subagent's thinking, and message m2
+    (thinking only); streamed: with m1's partial messages first."""
+    def assistant(mid, block, parent=None):
+        return {"type": "assistant", "session_id": "s-1", "parent_tool_use_id": parent,
+                "message": {"id": mid, "model": "claude-opus-4-8", "content": [block]}}
+
+    def event(inner):
+        return {"type": "stream_event", "event": inner, "parent_tool_use_id": None}
+    half = len(THOUGHT) // 2
+    lines = [event({"type": "message_start", "message": {"id": "m1", "content": []}}),
+             event({"type": "content_block_start", "index": 0, "content_block": {
+                 "type": "thinking", "thinking": "", "signature": ""}}),
+             *(event({"type": "content_block_delta", "index": 0, "delta": {
+                 "type": "thinking_delta", "thinking": t}}) for t in (THOUGHT[:half], THOUGHT[half:])),
+             event({"type": "content_block_delta", "index": 0, "delta": {
+                 "type": "signature_delta", "signature": SIGNATURE}}),
+             event({"type": "content_block_delta", "index": 1, "delta": {
+                 "type": "text_delta", "text": "Four."}})] * streamed
+    return lines + [assistant("m1", {"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}),
+                    assistant("m1", {"type": "text", "text": "Four."}),
+                    assistant("m9", {"type": "thinking", "thinking": "Not mine."}, "toolu_1"),
+                    assistant("m2", {"type": "thinking", "thinking": "Checked."})]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+def test_claude_code_reasoning_comes_from_its_thinking_blocks(claude, streaming):
+    claude.plan({"lines": cli_thinking(streaming), "result": "Four."})
+    config = claude.config(allowed_tools=["Read"])
+    if streaming:
+        s = omega.stream("2+2?", "claude-code", config, reasoning="high")
+        with s:
+            assert "".join(s) == "Four."
+        reply = s.reply
+        assert s.reasoning == reply.reasoning
+    else:
+        reply = omega.complete("2+2?", "claude-code", config, reasoning="high")
+    assert reply.text == "Four." and reply.reasoning == THOUGHT + "\n\nChecked."
+    (call,) = claude.calls()
+    argv = call["argv"]
+    assert argv[argv.index("--output-format") + 1] == "stream-json" and "--verbose" in argv
+    assert argv[argv.index("--effort") + 1] == "high" and call["thinking"] == "16384"
+    assert argv.index("--effort") < argv.index("--allowedTools")   # that flag takes the rest
+
+
+def test_claude_code_gets_an_effort_and_a_budget_or_zero_for_off(claude):
+    for reasoning, effort, budget in ((None, None, None), ("off", None, "0"),
+                                      ("low", "low", "1024"), (3000, "medium", "3000")):
+        omega.complete("hi", "claude-code", claude.config(), reasoning=reasoning)
+        call = claude.calls()[-1]
+        argv = call["argv"]
+        assert (argv[argv.index("--effort") + 1] if "--effort" in argv else None,
+                call["thinking"]) == (effort, budget), reasoning
+        assert (argv[argv.index("--output-format") + 1] == "json") == (effort is None)
+
+
 # =============================================================================
 # 8. The backend table
 # =============================================================================
@@ -8360,7 +8419,8 @@ if flag("--input-format") == "stream-json":
 with open(os.path.join(state, "calls.jsonl"), "a") as f:
     f.write(json.dumps({"argv": argv, "stdin": prompt, "raw": raw, "blocks": blocks,
                         "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in (
-                            "CLAUDECODE", "CLAUDE_CODE_OAUTH_TOKEN")}}) + "\n")
+                            "CLAUDECODE", "CLAUDE_CODE_OAUTH_TOKEN")},
+                        "thinking": os.environ.get("MAX_THINKING_TOKENS")}) + "\n")
     f.flush()
 runs = sum(1 for _ in open(os.path.join(state, "calls.jsonl")))
 plan_file = os.path.join(state, "plan.json")
