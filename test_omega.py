@@ -1592,6 +1592,9 @@ def test_omegas_own_tables_stay_strict_in_a_shared_file(tmp_path, extra, fragmen
     ('[provider]\nfallback = ["openai", "nope"]', "provider.fallback: unknown provider"),
     ('[omega.status]\ndelay_secs = "soon"', "omega.status.delay_secs: expected a number"),
     ('[provider]\ncolour = 1', "unknown key provider.colour"),
+    ('[provider.anthropic]\nthinking = "auto"',
+     'provider.anthropic.thinking: expected "enabled" or "adaptive"'),
+    ('[provider.openai]\nthinking = "adaptive"', "unknown key provider.openai.thinking"),
 ])
 def test_bad_config_is_one_line_config_error(tmp_path, text, fragment):
     path = write(tmp_path / "bad.toml", text)
@@ -2979,6 +2982,8 @@ def test_stream_bodies_in_random_slices(api, fixture, framing):
             assert s.reply.text == text == s.text
             assert (m.input_tokens, m.output_tokens, m.stop_reason, m.cost_usd) == outcome
             assert (m.provider_used, m.attempts) == (name, 1)
+            assert s.reasoning == s.reply.reasoning       # the thinking, never among the pieces
+            assert bool(s.reasoning) == ("thinking" in fixture), s.reasoning
         assert got == pieces
 
 
@@ -3935,9 +3940,7 @@ def test_a_fallback_sends_none_of_the_first_providers_reasoning(api, api2):
     sent = api2.last().body
     assert sent["reasoning_effort"] == "high" and "thinking" not in sent
     # Reasoning once shown is shown: a stream that breaks after it goes nowhere else.
-    serve_stream(api, stream_with("anthropic", "Four.", thought=THOUGHT).split(b"event: content_block_stop")[0]
-                 + b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
-                   b'"message": "Overloaded"}}\n\n')
+    serve_stream(api, thought_then_overloaded())
     s = omega.stream("2+2?", config=config, reasoning="high")
     with pytest.raises(omega.ProviderError, match="Overloaded"):
         list(s)
@@ -5193,9 +5196,11 @@ def test_every_way_to_call_takes_the_same_keywords(api, tmp_path, way):
                                                 {"role": "assistant", "content": "noted"}],
                     attachments=[str(tmp_path / "notes.txt")], schema={"type": "object"},
                     max_tokens=7, temperature=0.5, timeout=20, base_url=api.url + "/v1",
-                    api_key=call_key, max_retries=0, on_status=statuses.append, fallback=[])
+                    api_key=call_key, max_retries=0, on_status=statuses.append, fallback=[],
+                    reasoning="low")
     assert CALL_WAYS[way](keywords) == {"a": 1}
     body, sent = api.last().body, api.last().headers
+    assert body["reasoning_effort"] == "low"
     assert sent["authorization"] == "Bearer " + call_key
     assert (body["model"], body["max_tokens"], body["temperature"]) == ("m-given", 7, 0.5)
     assert body["response_format"]["type"] == "json_schema"
@@ -5246,6 +5251,16 @@ def test_the_other_context_fields_stay_reachable(api, claude):
     api.reply(openai_ok("ok"))
     assert chat.ask("hi", complex=True, model=None) == "ok"
     assert api.last().body["model"] == "the-big-one"
+
+
+@pytest.mark.parametrize("value", [True, 0, -1, 1.5, "max", "High", "", "none"])
+def test_a_bad_reasoning_value_is_one_config_error_before_anything_is_sent(api, value):
+    for ctx, keywords in ((omega.Context("hi", reasoning=value), {}), ("hi", {"reasoning": value})):
+        with pytest.raises(omega.ConfigError) as err:
+            omega.complete(ctx, "openai", cfg("openai", api), **keywords)
+        assert str(err.value).startswith('reasoning: expected "off", "low", "medium", "high" or '
+                                         'a number of tokens above 0, not ')
+        assert "\n" not in str(err.value) and api.requests == []
 
 
 @pytest.mark.parametrize("name, call", [
@@ -7022,6 +7037,27 @@ def test_a_calls_tool_calls_are_logged_redacted_and_cut(api, tmp_path):
     assert KEY.encode() not in path.read_bytes() and row["answer"] == "Done."
 
 
+def thought_then_overloaded():
+    """An Anthropic stream that breaks off after its thinking, before any answer text."""
+    return stream_with("anthropic", "Four.", thought=THOUGHT).split(b"event: content_block_stop")[0] \
+        + b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", ' \
+          b'"message": "Overloaded"}}\n\n'
+
+
+def test_the_log_keeps_the_reasoning_with_its_exchange(api, tmp_path):
+    path = tmp_path / "log.db"
+    config = cfg("anthropic", api)
+    config["omega"] = {"log": {"enabled": True, "path": str(path)}}
+    api.reply(answer_with("anthropic", "Four.", thought=THOUGHT))
+    omega.complete("2+2?", "anthropic", config, reasoning="low")
+    serve_stream(api, thought_then_overloaded())
+    with pytest.raises(omega.ProviderError):
+        list(omega.stream("3+3?", "anthropic", config, reasoning="low"))
+    rows = omega.recent_exchanges(str(path), 2)
+    assert [(r["answer"], r["reasoning"], r["error"] is None) for r in rows] == [
+        ("Four.", THOUGHT, True), (None, THOUGHT, False)]
+
+
 def test_a_failed_call_logs_the_tool_calls_that_ran(api, tmp_path):
     path = tmp_path / "log.db"
     config = cfg("openai", api, max_retries=0)
@@ -7386,6 +7422,46 @@ def test_cli_error_after_some_text_ends_the_line_and_says_how_much_came(api, tmp
     assert out.returncode == 1 and out.stdout == "The answer\n"
     assert out.stderr.count("\n") == 1 and "Overloaded" in out.stderr
     assert "broke off after 10 characters" in out.stderr
+
+
+# --- reasoning: -r, --show-reasoning, --json -----------------------------------
+
+@pytest.mark.parametrize("args", [(), ("--show-reasoning",), ("--show-reasoning", "--no-stream"),
+                                  ("--show-reasoning", "--json")],
+                         ids=["hidden", "streamed", "no-stream", "json"])
+def test_cli_reasoning_goes_to_stderr_and_json_never_to_the_answer(api, cli_main, capsys, args):
+    forged = THOUGHT + "\x1b]52;c;aGk=\x07"          # a server's escape sequence, not shown
+    queue(api, "openai", "--no-stream" not in args and "--json" not in args, "Four.",
+          thought=forged)
+    assert cli_main(cfg("openai", api), "-q", "--no-log", "-r", "2048", *args, "2+2?") == 0
+    out, err = capsys.readouterr()
+    assert api.last().body["reasoning_effort"] == "low"
+    assert err == (THOUGHT + "\n" if args else "")    # a line break before the answer follows
+    if "--json" in args:
+        assert json.loads(out) == {**json.loads(out), "text": "Four.", "reasoning": forged}
+    else:
+        assert out == "Four.\n"
+
+
+@pytest.mark.parametrize("value", ["max", "0", "-3", "1.5"])
+def test_cli_a_bad_reasoning_value_is_a_usage_error(api, cli_main, capsys, value):
+    assert cli_main(cfg("openai", api), f"--reasoning={value}", "hi") == 2
+    err = capsys.readouterr().err
+    assert err.startswith('omega: -r: expected "off", "low", "medium", "high" or a number')
+    assert err.count("\n") == 1 and api.requests == []
+
+
+def test_shown_reasoning_is_dim_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    shown = omega.ReasoningShown()
+    shown("Weigh")
+    shown(" it\x1b[2J")
+    shown.end()
+    shown.end()                                   # once only
+    assert sys.stderr.getvalue() == "\x1b[2mWeigh\x1b[0m\x1b[2m it\x1b[0m\n"
 
 
 # --- signals: Ctrl-C, SIGTERM, SIGHUP ----------------------------------------
