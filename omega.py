@@ -985,10 +985,7 @@ MIN_THINKING_BUDGET = 1024      # Anthropic: "budget_tokens: Input should be >= 
 def check_reasoning(value, where: str = "reasoning") -> str | int | None:
     """The reasoning value as given, or a ConfigError: None (the backend's own
     default), "off", "low", "medium", "high" or a token budget (an int above 0;
-    True is no budget, though Python counts it an int). The CLI's -r gives text:
-    digits there are a budget."""
-    if isinstance(value, str) and value.isdigit() and where != "reasoning":
-        value = int(value)
+    True is no budget, though Python counts it an int)."""
     if value is None or isinstance(value, str) and (value == "off" or value in EFFORT_BUDGETS) \
             or type(value) is int and value > 0:
         return value
@@ -5825,7 +5822,8 @@ def parse_args(argv):
              "prints the JSON alone, compact")
     add("--models", action="store_true", help="list the provider's models, one a line")
     # Reasoning
-    add("-r", "--reasoning", metavar="EFFORT|N", type=lambda v: check_reasoning(v, "-r"),
+    add("-r", "--reasoning", metavar="EFFORT|N",
+        type=lambda v: check_reasoning(int(v) if v.isdecimal() else v, "-r"),
         help="how much the model may think: off, low, medium, high, or N tokens "
              "(default: the backend's own)")
     add("--show-reasoning", action="store_true",

@@ -8213,6 +8213,9 @@ def anthropic_sse(*blocks, stop="end_turn"):
     for index, block in enumerate(blocks):
         if block["type"] == "text":
             start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        elif block["type"] == "thinking":
+            start = {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
         else:
             start = {**block, "input": {}}
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
@@ -8449,6 +8452,22 @@ def test_real_claude_without_structured_output_is_invalid_json(real_claude, api)
     with pytest.raises(omega.ProviderError) as err:
         real(real_claude, omega.Context("What colour?", schema=SCHEMA))
     assert err.value.code == "invalid_json"
+
+
+@pytest.mark.real_claude
+def test_real_claude_takes_reasoning_as_each_model_can_and_gives_its_thinking(real_claude, api):
+    messages_api(api, [{"type": "thinking", "thinking": "Two and two."}, *text("Four.")])
+    for model, reasoning, thinking, effort in (
+            ("claude-sonnet-4-5", 3000, {"type": "enabled", "budget_tokens": 3000}, None),
+            ("claude-opus-4-8", 3000, {"type": "adaptive"}, "medium"),
+            ("claude-sonnet-4-5", "off", {"type": "disabled"}, None)):
+        reply = real(real_claude, omega.Context("2+2?", reasoning=reasoning), model=model)
+        post = [r for r in api.requests if r.method == "POST" and r.path.startswith(
+            "/v1/messages") and r.body.get("model") == model][-1]
+        assert post.body["thinking"] == {**post.body["thinking"], **thinking}, reasoning
+        assert (post.body.get("output_config") or {}).get("effort") == effort
+        assert reply.text == "Four." and reply.reasoning == (
+            None if reasoning == "off" else "Two and two.")
 
 
 # =============================================================================
