@@ -2237,8 +2237,9 @@ def group_alive(child: subprocess.Popen) -> bool:
 #   <name>_request(ctx, settings, streaming=False) -> (url, headers, body)
 #   <name>_response(data, settings) -> OutgoingMessage
 #   <name>_events(chunks, settings): a generator that reads a streamed body (bytes
-#       as they arrive), yields the answer's text pieces and returns the body the
-#       same answer would have had unstreamed, for <name>_response to read.
+#       as they arrive), yields the answer's text pieces (its reasoning as
+#       ReasoningPieces) and returns the body the same answer would have had
+#       unstreamed, for <name>_response to read.
 # and three more for the tool loop (10), in each API's shape:
 #   <name>_tools(tools) -> body["tools"], the declarations
 #   <name>_calls(data) -> [ToolCall], the calls an answer asks for
