@@ -3871,10 +3871,11 @@ def test_anthropic_refuses_a_temperature_with_thinking_before_sending(api, where
     assert len(api.requests) == 1 and api.last().body["temperature"] == 0.5
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("streaming", [False, True, "one body"],
+                         ids=["complete", "stream", "stream-answered-whole"])
 @pytest.mark.parametrize("name", HTTP_NAMES)
 def test_reasoning_text_comes_apart_from_the_answer(api, name, streaming):
-    queue(api, name, streaming, "Four.", thought=THOUGHT)
+    queue(api, name, streaming is True, "Four.", thought=THOUGHT)    # "one body": a gateway's
     ctx = omega.Context("2+2?", reasoning="high")
     if streaming:
         pieces, s = stream_via(name, api, ctx)
@@ -3884,7 +3885,7 @@ def test_reasoning_text_comes_apart_from_the_answer(api, name, streaming):
         reply = ask_via(name, api, ctx)
     assert reply.text == "Four." and reply.reasoning == THOUGHT
     assert reply.to_dict()["reasoning"] == THOUGHT
-    queue(api, name, streaming, "Four.")                  # none: None, and no key
+    queue(api, name, streaming is True, "Four.")          # none: None, and no key
     reply = stream_via(name, api)[1].reply if streaming else ask_via(name, api)
     assert reply.reasoning is None and "reasoning" not in reply.to_dict()
 
