@@ -154,6 +154,8 @@ class Context:
     tools: tuple = ()                # functions or Tools the model may call (the tool loop)
     mcp_servers: list | None = None  # [{name, command, args, env}] whose tools the model
                                      #   may call; overrides the provider's
+    reasoning: str | int | None = None  # "off", "low", "medium", "high" or a token budget;
+                                     #   None: the backend's default (see reply.reasoning)
 
     def to_api_messages(self) -> tuple[str, list[dict]]:
         """(system prompt, [{"role", "content"}, ...]) ready for a chat API: history
@@ -292,16 +294,27 @@ class OutgoingMessage:
     metadata: MessageMetadata
     data: object = None     # with Context.schema: the answer parsed (text is the raw JSON)
     tool_calls: list = field(default_factory=list)   # ToolCalls of every round, in order
+    reasoning: str | None = None    # the model's visible reasoning, never part of text
 
     def to_dict(self) -> dict:
         """Plain JSON-able data: {"text": ..., "metadata": {...}}, "data" when the
-        answer was asked for as JSON, "tool_calls" when tools ran."""
+        answer was asked for as JSON, "tool_calls" when tools ran, "reasoning" when
+        the model's reasoning came back."""
         out = {"text": self.text, "metadata": asdict(self.metadata)}
         if self.data is not None:
             out["data"] = self.data
         if self.tool_calls:
             out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning
         return out
+
+
+class ReasoningPiece(str):
+    """A piece of the model's reasoning, as the stream generators yield it among the
+    answer's text pieces: marked by its type, so that it reaches s.reasoning (and
+    --show-reasoning), never s.text. Only the text pieces of a stream are answer."""
+    __slots__ = ()
 
 
 class MapWorker(threading.local):
@@ -796,7 +809,7 @@ KEY_TYPES = {
     "max_resume_attempts": int, "resume_delay_secs": NUMBER, "working_dir": str,
     "oauth_token": str, "num_ctx": int, "keep_alive": (str, int),
     "referer": str, "title": str, "stream_usage": bool, "max_attachment_bytes": int,
-    "prices": dict, "max_tool_result_bytes": int, "mcp_servers": list,
+    "prices": dict, "max_tool_result_bytes": int, "mcp_servers": list, "thinking": str,
 }
 PROVIDER_KEYS = {"default": str, "fallback": list, "auto_route": bool}
 STATUS_KEYS = {"delay_secs": NUMBER, "repeat_secs": NUMBER, "message": str,
@@ -837,6 +850,7 @@ RULES = {
     "base_url": (is_url, "an http:// or https:// URL"),
     "command": (is_command, "a command, such as \"claude\""),
     "allowed_tools": (lambda v: all(isinstance(x, str) for x in v), "a list of strings"),
+    "thinking": (lambda v: v in ("enabled", "adaptive"), '"enabled" or "adaptive"'),
 }
 
 
@@ -969,6 +983,37 @@ def check_value(key: str, value, kind, where: str) -> None:
     if rule and not rule[0](value):
         shown = "" if isinstance(value, str) and "key" in key else f", got {value!r}"
         raise ConfigError(f"{where}: expected {rule[1]}{shown}")
+
+
+# Anthropic's manual budgets for the three efforts (SPEC 14); also the scale on
+# which a token budget finds its nearest effort, for APIs that take only efforts.
+EFFORT_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
+MIN_THINKING_BUDGET = 1024      # Anthropic: "budget_tokens: Input should be >= 1024"
+
+
+def check_reasoning(value, where: str = "reasoning") -> str | int | None:
+    """The reasoning value as given, or a ConfigError: None (the backend's own
+    default), "off", "low", "medium", "high" or a token budget (an int above 0;
+    True is no budget, though Python counts it an int)."""
+    if value is None or isinstance(value, str) and (value == "off" or value in EFFORT_BUDGETS) \
+            or type(value) is int and value > 0:
+        return value
+    raise ConfigError(f'{where}: expected "off", "low", "medium", "high" or a number of '
+                      f'tokens above 0, not {clean(repr(value), 60)}')
+
+
+def effort_of(reasoning: str | int) -> str:
+    """An effort, or the effort whose budget is nearest a token budget on a log
+    scale (ties go to the lower): for APIs that take no budget."""
+    if reasoning in EFFORT_BUDGETS:
+        return reasoning
+    return min(EFFORT_BUDGETS, key=lambda e: abs(math.log(reasoning / EFFORT_BUDGETS[e])))
+
+
+def thinking_budget(reasoning: str | int) -> int:
+    """Anthropic's budget_tokens for an effort or a budget (below the API's floor:
+    the floor). The claude CLI forwards MAX_THINKING_TOKENS as budget_tokens."""
+    return max(EFFORT_BUDGETS.get(reasoning, reasoning), MIN_THINKING_BUDGET)
 
 
 def check_prices(prices: dict, where: str) -> None:
@@ -2059,7 +2104,10 @@ LATE_GRACE_SECS = 0.5            # the same past the deadline, which holds withi
 CLI_EXIT_GRACE_SECS = 0.5        # after its result line, for the CLI to exit by itself
 
 
-def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Popen:
+def start_claude(argv: list[str], settings: dict, call: Call,
+                 env: dict | None = None) -> subprocess.Popen:
+    """Start the CLI in its own process group; env: variables set for it on top of
+    claude_code_env's."""
     import subprocess      # only claude-code needs it: 0.5 MB and a few ms spared elsewhere
     name = settings["name"]
     if call.left() <= 0:
@@ -2069,7 +2117,8 @@ def start_claude(argv: list[str], settings: dict, call: Call) -> subprocess.Pope
         raise ConfigError(f"provider.claude-code.working_dir: {cwd!r} is not a directory")
     try:
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=cwd, env=claude_code_env(settings),
+                                stderr=subprocess.PIPE, cwd=cwd,
+                                env={**claude_code_env(settings), **(env or {})},
                                 start_new_session=True)
     except FileNotFoundError:
         raise ProviderUnavailable(
@@ -2164,13 +2213,14 @@ def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], setti
 
 
 def run_claude(argv: list[str], stdin: str | bytes | list, settings: dict,
-               call: Call, tools: ToolServer | None = None) -> tuple[int, str, str]:
+               call: Call, env: dict | None = None,
+               tools: ToolServer | None = None) -> tuple[int, str, str]:
     """Run the CLI once in its own process group, stdin (text, bytes or pieces of
     bytes) on its stdin, its tools served (see child_output); (exit code, stdout,
     stderr). The run ends when the CLI exits, even if a grandchild (an MCP server)
     still holds its output open; then, or at the deadline, or on Ctrl-C, whatever
-    is left of the group is stopped."""
-    child = start_claude(argv, settings, call)
+    is left of the group is stopped. env: as start_claude takes it."""
+    child = start_claude(argv, settings, call, env)
     errors: list[bytes] = []
     try:
         out = b"".join(child_output(child, stdin.encode() if isinstance(stdin, str) else stdin,
@@ -2243,8 +2293,9 @@ def group_alive(child: subprocess.Popen) -> bool:
 #   <name>_request(ctx, settings, streaming=False) -> (url, headers, body)
 #   <name>_response(data, settings) -> OutgoingMessage
 #   <name>_events(chunks, settings): a generator that reads a streamed body (bytes
-#       as they arrive), yields the answer's text pieces and returns the body the
-#       same answer would have had unstreamed, for <name>_response to read.
+#       as they arrive), yields the answer's text pieces (its reasoning as
+#       ReasoningPieces) and returns the body the same answer would have had
+#       unstreamed, for <name>_response to read.
 # and three more for the tool loop (10), in each API's shape:
 #   <name>_tools(tools) -> body["tools"], the declarations
 #   <name>_calls(data) -> [ToolCall], the calls an answer asks for
@@ -2295,7 +2346,7 @@ def parsed(backend, data, headers, attempts: int, settings: dict,
 def stream_http(backend, request: tuple, settings: dict, call: Call,
                 schema: dict | None = None):
     """One streamed HTTP backend call of request (url, headers, body): yields text
-    pieces as they arrive and returns (the reply, the body it was read from).
+    pieces (and ReasoningPieces) as they arrive and returns (the reply, the body it was read from).
     Failures before the first piece (a status, an error event, a cut connection, an
     early end) are retried as in call_http; after it they are raised, since the text
     is already on the caller's screen. Reading ends at the answer's end marker: what
@@ -2323,6 +2374,8 @@ def stream_http(backend, request: tuple, settings: dict, call: Call,
                 data = parse_json(content, status, reply_headers, settings)
                 reply = parsed(backend, data, reply_headers, attempt, settings, schema)
                 shown = True
+                if reply.reasoning:
+                    yield ReasoningPiece(reply.reasoning)
                 if reply.text:
                     yield reply.text
                 return reply, data
@@ -2450,6 +2503,72 @@ def user_turn(messages: list[dict]) -> dict:
     if not messages or messages[-1]["role"] != "user":
         messages.append({"role": "user", "content": ""})
     return messages[-1]
+
+
+# Where a chat message or stream delta holds reasoning text (SPEC 14), in order of
+# trust: DeepSeek and llama.cpp (and vLLM before its rename), vLLM now and
+# OpenRouter, Ollama. A server that sends two of them sends the same text twice.
+CHAT_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+DETAIL_TEXT = {"reasoning.text": "text", "reasoning.summary": "summary"}
+
+
+def joined_reasoning(texts) -> str | None:
+    """The reasoning of several answers (tool-loop rounds) as one text, a blank line
+    between; None when none had any."""
+    return "\n\n".join(t for t in texts if t) or None
+
+
+def chat_reasoning(message: dict) -> str | None:
+    """The reasoning text of a Chat Completions message or stream delta, or of an
+    Ollama message: the first key of CHAT_REASONING_KEYS that holds text, else the
+    readable items of OpenRouter's reasoning_details (encrypted ones are not).
+    OpenAI's own API sends none: it only counts reasoning tokens."""
+    for key in CHAT_REASONING_KEYS:
+        if isinstance(message.get(key), str) and message[key]:
+            return message[key]
+    details = message.get("reasoning_details")
+    texts = [item.get(DETAIL_TEXT.get(item.get("type"))) for item in details
+             if isinstance(item, dict)] if isinstance(details, list) else ()
+    return "".join(t for t in texts if isinstance(t, str)) or None
+
+
+def chat_reasoning_fold(held: dict, delta: dict) -> ReasoningPiece | None:
+    """Fold one stream delta (or Ollama line's message) into held, the reasoning
+    fields the streamed message will carry as an unstreamed one would: each text
+    grown under the key it came in (openai_round sends reasoning_content back to
+    DeepSeek, ollama_round sends `thinking`), reasoning_details merged (OpenRouter).
+    Returns the delta's reasoning piece, if any."""
+    for key in CHAT_REASONING_KEYS:
+        if isinstance(delta.get(key), str):
+            held[key] = held.get(key, "") + delta[key]
+    if isinstance(delta.get("reasoning_details"), list):
+        merge_reasoning_details(held.setdefault("reasoning_details", []),
+                                delta["reasoning_details"])
+    thought = chat_reasoning(delta)
+    return ReasoningPiece(thought) if thought else None
+
+
+def merge_reasoning_details(details: list, items: list) -> None:
+    """Add streamed reasoning_details items to details, the list an unstreamed answer
+    holds. OpenRouter streams one block as many items with the same type and index
+    (every item index 0, in fact), its signature alone in the last: an item that
+    continues a text or summary block without a signature yet is merged into it
+    (text concatenated, keys it lacked added); anything else (encrypted data, a new
+    index, text after a signature) is an item of its own. Sending back fragments,
+    or items rebuilt from the text, makes Claude refuse the signature."""
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        last, key = details[-1] if details else {}, DETAIL_TEXT.get(item.get("type"))
+        if key and last.get("type") == item["type"] and last.get("index") == item.get("index") \
+                and not last.get("signature"):
+            for name, value in item.items():
+                if name == key and isinstance(value, str):
+                    last[key] = (last.get(key) or "") + value
+                elif last.get(name) is None:
+                    last[name] = value
+        else:
+            details.append(dict(item))
 
 
 # -----------------------------------------------------------------------------
@@ -2689,9 +2808,40 @@ def openai_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
     """What only OpenAI asks: its official endpoint rejects max_tokens for o-series
     and gpt-5 models (other servers know only max_tokens), and it has image limits."""
     official = settings["base_url"] == BACKENDS["openai"].defaults["base_url"]
-    return openai_compatible_request(
+    url, headers, body = openai_compatible_request(
         ctx, settings, streaming, "max_completion_tokens" if official else "max_tokens",
         image_limits=(20 * MIB, 50 * MIB))
+    openai_reasoning_effort(body, ctx.reasoning)
+    return url, headers, body
+
+
+def openai_reasoning_effort(body: dict, reasoning: str | int | None) -> None:
+    """Set reasoning_effort in a Chat Completions body. A budget becomes its nearest
+    effort. "off" is what the model's family can say nearest to no reasoning: see
+    openai_off. DeepSeek's switch is `thinking` (its efforts go beside it)."""
+    if reasoning is None:
+        return
+    model = body["model"].rsplit("/", 1)[-1].lower()
+    if model.startswith("deepseek"):
+        body["thinking"] = {"type": "disabled" if reasoning == "off" else "enabled"}
+        if reasoning == "off":
+            return
+    effort = openai_off(model) if reasoning == "off" else effort_of(reasoning)
+    if effort:
+        body["reasoning_effort"] = effort
+
+
+def openai_off(model: str) -> str | None:
+    """The reasoning_effort nearest to none for a model name: "none" for gpt-5.1 and
+    later (they refuse "minimal"), "minimal" for gpt-5 (it has no "none"), "low" for
+    models that always reason (o-series, codex, gpt-oss), nothing for models that
+    do not reason (gpt-4o, gpt-4.1, *-chat-latest: they refuse the field). Any other
+    name (a compatible server's model) gets the spec's "none"."""
+    if re.match(r"gpt-[34]|chatgpt", model) or "-chat" in model:
+        return None
+    if re.match(r"o\d", model) or "codex" in model or "gpt-oss" in model:
+        return "low"
+    return "minimal" if re.match(r"gpt-5(-|$)", model) else "none"
 
 
 def openai_part(attachment: Attachment) -> dict:
@@ -2729,7 +2879,7 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
         input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
         stop_reason=stop, cost_usd=usage.get("cost"),
         cache_read_tokens=cached.get("cached_tokens"),
-        cache_write_tokens=cached.get("cache_write_tokens")))
+        cache_write_tokens=cached.get("cache_write_tokens")), reasoning=chat_reasoning(message))
 
 
 def openai_events(chunks, settings: dict):
@@ -2739,11 +2889,12 @@ def openai_events(chunks, settings: dict):
     empty) go into the body; it ends at `data: [DONE]`, with or without a finish
     reason before it (some compatible servers send none, with tool calls too). An
     `error` in any chunk is raised, even with the finish reason "error" (OpenRouter)
-    or a [DONE] after it (vLLM)."""
-    text, refusal, calls, finish, usage, model = [], [], [], None, None, None
+    or a [DONE] after it (vLLM). Reasoning deltas are ReasoningPieces, their fields
+    kept in the message as they came (chat_reasoning_fold), for openai_round."""
+    text, refusal, calls, finish, usage, model, held = [], [], [], None, None, None, {}
     for name, data in sse_events(chunks, settings):
         if data == b"[DONE]":
-            message = {"content": "".join(text) or None, "refusal": "".join(refusal)}
+            message = {"content": "".join(text) or None, "refusal": "".join(refusal), **held}
             if calls:
                 message["tool_calls"] = streamed_calls(calls)
             return {"model": model, "usage": usage,
@@ -2759,6 +2910,9 @@ def openai_events(chunks, settings: dict):
             if choice.get("index", 0) != 0:
                 choice = next((c for c in choices if c.get("index") == 0), {})
             delta = choice.get("delta") or {}
+            thought = chat_reasoning_fold(held, delta)
+            if thought:
+                yield thought
             piece = delta.get("content")
             if piece and isinstance(piece, str):
                 text.append(piece)
@@ -2870,6 +3024,9 @@ def openrouter_request(ctx: Context, settings: dict,
     url, headers, body = openai_compatible_request(ctx, settings, streaming)
     if ctx.schema is not None:       # else a provider that cannot follow it may be chosen
         body["provider"] = {"require_parameters": True}
+    if ctx.reasoning is not None:    # its own object, which it translates for every upstream
+        body["reasoning"] = {"max_tokens": ctx.reasoning} if type(ctx.reasoning) is int \
+            else {"effort": "none" if ctx.reasoning == "off" else ctx.reasoning}
     if settings.get("referer"):
         headers["HTTP-Referer"] = settings["referer"]
     if settings.get("title"):
@@ -2914,9 +3071,38 @@ def anthropic_request(ctx: Context, settings: dict,
             + [{"type": "text", "text": turn["content"]}] * bool(turn["content"])
     if ctx.schema is not None:
         body["output_config"] = {"format": {"type": "json_schema", "schema": closed(ctx.schema)}}
+    anthropic_thinking(body, ctx.reasoning, settings)
     if streaming:
         body["stream"] = True
     return settings["base_url"] + "/v1/messages", headers, body
+
+
+def anthropic_thinking(body: dict, reasoning: str | int | None, settings: dict) -> None:
+    """Set `thinking` in a Messages body (after output_config, which it extends).
+    Manual (the default): type enabled with budget_tokens, max_tokens raised above
+    the budget by the room the answer had. With `thinking = "adaptive"` in the
+    section: type adaptive and output_config.effort, a budget as its nearest effort.
+    Thinking text is asked for as "summarized" (Opus 4.7 and later omit it unless
+    asked). "off" is type disabled; with adaptive thinking it is no `thinking` at
+    all, which is the API's default, since adaptive-only models refuse "disabled".
+    A temperature with thinking is a ConfigError: the API refuses it."""
+    if reasoning is None or reasoning == "off" and settings.get("thinking") == "adaptive":
+        return
+    if reasoning == "off":
+        body["thinking"] = {"type": "disabled"}
+        return
+    if body.get("temperature") is not None:
+        raise ConfigError(f"{settings['name']}: a temperature cannot go with reasoning "
+                          f"(the API takes none with thinking): leave temperature unset or "
+                          f'use reasoning="off"')
+    if settings.get("thinking") == "adaptive":
+        body["thinking"] = {"type": "adaptive", "display": "summarized"}
+        body.setdefault("output_config", {})["effort"] = effort_of(reasoning)
+        return
+    budget = thinking_budget(reasoning)
+    body["thinking"] = {"type": "enabled", "budget_tokens": budget, "display": "summarized"}
+    if body["max_tokens"] <= budget:
+        body["max_tokens"] += budget
 
 
 def anthropic_block(attachment: Attachment) -> dict:
@@ -2945,12 +3131,33 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
         provider_used=settings["name"], model=data.get("model") or settings["model"],
         input_tokens=anthropic_input_tokens(usage), output_tokens=usage.get("output_tokens"),
         stop_reason=stop, cache_read_tokens=usage.get("cache_read_input_tokens"),
-        cache_write_tokens=usage.get("cache_creation_input_tokens")))
+        cache_write_tokens=usage.get("cache_creation_input_tokens")),
+        reasoning=anthropic_reasoning(data.get("content")))
+
+
+def anthropic_reasoning(content: list | None) -> str | None:
+    """The text of the thinking blocks in Messages API content: an answer's, or a
+    claude CLI assistant message's. redacted_thinking is opaque (kept only for the
+    round trip); a block sent with display "omitted" has empty text."""
+    return "".join(b["thinking"] for b in content or () if isinstance(b, dict)
+                   and b.get("type") == "thinking" and isinstance(b.get("thinking"), str)) \
+        or None
+
+
+def thinking_delta(event: dict) -> str | None:
+    """The reasoning piece of one Messages API stream event (the claude CLI's
+    stream_event lines carry the same events): a thinking_delta's text. A
+    signature_delta is no text; an empty delta happens."""
+    delta = event.get("delta") if event.get("type") == "content_block_delta" else None
+    if isinstance(delta, dict) and delta.get("type") == "thinking_delta" \
+            and isinstance(delta.get("thinking"), str):
+        return delta["thinking"] or None
+    return None
 
 
 def anthropic_events(chunks, settings: dict):
-    """`event:` + `data:` pairs: text_delta pieces (thinking, signatures and tool
-    input are not answer text); every content block as a non-streamed answer holds
+    """`event:` + `data:` pairs: text_delta pieces, thinking_delta ReasoningPieces
+    (signatures and tool input are neither); every content block as a non-streamed answer holds
     it (see anthropic_block_event); the message from message_start, its stop reason
     and usage from message_delta (cumulative: replaced, never added); it ends at
     message_stop. `event: error` (overloaded_error …) is raised."""
@@ -2990,7 +3197,7 @@ def anthropic_block_event(content: list, growing: dict, event: dict) -> str | No
     tool_use's `input: {}` there is a placeholder); text, thinking, signature and
     partial_json deltas grow it, their pieces held in growing (a defaultdict(list)
     of (index, field) -> pieces) until anthropic_blocks() joins them. Returns a
-    text_delta's text: the answer's piece."""
+    text_delta's text (the answer's piece) or a thinking_delta's (a ReasoningPiece)."""
     if event["type"] == "content_block_start":
         content.append(dict(event["content_block"]))
         return None
@@ -3000,7 +3207,7 @@ def anthropic_block_event(content: list, growing: dict, event: dict) -> str | No
     if not isinstance(value, str):
         return None
     growing[event["index"], target].append(value)
-    return value if source == "text" else None
+    return value if source == "text" else ReasoningPiece(value) if source == "thinking" else None
 
 
 def anthropic_blocks(content: list, growing: dict) -> list:
@@ -3108,11 +3315,40 @@ def gemini_request(ctx: Context, settings: dict,
     if ctx.schema is not None:
         config["responseMimeType"] = "application/json"
         config["responseJsonSchema"] = {k: v for k, v in ctx.schema.items() if k != "$schema"}
+    gemini_thinking(config, ctx.reasoning, model_of(ctx, settings))
     if config:
         body["generationConfig"] = config
     model = quote(model_of(ctx, settings).removeprefix("models/"), safe="")
     method = "streamGenerateContent?alt=sse" if streaming else "generateContent"
     return f"{settings['base_url']}/v1beta/models/{model}:{method}", headers, body
+
+
+GEMINI_LEVELS = {"low": "LOW", "medium": "MEDIUM", "high": "HIGH"}
+
+
+def gemini_thinking(config: dict, reasoning: str | int | None, model: str) -> None:
+    """Set thinkingConfig in a generationConfig. By the model name: Gemini 3 and
+    later take thinkingLevel, 2.5 (and a name without a version: an alias such as
+    gemini-flash-latest, which Gemini 3 also serves with a budget) take
+    thinkingBudget; never both (400). Models before 2.5 do not think, and None is
+    the model's default: nothing. includeThoughts asks for the thought summaries.
+    "off": budget 0, level MINIMAL; Pro models cannot stop thinking, so their
+    least (budget 128, level LOW)."""
+    found = re.search(r"gemini-(\d+(?:\.\d+)?)", model)
+    version = float(found[1]) if found else None
+    if reasoning is None or version is not None and version < 2.5:
+        return
+    pro = "-pro" in model
+    if version is not None and version >= 3:
+        level = ("LOW" if pro else "MINIMAL") if reasoning == "off" \
+            else GEMINI_LEVELS[effort_of(reasoning)]
+        config["thinkingConfig"] = {"thinkingLevel": level}
+    else:
+        budget = (128 if pro else 0) if reasoning == "off" \
+            else EFFORT_BUDGETS.get(reasoning, reasoning)
+        config["thinkingConfig"] = {"thinkingBudget": budget}
+    if reasoning != "off":
+        config["thinkingConfig"]["includeThoughts"] = True
 
 
 def gemini_part(attachment: Attachment) -> dict:
@@ -3145,12 +3381,21 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
         input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=stop,
         request_id=data.get("responseId"),
         # a count of 0 is left out: next to the input count, a missing one is 0
-        cache_read_tokens=cached if cached is not None or tokens_in is None else 0))
+        cache_read_tokens=cached if cached is not None or tokens_in is None else 0),
+        reasoning=gemini_reasoning(parts))
+
+
+def gemini_reasoning(parts) -> str | None:
+    """The thought summaries among Gemini parts (`thought: true`, sent only with
+    includeThoughts)."""
+    return "".join(p["text"] for p in parts or () if isinstance(p, dict) and p.get("thought")
+                   and isinstance(p.get("text"), str)) or None
 
 
 def gemini_events(chunks, settings: dict):
     """`data:` events (CRLF), each a whole GenerateContentResponse holding only new
-    parts: non-thought text parts are the pieces; every part goes into the body's
+    parts: non-thought text parts are the pieces, thought parts ReasoningPieces;
+    every part goes into the body's
     model turn (see gemini_turn); usage is the last snapshot seen. No end marker but
     a finishReason (or a blocked prompt) before the body ends; a turn that calls
     tools says STOP too. An error arrives as a bare JSON object outside any `data:`
@@ -3166,8 +3411,8 @@ def gemini_events(chunks, settings: dict):
             for part in (candidate.get("content") or {}).get("parts") or ():
                 parts.append(part)
                 piece = part.get("text")
-                if piece and isinstance(piece, str) and not part.get("thought"):
-                    yield piece
+                if piece and isinstance(piece, str):
+                    yield ReasoningPiece(piece) if part.get("thought") else piece
         feedback = chunk.get("promptFeedback") or feedback
         usage = chunk.get("usageMetadata") or usage
         model = chunk.get("modelVersion") or model
@@ -3296,29 +3541,42 @@ def ollama_request(ctx: Context, settings: dict, streaming: bool = False) -> tup
         body["options"] = options
     if settings.get("keep_alive") is not None:
         body["keep_alive"] = settings["keep_alive"]
+    # `think`: an effort as its level (a budget as the nearest), "off" as false, but
+    # gpt-oss ignores false and cannot stop thinking: "low". Unset (None), the server
+    # turns thinking on for the models that can think.
+    if ctx.reasoning == "off":
+        body["think"] = "low" if "gpt-oss" in body["model"] else False
+    elif ctx.reasoning is not None:
+        body["think"] = effort_of(ctx.reasoning)
     return settings["base_url"] + "/api/chat", {}, body
 
 
 def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
-    text = answer_text((data.get("message") or {}).get("content"), settings)  # not `thinking`
-    if not text and not (data.get("message") or {}).get("tool_calls"):
+    message = data.get("message") or {}
+    text = answer_text(message.get("content"), settings)      # not `thinking`
+    if not text and not message.get("tool_calls"):
         raise empty_answer(settings, f"done_reason={data.get('done_reason')}")
     tokens_in, tokens_out = token_counts(data.get("prompt_eval_count"), data.get("eval_count"))
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
-        input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")))
+        input_tokens=tokens_in, output_tokens=tokens_out, stop_reason=data.get("done_reason")),
+        reasoning=chat_reasoning(message))
 
 
 def ollama_events(chunks, settings: dict):
-    """NDJSON lines: message.content pieces (never `thinking`); tool calls, each
-    whole on a line before the last; the last line has `done: true`, the stop
-    reason and the counts. An `{"error"}` line is raised."""
-    text, calls = [], []
+    """NDJSON lines: message.content pieces, message.thinking ReasoningPieces (kept in
+    the message for ollama_round); tool calls, each whole on a line before the last;
+    the last line has `done: true`, the stop reason and the counts. An `{"error"}`
+    line is raised."""
+    text, calls, held = [], [], {}
     for line in ndjson_lines(chunks, settings):
         data = stream_json(line, settings)
         if not isinstance(data, dict) or data.get("error"):
             raise stream_error(data, settings)
         message = data.get("message") or {}
+        thought = chat_reasoning_fold(held, message)
+        if thought:
+            yield thought
         piece = message.get("content")
         if piece and isinstance(piece, str):
             text.append(piece)
@@ -3326,7 +3584,7 @@ def ollama_events(chunks, settings: dict):
         if "tool_calls" in message and isinstance(message["tool_calls"], list):
             calls += message["tool_calls"]
         if data.get("done"):
-            message = {"role": "assistant", "content": "".join(text)}
+            message = {"role": "assistant", "content": "".join(text), **held}
             if calls:
                 message["tool_calls"] = calls
             return {**data, "message": message}
@@ -3378,10 +3636,11 @@ def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
                      streaming: bool = False, files: bool = False,
                      tools: ToolServer | None = None) -> list[str]:
     """files: the prompt comes as a stream-json message (claude_code_stdin), which the
-    CLI reads only with stream-json output, and that only with --verbose.
+    CLI reads only with stream-json output, and that only with --verbose. Reasoning
+    asked for is read from the same events: --output-format json carries none.
     tools: the MCP config that gives the CLI the bridge and the MCP servers."""
     output = ["stream-json", "--verbose", "--include-partial-messages"] if streaming else \
-        ["stream-json", "--verbose"] if files else ["json"]
+        ["stream-json", "--verbose"] if files or thinks(ctx) else ["json"]
     argv = [*shlex.split(settings["command"]), "-p",
             *(["--input-format", "stream-json"] if files else []), "--output-format", *output,
             "--max-turns", str(ctx.max_turns or settings["max_turns"]),
@@ -3392,6 +3651,8 @@ def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
         argv.append("--dangerously-skip-permissions")
     if ctx.schema is not None:
         argv += ["--json-schema", claude_code_schema(ctx.schema, settings)]
+    if thinks(ctx):
+        argv += ["--effort", effort_of(ctx.reasoning)]
     allowed = list(requested(ctx, settings, "allowed_tools") or ())
     if tools is not None:
         # The config by path (its secret never in an argv), and only it: a server named
@@ -3403,6 +3664,23 @@ def claude_code_argv(ctx: Context, settings: dict, session_id: str | None,
         # Last and as one word: list flags swallow every following word.
         argv += ["--allowedTools", ",".join(allowed)]
     return argv
+
+
+def thinks(ctx: Context) -> bool:
+    """True when ctx asks for reasoning: an effort or a budget (not None, not "off")."""
+    return ctx.reasoning is not None and ctx.reasoning != "off"
+
+
+def claude_code_thinking(reasoning: str | int | None) -> dict:
+    """The environment the CLI gets for a reasoning value, beside --effort (see
+    claude_code_argv). Its two knobs work on different models (CLI 2.1.197,
+    wire-reasoning.md 8): --effort on adaptive ones, which ignore
+    MAX_THINKING_TOKENS except 0; MAX_THINKING_TOKENS on budget ones, which ignore
+    --effort. So every value but "off" sets both: an effort and its budget, or a
+    budget and its nearest effort. "off" is MAX_THINKING_TOKENS=0, which both obey."""
+    if reasoning is None:
+        return {}
+    return {"MAX_THINKING_TOKENS": "0" if reasoning == "off" else str(thinking_budget(reasoning))}
 
 
 def claude_code_schema(schema: dict, settings: dict) -> str:
@@ -3520,21 +3798,29 @@ def claude_code_metadata(results: list[dict], settings: dict, session_id, ctx) -
 
 
 def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: dict,
-                       call: Call, before: str, tools: ToolServer | None = None):
-    """Run the CLI once with stream-json output; yield the main agent's text as it
-    is written (before: a piece to send ahead of the first one) and return (the
-    result object, whether anything was yielded). Only `text_delta`s of the main
-    agent are text: never tool input, thinking, or the CLI's synthetic error
-    messages. A new message's text after earlier text starts with a blank line. A
+                       call: Call, before: str, thoughts: list, env: dict | None = None,
+                       tools: ToolServer | None = None):
+    """Run the CLI once with stream-json output (env: as start_claude takes it;
+    tools: as child_output takes them);
+    yield the main agent's text as it is written (before: a piece to send ahead of
+    the first one) and its reasoning as ReasoningPieces, each also added to
+    thoughts (the call's reasoning so far); return (the result object, whether
+    any text was yielded). Only `text_delta`s of the main agent are text: never
+    tool input, thinking, or the CLI's synthetic error messages. Its reasoning is
+    the `thinking_delta`s of a streamed message, or the thinking blocks of an
+    assistant line whose message was not streamed (one block a line: the lines of
+    one message join as they are); a later message's, or run's, starts with a
+    blank line. A new message's text after earlier text starts with a blank line. A
     text that comes whole, after part of it was streamed (the CLI retries without
     streaming after a mid-stream overload) or only in the `result` line (a CLI that
     streams no deltas, a resumed run), yields what extends the text shown, or if it
     does not extend it, a blank line and the text whole: nothing of the answer goes
     unshown. Reading ends at the `result` line; the CLI then has CLI_EXIT_GRACE_SECS
     to exit before its process group is stopped."""
-    child = start_claude(argv, settings, call)
+    child = start_claude(argv, settings, call, env)
     errors: list[bytes] = []
     result, shown, partial, streamed, new_message = None, False, "", set(), False
+    started, current, thought_in = set(), None, object()     # for the reasoning
     lines = ndjson_lines(child_output(child, stdin, settings, call, errors, tools), settings)
     try:
         for line in lines:
@@ -3543,28 +3829,41 @@ def claude_code_events(argv: list[str], stdin: bytes | list[bytes], settings: di
             event = json_or_none(line)
             if not isinstance(event, dict) or event.get("parent_tool_use_id"):
                 continue          # a debug line (some builds); a subagent's work is not the answer
-            kind, piece = event.get("type"), ""
+            kind, piece, thought = event.get("type"), "", None
             if kind == "stream_event":
                 inner = event.get("event") if isinstance(event.get("event"), dict) else {}
                 delta = inner.get("delta") if isinstance(inner.get("delta"), dict) else {}
                 if inner.get("type") == "message_start":
-                    streamed.add((inner.get("message") or {}).get("id"))
+                    current = (inner.get("message") or {}).get("id")
+                    streamed.add(current)
+                    started.add(current)
                     partial, new_message = "", True
                 elif delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
                     piece = ("\n\n" if new_message and shown else "") + delta["text"]
                     partial += delta["text"]
                     new_message = False
+                else:
+                    thought, message_id = thinking_delta(inner), current
             elif kind == "assistant" and not event.get("error"):
                 message = event.get("message") if isinstance(event.get("message"), dict) else {}
-                if message.get("id") not in streamed and message.get("model") != "<synthetic>":
-                    whole = "".join(b.get("text") or "" for b in message.get("content") or ()
-                                    if isinstance(b, dict) and b.get("type") == "text"
-                                    and isinstance(b.get("text"), str))
-                    streamed.add(message.get("id"))
+                message_id, own = message.get("id"), message.get("model") != "<synthetic>"
+                texts = [b["text"] for b in message.get("content") or () if isinstance(b, dict)
+                         and b.get("type") == "text" and isinstance(b.get("text"), str)]
+                if own and message_id not in started:
+                    thought = anthropic_reasoning(message.get("content"))
+                if own and texts and message_id not in streamed:   # one block a line: text's
+                    whole = "".join(texts)
+                    streamed.add(message_id)
                     piece, partial, new_message = unshown(whole, partial, shown), whole, False
             elif kind == "result":
                 result = event
                 piece = unshown(claude_code_answer(event, settings), partial, shown)
+            if thought:
+                if thoughts and message_id != thought_in:
+                    thought = "\n\n" + thought
+                thought_in = message_id
+                thoughts.append(thought)
+                yield ReasoningPiece(thought)
             if piece:
                 if not shown and before:
                     yield before
@@ -3637,23 +3936,31 @@ def claude_code_runs(ctx: Context, settings: dict, call: Call, streaming: bool,
     go with the first run only: a resumed run continues the session that has them
     (their stream-json output is read line by line too, as a stream's).
     With a schema the answer is the CLI's structured_output, not the model's prose
-    around it: streamed, its JSON text comes whole at the end."""
+    around it: streamed, its JSON text comes whole at the end. Reasoning asked for
+    is read from stream-json events, also when not streaming (then only its
+    pieces are yielded while streaming), and set in the environment of every run,
+    resumed ones too (claude_code_thinking)."""
     prompt, session_id = ctx.to_prompt_string(), ctx.session_id
     files = attachments_of(ctx, settings)
     live = streaming and ctx.schema is None
     texts, results, resumes, shown = [], [], 0, False
+    env, thoughts = claude_code_thinking(ctx.reasoning), []
     while True:
         argv = claude_code_argv(ctx, settings, session_id, live, bool(files), tools)
         log_debug("claude-code: running %s", argv[:4] + ["…"])
         stdin = claude_code_stdin(prompt, files)
         if live:
-            data, shown_now = yield from claude_code_events(argv, stdin, settings, call,
-                                                            TURN_SEPARATOR if shown else "", tools)
+            data, shown_now = yield from claude_code_events(
+                argv, stdin, settings, call, TURN_SEPARATOR if shown else "", thoughts, env,
+                tools)
             shown = shown or shown_now
-        elif files:
-            data = drain(claude_code_events(argv, stdin, settings, call, "", tools))[0]
+        elif files or thinks(ctx):
+            events = claude_code_events(argv, stdin, settings, call, "", thoughts, env, tools)
+            data = (yield from after_blank_line(events, False, text=False))[0] if streaming \
+                else drain(events)[0]
         else:
-            data = claude_code_result(*run_claude(argv, stdin, settings, call, tools), settings)
+            data = claude_code_result(*run_claude(argv, stdin, settings, call, env, tools),
+                                      settings)
         results.append(data)
         if isinstance(data.get("session_id"), str):
             session_id = data["session_id"]
@@ -3678,14 +3985,15 @@ def claude_code_runs(ctx: Context, settings: dict, call: Call, streaming: bool,
         call.sleep(wait)
         prompt, files = RESUME_PROMPT, []
     metadata = claude_code_metadata(results, settings, session_id, ctx)
+    reasoning = "".join(thoughts) or None
     if ctx.schema is not None:
         text, value = claude_code_json(results[-1], ctx.schema, settings)
         if streaming:
             yield text
-        return OutgoingMessage(text, metadata, value)
+        return OutgoingMessage(text, metadata, value, reasoning=reasoning)
     if not texts:
         raise empty_answer(settings, "the CLI returned an empty result")
-    return OutgoingMessage(TURN_SEPARATOR.join(texts), metadata)
+    return OutgoingMessage(TURN_SEPARATOR.join(texts), metadata, reasoning=reasoning)
 
 
 def claude_code(ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
@@ -3776,7 +4084,7 @@ BACKENDS = {
         models=anthropic_models,
         key_env=("ANTHROPIC_API_KEY",), base_url_env="ANTHROPIC_BASE_URL",
         defaults={**_KEYED, "model": "claude-sonnet-4-20250514", "max_tokens": 8192,
-                  "base_url": "https://api.anthropic.com"}),
+                  "base_url": "https://api.anthropic.com", "thinking": "enabled"}),
     "openrouter": Backend(
         request=openrouter_request, response=openrouter_response, events=openrouter_events,
         tools=openai_tools, calls=openai_calls, round=openai_round,
@@ -3843,8 +4151,9 @@ class Options:
         "claude-code"); config: a TOML path, a dict shaped like the file, or None
         for the usual search.
     model, system (the system prompt), history, attachments, schema, max_tokens,
-        temperature, tools, and complex, session_id, max_turns, allowed_tools,
-        mcp_servers: Context fields, set on the Context given (a keyword given wins).
+        temperature, tools, reasoning, and complex, session_id, max_turns,
+        allowed_tools, mcp_servers: Context fields, set on the Context given (a keyword
+        given wins).
     approve: called with each ToolCall before it runs; False sends the model "the
         user declined this call" instead.
     timeout: seconds for the whole call, fallbacks included (each provider's own
@@ -3871,6 +4180,7 @@ class Options:
     allowed_tools: list | None = None
     mcp_servers: list | None = None
     tools: tuple | list | None = None
+    reasoning: str | int | None = None
     approve: Callable | None = None
     timeout: float | None = None
     base_url: str | None = None
@@ -4225,6 +4535,7 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         raw, path = config
     ctx = context_of(ctx, options)
     check_history(ctx.history)
+    check_reasoning(ctx.reasoning)
     chain = provider_chain(raw, options.provider, options.fallback)
     settings = call_settings(options)
     if settings:
@@ -4269,37 +4580,49 @@ def stream(ctx: Context | str, provider: str | None = None, config=None, on_stat
 
 
 class Stream:
-    """Text pieces as they arrive (see stream()). `text` is the text so far;
-    `reply` is the OutgoingMessage once the answer ended well, else None.
+    """Text pieces as they arrive (see stream()). `text` is the text so far,
+    `reasoning` the model's reasoning so far (None: none yet), never among the
+    pieces; `reply` is the OutgoingMessage once the answer ended well, else None.
+    on_reasoning: called with each piece of reasoning as it arrives.
 
     The Stream keeps its own record of both, and what makes the pieces never
     refers back to it: a stream left unfinished (a `break`, an exception) is
     closed the moment the last reference to it goes (its connection hung up, its
     claude process stopped), not whenever the garbage collector runs."""
 
-    def __init__(self, pieces):
-        self._pieces, self._shown, self.reply = pieces, [], None
+    def __init__(self, pieces, on_reasoning: Callable | None = None):
+        self._pieces, self._shown, self._thoughts, self.reply = pieces, [], [], None
+        self._on_reasoning = on_reasoning
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
-        try:
-            piece = next(self._pieces)
-        except StopIteration as end:
-            if end.value is not None:
-                self.reply = end.value
-            raise StopIteration from None
-        except ProviderError as e:
-            if not self._shown:
-                raise
-            raise e.with_context(partial_text="".join(self._shown)) from None
-        self._shown.append(piece)
-        return piece
+        while True:
+            try:
+                piece = next(self._pieces)
+            except StopIteration as end:
+                if end.value is not None:
+                    self.reply = end.value
+                raise StopIteration from None
+            except ProviderError as e:
+                if not self._shown:
+                    raise
+                raise e.with_context(partial_text="".join(self._shown)) from None
+            if type(piece) is not ReasoningPiece:
+                self._shown.append(piece)
+                return piece
+            self._thoughts.append(piece)
+            if self._on_reasoning is not None:
+                self._on_reasoning(str(piece))
 
     @property
     def text(self) -> str:
         return "".join(self._shown)
+
+    @property
+    def reasoning(self) -> str | None:
+        return "".join(self._thoughts) or None
 
     def close(self) -> None:
         """Stop now: the connection is closed, the claude process group stopped."""
@@ -4818,7 +5141,10 @@ def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bo
     failure after a tool ran carries partial_text and tool_calls (and is never
     sent to a fallback provider); so does the round limit (max_turns) and the
     deadline passing while a tool ran. Streamed rounds are separated by a blank
-    line when text came before."""
+    line when text came before, their reasoning likewise. The request, and so the
+    reasoning setting, stays the same for the whole loop (Anthropic refuses a
+    change), and the model's turn goes back with its reasoning as the API needs it
+    (<name>_round); nothing of it reaches another provider."""
     url, headers, body = backend.request(ctx, settings, streaming)
     body["tools"] = backend.tools(ctx.tools)
     tools = tools_by_name(ctx.tools)
@@ -4827,7 +5153,8 @@ def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bo
     try:
         for turn in range(1, most + 1):
             pieces = attempt(backend, (url, headers, body), settings, call, streaming)
-            reply, data = yield from after_blank_line(pieces, bool(texts) and streaming)
+            reply, data = yield from after_blank_line(
+                pieces, bool(texts) and streaming, any(r.reasoning for r in replies))
             replies.append(reply)
             texts += [reply.text] * bool(reply.text)
             calls = read_shaped(backend.calls, settings, reply, data)
@@ -4859,6 +5186,7 @@ def tool_rounds(backend, ctx: Context, settings: dict, call: Call, streaming: bo
         **{name: total(getattr(r.metadata, name) for r in replies)
            for name in ("input_tokens", "output_tokens", "cost_usd", "attempts")})
     reply.tool_calls = ran
+    reply.reasoning = joined_reasoning(r.reasoning for r in replies)
     return reply
 
 
@@ -4871,15 +5199,24 @@ def read_shaped(read: Callable, settings: dict, reply: OutgoingMessage, *args):
         raise shape_error(settings, reply.metadata.request_id) from None
 
 
-def after_blank_line(pieces, blank: bool):
-    """pieces, the first after a blank line when blank; returns what pieces return."""
+def after_blank_line(pieces, blank: bool, blank_reasoning: bool = False, text: bool = True):
+    """pieces, the first text piece after a blank line when blank, the first
+    ReasoningPiece when blank_reasoning (a round after others); text=False leaves
+    the text pieces out. Returns what pieces return."""
     try:
-        piece = next(pieces)
-    except StopIteration as end:
-        return end.value
-    try:
-        yield "\n\n" + piece if blank else piece
-        return (yield from pieces)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as end:
+                return end.value
+            if type(piece) is ReasoningPiece:
+                if blank_reasoning:
+                    piece, blank_reasoning = ReasoningPiece("\n\n" + piece), False
+            elif not text:
+                continue
+            elif blank:
+                piece, blank = "\n\n" + piece, False
+            yield piece
     finally:
         pieces.close()
 
@@ -5799,7 +6136,7 @@ LOGGED_RESULT_BYTES = 4096   # of a tool call's result, in the log
 LOGGED_CALL_CHARS = 200      # a logged tool call's line in --logs
 LOG_FIELDS = ("provider", "model", "system_prompt", "prompt", "answer", "input_tokens",
               "output_tokens", "cost_usd", "duration_ms", "stop_reason", "session_id",
-              "error", "asked_model", "tool_calls")
+              "error", "asked_model", "tool_calls", "reasoning")
 LOG_COLUMNS = ("conversation", "time", *LOG_FIELDS)
 LOG_SCHEMA = """CREATE TABLE exchanges (
     id INTEGER PRIMARY KEY,          -- the order rows were written in
@@ -5819,14 +6156,16 @@ LOG_SCHEMA = """CREATE TABLE exchanges (
     error TEXT,                      -- one line when it failed or was stopped, else NULL
     asked_model TEXT,                -- the model the user asked for (-m, Context.model),
                                      -- else NULL: what --continue sends
-    tool_calls TEXT                  -- JSON: [{"name", "arguments", "result" (at most
+    tool_calls TEXT,                 -- JSON: [{"name", "arguments", "result" (at most
                                      -- 4 KB), "error"}] of every call, or NULL
+    reasoning TEXT                   -- the model's reasoning (received), or NULL
 )"""
 LOG_INDEX = "CREATE INDEX exchanges_by_conversation ON exchanges (conversation, id)"
 # What an older file lacks, added the next time it is written (ALTER TABLE, in the
 # write's transaction, no row lost); until then it reads as NULL. A version-1 file
-# may lack both (asked_model came late in version 1) and becomes version 2.
-LOG_ADDED_COLUMNS = {"asked_model": "TEXT", "tool_calls": "TEXT"}
+# may lack both (asked_model came late in version 1) and becomes version 2; a file
+# of either version may lack reasoning, which an older omega leaves alone.
+LOG_ADDED_COLUMNS = {"asked_model": "TEXT", "tool_calls": "TEXT", "reasoning": "TEXT"}
 # A conversation with an exchange that was answered: one that --continue may go on.
 ANSWERED = "answer IS NOT NULL AND error IS NULL"
 # The files SQLite keeps for the log: itself, its write-ahead log, its shared
@@ -6212,10 +6551,10 @@ def interruption(stop: BaseException) -> str:
 
 
 def record(log: str, ctx: Context, provider: str, outcome, received: str, started: float,
-           conversation: dict | None, warn) -> None:
+           conversation: dict | None, warn, thought: str | None = None) -> None:
     """Write one exchange to the log. outcome: the reply, or the error or the
     interruption (KeyboardInterrupt, GeneratorExit) it ended with, after the text
-    `received`; provider: the one asked first, for a row that nothing else names a
+    `received` and the reasoning `thought`; provider: the one asked first, for a row that nothing else names a
     provider for. A failure to write is said to warn (or the debug log), not raised."""
     reply = outcome if isinstance(outcome, OutgoingMessage) else None
     meta = reply.metadata if reply else MessageMetadata()
@@ -6233,7 +6572,8 @@ def record(log: str, ctx: Context, provider: str, outcome, received: str, starte
              "stop_reason": meta.stop_reason,
              "session_id": meta.session_id or getattr(outcome, "session_id", None),
              "error": error,
-             "tool_calls": reply.tool_calls if reply else getattr(outcome, "tool_calls", None)}
+             "tool_calls": reply.tool_calls if reply else getattr(outcome, "tool_calls", None),
+             "reasoning": reply.reasoning if reply else thought}
     try:
         written = log_exchange(log, entry)
     except OmegaError as e:
@@ -6254,7 +6594,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
     provider: no row. A log that cannot be written never fails the call. show: told
     the reply once it is whole, before its row is written (the CLI prints it there,
     so that the log never delays the answer)."""
-    started, received, outcome = time.time(), [], None
+    started, received, thoughts, outcome = time.time(), [], [], None
     try:
         while True:
             try:
@@ -6262,7 +6602,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
             except StopIteration as end:
                 outcome = end.value
                 break
-            received.append(piece)
+            (thoughts if type(piece) is ReasoningPiece else received).append(piece)
             yield piece
         if show is not None:
             show(outcome)
@@ -6277,7 +6617,7 @@ def logged(pieces, log: str | None, ctx: Context, provider: str, conversation: d
         pieces.close()          # hung up before the row is written, not after
         if log and outcome is not None:
             record(log, ctx, provider, outcome, "".join(received), started, conversation,
-                   warn)
+                   warn, "".join(thoughts) or None)
 
 
 # =============================================================================
@@ -6350,6 +6690,13 @@ def parse_args(argv):
         help="answer as JSON following this JSON Schema (a file, or the JSON itself); "
              "prints the JSON alone, compact")
     add("--models", action="store_true", help="list the provider's models, one a line")
+    # Reasoning
+    add("-r", "--reasoning", metavar="EFFORT|N",
+        type=lambda v: check_reasoning(int(v) if v.isdecimal() else v, "-r"),
+        help="how much the model may think: off, low, medium, high, or N tokens "
+             "(default: the backend's own)")
+    add("--show-reasoning", action="store_true",
+        help="write the model's reasoning to stderr as it arrives (dim on a terminal)")
     # Tools
     add("--functions", action="append", metavar="FILE.py|CODE", type=text_arg,
         help="offer the model every top-level public function of this Python file (or "
@@ -6585,13 +6932,36 @@ def print_logs(log: str, n: int, as_json: bool) -> int:
     return 0
 
 
-def print_stream(answer: Stream) -> None:
+class ReasoningShown:
+    """--show-reasoning: the reasoning on stderr as it arrives, dim on a terminal,
+    redacted and without escape sequences as any text from a server; a line break
+    ends it before answer text follows (stdout and stderr may share a terminal)."""
+
+    def __init__(self):
+        self.open = False
+
+    def __call__(self, piece: str) -> None:
+        piece = printable(piece)
+        dim = sys.stderr is not None and sys.stderr.isatty()
+        write_stderr(f"\x1b[2m{piece}\x1b[0m" if dim else piece)
+        self.open = True
+
+    def end(self) -> None:
+        if self.open:
+            write_stderr("\n")
+            self.open = False
+
+
+def print_stream(answer: Stream, thought: ReasoningShown | None = None) -> None:
     """Write each piece as it arrives, then a newline. When the answer breaks off
     (an error, Ctrl-C), the line is ended and the error says how much arrived; the
-    stream is closed whatever happens (the connection, the claude process group)."""
+    stream is closed whatever happens (the connection, the claude process group).
+    thought: shows the reasoning (Stream's on_reasoning)."""
     with answer:
         try:
             for piece in answer:
+                if thought is not None:
+                    thought.end()
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except (OmegaError, KeyboardInterrupt) as e:
@@ -6605,8 +6975,12 @@ def print_stream(answer: Stream) -> None:
     sys.stdout.write("\n")
 
 
-def print_reply(reply: OutgoingMessage, args) -> None:
-    """A whole answer, as reply_text() gives it, on stdout."""
+def print_reply(reply: OutgoingMessage, args, thought: ReasoningShown | None = None) -> None:
+    """A whole answer, as reply_text() gives it, on stdout; thought: shows its
+    reasoning first."""
+    if thought is not None and reply.reasoning:
+        thought(reply.reasoning)
+        thought.end()
     sys.stdout.write(reply_text(reply, args) + "\n")
     sys.stdout.flush()
 
@@ -6843,7 +7217,7 @@ def run_cli(argv) -> int:
             raw = {**raw, "provider": {**raw.get("provider", {}), "auto_route": True}}
         ctx = Context(prompt, system_prompt=args.system, model=args.model,
                       complex=args.complex, max_tokens=args.max_tokens,
-                      temperature=args.temperature)
+                      temperature=args.temperature, reasoning=args.reasoning)
         provider, conversation = args.provider, None
         if args.go_on or args.chat:
             if not log:
@@ -6863,11 +7237,13 @@ def run_cli(argv) -> int:
         options = Options(provider=provider, on_status=say, fallback=args.fallback,
                           timeout=args.timeout, tools=tools, approve=approve)
         streaming = args.schema is None and not args.json and not args.no_stream
+        thought = ReasoningShown() if args.show_reasoning else None
         pieces = answer(ctx, options, streaming, conversation={"id": conversation},
                         config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"),
-                        show=None if streaming else lambda reply: print_reply(reply, args))
+                        show=None if streaming else lambda reply: print_reply(reply, args,
+                                                                             thought))
         if streaming:
-            print_stream(Stream(pieces))
+            print_stream(Stream(pieces, thought), thought)
         else:
             drain(pieces)                    # printed by print_reply, before the log
         sys.stdout.flush()

@@ -568,38 +568,73 @@ def stream_via(name, api, ctx=None, **section):
 
 # --- tool calls in each API's wire format ------------------------------------
 
-def answer_with(name, text="", calls=()):
+# The reasoning of answer_with(..., thought=THOUGHT) and stream_with(), and what
+# each API asks to have back with it: Anthropic's signature and a redacted block,
+# OpenRouter's signed reasoning_details, Gemini's signature on the call's part.
+THOUGHT = "Weigh it: 2 + 2 = 4, ça va."
+SIGNATURE = "EqQBCkgIBxABGAIiQL0+7sig/naTure=="
+REDACTED = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/redacted=="}
+DETAILS = [{"type": "reasoning.text", "text": THOUGHT, "format": "anthropic-claude-v1",
+            "index": 0, "signature": SIGNATURE}]
+# Where each backend's answer holds it: the OpenAI wire as DeepSeek sends it.
+THOUGHT_KEY = {"openai": "reasoning_content", "openrouter": "reasoning", "ollama": "thinking"}
+
+
+def answer_with(name, text="", calls=(), thought=None):
     """A body of backend `name`: text, then calls [(id, function, arguments)] when
-    given (Gemini's carry no id, as recorded; Ollama's one when given)."""
+    given (Gemini's carry no id, as recorded; Ollama's one when given); thought: its
+    reasoning first, in the API's shape (see THOUGHT)."""
     if name in ("openai", "openrouter"):
         body = answer_of(name, text, "tool_calls" if calls else None)
         message = body["choices"][0]["message"]
         message["content"] = text or None
+        if thought:
+            message[THOUGHT_KEY[name]] = thought
+            if name == "openrouter":
+                message["reasoning_details"] = [{**DETAILS[0], "text": thought}]
         if calls:
             message["tool_calls"] = [{"id": i, "type": "function", "function": {
                 "name": f, "arguments": json.dumps(a)}} for i, f, a in calls]
         return body
     if name == "anthropic":
-        return anthropic_ok(*[{"type": "text", "text": text}] * bool(text),
+        return anthropic_ok(*[{"type": "thinking", "thinking": thought, "signature": SIGNATURE},
+                              REDACTED] * bool(thought),
+                            *[{"type": "text", "text": text}] * bool(text),
                             *({"type": "tool_use", "id": i, "name": f, "input": a}
                               for i, f, a in calls), stop="tool_use" if calls else "end_turn")
     if name == "gemini":
-        return gemini_ok(*[{"text": text}] * bool(text),
-                         *({"functionCall": {"name": f, "args": a}} for _, f, a in calls))
-    message = {"role": "assistant", "content": text}
+        return gemini_ok(*[{"text": thought, "thought": True}] * bool(thought),
+                         *[{"text": text}] * bool(text),
+                         *({"functionCall": {"name": f, "args": a},
+                            **({"thoughtSignature": SIGNATURE} if thought else {})}
+                           for _, f, a in calls))
+    message = {"role": "assistant", "content": text, **({"thinking": thought} if thought else {})}
     if calls:
         message["tool_calls"] = [{**({"id": i} if i else {}), "function": {
             "name": f, "arguments": a}} for i, f, a in calls]
     return ollama_ok(text, message=message)
 
 
-def stream_with(name, text="", calls=()):
-    """The answer of answer_with(), streamed in the API's framing, text in two pieces
-    and each call's arguments (OpenAI, Anthropic) in 4-character deltas."""
-    half = len(text) // 2
+def stream_with(name, text="", calls=(), thought=None):
+    """The answer of answer_with(), streamed in the API's framing, text and thought
+    in two pieces each and each call's arguments (OpenAI, Anthropic) in 4-character
+    deltas."""
+    half, middle = len(text) // 2, len(thought or "") // 2
     texts = [t for t in (text[:half], text[half:]) if t]
+    thoughts = [t for t in (thought[:middle], thought[middle:])] if thought else []
     if name in ("openai", "openrouter"):
-        chunks = [oa_chunk(t) for t in texts]
+        chunks = [oa_chunk() for t in thoughts]
+        for chunk, t in zip(chunks, thoughts):
+            chunk["choices"][0]["delta"] = {THOUGHT_KEY[name]: t}
+            if name == "openrouter":        # as OpenRouter streams them, the signature last
+                chunk["choices"][0]["delta"]["reasoning_details"] = [
+                    {k: t if k == "text" else v for k, v in DETAILS[0].items() if k != "signature"}]
+        if thought and name == "openrouter":
+            chunks.append(oa_chunk())
+            chunks[-1]["choices"][0]["delta"] = {"reasoning_details": [
+                {"type": "reasoning.text", "signature": SIGNATURE, "format": "anthropic-claude-v1",
+                 "index": 0}]}
+        chunks += [oa_chunk(t) for t in texts]
         for n, (i, f, a) in enumerate(calls):
             arguments = json.dumps(a, ensure_ascii=False)
             chunks.append(oa_chunk())
@@ -620,7 +655,11 @@ def stream_with(name, text="", calls=()):
         out = [event("message_start", message={
             "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
             "content": [], "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}})]
-        blocks = [({"type": "text", "text": ""}, [("text_delta", "text", t) for t in texts])] \
+        blocks = [({"type": "thinking", "thinking": "", "signature": ""},
+                   [*(("thinking_delta", "thinking", t) for t in thoughts),
+                    ("signature_delta", "signature", SIGNATURE)]),
+                  (REDACTED, [])] * bool(thought)
+        blocks += [({"type": "text", "text": ""}, [("text_delta", "text", t) for t in texts])] \
             * bool(text)
         for i, f, a in calls:
             arguments = json.dumps(a, ensure_ascii=False)
@@ -637,15 +676,20 @@ def stream_with(name, text="", calls=()):
                                                   else "end_turn"}, usage={"output_tokens": 4}))
         return b"".join(out) + event("message_stop")
     if name == "gemini":
-        chunks = [{"candidates": [{"content": {"role": "model", "parts": [{"text": t}]},
-                                   "index": 0}]} for t in texts]
+        chunks = [{"candidates": [{"content": {"role": "model", "parts": [part]}, "index": 0}]}
+                  for part in [*({"text": t, "thought": True} for t in thoughts),
+                               *({"text": t} for t in texts)]]
         chunks.append({"candidates": [{"content": {"role": "model", "parts": [
-            {"functionCall": {"name": f, "args": a}} for _, f, a in calls] or [{"text": ""}]},
+            {"functionCall": {"name": f, "args": a},
+             **({"thoughtSignature": SIGNATURE} if thought else {})}
+            for _, f, a in calls] or [{"text": ""}]},
             "finishReason": "STOP", "index": 0}],
             "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 3}})
         return b"".join(b"data: " + utf8_json(c) + b"\r\n\r\n" for c in chunks)
-    lines = [{"model": "llama3", "message": {"role": "assistant", "content": t}, "done": False}
-             for t in texts]
+    lines = [{"model": "llama3", "message": {"role": "assistant", "content": "", "thinking": t},
+              "done": False} for t in thoughts]
+    lines += [{"model": "llama3", "message": {"role": "assistant", "content": t}, "done": False}
+              for t in texts]
     if calls:
         lines.append({"model": "llama3", "done": False, "message": {
             "role": "assistant", "content": "", "tool_calls": [
@@ -661,11 +705,11 @@ def utf8_json(value):
     return json.dumps(value, ensure_ascii=False).encode()
 
 
-def queue(api, name, streaming, text="", calls=(), **extra):
+def queue(api, name, streaming, text="", calls=(), thought=None, **extra):
     """Queue the next answer of api: answer_with(), or stream_with() served in slices."""
     if streaming:
-        return serve_stream(api, stream_with(name, text, calls), **extra)
-    return api.reply(answer_with(name, text, calls), **extra)
+        return serve_stream(api, stream_with(name, text, calls, thought), **extra)
+    return api.reply(answer_with(name, text, calls, thought), **extra)
 
 
 def sent_results(name, body):
@@ -1600,6 +1644,9 @@ def test_omegas_own_tables_stay_strict_in_a_shared_file(tmp_path, extra, fragmen
     ('[provider]\nfallback = ["openai", "nope"]', "provider.fallback: unknown provider"),
     ('[omega.status]\ndelay_secs = "soon"', "omega.status.delay_secs: expected a number"),
     ('[provider]\ncolour = 1', "unknown key provider.colour"),
+    ('[provider.anthropic]\nthinking = "auto"',
+     'provider.anthropic.thinking: expected "enabled" or "adaptive"'),
+    ('[provider.openai]\nthinking = "adaptive"', "unknown key provider.openai.thinking"),
 ])
 def test_bad_config_is_one_line_config_error(tmp_path, text, fragment):
     path = write(tmp_path / "bad.toml", text)
@@ -3002,6 +3049,8 @@ def test_stream_bodies_in_random_slices(api, fixture, framing):
             assert s.reply.text == text == s.text
             assert (m.input_tokens, m.output_tokens, m.stop_reason, m.cost_usd) == outcome
             assert (m.provider_used, m.attempts) == (name, 1)
+            assert s.reasoning == s.reply.reasoning       # the thinking, never among the pieces
+            assert bool(s.reasoning) == ("thinking" in fixture), s.reasoning
         assert got == pieces
 
 
@@ -3802,6 +3851,170 @@ def test_ollama_declarations_and_the_documented_round():
         assert omega.ollama_calls(data) == [omega.ToolCall(None, "get_weather", {"city": "Tokyo"})]
 
 
+# --- every backend: reasoning, its knob and its text -------------------------
+
+# What each reasoning value becomes in a backend's request (the README's table), for
+# (model, section, reasoning): the request's reasoning fields (see sent_knob).
+KNOBS = {
+    "openai": [("gpt-5.1", {}, None, {}), ("gpt-5.1", {}, "off", {"reasoning_effort": "none"}),
+               ("gpt-5", {}, "off", {"reasoning_effort": "minimal"}),
+               ("o4-mini", {}, "off", {"reasoning_effort": "low"}),
+               ("gpt-4o", {}, "off", {}), ("gpt-5.1", {}, "low", {"reasoning_effort": "low"}),
+               ("gpt-5.1", {}, "medium", {"reasoning_effort": "medium"}),
+               ("gpt-5.1", {}, "high", {"reasoning_effort": "high"}),
+               ("gpt-5.1", {}, 2048, {"reasoning_effort": "low"}),
+               ("gpt-5.1", {}, 3000, {"reasoning_effort": "medium"}),
+               ("gpt-5.1", {}, 100000, {"reasoning_effort": "high"}),
+               ("deepseek-chat", {}, "high", {"reasoning_effort": "high",
+                                              "thinking": {"type": "enabled"}}),
+               ("deepseek-chat", {}, "off", {"thinking": {"type": "disabled"}})],
+    "openrouter": [("x/y", {}, None, {}), ("x/y", {}, "off", {"reasoning": {"effort": "none"}}),
+                   ("x/y", {}, "low", {"reasoning": {"effort": "low"}}),
+                   ("x/y", {}, 5000, {"reasoning": {"max_tokens": 5000}})],
+    "anthropic": [
+        ("claude-x", {}, None, {"max_tokens": 8192}),
+        ("claude-x", {}, "off", {"thinking": {"type": "disabled"}, "max_tokens": 8192}),
+        ("claude-x", {}, "low", {"thinking": {"type": "enabled", "budget_tokens": 1024,
+                                              "display": "summarized"}, "max_tokens": 8192}),
+        ("claude-x", {}, "high", {"thinking": {"type": "enabled", "budget_tokens": 16384,
+                                               "display": "summarized"}, "max_tokens": 24576}),
+        ("claude-x", {"max_tokens": 2000}, 500, {"thinking": {
+            "type": "enabled", "budget_tokens": 1024, "display": "summarized"}, "max_tokens": 2000}),
+        ("claude-x", {"thinking": "adaptive"}, "medium", {
+            "thinking": {"type": "adaptive", "display": "summarized"},
+            "output_config": {"effort": "medium"}, "max_tokens": 8192}),
+        ("claude-x", {"thinking": "adaptive"}, 20000, {
+            "thinking": {"type": "adaptive", "display": "summarized"},
+            "output_config": {"effort": "high"}, "max_tokens": 8192}),
+        ("claude-x", {"thinking": "adaptive"}, "off", {"max_tokens": 8192})],
+    "gemini": [("gemini-2.5-flash", {}, None, {}),
+               ("gemini-2.5-flash", {}, "off", {"thinkingBudget": 0}),
+               ("gemini-2.5-flash", {}, "low", {"thinkingBudget": 1024, "includeThoughts": True}),
+               ("gemini-flash-latest", {}, 3000, {"thinkingBudget": 3000, "includeThoughts": True}),
+               ("gemini-2.5-pro", {}, "off", {"thinkingBudget": 128}),
+               ("gemini-3-pro-preview", {}, "high", {"thinkingLevel": "HIGH",
+                                                     "includeThoughts": True}),
+               ("gemini-3-pro-preview", {}, "off", {"thinkingLevel": "LOW"}),
+               ("gemini-3-flash", {}, "off", {"thinkingLevel": "MINIMAL"}),
+               ("gemini-2.0-flash", {}, "high", {})],
+    "ollama": [("qwen3", {}, None, {}), ("qwen3", {}, "off", {"think": False}),
+               ("gpt-oss:20b", {}, "off", {"think": "low"}),
+               ("qwen3", {}, "medium", {"think": "medium"}),
+               ("qwen3", {}, 20000, {"think": "high"})],
+}
+
+
+def sent_knob(name, body):
+    """The reasoning fields of a request body (see KNOBS)."""
+    if name == "gemini":
+        return body.get("generationConfig", {}).get("thinkingConfig", {})
+    keys = {"openai": ("reasoning_effort", "thinking"), "openrouter": ("reasoning",),
+            "anthropic": ("thinking", "output_config", "max_tokens"), "ollama": ("think",)}[name]
+    return {k: body[k] for k in keys if k in body}
+
+
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_each_reasoning_value_becomes_the_backends_own_knob(api, name):
+    for model, section, reasoning, knob in KNOBS[name]:
+        for streaming in (False, True):
+            queue(api, name, streaming, "Four.")
+            config = cfg(name, api, model=model, **section)
+            if streaming:
+                with omega.stream("2+2?", name, config, reasoning=reasoning) as s:
+                    list(s)
+            else:
+                omega.complete(omega.Context("2+2?", reasoning=reasoning), name, config)
+            assert sent_knob(name, api.last().body) == knob, (model, section, reasoning)
+
+
+@pytest.mark.parametrize("where", ["context", "section"])
+def test_anthropic_refuses_a_temperature_with_thinking_before_sending(api, where):
+    config = cfg("anthropic", api, **({"temperature": 0.5} if where == "section" else {}))
+    ctx = omega.Context("hi", temperature=0.5 if where == "context" else None, reasoning=4096)
+    with pytest.raises(omega.ConfigError, match="temperature cannot go with reasoning"):
+        omega.complete(ctx, "anthropic", config)
+    api.reply(anthropic_ok())
+    assert omega.complete(ctx, "anthropic", config, reasoning="off").text
+    assert len(api.requests) == 1 and api.last().body["temperature"] == 0.5
+
+
+@pytest.mark.parametrize("streaming", [False, True, "one body"],
+                         ids=["complete", "stream", "stream-answered-whole"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_reasoning_text_comes_apart_from_the_answer(api, name, streaming):
+    queue(api, name, streaming is True, "Four.", thought=THOUGHT)    # "one body": a gateway's
+    ctx = omega.Context("2+2?", reasoning="high")
+    if streaming:
+        pieces, s = stream_via(name, api, ctx)
+        assert "".join(pieces) == s.text == "Four." and s.reasoning == THOUGHT
+        reply = s.reply
+    else:
+        reply = ask_via(name, api, ctx)
+    assert reply.text == "Four." and reply.reasoning == THOUGHT
+    assert reply.to_dict()["reasoning"] == THOUGHT
+    queue(api, name, streaming is True, "Four.")          # none: None, and no key
+    reply = stream_via(name, api)[1].reply if streaming else ask_via(name, api)
+    assert reply.reasoning is None and "reasoning" not in reply.to_dict()
+
+
+def test_vllm_and_openrouter_reasoning_fields_are_read_too():
+    assert omega.chat_reasoning({"content": "x", "reasoning": "vLLM"}) == "vLLM"
+    assert omega.chat_reasoning({"reasoning_details": [
+        {"type": "reasoning.summary", "summary": "A"}, {"type": "reasoning.encrypted", "data": "z"},
+        {"type": "reasoning.text", "text": "B"}]}) == "AB"
+    held = {}                         # the encrypted item stays its own, after the signed one
+    for items in ([{**DETAILS[0], "signature": None}], [{"type": "reasoning.encrypted",
+                                                         "data": "z", "index": 0}]):
+        omega.chat_reasoning_fold(held, {"reasoning_details": items})
+    assert [d["type"] for d in held["reasoning_details"]] == ["reasoning.text",
+                                                              "reasoning.encrypted"]
+
+
+def echoed_reasoning(name, turn):
+    """What of a model's turn, sent back in the next round, is its reasoning."""
+    if name == "anthropic":
+        return turn["content"]
+    if name == "gemini":
+        return turn["parts"]
+    return turn["reasoning_details"] if name == "openrouter" else turn[THOUGHT_KEY[name]]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_reasoning_goes_back_exactly_within_the_tool_loop(api, name, streaming):
+    calls = [("call_1", "get_weather", {"city": "Paris"})]
+    queue(api, name, streaming, "", calls, thought=THOUGHT)
+    queue(api, name, streaming, "It rains.", thought="Then: an umbrella.")
+    reply, pieces = with_tools(name, api, streaming, [get_weather], reasoning="low")
+    turn = api.last().body[omega.BACKENDS[name].turns][-2]
+    came = answer_with(name, "", calls, THOUGHT)    # what a whole answer holds, byte for byte
+    came = came if name == "anthropic" else came["candidates"][0]["content"] if name == "gemini" \
+        else came["message"] if name == "ollama" else came["choices"][0]["message"]
+    same(echoed_reasoning(name, turn), echoed_reasoning(name, came))
+    assert reply.reasoning == THOUGHT + "\n\nThen: an umbrella." and reply.text == "It rains."
+    assert sent_knob(name, api.requests[0].body) == sent_knob(name, api.last().body)
+
+
+def test_a_fallback_sends_none_of_the_first_providers_reasoning(api, api2):
+    api.reply({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+              status=529)
+    api2.reply(answer_with("openai", "Four.", thought=THOUGHT))
+    config = {"provider": {"default": "anthropic", "fallback": ["openai"],
+                           "anthropic": cfg("anthropic", api, max_retries=0)["provider"]["anthropic"],
+                           "openai": cfg("openai", api2)["provider"]["openai"]}}
+    reply = omega.complete("2+2?", config=config, reasoning="high")
+    assert reply.metadata.provider_used == "openai" and reply.reasoning == THOUGHT
+    assert api.last().body["thinking"]["budget_tokens"] == 16384
+    sent = api2.last().body
+    assert sent["reasoning_effort"] == "high" and "thinking" not in sent
+    # Reasoning once shown is shown: a stream that breaks after it goes nowhere else.
+    serve_stream(api, thought_then_overloaded())
+    s = omega.stream("2+2?", config=config, reasoning="high")
+    with pytest.raises(omega.ProviderError, match="Overloaded"):
+        list(s)
+    assert s.reasoning == THOUGHT and s.text == "" and len(api2.requests) == 1
+
+
 # --- OpenAI and compatible servers -------------------------------------------
 
 def test_openai_request_on_the_wire(api):
@@ -4559,6 +4772,65 @@ def test_claude_code_refuses_a_schema_longer_than_one_argument_may_be(claude, ap
     assert len(claude.calls()) == 1 and api.requests == []        # nothing ran, no fallback
 
 
+# --- claude-code: reasoning (--effort, MAX_THINKING_TOKENS, thinking blocks) --
+
+def cli_thinking(streamed):
+    """The lines of a stream-json run that thinks: message m1 (thinking, then its answer,
+    as the real CLI writes them, one block a line), a subagent's thinking, and message m2
+    (thinking only); streamed: with m1's partial messages first."""
+    def assistant(mid, block, parent=None):
+        return {"type": "assistant", "session_id": "s-1", "parent_tool_use_id": parent,
+                "message": {"id": mid, "model": "claude-opus-4-8", "content": [block]}}
+
+    def event(inner):
+        return {"type": "stream_event", "event": inner, "parent_tool_use_id": None}
+    half = len(THOUGHT) // 2
+    lines = [event({"type": "message_start", "message": {"id": "m1", "content": []}}),
+             event({"type": "content_block_start", "index": 0, "content_block": {
+                 "type": "thinking", "thinking": "", "signature": ""}}),
+             *(event({"type": "content_block_delta", "index": 0, "delta": {
+                 "type": "thinking_delta", "thinking": t}}) for t in (THOUGHT[:half], THOUGHT[half:])),
+             event({"type": "content_block_delta", "index": 0, "delta": {
+                 "type": "signature_delta", "signature": SIGNATURE}}),
+             event({"type": "content_block_delta", "index": 1, "delta": {
+                 "type": "text_delta", "text": "Four."}})] * streamed
+    return lines + [assistant("m1", {"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}),
+                    assistant("m1", {"type": "text", "text": "Four."}),
+                    assistant("m9", {"type": "thinking", "thinking": "Not mine."}, "toolu_1"),
+                    assistant("m2", {"type": "thinking", "thinking": "Checked."})]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+def test_claude_code_reasoning_comes_from_its_thinking_blocks(claude, streaming):
+    claude.plan({"lines": cli_thinking(streaming), "result": "Four."})
+    config = claude.config(allowed_tools=["Read"])
+    if streaming:
+        s = omega.stream("2+2?", "claude-code", config, reasoning="high")
+        with s:
+            assert "".join(s) == "Four."
+        reply = s.reply
+        assert s.reasoning == reply.reasoning
+    else:
+        reply = omega.complete("2+2?", "claude-code", config, reasoning="high")
+    assert reply.text == "Four." and reply.reasoning == THOUGHT + "\n\nChecked."
+    (call,) = claude.calls()
+    argv = call["argv"]
+    assert argv[argv.index("--output-format") + 1] == "stream-json" and "--verbose" in argv
+    assert argv[argv.index("--effort") + 1] == "high" and call["thinking"] == "16384"
+    assert argv.index("--effort") < argv.index("--allowedTools")   # that flag takes the rest
+
+
+def test_claude_code_gets_an_effort_and_a_budget_or_zero_for_off(claude):
+    for reasoning, effort, budget in ((None, None, None), ("off", None, "0"),
+                                      ("low", "low", "1024"), (3000, "medium", "3000")):
+        omega.complete("hi", "claude-code", claude.config(), reasoning=reasoning)
+        call = claude.calls()[-1]
+        argv = call["argv"]
+        assert (argv[argv.index("--effort") + 1] if "--effort" in argv else None,
+                call["thinking"]) == (effort, budget), reasoning
+        assert (argv[argv.index("--output-format") + 1] == "json") == (effort is None)
+
+
 # =============================================================================
 # 8. The backend table
 # =============================================================================
@@ -5011,9 +5283,11 @@ def test_every_way_to_call_takes_the_same_keywords(api, tmp_path, way):
                                                 {"role": "assistant", "content": "noted"}],
                     attachments=[str(tmp_path / "notes.txt")], schema={"type": "object"},
                     max_tokens=7, temperature=0.5, timeout=20, base_url=api.url + "/v1",
-                    api_key=call_key, max_retries=0, on_status=statuses.append, fallback=[])
+                    api_key=call_key, max_retries=0, on_status=statuses.append, fallback=[],
+                    reasoning="low")
     assert CALL_WAYS[way](keywords) == {"a": 1}
     body, sent = api.last().body, api.last().headers
+    assert body["reasoning_effort"] == "low"
     assert sent["authorization"] == "Bearer " + call_key
     assert (body["model"], body["max_tokens"], body["temperature"]) == ("m-given", 7, 0.5)
     assert body["response_format"]["type"] == "json_schema"
@@ -5064,6 +5338,16 @@ def test_the_other_context_fields_stay_reachable(api, claude):
     api.reply(openai_ok("ok"))
     assert chat.ask("hi", complex=True, model=None) == "ok"
     assert api.last().body["model"] == "the-big-one"
+
+
+@pytest.mark.parametrize("value", [True, 0, -1, 1.5, "max", "High", "", "none"])
+def test_a_bad_reasoning_value_is_one_config_error_before_anything_is_sent(api, value):
+    for ctx, keywords in ((omega.Context("hi", reasoning=value), {}), ("hi", {"reasoning": value})):
+        with pytest.raises(omega.ConfigError) as err:
+            omega.complete(ctx, "openai", cfg("openai", api), **keywords)
+        assert str(err.value).startswith('reasoning: expected "off", "low", "medium", "high" or '
+                                         'a number of tokens above 0, not ')
+        assert "\n" not in str(err.value) and api.requests == []
 
 
 @pytest.mark.parametrize("name, call", [
@@ -6602,7 +6886,7 @@ def test_log_round_trip(tmp_path):
                        "answer": "hello", "input_tokens": 3, "output_tokens": 5,
                        "cost_usd": 0.0125, "duration_ms": 812, "stop_reason": "stop",
                        "session_id": None, "error": None, "asked_model": None,
-                       "tool_calls": None}
+                       "tool_calls": None, "reasoning": None}
     assert LOG_TIME.fullmatch(rows[0]["time"]) and rows[0]["time"] <= rows[1]["time"]
     assert rows[1]["answer"] == "partial" and rows[1]["error"] == "openai: 500 boom"   # failed
     # after some text: both are kept (issue 17, item 4)
@@ -7049,8 +7333,8 @@ def test_a_version_1_log_is_upgraded_in_place_without_losing_a_row(tmp_path, ask
         ("old 0", None, None), ("old 1", None, None), ("old 2", None, None),
         ("hi", "gpt-x", [{"name": "now", "arguments": {}, "result": "noon", "error": False}])]
     assert sql(path, "PRAGMA user_version") == [(2,)]
-    assert [c[1] for c in sql(path, "PRAGMA table_info(exchanges)")][-2:] == \
-        ["asked_model", "tool_calls"]
+    assert [c[1] for c in sql(path, "PRAGMA table_info(exchanges)")][-3:] == \
+        ["asked_model", "tool_calls", "reasoning"]
 
 
 def test_a_calls_tool_calls_are_logged_redacted_and_cut(api, tmp_path):
@@ -7068,6 +7352,27 @@ def test_a_calls_tool_calls_are_logged_redacted_and_cut(api, tmp_path):
     assert call["arguments"] == {"word": omega.mask(KEY)} and call["error"] is False
     assert call["result"] == "é" * 2048 + "…" and len(call["result"].encode()) <= 4096 + 3
     assert KEY.encode() not in path.read_bytes() and row["answer"] == "Done."
+
+
+def thought_then_overloaded():
+    """An Anthropic stream that breaks off after its thinking, before any answer text."""
+    return stream_with("anthropic", "Four.", thought=THOUGHT).split(b"event: content_block_stop")[0] \
+        + b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", ' \
+          b'"message": "Overloaded"}}\n\n'
+
+
+def test_the_log_keeps_the_reasoning_with_its_exchange(api, tmp_path):
+    path = tmp_path / "log.db"
+    config = cfg("anthropic", api)
+    config["omega"] = {"log": {"enabled": True, "path": str(path)}}
+    api.reply(answer_with("anthropic", "Four.", thought=THOUGHT))
+    omega.complete("2+2?", "anthropic", config, reasoning="low")
+    serve_stream(api, thought_then_overloaded())
+    with pytest.raises(omega.ProviderError):
+        list(omega.stream("3+3?", "anthropic", config, reasoning="low"))
+    rows = omega.recent_exchanges(str(path), 2)
+    assert [(r["answer"], r["reasoning"], r["error"] is None) for r in rows] == [
+        ("Four.", THOUGHT, True), (None, THOUGHT, False)]
 
 
 def test_a_failed_call_logs_the_tool_calls_that_ran(api, tmp_path):
@@ -7437,6 +7742,46 @@ def test_cli_error_after_some_text_ends_the_line_and_says_how_much_came(api, tmp
     assert out.returncode == 1 and out.stdout == "The answer\n"
     assert out.stderr.count("\n") == 1 and "Overloaded" in out.stderr
     assert "broke off after 10 characters" in out.stderr
+
+
+# --- reasoning: -r, --show-reasoning, --json -----------------------------------
+
+@pytest.mark.parametrize("args", [(), ("--show-reasoning",), ("--show-reasoning", "--no-stream"),
+                                  ("--show-reasoning", "--json")],
+                         ids=["hidden", "streamed", "no-stream", "json"])
+def test_cli_reasoning_goes_to_stderr_and_json_never_to_the_answer(api, cli_main, capsys, args):
+    forged = THOUGHT + "\x1b]52;c;aGk=\x07"          # a server's escape sequence, not shown
+    queue(api, "openai", "--no-stream" not in args and "--json" not in args, "Four.",
+          thought=forged)
+    assert cli_main(cfg("openai", api), "-q", "--no-log", "-r", "2048", *args, "2+2?") == 0
+    out, err = capsys.readouterr()
+    assert api.last().body["reasoning_effort"] == "low"
+    assert err == (THOUGHT + "\n" if args else "")    # a line break before the answer follows
+    if "--json" in args:
+        assert json.loads(out) == {**json.loads(out), "text": "Four.", "reasoning": forged}
+    else:
+        assert out == "Four.\n"
+
+
+@pytest.mark.parametrize("value", ["max", "0", "-3", "1.5"])
+def test_cli_a_bad_reasoning_value_is_a_usage_error(api, cli_main, capsys, value):
+    assert cli_main(cfg("openai", api), f"--reasoning={value}", "hi") == 2
+    err = capsys.readouterr().err
+    assert err.startswith('omega: -r: expected "off", "low", "medium", "high" or a number')
+    assert err.count("\n") == 1 and api.requests == []
+
+
+def test_shown_reasoning_is_dim_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    shown = omega.ReasoningShown()
+    shown("Weigh")
+    shown(" it\x1b[2J")
+    shown.end()
+    shown.end()                                   # once only
+    assert sys.stderr.getvalue() == "\x1b[2mWeigh\x1b[0m\x1b[2m it\x1b[0m\n"
 
 
 # --- signals: Ctrl-C, SIGTERM, SIGHUP ----------------------------------------
@@ -8223,6 +8568,9 @@ def anthropic_sse(*blocks, stop="end_turn"):
     for index, block in enumerate(blocks):
         if block["type"] == "text":
             start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        elif block["type"] == "thinking":
+            start = {"type": "thinking", "thinking": "", "signature": ""}
+            delta = {"type": "thinking_delta", "thinking": block["thinking"]}
         else:
             start = {**block, "input": {}}
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
@@ -8498,6 +8846,22 @@ def test_real_claude_runs_a_python_function_through_the_bridge(real_claude, api,
     assert results["toolu_02"]["is_error"] is True
 
 
+@pytest.mark.real_claude
+def test_real_claude_takes_reasoning_as_each_model_can_and_gives_its_thinking(real_claude, api):
+    messages_api(api, [{"type": "thinking", "thinking": "Two and two."}, *text("Four.")])
+    for model, reasoning, thinking, effort in (
+            ("claude-sonnet-4-5", 3000, {"type": "enabled", "budget_tokens": 3000}, None),
+            ("claude-opus-4-8", 3000, {"type": "adaptive"}, "medium"),
+            ("claude-sonnet-4-5", "off", {"type": "disabled"}, None)):
+        reply = real(real_claude, omega.Context("2+2?", reasoning=reasoning), model=model)
+        post = [r for r in api.requests if r.method == "POST" and r.path.startswith(
+            "/v1/messages") and r.body.get("model") == model][-1]
+        assert post.body["thinking"] == {**post.body["thinking"], **thinking}, reasoning
+        assert (post.body.get("output_config") or {}).get("effort") == effort
+        assert reply.text == "Four." and reply.reasoning == (
+            None if reasoning == "off" else "Two and two.")
+
+
 # =============================================================================
 # 15. Test data
 # =============================================================================
@@ -8583,7 +8947,8 @@ if flag("--input-format") == "stream-json":
 with open(os.path.join(state, "calls.jsonl"), "a") as f:
     f.write(json.dumps({"argv": argv, "stdin": prompt, "raw": raw, "blocks": blocks,
                         "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in (
-                            "CLAUDECODE", "CLAUDE_CODE_OAUTH_TOKEN")}}) + "\n")
+                            "CLAUDECODE", "CLAUDE_CODE_OAUTH_TOKEN")},
+                        "thinking": os.environ.get("MAX_THINKING_TOKENS")}) + "\n")
     f.flush()
 runs = sum(1 for _ in open(os.path.join(state, "calls.jsonl")))
 plan_file = os.path.join(state, "plan.json")
