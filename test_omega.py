@@ -84,14 +84,26 @@ REAL = {name: getattr(omega, name) for name in (
     "KILL_GRACE_SECS")}
 
 
+@pytest.fixture(scope="session")
+def homes(tmp_path_factory):
+    """Where the tests that ask for no tmp_path get a HOME of their own."""
+    return tmp_path_factory.mktemp("homes"), itertools.count()
+
+
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
+def clean_env(monkeypatch, request, homes):
     """No real keys, no real config, no proxies, no real waiting, and no key
-    remembered by an earlier test (each test must make omega learn its own)."""
+    remembered by an earlier test (each test must make omega learn its own).
+    HOME is tmp_path/home, or for a test without tmp_path a fresh path of its own
+    (made only if written to: a tmp_path costs every one of a thousand tests)."""
+    if "tmp_path" in request.fixturenames:
+        root = request.getfixturevalue("tmp_path")
+    else:
+        root = homes[0] / str(next(homes[1]))
     for var in KEY_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(omega, "config_paths", lambda: [str(tmp_path / "none.toml")])
+    monkeypatch.setenv("HOME", str(root / "home"))
+    monkeypatch.setattr(omega, "config_paths", lambda: [str(root / "none.toml")])
     monkeypatch.setattr(omega, "RETRY_BASE_SECS", 0.01)
     monkeypatch.setattr(omega, "RETRY_MIN_SECS", 0.01)
     monkeypatch.setattr(omega, "KILL_GRACE_SECS", 0.5)
