@@ -69,6 +69,11 @@ import omega
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OMEGA_PY = os.path.join(HERE, "omega.py")
+# `python omega.py` as a child: omega.py run as the __main__ module, the same file and entry
+# point, but from its cached bytecode (a script is compiled afresh at every start: 0.1 s of
+# each of some sixty runs). cli_env puts HERE on PYTHONPATH. The file itself runs in
+# test_cli_words_print_the_answer_and_nothing_else and test_an_older_python_is_told_in_one_line.
+OMEGA_CLI = (sys.executable, "-m", "omega")
 KEY = "sk-test-SECRET-0123456789abcdef"          # never to be seen in any output
 ENV_KEY = "sk-env-SECRET-fedcba9876543210"
 KEY_VARS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENROUTER_API_KEY", "GEMINI_API_KEY",
@@ -893,17 +898,20 @@ def unshared(script, tmp_path):
 def cli_env(tmp_path, **extra):
     # As in a user's shell: no PYTHONUNBUFFERED, so stdout to a pipe is block-buffered.
     env = {k: v for k, v in os.environ.items() if k not in KEY_VARS + ("PYTHONUNBUFFERED",)}
-    env.update(HOME=str(tmp_path / "home"), OMEGA_CONFIG=str(tmp_path / "cli.toml"))
+    env.update(HOME=str(tmp_path / "home"), OMEGA_CONFIG=str(tmp_path / "cli.toml"),
+               PYTHONPATH=os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")])))
     env.update(extra)
     if not os.path.exists(env["OMEGA_CONFIG"]):
         (tmp_path / "cli.toml").write_text("")
     return env
 
 
-def run_cli(tmp_path, *args, config=None, input=None, timeout=30, **env):
+def run_cli(tmp_path, *args, config=None, input=None, timeout=30, as_file=False, **env):
+    """omega's command line in a child (as_file: `python omega.py` itself)."""
     if config is not None:
         (tmp_path / "cli.toml").write_text(toml_for(config))
-    return subprocess.run([sys.executable, OMEGA_PY, *args], cwd=tmp_path, capture_output=True,
+    command = (sys.executable, OMEGA_PY) if as_file else OMEGA_CLI
+    return subprocess.run([*command, *args], cwd=tmp_path, capture_output=True,
                           text=True, input=input, timeout=timeout, env=cli_env(tmp_path, **env),
                           stdin=None if input is not None else subprocess.DEVNULL)
 
@@ -7425,7 +7433,7 @@ def test_a_log_newer_than_omega_is_left_alone_with_one_warning_line(api, tmp_pat
 
 def test_cli_words_print_the_answer_and_nothing_else(api, tmp_path):
     api.reply(openai_ok())
-    out = run_cli(tmp_path, "hello", "world", config=cfg("openai", api))
+    out = run_cli(tmp_path, "hello", "world", config=cfg("openai", api), as_file=True)
     assert (out.returncode, out.stdout, out.stderr) == (0, "Hello from OpenAI\n", "")
     assert api.last().body["messages"] == [{"role": "user", "content": "hello world"}]
 
@@ -7453,7 +7461,7 @@ def test_cli_binary_stdin_is_a_one_line_config_error(api, tmp_path, words):
     api.default = lambda request: {"body": openai_ok()}
     (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
     binary = b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8
-    out = subprocess.run([sys.executable, OMEGA_PY, *words], cwd=tmp_path, input=binary,
+    out = subprocess.run([*OMEGA_CLI, *words], cwd=tmp_path, input=binary,
                          capture_output=True, timeout=30, env=cli_env(tmp_path))
     stderr = out.stderr.decode(errors="replace")
     assert out.returncode == 2 and "not UTF-8 text" in stderr, stderr
@@ -7656,8 +7664,8 @@ def run_with_closed(tmp_path, redirect, *args, config=None):
     """python omega.py ARGS with stdout (">&-") or stderr ("2>&-") closed."""
     if config is not None:
         (tmp_path / "cli.toml").write_text(toml_for(config))
-    return subprocess.run(["/bin/sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable,
-                           OMEGA_PY, *args], cwd=tmp_path, capture_output=True, text=True,
+    return subprocess.run(["/bin/sh", "-c", f'exec "$@" {redirect}', "sh", *OMEGA_CLI,
+                           *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=30, stdin=subprocess.DEVNULL, env=cli_env(tmp_path))
 
 
@@ -7668,7 +7676,7 @@ def test_cli_reader_that_leaves_is_not_an_error(api, tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        out = subprocess.run([sys.executable, OMEGA_PY, "hi"], cwd=tmp_path, stdout=write_end,
+        out = subprocess.run([*OMEGA_CLI, "hi"], cwd=tmp_path, stdout=write_end,
                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                              timeout=30, env=cli_env(tmp_path))
     finally:
@@ -7696,7 +7704,7 @@ def test_cli_with_stderr_closed_writes_no_error_to_stdout(tmp_path, args, code):
 def start_cli(tmp_path, *args, config=None):
     if config is not None:
         (tmp_path / "cli.toml").write_text(toml_for(config))
-    return subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
+    return subprocess.Popen([*OMEGA_CLI, *args], cwd=tmp_path,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=cli_env(tmp_path))
 
@@ -7801,7 +7809,7 @@ def test_shown_reasoning_is_dim_on_a_terminal(monkeypatch):
 def start_cli_with_claude(claude, tmp_path, *args):
     """python omega.py ARGS against the fake claude; (the process, its claude pids)."""
     (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
-    child = subprocess.Popen([sys.executable, OMEGA_PY, *args], cwd=tmp_path,
+    child = subprocess.Popen([*OMEGA_CLI, *args], cwd=tmp_path,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env=cli_env(tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
@@ -8068,7 +8076,7 @@ def test_cli_prints_the_answer_before_it_waits_for_the_log(api, tmp_path, flag):
 def test_eight_cli_processes_at_once_lose_no_row(api, tmp_path):
     api.default = lambda r: {"body": openai_ok("ok")}
     (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
-    children = [subprocess.Popen([sys.executable, OMEGA_PY, f"question {i}"], cwd=tmp_path,
+    children = [subprocess.Popen([*OMEGA_CLI, f"question {i}"], cwd=tmp_path,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=cli_env(tmp_path))
                 for i in range(8)]
@@ -8183,7 +8191,7 @@ def each_cli(tmp_path, *args, config, stdin, tty=False):
     import pty
     (tmp_path / "cli.toml").write_text(toml_for(config))
     master, slave = pty.openpty() if tty else (None, subprocess.PIPE)
-    child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log", *args],
+    child = subprocess.Popen([*OMEGA_CLI, "--each", "--no-log", *args],
                              cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE,
                              stderr=slave, stdin=stdin if not isinstance(stdin, bytes)
                              else subprocess.PIPE)
@@ -8296,7 +8304,7 @@ def test_each_ctrl_c_prints_the_answers_before_the_first_unfinished_line(api, tm
     (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
     (tmp_path / "lines.txt").write_text("p1\nslow 2\np3\nslow 4\n")
     with open(tmp_path / "lines.txt") as lines:
-        child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log"], cwd=tmp_path,
+        child = subprocess.Popen([*OMEGA_CLI, "--each", "--no-log"], cwd=tmp_path,
                                  env=cli_env(tmp_path), stdin=lines, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE)
     try:
@@ -8337,7 +8345,7 @@ def test_each_ctrl_c_stops_every_claude_process_group(claude, tmp_path):
     (tmp_path / "cli.toml").write_text(toml_for(claude.config()))
     (tmp_path / "lines.txt").write_text("one\ntwo\n")
     with open(tmp_path / "lines.txt") as lines:
-        child = subprocess.Popen([sys.executable, OMEGA_PY, "--each", "--no-log", "-j", "2"],
+        child = subprocess.Popen([*OMEGA_CLI, "--each", "--no-log", "-j", "2"],
                                  cwd=tmp_path, stdin=lines, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=cli_env(
                                      tmp_path, FAKE_CLAUDE_DIR=str(claude.dir)))
@@ -8492,7 +8500,7 @@ def test_approve_without_a_terminal_declines_every_call_with_one_warning(api, tm
                                            ("c2", "get_weather", {"city": "Rome"})]))
     api.reply(openai_ok("Nothing ran."))
     (tmp_path / "cli.toml").write_text(toml_for(cfg("openai", api)))
-    out = subprocess.run([sys.executable, OMEGA_PY, "--functions", functions_file(tmp_path),
+    out = subprocess.run([*OMEGA_CLI, "--functions", functions_file(tmp_path),
                           "--approve", "-q", "hi"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=30, env=cli_env(tmp_path), stdin=subprocess.DEVNULL,
                          start_new_session=True)              # no controlling terminal
