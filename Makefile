@@ -5,7 +5,10 @@
 #                 in a throwaway venv in .venv-compat/ (needs PyPI).
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check
-PYTEST = $(PYTHON) -m pytest -q -rs -p no:cacheprovider -o "markers=real_claude: runs the real claude CLI"
+# No plugin autoload: the suite needs none, and a machine's installed plugins (e.g.
+# pytest-benchmark) cost half a second of start-up each run and could change how it runs.
+PYTEST = PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PYTHON) -m pytest -q -rs -p no:cacheprovider \
+	-o "markers=real_claude: runs the real claude CLI"
 CLAUDE_CODE_VERSION = 2.1.197
 REAL_CLAUDE = .claude-real/node_modules/.bin/claude
 
