@@ -2509,6 +2509,7 @@ def user_turn(messages: list[dict]) -> dict:
 # trust: DeepSeek and llama.cpp (and vLLM before its rename), vLLM now and
 # OpenRouter, Ollama. A server that sends two of them sends the same text twice.
 CHAT_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+CHAT_REASONING_FIELDS = frozenset((*CHAT_REASONING_KEYS, "reasoning_details"))
 DETAIL_TEXT = {"reasoning.text": "text", "reasoning.summary": "summary"}
 
 
@@ -2537,15 +2538,25 @@ def chat_reasoning_fold(held: dict, delta: dict) -> ReasoningPiece | None:
     fields the streamed message will carry as an unstreamed one would: each text
     grown under the key it came in (openai_round sends reasoning_content back to
     DeepSeek, ollama_round sends `thinking`), reasoning_details merged (OpenRouter).
-    Returns the delta's reasoning piece, if any."""
+    Returns the delta's reasoning piece, if any. Texts are held as lists of pieces
+    (adding to a string copies it: quadratic in a long thought); reasoning_fields()
+    joins them."""
+    if CHAT_REASONING_FIELDS.isdisjoint(delta):    # most deltas: a stream's cost per delta
+        return None
     for key in CHAT_REASONING_KEYS:
         if isinstance(delta.get(key), str):
-            held[key] = held.get(key, "") + delta[key]
+            held.setdefault(key, []).append(delta[key])
     if isinstance(delta.get("reasoning_details"), list):
         merge_reasoning_details(held.setdefault("reasoning_details", []),
                                 delta["reasoning_details"])
     thought = chat_reasoning(delta)
     return ReasoningPiece(thought) if thought else None
+
+
+def reasoning_fields(held: dict) -> dict:
+    """What chat_reasoning_fold held, as the fields of the streamed message."""
+    return {key: value if key == "reasoning_details" else "".join(value)
+            for key, value in held.items()}
 
 
 def merge_reasoning_details(details: list, items: list) -> None:
@@ -2894,7 +2905,8 @@ def openai_events(chunks, settings: dict):
     text, refusal, calls, finish, usage, model, held = [], [], [], None, None, None, {}
     for name, data in sse_events(chunks, settings):
         if data == b"[DONE]":
-            message = {"content": "".join(text) or None, "refusal": "".join(refusal), **held}
+            message = {"content": "".join(text) or None, "refusal": "".join(refusal),
+                       **reasoning_fields(held)}
             if calls:
                 message["tool_calls"] = streamed_calls(calls)
             return {"model": model, "usage": usage,
@@ -3584,7 +3596,7 @@ def ollama_events(chunks, settings: dict):
         if "tool_calls" in message and isinstance(message["tool_calls"], list):
             calls += message["tool_calls"]
         if data.get("done"):
-            message = {"role": "assistant", "content": "".join(text), **held}
+            message = {"role": "assistant", "content": "".join(text), **reasoning_fields(held)}
             if calls:
                 message["tool_calls"] = calls
             return {**data, "message": message}
