@@ -7184,9 +7184,16 @@ def main(argv=None) -> int:
             handlers[sig] = signal.signal(sig, stopped_by_signal)
     try:
         return run_cli(argv)
+    except KeyboardInterrupt as e:     # another Ctrl-C while the first was being reported
+        return interrupted_exit(e)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def interrupted_exit(stop: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the call: 130 for Ctrl-C, 143 SIGTERM, 129 SIGHUP."""
+    return 128 + (stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT)
 
 
 def run_cli(argv) -> int:
@@ -7271,7 +7278,7 @@ def run_cli(argv) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         tell(f"omega: {interruption(e)}")
-        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
+        return interrupted_exit(e)
     except Exception as e:                     # a bug of ours: still one line, no traceback
         if args.verbose:
             import traceback

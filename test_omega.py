@@ -7895,6 +7895,24 @@ def test_cli_repeated_ctrl_c_still_kills_a_child_that_ignores_sigterm(claude, tm
         kill_leftovers(*pids)
 
 
+def test_cli_a_ctrl_c_while_the_first_is_reported_still_exits_130(api, cli_main, monkeypatch):
+    """A second Ctrl-C that lands while "interrupted" is being written (a user pressing
+    it again and again) ends the CLI with 130 too, never a traceback."""
+    told = []
+
+    def tell(message):
+        told.append(message)
+        if len(told) == 1:
+            raise KeyboardInterrupt                 # the second Ctrl-C, mid-report
+    monkeypatch.setattr(omega, "tell", tell)
+    monkeypatch.setattr(omega, "send", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        code = cli_main(cfg("openai", api), "-q", "hi")
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped omega.main (a traceback at the user)")
+    assert code == 130 and told == ["omega: interrupted"]
+
+
 # --- the log: --continue, --chat, --logs, --no-log ---------------------------
 
 def log_rows(tmp_path):
