@@ -6730,6 +6730,9 @@ def parse_args(argv):
         usage_error(f"--each reads stdin for its lines: not with {alone or '-a -'}")
     if args.each and args.approve:     # many workers cannot share one terminal's questions
         usage_error("--approve asks one call at a time: not with --each")
+    if args.each and args.show_reasoning:   # many answers' thoughts would interleave
+        usage_error("--show-reasoning shows one call's reasoning: not with --each "
+                    "(--each --json keeps each line's)")
     if args.jobs is not None and (not args.each or args.jobs < 1):
         usage_error("-j: expected a number 1 or more, with --each" if args.each
                     else "-j goes with --each")

@@ -8284,7 +8284,9 @@ def test_each_writes_json_lines_and_counts_a_redirected_file(api, tmp_path):
     (["--each", "--logs"], "--logs: not allowed with argument --each"),
     (["--each", "--check"], "--each reads stdin for its lines: not with --check"),
     (["--each", "--continue"], "not allowed with argument"),
-], ids=["j-alone", "j-0", "logs", "check", "continue"])
+    (["--each", "--approve"], "--approve asks one call at a time: not with --each"),
+    (["--each", "--show-reasoning"], "--show-reasoning shows one call's reasoning: not with"),
+], ids=["j-alone", "j-0", "logs", "check", "continue", "approve", "show-reasoning"])
 def test_each_usage_errors(cli_main, capsys, args, said):
     assert cli_main({}, *args) == 2
     assert said in capsys.readouterr().err
