@@ -12,6 +12,7 @@
     omega.map(["Translate: cat", "Translate: dog"], workers=8)  # many at once, in order
     chat = omega.Chat(provider="anthropic"); chat.ask("Hi"); chat.ask("And?")
     omega.ask("Umbrella in Paris?", tools=[get_weather])  # the model calls your function
+    omega.complete("Is 1001 prime?", reasoning="high").reasoning   # its thinking, apart
 
     python omega.py "Say hi"                             # the same from a shell
     python omega.py --each "Translate: {}" < lines.txt   # one prompt per line
@@ -38,16 +39,18 @@ before the helpers it calls. To follow a call, start reading at 9, Calling.
                            __init__), LogError, NoConversation; the failure policy:
                            every backend's error bodies -> typed errors, Retry-After
      3. Secrets            Secret, mask, redact, printable, clean
-     4. Configuration      read -> validate -> provider settings -> keys -> load_config
+     4. Configuration      read -> validate -> provider settings -> keys -> load_config;
+                           the reasoning values and what an effort costs in tokens
      5. Attachments        the kind from the bytes, read once, base64 written once
      6. Transports         HTTP (per-thread session, the deadline watchdog, send, body
                            reading, the retry loop and each server's Retry-After pause,
                            SSE and NDJSON framing), then processes (the claude CLI's
                            process group)
-     7. Backends           shared helpers, tool calls, JSON answers (a schema in each
-                           API's form, the answer parsed), then one banner per backend:
-                           its request builder, response parser, stream reader, tool
-                           declarations, calls and round, model list
+     7. Backends           shared helpers, tool calls, reasoning text, JSON answers (a
+                           schema in each API's form, the answer parsed); then one banner
+                           per backend: its request builder (with its reasoning knob),
+                           response parser, stream reader, tool declarations, calls and
+                           round, model list
      8. The backend table  BACKENDS; NAMES, PROVIDERS, SCHEMA, DEFAULTS derived from it
      9. Calling            Options (every call's keywords), status timer, routing,
                            attempt -> rounds (the tool loop) -> the provider chain ->
@@ -6566,8 +6569,9 @@ def record(log: str, ctx: Context, provider: str, outcome, received: str, starte
            conversation: dict | None, warn, thought: str | None = None) -> None:
     """Write one exchange to the log. outcome: the reply, or the error or the
     interruption (KeyboardInterrupt, GeneratorExit) it ended with, after the text
-    `received` and the reasoning `thought`; provider: the one asked first, for a row that nothing else names a
-    provider for. A failure to write is said to warn (or the debug log), not raised."""
+    `received` and the reasoning `thought`; provider: the one asked first, for a row
+    that nothing else names a provider for. A failure to write is said to warn (or
+    the debug log), not raised."""
     reply = outcome if isinstance(outcome, OutgoingMessage) else None
     meta = reply.metadata if reply else MessageMetadata()
     error = None if reply else str(outcome) if isinstance(outcome, OmegaError) \
