@@ -515,7 +515,12 @@ def too_large(settings: dict, status: int | None = None, where: str = "") -> Pro
                          reason="answer too large")
 
 
-def empty_answer(settings: dict, why: str) -> EmptyResponse:
+def empty_answer(settings: dict, why: str, reasoning: str | None = None) -> EmptyResponse:
+    """reasoning: what the model thought instead, which is then said with what to do
+    (a thinking model can spend max_tokens before it writes a word)."""
+    if reasoning:
+        why += f"; only reasoning came, {len(reasoning):,} characters: raise max_tokens or " \
+               "ask for less reasoning"
     return EmptyResponse(f"no answer text ({why})", settings["name"])
 
 
@@ -2884,7 +2889,7 @@ def openai_response(data: dict, settings: dict) -> OutgoingMessage:
     if not text and message.get("refusal"):
         text, stop = answer_text(message["refusal"], settings), "refusal"
     if not text and not message.get("tool_calls"):
-        raise empty_answer(settings, f"finish_reason={stop}")
+        raise empty_answer(settings, f"finish_reason={stop}", chat_reasoning(message))
     usage = data.get("usage") or {}
     cached = usage.get("prompt_tokens_details")
     cached = cached if isinstance(cached, dict) else {}    # OpenRouter says writes too
@@ -3140,7 +3145,7 @@ def anthropic_response(data: dict, settings: dict) -> OutgoingMessage:
     if not text and not anthropic_calls(data):
         details = data.get("stop_details") or {}
         why = f"stop_reason={stop}" + (f", {details['category']}" if details.get("category") else "")
-        raise empty_answer(settings, why)
+        raise empty_answer(settings, why, anthropic_reasoning(data.get("content")))
     usage = data.get("usage") or {}
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],
@@ -3387,7 +3392,7 @@ def gemini_response(data: dict, settings: dict) -> OutgoingMessage:
         why = f"finishReason={stop}"
         if candidate.get("finishMessage"):
             why += f": {candidate['finishMessage']}"
-        raise empty_answer(settings, why)
+        raise empty_answer(settings, why, gemini_reasoning(parts))
     usage = data.get("usageMetadata")
     tokens_in, tokens_out = gemini_token_counts(usage)
     cached = count(usage.get("cachedContentTokenCount")) if isinstance(usage, dict) else None
@@ -3570,7 +3575,8 @@ def ollama_response(data: dict, settings: dict) -> OutgoingMessage:
     message = data.get("message") or {}
     text = answer_text(message.get("content"), settings)      # not `thinking`
     if not text and not message.get("tool_calls"):
-        raise empty_answer(settings, f"done_reason={data.get('done_reason')}")
+        raise empty_answer(settings, f"done_reason={data.get('done_reason')}",
+                           chat_reasoning(message))
     tokens_in, tokens_out = token_counts(data.get("prompt_eval_count"), data.get("eval_count"))
     return OutgoingMessage(text, MessageMetadata(
         provider_used=settings["name"], model=data.get("model") or settings["model"],

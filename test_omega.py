@@ -3979,6 +3979,22 @@ def test_reasoning_text_comes_apart_from_the_answer(api, name, streaming):
     assert reply.reasoning is None and "reasoning" not in reply.to_dict()
 
 
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("name", HTTP_NAMES)
+def test_an_answer_of_reasoning_alone_says_what_to_do(api, name, streaming):
+    """A thinking model that spent max_tokens thinking: the empty-answer error says
+    so, and what to change."""
+    queue(api, name, streaming, "", thought=THOUGHT)
+    with pytest.raises(omega.EmptyResponse) as err:
+        if streaming:
+            stream_via(name, api, omega.Context("2+2?", reasoning="high"))
+        else:
+            ask_via(name, api, omega.Context("2+2?", reasoning="high"))
+    assert f"; only reasoning came, {len(THOUGHT):,} characters: raise max_tokens or ask " \
+           "for less reasoning)" in str(err.value)          # (none came: the exact
+    # messages of the empty-answer tests, which say nothing of reasoning)
+
 def test_vllm_and_openrouter_reasoning_fields_are_read_too():
     assert omega.chat_reasoning({"content": "x", "reasoning": "vLLM"}) == "vLLM"
     assert omega.chat_reasoning({"reasoning_details": [
@@ -4332,7 +4348,9 @@ def test_ollama_empty_answer_is_empty_response(api, message):
     with pytest.raises(omega.EmptyResponse) as err:
         ask_via("ollama", api)
     assert type(err.value) is omega.EmptyResponse and err.value.provider == "ollama"
-    assert err.value.message == "no answer text (done_reason=length)"
+    said = "; only reasoning came, 31 characters: raise max_tokens or ask for less " \
+           "reasoning" if message and message.get("thinking") else ""
+    assert err.value.message == f"no answer text (done_reason=length{said})"
     assert len(api.requests) == 1                               # not retried
 
 
