@@ -2166,7 +2166,7 @@ def child_output(child: subprocess.Popen, stdin_data: bytes | list[bytes], setti
             selector.register(child.stdin, selectors.EVENT_WRITE)
         else:
             child.stdin.close()
-        if tools is not None:
+        if tools is not None and tools.listener:
             selector.register(tools.listener, selectors.EVENT_READ, tools)
         while True:
             exited = child.poll() is not None       # then read what is left, and stop
@@ -2310,9 +2310,9 @@ def group_alive(child: subprocess.Popen) -> bool:
 #   <name>_round(data, calls) -> the messages that go back: the model's turn as it
 #       came, then the results.
 # call_http() and stream_http() run them with the transport; the backend table
-# (8) lists them. First the helpers they share, tool calls and JSON answers, then
-# one sub-banner per backend: request builder, response parser, stream reader,
-# tool declarations, calls and round, model list side by side.
+# (8) lists them. First the helpers they share, tool calls, reasoning text and JSON
+# answers, then one sub-banner per backend: request builder, response parser,
+# stream reader, tool declarations, calls and round, model list side by side.
 
 def drain(pieces) -> OutgoingMessage:
     """Run a generator of pieces to its end; what it returns."""
@@ -2354,10 +2354,10 @@ def parsed(backend, data, headers, attempts: int, settings: dict,
 def stream_http(backend, request: tuple, settings: dict, call: Call,
                 schema: dict | None = None):
     """One streamed HTTP backend call of request (url, headers, body): yields text
-    pieces (and ReasoningPieces) as they arrive and returns (the reply, the body it was read from).
-    Failures before the first piece (a status, an error event, a cut connection, an
-    early end) are retried as in call_http; after it they are raised, since the text
-    is already on the caller's screen. Reading ends at the answer's end marker: what
+    pieces (and ReasoningPieces) as they arrive and returns (the reply, the body it
+    was read from). Failures before the first piece (a status, an error event, a cut
+    connection, an early end) are retried as in call_http; after it (answer text or
+    reasoning) they are raised, since it is already on the caller's screen. Reading ends at the answer's end marker: what
     the server sends after it is not waited for. An answer with no text (one that
     only calls tools) yields nothing."""
     url, headers, body = request
@@ -2479,7 +2479,10 @@ def requested(ctx: Context, settings: dict, key: str):
     value = getattr(ctx, key)
     if value is None:
         return settings.get(key)
-    check_value(key, value, KEY_TYPES[key], f"Context.{key}")
+    if key == "mcp_servers":            # its own check: a rule's message would show an env
+        check_mcp_servers(value, f"Context.{key}")
+    else:
+        check_value(key, value, KEY_TYPES[key], f"Context.{key}")
     return value
 
 
@@ -3335,15 +3338,13 @@ def gemini_request(ctx: Context, settings: dict,
     if ctx.schema is not None:
         config["responseMimeType"] = "application/json"
         config["responseJsonSchema"] = {k: v for k, v in ctx.schema.items() if k != "$schema"}
-    gemini_thinking(config, ctx.reasoning, model_of(ctx, settings))
+    model = model_of(ctx, settings)
+    gemini_thinking(config, ctx.reasoning, model)
     if config:
         body["generationConfig"] = config
-    model = quote(model_of(ctx, settings).removeprefix("models/"), safe="")
+    model = quote(model.removeprefix("models/"), safe="")
     method = "streamGenerateContent?alt=sse" if streaming else "generateContent"
     return f"{settings['base_url']}/v1beta/models/{model}:{method}", headers, body
-
-
-GEMINI_LEVELS = {"low": "LOW", "medium": "MEDIUM", "high": "HIGH"}
 
 
 def gemini_thinking(config: dict, reasoning: str | int | None, model: str) -> None:
@@ -3361,7 +3362,7 @@ def gemini_thinking(config: dict, reasoning: str | int | None, model: str) -> No
     pro = "-pro" in model
     if version is not None and version >= 3:
         level = ("LOW" if pro else "MINIMAL") if reasoning == "off" \
-            else GEMINI_LEVELS[effort_of(reasoning)]
+            else effort_of(reasoning).upper()
         config["thinkingConfig"] = {"thinkingLevel": level}
     else:
         budget = (128 if pro else 0) if reasoning == "off" \
@@ -4064,7 +4065,9 @@ class Backend:
                                      #   "key" is a key there or none needed, no request
 
     def call(self, ctx: Context, settings: dict, call: Call) -> OutgoingMessage:
-        """One call of ctx, without tools (PROVIDERS, classify)."""
+        """One call of ctx (PROVIDERS, classify): no fallback, and on an HTTP backend no
+        tool loop (claude-code's CLI runs ctx.tools and MCP servers itself)."""
+        check_reasoning(ctx.reasoning)      # answer() checks it for the other calls
         return drain(self.run(ctx, settings, call)) if self.run \
             else call_http(self, self.request(ctx, settings), settings, call, ctx.schema)[0]
 
@@ -4316,7 +4319,8 @@ def classify(ctx: Context, config=None, provider: str | None = None) -> bool:
 
 def is_complex(ctx: Context, raw: dict, path: str | None, name: str,
                call: Call | None = None) -> bool:
-    question = Context(CLASSIFIER_PROMPT + ctx.current_message, max_turns=1, allowed_tools=[])
+    question = Context(CLASSIFIER_PROMPT + ctx.current_message, max_turns=1, allowed_tools=[],
+                       mcp_servers=[])
     try:
         settings = {**usable_settings(raw, name, path), "max_resume_attempts": 0}
         call = call or Call.starting_now(settings["timeout_secs"])
@@ -4565,8 +4569,6 @@ def answer(ctx: Context | str, options: Options, streaming: bool, *,
         check_schema(ctx.schema)
     if ctx.tools:                # a bad definition names its function before anything is sent
         ctx = replace(ctx, tools=tuple(tools_from(ctx.tools)))
-    if ctx.mcp_servers is not None:
-        check_mcp_servers(ctx.mcp_servers, "mcp_servers")
     if ctx.attachments:          # read once for the whole chain, under the first one's limit
         ctx = replace(ctx, attachments=tuple(attachments_of(ctx, provider_settings(
             raw, chain[0], path))))
@@ -5300,7 +5302,8 @@ class ToolServer:
     folder: str
     config: str
     secret: bytes
-    listener: object                # socket.socket, listening, non-blocking
+    listener: object                # socket.socket, listening, non-blocking; None
+                                    #   without tools (MCP servers only: no bridge)
     allowed: list
     peers: dict = field(default_factory=dict)      # socket -> bytearray
     trusted: set = field(default_factory=set)      # sockets that gave the secret
@@ -5309,26 +5312,26 @@ class ToolServer:
 
 @contextlib.contextmanager
 def serve_tools(tools, approve: Callable | None, call: Call, limit: int, mcp_servers=()):
-    """A ToolServer for one claude-code call: a fresh 0700 folder holding a Unix
-    socket and the MCP config that tells the CLI to start the bridge on it (and the
-    user's mcp_servers), with a new random secret in the config's `env` only. On
-    exit, also on an exception, the sockets are closed and the folder removed: a
-    bridge still running sees its socket close and ends."""
+    """A ToolServer for one claude-code call: a fresh 0700 folder holding the MCP
+    config that gives the CLI the user's mcp_servers and, with tools, a Unix socket
+    and the bridge to start on it, with a new random secret in the config's `env`
+    only. On exit, also on an exception, the sockets are closed and the folder
+    removed: a bridge still running sees its socket close and ends."""
     import secrets
     import socket
     import tempfile
     folder = tempfile.mkdtemp(prefix="omega-")      # mode 0700, made atomically
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) if tools else None
     server = None
     try:
         path = os.path.join(folder, "s")
-        listener.bind(path)
-        listener.listen()
-        listener.setblocking(False)
         secret = secrets.token_hex(32)
         servers = {spec["name"]: {"command": spec["command"], "args": list(spec.get("args", ())),
                                   "env": dict(spec.get("env", {}))} for spec in mcp_servers}
-        if tools:
+        if listener:
+            listener.bind(path)
+            listener.listen()
+            listener.setblocking(False)
             servers[BRIDGE_SERVER] = {"command": sys.executable,
                                       "args": [os.path.abspath(__file__), "--mcp-bridge", path],
                                       "env": {BRIDGE_SECRET_ENV: secret}}
@@ -5343,7 +5346,8 @@ def serve_tools(tools, approve: Callable | None, call: Call, limit: int, mcp_ser
     finally:
         for peer in server.peers if server else ():
             peer.close()
-        listener.close()
+        if listener:
+            listener.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -40,6 +40,7 @@ The sections follow omega.py's own:
 """
 import base64
 import collections
+import contextlib
 import gzip
 import http.server
 import io
@@ -5062,11 +5063,13 @@ def test_classify_failure_means_not_complex(api):
     assert omega.classify(omega.Context("x"), cfg("ollama", refused_url(), max_retries=0)) is False
 
 
-def test_classify_with_claude_code_is_one_turn_without_tools(claude):
+def test_classify_with_claude_code_is_one_turn_without_tools(claude, mcp_server):
     claude.plan({"result": "1. a\n2. b"})
-    assert omega.classify(omega.Context("Build an app"), claude.config(allowed_tools=["Bash"]))
+    assert omega.classify(omega.Context("Build an app"), claude.config(
+        allowed_tools=["Bash"], mcp_servers=[mcp_server("ok")]))
     argv = claude.calls()[0]["argv"]
     assert argv[argv.index("--max-turns") + 1] == "1" and "--allowedTools" not in argv
+    assert "--mcp-config" not in argv                  # the configured MCP servers neither
     assert argv[argv.index("--model") + 1] == "claude-sonnet-4-6"
 
 
@@ -5388,6 +5391,10 @@ def test_a_bad_reasoning_value_is_one_config_error_before_anything_is_sent(api, 
         assert str(err.value).startswith('reasoning: expected "off", "low", "medium", "high" or '
                                          'a number of tokens above 0, not ')
         assert "\n" not in str(err.value) and api.requests == []
+    with pytest.raises(omega.ConfigError, match="^reasoning: expected "):    # PROVIDERS too
+        omega.PROVIDERS["openai"](omega.Context("hi", reasoning=value),
+                                  omega.provider_settings(cfg("openai", api), "openai"))
+    assert api.requests == []
 
 
 @pytest.mark.parametrize("name, call", [
@@ -6543,6 +6550,25 @@ def test_claude_code_streams_with_tools_and_mcp_servers(claude, mcp_server):
     assert seen["config"]["mcpServers"]["docs"]["env"] == {"DOCS_TAG": "docs"}
 
 
+def test_claude_code_with_mcp_servers_alone_gets_no_bridge(claude, mcp_server, monkeypatch):
+    """Without tools= the MCP config holds the user's servers only, and no socket waits
+    for a bridge that nothing would start."""
+    claude.plan({"mcp": [["docs", "echo", {"text": "hi"}]], "result": "ok"})
+    real, folders = omega.serve_tools, []
+
+    @contextlib.contextmanager
+    def watched(*args, **kwargs):
+        with real(*args, **kwargs) as server:
+            folders.append((sorted(os.listdir(server.folder)), server.listener))
+            yield server
+    monkeypatch.setattr(omega, "serve_tools", watched)
+    reply = omega.complete("hi", "claude-code", claude.config(mcp_servers=[mcp_server("ok")]))
+    seen = claude.mcp()
+    assert reply.text == "ok" and reply.tool_calls == [] and folders == [(["mcp.json"], None)]
+    assert list(seen["config"]["mcpServers"]) == ["docs"] and seen["allowed"] == ["mcp__docs"]
+    assert seen["answers"][0]["result"]["content"][0]["text"] == "echo: hi (docs)"
+
+
 def test_claude_code_failing_after_a_call_leaves_no_bridge_running(claude):
     claude.plan({"mcp": [["omega", "now", {}]], "orphan": True,     # the CLI leaves it running
                  "set": {"is_error": True, "result": "API Error: 500 boom"}})
@@ -6718,13 +6744,17 @@ def test_an_mcp_server_that_fails_is_one_line_naming_it(api, tmp_path, mcp_serve
     ([{"name": "d", "command": "x", "args": "-v"}], "args: expected a list of strings"),
     ([{"name": "d", "command": "x", "env": {"K": 1}}], "env: expected a table of strings"),
     ([{"name": "d", "command": "x", "cwd": "/"}], "unknown key cwd"),
+    (["docs"], "entry 1: expected a table {name, command, args, env}"),
 ])
-def test_bad_mcp_servers_are_a_config_error(api, servers, says):
+def test_bad_mcp_servers_are_a_config_error(api, claude, servers, says):
     with pytest.raises(omega.ConfigError, match=re.escape(says)):
         omega.complete("hi", "openai", cfg("openai", api, mcp_servers=servers))
     with pytest.raises(omega.ConfigError, match=re.escape(says)):
         omega.complete(omega.Context("hi", mcp_servers=servers), "openai", cfg("openai", api))
-    assert api.requests == []
+    settings = omega.provider_settings(claude.config(), "claude-code")     # and PROVIDERS
+    with pytest.raises(omega.ConfigError, match="^Context.mcp_servers: .*" + re.escape(says)):
+        omega.PROVIDERS["claude-code"](omega.Context("hi", mcp_servers=servers), settings)
+    assert api.requests == [] and claude.calls() == []
 
 
 # =============================================================================
