@@ -5940,6 +5940,13 @@ def edit_tool(root: str, /, file_path: str, old_string: str, new_string: str,
     return f"{file_path}: replaced {found if replace_all else 1} occurrence(s)"
 
 
+def keyless_environment() -> dict:
+    """os.environ without the variables that hold keys: those of SECRET_ENV, and any
+    whose value is a key omega has used (one that api_key_env named, say)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in SECRET_ENV and v.strip() not in _known_secrets}
+
+
 def bash_tool(root: str, max_bytes: int, call: Call, /, command: str, timeout=None,
               description: str = "") -> str:
     """Run command with `bash -c` in root, in its own process group, stdin empty,
@@ -5956,7 +5963,7 @@ def bash_tool(root: str, max_bytes: int, call: Call, /, command: str, timeout=No
     try:
         child = subprocess.Popen(["bash", "-c", command], cwd=root, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 env={k: v for k, v in os.environ.items() if k not in SECRET_ENV},
+                                 env=keyless_environment(),
                                  start_new_session=True)
     except OSError as e:
         raise ToolFailed(f"bash: {e.strerror or e}") from None

@@ -6668,18 +6668,22 @@ def test_bash_stops_at_the_calls_deadline(tmp_path):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_agent_tools_on_an_http_backend(api, tmp_path, streaming):
+def test_agent_tools_on_an_http_backend(api, tmp_path, streaming, monkeypatch):
+    """Bash gets no key: not from the usual variables, not from one api_key_env names."""
     (tmp_path / "a.txt").write_text("alpha\n")
-    queue(api, "openai", streaming, calls=[("c1", "Read", {"file_path": "a.txt"}),
-                                           ("c2", "Bash", {"command": "echo $OPENAI_API_KEY"})])
+    monkeypatch.setenv("WORK_KEY", "sk-work-0123456789abcdef\n")
+    queue(api, "openai", streaming, calls=[
+        ("c1", "Read", {"file_path": "a.txt"}),
+        ("c2", "Bash", {"command": "echo $OPENAI_API_KEY$WORK_KEY; echo ${HOME:+home}"})])
     queue(api, "openai", streaming, "Read it.")
     reply, _ = with_tools("openai", api, streaming, [now], section={
         "allowed_tools": ["Read", "Bash"], "working_dir": str(tmp_path),
-        "api_key_env": "OPENAI_API_KEY"}, config=None)
+        "api_key_env": "WORK_KEY", "api_key": ""}, config=None)
     offered = [t["function"]["name"] for t in api.requests[0].body["tools"]]
     assert offered == ["now", "Read", "Bash"] and reply.text == "Read it."
+    assert api.requests[0].headers["authorization"] == "Bearer sk-work-0123456789abcdef"
     assert sent_results("openai", api.last().body) == [("     1\talpha", None),
-                                                        ("\n[exit code 0]", None)]
+                                                        ("\nhome\n[exit code 0]", None)]
 
 
 def test_agent_tools_are_off_by_default_and_named_ones_only(api, tmp_path):
