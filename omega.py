@@ -3756,6 +3756,7 @@ def claude_code_result(code: int, out: str, err: str, settings: dict) -> dict:
 
 
 def json_or_none(line: bytes | str):
+    """The JSON value of a line; None for one that is not JSON or nests too deep."""
     try:
         return json.loads(line)
     except (ValueError, RecursionError):
@@ -5414,9 +5415,8 @@ def same_user(peer) -> bool:
 def mcp_reply(server: ToolServer, line: bytes) -> dict | None:
     """The answer to one JSON-RPC line from the CLI; None for a notification, which
     is never answered (`id: 0` is a request), and for a response to nothing asked."""
-    try:
-        message = json.loads(line)
-    except ValueError:
+    message = json_or_none(line)
+    if message is None and line.strip() != b"null":
         return rpc_error(None, -32700, "Parse error")
     if not isinstance(message, dict):
         return rpc_error(None, -32600, "Invalid Request")
@@ -5706,10 +5706,7 @@ def read_message(server: McpServer, method: str, settings: dict, call: Call,
                     raise mcp_trouble(settings, server.name, "exited", exit_status(child), said)
     line = bytes(server.pending[:end])
     del server.pending[:end + 1]
-    try:
-        message = json.loads(line)
-    except ValueError:
-        message = None
+    message = json_or_none(line)
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         shown = clean(line[:200].decode(errors="replace"), 80)
         raise mcp_trouble(settings, server.name, f"answered garbage: {shown!r}")

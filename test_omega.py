@@ -6550,6 +6550,29 @@ def test_claude_code_streams_with_tools_and_mcp_servers(claude, mcp_server):
     assert seen["config"]["mcpServers"]["docs"]["env"] == {"DOCS_TAG": "docs"}
 
 
+@pytest.mark.parametrize("line, code, message", [
+    (b"{", -32700, "Parse error"),
+    (b"[" * 100000, -32700, "Parse error"),                 # too deep for Python's parser
+    (b"[1]", -32600, "Invalid Request"),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": 5}', -32600, "Invalid Request"),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "resources/list"}', -32601,
+     "Method not found: resources/list"),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "rm"}}', -32602,
+     "Unknown tool: rm"),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "now", '
+     b'"arguments": [1]}}', -32602, "arguments: expected an object"),
+], ids=["not-json", "too-deep", "not-an-object", "method-not-text", "unknown-method",
+        "unknown-tool", "arguments-not-an-object"])
+def test_the_bridge_answers_a_bad_line_with_a_json_rpc_error_and_runs_nothing(line, code,
+                                                                                message):
+    call = omega.Call.starting_now(5)
+    with omega.serve_tools(omega.tools_from([now]), None, call, 1000) as server:
+        answer = omega.mcp_reply(server, line)
+        assert answer["error"] == {"code": code, "message": message}
+        assert answer["id"] == (1 if code > -32700 and line.startswith(b"{") else None)
+        assert server.calls == []
+
+
 def test_claude_code_with_mcp_servers_alone_gets_no_bridge(claude, mcp_server, monkeypatch):
     """Without tools= the MCP config holds the user's servers only, and no socket waits
     for a bridge that nothing would start."""
