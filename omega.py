@@ -7232,7 +7232,13 @@ def run_cli(argv) -> int:
         logger = logging.getLogger("omega")
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
-    say = None if args.quiet else (lambda m: tell(f"omega: {m}"))
+    thought = ReasoningShown() if args.show_reasoning else None
+
+    def note(message) -> None:                 # a status line or the error, on a line of
+        if thought is not None:                # its own after any reasoning shown
+            thought.end()
+        tell(f"omega: {message}")
+    say = None if args.quiet else note
     try:
         if sys.stdout is None:
             raise ConfigError("stdout is closed: there is nowhere to write the answer")
@@ -7273,13 +7279,12 @@ def run_cli(argv) -> int:
                               (raw, path), log)
         # The config was read and checked above: the call takes it as it is, and
         # logs the exchange itself (a log warning shows even with -q).
-        approve = terminal_approval(lambda m: tell(f"omega: {m}")) if args.approve else None
+        approve = terminal_approval(note) if args.approve else None
         options = Options(provider=provider, on_status=say, fallback=args.fallback,
                           timeout=args.timeout, tools=tools, approve=approve)
         streaming = args.schema is None and not args.json and not args.no_stream
-        thought = ReasoningShown() if args.show_reasoning else None
         pieces = answer(ctx, options, streaming, conversation={"id": conversation},
-                        config=(raw, path), log=log, warn=lambda m: tell(f"omega: {m}"),
+                        config=(raw, path), log=log, warn=note,
                         show=None if streaming else lambda reply: print_reply(reply, args,
                                                                              thought))
         if streaming:
@@ -7295,16 +7300,16 @@ def run_cli(argv) -> int:
         if args.verbose:
             import traceback
             traceback.print_exc(file=sys.stderr)
-        tell(f"omega: {e}")
+        note(e)
         return e.exit_code
     except KeyboardInterrupt as e:
-        tell(f"omega: {interruption(e)}")
+        note(interruption(e))
         return interrupted_exit(e)
     except Exception as e:                     # a bug of ours: still one line, no traceback
         if args.verbose:
             import traceback
             traceback.print_exc(file=sys.stderr)
-        tell(f"omega: internal error: {type(e).__name__}: {clean(e, 300)} "
+        note(f"internal error: {type(e).__name__}: {clean(e, 300)} "
              "(run with -v for details)")
         return 1
 

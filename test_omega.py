@@ -7861,6 +7861,22 @@ def test_cli_reasoning_goes_to_stderr_and_json_never_to_the_answer(api, cli_main
         assert out == "Four.\n"
 
 
+def test_cli_shown_reasoning_ends_its_line_before_a_status_line_or_an_error(api, cli_main,
+                                                                            capsys):
+    queue(api, "openai", True, calls=[("c1", "now", {})], thought=THOUGHT)
+    queue(api, "openai", True, "Noon.")
+    assert cli_main(cfg("openai", api), "--no-log", "--show-reasoning", "--functions", NOW_PY,
+                    "Time?") == 0
+    out, err = capsys.readouterr()
+    assert out == "Noon.\n" and err == f"{THOUGHT}\nomega: now() -> noon\n"
+    serve_stream(api, thought_then_overloaded())             # reasoning, then the failure
+    assert cli_main(cfg("anthropic", api, max_retries=0), "--no-log", "--show-reasoning",
+                    "2+2?") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"{THOUGHT}\nomega: anthropic: ") and \
+        err.count("\n") == 2, err
+
+
 @pytest.mark.parametrize("value", ["max", "0", "-3", "1.5"])
 def test_cli_a_bad_reasoning_value_is_a_usage_error(api, cli_main, capsys, value):
     assert cli_main(cfg("openai", api), f"--reasoning={value}", "hi") == 2
