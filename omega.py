@@ -2112,6 +2112,15 @@ LATE_GRACE_SECS = 0.5            # the same past the deadline, which holds withi
 CLI_EXIT_GRACE_SECS = 0.5        # after its result line, for the CLI to exit by itself
 
 
+def working_dir(settings: dict) -> str | None:
+    """The provider's working_dir (None: the current directory), checked: where the
+    claude CLI runs, the agent tools work and MCP servers start."""
+    cwd = settings.get("working_dir")
+    if cwd and not os.path.isdir(cwd):
+        raise ConfigError(f"provider.{settings['name']}.working_dir: {cwd!r} is not a directory")
+    return cwd
+
+
 def start_claude(argv: list[str], settings: dict, call: Call,
                  env: dict | None = None) -> subprocess.Popen:
     """Start the CLI in its own process group; env: variables set for it on top of
@@ -2120,9 +2129,7 @@ def start_claude(argv: list[str], settings: dict, call: Call,
     name = settings["name"]
     if call.left() <= 0:
         raise timed_out(settings, call)
-    cwd = settings.get("working_dir")
-    if cwd and not os.path.isdir(cwd):
-        raise ConfigError(f"provider.claude-code.working_dir: {cwd!r} is not a directory")
+    cwd = working_dir(settings)
     try:
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=cwd,
@@ -5144,8 +5151,9 @@ def offered_tools(ctx: Context, settings: dict, call: Call):
     """The tools an HTTP backend offers in a call: ctx.tools, the agent tools that
     allowed_tools names and the tools of every MCP server (Context's, else the
     provider's), which run until the block ends."""
-    agent = agent_tools(requested(ctx, settings, "allowed_tools") or (),
-                        settings.get("working_dir"), settings["max_tool_result_bytes"], call)
+    names = requested(ctx, settings, "allowed_tools") or ()
+    agent = agent_tools(names, working_dir(settings), settings["max_tool_result_bytes"],
+                        call) if names else []
     with mcp_server_tools(requested(ctx, settings, "mcp_servers") or (), settings,
                           call) as relayed:
         yield [*ctx.tools, *agent, *relayed]
@@ -5566,7 +5574,7 @@ def start_mcp_server(spec: dict, settings: dict, call: Call) -> McpServer:
         child = subprocess.Popen([spec["command"], *spec.get("args", ())], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  env={**os.environ, **spec.get("env", {})},
-                                 cwd=settings.get("working_dir"), start_new_session=True)
+                                 cwd=working_dir(settings), start_new_session=True)
     except OSError as e:
         raise mcp_trouble(settings, name, f"cannot start {spec['command']!r}: "
                                           f"{e.strerror or e}") from None
@@ -5826,19 +5834,15 @@ AGENT_TOOLS = {   # name: (description, properties, required)
 }
 
 
-def agent_tools(names, working_dir: str | None, limit: int, call: Call) -> list[Tool]:
-    """The agent tools named (others are not offered), working in working_dir (None:
-    the current directory), Bash's output cut at limit bytes and its run ending by
+def agent_tools(names, folder: str | None, limit: int, call: Call) -> list[Tool]:
+    """The agent tools named (others are not offered), working in folder (None: the
+    current directory), Bash's output cut at limit bytes and its run ending by
     the call's deadline. A name omega has no tool for is a ConfigError."""
     unknown = [name for name in names if name not in AGENT_TOOLS]
     if unknown:
         raise ConfigError(f"allowed_tools: {shorten(repr(unknown[0]), 60)} is not an agent tool "
                           f"of the HTTP backends (they have {', '.join(AGENT_TOOLS)})")
-    if not names:
-        return []
-    root = os.path.realpath(working_dir or ".")
-    if not os.path.isdir(root):
-        raise ConfigError(f"working_dir: {working_dir!r} is not a directory")
+    root = os.path.realpath(folder or ".")
     runs = {"Read": functools.partial(read_tool, root, limit),
             "Write": functools.partial(write_tool, root),
             "Edit": functools.partial(edit_tool, root),

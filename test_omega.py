@@ -6722,6 +6722,26 @@ def test_agent_tools_are_off_by_default_and_named_ones_only(api, tmp_path):
     assert len(api.requests) == 2
 
 
+@pytest.mark.parametrize("name, section", [
+    ("claude-code", {}),
+    ("openai", {"allowed_tools": ["Read"]}),
+    ("openai", {"mcp_servers": "ok"}),
+], ids=["claude-code", "agent-tools", "mcp-servers"])
+def test_a_working_dir_that_is_not_a_folder_is_one_config_error(api, claude, mcp_server,
+                                                                 tmp_path, name, section):
+    """The same line for each thing that works there, before anything runs or is sent."""
+    missing = str(tmp_path / "gone")
+    if section.get("mcp_servers"):
+        section = {"mcp_servers": [mcp_server(section["mcp_servers"])]}
+    config = claude.config(working_dir=missing) if name == "claude-code" else \
+        cfg(name, api, working_dir=missing, **section)
+    with pytest.raises(omega.ConfigError) as err:
+        omega.complete("hi", name, config)
+    assert str(err.value) == f"provider.{name}.working_dir: {missing!r} is not a directory"
+    assert api.requests == [] and claude.calls() == []
+    assert not (tmp_path / "docs.pid").exists()                   # no MCP server started
+
+
 # --- MCP servers as tools ------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["openai", "anthropic"])
