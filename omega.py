@@ -5301,14 +5301,13 @@ BRIDGE_SECRET_LINE_BYTES = 200      # a first line longer than that is not our s
 @dataclass
 class ToolServer:
     """The calling process's end of the bridge while a claude-code call runs: the
-    tools by name, the 0700 folder with the socket and the MCP config, the secret,
+    tools by name, the MCP config (in a 0700 folder, beside the socket), the secret,
     the --allowedTools words, the bridges connected (with what each sent that is
     not a whole line yet), and the calls run, in order."""
     tools: dict
     approve: Callable | None
     call: Call
     limit: int
-    folder: str
     config: str
     secret: bytes
     listener: object                # socket.socket, listening, non-blocking; None
@@ -5349,8 +5348,8 @@ def serve_tools(tools, approve: Callable | None, call: Call, limit: int, mcp_ser
             json.dump({"mcpServers": servers}, f)
         allowed = [f"mcp__{BRIDGE_SERVER}__{tool.name}" for tool in tools] + \
                   [f"mcp__{spec['name']}" for spec in mcp_servers]
-        server = ToolServer({tool.name: tool for tool in tools}, approve, call, limit, folder,
-                            config, secret.encode(), listener, allowed)
+        server = ToolServer({tool.name: tool for tool in tools}, approve, call, limit, config,
+                            secret.encode(), listener, allowed)
         yield server
     finally:
         for peer in server.peers if server else ():

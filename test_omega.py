@@ -6582,7 +6582,8 @@ def test_claude_code_with_mcp_servers_alone_gets_no_bridge(claude, mcp_server, m
     @contextlib.contextmanager
     def watched(*args, **kwargs):
         with real(*args, **kwargs) as server:
-            folders.append((sorted(os.listdir(server.folder)), server.listener))
+            folders.append((sorted(os.listdir(os.path.dirname(server.config))),
+                            server.listener))
             yield server
     monkeypatch.setattr(omega, "serve_tools", watched)
     reply = omega.complete("hi", "claude-code", claude.config(mcp_servers=[mcp_server("ok")]))
