@@ -5372,7 +5372,6 @@ def serve_ready(server: ToolServer, sock, selector) -> None:
         if not same_user(peer):
             peer.close()
             return
-        peer.settimeout(MCP_ANSWER_SECS)     # for sendall; reads wait for readiness
         server.peers[peer] = bytearray()
         selector.register(peer, selectors.EVENT_READ, server)
         return
@@ -5397,6 +5396,8 @@ def answer_lines(server: ToolServer, sock, data: bytes) -> bool:
     while (end := buffer.find(b"\n")) >= 0:
         line = bytes(buffer[:end])
         del buffer[:end + 1]
+        # sendall waits while the bridge does not read: never past the deadline
+        sock.settimeout(max(min(MCP_ANSWER_SECS, server.call.left()), 0.001))
         if sock in server.trusted:
             if line.strip() and (answer := mcp_reply(server, line)) is not None:
                 sock.sendall(rpc_line(answer))

@@ -6573,6 +6573,24 @@ def test_the_bridge_answers_a_bad_line_with_a_json_rpc_error_and_runs_nothing(li
         assert server.calls == []
 
 
+def test_a_bridge_that_stops_reading_holds_the_answer_no_longer_than_the_deadline(
+        monkeypatch):
+    """The CLI stops reading its bridge mid-answer: sending the answer gives up at the
+    call's deadline (here 0.3 s), not after MCP_ANSWER_SECS."""
+    monkeypatch.setattr(omega, "MCP_ANSWER_SECS", 600.0)
+
+    def big() -> str:
+        """A tool whose listing fills the socket's buffer."""
+    big.__doc__ = "x" * (8 * 1024 * 1024)
+    ours, theirs = socket.socketpair()
+    call = omega.Call.starting_now(0.3)
+    with ours, theirs, omega.serve_tools(omega.tools_from([big]), None, call, 1000) as server:
+        server.peers[ours] = bytearray()
+        ask = server.secret + b'\n{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}\n'
+        outcome = bounded(lambda: omega.answer_lines(server, ours, ask), within=10)
+    assert isinstance(outcome.get("error"), OSError), outcome
+
+
 def test_claude_code_with_mcp_servers_alone_gets_no_bridge(claude, mcp_server, monkeypatch):
     """Without tools= the MCP config holds the user's servers only, and no socket waits
     for a bridge that nothing would start."""
