@@ -82,7 +82,7 @@ KEY_VARS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OPENROUTER_API_KEY", "GEMINI
             "OMEGA_CONFIG", "OMEGA_PROVIDER", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN",
             "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "ALL_PROXY", "all_proxy",
             "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "CLAUDECODE",
-            "OMEGA_LOG", "OMEGA_LOG_PATH")
+            "OMEGA_LOG", "OMEGA_LOG_PATH", "MAX_THINKING_TOKENS")
 # What clean_env replaces, as omega.py defines it: tests of the real values use these.
 REAL_CONFIG_PATHS = omega.config_paths
 REAL = {name: getattr(omega, name) for name in (
@@ -832,7 +832,8 @@ def mcp_server(tmp_path):
     path = tmp_path / "mcp_server.py"
     path.write_text(FAKE_MCP_SERVER)
     return lambda mode, name="docs": {"name": name, "command": sys.executable,
-                                      "args": [str(path), mode, str(tmp_path / f"{name}.pid")],
+                                      "args": ["-S", str(path), mode,
+                                               str(tmp_path / f"{name}.pid")],
                                       "env": {"DOCS_TAG": name}}
 
 
@@ -6705,7 +6706,7 @@ def test_bash_stops_at_the_calls_deadline(tmp_path):
     tools = omega.agent_tools(["Bash"], str(tmp_path), 4096, omega.Call.starting_now(0.2))
     done = omega.run_tool(tools[0], omega.ToolCall("c1", "Bash", {
         "command": "sleep 30 & echo $! > pid; wait"}), 4096)
-    assert done.error and done.result.endswith("[stopped after 0.2 s]")
+    assert done.error and re.search(r"\[stopped after 0\.[12] s\]$", done.result), done.result
     assert gone(int((tmp_path / "pid").read_text()))
 
 
@@ -6714,6 +6715,7 @@ def test_agent_tools_on_an_http_backend(api, tmp_path, streaming, monkeypatch):
     """Bash gets no key: not from the usual variables, not from one api_key_env names."""
     (tmp_path / "a.txt").write_text("alpha\n")
     monkeypatch.setenv("WORK_KEY", "sk-work-0123456789abcdef\n")
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)          # not this call's key: SECRET_ENV's
     queue(api, "openai", streaming, calls=[
         ("c1", "Read", {"file_path": "a.txt"}),
         ("c2", "Bash", {"command": "echo $OPENAI_API_KEY$WORK_KEY; echo ${HOME:+home}"})])
@@ -6790,7 +6792,9 @@ def test_mcp_servers_tools_on_an_http_backend(api, tmp_path, mcp_server, name):
 ])
 def test_an_mcp_server_that_fails_is_one_line_naming_it(api, tmp_path, mcp_server, monkeypatch,
                                                         mode, seconds, says):
-    monkeypatch.setattr(omega, "MCP_ANSWER_SECS", 0.2 if seconds > 1 else 10)
+    # Only a hang waits out the setup step: a server that exits or writes garbage must
+    # first start, which a busy machine may take longer than 0.2 s to do.
+    monkeypatch.setattr(omega, "MCP_ANSWER_SECS", 0.2 if mode == "hang" and seconds > 1 else 10)
     monkeypatch.setattr(omega, "MCP_EXIT_SECS", 0.05)     # a hung server reads no EOF
     spec = mcp_server(mode)
     if mode == "missing":
@@ -9072,6 +9076,8 @@ for line in sys.stdin:
                   "serverInfo": {"name": "docs", "version": "1"}}
     elif method == "tools/list" and not params.get("cursor"):
         print(json.dumps({"jsonrpc": "2.0", "id": "p1", "method": "ping"}), flush=True)
+        if json.loads(sys.stdin.readline()) != {"jsonrpc": "2.0", "id": "p1", "result": {}}:
+            sys.exit(4)                                     # the client must answer a ping
         result = {"tools": [{"name": "echo", "description": "Echo.", "inputSchema": TEXT}],
                   "nextCursor": "2"}
     elif method == "tools/list":
@@ -9140,10 +9146,13 @@ if flag("--mcp-config"):                     # as the real CLI: start every serv
     def ask(server, message):
         server.stdin.write(json.dumps(message).encode() + b"\n")
         server.stdin.flush()
-        while "id" in message:               # the server's own requests skipped
+        while "id" in message:               # the server's own requests (a ping) answered
             answer = json.loads(server.stdout.readline())
             if "method" not in answer:
                 return answer
+            server.stdin.write(json.dumps({"jsonrpc": "2.0", "id": answer["id"],
+                                           "result": {}}).encode() + b"\n")
+            server.stdin.flush()
     for name, spec in seen["config"]["mcpServers"].items():
         servers[name] = subprocess.Popen([spec["command"], *spec["args"]], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, env={**os.environ, **spec["env"]})
